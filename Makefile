@@ -1,0 +1,42 @@
+# evertrain: `make demo` (set up + train on the shipped corpus on CPU) and `make test`.
+# A GPU machine keeps its own CUDA torch: make setup TORCH_SPEC="torch" (or any spec pip accepts).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+DATA := data/shakespeare
+
+.PHONY: setup demo test data clean-runs
+
+setup: $(VENV)/.installed corpus/.unpacked
+
+# torch first (the CPU wheel on these machines; never let pip pull a CUDA build as a dependency),
+# then DeepSpeed without compiling its ops, then everything else.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+corpus/.unpacked: corpus/unpack.py $(VENV)/.installed
+	$(PY) corpus/unpack.py --out corpus
+	touch $@
+
+data: $(DATA)/manifest.json
+
+$(DATA)/manifest.json: corpus/.unpacked
+	$(VENV)/bin/evertrain data prepare --input corpus/train/*.txt --val corpus/val/*.txt \
+		--out $(DATA) --vocab-size 4096
+
+demo: setup data
+	bash scripts/demo.sh
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests
+
+clean-runs:
+	rm -rf runs/demo

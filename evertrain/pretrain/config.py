@@ -1,0 +1,293 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides.
+
+Every section is a small dataclass. Unknown keys, wrong types and impossible values raise
+`ConfigError` with one line naming the key, so a typo never silently trains the wrong model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from evertrain.errors import EvertrainError
+
+
+class ConfigError(EvertrainError, ValueError):
+    """A config problem; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    ffn_hidden: int | None = None  # SwiGLU width; None = multiple_of-rounded 8/3 * d_model
+    multiple_of: int = 32
+    seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"
+
+
+@dataclass
+class OptimConfig:
+    max_lr: float = 1e-3
+    warmup_steps: int = 100
+    decay: str = "rsqrt"  # rsqrt | constant | cosine | linear
+    rsqrt_timescale: int | None = None  # tau; None = warmup_steps (the seed's max_lr*sqrt(w/step))
+    horizon: int | None = None  # total steps, only for the fixed-horizon baselines cosine/linear
+    min_lr_ratio: float = 0.0  # floor of the cosine/linear baselines, as a fraction of max_lr
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    impl: str = "auto"  # auto | triton | torch
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8  # windows per rank per micro-step
+    grad_accum: int = 1  # global batch = micro_batch_size * grad_accum * world_size
+    max_steps: int | None = None  # where this process stops; never part of the schedule
+    log_every: int = 10
+    seed: int = 1234
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast dtype on GPU)
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100  # 0 disables periodic checkpoints
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every k-th step forever; 0 = none
+    async_save: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 100  # 0 disables periodic eval
+    batches: int = 8
+
+
+@dataclass
+class EngineConfig:
+    name: str = "auto"  # auto | single | deepspeed | fsdp
+    zero_stage: int = 2
+    deepspeed_config: str | None = None  # optional JSON merged under our generated settings
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+_CHOICES = {
+    "optim.decay": ("rsqrt", "constant", "cosine", "linear"),
+    "optim.impl": ("auto", "triton", "torch"),
+    "train.dtype": ("float32", "bfloat16", "float16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "engine.name": ("auto", "single", "deepspeed", "fsdp"),
+}
+
+
+def _coerce(value, tp, key: str):
+    """Check/convert a YAML value to the annotated type `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], key + ".")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, key)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"{item}: override must look like section.key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def _apply_override(tree: dict, path: list[str], value, full_key: str) -> None:
+    node = tree
+    cls = Config
+    for part in path[:-1]:
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            raise ConfigError(f"{full_key}: unknown key")
+        cls = hints[part]
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{full_key}: expected a mapping")
+    node[path[-1]] = value
+
+
+def validate(cfg: Config) -> None:
+    """Values that type-check but cannot work."""
+    m, o, t, c, e = cfg.model, cfg.optim, cfg.train, cfg.checkpoint, cfg.eval
+    for key, value in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+                       ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                       ("model.seq_len", m.seq_len), ("model.multiple_of", m.multiple_of),
+                       ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
+                       ("eval.batches", e.batches)]:
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads: {m.n_heads} does not divide model.d_model={m.d_model}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model.n_heads: head dim {m.d_model // m.n_heads} must be even for RoPE")
+    if m.n_kv_heads is not None and (m.n_kv_heads <= 0 or m.n_heads % m.n_kv_heads):
+        raise ConfigError(f"model.n_kv_heads: {m.n_kv_heads} must be > 0 and divide model.n_heads={m.n_heads}")
+    if m.ffn_hidden is not None and m.ffn_hidden <= 0:
+        raise ConfigError(f"model.ffn_hidden: must be > 0, got {m.ffn_hidden}")
+    if not (m.norm_eps > 0 and m.rope_theta > 0 and m.init_std > 0):
+        raise ConfigError("model.norm_eps/rope_theta/init_std: must be > 0")
+    if not (math.isfinite(o.max_lr) and o.max_lr > 0):
+        raise ConfigError(f"optim.max_lr: must be a finite number > 0, got {o.max_lr}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
+    if o.rsqrt_timescale is not None and o.rsqrt_timescale <= 0:
+        raise ConfigError(f"optim.rsqrt_timescale: must be > 0, got {o.rsqrt_timescale}")
+    if o.decay == "rsqrt" and o.warmup_steps == 0 and o.rsqrt_timescale is None:
+        raise ConfigError("optim.rsqrt_timescale: must be set when optim.warmup_steps is 0 (it defaults to the warmup)")
+    if o.decay in ("cosine", "linear"):
+        if o.horizon is None or o.horizon <= o.warmup_steps:
+            raise ConfigError(f"optim.horizon: decay={o.decay} needs a horizon > optim.warmup_steps, got {o.horizon}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    for i, b in enumerate(o.betas):
+        if not 0.0 <= b < 1.0:
+            raise ConfigError(f"optim.betas[{i}]: must be in [0, 1), got {b}")
+    if not o.eps > 0:
+        raise ConfigError(f"optim.eps: must be > 0, got {o.eps}")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip: must be >= 0, got {o.grad_clip}")
+    if t.max_steps is not None and t.max_steps < 0:
+        raise ConfigError(f"train.max_steps: must be >= 0, got {t.max_steps}")
+    for key, value in [("checkpoint.every_steps", c.every_steps), ("checkpoint.keep_every", c.keep_every),
+                       ("eval.every_steps", e.every_steps)]:
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if c.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
+    if cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage: must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {'|'.join(allowed)}, got {value!r}")
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML at `path` (None = defaults), apply `a.b=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        _apply_override(tree, keys, value, ".".join(keys))
+    return from_dict(tree)
+
+
+def to_dict(cfg: Config) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["optim"]["betas"] = list(d["optim"]["betas"])
+    return d
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def model_hash(cfg: Config) -> str:
+    """Identifies the parameter shapes: checkpoints refuse to load into a different model."""
+    blob = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_hash(cfg: Config) -> str:
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
