@@ -136,6 +136,11 @@ def _coerce(value, tp, key: str):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -146,7 +151,7 @@ def _coerce(value, tp, key: str):
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -190,6 +195,12 @@ def _apply_override(tree: dict, path: list[str], value, full_key: str) -> None:
 def validate(cfg: Config) -> None:
     """Values that type-check but cannot work."""
     m, o, t, c, e = cfg.model, cfg.optim, cfg.train, cfg.checkpoint, cfg.eval
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{section.name}.{f.name}: must be finite, got {v}")
     for key, value in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
                        ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
                        ("model.seq_len", m.seq_len), ("model.multiple_of", m.multiple_of),
