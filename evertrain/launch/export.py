@@ -1,0 +1,243 @@
+"""`evertrain export hf`: a checkpoint or cooldown result as a standard Hugging Face Llama checkpoint.
+
+The output directory loads offline with `LlamaForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)`:
+  model.safetensors       our parameters under HF Llama names (model.py names them so; a rename only)
+  config.json             LlamaConfig: GQA heads, RoPE theta, tied embeddings, RMSNorm eps, bos/eos ids
+  generation_config.json  bos/eos ids
+  tokenizer.model         our SentencePiece model, unchanged
+  tokenizer_config.json   PreTrainedTokenizerFast, no BOS/EOS added: encodes exactly like our data prep
+  tokenizer.json          the same tokenizer for the `tokenizers` library (when transformers is installed)
+It is written into a temporary sibling directory and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from safetensors.torch import save_file
+
+from evertrain.errors import EvertrainError
+from evertrain.launch.fork import resolve_checkpoint
+from evertrain.pretrain.checkpoint import check_model, load_consolidated, read_meta
+from evertrain.pretrain.config import ModelConfig, load_config
+from evertrain.pretrain.data import MANIFEST, load_manifest
+from evertrain.pretrain.model import Transformer, ffn_hidden_size
+
+
+class ExportError(EvertrainError, ValueError):
+    """A checkpoint that cannot be exported as asked; the message names the key, file or argument."""
+
+
+# Every ModelConfig field has a Llama equivalent. A field added later must be mapped here first,
+# so that a model Llama cannot express is refused instead of exported wrong.
+LLAMA_EXPRESSIBLE = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of",
+                     "seq_len", "rope_theta", "norm_eps", "tie_embeddings", "init_std"}
+
+
+def check_llama_expressible(model_cfg: ModelConfig) -> None:
+    for field in dataclasses.fields(model_cfg):
+        if field.name not in LLAMA_EXPRESSIBLE:
+            raise ExportError(f"model.{field.name}: has no Llama equivalent, so the model cannot be exported")
+
+
+def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of our Transformer for this config (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def to_hf_state_dict(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Check every tensor against the config, then rename to HF Llama (`model.` prefix, lm_head as is)."""
+    expected = expected_shapes(model_cfg)
+    state = dict(model_state)
+    if model_cfg.tie_embeddings:  # HF ties lm_head to embed_tokens itself; store the table once
+        head = state.pop("lm_head.weight", None)
+        if head is not None and "embed_tokens.weight" in state and not torch.equal(head, state["embed_tokens.weight"]):
+            raise ExportError("lm_head.weight: differs from embed_tokens.weight but model.tie_embeddings is true")
+        expected.pop("lm_head.weight")
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ExportError(f"{name}: checkpoint tensor has no Llama equivalent")
+        if tuple(tensor.shape) != expected[name]:
+            raise ExportError(f"{name}: shape {tuple(tensor.shape)} does not match the config's {expected[name]}")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ExportError(f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing)")
+    return {(name if name == "lm_head.weight" else f"model.{name}"): tensor.detach().to("cpu", dtype).contiguous()
+            for name, tensor in state.items()}
+
+
+def llama_config(model_cfg: ModelConfig, bos_id: int | None, eos_id: int | None, dtype: torch.dtype) -> dict:
+    head_dim = model_cfg.d_model // model_cfg.n_heads
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": model_cfg.vocab_size,
+        "hidden_size": model_cfg.d_model,
+        "intermediate_size": ffn_hidden_size(model_cfg),
+        "num_hidden_layers": model_cfg.n_layers,
+        "num_attention_heads": model_cfg.n_heads,
+        "num_key_value_heads": model_cfg.n_kv_heads or model_cfg.n_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": model_cfg.seq_len,
+        "initializer_range": model_cfg.init_std,
+        "rms_norm_eps": model_cfg.norm_eps,
+        # transformers >= 5 reads rope_parameters; older readers (and vLLM) read rope_theta.
+        "rope_theta": model_cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model_cfg.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": model_cfg.tie_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def special_token_ids(sp: spm.SentencePieceProcessor) -> tuple[int | None, int | None]:
+    """(bos, eos) ids of the SentencePiece model; SentencePiece says -1 for a disabled one."""
+    return (sp.bos_id() if sp.bos_id() >= 0 else None), (sp.eos_id() if sp.eos_id() >= 0 else None)
+
+
+def write_tokenizer(tokenizer_model: Path, out_dir: Path, model_max_length: int) -> None:
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+
+    def piece(token_id: int) -> str | None:
+        return sp.id_to_piece(token_id) if token_id >= 0 else None
+
+    # The generic fast tokenizer follows the SentencePiece model's own normalizer spec, pieces and model
+    # type. LlamaTokenizer would not: transformers 5 rebuilds it as its own BPE pipeline, prepending a
+    # space, which changes the ids. Our data has no BOS, so none is added.
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": piece(sp.bos_id()),
+        "eos_token": piece(sp.eos_id()),
+        "unk_token": piece(sp.unk_id()),
+        "pad_token": piece(sp.pad_id()),
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # transformers >= 5 converts tokenizer.model when it loads the directory
+        return
+    # Older transformers and the bare `tokenizers` library need the converted form on disk.
+    AutoTokenizer.from_pretrained(out_dir).backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+
+
+def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer_model_path: str | Path,
+              out_dir: str | Path, *, bos_id: int | None = None, eos_id: int | None = None,
+              dtype: torch.dtype = torch.float32) -> Path:
+    """Write an HF Llama checkpoint of `model_state` to `out_dir` (which must not exist yet).
+
+    bos_id/eos_id default to the tokenizer's own; pass the data manifest's when it names them.
+    """
+    out_dir, tokenizer_model_path = Path(out_dir), Path(tokenizer_model_path)
+    if out_dir.exists():
+        raise ExportError(f"--out {out_dir}: already exists; choose a new directory")
+    if not tokenizer_model_path.is_file():
+        raise ExportError(f"{tokenizer_model_path}: tokenizer model not found")
+    check_llama_expressible(model_cfg)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model_path))
+    if sp.vocab_size() > model_cfg.vocab_size:
+        raise ExportError(f"{tokenizer_model_path}: {sp.vocab_size()} tokens do not fit "
+                          f"model.vocab_size={model_cfg.vocab_size}")
+    sp_bos, sp_eos = special_token_ids(sp)
+    bos_id = sp_bos if bos_id is None else bos_id
+    eos_id = sp_eos if eos_id is None else eos_id
+    hf_state = to_hf_state_dict(model_state, model_cfg, dtype)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o644)  # safetensors creates it owner-only, unlike the rest
+        config = llama_config(model_cfg, bos_id, eos_id, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"_from_model_config": True, "bos_token_id": bos_id, "eos_token_id": eos_id}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_tokenizer(tokenizer_model_path, tmp, model_cfg.seq_len)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def resolve_source(run_dir: Path, step: str | None, cooldown: str | None) -> tuple[Path, Path]:
+    """-> (checkpoint step dir holding the weights, config.yaml describing them)."""
+    if step is not None:
+        _, step_dir = resolve_checkpoint(run_dir, step)
+        return step_dir, run_dir / "config.yaml"
+    cooldown_dir = Path(cooldown)
+    if not cooldown_dir.is_dir() and (run_dir / "cooldowns" / cooldown).is_dir():
+        cooldown_dir = run_dir / "cooldowns" / cooldown  # a bare cooldown name inside the run
+    if not (cooldown_dir / "final" / "meta.json").is_file():
+        raise ExportError(f"--cooldown {cooldown}: no finished cooldown there (no final/meta.json)")
+    config = cooldown_dir / "config.yaml"
+    return cooldown_dir / "final", config if config.is_file() else run_dir / "config.yaml"
+
+
+def tokenizer_from_manifest(data_path: str, config_path: Path) -> tuple[Path, int | None, int | None]:
+    """The data dir's tokenizer model and its bos/eos ids, as its manifest records them."""
+    if not (Path(data_path) / MANIFEST).is_file():
+        raise ExportError(f"data.path={data_path} (from {config_path}): no {MANIFEST} there; "
+                          "pass --tokenizer PATH/tokenizer.model")
+    manifest = load_manifest(data_path)
+    return Path(data_path) / manifest.tokenizer["path"], manifest.bos_id, manifest.eos_id
+
+
+def run_export(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"--run {run_dir}: not a run directory (no config.yaml)")
+    if Path(args.out).exists():  # export_hf checks too; this is before reading gigabytes of weights
+        raise ExportError(f"--out {args.out}: already exists; choose a new directory")
+    step_dir, config_path = resolve_source(run_dir, args.step, args.cooldown)
+    cfg = load_config(config_path)
+    if args.tokenizer:
+        tokenizer, bos_id, eos_id = Path(args.tokenizer), None, None
+    else:
+        tokenizer, bos_id, eos_id = tokenizer_from_manifest(cfg.data.path, config_path)
+    check_model(step_dir, read_meta(step_dir), cfg)
+    state = load_consolidated(step_dir)["model"]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    out = export_hf(state, cfg.model, tokenizer, args.out, bos_id=bos_id, eos_id=eos_id, dtype=dtype)
+    print(f"exported {step_dir} -> {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    export = subparsers.add_parser("export", help="export a checkpoint to another format")
+    formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    hf = formats.add_parser("hf", help="as a Hugging Face Llama checkpoint (safetensors + tokenizer)",
+                            description=__doc__.splitlines()[0])
+    hf.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    source = hf.add_mutually_exclusive_group(required=True)
+    source.add_argument("--step", help="checkpoint step of the run, or 'latest'")
+    source.add_argument("--cooldown", help="cooldown directory (or its name under RUN/cooldowns/)")
+    hf.add_argument("--out", required=True, help="output directory (must not exist)")
+    hf.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype to write")
+    hf.add_argument("--tokenizer", help="SentencePiece model to ship (default: the run's data manifest's)")
+    hf.set_defaults(func=run_export)

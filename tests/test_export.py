@@ -1,0 +1,226 @@
+"""`evertrain export hf`: the output loads in transformers and computes what our model computes."""
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors.torch import load_file
+
+from evertrain.errors import EvertrainError
+from evertrain.launch import cli
+from evertrain.launch.export import ExportError, export_hf
+from evertrain.pretrain.checkpoint import CheckpointManager, load_consolidated
+from evertrain.pretrain.config import ModelConfig, dump_yaml, load_config
+from evertrain.pretrain.data import load_manifest
+from evertrain.pretrain.model import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["To be, or not to be: that is the question.", " leading space", "two  spaces and a tab\there",
+         "lines\nand\n\nblank lines\n", "Ümlaut, ﬁ ligature, emoji 🙂 and 漢字", "trailing ", "", "x"]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tiny_data):
+    """Our data prep's tokenizer (byte-fallback BPE, 512 pieces, unk 0 / bos 1 / eos 2, no BOS in the data)."""
+    return tiny_data / "tokenizer.model"
+
+
+def model_cfg(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=32,
+                  rope_theta=500000.0, norm_eps=1e-6)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def trained_looking_model(cfg: ModelConfig) -> Transformer:
+    """Random weights with non-trivial norms, so a swapped or misnamed tensor cannot go unnoticed."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_transformers_computes_the_same_logits_and_loss(tmp_path, sp_model, tie):
+    cfg = model_cfg(tie_embeddings=tie)
+    model = trained_looking_model(cfg).eval()
+    out = export_hf(model.state_dict(), cfg, sp_model, tmp_path / "hf")
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert hf.config.num_key_value_heads == 2 and hf.config.tie_word_embeddings is tie
+    assert hf.config.rms_norm_eps == 1e-6 and hf.config.rope_parameters["rope_theta"] == 500000.0
+    windows = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len + 1))
+    with torch.no_grad():
+        ours, theirs = model(windows[:, :-1]), hf(windows[:, :-1]).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        # HF shifts labels itself: logits at positions 0..T-1 predict tokens 1..T, as ours do.
+        torch.testing.assert_close(hf(input_ids=windows, labels=windows).loss, model.loss(windows),
+                                   rtol=0, atol=1e-5)
+
+
+def test_exported_tokenizer_encodes_like_ours(tmp_path, sp_model, tiny_data, tiny_slices):
+    out = export_hf(Transformer(model_cfg()).state_dict(), model_cfg(), sp_model, tmp_path / "hf")
+    ours = spm.SentencePieceProcessor(model_file=str(sp_model))
+    theirs = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert theirs.encode(text) == ids, text  # no BOS added, same spaces, newlines and bytes
+        assert theirs.decode(ids) == ours.decode(ids)
+    # The held-out play, tokenized whole, is exactly the first document of the prepared val split.
+    manifest = load_manifest(tiny_data)
+    val = np.concatenate([np.fromfile(tiny_data / shard.file, dtype=manifest.dtype) for shard in manifest.val])
+    document = val[:val.tolist().index(manifest.eos_id)].tolist()
+    assert theirs.encode(tiny_slices.val[0].read_text(encoding="utf-8")) == document
+    assert theirs.eos_token_id == manifest.eos_id == 2
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+
+
+def test_bfloat16_export_and_manifest_ids(tmp_path, sp_model):
+    cfg = model_cfg()
+    out = export_hf(Transformer(cfg).state_dict(), cfg, sp_model, tmp_path / "hf", dtype=torch.bfloat16,
+                    bos_id=None, eos_id=3)
+    tensors = load_file(out / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors  # tied: stored once
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["eos_token_id"] == 3
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 3
+
+
+def assert_refused(tmp_path, sp_model, state, cfg, match):
+    with pytest.raises(ExportError, match=match) as info:
+        export_hf(state, cfg, sp_model, tmp_path / "hf")
+    assert isinstance(info.value, EvertrainError) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory is left
+
+
+def test_tensors_llama_cannot_express_are_refused(tmp_path, sp_model):
+    cfg = model_cfg()
+    state = Transformer(cfg).state_dict()
+    assert_refused(tmp_path, sp_model, {**state, "layers.0.self_attn.q_norm.weight": torch.ones(16)}, cfg,
+                   "layers.0.self_attn.q_norm.weight: checkpoint tensor has no Llama equivalent")
+    assert_refused(tmp_path, sp_model, {**state, "layers.1.mlp.up_proj.weight": torch.zeros(100, 64)}, cfg,
+                   r"layers.1.mlp.up_proj.weight: shape \(100, 64\)")
+    state.pop("layers.1.mlp.down_proj.weight")
+    assert_refused(tmp_path, sp_model, state, cfg, "layers.1.mlp.down_proj.weight: missing")
+
+
+def test_untied_head_under_a_tied_config_is_refused(tmp_path, sp_model):
+    untied = Transformer(model_cfg(tie_embeddings=False)).state_dict()
+    assert_refused(tmp_path, sp_model, untied, model_cfg(tie_embeddings=True), "lm_head.weight: differs")
+
+
+def test_config_fields_llama_cannot_express_are_refused(tmp_path, sp_model):
+    parallel_cfg = dataclasses.make_dataclass("ModelConfig", [("parallel_blocks", bool, True)], bases=(ModelConfig,))
+    cfg = parallel_cfg(**dataclasses.asdict(model_cfg()))
+    assert_refused(tmp_path, sp_model, Transformer(model_cfg()).state_dict(), cfg,
+                   "model.parallel_blocks: has no Llama equivalent")
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, sp_model):
+    cfg = model_cfg(vocab_size=256)
+    assert_refused(tmp_path, sp_model, Transformer(cfg).state_dict(), cfg, "512 tokens do not fit")
+
+
+def test_existing_output_is_left_alone(tmp_path, sp_model):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists"):
+        export_hf(Transformer(model_cfg()).state_dict(), model_cfg(), sp_model, tmp_path / "hf")
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+    assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+
+
+# -- the command: a real checkpoint of a run, through load_consolidated ------------------------------
+
+class StepCountingAdamW(torch.optim.AdamW):
+    """torch's AdamW with the step counter CheckpointManager reads from evertrain's optimizer."""
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        self.step_count = torch.zeros((), dtype=torch.int64)
+
+    def set_step(self, n: int) -> None:
+        self.step_count.fill_(n)
+
+
+def save_checkpoint(dir: Path, cfg, model: Transformer, step: int) -> Path:
+    """A run-format checkpoint of `model` at `step` (one optimizer step taken, so Adam state exists)."""
+    optimizer = StepCountingAdamW(model.parameters(), lr=1e-3)
+    model.loss(torch.randint(0, cfg.model.vocab_size, (2, 9))).backward()
+    optimizer.step()
+    optimizer.set_step(step)
+    engine = SimpleNamespace(name="single", rank=0, world_size=1, is_main=True, device=torch.device("cpu"),
+                             model=model, raw_model=model, optimizer=optimizer, barrier=lambda: None)
+    ckpt = CheckpointManager(dir, cfg, engine)
+    ckpt.save(step, {"tokens": 0})
+    ckpt.close()
+    return dir / "checkpoints" / f"step_{step:09d}"
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_data):
+    """runs/NAME: config.yaml (data.path = the prepared tiny data) and a checkpoint at step 4."""
+    cfg = load_config(None, [f"data.path={tiny_data}", "model.vocab_size=512", "model.d_model=64", "model.n_heads=4",
+                             "model.n_kv_heads=2", "model.seq_len=32"])
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    save_checkpoint(run, cfg, trained_looking_model(cfg.model), step=4)
+    return SimpleNamespace(dir=run, cfg=cfg)
+
+
+def logits_after_export(out: Path, model_state: dict, cfg) -> float:
+    model = Transformer(cfg.model)
+    model.load_state_dict(model_state)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, local_files_only=True)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
+    with torch.no_grad():
+        return (hf(tokens).logits - model(tokens)).abs().max().item()
+
+
+def test_cli_exports_a_run_checkpoint(tmp_path, run_dir):
+    out = tmp_path / "exported"
+    assert cli.main(["export", "hf", "--run", str(run_dir.dir), "--step", "latest", "--out", str(out)]) == 0
+    state = load_consolidated(run_dir.dir / "checkpoints" / "step_000000004")["model"]
+    assert logits_after_export(out, state, run_dir.cfg) <= 1e-4
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2
+
+
+def test_cli_exports_a_cooldown_result(tmp_path, run_dir):
+    cooldown = run_dir.dir / "cooldowns" / "from_000000004_linear_2"
+    cooldown.mkdir(parents=True)
+    (cooldown / "config.yaml").write_text(dump_yaml(run_dir.cfg))
+    step_dir = save_checkpoint(cooldown, run_dir.cfg, trained_looking_model(run_dir.cfg.model), step=6)
+    step_dir.rename(cooldown / "final")  # the fork's final weights: a checkpoint-format step dir
+    out = tmp_path / "exported"
+    argv = ["export", "hf", "--run", str(run_dir.dir), "--cooldown", cooldown.name, "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert logits_after_export(out, load_consolidated(cooldown / "final")["model"], run_dir.cfg) <= 1e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step", "3"], "--step 3: no checkpoint at this step"),
+    (["--cooldown", "nope"], "--cooldown nope: no finished cooldown"),
+])
+def test_cli_bad_source_is_one_line_exit_2(tmp_path, run_dir, capsys, args, message):
+    argv = ["export", "hf", "--run", str(run_dir.dir), *args, "--out", str(tmp_path / "exported")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "exported").exists()
+
+
+def test_cli_refuses_a_config_that_does_not_match_the_checkpoint(tmp_path, run_dir, capsys):
+    (run_dir.dir / "config.yaml").write_text(dump_yaml(load_config(run_dir.dir / "config.yaml", ["model.n_layers=3"])))
+    argv = ["export", "hf", "--run", str(run_dir.dir), "--step", "4", "--out", str(tmp_path / "exported")]
+    assert cli.main(argv) == 2
+    assert "written for a different model: n_layers 2 vs 3" in capsys.readouterr().err
