@@ -1,0 +1,75 @@
+"""`evertrain data prepare|append`: make a data dir from text, or add shards to one (docs/data.md)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from evertrain.pretrain.data import DEFAULT_SOURCE, Manifest
+from evertrain.pretrain.dataprep import DEFAULT_SHARD_TOKENS, append, prepare
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def describe(manifest: Manifest) -> str:
+    parts = []
+    for split in ("train", "val"):
+        shards = manifest.shards(split)
+        parts.append(f"{split} {sum(s.tokens for s in shards):,} tokens in {len(shards)} shard{'s' * (len(shards) != 1)}")
+    return (f"{manifest.data_dir}: version {manifest.version}, {', '.join(parts)} "
+            f"(vocab {manifest.vocab_size}, {manifest.dtype})")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    manifest = prepare(args.input, args.out, args.vocab_size, val=args.val, tokenizer=args.tokenizer,
+                       workers=args.workers, shard_tokens=args.shard_tokens, source=args.source)
+    print(f"prepared {describe(manifest)}")
+    return 0
+
+
+def run_append(args: argparse.Namespace) -> int:
+    manifest = append(args.data, args.files, val=args.val, tokenizer=args.tokenizer, workers=args.workers,
+                      shard_tokens=args.shard_tokens, source=args.source, weight=args.weight)
+    print(f"appended to {describe(manifest)}")
+    return 0
+
+
+def add_encoding_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="encoding threads (default: the CPUs this process may use)")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                        help=f"tokens per shard file (default: {DEFAULT_SHARD_TOKENS})")
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="prepare or grow a tokenized data dir")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="{prepare,append}")
+
+    prepare = commands.add_parser(
+        "prepare", help="tokenize text files into a new data dir",
+        description="Train a sentencepiece BPE tokenizer (or reuse one) and write token shards + manifest.json. "
+                    "Each input file is one document; documents are joined by EOS.")
+    prepare.add_argument("--input", nargs="+", required=True, metavar="FILE", help="training text files, in order")
+    prepare.add_argument("--val", nargs="+", default=[], metavar="FILE", help="validation text files")
+    prepare.add_argument("--out", required=True, help="the data dir to create, e.g. data/NAME (must not exist)")
+    prepare.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size (required unless --tokenizer)")
+    prepare.add_argument("--tokenizer", metavar="MODEL", help="reuse this sentencepiece model instead of training one")
+    prepare.add_argument("--source", default=DEFAULT_SOURCE, help=f"mixture source name (default: {DEFAULT_SOURCE})")
+    add_encoding_options(prepare)
+    prepare.set_defaults(func=run_prepare)
+
+    append = commands.add_parser(
+        "append", help="add shards to a data dir (a live run picks them up at its next checkpoint)",
+        description="Encode text files with the data dir's tokenizer (or take already-tokenized .bin shard files) "
+                    "and add them at the end of the train split (FILES) and/or the val split (--val). "
+                    "Old shards never change; manifest.json is replaced atomically under a file lock.")
+    append.add_argument("--data", required=True, help="the data dir, e.g. data/NAME")
+    append.add_argument("files", nargs="*", metavar="FILES", help="training text files or .bin token files, in order")
+    append.add_argument("--val", nargs="+", default=[], metavar="FILE", help="files for the validation split")
+    append.add_argument("--tokenizer", metavar="MODEL", help="refuse unless this is the data dir's tokenizer")
+    append.add_argument("--source", default=DEFAULT_SOURCE, help=f"mixture source name (default: {DEFAULT_SOURCE})")
+    append.add_argument("--weight", type=float,
+                        help="sampling weight of a new source: windows per epoch = weight x its windows (default 1)")
+    add_encoding_options(append)
+    append.set_defaults(func=run_append)
