@@ -1,0 +1,303 @@
+"""`evertrain fork`: cool a checkpoint down on the side and evaluate it, leaving the main run alone.
+
+From the checkpoint at step s0 the fork continues the same data stream from the saved cursor for c
+steps with the cooldown overlay `lr = lr(s0) * f((step - s0) / c)` (design.md), then evaluates on the
+validation split. On any engine and world size: it keeps the main run's global batch. Everything
+goes to runs/NAME/cooldowns/from_<s0>_<shape>_<c>/:
+  fork.json (what the fork is), config.yaml, metrics.jsonl, checkpoints/ (its own, so a killed fork
+  resumes), final/ (the weights, a checkpoint-format step dir that load_consolidated and
+  `evertrain export hf --cooldown` read), result.json (written last: a fork with result.json is done).
+The only thing it writes into the main run is its lease in the source checkpoint's pins/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from evertrain.errors import EvertrainError
+from evertrain.pretrain import checkpoint_store as store
+from evertrain.pretrain.checkpoint_retention import pin, unpin
+from evertrain.pretrain.checkpoint_store import CheckpointError
+from evertrain.pretrain.config import Config, dump_yaml, load_config
+from evertrain.pretrain.distributed import rank_and_world
+from evertrain.pretrain.schedule import COOLDOWN_SHAPES, Cooldown, Schedule
+
+
+class ForkError(EvertrainError, ValueError):
+    """A bad fork request: unknown step, no checkpoint there, bad cooldown length or shape."""
+
+
+def cooldown_dir_name(step: int, shape: str, cooldown_steps: int) -> str:
+    return f"from_{step:09d}_{shape}_{cooldown_steps}"
+
+
+def cooldown_length(step: int, cooldown_steps: int | None = None, fraction: float | None = None) -> int:
+    """Cooldown steps c: given, or `fraction` of the fork step (c = round(F * s0))."""
+    if cooldown_steps is not None:
+        if cooldown_steps <= 0:
+            raise ForkError(f"--cooldown-steps: must be > 0, got {cooldown_steps}")
+        return cooldown_steps
+    if fraction is None:
+        raise ForkError("give --cooldown-steps C or --cooldown-fraction F")
+    if not 0.0 < fraction <= 1.0:
+        raise ForkError(f"--cooldown-fraction: must be in (0, 1], got {fraction}")
+    steps = round(fraction * step)
+    if steps <= 0:
+        raise ForkError(f"--cooldown-fraction: {fraction} of step {step} is 0 cooldown steps")
+    return steps
+
+
+def resolve_checkpoint(run_dir: Path, step: str | int) -> tuple[int, Path]:
+    """`step` (an int or "latest") -> (step, step_dir), or a ForkError that says what exists."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ForkError(f"--run {run_dir}: not a run directory (no config.yaml)")
+    checkpoints = {store.step_of(p): p for p in store.complete_checkpoints(run_dir / "checkpoints")}
+    if not checkpoints:
+        raise ForkError(f"--run {run_dir}: no checkpoints yet")
+    if step == "latest":
+        step_dir = store.latest_checkpoint(run_dir / "checkpoints")
+        return store.step_of(step_dir), step_dir
+    try:
+        step = int(step)
+    except ValueError:
+        raise ForkError(f"--step: expected a step number or 'latest', got {step!r}") from None
+    if step in checkpoints:
+        return step, checkpoints[step]
+    newest = max(checkpoints)
+    if step > newest or step <= 0:
+        raise ForkError(f"--step {step}: unknown step (the run's checkpoints go up to step {newest})")
+    shown = ", ".join(map(str, list(checkpoints)[-8:]))
+    raise ForkError(f"--step {step}: no checkpoint at this step (available: {shown})")
+
+
+def read_result(cooldown_dir: Path) -> dict | None:
+    path = cooldown_dir / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Lease:
+    """A pin on the source checkpoint, renewed by a daemon thread while the fork runs, so retention
+    keeps it however long the fork takes and a crashed fork holds it for at most `ttl_s`."""
+
+    def __init__(self, step_dir: Path, holder: str, ttl_s: float = 120.0):
+        self.step_dir, self.holder, self.ttl_s = step_dir, holder, ttl_s
+        self.stopped = threading.Event()
+        self.path = pin(step_dir, holder, ttl_s)  # fails now if retention already deleted it
+        self.thread = threading.Thread(target=self._renew, name="evertrain-lease", daemon=True)
+        self.thread.start()
+
+    def _renew(self) -> None:
+        while not self.stopped.wait(self.ttl_s / 4):
+            try:
+                self.path = pin(self.step_dir, self.holder, self.ttl_s)
+            except CheckpointError:
+                return  # cannot happen while pinned; if it does, the fork already holds its weights
+
+    def release(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        unpin(self.path)
+
+
+def fork_spec(run_dir: Path, out: Path, step: int, cooldown_steps: int, shape: str, source: Path | None,
+              is_main: bool) -> dict:
+    """What the fork is, fixed at its first start in out/fork.json: above all the main run's global
+    batch (windows per step), which the fork keeps on any world size, so it is the same computation
+    as the main run would have done, and a resumed fork needs neither the source nor its world size."""
+    path = out / "fork.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if source is None:
+        raise ForkError(f"{out}: has checkpoints but no fork.json; fork from an existing checkpoint instead")
+    main = load_config(run_dir / "config.yaml").train
+    spec = {"from_step": step, "cooldown_steps": cooldown_steps, "shape": shape, "source": str(source),
+            "global_windows": main.micro_batch_size * main.grad_accum * store.read_meta(source)["world_size"]}
+    if is_main:
+        store.atomic_write_text(path, json.dumps(spec, indent=1))
+    return spec
+
+
+def batch_split(global_windows: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
+    """(micro_batch_size, grad_accum) giving `global_windows` per step on `world_size` ranks, with the
+    largest micro-batch that is not above the configured one."""
+    if global_windows % world_size:
+        raise ForkError(f"the run's global batch of {global_windows} windows cannot be split over "
+                        f"{world_size} ranks; fork on a world size that divides it")
+    per_rank = global_windows // world_size
+    micro = max(m for m in range(1, min(micro_batch_size, per_rank) + 1) if per_rank % m == 0)
+    return micro, per_rank // micro
+
+
+def fork_config(run_dir: Path, out: Path, end_step: int, global_windows: int, world_size: int,
+                args: argparse.Namespace) -> Config:
+    """The run's config (a resumed fork: its own) with the fork's stop step, the run's global batch
+    split over this world size, no periodic eval (one eval at the end), only its newest checkpoint."""
+    base = out / "config.yaml" if (out / "config.yaml").is_file() else run_dir / "config.yaml"
+    micro, accum = batch_split(global_windows, load_config(base).train.micro_batch_size, world_size)
+    overrides = [f"train.max_steps={end_step}", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
+                 "eval.every_steps=0", "checkpoint.keep_last=1", "checkpoint.keep_every=0"]
+    if args.eval_batches is not None:
+        overrides.append(f"eval.batches={args.eval_batches}")
+    if args.engine is not None:
+        overrides.append(f"engine.name={args.engine}")
+    return load_config(base, overrides)
+
+
+def publish_final(out: Path, step_dir: Path) -> Path:
+    """The last checkpoint as out/final/ (hard links: no copy of the weights), swapped in by rename."""
+    final, tmp = out / "final", out / f"final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(src, dst)
+
+    shutil.copytree(step_dir, tmp, copy_function=link_or_copy)
+    if final.exists():  # a run killed between publishing and result.json
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def run_fork(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    if args.eval_batches is not None and args.eval_batches <= 0:
+        raise ForkError(f"--eval-batches: must be > 0, got {args.eval_batches}")
+    try:
+        step, source = resolve_checkpoint(run_dir, args.step)
+    except ForkError:
+        step, source = resumable_without_source(run_dir, args) or (None, None)
+        if step is None:
+            raise
+    cooldown_steps = cooldown_length(step, args.cooldown_steps, args.cooldown_fraction)
+    out = run_dir / "cooldowns" / cooldown_dir_name(step, args.shape, cooldown_steps)
+    if (result := read_result(out)) is not None:
+        print(f"fork: {out} is done already: val_loss {result['val_loss']:.4f}")
+        return 0
+    rank = rank_and_world()[0]
+    if rank != 0:  # rank 0 holds the lock and the lease for the whole process group
+        return cool_down(args, run_dir, out, step, cooldown_steps, source)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / "fork.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ForkError(f"{out}: another fork is already running there") from None
+    lease = None
+    try:
+        lease = Lease(source, f"fork.{out.name}") if source is not None else None
+        return cool_down(args, run_dir, out, step, cooldown_steps, source)
+    finally:
+        if lease is not None:
+            lease.release()
+        lock.release()
+
+
+def resumable_without_source(run_dir: Path, args: argparse.Namespace) -> tuple[int, None] | None:
+    """A fork whose source checkpoint is gone can still finish from its own checkpoints."""
+    try:
+        step = int(args.step)
+        out = run_dir / "cooldowns" / cooldown_dir_name(
+            step, args.shape, cooldown_length(step, args.cooldown_steps, args.cooldown_fraction))
+    except (ValueError, ForkError):
+        return None
+    return (step, None) if store.complete_checkpoints(out / "checkpoints") else None
+
+
+def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, source: Path | None) -> int:
+    """Train steps step+1 .. step+cooldown_steps under the cooldown overlay, evaluate, publish."""
+    from evertrain.pretrain import engines
+    from evertrain.pretrain.checkpoint import CheckpointManager
+    from evertrain.pretrain.data import TokenStream
+    from evertrain.pretrain.distributed import detect_launcher
+    from evertrain.pretrain.evaluate import evaluate, load_val_batches
+    from evertrain.pretrain.loop import train
+
+    end_step = step + cooldown_steps
+    rank, _, world_size = rank_and_world()
+    spec = fork_spec(run_dir, out, step, cooldown_steps, args.shape, source, is_main=rank == 0)
+    cfg = fork_config(run_dir, out, end_step, spec["global_windows"], world_size, args)
+    schedule = Schedule.from_config(cfg.optim, cooldown=Cooldown(step, cooldown_steps, args.shape))
+    engine = engines.create(cfg, schedule, launcher=detect_launcher(os.environ, args.local_rank))
+    ckpt = None
+    try:
+        if engine.is_main:
+            store.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+            print(f"fork: step {step} -> {end_step} ({args.shape} cooldown, {engine.name} x{engine.world_size}) "
+                  f"into {out}", flush=True)
+        ckpt = CheckpointManager(out, cfg, engine)
+        start = ckpt.load(source) if ckpt.latest() is None else None  # else: resume the fork itself
+        stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+        last = train(cfg, out, engine, stream, ckpt, start=start)
+        if last < end_step:
+            if engine.is_main:
+                print(f"fork: stopped at step {last} of {end_step}; rerun the same command to resume")
+            return 130
+        scores = evaluate(engine, load_val_batches(cfg, engine))
+        if engine.is_main:
+            last_dir = ckpt.latest()
+            tokens = store.read_meta(last_dir)["tokens"]
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"kind": "eval", "step": last, "tokens": tokens,
+                                    "val_loss": scores["val_loss"]}) + "\n")
+            publish_final(out, last_dir)
+            result = {"from_step": step, "cooldown_steps": cooldown_steps, "shape": args.shape, "tokens": tokens,
+                      "val_loss": scores["val_loss"], "val_ppl": scores["val_ppl"]}
+            store.atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+            shutil.rmtree(out / "checkpoints")  # final/ holds the last state; result.json marks it done
+            print(f"fork: val_loss {scores['val_loss']:.4f} (ppl {scores['val_ppl']:.2f}) at {tokens} tokens "
+                  f"-> {out / 'result.json'}", flush=True)
+        return 0
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        engine.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # --run-dir: the same, for torchrun, whose parser takes `--run` for an abbreviation of its --run-path
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the main run's directory, e.g. runs/NAME")
+    p.add_argument("--step", required=True, help="checkpoint step to fork from, or 'latest'")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--cooldown-steps", type=int, help="cooldown length C in steps")
+    length.add_argument("--cooldown-fraction", type=float, help="cooldown length as a fraction of the step (C = F * S)")
+    p.add_argument("--shape", choices=COOLDOWN_SHAPES, default="linear", help="cooldown shape (default linear)")
+    p.add_argument("--eval-batches", type=int, help="validation batches for the final eval (default: eval.batches)")
+    p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
+                   help="engine for the fork (default: the run's engine.name)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
+    p.set_defaults(func=run_fork)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fork", help="cool a checkpoint down on the side and evaluate it",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m evertrain.launch.fork ...`: how the forker and the launchers start a fork."""
+    parser = argparse.ArgumentParser(prog="python -m evertrain.launch.fork", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_fork(args)
+    except EvertrainError as exc:
+        print(f"evertrain fork: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

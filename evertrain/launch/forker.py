@@ -1,0 +1,430 @@
+"""`evertrain forker`: the side launcher that forks a cooldown from each new checkpoint of a live run.
+
+Every `--poll-s` seconds it lists the main run's committed checkpoints, queues one fork per new
+eligible one (step % --every == 0, or listed in --at), pins it right away so retention keeps it, and
+starts queued forks on free slots of the node pool (nodes.py), one job per slot. It only reads the
+main run; everything it writes is under runs/NAME/forker/ and runs/NAME/cooldowns/.
+
+The queue is runs/NAME/forker/state.json, rewritten atomically after every change: a launch is on
+disk before its process starts, its pid right after. A restarted forker adopts it: a running job
+whose process is still alive is followed (a launch whose pid was never recorded is found by its
+command line, or requeued), a finished one with result.json is done, anything else is retried up to
+--max-retries times and then reported failed. Forks run in their own sessions, so stopping the
+forker (Ctrl-C, SIGTERM) leaves them running for the next forker to adopt. A file lock keeps a second
+forker off the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from evertrain.errors import EvertrainError
+from evertrain.launch.fork import cooldown_dir_name, read_result
+from evertrain.launch.nodes import Pool, Slot, parse_pool
+from evertrain.pretrain import checkpoint_store as store
+from evertrain.pretrain.checkpoint_retention import pin, unpin
+from evertrain.pretrain.checkpoint_store import CheckpointError
+from evertrain.pretrain.schedule import COOLDOWN_SHAPES
+
+FORK_MODULE = "evertrain.launch.fork"
+PIN_TTL_S = 1800.0  # the forker's lease on a queued checkpoint; outlives a short forker restart
+PIN_RENEW_S = 60.0
+
+
+class ForkerError(EvertrainError, ValueError):
+    """A bad forker argument, an unreadable state file, or a second forker on the same run."""
+
+
+@dataclass
+class Job:
+    name: str  # the cooldown dir name, from_<step>_<shape>_<c>; unique per run
+    step: int
+    cooldown_steps: int
+    shape: str
+    status: str = "queued"  # queued | running | done | failed
+    attempts: int = 0
+    pid: int | None = None
+    pid_started: int | None = None  # the kernel's start time of `pid`: a reused pid is not our job
+    slot: str | None = None
+    log: str = ""
+    pin: str | None = None
+    command: list = field(default_factory=list)  # argv of the last launch
+    exit_codes: list = field(default_factory=list)  # one per finished attempt; None = adopted, unknown
+    val_loss: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class ForkerOptions:
+    run_dir: Path
+    cooldown_fraction: float
+    every: int = 0
+    at: tuple[int, ...] = ()
+    shape: str = "linear"
+    max_retries: int = 2
+    poll_s: float = 5.0
+    until_step: int | None = None
+    once: bool = False
+    eval_batches: int | None = None
+    engine: str | None = None
+
+
+# -- state.json ----------------------------------------------------------------------------------
+
+def load_jobs(path: Path) -> dict[str, Job]:
+    if not path.is_file():
+        return {}
+    try:
+        rows = json.loads(path.read_text())["jobs"]
+        jobs = [Job(**row) for row in rows]
+    except (ValueError, KeyError, TypeError):
+        raise ForkerError(f"{path}: not a forker state file (move it away to start a fresh queue)") from None
+    return {job.name: job for job in jobs}
+
+
+def save_jobs(path: Path, jobs: dict[str, Job]) -> None:
+    state = {"forker_pid": os.getpid(), "updated": time.time(),
+             "jobs": [dataclasses.asdict(job) for job in sorted(jobs.values(), key=lambda j: (j.step, j.name))]}
+    store.atomic_write_text(path, json.dumps(state, indent=1))
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+def process_start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot, /proc/PID/stat field 22), None if it is gone
+    or has exited and awaits reaping (a zombie of a dead forker is not a running job)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parens
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def is_running(pid: int | None, started: int | None) -> bool:
+    return pid is not None and started is not None and process_start_time(pid) == started
+
+
+def find_process(command: list[str]) -> int | None:
+    """A live process whose command line ends with `command[1:]` (argv[0] differs when a script runs
+    through its interpreter, e.g. `deepspeed`), or None."""
+    tail = [arg.encode() for arg in command[1:]]
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if tail and argv[-len(tail):] == tail and process_start_time(int(proc.name)) is not None:
+            return int(proc.name)
+    return None
+
+
+class StopRequest:
+    """SIGTERM/SIGINT end the forker after the current poll; its forks keep running."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def wait(self, seconds: float) -> bool:
+        return self.event.wait(seconds)
+
+
+# -- the launcher --------------------------------------------------------------------------------
+
+class Forker:
+    """One forker process: the queue in memory, mirrored to state.json after every change."""
+
+    def __init__(self, options: ForkerOptions, pool: Pool, fork_module: str = FORK_MODULE, log=print):
+        self.options = options
+        self.pool = pool
+        self.fork_module = fork_module  # tests substitute a fake fork
+        self.log = log
+        self.run_dir = options.run_dir.resolve()
+        self.state_path = self.run_dir / "forker" / "state.json"
+        self.jobs: dict[str, Job] = {}
+        self.children: dict[str, subprocess.Popen] = {}  # jobs this forker started (others are adopted)
+        self.pinned_at: dict[str, float] = {}
+
+    def run(self) -> int:
+        """Poll until --once/--until-step is satisfied or a signal arrives; 1 if any job failed."""
+        with StopRequest() as stop:
+            if not self.wait_for_run_dir(stop):
+                return 0
+            self.state_path.parent.mkdir(exist_ok=True)
+            lock = FileLock(self.state_path.with_name("forker.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise ForkerError(f"{lock.lock_file}: another forker is already running on {self.run_dir}") from None
+            try:
+                self.jobs = load_jobs(self.state_path)
+                self.reap()  # adopt what a previous forker left running or finished
+                first = True
+                while True:
+                    newest = self.discover() if first or not self.options.once else None
+                    first = False
+                    self.reap()
+                    self.launch()
+                    self.renew_pins()
+                    self.save()
+                    if stop.event.is_set() or self.finished(newest):
+                        break
+                    stop.wait(self.options.poll_s)
+            finally:
+                self.save()
+                lock.release()
+        return self.summary()
+
+    def wait_for_run_dir(self, stop: StopRequest) -> bool:
+        """The forker may start before the training run has made its directory; False if stopped."""
+        if not self.run_dir.is_dir():
+            self.log(f"forker: waiting for {self.run_dir} to appear")
+        while not self.run_dir.is_dir():
+            if stop.wait(self.options.poll_s):
+                return False
+        return True
+
+    def save(self) -> None:
+        save_jobs(self.state_path, self.jobs)
+
+    def cooldown_dir(self, job: Job) -> Path:
+        return self.run_dir / "cooldowns" / job.name
+
+    def eligible(self, step: int) -> bool:
+        return step > 0 and ((self.options.every > 0 and step % self.options.every == 0) or step in self.options.at)
+
+    def discover(self) -> int | None:
+        """Queue (and pin) a fork for every eligible checkpoint not seen yet; returns the newest step."""
+        checkpoints = store.complete_checkpoints(self.run_dir / "checkpoints")
+        for step_dir in checkpoints:
+            step = store.step_of(step_dir)
+            cooldown_steps = round(self.options.cooldown_fraction * step)
+            if not self.eligible(step) or cooldown_steps <= 0:
+                continue
+            name = cooldown_dir_name(step, self.options.shape, cooldown_steps)
+            if name in self.jobs:
+                continue
+            job = Job(name, step, cooldown_steps, self.options.shape,
+                      log=str(self.run_dir / "cooldowns" / name / "fork.log"))
+            try:
+                job.pin = str(pin(step_dir, f"forker.{name}", PIN_TTL_S))
+            except CheckpointError:
+                continue  # retention deleted it after we listed it: nothing to fork
+            self.pinned_at[name] = time.monotonic()
+            self.jobs[name] = job
+            if read_result(self.cooldown_dir(job)) is not None:  # forked by hand before
+                self.finish(job, None)
+            else:
+                self.log(f"queued   {name}")
+        return store.step_of(checkpoints[-1]) if checkpoints else None
+
+    def reap(self) -> None:
+        """Settle running jobs whose process ended (ours: by exit code; adopted: by pid liveness)."""
+        for job in self.jobs_with("running"):
+            proc = self.children.get(job.name)
+            if proc is not None:
+                code = proc.poll()
+                if code is None:
+                    continue
+                del self.children[job.name]
+            elif job.pid is None:  # a forker died between recording the launch and recording the pid
+                self.recover_launch(job)
+                continue
+            elif is_running(job.pid, job.pid_started):
+                continue
+            else:
+                code = None
+            self.finish(job, code)
+
+    def recover_launch(self, job: Job) -> None:
+        """Find the process of a launch whose pid never reached state.json, or undo the launch."""
+        pid = find_process(job.command)
+        if pid is not None:
+            job.pid, job.pid_started = pid, process_start_time(pid)
+            self.log(f"adopted  {job.name} (pid {pid})")
+        else:
+            job.status, job.attempts = "queued", job.attempts - 1
+
+    def finish(self, job: Job, exit_code: int | None) -> None:
+        """A job's process is gone: done if it left result.json, else retry or give up."""
+        if job.status == "running":
+            job.exit_codes.append(exit_code)
+        job.pid = job.pid_started = None
+        result = read_result(self.cooldown_dir(job))
+        if result is not None:
+            job.status, job.val_loss, job.error = "done", result["val_loss"], None
+            self.log(f"done     {job.name}: val_loss {job.val_loss:.4f}")
+        elif job.attempts > self.options.max_retries:
+            job.status = "failed"
+            job.error = f"no result after {job.attempts} attempts (exit codes {job.exit_codes}); see {job.log}"
+            self.log(f"FAILED   {job.name}: {job.error}")
+        else:
+            job.status = "queued"
+            self.log(f"retry    {job.name}: attempt {job.attempts} ended without a result "
+                     f"(exit code {exit_code}); see {job.log}")
+        if job.status != "queued" and job.pin:
+            unpin(Path(job.pin))
+            self.pinned_at.pop(job.name, None)
+
+    def launch(self) -> None:
+        busy = {job.slot for job in self.jobs_with("running")}
+        free = [slot for slot in self.pool.slots if slot.name not in busy]
+        for job in sorted(self.jobs_with("queued"), key=lambda j: j.step):
+            if not free:
+                return
+            self.start(job, free.pop(0))
+            self.save()
+
+    def start(self, job: Job, slot: Slot) -> None:
+        args = ["--run", str(self.run_dir), "--step", str(job.step), "--cooldown-steps", str(job.cooldown_steps),
+                "--shape", job.shape]
+        if self.options.eval_batches is not None:
+            args += ["--eval-batches", str(self.options.eval_batches)]
+        if self.options.engine is not None:
+            args += ["--engine", self.options.engine]
+        command = self.pool.command(slot, self.fork_module, args)
+        self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
+        # the launch is on disk before the process exists: a forker killed in between leaves a
+        # running job without a pid, which the next forker finds by its command line (or requeues)
+        job.status, job.slot, job.pid, job.pid_started, job.command = "running", slot.name, None, None, command
+        job.attempts += 1
+        self.save()
+        with open(job.log, "a") as log:
+            log.write(f"=== evertrain forker: attempt {job.attempts} on {slot.name} at "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
+            log.flush()
+            try:  # own session: a Ctrl-C meant for the forker does not reach the forks
+                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            except OSError as exc:
+                job.status, job.attempts = "queued", job.attempts - 1
+                raise ForkerError(f"--nodes: cannot start {command[0]!r} for {job.name}: {exc.strerror}") from None
+        self.children[job.name] = proc
+        job.pid, job.pid_started = proc.pid, process_start_time(proc.pid)
+        self.log(f"launched {job.name} on {slot.name} (pid {proc.pid}, attempt {job.attempts})")
+
+    def renew_pins(self) -> None:
+        """Keep the leases of queued and running jobs alive (also after a forker restart)."""
+        now = time.monotonic()
+        for job in self.jobs_with("queued", "running"):
+            if now - self.pinned_at.get(job.name, -PIN_RENEW_S) < PIN_RENEW_S:
+                continue
+            step_dir = self.run_dir / "checkpoints" / store.step_dir_name(job.step)
+            try:
+                job.pin = str(pin(step_dir, f"forker.{job.name}", PIN_TTL_S))
+                self.pinned_at[job.name] = now
+            except CheckpointError:
+                has_own_checkpoints = store.complete_checkpoints(self.cooldown_dir(job) / "checkpoints")
+                if job.status == "queued" and not has_own_checkpoints:  # deleted while no lease held it
+                    job.status, job.error = "failed", f"checkpoint {step_dir} is gone"
+                    self.log(f"FAILED   {job.name}: {job.error}")
+
+    def jobs_with(self, *statuses: str) -> list[Job]:
+        return [job for job in self.jobs.values() if job.status in statuses]
+
+    def finished(self, newest_step: int | None) -> bool:
+        if self.jobs_with("queued", "running"):
+            return False
+        if self.options.once:
+            return True
+        until = self.options.until_step
+        return until is not None and newest_step is not None and newest_step >= until
+
+    def summary(self) -> int:
+        counts = {s: len(self.jobs_with(s)) for s in ("done", "failed", "running", "queued")}
+        self.log("forker: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        if counts["running"]:
+            self.log("forker: running forks go on; a restarted forker adopts them")
+        for job in self.jobs_with("failed"):
+            self.log(f"forker: failed {job.name}: {job.error}")
+        forked = {job.step for job in self.jobs.values()}
+        if missing := [step for step in self.options.at if step not in forked]:
+            self.log(f"forker: no checkpoint (yet) at --at step(s) {', '.join(map(str, missing))}")
+        return 1 if counts["failed"] else 0
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
+    if any(s <= 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"steps must be > 0, got {text!r}")
+    return steps
+
+
+def options_from_args(args: argparse.Namespace) -> ForkerOptions:
+    run_dir = Path(args.run)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ForkerError(f"--run {run_dir}: not a directory")
+    if not run_dir.resolve().parent.is_dir():  # the run itself may not have started yet
+        raise ForkerError(f"--run {run_dir}: no such directory {run_dir.resolve().parent}")
+    if args.every < 0:
+        raise ForkerError(f"--every: must be >= 0, got {args.every}")
+    if not args.every and not args.at:
+        raise ForkerError("give --every N and/or --at S1,S2,... (which checkpoints to fork)")
+    if not 0.0 < args.cooldown_fraction <= 1.0:
+        raise ForkerError(f"--cooldown-fraction: must be in (0, 1], got {args.cooldown_fraction}")
+    if args.max_retries < 0:
+        raise ForkerError(f"--max-retries: must be >= 0, got {args.max_retries}")
+    if not args.poll_s > 0:
+        raise ForkerError(f"--poll-s: must be > 0, got {args.poll_s}")
+    if args.eval_batches is not None and args.eval_batches <= 0:
+        raise ForkerError(f"--eval-batches: must be > 0, got {args.eval_batches}")
+    return ForkerOptions(run_dir=run_dir, cooldown_fraction=args.cooldown_fraction, every=args.every,
+                         at=args.at, shape=args.shape, max_retries=args.max_retries, poll_s=args.poll_s,
+                         until_step=args.until_step, once=args.once, eval_batches=args.eval_batches,
+                         engine=args.engine)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    pool = parse_pool(args.nodes, args.gpus_per_fork)
+    print(f"forker: watching {options.run_dir / 'checkpoints'}; {len(pool.slots)} {pool.kind} slot(s)", flush=True)
+    return Forker(options, pool, log=lambda line: print(line, flush=True)).run()
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("forker", help="fork a cooldown from each new checkpoint of a live run",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="the main run's directory, e.g. runs/NAME")
+    p.add_argument("--every", type=int, default=0, help="fork checkpoints whose step is a multiple of N")
+    p.add_argument("--at", type=parse_steps, default=(), help="also fork these steps: S1,S2,...")
+    p.add_argument("--cooldown-fraction", type=float, required=True,
+                   help="cooldown length as a fraction of the fork step (C = F * S)")
+    p.add_argument("--shape", choices=COOLDOWN_SHAPES, default="linear")
+    p.add_argument("--nodes", default="local:1", help="local:K | slurm[:K] | a DeepSpeed hostfile (default local:1)")
+    p.add_argument("--gpus-per-fork", type=int, default=0,
+                   help="hostfile pools: devices per fork (default 0 = a whole host)")
+    p.add_argument("--max-retries", type=int, default=2, help="retries of a fork that left no result")
+    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between looks at the checkpoints")
+    p.add_argument("--eval-batches", type=int, help="passed to each fork")
+    p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"), help="passed to each fork")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--until-step", type=int, help="exit once the run has a checkpoint at or past S "
+                                                     "and every fork has finished")
+    stop.add_argument("--once", action="store_true", help="fork the checkpoints there now, wait, exit")
+    p.set_defaults(func=run_command)

@@ -1,0 +1,266 @@
+"""Continuous checkpoints: asynchronous, atomic, retained, exactly resumable, reshardable.
+
+    ckpt = CheckpointManager(run_dir, cfg, engine)
+    extra = ckpt.resume()             # None on a fresh run dir; else the saved `extra` plus "step"
+    ckpt.save(step, {"tokens": ..., "data": stream.state_dict()})   # returns once staged
+    ckpt.close()                      # waits for the save in flight
+
+A save stages this rank's state into CPU memory in the caller's thread (engine collectives happen
+here, nowhere else) and hands the rest to one background thread: write the shards, hash them,
+leave a `done.<rank>` marker; rank 0 then waits for every marker, writes meta.json, renames the temp
+dir into place, replaces LATEST and applies retention (checkpoint_store.py, checkpoint_retention.py).
+At most one save is in flight: the next `save` first waits for the last.
+
+Engine state: `single` and `fsdp` write DCP (checkpoint_dcp.py), `deepspeed` its own layout
+(checkpoint_deepspeed.py). Each rank also writes `train_state.<rank>.pt`: its RNG states and the
+optimizer's device step. Loading picks the cheapest correct path:
+  same family (single/fsdp, any world size)          -> DCP load, resharded by DCP
+  deepspeed -> deepspeed, same world size and stage  -> DeepSpeed's load_checkpoint
+  deepspeed -> deepspeed, otherwise                  -> ds_to_universal, then the universal loader
+  across the two families                            -> load_consolidated, then filled by name
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import secrets
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import evertrain
+from evertrain.pretrain import checkpoint_retention as retention
+from evertrain.pretrain import checkpoint_store as store
+from evertrain.pretrain.checkpoint_retention import apply_retention, is_pinned, pin, unpin
+from evertrain.pretrain.checkpoint_store import CheckpointError, latest_checkpoint, read_meta
+from evertrain.pretrain.config import Config, config_hash, model_hash, to_dict
+
+__all__ = ["CheckpointManager", "CheckpointError", "SaveTimings", "load_consolidated", "check_model",
+           "latest_checkpoint", "read_meta", "pin", "unpin", "is_pinned", "apply_retention"]
+
+DCP_ENGINES = ("single", "fsdp")
+
+
+@dataclass
+class SaveTimings:
+    """Where a save's seconds went; the background parts are complete once `wait()` returned."""
+    blocked: float = 0.0  # save() held up the caller: waiting for the previous save, then staging
+    write: float = 0.0  # this rank's shards and train_state on disk, fsynced
+    hash: float = 0.0  # sha256 of this rank's files
+    commit: float = 0.0  # rank 0: the other ranks' markers, meta.json, rename, LATEST, retention
+
+
+class CheckpointManager:
+    """Saves and restores one engine's full training state in `run_dir/checkpoints/`."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config, engine):
+        self.cfg = cfg
+        self.engine = engine
+        self.dir = Path(run_dir) / "checkpoints"
+        self.nonce = shared_nonce(engine.world_size)  # names this process's temp dirs
+        if engine.name == "deepspeed":
+            from evertrain.pretrain.checkpoint_deepspeed import DeepSpeedState
+
+            self.state = DeepSpeedState(engine, self.dir, self.nonce)
+        else:
+            from evertrain.pretrain.checkpoint_dcp import DcpState
+
+            self.state = DcpState(engine)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evertrain-ckpt")
+        self._in_flight: Future | None = None
+        self._cleaned = False
+        self.timings = SaveTimings()  # of the last save
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def save(self, step: int, extra: dict) -> None:
+        """Stage this rank's state for `step` and write it in the background. Every rank calls it."""
+        started = time.perf_counter()
+        self.wait()
+        if step <= 0:
+            return  # nothing trained: the step-0 weights are the seeded init
+        if (self.dir / store.step_dir_name(step) / store.META).is_file():
+            return  # committed already (a run resumed at its last step and stopped at once)
+        json.dumps(extra)  # meta.json holds it: fail here, in the caller, if it is not JSON-able
+        if self.engine.is_main and not self._cleaned:
+            store.remove_stale_tmp_dirs(self.dir, self.nonce)  # on the first save: resume reads only
+            self._cleaned = True
+        tmp = store.tmp_dir_for(self.dir, step, self.nonce)
+        tmp.mkdir(parents=True, exist_ok=True)
+        written = self.state.stage(tmp)
+        train_state = {"step": step, "optimizer_step": int(self.engine.optimizer.step_count),
+                       "rng": rng_state()}
+        meta = self._meta(step, extra) if self.engine.is_main else None
+        self.timings = SaveTimings()
+        self._in_flight = self._writer.submit(self._write_and_commit, tmp, written, train_state, meta, self.timings)
+        if not self.cfg.checkpoint.async_save:
+            self.wait()
+        self.timings.blocked = time.perf_counter() - started
+
+    def _meta(self, step: int, extra: dict) -> dict:
+        cfg = to_dict(self.cfg)
+        return {"step": step, "tokens": extra.get("tokens"), "data": extra.get("data"), "extra": extra,
+                "schedule": cfg["optim"], "model": cfg["model"], "engine": self.engine.name,
+                "world_size": self.engine.world_size,
+                "zero_stage": self.state.zero_stage if self.engine.name == "deepspeed" else None,
+                "config_hash": config_hash(self.cfg), "model_hash": model_hash(self.cfg),
+                "created": time.time(), "evertrain_version": evertrain.__version__}
+
+    def _write_and_commit(self, tmp: Path, written, train_state: dict, meta: dict | None,
+                          timings: SaveTimings) -> None:
+        """Background thread: no collectives, only files."""
+        started = time.perf_counter()
+        written.result() if isinstance(written, Future) else written()
+        rank = self.engine.rank
+        own = f"train_state.{rank}.pt"
+        with open(tmp / own, "wb") as f:
+            torch.save(train_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        timings.write, started = time.perf_counter() - started, time.perf_counter()
+        files = {name: store.file_digest(tmp / name) for name in [*self.state.own_files(tmp), own]}
+        store.write_done_marker(tmp, rank, files)
+        timings.hash, started = time.perf_counter() - started, time.perf_counter()
+        if meta is None:
+            return
+        files = store.wait_for_done_markers(tmp, self.engine.world_size)
+        for path in sorted(tmp.rglob("*")):  # what no rank claimed, e.g. DeepSpeed's recovery script
+            name = path.relative_to(tmp).as_posix()
+            if path.is_file() and name not in files and not name.startswith("done."):
+                files[name] = store.file_digest(path)
+        store.commit(tmp, {**meta, "files": files})
+        c = self.cfg.checkpoint
+        retention.apply_retention(self.dir, c.keep_last, c.keep_every)
+        timings.commit = time.perf_counter() - started
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written; re-raise its error here."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._writer.shutdown(wait=True)
+            self.state.close()
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def latest(self) -> Path | None:
+        return store.latest_checkpoint(self.dir)
+
+    def resume(self) -> dict | None:
+        """Load the run's latest checkpoint, if any; returns its `extra` with "step"."""
+        self.wait()
+        step_dir = self.latest()
+        return None if step_dir is None else self.load(step_dir)
+
+    def load(self, step_dir: str | Path) -> dict:
+        """Load any committed checkpoint (another run's too, e.g. a fork's source) into the engine.
+
+        Checked first, before anything changes: the model shape and every file's checksum. The run
+        dir is left as it was (conversions go through temp dirs that are removed).
+        """
+        step_dir = Path(step_dir)
+        meta = store.read_meta(step_dir)
+        check_model(step_dir, meta, self.cfg)
+        self._verify(step_dir, meta)
+        source, target = meta["engine"], self.engine.name
+        if source in DCP_ENGINES and target in DCP_ENGINES:
+            self.state.load(step_dir)
+        elif source == target == "deepspeed":
+            stage = self.state.zero_stage  # without ZeRO (stage 0) every rank holds everything
+            native = meta["zero_stage"] == stage and (meta["world_size"] == self.engine.world_size or stage == 0)
+            self.state.load(step_dir) if native else self.state.load_resharded(step_dir, meta)
+        else:
+            self.state.load_full(load_consolidated(step_dir, verify=False), source=step_dir)
+        self._restore_train_state(step_dir, meta)
+        self.engine.barrier()
+        return {**meta["extra"], "step": meta["step"]}
+
+    def _verify(self, step_dir: Path, meta: dict) -> None:
+        """Every file's size and sha256, the work split over the ranks; all ranks raise together."""
+        names = sorted(meta["files"])[self.engine.rank::self.engine.world_size]
+        error = None
+        try:
+            store.verify_files(step_dir, meta, names)
+        except CheckpointError as exc:
+            error = str(exc)
+        if self.engine.world_size > 1:
+            errors = [None] * self.engine.world_size
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise CheckpointError(error)
+
+    def _restore_train_state(self, step_dir: Path, meta: dict) -> None:
+        """The optimizer's step, and this rank's RNG streams when the world size is unchanged."""
+        self.engine.optimizer.set_step(meta["step"])
+        own = step_dir / f"train_state.{self.engine.rank}.pt"
+        if meta["world_size"] == self.engine.world_size and meta["engine"] == self.engine.name and own.is_file():
+            set_rng_state(torch.load(own, weights_only=True)["rng"])
+
+
+def load_consolidated(step_dir: str | Path, verify: bool = True) -> dict:
+    """Any checkpoint as engine-neutral full CPU tensors, in this process:
+    {"model": {name: tensor}, "optim": {name: {"exp_avg", "exp_avg_sq"}}, "step", "extra", "meta"}.
+    "optim" is empty for DeepSpeed ZeRO stage 0 and 3 checkpoints (their weights are read)."""
+    step_dir = Path(step_dir)
+    meta = store.read_meta(step_dir)
+    if verify:
+        store.verify_files(step_dir, meta)
+    if meta["engine"] == "deepspeed":
+        from evertrain.pretrain.checkpoint_deepspeed import read_full_state
+
+        full = read_full_state(step_dir, meta["zero_stage"])
+    else:
+        from evertrain.pretrain.checkpoint_dcp import read_full_state
+
+        full = read_full_state(step_dir)
+    return {**full, "step": meta["step"], "extra": meta["extra"], "meta": meta}
+
+
+def check_model(step_dir: Path, meta: dict, cfg: Config) -> None:
+    """A checkpoint loads only into the model shape it was written for."""
+    if meta["model_hash"] == model_hash(cfg):
+        return
+    ours = dataclasses.asdict(cfg.model)
+    theirs = meta.get("model", {})
+    diffs = [f"{key} {theirs.get(key)} vs {ours[key]}" for key in ours if theirs.get(key) != ours[key]]
+    raise CheckpointError(f"{step_dir}: written for a different model: {', '.join(diffs) or 'model hash differs'} "
+                          "(checkpoint vs config)")
+
+
+def shared_nonce(world_size: int) -> str:
+    """A random tag for this process group's temp dirs, the same on every rank (main thread)."""
+    nonce = [secrets.token_hex(4)]
+    if world_size > 1:
+        dist.broadcast_object_list(nonce, src=0)
+    return nonce[0]
+
+
+def rng_state() -> dict:
+    """Every RNG a training step might draw from, in a form torch.load(weights_only=True) reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))

@@ -1,0 +1,187 @@
+"""The on-disk commit protocol of checkpoints; knows files and directories, not engines.
+
+    checkpoints/step_000001000.tmp-<nonce>/   every rank writes its shards, then `done.<rank>`
+    checkpoints/step_000001000/               rank 0 renamed it after writing meta.json
+    checkpoints/LATEST                        "step_000001000", replaced atomically
+
+A directory is a checkpoint only when its name is `step_<9 digits>` and it holds a meta.json; both
+are true only after the rename, so a crash at any moment leaves the old checkpoints and at most a
+`*.tmp-*` directory that nothing reads and the next run removes. No collectives here: rank 0 learns
+that the other ranks finished from their marker files, so this can run in a background thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from evertrain.errors import EvertrainError
+
+LATEST = "LATEST"
+META = "meta.json"
+TMP_TAG = ".tmp-"  # step_000001000.tmp-<nonce>: never read as a checkpoint
+STEP_RE = re.compile(r"^step_(\d{9})$")
+
+
+class CheckpointError(EvertrainError):
+    """A checkpoint that cannot be used as asked; the message names the file or directory."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def step_of(path: Path) -> int | None:
+    match = STEP_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+# -- small durable-file helpers ------------------------------------------------------------------
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def file_digest(path: Path, chunk: int = 8 << 20) -> dict:
+    """{"size", "sha256"} of a file (hashlib releases the GIL, so this overlaps training)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+# -- writing: temp dir, markers, meta, commit -----------------------------------------------------
+
+def tmp_dir_for(ckpt_dir: Path, step: int, nonce: str) -> Path:
+    return Path(ckpt_dir) / f"{step_dir_name(step)}{TMP_TAG}{nonce}"
+
+
+def remove_stale_tmp_dirs(ckpt_dir: Path, nonce: str) -> list[Path]:
+    """Delete `*.tmp-*` leftovers of earlier (crashed) processes; rank 0, before saving."""
+    removed = []
+    if not Path(ckpt_dir).is_dir():
+        return removed
+    for path in Path(ckpt_dir).iterdir():
+        if TMP_TAG in path.name and not path.name.endswith(nonce) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def write_done_marker(tmp_dir: Path, rank: int, files: dict[str, dict]) -> None:
+    """This rank's files are on disk; `files` maps their names to size and sha256."""
+    atomic_write_text(Path(tmp_dir) / f"done.{rank}", json.dumps(files, sort_keys=True))
+
+
+def wait_for_done_markers(tmp_dir: Path, world_size: int, timeout_s: float = 3600.0,
+                          poll_s: float = 0.01) -> dict[str, dict]:
+    """Rank 0: block until every rank's marker exists; returns the union of their file lists."""
+    deadline = time.monotonic() + timeout_s
+    files: dict[str, dict] = {}
+    for rank in range(world_size):
+        marker = Path(tmp_dir) / f"done.{rank}"
+        while not marker.exists():
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{marker}: rank {rank} did not finish its shards within {timeout_s:.0f}s")
+            time.sleep(poll_s)
+        files.update(json.loads(marker.read_text()))
+    return files
+
+
+def commit(tmp_dir: Path, meta: dict) -> Path:
+    """Rank 0: write meta.json, rename the temp dir into place, then point LATEST at it."""
+    tmp_dir = Path(tmp_dir)
+    ckpt_dir = tmp_dir.parent
+    final = ckpt_dir / step_dir_name(meta["step"])
+    atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1, sort_keys=True))
+    for marker in tmp_dir.glob("done.*"):
+        marker.unlink()
+    fsync_dir(tmp_dir)
+    os.rename(tmp_dir, final)  # atomic; the checkpoint appears complete or not at all
+    fsync_dir(ckpt_dir)
+    atomic_write_text(ckpt_dir / LATEST, final.name + "\n")
+    return final
+
+
+# -- reading: which checkpoint, is it intact ------------------------------------------------------
+
+def read_meta(step_dir: Path) -> dict:
+    path = Path(step_dir) / META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {step_dir} is not a complete checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not valid JSON") from None
+    for key in ("step", "engine", "world_size", "model_hash", "files"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: has no '{key}'")
+    return meta
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Committed step dirs, oldest first (temp dirs and anything without meta.json are skipped)."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    found = [p for p in Path(ckpt_dir).iterdir()
+             if step_of(p) is not None and (p / META).is_file()]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from: what LATEST names, or a newer committed one.
+
+    A crash between the rename and the LATEST update leaves a complete step dir newer than LATEST;
+    it is whole (meta.json is written before the rename), so it wins.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    latest_file = ckpt_dir / LATEST
+    named = None
+    if latest_file.is_file():
+        name = latest_file.read_text().strip()
+        named = ckpt_dir / name
+        if step_of(named) is None or not (named / META).is_file():
+            raise CheckpointError(f"{latest_file}: names '{name}', which is not a complete checkpoint")
+    committed = complete_checkpoints(ckpt_dir)
+    newest = committed[-1] if committed else None
+    if named is None or (newest is not None and step_of(newest) > step_of(named)):
+        return newest
+    return named
+
+
+def verify_files(step_dir: Path, meta: dict, names: list[str] | None = None) -> None:
+    """Check size and sha256 of the listed files (all of them by default) against meta.json."""
+    step_dir = Path(step_dir)
+    for name in sorted(meta["files"]) if names is None else names:
+        expected = meta["files"][name]
+        path = step_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing shard (listed in {step_dir / META})")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{path}: size {size} bytes, meta.json says {expected['size']}")
+        if file_digest(path)["sha256"] != expected["sha256"]:
+            raise CheckpointError(f"{path}: sha256 does not match meta.json (corrupt shard)")

@@ -1,0 +1,117 @@
+"""The surface every engine shares (see docs/architecture.md, "engines/").
+
+An engine owns the model, the optimizer and the process group, and turns a list of micro-batches into
+one optimizer step. It never touches files: checkpoint.py reads and writes its state through
+`model` / `raw_model` / `optimizer` / `ds_engine`. Everything it returns stays on the device, so the
+training loop decides when to pay for a host sync.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from evertrain.pretrain.config import Config, ConfigError
+from evertrain.pretrain.model import Transformer
+
+
+class Engine:
+    name: str = "base"
+    ds_engine = None  # DeepSpeed only
+
+    def __init__(self, *, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, rank: int = 0, world_size: int = 1,
+                 autocast_dtype: torch.dtype | None = None):
+        self.model = model  # what forward runs through (FSDP2: the fully_shard'ed module)
+        self.raw_model = raw_model  # our Transformer
+        self.optimizer = optimizer  # our AdamW (the inner one when DeepSpeed wraps it)
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate gradients over the micro-batches, clip, step. Returns (mean loss of this rank,
+        global grad norm before clipping), both device tensors."""
+        raise NotImplementedError
+
+    def forward_loss(self, windows: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model.loss(windows.to(self.device, non_blocking=True))
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """Mean loss over this rank's batches, averaged over ranks (ranks hold equal numbers)."""
+        self.model.eval()
+        try:
+            loss = torch.stack([self.forward_loss(b).float() for b in batches]).mean()
+        finally:
+            self.model.train()
+        return self.all_reduce_mean(loss)
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value)  # SUM: gloo has no AVG
+        return value / self.world_size
+
+    def min_max_over_ranks(self, value: int) -> tuple[int, int]:
+        """(smallest, largest) of a host integer over all ranks; a host sync when distributed."""
+        if self.world_size == 1:
+            return value, value
+        t = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        largest, neg_smallest = t.tolist()
+        return -neg_smallest, largest
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def clip_with_grad_scale(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Global L2 grad norm, and the clip coefficient handed to the optimizer instead of rescaling the
+    gradients in place: min(1, max_norm / (norm + 1e-6)), computed on device (no host sync).
+
+    With FSDP2 the gradients are sharded DTensors: their norm is a partial result that
+    `full_tensor()` all-reduces into the global norm.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        optimizer.grad_scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0).reshape(1)
+    return norm
+
+
+def build_model(cfg: Config, device: torch.device) -> Transformer:
+    """Seeded right before init, so every rank and every engine starts from the same weights."""
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(cfg.model).to(device)
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The low-precision dtype to compute in, or None for float32. CPU runs always use float32."""
+    if cfg.train.dtype == "float16":
+        raise ConfigError("train.dtype: float16 needs loss scaling, which evertrain does not do; use bfloat16")
+    if cfg.train.dtype == "bfloat16" and device.type == "cuda":
+        return torch.bfloat16
+    return None

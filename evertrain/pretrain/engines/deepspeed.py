@@ -1,0 +1,122 @@
+"""DeepSpeed (ZeRO stage 0-3) with our AdamW as the client optimizer; bf16 on GPU, gloo on CPU.
+
+Started by the `deepspeed` launcher. DeepSpeed does the gradient averaging, accumulation boundaries,
+ZeRO partitioning and clipping (`gradient_clipping`); we generate its config from ours and merge the
+user's JSON (`engine.deepspeed_config`) under it, refusing values that contradict ours.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from evertrain.pretrain.config import Config, ConfigError
+from evertrain.pretrain.distributed import pick_device, rank_and_world, require_launcher
+from evertrain.pretrain.engines.base import Engine, build_model, compute_dtype
+from evertrain.pretrain.optim import build_optimizer
+
+# Sections of a DeepSpeed config that would replace what evertrain owns.
+FORBIDDEN_SECTIONS = {
+    "optimizer": "evertrain passes its own AdamW",
+    "scheduler": "the LR schedule runs on device inside our AdamW",
+    "fp16": "train.dtype=float16 is not supported (no loss scaling); use bfloat16",
+}
+
+
+def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict:
+    """Our settings merged over the user's JSON; a user value that contradicts ours is an error."""
+    t = cfg.train
+    ours = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "zero_allow_untested_optimizer": True,  # ours is a torch.optim.Optimizer DeepSpeed doesn't know
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**62,  # we log; DeepSpeed's own progress lines would sync every step
+    }
+    path = cfg.engine.deepspeed_config
+    user = _read_json(path) if path else {}
+    for section, why in FORBIDDEN_SECTIONS.items():
+        if section in user and not (section == "fp16" and user[section].get("enabled") is False):
+            raise ConfigError(f"engine.deepspeed_config: {path} sets '{section}', but {why}; remove it")
+    return _merge(user, ours, path, prefix="")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"engine.deepspeed_config: {path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"engine.deepspeed_config: {path} is not valid JSON (line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"engine.deepspeed_config: {path} must hold a JSON object")
+    return data
+
+
+def _merge(user: dict, ours: dict, path: str, prefix: str) -> dict:
+    merged = dict(user)
+    for key, value in ours.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            merged[key] = _merge(user.get(key) or {}, value, path, prefix=f"{name}.")
+        elif key in user and user[key] != value:
+            raise ConfigError(f"engine.deepspeed_config: {path} sets {name}={user[key]!r}, "
+                              f"but the evertrain config gives {value!r}; set it in one place")
+        else:
+            merged[key] = value
+    return merged
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config, schedule):
+        require_launcher("deepspeed")
+        rank, local_rank, world_size = rank_and_world()
+        device = pick_device(cfg.train.device, local_rank)
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed picks its accelerator
+        import deepspeed
+
+        deepspeed.init_distributed(verbose=False)  # nccl on GPU, gloo on CPU (ccl if oneCCL is installed)
+        model = build_model(cfg, device)
+        optimizer = build_optimizer(model, cfg.optim, schedule)
+        config = deepspeed_config(cfg, world_size, bf16=compute_dtype(cfg, device) is not None)
+        self.ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        super().__init__(model=self.ds_engine.module, raw_model=self.ds_engine.module, optimizer=optimizer,
+                         device=device, rank=rank, world_size=world_size)
+        # Without ZeRO or bf16, DeepSpeed clips with a helper that does not keep the norm: measure it
+        # ourselves once the boundary backward has all-reduced the gradients.
+        self.own_grad_norm = self.ds_engine.zero_optimization_stage() == 0 and not self.ds_engine.bfloat16_enabled()
+
+    def forward_loss(self, windows: torch.Tensor) -> torch.Tensor:
+        # Through the DeepSpeed engine's forward: it arms the hooks that its backward relies on
+        # (accumulation scaling, ZeRO reduction), which calling the module's loss() would skip.
+        windows = windows.to(self.device, non_blocking=True)
+        logits = self.ds_engine(windows[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        total = torch.zeros((), device=self.device)
+        grad_norm = None
+        for windows in micro_batches:
+            loss = self.forward_loss(windows)
+            self.ds_engine.backward(loss)  # divides by gradient_accumulation_steps itself
+            total += loss.detach()
+            if self.own_grad_norm and self.ds_engine.is_gradient_accumulation_boundary():
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.model.parameters() if p.grad is not None])
+            self.ds_engine.step()  # a no-op until the accumulation boundary
+        if grad_norm is None:
+            grad_norm = torch.as_tensor(self.ds_engine.get_global_grad_norm(), device=self.device)
+        return total / len(micro_batches), grad_norm
+
+    def close(self) -> None:
+        self.ds_engine.destroy()
+        super().close()

@@ -1,0 +1,152 @@
+"""The training loop, the same for every engine and for forked cooldowns.
+
+    batch -> engine.train_step (micro-batches, clip, step) -> [log step: one host sync, metrics]
+          -> [eval step] -> [checkpoint step: refresh data, save] -> stop?
+
+Steady-state steps never wait for the device: losses are summed on device and pulled to the host
+only on log steps, and the stop decision is a vote on CPU tensors (distributed.StopVote).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from evertrain.errors import EvertrainError
+from evertrain.pretrain.config import Config
+from evertrain.pretrain.distributed import StopVote
+from evertrain.pretrain.engines.base import Engine
+from evertrain.pretrain.evaluate import evaluate, load_val_batches
+from evertrain.pretrain.metrics import Metrics
+
+
+def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, start: dict | None = None) -> int:
+    """Train from the run's latest checkpoint (else `start`, else step 0) until `train.max_steps` or a
+    SIGTERM/SIGINT, checkpointing on the way out. `ckpt` may be None (no checkpoints). Returns the
+    last step done."""
+    t, eval_every, ckpt_every = cfg.train, cfg.eval.every_steps, cfg.checkpoint.every_steps
+    step, tokens = resume(engine, stream, ckpt, start)
+    global_windows = t.micro_batch_size * t.grad_accum * engine.world_size
+    tokens_per_step = global_windows * cfg.model.seq_len
+    val = load_val_batches(cfg, engine) if eval_every else []
+    metrics = Metrics(run_dir, engine.is_main, step, t.max_steps)
+    window = LogWindow(engine, tokens)
+    vote = StopVote(engine.world_size)
+    try:
+        with StopSignals() as signals:
+            while t.max_steps is None or step < t.max_steps:
+                batch = stream.next_batch(global_windows, engine.rank, engine.world_size)
+                loss, grad_norm = engine.train_step(list(batch.split(t.micro_batch_size)))
+                step, tokens = step + 1, tokens + tokens_per_step
+                window.add(loss)
+                metrics.advance()
+                stop = vote(signals.received) or step == t.max_steps
+                log_now = stop or step % t.log_every == 0
+                if log_now:
+                    metrics.write(window.record(step, tokens, grad_norm, stream.manifest_version))
+                if eval_every and step % eval_every == 0:
+                    metrics.write({"kind": "eval", "step": step, "tokens": tokens,
+                                   "val_loss": evaluate(engine, val)["val_loss"]})
+                if ckpt is not None and (stop or (ckpt_every and step % ckpt_every == 0)):
+                    refresh_data(stream, engine)  # appended shards join the stream and the saved state
+                    ckpt.save(step, {"tokens": tokens, "data": stream.state_dict()})
+                if log_now:
+                    window.restart(tokens)  # eval and checkpoint time is not training throughput
+                if stop:
+                    break
+        vote.close()
+        if ckpt is not None:
+            ckpt.wait()
+    finally:
+        metrics.close()
+    return step
+
+
+def resume(engine: Engine, stream, ckpt, start: dict | None) -> tuple[int, int]:
+    """(step, tokens) to continue from; the stream is moved to the matching position.
+
+    The run's own latest checkpoint wins; `start` is where a fork branches off (the `extra` of the
+    checkpoint the caller already loaded into the engine)."""
+    extra = ckpt.resume() if ckpt is not None else None
+    extra = extra or start
+    if extra is None:
+        return 0, 0
+    stream.load_state_dict(extra["data"])
+    refresh_data(stream, engine)  # shards appended while the run was down
+    return int(extra["step"]), int(extra["tokens"])
+
+
+class LogWindow:
+    """Sums the loss on device between log steps and turns it into one metrics record with a single
+    host sync: `loss` is the mean over the window (all ranks), `lr` and `grad_norm` those of the log
+    step, `tokens_per_s` the window's throughput."""
+
+    def __init__(self, engine: Engine, tokens: int):
+        self.engine = engine
+        self.loss_sum = torch.zeros((), device=engine.device)
+        self.steps = 0
+        self.start_tokens, self.start_time = tokens, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().float()
+        self.steps += 1
+
+    def record(self, step: int, tokens: int, grad_norm: torch.Tensor, data_version: int) -> dict:
+        mean_loss = self.engine.all_reduce_mean(self.loss_sum / max(self.steps, 1))
+        lr = self.engine.optimizer.lr.reshape(())
+        loss, lr, grad_norm = torch.stack([mean_loss, lr.float(), grad_norm.reshape(()).float()]).tolist()
+        elapsed = time.perf_counter() - self.start_time
+        return {"kind": "train", "step": step, "tokens": tokens, "loss": loss, "lr": lr,
+                "grad_norm": grad_norm, "tokens_per_s": (tokens - self.start_tokens) / elapsed,
+                "time": time.time(), "data_version": data_version}
+
+    def restart(self, tokens: int) -> None:
+        self.loss_sum.zero_()
+        self.steps = 0
+        self.start_tokens, self.start_time = tokens, time.perf_counter()
+
+
+def refresh_data(stream, engine: Engine, attempts: int = 10) -> None:
+    """Let shards appended since the last checkpoint join the stream, the same on every rank.
+
+    Ranks read the manifest independently and may land on either side of an append; whoever is
+    behind re-reads until all agree (a manifest only grows, so re-reading catches up)."""
+    stream.refresh()
+    for _ in range(attempts):
+        oldest, newest = engine.min_max_over_ranks(stream.manifest_version)
+        if oldest == newest:
+            return
+        if stream.manifest_version < newest:
+            stream.refresh()
+    raise EvertrainError(f"data.path: ranks disagree on the manifest version after {attempts} re-reads "
+                         f"(saw {oldest}..{newest}); is the manifest being rewritten?")
+
+
+class StopSignals:
+    """SIGTERM/SIGINT ask the loop to stop after the current step (and its checkpoint).
+
+    Repeats are ignored: launchers forward a Ctrl-C as SIGTERM to ranks that already got the SIGINT,
+    and both deepspeed and torchrun send SIGKILL ~30 s after that anyway."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = False
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only: nothing to listen for
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

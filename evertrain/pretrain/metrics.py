@@ -1,0 +1,93 @@
+"""Where training numbers go: run_dir/metrics.jsonl, TensorBoard (when installed), a progress bar.
+
+Only the main rank records anything; on other ranks every method is a no-op, so the loop can call
+them unconditionally. Records are plain dicts of host numbers: the loop decides when to sync.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop their old records so every step
+    appears once. Rewritten under a temporary name, then renamed over the original."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line.rstrip("\n") + "\n" for line in lines
+            if (record := _parse(line)) is not None and record.get("step", 0) <= step]
+    if kept == lines:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _parse(line: str) -> dict | None:
+    """A record, or None for a line cut short by a crash mid-write."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _tensorboard_writer(log_dir: Path, start_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    # purge_step hides the events a resumed run is about to redo, like drop_records_after
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
+
+
+class Metrics:
+    """The run's metric sinks; `enabled` only on the main rank."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int | None,
+                 tensorboard: bool = True, progress: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / METRICS_FILE
+        drop_records_after(self.path, start_step)
+        self.file = self.path.open("a")
+        self.tb = _tensorboard_writer(run_dir / "tensorboard", start_step) if tensorboard else None
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        mininterval=1.0, disable=not progress)
+        self.shown: dict[str, str] = {}
+
+    def advance(self) -> None:
+        """One optimizer step done (host-only bookkeeping: no tensors involved)."""
+        if self.enabled:
+            self.bar.update(1)
+
+    def write(self, record: dict) -> None:
+        """Append one record, e.g. {"kind": "train", "step": 10, "loss": 5.1, ...}."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # readers (report, forker) tail this file while the run goes on
+        kind, step = record["kind"], record["step"]
+        numbers = {k: v for k, v in record.items()
+                   if k not in ("kind", "step", "time") and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for key, value in numbers.items():
+                self.tb.add_scalar(f"{kind}/{key}", value, global_step=step)
+        self.shown.update({k: f"{numbers[k]:.4g}" for k in ("loss", "val_loss", "lr") if k in numbers})
+        self.bar.set_postfix(self.shown, refresh=False)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

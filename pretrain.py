@@ -1,0 +1,87 @@
+"""Train a model: `python | deepspeed | torchrun  pretrain.py --config C [--run-dir D] [k.k=v ...]`.
+
+The engine follows the launcher (engine.name=auto): plain python trains in one process, `deepspeed`
+uses DeepSpeed ZeRO, `torchrun` uses FSDP2. Rerunning the same command on the same run dir resumes
+from its latest checkpoint. There is no fixed end: the run stops at train.max_steps if set, or on
+SIGTERM/SIGINT after finishing the step and writing a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from evertrain.errors import EvertrainError
+from evertrain.pretrain import engines
+from evertrain.pretrain.checkpoint import CheckpointManager
+from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config, model_hash
+from evertrain.pretrain.data import TokenStream, load_manifest
+from evertrain.pretrain.distributed import detect_launcher, rank_and_world
+from evertrain.pretrain.loop import train
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("--run-dir", help="where checkpoints and metrics go (default: runs/<config stem>)")
+    parser.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
+                        help="shorthand for engine.name=...")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after options
+
+
+def check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """A run dir belongs to one model: resuming it with another shape is refused up front."""
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        existing, wanted = model_hash(load_config(config_path)), model_hash(cfg)
+        if existing != wanted:
+            raise ConfigError(f"{config_path}: this run dir trains model {existing}, but the config "
+                              f"describes model {wanted}; use another --run-dir")
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """The resolved config, replaced atomically (a resumed run may change e.g. train.max_steps)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_name(f"config.yaml.tmp-{os.getpid()}")
+    tmp.write_text(dump_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    engine = ckpt = None
+    try:
+        overrides = list(args.overrides) + ([f"engine.name={args.engine}"] if args.engine else [])
+        cfg = load_config(args.config, overrides)
+        run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+        check_run_dir(run_dir, cfg)  # on every rank, before any heavy start-up
+        if rank_and_world()[1] == 0:  # once per node: shards may live on node-local disks
+            load_manifest(cfg.data.path, verify_checksums=True)
+        stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+        engine = engines.create(cfg, launcher=detect_launcher(os.environ, args.local_rank))
+        if engine.is_main:
+            write_config(run_dir, cfg)
+        engine.barrier()
+        ckpt = CheckpointManager(run_dir, cfg, engine)
+        train(cfg, run_dir, engine, stream, ckpt)
+        return 0
+    except EvertrainError as exc:
+        rank = rank_and_world()[0]
+        print(f"pretrain.py: error: {exc}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # during start-up; the loop itself turns signals into a clean stop
+        return 130
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        if engine is not None:
+            engine.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

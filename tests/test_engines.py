@@ -1,0 +1,265 @@
+"""Engines: launcher detection, DeepSpeed config merging, on-device clipping, and the three engines
+training the same loss curve on the real corpus (single, DeepSpeed ZeRO-2 on 2 ranks, FSDP2 on 2 ranks).
+
+The distributed runs are real `deepspeed` / `torchrun` launches of pretrain.py on CPU; each costs
+10-30 s of start-up here, so one run per engine serves several assertions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evertrain.pretrain.config import ConfigError, from_dict
+from evertrain.pretrain.distributed import LaunchError, detect_launcher, engine_for_launcher, require_launcher
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+STEPS = 40
+
+
+# -- launcher detection ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, local_rank, launcher, engine", [
+    ({}, None, None, "single"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "CROSS_RANK": "0", "LOCAL_SIZE": "2"}, None, "deepspeed", "deepspeed"),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, 1, "deepspeed", "deepspeed"),  # --local_rank=1 on the command line
+    ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}, None, "torchrun", "fsdp"),
+])
+def test_launcher_detection(env, local_rank, launcher, engine):
+    assert detect_launcher(env, local_rank) == launcher
+    assert engine_for_launcher(launcher) == engine
+
+
+def test_distributed_engine_without_launcher_says_how_to_launch():
+    with pytest.raises(LaunchError, match=r"engine.name=deepspeed needs a launcher.*deepspeed --num_gpus"):
+        require_launcher("deepspeed", env={})
+    with pytest.raises(LaunchError, match=r"engine.name=fsdp needs a launcher.*torchrun --nproc_per_node"):
+        require_launcher("fsdp", env={"RANK": "0"})
+
+
+def test_single_engine_refuses_a_multi_process_launch(monkeypatch):
+    from evertrain.pretrain.engines import resolve_name
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="engine.name=single"):
+        resolve_name(from_dict({"engine": {"name": "single"}}), launcher="torchrun")
+
+
+# -- DeepSpeed config ------------------------------------------------------------------------------
+
+def write_json(path: Path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_deepspeed_config_merges_ours_over_the_users_json(tmp_path):
+    from evertrain.pretrain.engines.deepspeed import deepspeed_config
+
+    user = write_json(tmp_path / "ds.json", {"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": False})
+    cfg = from_dict({"train": {"micro_batch_size": 4, "grad_accum": 3}, "optim": {"grad_clip": 0.5},
+                     "engine": {"zero_stage": 3, "deepspeed_config": user}})
+    ds = deepspeed_config(cfg, world_size=2, bf16=False)
+    assert ds["zero_optimization"] == {"overlap_comm": True, "stage": 3}
+    assert ds["wall_clock_breakdown"] is False
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_allow_untested_optimizer"] is True
+    assert ds["bf16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize("user, message", [
+    ({"zero_optimization": {"stage": 3}}, r"sets zero_optimization.stage=3, but the evertrain config gives 2"),
+    ({"optimizer": {"type": "Adam"}}, r"sets 'optimizer'"),
+    ({"scheduler": {"type": "WarmupLR"}}, r"sets 'scheduler'"),
+    ({"fp16": {"enabled": True}}, r"sets 'fp16'"),
+    ([1, 2], r"must hold a JSON object"),
+])
+def test_deepspeed_config_conflicts_are_errors(tmp_path, user, message):
+    from evertrain.pretrain.engines.deepspeed import deepspeed_config
+
+    cfg = from_dict({"engine": {"zero_stage": 2, "deepspeed_config": write_json(tmp_path / "ds.json", user)}})
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_config(cfg, world_size=1, bf16=False)
+
+
+def test_deepspeed_config_file_errors_name_the_file(tmp_path):
+    from evertrain.pretrain.engines.deepspeed import deepspeed_config
+
+    (tmp_path / "bad.json").write_text("{not json")
+    for path, message in [(tmp_path / "missing.json", "not found"), (tmp_path / "bad.json", "not valid JSON")]:
+        cfg = from_dict({"engine": {"deepspeed_config": str(path)}})
+        with pytest.raises(ConfigError, match=f"{path.name}.*{message}|{message}.*{path.name}"):
+            deepspeed_config(cfg, world_size=1, bf16=False)
+
+
+# -- clipping --------------------------------------------------------------------------------------
+
+class ScaleHolder:
+    grad_scale = None
+
+
+def model_with_grads(scale: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    (model(torch.randn(4, 8)).square().sum() * scale).backward()
+    return model
+
+
+@pytest.mark.parametrize("scale, max_norm", [(10.0, 1.0), (1e-3, 1.0), (10.0, 0.0)])
+def test_clip_sets_the_coefficient_without_touching_gradients(scale, max_norm):
+    from evertrain.pretrain.engines.base import clip_with_grad_scale
+
+    model, reference = model_with_grads(scale), model_with_grads(scale)
+    grads_before = [p.grad.clone() for p in model.parameters()]
+    holder = ScaleHolder()
+    norm = clip_with_grad_scale(model, holder, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm or float("inf"))
+    torch.testing.assert_close(norm, expected)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads_before))
+    if max_norm == 0:
+        assert holder.grad_scale is None
+    else:
+        # the coefficient applied to the raw gradients gives exactly torch's clipped gradients
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad * holder.grad_scale, q.grad)
+        assert holder.grad_scale.shape == (1,) and holder.grad_scale.item() <= 1.0
+
+
+def test_single_engine_accumulation_matches_one_big_batch():
+    """grad_accum=2 of 4 windows is the same update as one batch of 8 windows."""
+    from evertrain.pretrain.engines.single import SingleEngine
+    from evertrain.pretrain.schedule import Schedule
+
+    def engine(grad_accum):
+        cfg = from_dict({"model": {"vocab_size": 128, "d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 16},
+                         "optim": {"warmup_steps": 2, "grad_clip": 0.1},
+                         "train": {"micro_batch_size": 8 // grad_accum, "grad_accum": grad_accum, "device": "cpu"}})
+        return SingleEngine(cfg, Schedule.from_config(cfg.optim))
+
+    batch = torch.randint(0, 128, (8, 17), generator=torch.Generator().manual_seed(1))
+    whole, split = engine(1), engine(2)
+    for _ in range(3):
+        loss_whole, norm_whole = whole.train_step([batch])
+        loss_split, norm_split = split.train_step(list(batch.split(4)))
+        torch.testing.assert_close(loss_split, loss_whole)
+        torch.testing.assert_close(norm_split, norm_whole)
+    for p, q in zip(whole.model.parameters(), split.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# -- the three engines on the real corpus ----------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> dict:
+    # two ranks share two cores; DeepSpeed must not look for a GPU
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def pretrain_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return ["pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+            f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4",
+            "train.log_every=1", "eval.every_steps=20", "eval.batches=2", "checkpoint.every_steps=0",
+            *overrides]
+
+
+def launch(engine: str, data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """The command line that starts pretrain.py under `engine`'s launcher with 2 ranks on CPU."""
+    port = str(free_port())
+    args = pretrain_args(data, run_dir, "train.grad_accum=1", *overrides)
+    if engine == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, *args,
+                "engine.zero_stage=2"]
+    return [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, *args, "--engine", "fsdp"]
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def latest_step(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "LATEST").read_text().strip().removeprefix("step_"))
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """40 steps of the tiny model under each engine, same global batch (8 windows) and seed."""
+    root = tmp_path_factory.mktemp("engines")
+    runs = {}
+    for engine in ("deepspeed", "fsdp"):
+        runs[engine] = root / engine
+        proc = subprocess.run(launch(engine, tiny_data, runs[engine], f"train.max_steps={STEPS}"),
+                              cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs["single"] = root / "single"
+    args = pretrain_args(tiny_data, runs["single"], "train.grad_accum=2", f"train.max_steps={STEPS}", "--engine", "single")
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=launcher_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs
+
+
+@pytest.mark.slow
+def test_engines_give_the_same_loss_curve(engine_runs):
+    curves = {name: [r["loss"] for r in records(run, "train")][:10] for name, run in engine_runs.items()}
+    assert all(len(c) == 10 for c in curves.values())
+    for name in ("deepspeed", "fsdp"):
+        assert max(abs(a - b) for a, b in zip(curves[name], curves["single"])) < 1e-4, (name, curves)
+    norms = {name: [r["grad_norm"] for r in records(run, "train")][:10] for name, run in engine_runs.items()}
+    for name in ("deepspeed", "fsdp"):
+        assert max(abs(a - b) / b for a, b in zip(norms[name], norms["single"])) < 1e-3, (name, norms)
+
+
+@pytest.mark.slow
+def test_loss_falls_on_the_real_corpus_under_each_engine(engine_runs):
+    for name, run in engine_runs.items():
+        train = records(run, "train")
+        assert [r["step"] for r in train] == list(range(1, STEPS + 1)), name
+        assert train[-1]["loss"] < train[0]["loss"] - 0.5, (name, train[0]["loss"], train[-1]["loss"])
+        evals = records(run, "eval")
+        assert [r["step"] for r in evals] == [20, 40] and evals[1]["val_loss"] < evals[0]["val_loss"], name
+        assert train[-1]["tokens"] == STEPS * 8 * 64  # 8 windows of 64 tokens per step, on any engine
+
+
+@pytest.mark.slow
+def test_each_engine_writes_a_final_checkpoint(engine_runs):
+    for name, run in engine_runs.items():
+        assert latest_step(run) == STEPS, name
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_with_a_checkpoint(tiny_data, tmp_path):
+    """A signal that reaches only rank 1 still stops both ranks together (they vote every step)."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(launch("fsdp", tiny_data, run_dir, "train.max_steps=null", "eval.every_steps=0"),
+                            cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run_dir / "metrics.jsonl").is_file() and len(records(run_dir, "train")) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        rank1 = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    last = records(run_dir, "train")[-1]["step"]
+    assert latest_step(run_dir) == last

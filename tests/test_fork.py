@@ -1,0 +1,215 @@
+"""`evertrain fork` on a real tiny run (single engine, in process): the fork is the same computation as a
+run whose schedule had the cooldown from step 0, it resumes when stopped, its lease keeps retention off
+its source checkpoint, it never writes into the main run, and bad requests are one-line errors."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evertrain.launch.cli import main as cli_main
+from evertrain.launch.fork import ForkError, batch_split
+from evertrain.pretrain import engines
+from evertrain.pretrain import loop
+from evertrain.pretrain.checkpoint import load_consolidated
+from evertrain.pretrain.checkpoint_retention import active_pins, apply_retention
+from evertrain.pretrain.config import load_config
+from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.schedule import Cooldown, Schedule
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN_STEPS, FORK_STEP, COOLDOWN = 30, 20, 10
+
+
+def overrides(data: Path) -> list[str]:
+    return [f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.log_every=1",
+            "train.device=cpu", "engine.name=single", "eval.every_steps=0", "eval.batches=2",
+            "checkpoint.every_steps=5", "checkpoint.keep_last=100"]
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"}
+
+
+def fingerprint(run_dir: Path) -> dict[str, str]:
+    """Every file of the main run outside cooldowns/ and pins/, with its content hash."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and "cooldowns" not in p.parts and "pins" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def main_run(tiny_data, tmp_path_factory):
+    """The main run: pretrain.py (in process), 30 steps, a checkpoint every 5."""
+    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    run_dir = tmp_path_factory.mktemp("fork") / "main"
+    assert pretrain.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
+                          *overrides(tiny_data), f"train.max_steps={MAIN_STEPS}"]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """A run whose schedule has the cooldown from step FORK_STEP built in from step 0."""
+    run_dir = tmp_path_factory.mktemp("fork") / "reference"
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [*overrides(tiny_data), f"train.max_steps={FORK_STEP + COOLDOWN}"])
+    schedule = Schedule.from_config(cfg.optim, cooldown=Cooldown(FORK_STEP, COOLDOWN, "linear"))
+    engine = engines.create(cfg, schedule)
+    try:
+        loop.train(cfg, run_dir, engine, TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed), None)
+    finally:
+        engine.close()
+    return losses(run_dir / "metrics.jsonl")
+
+
+def fork_argv(run_dir: Path, *extra: str) -> list[str]:
+    return ["fork", "--run", str(run_dir), "--step", str(FORK_STEP), "--cooldown-steps", str(COOLDOWN),
+            "--shape", "linear", "--eval-batches", "2", *extra]
+
+
+def copy_run(main_run: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "main"
+    shutil.copytree(main_run, run_dir, ignore=shutil.ignore_patterns("cooldowns"))
+    return run_dir
+
+
+def test_fork_matches_a_run_with_the_cooldown_built_in(main_run, reference, capsys):
+    before = fingerprint(main_run)
+    assert cli_main(fork_argv(main_run)) == 0
+    out = main_run / "cooldowns" / f"from_{FORK_STEP:09d}_linear_{COOLDOWN}"
+
+    main_losses, fork_losses = losses(main_run / "metrics.jsonl"), losses(out / "metrics.jsonl")
+    assert sorted(fork_losses) == list(range(FORK_STEP + 1, FORK_STEP + COOLDOWN + 1))
+    for step, loss in fork_losses.items():
+        assert loss == pytest.approx(reference[step], abs=1e-5), step
+    for step in range(1, FORK_STEP + 1):  # before the fork point the schedules agree
+        assert main_losses[step] == pytest.approx(reference[step], abs=1e-5)
+    assert fork_losses[FORK_STEP + COOLDOWN] != pytest.approx(main_losses[FORK_STEP + COOLDOWN], abs=1e-4)
+
+    result = json.loads((out / "result.json").read_text())
+    assert result["from_step"] == FORK_STEP and result["cooldown_steps"] == COOLDOWN and result["shape"] == "linear"
+    assert result["tokens"] == (FORK_STEP + COOLDOWN) * 4 * 64
+    assert math.isfinite(result["val_loss"]) and result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]))
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert evals == {"kind": "eval", "step": FORK_STEP + COOLDOWN, "tokens": result["tokens"],
+                     "val_loss": result["val_loss"]}
+    final = load_consolidated(out / "final")
+    assert final["step"] == FORK_STEP + COOLDOWN and final["model"]
+    assert all(t.isfinite().all() for t in final["model"].values())
+    assert load_config(out / "config.yaml").train.max_steps == FORK_STEP + COOLDOWN
+    assert json.loads((out / "fork.json").read_text())["global_windows"] == 4  # 4 windows x 1 rank
+    assert not (out / "checkpoints").exists()  # its resume state is gone once final/ and result.json exist
+
+    assert fingerprint(main_run) == before  # nothing of the main run was written
+    assert not active_pins(main_run / "checkpoints" / f"step_{FORK_STEP:09d}")  # lease released
+    capsys.readouterr()
+    assert cli_main(fork_argv(main_run)) == 0  # rerun: done already, nothing trained
+    assert "done already" in capsys.readouterr().out
+
+
+def test_stopped_fork_resumes_from_its_own_checkpoint(main_run, reference, tmp_path, monkeypatch):
+    run_dir = copy_run(main_run, tmp_path)
+    real_train = loop.train
+
+    def stopped_after_5_steps(cfg, *args, **kwargs):  # as if SIGTERM arrived at step FORK_STEP + 5
+        cfg.train.max_steps = FORK_STEP + 5
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train", stopped_after_5_steps)
+    assert cli_main(fork_argv(run_dir)) == 130
+    out = run_dir / "cooldowns" / f"from_{FORK_STEP:09d}_linear_{COOLDOWN}"
+    assert (out / "checkpoints" / f"step_{FORK_STEP + 5:09d}" / "meta.json").is_file()
+    assert not (out / "result.json").exists()
+
+    monkeypatch.setattr(loop, "train", real_train)
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{FORK_STEP:09d}")  # the source may be gone by now
+    assert cli_main(fork_argv(run_dir)) == 0
+    fork_losses = losses(out / "metrics.jsonl")
+    assert sorted(fork_losses) == list(range(FORK_STEP + 1, FORK_STEP + COOLDOWN + 1))  # no step twice
+    for step, loss in fork_losses.items():
+        assert loss == pytest.approx(reference[step], abs=1e-5), step
+
+
+def test_retention_never_deletes_the_source_of_a_running_fork(main_run, tmp_path, monkeypatch):
+    run_dir = copy_run(main_run, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    real_train = loop.train
+    seen = {}
+
+    def train_beside_retention(*args, **kwargs):  # the main run commits a checkpoint mid-fork
+        apply_retention(ckpts, keep_last=1, keep_every=0)
+        seen["during"] = sorted(p.name for p in ckpts.glob("step_*"))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train", train_beside_retention)
+    assert cli_main(["fork", "--run", str(run_dir), "--step", "10", "--cooldown-fraction", "0.5",
+                     "--shape", "cosine", "--eval-batches", "1"]) == 0
+    assert seen["during"] == ["step_000000010", f"step_{MAIN_STEPS:09d}"]  # pinned + the newest
+    assert (run_dir / "cooldowns" / "from_000000010_cosine_5" / "result.json").is_file()
+    apply_retention(ckpts, keep_last=1, keep_every=0)  # lease released: now it may go
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{MAIN_STEPS:09d}"]
+
+
+@pytest.mark.slow
+def test_fork_on_two_ranks_is_the_same_computation(main_run, reference, tmp_path):
+    """torchrun + FSDP2 on 2 ranks from the single-process checkpoint: resharded on load, the run's
+    global batch of 4 windows split 2 + 2, the same losses as the built-in reference."""
+    run_dir = copy_run(main_run, tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port)]
+    fork = ["-m", "evertrain.launch.fork", "--run-dir", str(run_dir), "--step", str(FORK_STEP),
+            "--cooldown-steps", str(COOLDOWN), "--engine", "fsdp", "--eval-batches", "2"]
+    proc = subprocess.run(torchrun + fork, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_dir / "cooldowns" / f"from_{FORK_STEP:09d}_linear_{COOLDOWN}"
+    fork_losses = losses(out / "metrics.jsonl")
+    assert sorted(fork_losses) == list(range(FORK_STEP + 1, FORK_STEP + COOLDOWN + 1))
+    for step, loss in fork_losses.items():
+        assert loss == pytest.approx(reference[step], abs=1e-5), step
+    cfg = load_config(out / "config.yaml")
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.engine.name) == (2, 1, "fsdp")
+    assert json.loads((out / "fork.json").read_text())["global_windows"] == 4
+
+
+def test_batch_split_keeps_the_global_batch():
+    assert batch_split(8, 4, 1) == (4, 2)
+    assert batch_split(8, 4, 2) == (4, 1)
+    assert batch_split(8, 3, 2) == (2, 2)  # the largest micro-batch <= 3 that divides 4 windows per rank
+    assert batch_split(8, 16, 8) == (1, 1)
+    with pytest.raises(ForkError, match="global batch of 6 windows cannot be split over 4 ranks"):
+        batch_split(6, 4, 4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--step", "99", "--cooldown-steps", "5"], "--step 99: unknown step (the run's checkpoints go up to step 30)"),
+    (["--step", "12", "--cooldown-steps", "5"], "--step 12: no checkpoint at this step (available: 5, 10, 15"),
+    (["--step", "abc", "--cooldown-steps", "5"], "--step: expected a step number or 'latest'"),
+    (["--step", "20", "--cooldown-steps", "0"], "--cooldown-steps: must be > 0, got 0"),
+    (["--step", "20", "--cooldown-fraction", "1.5"], "--cooldown-fraction: must be in (0, 1], got 1.5"),
+    (["--step", "20", "--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1], got 0.0"),
+    (["--step", "5", "--cooldown-fraction", "0.01"], "--cooldown-fraction: 0.01 of step 5 is 0 cooldown steps"),
+])
+def test_bad_fork_requests_are_one_line_errors(main_run, capsys, argv, message):
+    assert cli_main(["fork", "--run", str(main_run), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_fork_of_something_that_is_not_a_run(tmp_path, capsys):
+    assert cli_main(["fork", "--run", str(tmp_path), "--step", "latest", "--cooldown-steps", "5"]) == 2
+    assert "not a run directory (no config.yaml)" in capsys.readouterr().err

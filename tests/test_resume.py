@@ -1,0 +1,244 @@
+"""Resume for real: `pretrain.py` in subprocesses, killed with SIGKILL mid-run and mid-save, resharded
+between 1 and 2 ranks under FSDP2 and DeepSpeed, and moved across engines.
+
+A resumed run must log the same loss at every later step as a run that was never interrupted:
+bitwise for the single engine on CPU, within 1e-5 after a reshard (the reduction order changes).
+Runs with 2 ranks use the real launchers on CPU (gloo); each costs seconds, hence @slow.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+REFERENCE_STEPS = 60
+TIMEOUT = 300
+
+# Runs pretrain.py with the commit of checkpoints from step BLOCK_FROM on replaced by "say so, then
+# hang": every shard of that save is written, nothing is committed, and the test kills the process.
+HANG_IN_COMMIT = """
+import runpy, sys, time
+from pathlib import Path
+from evertrain.pretrain import checkpoint_store
+
+flag, block_from = Path(sys.argv[1]), int(sys.argv[2])
+sys.argv = sys.argv[3:]
+commit = checkpoint_store.commit
+
+def commit_or_hang(tmp_dir, meta):
+    if meta["step"] >= block_from:
+        flag.write_text(str(tmp_dir))
+        time.sleep(3600)
+    return commit(tmp_dir, meta)
+
+checkpoint_store.commit = commit_or_hang
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def pretrain_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return ["pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), f"data.path={data}",
+            "model.vocab_size=512", "train.log_every=1", "eval.every_steps=0", "checkpoint.every_steps=4",
+            "checkpoint.keep_last=100", *overrides]
+
+
+def command(engine: str, ranks: int, data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """pretrain.py under `engine`'s launcher; the global batch is 8 windows on any number of ranks."""
+    args = pretrain_args(data, run_dir, f"train.micro_batch_size={8 // ranks}", "engine.zero_stage=2", *overrides)
+    if engine == "single":
+        return [sys.executable, *args, "--engine", "single"]
+    if engine == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", free_port(), *args]
+    return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", free_port(), *args,
+            "--engine", "fsdp"]
+
+
+def run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every train record, in file order; a line cut short by SIGKILL is skipped."""
+    found = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "train":
+            found.append((record["step"], record["loss"]))
+    return found
+
+
+def latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "LATEST").read_text().strip()
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as stderr:  # a file, not a pipe nobody reads: a full pipe would stall the run
+        return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run exited before {what}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return max((step for step, _ in losses(run_dir)), default=0) if path.is_file() else 0
+
+
+def checkpoint_only(source: Path, step: int, run_dir: Path) -> Path:
+    """A fresh run dir holding just `source`'s checkpoint at `step`, as LATEST."""
+    name = f"step_{step:09d}"
+    shutil.copytree(source / "checkpoints" / name, run_dir / "checkpoints" / name)
+    (run_dir / "checkpoints" / "LATEST").write_text(name + "\n")
+    return run_dir
+
+
+def assert_same_losses(run_dir: Path, reference: dict[int, float], after: int, tol: float = 0.0) -> None:
+    resumed = [(step, loss) for step, loss in losses(run_dir) if step > after]
+    assert resumed, "nothing was trained after the resume"
+    for step, loss in resumed:
+        assert abs(loss - reference[step]) <= tol, (step, loss, reference[step])
+
+
+# -- single engine: SIGKILL, bitwise --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory) -> dict[int, float]:
+    """An uninterrupted single-engine run: the loss at every step."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run(command("single", 1, tiny_data, run_dir, f"train.max_steps={REFERENCE_STEPS}"))
+    found = dict(losses(run_dir))
+    assert sorted(found) == list(range(1, REFERENCE_STEPS + 1))
+    return found
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(tiny_data, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "stderr.txt"
+    victim = start(command("single", 1, tiny_data, run_dir, "train.max_steps=null"), log)
+    try:
+        wait_for(lambda: logged_step(run_dir) >= 10, victim, log, "step 10")
+    finally:
+        victim.kill()
+        victim.wait()
+    killed_at = logged_step(run_dir)
+    resume_from = int(latest(run_dir).removeprefix("step_"))  # 4 or 8: step 8's save may still be in flight
+    assert 4 <= resume_from < REFERENCE_STEPS and killed_at < REFERENCE_STEPS, (resume_from, killed_at)
+
+    run(command("single", 1, tiny_data, run_dir, f"train.max_steps={REFERENCE_STEPS}"))
+    assert_same_losses(run_dir, reference, after=0)  # the killed run's records and the resumed ones
+    assert max(step for step, _ in losses(run_dir)) == REFERENCE_STEPS
+    assert latest(run_dir) == f"step_{REFERENCE_STEPS:09d}"
+
+
+def test_sigkill_mid_save_leaves_the_previous_checkpoint(tiny_data, tmp_path, reference):
+    run_dir, flag = tmp_path / "run", tmp_path / "hanging-in-commit"
+    wrapper = tmp_path / "hang_in_commit.py"
+    wrapper.write_text(HANG_IN_COMMIT)
+    cmd = command("single", 1, tiny_data, run_dir, "train.max_steps=null")
+    log = tmp_path / "stderr.txt"
+    victim = start([cmd[0], str(wrapper), str(flag), "8", *cmd[1:]], log)
+    try:
+        wait_for(flag.exists, victim, log, "the save of step 8 to reach its commit")
+    finally:
+        victim.kill()
+        victim.wait()
+    half_saved = Path(flag.read_text())
+    assert half_saved.name.startswith("step_000000008.tmp-") and any(half_saved.glob("*.distcp"))
+    assert not (half_saved / "meta.json").exists()
+    assert latest(run_dir) == "step_000000004"
+
+    run(command("single", 1, tiny_data, run_dir, f"train.max_steps={REFERENCE_STEPS}"))
+    assert_same_losses(run_dir, reference, after=0)
+    assert not half_saved.exists()  # swept by the resumed run's first save
+    assert (run_dir / "checkpoints" / "step_000000008" / "meta.json").is_file()
+
+
+# -- reshard 2 -> 1 -> 2 on each distributed engine, and across engines ----------------------------
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """12 steps on 2 ranks under each distributed engine, checkpoints every 4 steps."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    runs = {}
+    for engine in ("fsdp", "deepspeed"):
+        runs[engine] = root / engine
+        run(command(engine, 2, tiny_data, runs[engine], "train.max_steps=12"))
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_reshard_two_to_one_to_two_ranks(engine, tiny_data, tmp_path, two_rank_runs):
+    reference = dict(losses(two_rank_runs[engine]))
+    one_rank = checkpoint_only(two_rank_runs[engine], 4, tmp_path / "one_rank")
+    run(command(engine, 1, tiny_data, one_rank, "train.max_steps=8"))  # 2 -> 1 at step 4
+    assert_same_losses(one_rank, reference, after=4, tol=1e-5)
+    meta = json.loads((one_rank / "checkpoints" / "step_000000008" / "meta.json").read_text())
+    assert (meta["engine"], meta["world_size"]) == (engine, 1)
+
+    two_ranks = checkpoint_only(one_rank, 8, tmp_path / "two_ranks")
+    run(command(engine, 2, tiny_data, two_ranks, "train.max_steps=12"))  # 1 -> 2 at step 8
+    assert_same_losses(two_ranks, reference, after=8, tol=1e-5)
+    assert [step for step, _ in losses(two_ranks)] == [9, 10, 11, 12]
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoint_resumes_under_the_single_engine(tiny_data, tmp_path, two_rank_runs):
+    reference = dict(losses(two_rank_runs["deepspeed"]))
+    run_dir = checkpoint_only(two_rank_runs["deepspeed"], 4, tmp_path / "single")
+    run(command("single", 1, tiny_data, run_dir, "train.max_steps=8"))
+    assert_same_losses(run_dir, reference, after=4, tol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_under_deepspeed(tiny_data, tmp_path, two_rank_runs):
+    reference = dict(losses(two_rank_runs["fsdp"]))
+    run_dir = checkpoint_only(two_rank_runs["fsdp"], 4, tmp_path / "deepspeed")
+    run(command("deepspeed", 1, tiny_data, run_dir, "train.max_steps=8"))
+    assert_same_losses(run_dir, reference, after=4, tol=1e-5)
+
+
+@pytest.mark.slow
+def test_impossible_conversions_are_one_line_errors_that_leave_the_run_dir_alone(tiny_data, tmp_path):
+    """DeepSpeed's universal loader cannot take ZeRO-3 state from our AdamW: another world size or
+    another engine is refused up front, naming the checkpoint."""
+    source = tmp_path / "zero3"
+    run(command("deepspeed", 2, tiny_data, source, "train.max_steps=4", "engine.zero_stage=3"))
+    for engine, ranks, expected in (("deepspeed", 1, "written by ZeRO stage 3 on 2 ranks"),
+                                    ("single", 1, "has no optimizer state by parameter name")):
+        run_dir = checkpoint_only(source, 4, tmp_path / engine)
+        before = sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*") if p.is_file())
+        cmd = command(engine, ranks, tiny_data, run_dir, "train.max_steps=8")
+        proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain.py: error:")]
+        assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+        assert expected in errors[0] and "step_000000004" in errors[0]
+        after = sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*")
+                       if p.is_file() and p.name not in ("config.yaml", "metrics.jsonl"))
+        assert after == before

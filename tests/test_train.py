@@ -1,0 +1,291 @@
+"""The training loop (single engine, in process) and pretrain.py: metrics and eval records, no host sync
+on steady steps, checkpoint boundaries, stopping on a signal, resuming, and clear errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evertrain.pretrain import engines
+from evertrain.pretrain.config import load_config
+from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.loop import refresh_data, train
+from evertrain.pretrain.metrics import Metrics, drop_records_after
+from evertrain.pretrain.schedule import Schedule
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_KEYS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "time", "data_version"}
+
+
+def tiny_config(data: Path, *overrides: str):
+    return load_config(REPO / "configs" / "tiny.yaml",
+                       [f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4",
+                        "train.device=cpu", "engine.name=single", *overrides])
+
+
+def engine_and_stream(cfg):
+    return engines.create(cfg), TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+
+
+def records(run_dir: Path, kind: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+class FakeCheckpoints:
+    """Records saves; resumes from a given extra. The real manager is tested in test_checkpoint.py."""
+
+    def __init__(self, resume_from: dict | None = None):
+        self.resume_from, self.saves, self.waited = resume_from, [], False
+
+    def resume(self):
+        return self.resume_from
+
+    def save(self, step, extra):
+        self.saves.append((step, json.loads(json.dumps(extra))))
+
+    def wait(self):
+        self.waited = True
+
+
+@pytest.fixture(scope="module")
+def forty_steps(tiny_data, tmp_path_factory):
+    """One 40-step run shared by the record/eval/loss assertions."""
+    run_dir = tmp_path_factory.mktemp("loop") / "run"
+    cfg = tiny_config(tiny_data, "train.max_steps=40", "train.log_every=5", "eval.every_steps=20", "eval.batches=2")
+    engine, stream = engine_and_stream(cfg)
+    ckpt = FakeCheckpoints()
+    last = train(cfg, run_dir, engine, stream, ckpt)
+    return cfg, run_dir, last, ckpt
+
+
+def test_train_records_follow_the_design(forty_steps):
+    cfg, run_dir, last, ckpt = forty_steps
+    assert last == 40
+    train_rows = records(run_dir, "train")
+    assert [r["step"] for r in train_rows] == list(range(5, 41, 5))
+    assert all(set(r) == TRAIN_KEYS for r in train_rows)
+    assert [r["tokens"] for r in train_rows] == [s * 4 * 64 for s in range(5, 41, 5)]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and isinstance(r["data_version"], int) for r in train_rows)
+    schedule = Schedule.from_config(cfg.optim)
+    for r in train_rows:  # the LR of the update that made the step, read from the device tensor
+        assert r["lr"] == pytest.approx(schedule(torch.tensor(r["step"])).item(), rel=1e-6)
+
+
+def test_eval_records_and_loss_falls_on_the_real_corpus(forty_steps):
+    _, run_dir, _, _ = forty_steps
+    evals = records(run_dir, "eval")
+    assert [(set(r), r["step"], r["tokens"]) for r in evals] == [
+        ({"kind", "step", "tokens", "val_loss"}, 20, 20 * 256), ({"kind", "step", "tokens", "val_loss"}, 40, 40 * 256)]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    losses = [r["loss"] for r in records(run_dir, "train")]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_final_checkpoint_and_tensorboard(forty_steps):
+    _, run_dir, _, ckpt = forty_steps
+    assert [step for step, _ in ckpt.saves] == [20, 40] and ckpt.waited  # tiny.yaml: every 20 steps
+    assert ckpt.saves[-1][1]["tokens"] == 40 * 256 and "cursor" in json.dumps(ckpt.saves[-1][1]["data"])
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_no_host_sync_on_steps_that_do_not_log(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_data, "train.max_steps=12", "train.log_every=4", "eval.every_steps=0",
+                      "checkpoint.every_steps=0")
+    engine, stream = engine_and_stream(cfg)
+    step = {"now": 0}
+    syncs: dict[int, list[str]] = {}
+
+    next_batch = stream.next_batch
+    def counting_next_batch(*args, **kwargs):
+        step["now"] += 1
+        return next_batch(*args, **kwargs)
+    monkeypatch.setattr(stream, "next_batch", counting_next_batch)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            syncs.setdefault(step["now"], []).append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    train(cfg, tmp_path / "run", engine, stream, ckpt=None)
+    monkeypatch.undo()
+    assert step["now"] == 12
+    assert set(syncs) <= {4, 8, 12}, {s: syncs[s] for s in sorted(syncs)}
+    assert all(syncs.get(s) for s in (4, 8, 12))  # the counters do see the log steps' one pull
+
+
+def test_sigterm_finishes_the_step_and_checkpoints(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_data, "train.max_steps=null", "train.log_every=10", "eval.every_steps=0",
+                      "checkpoint.every_steps=0")
+    engine, stream = engine_and_stream(cfg)
+    next_batch, calls = stream.next_batch, {"n": 0}
+    def signalling_next_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of step 3
+        return next_batch(*args, **kwargs)
+    monkeypatch.setattr(stream, "next_batch", signalling_next_batch)
+    ckpt = FakeCheckpoints()
+    previous_handler = signal.getsignal(signal.SIGTERM)
+
+    assert train(cfg, tmp_path / "run", engine, stream, ckpt) == 3
+    assert [step for step, _ in ckpt.saves] == [3]
+    assert records(tmp_path / "run", "train")[-1]["step"] == 3  # the stop step is logged
+    assert signal.getsignal(signal.SIGTERM) is previous_handler
+
+
+def test_checkpoint_boundaries_refresh_the_data_first(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_data, "train.max_steps=10", "checkpoint.every_steps=4", "eval.every_steps=0")
+    engine, stream = engine_and_stream(cfg)
+    events = []
+    refresh = stream.refresh
+    monkeypatch.setattr(stream, "refresh", lambda: events.append("refresh") or refresh())
+    ckpt = FakeCheckpoints()
+    save = ckpt.save
+    ckpt.save = lambda step, extra: events.append(step) or save(step, extra)
+
+    train(cfg, tmp_path / "run", engine, stream, ckpt)
+    assert events == ["refresh", 4, "refresh", 8, "refresh", 10]
+    assert [extra["tokens"] for _, extra in ckpt.saves] == [4 * 256, 8 * 256, 10 * 256]
+    assert ckpt.saves[-1][1]["data"] == json.loads(json.dumps(stream.state_dict()))
+
+
+def test_resume_continues_the_stream_and_rewrites_later_records(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(tiny_data, "train.max_steps=10", "train.log_every=1", "checkpoint.every_steps=6",
+                      "eval.every_steps=0")
+    first = FakeCheckpoints()
+    train(cfg, run_dir, *engine_and_stream(cfg), first)
+    extra_at_6 = {"step": 6, **first.saves[0][1]}
+
+    engine, stream = engine_and_stream(cfg)
+    second = FakeCheckpoints(resume_from=extra_at_6)
+    assert train(cfg, run_dir, engine, stream, second) == 10
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 11))  # 7..10 once, from the resume
+    assert records(run_dir, "train")[-1]["tokens"] == 10 * 256
+    assert second.saves[-1][1]["data"] == first.saves[-1][1]["data"]  # same windows consumed
+
+
+def test_a_fork_starts_where_it_is_told(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, "train.max_steps=8", "train.log_every=1", "eval.every_steps=0")
+    engine, stream = engine_and_stream(cfg)
+    source = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+    source.next_batch(5 * 4, 0, 1)
+    train(cfg, tmp_path / "fork", engine, stream, None, start={"step": 5, "tokens": 1280, "data": source.state_dict()})
+    assert [(r["step"], r["tokens"]) for r in records(tmp_path / "fork", "train")] == [(6, 1536), (7, 1792), (8, 2048)]
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+def test_drop_records_after_keeps_earlier_lines_and_drops_a_torn_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": s} for s in (1, 2, 3, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tra')
+    drop_records_after(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    before = path.read_text()
+    drop_records_after(path, 5)  # nothing to drop: the file is left alone
+    assert path.read_text() == before
+
+
+def test_metrics_on_other_ranks_write_nothing(tmp_path):
+    metrics = Metrics(tmp_path / "run", enabled=False, start_step=0, max_steps=10)
+    metrics.advance()
+    metrics.write({"kind": "train", "step": 1, "loss": 1.0})
+    metrics.close()
+    assert not (tmp_path / "run").exists()
+
+
+class FakeRankEngine:
+    """Two ranks where this one read the manifest before an append the other already saw."""
+
+    def __init__(self, other_version: int):
+        self.other_version = other_version
+
+    def min_max_over_ranks(self, value):
+        return min(value, self.other_version), max(value, self.other_version)
+
+
+class FakeStream:
+    def __init__(self, versions):
+        self.versions, self.manifest_version = list(versions), None
+
+    def refresh(self):
+        self.manifest_version = self.versions.pop(0)
+        return True
+
+
+def test_ranks_behind_on_the_manifest_catch_up():
+    stream = FakeStream([3, 4])
+    refresh_data(stream, FakeRankEngine(other_version=4))
+    assert stream.manifest_version == 4 and stream.versions == []
+
+
+# -- pretrain.py -----------------------------------------------------------------------------------
+
+def load_pretrain():
+    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def base_args(data: Path, run_dir: Path) -> list[str]:
+    return ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), f"data.path={data}",
+            "model.vocab_size=512", "train.max_steps=2", "eval.every_steps=0"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.n_heads=3"], "model.n_heads: 3 does not divide model.d_model=64"),
+    (["model.seq_len=100000"], "seq_len"),
+    (["--engine", "deepspeed"], "deepspeed --num_gpus"),
+    (["--engine", "fsdp"], "torchrun --nproc_per_node"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_data, tmp_path, capsys, extra, message):
+    run_dir = tmp_path / "run"
+    assert load_pretrain().main(base_args(tiny_data, run_dir) + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pretrain.py: error: ") and message in err, err
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_config_is_written_and_another_model_is_refused(tiny_data, tmp_path, capsys):
+    pretrain, run_dir = load_pretrain(), tmp_path / "run"
+    assert pretrain.main(base_args(tiny_data, run_dir) + ["--engine", "single"]) == 0
+    written = load_config(run_dir / "config.yaml")
+    assert written.model.vocab_size == 512 and written.train.max_steps == 2 and written.engine.name == "single"
+    assert pretrain.main(base_args(tiny_data, run_dir) + ["model.d_model=128"]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and "use another --run-dir" in err
+    assert load_config(run_dir / "config.yaml").model.d_model == 64  # left as it was
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_run_with_no_fixed_end_after_a_checkpoint(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = base_args(tiny_data, run_dir) + ["train.max_steps=null", "train.log_every=1", "checkpoint.every_steps=0"]
+    proc = subprocess.Popen([sys.executable, "pretrain.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((run_dir / "metrics.jsonl").is_file() and len(records(run_dir)) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    last = records(run_dir, "train")[-1]["step"]
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == f"step_{last:09d}"
