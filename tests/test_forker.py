@@ -318,7 +318,7 @@ def test_forker_beside_a_live_run_restarted_midway_launches_each_fork_once(tiny_
         first = subprocess.Popen(forker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             running = wait_for(lambda: (run_dir / "forker" / "state.json").is_file() and
-                               [n for n, j in state(run_dir).items() if j["status"] == "running"],
+                               [n for n, j in state(run_dir).items() if j["status"] == "running" and j.get("pid")],
                                120, "a running fork")
         finally:
             first.kill()
