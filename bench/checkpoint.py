@@ -25,7 +25,7 @@ import torch
 
 from evertrain.pretrain import engines
 from evertrain.pretrain.checkpoint import CheckpointManager
-from evertrain.pretrain.checkpoint_store import read_meta
+from evertrain.pretrain.checkpoint.store import read_meta
 from evertrain.pretrain.config import load_config
 
 

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from evertrain.errors import EvertrainError  # noqa: E402
 from evertrain.launch import sweep  # noqa: E402
-from evertrain.pretrain import checkpoint_store as store  # noqa: E402
+from evertrain.pretrain.checkpoint import store  # noqa: E402
 from evertrain.pretrain.config import load_config  # noqa: E402
 
 BEGIN, END = "<!-- horizon_sweep.py: begin generated -->", "<!-- horizon_sweep.py: end generated -->"

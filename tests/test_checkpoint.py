@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from evertrain.pretrain import checkpoint_store as store
+from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint import (CheckpointError, CheckpointManager, is_pinned, load_consolidated,
                                            pin, unpin)
-from evertrain.pretrain.checkpoint_retention import steps_to_keep
+from evertrain.pretrain.checkpoint.retention import steps_to_keep
 from evertrain.pretrain.config import load_config
 
 
@@ -303,7 +303,7 @@ def test_broken_meta_and_latest_are_refused(saved_run):
 
 def test_retention_looks_again_after_moving_a_checkpoint_aside(saved_run, monkeypatch):
     """A reader pins between retention's check and its rename: the checkpoint is put back."""
-    from evertrain.pretrain import checkpoint_retention as retention
+    from evertrain.pretrain.checkpoint import retention
 
     ckpt_dir = saved_run.dir / "checkpoints"
     step_dir = ckpt_dir / "step_000000002"
@@ -317,7 +317,7 @@ def test_retention_looks_again_after_moving_a_checkpoint_aside(saved_run, monkey
 def test_deepspeed_staging_copies_tensors_into_reused_buffers():
     from collections import OrderedDict
 
-    from evertrain.pretrain.checkpoint_deepspeed import StagingCheckpointEngine
+    from evertrain.pretrain.checkpoint.deepspeed import StagingCheckpointEngine
 
     weight = torch.ones(3)
     state = {"module": OrderedDict(w=weight), "shapes": [torch.Size([3])], "step": 7}

@@ -21,7 +21,7 @@ from evertrain.launch.fork import ForkError, batch_split
 from evertrain.pretrain import engines
 from evertrain.pretrain import loop
 from evertrain.pretrain.checkpoint import load_consolidated
-from evertrain.pretrain.checkpoint_retention import active_pins, apply_retention
+from evertrain.pretrain.checkpoint.retention import active_pins, apply_retention
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.data import TokenStream
 from evertrain.pretrain.schedule import Cooldown, Schedule

@@ -14,7 +14,7 @@ import pytest
 from evertrain.launch.cli import main as cli_main
 from evertrain.launch.forker import Forker, ForkerError, ForkerOptions, Job, process_start_time, save_jobs
 from evertrain.launch.nodes import NodePoolError, parse_hostfile, parse_pool
-from evertrain.pretrain.checkpoint_retention import active_pins
+from evertrain.pretrain.checkpoint.retention import active_pins
 
 REPO = Path(__file__).resolve().parents[1]
 

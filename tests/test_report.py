@@ -11,7 +11,7 @@ import pytest
 
 from evertrain.launch.cli import main as cli_main
 from evertrain.launch.report import fit_power_law, load_run, parse_cooldown_name
-from evertrain.pretrain.checkpoint_retention import pin
+from evertrain.pretrain.checkpoint.retention import pin
 
 TOKENS_PER_STEP = 1000
 

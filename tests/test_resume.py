@@ -26,7 +26,7 @@ TIMEOUT = 300
 HANG_IN_COMMIT = """
 import runpy, sys, time
 from pathlib import Path
-from evertrain.pretrain import checkpoint_store
+from evertrain.pretrain.checkpoint import store as checkpoint_store
 
 flag, block_from = Path(sys.argv[1]), int(sys.argv[2])
 sys.argv = sys.argv[3:]

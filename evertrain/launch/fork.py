@@ -22,9 +22,9 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from evertrain.errors import EvertrainError
-from evertrain.pretrain import checkpoint_store as store
-from evertrain.pretrain.checkpoint_retention import pin, unpin
-from evertrain.pretrain.checkpoint_store import CheckpointError
+from evertrain.pretrain.checkpoint import store
+from evertrain.pretrain.checkpoint.retention import pin, unpin
+from evertrain.pretrain.checkpoint.store import CheckpointError
 from evertrain.pretrain.config import Config, dump_yaml, load_config
 from evertrain.pretrain.distributed import rank_and_world
 from evertrain.pretrain.schedule import COOLDOWN_SHAPES, Cooldown, Schedule

@@ -32,9 +32,9 @@ from filelock import FileLock, Timeout
 from evertrain.errors import EvertrainError
 from evertrain.launch.fork import cooldown_dir_name, read_result
 from evertrain.launch.nodes import Pool, Slot, parse_pool
-from evertrain.pretrain import checkpoint_store as store
-from evertrain.pretrain.checkpoint_retention import pin, unpin
-from evertrain.pretrain.checkpoint_store import CheckpointError
+from evertrain.pretrain.checkpoint import store
+from evertrain.pretrain.checkpoint.retention import pin, unpin
+from evertrain.pretrain.checkpoint.store import CheckpointError
 from evertrain.pretrain.schedule import COOLDOWN_SHAPES
 
 FORK_MODULE = "evertrain.launch.fork"

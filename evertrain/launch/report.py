@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from evertrain.errors import EvertrainError
-from evertrain.pretrain import checkpoint_store as store
-from evertrain.pretrain.checkpoint_retention import active_pins
+from evertrain.pretrain.checkpoint import store
+from evertrain.pretrain.checkpoint.retention import active_pins
 
 MIN_FIT_POINTS = 3
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from evertrain.errors import EvertrainError
 from evertrain.launch.fork import cooldown_dir_name, read_result
-from evertrain.pretrain import checkpoint_store as store
+from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.config import config_hash, load_config
 from evertrain.pretrain.schedule import COOLDOWN_SHAPES
 

@@ -1,7 +1,7 @@
 """The surface every engine shares (see docs/architecture.md, "engines/").
 
 An engine owns the model, the optimizer and the process group, and turns a list of micro-batches into
-one optimizer step. It never touches files: checkpoint.py reads and writes its state through
+one optimizer step. It never touches files: checkpoint/ reads and writes its state through
 `model` / `raw_model` / `optimizer` / `ds_engine`. Everything it returns stays on the device, so the
 training loop decides when to pay for a host sync.
 """

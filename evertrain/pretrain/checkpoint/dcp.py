@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from evertrain.pretrain.checkpoint_store import CheckpointError
+from evertrain.pretrain.checkpoint.store import CheckpointError
 
 DCP_METADATA = ".metadata"
 # We pass no_dist=True on purpose (one process); DCP warns about it on every call.

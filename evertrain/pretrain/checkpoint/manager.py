@@ -8,11 +8,11 @@
 A save stages this rank's state into CPU memory in the caller's thread (engine collectives happen
 here, nowhere else) and hands the rest to one background thread: write the shards, hash them,
 leave a `done.<rank>` marker; rank 0 then waits for every marker, writes meta.json, renames the temp
-dir into place, replaces LATEST and applies retention (checkpoint_store.py, checkpoint_retention.py).
+dir into place, replaces LATEST and applies retention (checkpoint/store.py, checkpoint/retention.py).
 At most one save is in flight: the next `save` first waits for the last.
 
-Engine state: `single` and `fsdp` write DCP (checkpoint_dcp.py), `deepspeed` its own layout
-(checkpoint_deepspeed.py). Each rank also writes `train_state.<rank>.pt`: its RNG states and the
+Engine state: `single` and `fsdp` write DCP (checkpoint/dcp.py), `deepspeed` its own layout
+(checkpoint/deepspeed.py). Each rank also writes `train_state.<rank>.pt`: its RNG states and the
 optimizer's device step. Loading picks the cheapest correct path:
   same family (single/fsdp, any world size)          -> DCP load, resharded by DCP
   deepspeed -> deepspeed, same world size and stage  -> DeepSpeed's load_checkpoint
@@ -36,10 +36,10 @@ import torch
 import torch.distributed as dist
 
 import evertrain
-from evertrain.pretrain import checkpoint_retention as retention
-from evertrain.pretrain import checkpoint_store as store
-from evertrain.pretrain.checkpoint_retention import apply_retention, is_pinned, pin, unpin
-from evertrain.pretrain.checkpoint_store import CheckpointError, latest_checkpoint, read_meta
+from evertrain.pretrain.checkpoint import retention
+from evertrain.pretrain.checkpoint import store
+from evertrain.pretrain.checkpoint.retention import apply_retention, is_pinned, pin, unpin
+from evertrain.pretrain.checkpoint.store import CheckpointError, latest_checkpoint, read_meta
 from evertrain.pretrain.config import Config, config_hash, model_hash, to_dict
 
 __all__ = ["CheckpointManager", "CheckpointError", "SaveTimings", "load_consolidated", "check_model",
@@ -66,11 +66,11 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.nonce = shared_nonce(engine.world_size)  # names this process's temp dirs
         if engine.name == "deepspeed":
-            from evertrain.pretrain.checkpoint_deepspeed import DeepSpeedState
+            from evertrain.pretrain.checkpoint.deepspeed import DeepSpeedState
 
             self.state = DeepSpeedState(engine, self.dir, self.nonce)
         else:
-            from evertrain.pretrain.checkpoint_dcp import DcpState
+            from evertrain.pretrain.checkpoint.dcp import DcpState
 
             self.state = DcpState(engine)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evertrain-ckpt")
@@ -219,11 +219,11 @@ def load_consolidated(step_dir: str | Path, verify: bool = True) -> dict:
     if verify:
         store.verify_files(step_dir, meta)
     if meta["engine"] == "deepspeed":
-        from evertrain.pretrain.checkpoint_deepspeed import read_full_state
+        from evertrain.pretrain.checkpoint.deepspeed import read_full_state
 
         full = read_full_state(step_dir, meta["zero_stage"])
     else:
-        from evertrain.pretrain.checkpoint_dcp import read_full_state
+        from evertrain.pretrain.checkpoint.dcp import read_full_state
 
         full = read_full_state(step_dir)
     return {**full, "step": meta["step"], "extra": meta["extra"], "meta": meta}

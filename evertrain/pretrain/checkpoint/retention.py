@@ -18,8 +18,8 @@ import socket
 import time
 from pathlib import Path
 
-from evertrain.pretrain import checkpoint_store as store
-from evertrain.pretrain.checkpoint_store import CheckpointError
+from evertrain.pretrain.checkpoint import store
+from evertrain.pretrain.checkpoint.store import CheckpointError
 
 HOLDER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 DELETING_TAG = ".tmp-deleting"  # contains TMP_TAG: never mistaken for a checkpoint

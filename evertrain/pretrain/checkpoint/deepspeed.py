@@ -37,8 +37,8 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from evertrain.pretrain.checkpoint_dcp import reusable_stager
-from evertrain.pretrain.checkpoint_store import CheckpointError
+from evertrain.pretrain.checkpoint.dcp import reusable_stager
+from evertrain.pretrain.checkpoint.store import CheckpointError
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 # ZeRO stages whose checkpoints convert through the universal format with our AdamW. Stage 3's
