@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 DATA := data/shakespeare
 
-.PHONY: setup demo test data clean-runs
+.PHONY: setup demo test data clean-runs gpu-check
 
 setup: $(VENV)/.installed corpus/.unpacked
 
@@ -37,6 +37,11 @@ demo: setup data
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
+
+# On a CUDA machine (keep its CUDA torch: make gpu-check TORCH_SPEC=torch): the GPU path measured in one
+# process (< 8 min on one H200), written to docs/gpu_check.md and docs/gpu_check.json.
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean-runs:
 	rm -rf runs/demo

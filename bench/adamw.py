@@ -37,10 +37,29 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def tensor_sizes(total: int) -> list[int]:
+def tensor_sizes(total: int, aligned: bool = True) -> list[int]:
+    """32 equal matrices + 16 vectors summing to about `total`. aligned: every size a multiple of 16
+    elements, so (with the allocator's aligned storage) the Triton kernel takes its 128-bit path at every
+    size; unaligned: odd matrix sizes, the masked scalar path that views into flat buffers get."""
     vectors = [VECTOR_SIZE] * N_VECTORS
     matrix = (total - sum(vectors)) // N_MATRICES
+    matrix = matrix - matrix % 16 if aligned else matrix | 1
     return [matrix] * N_MATRICES + vectors
+
+
+def best_times(steps: dict, run, repeats: int, warmup: int) -> dict[str, float]:
+    """Best seconds of each callable: warmup untimed calls, then `repeats` rounds in a rotating order, so
+    drift on a shared machine hits all of them (interference only adds time: the minimum is the least
+    disturbed measurement)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    order = list(steps)
+    times = {n: [] for n in order}
+    for r in range(repeats):
+        for n in order[r % len(order):] + order[:r % len(order)]:
+            times[n].append(run(steps[n]))
+    return {n: min(t) for n, t in times.items()}
 
 
 def make_optimizer(name: str, sizes: list[int], grads: list[torch.Tensor], device) -> torch.optim.Optimizer:
@@ -92,15 +111,7 @@ def main() -> None:
         steps = {n: make_optimizer(n, split, grads, device).step for n in names}
         src, dst = torch.randn(total, device=device), torch.empty(total, device=device)
         steps["copy"] = lambda: dst.copy_(src)
-        for step in steps.values():
-            for _ in range(args.warmup):
-                step()
-        order = list(steps)
-        times = {n: [] for n in order}
-        for r in range(repeats):
-            for n in order[r % len(order):] + order[:r % len(order)]:
-                times[n].append(run(steps[n]))
-        best = {n: min(t) for n, t in times.items()}
+        best = best_times(steps, run, repeats, args.warmup)
         copy_gbs = 2 * src.nbytes / best["copy"] / 1e9
         print(f"| {total:.0e} | copy (read + write) | {best['copy'] * 1e3:.2f} | {copy_gbs:.1f} | 100% | |")
         for n in names:

@@ -1,0 +1,541 @@
+"""One command that proves the GPU path: `make gpu-check` (one process, < 8 min on one H200).
+
+    python bench/gpu_check.py                            # CUDA: writes docs/gpu_check.md + docs/gpu_check.json
+    python bench/gpu_check.py --cpu-smoke --out /tmp/gc  # the same code paths at toy sizes on CPU (in `make test`)
+
+Sections, each timed and recorded even when another fails (a GPU is lent rarely: one run must tell
+as much as it can):
+1. adamw_match    our Triton AdamW vs torch.optim.AdamW (fp32) and vs our torch twin (bf16: both round
+                  to bf16 once per step), 200 steps, aligned tensors and unaligned views into one flat
+                  buffer (as ZeRO partitions are), with a grad scale: max |difference|.
+2. adamw_bench    ms/step, GB/s, % of the measured copy bandwidth and x torch fused, at 1e8 and 1e9
+                  parameters sized for the kernel's aligned (128-bit) path, plus one unaligned row.
+3. sdpa_backend   which SDPA kernel runs for bf16 GQA attention at the 1b and 8b head layouts (read from
+                  the profiler's op names); the math kernel is a failure.
+4. no_host_sync   steady-state steps of the single engine on a ~1B model in bf16, the input pipeline
+                  included, under torch.cuda.set_sync_debug_mode("error") between log steps.
+5. throughput     step time, tokens/s and MFU of configs/1b.yaml on one GPU (FSDP2, world size 1), eager
+                  vs compiled, without and with activation checkpointing.
+6. checkpoint     the time the loop is blocked per asynchronous save vs a synchronous save (1b model).
+
+The process exits 1 if any section failed or a check did not hold (the report is written first).
+On CPU (--cpu-smoke) Triton runs under its interpreter and CUDA-only measurements are skipped with a
+reason; the smoke run exists so this script cannot rot between the rare days a GPU is lent.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cpu-smoke", action="store_true", help="toy sizes on CPU (Triton interpreted)")
+    p.add_argument("--out", type=Path, default=None, help="where gpu_check.md/.json go (default: docs/)")
+    p.add_argument("--only", default=None, help="comma-separated section names to run")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="bf16 dense peak for MFU (default: from the device name, H200/H100 989)")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Report:
+    """Rows of markdown per section, the raw figures, and which checks failed."""
+    device: str
+    smoke: bool
+    sections: dict = field(default_factory=dict)  # name -> {"seconds", "rows": [str], "raw": {...}, "error"}
+    failures: list = field(default_factory=list)
+
+    def section(self, name: str):
+        entry = self.sections.setdefault(name, {"rows": [], "raw": {}, "error": None, "seconds": 0.0})
+        return entry
+
+    def check(self, name: str, ok: bool, what: str) -> None:
+        self.section(name)["rows"].append(f"- {'PASS' if ok else 'FAIL'}: {what}")
+        if not ok:
+            self.failures.append(f"{name}: {what}")
+
+    def markdown(self) -> str:
+        lines = [f"# GPU check ({'CPU smoke run' if self.smoke else 'measured'})", "",
+                 f"Device: {self.device}. Written by `python bench/gpu_check.py"
+                 f"{' --cpu-smoke' if self.smoke else ''}`; raw figures in gpu_check.json.", ""]
+        for name, entry in self.sections.items():
+            lines += [f"## {name} ({entry['seconds']:.1f} s)", ""]
+            lines += entry["rows"] or ["(no rows)"]
+            if entry["error"]:
+                lines += ["", "```", entry["error"].rstrip(), "```"]
+            lines.append("")
+        lines += ["## Verdict", "", "all checks held" if not self.failures else
+                  "failed: " + "; ".join(self.failures), ""]
+        return "\n".join(lines)
+
+
+# -- 1. AdamW: Triton vs references ----------------------------------------------------------------------
+
+
+def adamw_match(report: Report, device, smoke: bool) -> None:
+    import torch
+
+    from evertrain.kernels.adamw import AdamW
+    from evertrain.pretrain.schedule import Schedule
+
+    sec = report.section("adamw_match")
+    steps = 6 if smoke else 200
+    sizes = [48, 1000, 33] if smoke else [1 << 20, 4096 * 1024 + 7, 4096, 1000]
+    sec["rows"] += [f"{steps} steps, tensors of {sizes} elements, grad scale 0.5, weight decay 0.1", "",
+                    "| params | layout | reference | max abs diff (param) | max abs diff (exp_avg_sq) |",
+                    "|---|---|---|---:|---:|"]
+    sched = Schedule(max_lr=1e-3, warmup_steps=0, decay="constant")
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("aligned", "unaligned"):
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            init = [torch.randn(n, generator=gen) * 0.02 for n in sizes]
+            grads = [[torch.randn(n, generator=gen) for n in sizes] for _ in range(steps)]
+
+            def params_of(values):
+                if layout == "aligned":
+                    return [torch.nn.Parameter(v.to(device=device, dtype=dtype).clone()) for v in values]
+                flat = torch.empty(sum(sizes) + 1, device=device, dtype=dtype)  # offset 1: no 16-byte alignment
+                out, at = [], 1
+                for v in values:
+                    view = flat[at:at + v.numel()]
+                    view.copy_(v)
+                    out.append(torch.nn.Parameter(view))
+                    at += v.numel()
+                return out
+
+            ours = params_of(init)
+            reference = [p.detach().float().clone().requires_grad_() for p in ours] if dtype == torch.float32 \
+                else params_of(init)
+            opt = AdamW(ours, sched, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, impl="triton")
+            opt.grad_scale = torch.full((1,), 0.5, device=device)
+            if dtype == torch.float32:
+                ref = torch.optim.AdamW(reference, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+                ref_name = "torch.optim.AdamW"
+            else:
+                ref = AdamW(reference, sched, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, impl="torch")
+                ref.grad_scale = opt.grad_scale
+                ref_name = "our torch twin"
+            for g in grads:
+                for p, r, gi in zip(ours, reference, g):
+                    p.grad = gi.to(device=device, dtype=dtype)
+                    r.grad = (gi * 0.5 if dtype == torch.float32 else gi).to(device=device, dtype=r.dtype)
+                opt.step()
+                ref.step()
+            dp = max((p.float() - r.float()).abs().max().item() for p, r in zip(ours, reference))
+            dv = max((opt.state[p]["exp_avg_sq"] - ref.state[r]["exp_avg_sq"].float()).abs().max().item()
+                     for p, r in zip(ours, reference))
+            name = str(dtype).replace("torch.", "")
+            sec["rows"].append(f"| {name} | {layout} | {ref_name} | {dp:.2e} | {dv:.2e} |")
+            sec["raw"][f"{name}/{layout}"] = {"param": dp, "exp_avg_sq": dv, "reference": ref_name}
+            bound = 1e-5 if dtype == torch.float32 else 2 ** -7  # fp32 rounding vs one bf16 ulp near 1
+            report.check("adamw_match", dp <= bound and math.isfinite(dv),
+                         f"{name} {layout}: param diff {dp:.2e} <= {bound:.0e}")
+    sec["rows"].insert(0, "")
+
+
+# -- 2. AdamW bandwidth ---------------------------------------------------------------------------------
+
+
+def adamw_bench(report: Report, device, smoke: bool) -> None:
+    import torch
+    import adamw as bench  # bench/adamw.py: the same optimizers, sizes and timer as the standalone bench
+
+    sec = report.section("adamw_bench")
+    names = ["ours triton", "torch fused"] if device.type == "cuda" or smoke else ["torch fused"]
+    cases = ([(67584, True), (67584 + 17 * 32, False)] if smoke else
+             [(10**8, True), (10**9, True), (10**8 + 17, False)])
+    repeats, warmup = (1, 0) if smoke else (20, 3)  # the interpreter is slow
+    run = bench.timer(device)
+    sec["rows"] += ["| params | aligned path | implementation | ms/step | GB/s | % of copy | x torch fused |",
+                    "|---:|---|---|---:|---:|---:|---:|"]
+    for total, aligned in cases:
+        split = bench.tensor_sizes(total, aligned=aligned)
+        grads = [torch.randn(n, device=device) for n in split]
+        steps = {n: bench.make_optimizer(n, split, grads, device).step for n in names}
+        src, dst = torch.randn(total, device=device), torch.empty(total, device=device)
+        steps["copy"] = lambda: dst.copy_(src)
+        best = bench.best_times(steps, run, repeats, warmup)
+        copy_gbs = 2 * src.nbytes / best["copy"] / 1e9
+        for n in names:
+            gbs = bench.BYTES_PER_PARAM * sum(split) / best[n] / 1e9
+            ratio = best["torch fused"] / best[n]
+            sec["rows"].append(f"| {total:.2e} | {aligned} | {n} | {best[n] * 1e3:.2f} | {gbs:.1f} | "
+                               f"{100 * gbs / copy_gbs:.0f}% | {ratio:.2f}x |")
+            sec["raw"][f"{total}/{n}"] = {"ms": best[n] * 1e3, "gbs": gbs, "copy_gbs": copy_gbs, "x_fused": ratio,
+                                          "aligned": aligned}
+            if n == "ours triton" and aligned and device.type == "cuda":
+                report.check("adamw_bench", gbs >= 0.85 * copy_gbs and ratio >= 1.0,
+                             f"{total:.0e} aligned: {100 * gbs / copy_gbs:.0f}% of copy (goal >= 85%), "
+                             f"{ratio:.2f}x torch fused (goal >= 1)")
+        del steps, grads, src, dst
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# -- 3. SDPA backend -------------------------------------------------------------------------------------
+
+SDPA_OPS = {  # profiler op name fragment -> backend
+    "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_cudnn_attention": "cudnn",
+    "_scaled_dot_product_efficient_attention": "memory-efficient",
+    "_scaled_dot_product_attention_math": "math",
+    "_flash_attention_forward": "flash",
+}
+
+
+def sdpa_backend_of(q, k, v) -> str:
+    """The SDPA kernel model.causal_attention dispatches to, read from the profiler's op names."""
+    import torch
+
+    from evertrain.pretrain.model import causal_attention
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        causal_attention(q, k, v)
+    names = [e.key for e in prof.key_averages()]
+    for fragment, backend in SDPA_OPS.items():
+        if any(fragment in name for name in names):
+            return backend
+    return "unknown: " + ", ".join(n for n in names if "attention" in n)
+
+
+def sdpa_backend(report: Report, device, smoke: bool) -> None:
+    import torch
+
+    from evertrain.pretrain.config import load_config
+
+    sec = report.section("sdpa_backend")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sec["rows"] += ["| config | heads q/kv | head dim | B x T | dtype | backend |", "|---|---|---|---|---|---|"]
+    for name in ("1b", "8b"):
+        m = load_config(REPO / "configs" / f"{name}.yaml").model
+        head_dim = m.d_model // m.n_heads
+        b, t = (1, 64) if smoke else (1, m.seq_len)
+        q = torch.randn(b, m.n_heads, t, head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(b, m.n_kv_heads or m.n_heads, t, head_dim, device=device, dtype=dtype) for _ in "kv")
+        backend = sdpa_backend_of(q, k, v)
+        sec["rows"].append(f"| {name} | {m.n_heads}/{m.n_kv_heads} | {head_dim} | {b} x {t} | "
+                           f"{str(dtype).replace('torch.', '')} | {backend} |")
+        sec["raw"][name] = backend
+        report.check("sdpa_backend", backend != "math" and not backend.startswith("unknown"),
+                     f"{name}: fused kernel ({backend})")
+
+
+# -- shared: configs, a synthetic data dir, engines -------------------------------------------------------
+
+
+def gpu_config(name: str, smoke: bool, overrides: list[str] = ()):
+    """configs/NAME.yaml on this device, or its toy stand-in on CPU (same code, tiny shapes)."""
+    from evertrain.pretrain.config import load_config
+
+    if smoke:
+        base = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+                "model.n_kv_heads=2", "model.ffn_hidden=128", "model.seq_len=32", "train.micro_batch_size=2",
+                "train.grad_accum=2", "train.dtype=float32", "train.device=cpu", "optim.impl=torch"]
+        return load_config(REPO / "configs" / f"{name}.yaml", base + list(overrides))
+    return load_config(REPO / "configs" / f"{name}.yaml", ["train.device=cuda"] + list(overrides))
+
+
+def synthetic_data(root: Path, vocab_size: int, tokens: int) -> Path:
+    """A data dir of random tokens in the manifest format, so the real TokenStream feeds the steps."""
+    import numpy as np
+
+    from evertrain.pretrain.data import MANIFEST, Manifest, Shard, file_sha256, shard_name
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tokenizer.model").write_bytes(b"synthetic: random token ids, no tokenizer")
+    rng = np.random.default_rng(0)
+    shards = {}
+    for split, count in (("train", tokens), ("val", max(tokens // 16, 4096))):
+        path = root / shard_name(split, 0)
+        rng.integers(0, vocab_size, size=count, dtype=np.uint32).astype("<u4").tofile(path)
+        shards[split] = (Shard(file=path.name, tokens=count, sha256=file_sha256(path)),)
+    manifest = Manifest(data_dir=root, version=1,
+                        tokenizer={"path": "tokenizer.model", "sha256": file_sha256(root / "tokenizer.model")},
+                        vocab_size=vocab_size, eos_id=0, bos_id=None, dtype="uint32", train=shards["train"],
+                        val=shards["val"], history=({"version": 1, "train": 1, "val": 1},))
+    (root / MANIFEST).write_text(json.dumps(manifest.to_json()))
+    return root
+
+
+@contextlib.contextmanager
+def one_rank_process_group():
+    """The environment torchrun would give a world of one, for the FSDP2 engine in this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_flops_per_token(model_cfg, n_params: int) -> float:
+    """6N for the matmuls of forward + backward, plus causal attention's 6 * n_layers * seq_len * d_model
+    (QK^T and AV, halved by the causal mask, times 3 for forward + backward): the PaLM appendix count."""
+    return 6 * n_params + 6 * model_cfg.n_layers * model_cfg.seq_len * model_cfg.d_model
+
+
+def peak_tflops(device, override: float | None) -> float | None:
+    import torch
+
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0)):
+        if fragment in name:
+            return tflops
+    return None
+
+
+# -- 4. no host sync per steady-state step -----------------------------------------------------------------
+
+
+def no_host_sync(report: Report, device, smoke: bool, work: Path) -> None:
+    import torch
+
+    from evertrain.pretrain import engines
+    from evertrain.pretrain.data import TokenStream
+
+    sec = report.section("no_host_sync")
+    # ~1B: the 1b shape at a shorter sequence, so 50 steps fit the time budget
+    cfg = gpu_config("1b", smoke, [] if smoke else ["model.seq_len=1024", "train.micro_batch_size=4",
+                                                    "train.grad_accum=2"])
+    cfg.engine.name = "single"
+    data = synthetic_data(work / "sync_data", cfg.model.vocab_size, 200_000 if smoke else 20_000_000)
+    engine = engines.create(cfg)
+    try:
+        stream = TokenStream(data, cfg.model.seq_len, cfg.train.seed)
+        windows = cfg.train.micro_batch_size * cfg.train.grad_accum
+        steps, log_every = (6, 3) if smoke else (50, 10)
+        counted = device.type == "cuda"
+        for step in range(1, steps + 1):
+            steady = step % log_every != 0 and step > 2  # the first steps allocate and may sync
+            with sync_debug("error" if steady and counted else "default"):
+                batch = stream.next_batch(windows, 0, 1)
+                loss, grad_norm = engine.train_step(list(batch.split(cfg.train.micro_batch_size)))
+            if step % log_every == 0:
+                last = loss.item()  # the log step's one sync, outside the checked region
+        synchronize(device)
+        n_params = engine.raw_model.num_params()
+        sec["rows"] += [f"{steps} steps of a {n_params / 1e6:,.1f}M-parameter model "
+                        f"({cfg.model.n_layers} x {cfg.model.d_model}, seq {cfg.model.seq_len}), single engine, "
+                        f"input from TokenStream; last logged loss {last:.3f}"]
+        sec["raw"] = {"params": n_params, "steps": steps, "checked": counted}
+        if counted:
+            report.check("no_host_sync", True, "no host sync raised in steady-state steps "
+                         "(set_sync_debug_mode('error'): input copy, forward, backward, clip, AdamW)")
+        else:
+            sec["rows"].append("- SKIPPED: set_sync_debug_mode needs CUDA (the steps ran)")
+    finally:
+        engine.close()
+
+
+@contextlib.contextmanager
+def sync_debug(mode: str):
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+# -- 5. throughput and MFU ---------------------------------------------------------------------------------
+
+
+def throughput_variants(cfg_fields: set[str]) -> list[tuple[str, list[str]]]:
+    """eager / compiled x no / full activation checkpointing, where the config has the knobs."""
+    variants = [("eager", [])]
+    if "train.compile" in cfg_fields:
+        variants.append(("compile", ["train.compile=true"]))
+    if "model.activation_checkpointing" in cfg_fields:
+        variants.append(("eager + AC full", ["model.activation_checkpointing=full"]))
+        if "train.compile" in cfg_fields:
+            variants.append(("compile + AC full", ["train.compile=true", "model.activation_checkpointing=full"]))
+    return variants
+
+
+def config_fields() -> set[str]:
+    import dataclasses
+
+    from evertrain.pretrain.config import Config
+
+    cfg = Config()
+    return {f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, s.name))
+            for f in dataclasses.fields(getattr(cfg, s.name))}
+
+
+def throughput(report: Report, device, smoke: bool, args) -> None:
+    import torch
+
+    from evertrain.pretrain import engines
+
+    sec = report.section("throughput")
+    peak = peak_tflops(device, args.peak_tflops)
+    sec["rows"] += [f"configs/1b.yaml, FSDP2 world size 1, bf16; MFU against {peak or 'n/a'} TFLOP/s", "",
+                    "| variant | step s | tokens/s | MFU | peak memory GiB |", "|---|---:|---:|---:|---:|"]
+    warmup, timed = (1, 2) if smoke else (3, 8)
+    for name, overrides in throughput_variants(config_fields()):
+        cfg = gpu_config("1b", smoke, overrides + ["engine.name=fsdp"])
+        with one_rank_process_group():
+            engine = engines.create(cfg)
+            try:
+                windows = cfg.train.micro_batch_size * cfg.train.grad_accum
+                gen = torch.Generator().manual_seed(0)
+                batch = torch.randint(0, cfg.model.vocab_size, (windows, cfg.model.seq_len + 1), generator=gen)
+                micro = list(batch.pin_memory().split(cfg.train.micro_batch_size) if device.type == "cuda"
+                             else batch.split(cfg.train.micro_batch_size))
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                for _ in range(warmup):
+                    engine.train_step(micro)
+                synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(timed):
+                    loss, _ = engine.train_step(micro)
+                synchronize(device)
+                step_s = (time.perf_counter() - t0) / timed
+                tokens_per_s = windows * cfg.model.seq_len / step_s
+                n_params = engine.raw_model.num_params()
+                mfu = (model_flops_per_token(cfg.model, n_params) * tokens_per_s / (peak * 1e12)) if peak else None
+                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                sec["rows"].append(f"| {name} | {step_s:.3f} | {tokens_per_s:,.0f} | "
+                                   f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                                   f"{'n/a' if mem is None else f'{mem:.1f}'} |")
+                sec["raw"][name] = {"step_s": step_s, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_gib": mem,
+                                    "params": n_params, "loss": loss.item()}
+                report.check("throughput", math.isfinite(sec["raw"][name]["loss"]), f"{name}: finite loss")
+            finally:
+                engine.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# -- 6. checkpoint: blocked per save ---------------------------------------------------------------------
+
+
+def checkpoint_cost(report: Report, device, smoke: bool, work: Path) -> None:
+    from evertrain.pretrain import engines
+    from evertrain.pretrain.checkpoint import CheckpointManager
+
+    sec = report.section("checkpoint")
+    cfg = gpu_config("1b", smoke, ["engine.name=single"])
+    engine = engines.create(cfg)
+    try:
+        rows = {}
+        for mode in ("sync", "async"):
+            cfg.checkpoint.async_save = mode == "async"
+            ckpt = CheckpointManager(work / f"ckpt_{mode}", cfg, engine)
+            blocked = []
+            for step in (1, 2):
+                synchronize(device)
+                t0 = time.perf_counter()
+                ckpt.save(step, {"tokens": 0, "data": {}})
+                if mode == "sync":
+                    ckpt.wait()
+                blocked.append(time.perf_counter() - t0)
+                ckpt.wait()  # the next save's blocked time is its own, not the previous write's
+            ckpt.close()
+            rows[mode] = min(blocked)
+        ratio = rows["async"] / rows["sync"]
+        sec["rows"] += [f"{engine.raw_model.num_params() / 1e6:,.1f}M parameters, single engine, best of 2 saves", "",
+                        "| save | loop blocked (s) |", "|---|---:|",
+                        f"| synchronous | {rows['sync']:.3f} |", f"| asynchronous | {rows['async']:.3f} |",
+                        f"| ratio | {100 * ratio:.1f}% |"]
+        sec["raw"] = {"sync_s": rows["sync"], "async_s": rows["async"], "ratio": ratio}
+        if not smoke:
+            report.check("checkpoint", ratio <= 0.03, f"async blocks {100 * ratio:.1f}% of a sync save (goal <= 3%)")
+    finally:
+        engine.close()
+
+
+# -- driver ------------------------------------------------------------------------------------------------
+
+SECTIONS = ("adamw_match", "adamw_bench", "sdpa_backend", "no_host_sync", "throughput", "checkpoint")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is first jitted
+    import torch
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; run with --cpu-smoke for the CPU smoke run", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    name = f"CPU ({torch.get_num_threads()} threads)" if args.cpu_smoke else torch.cuda.get_device_name(device)
+    report = Report(device=f"{name}, torch {torch.__version__}", smoke=args.cpu_smoke)
+    out = args.out or REPO / "docs"
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = args.only.split(",") if args.only else SECTIONS
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        runners = {"adamw_match": lambda: adamw_match(report, device, args.cpu_smoke),
+                   "adamw_bench": lambda: adamw_bench(report, device, args.cpu_smoke),
+                   "sdpa_backend": lambda: sdpa_backend(report, device, args.cpu_smoke),
+                   "no_host_sync": lambda: no_host_sync(report, device, args.cpu_smoke, work),
+                   "throughput": lambda: throughput(report, device, args.cpu_smoke, args),
+                   "checkpoint": lambda: checkpoint_cost(report, device, args.cpu_smoke, work)}
+        for section in wanted:
+            entry = report.section(section)
+            t0 = time.perf_counter()
+            print(f"gpu_check: {section} ...", flush=True)
+            try:
+                runners[section]()
+            except Exception:  # one broken section must not hide the others' figures
+                entry["error"] = traceback.format_exc()
+                report.failures.append(f"{section}: {traceback.format_exc().strip().splitlines()[-1]}")
+            entry["seconds"] = time.perf_counter() - t0
+            print(f"gpu_check: {section} done in {entry['seconds']:.1f} s"
+                  + (" (FAILED)" if entry["error"] else ""), flush=True)
+    (out / "gpu_check.md").write_text(report.markdown())
+    raw = {"device": report.device, "smoke": report.smoke, "seconds": time.perf_counter() - t_start,
+           "failures": report.failures,
+           "sections": {k: {"seconds": v["seconds"], "raw": v["raw"], "error": v["error"]}
+                        for k, v in report.sections.items()}}
+    (out / "gpu_check.json").write_text(json.dumps(raw, indent=1, allow_nan=False, default=str))
+    print(report.markdown())
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
