@@ -8,6 +8,7 @@ SIGTERM/SIGINT after finishing the step and writing a checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from evertrain.errors import EvertrainError
 from evertrain.pretrain import engines
 from evertrain.pretrain.checkpoint import CheckpointManager
+from evertrain.pretrain.checkpoint.store import latest_checkpoint
 from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config, model_hash
 from evertrain.pretrain.data import TokenStream, load_manifest
 from evertrain.pretrain.distributed import detect_launcher, rank_and_world
@@ -43,6 +45,14 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
                               f"describes model {wanted}; use another --run-dir")
 
 
+def engine_config(run_dir: Path, cfg: Config) -> Config:
+    """model.init_from only seeds a new run: once the run has a checkpoint it resumes from that, and
+    the Hugging Face directory is neither read again nor needed any more."""
+    if cfg.model.init_from is None or latest_checkpoint(run_dir / "checkpoints") is None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
+
+
 def write_config(run_dir: Path, cfg: Config) -> None:
     """The resolved config, replaced atomically (a resumed run may change e.g. train.max_steps)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank_and_world()[1] == 0:  # once per node: shards may live on node-local disks
             load_manifest(cfg.data.path, verify_checksums=True)
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
-        engine = engines.create(cfg, launcher=detect_launcher(os.environ, args.local_rank))
+        engine = engines.create(engine_config(run_dir, cfg), launcher=detect_launcher(os.environ, args.local_rank))
         if engine.is_main:
             write_config(run_dir, cfg)
         engine.barrier()

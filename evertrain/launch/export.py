@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 from evertrain.errors import EvertrainError
 from evertrain.launch.fork import resolve_checkpoint
 from evertrain.pretrain.checkpoint import check_model, load_consolidated, read_meta
-from evertrain.pretrain.config import ModelConfig, load_config
+from evertrain.pretrain.config import NOT_SHAPE, ModelConfig, load_config
 from evertrain.pretrain.data import MANIFEST, load_manifest
-from evertrain.pretrain.model import Transformer, ffn_hidden_size
+from evertrain.pretrain.hf_llama import expected_shapes, hf_name, llama_config
 
 
 class ExportError(EvertrainError, ValueError):
@@ -43,20 +43,13 @@ LLAMA_EXPRESSIBLE = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads
 
 def check_llama_expressible(model_cfg: ModelConfig) -> None:
     for field in dataclasses.fields(model_cfg):
-        if field.name not in LLAMA_EXPRESSIBLE:
+        if field.name not in LLAMA_EXPRESSIBLE and field.name not in NOT_SHAPE:
             raise ExportError(f"model.{field.name}: has no Llama equivalent, so the model cannot be exported")
-
-
-def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of our Transformer for this config (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def to_hf_state_dict(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig,
                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Check every tensor against the config, then rename to HF Llama (`model.` prefix, lm_head as is)."""
+    """Check every tensor against the config, then rename to HF Llama (hf_llama.hf_name)."""
     expected = expected_shapes(model_cfg)
     state = dict(model_state)
     if model_cfg.tie_embeddings:  # HF ties lm_head to embed_tokens itself; store the table once
@@ -72,39 +65,7 @@ def to_hf_state_dict(model_state: dict[str, torch.Tensor], model_cfg: ModelConfi
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ExportError(f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing)")
-    return {(name if name == "lm_head.weight" else f"model.{name}"): tensor.detach().to("cpu", dtype).contiguous()
-            for name, tensor in state.items()}
-
-
-def llama_config(model_cfg: ModelConfig, bos_id: int | None, eos_id: int | None, dtype: torch.dtype) -> dict:
-    head_dim = model_cfg.d_model // model_cfg.n_heads
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": model_cfg.vocab_size,
-        "hidden_size": model_cfg.d_model,
-        "intermediate_size": ffn_hidden_size(model_cfg),
-        "num_hidden_layers": model_cfg.n_layers,
-        "num_attention_heads": model_cfg.n_heads,
-        "num_key_value_heads": model_cfg.n_kv_heads or model_cfg.n_heads,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": model_cfg.seq_len,
-        "initializer_range": model_cfg.init_std,
-        "rms_norm_eps": model_cfg.norm_eps,
-        # transformers >= 5 reads rope_parameters; older readers (and vLLM) read rope_theta.
-        "rope_theta": model_cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": model_cfg.rope_theta},
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": model_cfg.tie_embeddings,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": None,
-        "use_cache": True,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+    return {hf_name(name): tensor.detach().to("cpu", dtype).contiguous() for name, tensor in state.items()}
 
 
 def special_token_ids(sp: spm.SentencePieceProcessor) -> tuple[int | None, int | None]:

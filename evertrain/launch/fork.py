@@ -142,7 +142,8 @@ def fork_config(run_dir: Path, out: Path, end_step: int, global_windows: int, wo
     base = out / "config.yaml" if (out / "config.yaml").is_file() else run_dir / "config.yaml"
     micro, accum = batch_split(global_windows, load_config(base).train.micro_batch_size, world_size)
     overrides = [f"train.max_steps={end_step}", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
-                 "eval.every_steps=0", "checkpoint.keep_last=1", "checkpoint.keep_every=0"]
+                 "eval.every_steps=0", "checkpoint.keep_last=1", "checkpoint.keep_every=0",
+                 "model.init_from=null"]  # the weights come from the checkpoint, never from the HF start
     if args.eval_batches is not None:
         overrides.append(f"eval.batches={args.eval_batches}")
     if args.engine is not None:

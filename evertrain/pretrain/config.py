@@ -37,6 +37,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    init_from: str | None = None  # hf:PATH = start from a Hugging Face Llama checkpoint (not part of the shape)
+
+
+# ModelConfig fields that do not change the parameters' shapes: left out of model_hash, so a run
+# started from a Hugging Face checkpoint resumes and forks like any other.
+NOT_SHAPE = frozenset({"init_from"})
 
 
 @dataclass
@@ -217,6 +223,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_kv_heads: {m.n_kv_heads} must be > 0 and divide model.n_heads={m.n_heads}")
     if m.ffn_hidden is not None and m.ffn_hidden <= 0:
         raise ConfigError(f"model.ffn_hidden: must be > 0, got {m.ffn_hidden}")
+    if m.init_from is not None and not (m.init_from.startswith("hf:") and len(m.init_from) > 3):
+        raise ConfigError(f"model.init_from: expected hf:PATH (a Hugging Face Llama directory), got {m.init_from!r}")
     if not (m.norm_eps > 0 and m.rope_theta > 0 and m.init_std > 0):
         raise ConfigError("model.norm_eps/rope_theta/init_std: must be > 0")
     if not (math.isfinite(o.max_lr) and o.max_lr > 0):
@@ -293,9 +301,14 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def model_shape(cfg: Config) -> dict:
+    """The model fields that fix the parameters (all but NOT_SHAPE)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in NOT_SHAPE}
+
+
 def model_hash(cfg: Config) -> str:
     """Identifies the parameter shapes: checkpoints refuse to load into a different model."""
-    blob = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True).encode()
+    blob = json.dumps(model_shape(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

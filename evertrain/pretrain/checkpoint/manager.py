@@ -21,7 +21,6 @@ optimizer's device step. Loading picks the cheapest correct path:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -40,7 +39,7 @@ from evertrain.pretrain.checkpoint import retention
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import apply_retention, is_pinned, pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError, latest_checkpoint, read_meta
-from evertrain.pretrain.config import Config, config_hash, model_hash, to_dict
+from evertrain.pretrain.config import Config, config_hash, model_hash, model_shape, to_dict
 
 __all__ = ["CheckpointManager", "CheckpointError", "SaveTimings", "load_consolidated", "check_model",
            "latest_checkpoint", "read_meta", "pin", "unpin", "is_pinned", "apply_retention"]
@@ -233,7 +232,7 @@ def check_model(step_dir: Path, meta: dict, cfg: Config) -> None:
     """A checkpoint loads only into the model shape it was written for."""
     if meta["model_hash"] == model_hash(cfg):
         return
-    ours = dataclasses.asdict(cfg.model)
+    ours = model_shape(cfg)
     theirs = meta.get("model", {})
     diffs = [f"{key} {theirs.get(key)} vs {ours[key]}" for key in ours if theirs.get(key) != ours[key]]
     raise CheckpointError(f"{step_dir}: written for a different model: {', '.join(diffs) or 'model hash differs'} "

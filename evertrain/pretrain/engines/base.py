@@ -103,9 +103,16 @@ def clip_with_grad_scale(model: nn.Module, optimizer: torch.optim.Optimizer, max
 
 
 def build_model(cfg: Config, device: torch.device) -> Transformer:
-    """Seeded right before init, so every rank and every engine starts from the same weights."""
+    """Seeded right before init, so every rank and every engine starts from the same weights; with
+    `model.init_from: hf:PATH` those are the Hugging Face checkpoint's (read on every rank, before
+    any sharding, so each engine shards them its own way)."""
     torch.manual_seed(cfg.train.seed)
-    return Transformer(cfg.model).to(device)
+    model = Transformer(cfg.model)
+    if cfg.model.init_from is not None:
+        from evertrain.pretrain.hf_llama import init_from_llama
+
+        init_from_llama(model, cfg.model.init_from)
+    return model.to(device)
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
