@@ -1,5 +1,7 @@
-"""`evertrain report` on a synthetic run: the tables, the PNG, the scaling-law fit and its projection,
-and the clear messages for too few points and bad arguments."""
+"""`evertrain report` on a synthetic run: the tables, the PNG, the scaling-law fit with its band and
+degenerate-fit warnings, the one projection console and plot share, branches drawn from their fork
+point on a log token axis, the eval hook's metrics, and clear messages for too few points and bad
+arguments."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 
 from evertrain.launch.cli import main as cli_main
-from evertrain.launch.report import fit_power_law, load_run, parse_cooldown_name
+from evertrain.launch.report import (figure, fit_cooldowns, fit_power_law, load_run, main_run_at,
+                                     parse_cooldown_name, run_projection)
 from evertrain.pretrain.checkpoint.retention import pin
 
 TOKENS_PER_STEP = 1000
@@ -25,7 +28,7 @@ def write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def synthetic_run(run_dir: Path, fork_steps=(200, 400, 800, 1600), last_step=2000) -> Path:
+def synthetic_run(run_dir: Path, fork_steps=(200, 400, 800, 1600), last_step=2000, evals=None) -> Path:
     """A main run of `last_step` steps and linear cooldowns (C = 20% of S) whose val loss follows `law`."""
     tokens = [s * TOKENS_PER_STEP for s in range(10, last_step + 1, 10)]
     write_jsonl(run_dir / "metrics.jsonl",
@@ -47,8 +50,11 @@ def synthetic_run(run_dir: Path, fork_steps=(200, 400, 800, 1600), last_step=200
                                              "loss": float(law(end)) + 0.3 * (1 - x), "lr": 1e-4 * (1 - x)}
                                             for t, x in progress])
         val = float(law(end))
-        (out / "result.json").write_text(json.dumps({"from_step": s, "cooldown_steps": c, "shape": "linear",
-                                                     "tokens": end, "val_loss": val, "val_ppl": math.exp(val)}))
+        result = {"from_step": s, "cooldown_steps": c, "shape": "linear", "tokens": end, "val_loss": val,
+                  "val_ppl": math.exp(val)}
+        if evals is not None:
+            result["evals"] = evals(s)
+        (out / "result.json").write_text(json.dumps(result))
     (run_dir / "cooldowns" / "from_000002000_linear_400").mkdir(parents=True)  # queued, not started
     return run_dir
 
@@ -77,16 +83,96 @@ def test_report_prints_tables_projection_and_writes_png(tmp_path, capsys):
     for s in ("200", "400", "800", "1600"):
         assert s in text
     assert "queued" in text  # the cooldown dir without a result
-    assert "fit (4 linear cooldowns)" in text and "projected gain" in text
-    projected = float(law(2e6) - law(4e6))  # doubling the 2M tokens so far
-    gain = float(text.split("projected gain of ")[1].split()[0])
-    assert gain == pytest.approx(projected, abs=2e-3)
+    assert "fit (4 linear cooldowns)" in text and "warning" not in text
+    # 2M tokens so far, cooldowns of 20%: cooling down now ends at 2.4M, training 2M more first at 4.8M
+    decision = " ".join(text.split("decision: ")[1].split())
+    assert decision.startswith("training 2M more tokens, then cooling down, is projected to reach ")
+    loss, band = float(decision.split("reach ")[1].split()[0]), float(decision.split("+- ")[1].split()[0])
+    gain = float(decision.split("(gain ")[1].split()[0])
+    assert loss == pytest.approx(float(law(4.8e6)), abs=1e-4) and band < 1e-3  # exact data: a thin band
+    assert gain == pytest.approx(float(law(2.4e6) - law(4.8e6)), abs=1e-4)
+    hours = float(decision.split("costing ")[1].split()[0])  # the synthetic run logs 1 token/s
+    assert hours == pytest.approx((4.8e6 - 2e6) / 3600, rel=1e-2) and "measured 1 tokens/s" in decision
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
     assert f"plot: {out}" in text.replace("\n", "")
 
     assert cli_main(["report", "--run", str(run_dir), "--extra-tokens", "1e6", "--out", str(out)]) == 0
-    gain = float(capsys.readouterr().out.split("projected gain of ")[1].split()[0])
-    assert gain == pytest.approx(float(law(2e6) - law(3e6)), abs=2e-3)
+    text = " ".join(capsys.readouterr().out.split())
+    gain = float(text.split("(gain ")[1].split()[0])
+    assert gain == pytest.approx(float(law(2.4e6) - law(3.6e6)), abs=1e-4)
+
+
+def projection_and_figure(run_dir: Path):
+    report = load_run(run_dir)
+    result = fit_cooldowns(report.cooldowns)
+    proj = run_projection(report, result, None)
+    return report, result.fit, proj, figure(report, result.fit, proj)
+
+
+def test_plot_shows_the_console_projection_branches_from_fork_points_on_log_tokens(tmp_path, capsys):
+    run_dir = synthetic_run(tmp_path / "run")
+    report, fit, proj, fig = projection_and_figure(run_dir)
+    ax_loss, ax_lr = fig.axes
+    assert ax_loss.get_xscale() == "log" and ax_lr.get_xscale() == "log"
+    marker = [line for line in ax_loss.get_lines() if line.get_label().startswith("train 2M more, cool down")]
+    assert len(marker) == 1
+    assert marker[0].get_xdata()[0] == proj.target == 4.8e6 and marker[0].get_ydata()[0] == proj.loss
+    assert cli_main(["report", "--run", str(run_dir)]) == 0
+    console = capsys.readouterr().out
+    assert proj.loss_text() in marker[0].get_label() and proj.loss_text() in console
+    now = [line for line in ax_loss.get_lines() if line.get_label().startswith("cool down now")]
+    assert now[0].get_xdata()[0] == 2.4e6 and f"{proj.loss_now:.4f}" in console
+    # each branch starts where the main run was at the fork step: its tokens, loss and LR
+    for c in report.cooldowns:
+        if not c.curve:
+            continue
+        main = main_run_at(report.train, c.from_step)
+        lr_line = [line for line in ax_lr.get_lines() if line.get_xdata()[-1] == c.curve[-1]["tokens"]][0]
+        assert lr_line.get_xdata()[0] == c.fork_tokens == c.from_step * TOKENS_PER_STEP
+        assert lr_line.get_ydata()[0] == pytest.approx(1e-3 / math.sqrt(c.from_step * TOKENS_PER_STEP))
+        assert lr_line.get_ydata()[0] == main["lr"]
+
+
+def test_fit_recovers_a_noisy_power_law_within_its_band():
+    tokens, target = np.geomspace(2e5, 4e6, 6), 8e6
+    covered = 0
+    for seed in range(30):
+        noisy = law(tokens) + np.random.default_rng(seed).normal(0.0, 0.01, len(tokens))
+        fit = fit_power_law(tokens, noisy, "linear")
+        assert not fit.degenerate and fit.dof == 3
+        covered += abs(float(fit(target)) - float(law(target))) <= fit.band([target])[0]
+        if seed == 0:
+            assert abs(fit.E - 1.5) <= 3.182 * fit.param_stderr("E")
+            assert abs(fit.beta - 0.35) <= 3.182 * fit.param_stderr("beta")
+            assert 0 < fit.band([target])[0] < 0.2 and fit.band([4e6])[0] < fit.band([target])[0]
+    assert covered >= 26  # a 95% band: ~28.5 of 30 expected
+
+
+def test_degenerate_fits_warn(tmp_path, capsys):
+    tokens = np.array([2.4e5, 9.6e5, 3.84e6])
+    fit = fit_power_law(tokens, law(tokens))  # 3 points, 3 parameters
+    assert fit.degenerate and "3 points for 3 free parameters" in fit.warnings[0]
+    assert math.isnan(fit.band([1e7])[0]) and "+- ?" in fit.formula()
+    clamped = fit_power_law([1e3, 2e3, 3e3, 4e3], [3.0, 2.0, 1.0, 0.1])  # would need E < 0
+    assert clamped.E == 0.0 and "E is at its bound 0" in clamped.warnings[0] and clamped.free == ("b", "beta")
+    assert math.isfinite(clamped.band([5e3])[0])
+
+    run_dir = synthetic_run(tmp_path / "run", fork_steps=(200, 400, 800))
+    assert cli_main(["report", "--run", str(run_dir)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "warning: degenerate fit: 3 points for 3 free parameters" in text
+    assert "is projected to reach" in text and "+- ? (gain" in text
+
+
+def test_fork_evals_are_tabled_and_plotted(tmp_path, capsys):
+    run_dir = synthetic_run(tmp_path / "run", evals=lambda s: {"tiny_task": {"acc": s / 4000}, "note": "x"})
+    assert cli_main(["report", "--run", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "tiny_task/acc" in text and "0.05" in text and "0.4" in text and "note" not in text
+    *_, fig = projection_and_figure(run_dir)
+    ax_evals = fig.axes[2]
+    (line,) = ax_evals.get_lines()
+    assert line.get_label() == "tiny_task/acc" and list(line.get_ydata()) == [0.05, 0.1, 0.2, 0.4]
 
 
 def test_report_says_when_there_are_too_few_points(tmp_path, capsys):

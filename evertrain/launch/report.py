@@ -1,9 +1,11 @@
 """`evertrain report`: where a run stands, and whether training on is worth it.
 
-Prints a table of the run's checkpoints and of its cooldown results, plots the main run's train loss
-and LR against tokens with every cooldown branch as a curve ending in its validation-loss point, and,
-with at least three cooldown results of one shape, fits the scaling law L(D) = E + B * D^-beta to them
-and projects the loss gained by training on for another X tokens before cooling down.
+Prints a table of the run's checkpoints and of its cooldown results (with the metrics of each fork's
+eval hook), plots the main run's train loss and LR against tokens (log axis) with every cooldown
+branch drawn from its fork point to its validation-loss point, and, with at least three cooldown
+results of one shape, fits the scaling law L(D) = E + B * D^-beta with a 95% band (scaling.py) and
+ends with one decision line: training D more tokens, then cooling down, reaches L +- d, gaining g
+nats, for h hours at the run's measured tokens/s. Console and plot show the same Projection.
 Only reads the run directory (the PNG goes where --out says, by default runs/NAME/report.png).
 """
 from __future__ import annotations
@@ -21,10 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from evertrain.errors import EvertrainError
+from evertrain.launch.scaling import MIN_FIT_POINTS, PowerLawFit, Projection, fit_power_law, project
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import active_pins
 
-MIN_FIT_POINTS = 3
+THROUGHPUT_RECORDS = 20  # the run's tokens/s is the median over its last this many train records
 
 
 class ReportError(EvertrainError, ValueError):
@@ -47,6 +50,20 @@ class Cooldown:
     result: dict | None  # result.json; None while the fork runs (or if it died)
     curve: list[dict] = field(default_factory=list)  # its train records
 
+    @property
+    def fork_tokens(self) -> float | None:
+        """Tokens at the fork point (a fork keeps the main run's global batch: tokens per step are equal)."""
+        if self.result is not None:
+            return self.result["tokens"] * self.from_step / (self.from_step + self.cooldown_steps)
+        if self.curve:
+            return self.curve[-1]["tokens"] * self.from_step / self.curve[-1]["step"]
+        return None
+
+    @property
+    def evals(self) -> dict:
+        """The eval hook's metrics (result.json "evals"), flattened to name -> number."""
+        return flat_numbers((self.result or {}).get("evals") or {})
+
 
 @dataclass
 class RunReport:
@@ -63,19 +80,10 @@ class RunReport:
         known = [c.tokens for c in self.checkpoints if c.tokens is not None]
         return max(known) if known else None
 
-
-@dataclass
-class PowerLawFit:
-    """L(D) = E + B * D^-beta, fitted to (tokens, val loss) points of one cooldown shape."""
-    E: float
-    B: float
-    beta: float
-    rmse: float
-    points: int
-    shape: str
-
-    def __call__(self, tokens):
-        return self.E + self.B * np.power(np.asarray(tokens, dtype=np.float64), -self.beta)
+    @property
+    def tokens_per_s(self) -> float | None:
+        rates = [r["tokens_per_s"] for r in self.train[-THROUGHPUT_RECORDS:] if r.get("tokens_per_s")]
+        return float(np.median(rates)) if rates else None
 
 
 # -- reading the run -----------------------------------------------------------------------------
@@ -91,6 +99,29 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
+    """{"hellaswag": {"acc": 0.3}} -> {"hellaswag/acc": 0.3}; non-numbers are left out."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_numbers(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def main_run_at(train: list[dict], step: int) -> dict | None:
+    """The main run's tokens, loss and LR at `step`, linearly interpolated between its train records."""
+    before = [r for r in train if r["step"] <= step]
+    after = [r for r in train if r["step"] >= step]
+    if not before or not after:
+        return None
+    lo, hi = before[-1], after[0]
+    w = 0.0 if hi["step"] == lo["step"] else (step - lo["step"]) / (hi["step"] - lo["step"])
+    return {key: lo[key] + w * (hi[key] - lo[key]) for key in ("tokens", "loss", "lr")}
 
 
 def parse_cooldown_name(name: str) -> tuple[int, str, int] | None:
@@ -133,61 +164,36 @@ def load_run(run_dir: Path) -> RunReport:
 
 # -- the scaling-law fit -------------------------------------------------------------------------
 
-def fit_power_law(tokens, losses, shape: str = "", betas=np.linspace(0.02, 3.0, 600)) -> PowerLawFit | None:
-    """Least squares fit of L(D) = E + B * D^-beta with E >= 0, B > 0.
-
-    For a fixed beta the model is linear in (E, B), so the fit is a 1-d search over beta of an exact
-    linear solve: a grid finds the best basin (no local minimum to get stuck in, no scipy), a golden-
-    section search then polishes beta inside it. D is scaled by its largest value so D^-beta stays well
-    conditioned. None when the points admit no decreasing curve (the loss did not fall with tokens)."""
-    d = np.asarray(tokens, dtype=np.float64)
-    y = np.asarray(losses, dtype=np.float64)
-    if len(d) < MIN_FIT_POINTS or len(set(d.tolist())) < MIN_FIT_POINTS or not np.all(d > 0):
-        return None
-    scaled = d / d.max()
-
-    def solve(beta: float) -> tuple[float, float, float]:
-        """(sse, E, B at the scaled D) for this beta; sse = inf when no decreasing curve fits."""
-        x = np.power(scaled, -beta)
-        (e, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), y, rcond=None)
-        if e < 0:  # the asymptote of a loss cannot be negative: best fit on the E = 0 boundary
-            e, b = 0.0, float(x @ y / (x @ x))
-        if b <= 0:
-            return math.inf, e, b
-        return float(np.sum((e + b * x - y) ** 2)), e, b
-
-    sses = [solve(beta)[0] for beta in betas]
-    i = int(np.argmin(sses))
-    if not math.isfinite(sses[i]):
-        return None
-    lo, hi = betas[max(i - 1, 0)], betas[min(i + 1, len(betas) - 1)]
-    golden = (math.sqrt(5) - 1) / 2
-    for _ in range(40):  # the bracket shrinks to ~1e-8 of the grid step
-        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-        if solve(a)[0] < solve(b)[0]:
-            hi = b
-        else:
-            lo = a
-    beta = (lo + hi) / 2 if solve((lo + hi) / 2)[0] <= sses[i] else float(betas[i])
-    sse, e, b = solve(beta)
-    return PowerLawFit(E=float(e), B=float(b * d.max() ** beta), beta=float(beta), rmse=math.sqrt(sse / len(d)),
-                       points=len(d), shape=shape)
+@dataclass
+class FitResult:
+    fit: PowerLawFit | None
+    why_not: str  # a sentence when there is no fit
+    cooldown_fraction: float = 0.0  # of the fitted cooldowns (median C / S)
 
 
-def fit_cooldowns(cooldowns: list[Cooldown]) -> tuple[PowerLawFit | None, str]:
-    """Fit the shape with the most finished cooldowns; returns (fit or None, a sentence saying why)."""
+def fit_cooldowns(cooldowns: list[Cooldown]) -> FitResult:
+    """Fit the shape with the most finished cooldowns."""
     done = [c for c in cooldowns if c.result is not None]
     if not done:
-        return None, "no finished cooldowns yet: nothing to fit (run `evertrain fork` or the forker)"
-    shape, count = Counter(c.shape for c in done).most_common(1)[0]
-    points = sorted((c.result["tokens"], c.result["val_loss"]) for c in done if c.shape == shape)
+        return FitResult(None, "no finished cooldowns yet: nothing to fit (run `evertrain fork` or the forker)")
+    shape, _ = Counter(c.shape for c in done).most_common(1)[0]
+    fitted = [c for c in done if c.shape == shape]
+    points = sorted((c.result["tokens"], c.result["val_loss"]) for c in fitted)
     if len({t for t, _ in points}) < MIN_FIT_POINTS:
-        return None, (f"only {len({t for t, _ in points})} cooldown result(s) at distinct token counts "
-                      f"(shape {shape}): the fit of L(D) = E + B*D^-beta needs {MIN_FIT_POINTS}")
+        return FitResult(None, f"only {len({t for t, _ in points})} cooldown result(s) at distinct token counts "
+                               f"(shape {shape}): the fit of L(D) = E + B*D^-beta needs {MIN_FIT_POINTS}")
     fit = fit_power_law([t for t, _ in points], [loss for _, loss in points], shape)
     if fit is None:
-        return None, f"the {shape} cooldown losses do not decrease with tokens: no projection"
-    return fit, ""
+        return FitResult(None, f"the {shape} cooldown losses do not decrease with tokens: no projection")
+    fraction = float(np.median([c.cooldown_steps / c.from_step for c in fitted]))
+    return FitResult(fit, "", fraction)
+
+
+def run_projection(report: RunReport, result: FitResult, extra_tokens: float | None) -> Projection:
+    fit = result.fit
+    now = report.tokens_so_far or max(c.fork_tokens for c in report.cooldowns if c.result)
+    extra = extra_tokens if extra_tokens is not None else now
+    return project(fit, now, extra, result.cooldown_fraction, report.tokens_per_s)
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -201,6 +207,10 @@ def fmt_tokens(n: float | None) -> str:
     return f"{n:.0f}"
 
 
+def eval_names(cooldowns: list[Cooldown]) -> list[str]:
+    return sorted({name for c in cooldowns for name in c.evals})
+
+
 def tables(report: RunReport) -> list[Table]:
     ckpts = Table(title=f"checkpoints of {report.run_dir}")
     for column in ("step", "tokens", "pinned"):
@@ -208,37 +218,43 @@ def tables(report: RunReport) -> list[Table]:
     for c in report.checkpoints:
         ckpts.add_row(str(c.step), fmt_tokens(c.tokens), ", ".join(c.pinned_by) or "-")
     cools = Table(title="cooldowns")
-    for column in ("from step", "shape", "C", "tokens", "val loss", "ppl"):
+    names = eval_names(report.cooldowns)
+    for column in ("from step", "shape", "C", "tokens", "val loss", "ppl", *names):
         cools.add_column(column, justify="left" if column == "shape" else "right")
     for c in sorted(report.cooldowns, key=lambda c: (c.from_step, c.shape, c.cooldown_steps)):
         r = c.result
         status = "running" if c.curve else "queued"
+        evals = c.evals
         cools.add_row(str(c.from_step), c.shape, str(c.cooldown_steps),
                       fmt_tokens(r["tokens"] if r else (c.curve[-1]["tokens"] if c.curve else None)),
-                      f"{r['val_loss']:.4f}" if r else status, f"{r['val_ppl']:.2f}" if r else "-")
+                      f"{r['val_loss']:.4f}" if r else status, f"{r['val_ppl']:.2f}" if r else "-",
+                      *[f"{evals[n]:.4g}" if n in evals else "-" for n in names])
     return [ckpts, cools]
 
 
-def projection(report: RunReport, fit: PowerLawFit, extra_tokens: float | None) -> str:
-    now = report.tokens_so_far or max(c.result["tokens"] for c in report.cooldowns if c.result)
-    extra = extra_tokens if extra_tokens is not None else now
-    here, there = float(fit(now)), float(fit(now + extra))
-    return (f"fit ({fit.points} {fit.shape} cooldowns): L(D) = {fit.E:.4f} + {fit.B:.4g} * D^-{fit.beta:.3f} "
-            f"(rmse {fit.rmse:.2g}), D = tokens trained by the end of a cooldown\n"
-            f"cooled down at {fmt_tokens(now)} tokens (so far): ~{here:.4f}; at {fmt_tokens(now + extra)} "
-            f"(another {fmt_tokens(extra)}): ~{there:.4f}, a projected gain of {here - there:.4f} "
-            f"(asymptote E = {fit.E:.4f})")
+def summary(fit: PowerLawFit, proj: Projection) -> list[str]:
+    """The console's fit, warnings and decision lines."""
+    lines = [f"fit ({fit.points} {fit.shape} cooldowns): {fit.formula()} (rmse {fit.rmse:.2g}), "
+             f"D = tokens trained by the end of a cooldown"]
+    lines += [f"warning: degenerate fit: {w}" for w in fit.warnings]
+    lines.append(f"cooling down now (at {fmt_tokens(proj.now)} tokens, ending at {fmt_tokens(proj.now_end)}): "
+                 f"~{proj.loss_now:.4f}; after another {fmt_tokens(proj.extra)} (ending at "
+                 f"{fmt_tokens(proj.target)}): ~{proj.loss_text()} (95% band), asymptote E = {fit.E:.4f}")
+    lines.append("decision: " + proj.decision(fmt_tokens))
+    return lines
 
 
-def plot(report: RunReport, fit: PowerLawFit | None, extra_tokens: float | None, out: Path) -> Path:
-    """Two panels over tokens: loss (main run, cooldown branches ending in val-loss points, the fit)
-    and LR. Written under a temporary name and renamed, so a viewer never sees half a PNG."""
+def figure(report: RunReport, fit: PowerLawFit | None, proj: Projection | None):
+    """Loss and LR over tokens (log axis), plus the eval hook's metrics per fork when there are any."""
     import matplotlib  # here, not at the top: every `evertrain` command imports this module
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(9, 7), height_ratios=(3, 1.3))
+    names = eval_names(report.cooldowns)
+    ratios = (3, 1.3, 1.5) if names else (3, 1.3)
+    fig, axes = plt.subplots(len(ratios), 1, sharex=True, figsize=(9, 7 + 2 * bool(names)), height_ratios=ratios)
+    ax_loss, ax_lr = axes[0], axes[1]
     if report.train:
         tokens = [r["tokens"] for r in report.train]
         ax_loss.plot(tokens, [r["loss"] for r in report.train], color="0.35", lw=1, label="main run (train)")
@@ -247,35 +263,66 @@ def plot(report: RunReport, fit: PowerLawFit | None, extra_tokens: float | None,
         ax_loss.plot([r["tokens"] for r in report.evals], [r["val_loss"] for r in report.evals], "o",
                      color="0.6", ms=3, label="main run (val)")
     colors = plt.get_cmap("viridis")
-    done = [c for c in report.cooldowns if c.curve or c.result]
-    for i, c in enumerate(sorted(done, key=lambda c: c.from_step)):
+    done = sorted((c for c in report.cooldowns if c.curve or c.result), key=lambda c: c.from_step)
+    for i, c in enumerate(done):
         color = colors(i / max(len(done) - 1, 1))
-        if c.curve:
-            tokens = [r["tokens"] for r in c.curve]
-            ax_loss.plot(tokens, [r["loss"] for r in c.curve], color=color, lw=1.2)
-            ax_lr.plot(tokens, [r["lr"] for r in c.curve], color=color, lw=1.2)
+        branch = list(c.curve)
+        start = main_run_at(report.train, c.from_step)
+        if start is not None:  # a branch leaves the main run at its fork point (loss and LR)
+            branch.insert(0, start)
+        if branch:
+            tokens = [r["tokens"] for r in branch]
+            ax_loss.plot(tokens, [r["loss"] for r in branch], color=color, lw=1.2)
+            ax_lr.plot(tokens, [r["lr"] for r in branch], color=color, lw=1.2)
         if c.result:
             ax_loss.plot([c.result["tokens"]], [c.result["val_loss"]], "*", color=color, ms=11, mec="k", mew=0.5,
                          label=f"cooldown from {c.from_step} ({c.shape}, {c.cooldown_steps}): "
                                f"{c.result['val_loss']:.3f}")
-    if fit is not None:
-        now = report.tokens_so_far or 0
+    if fit is not None and proj is not None:
         points = [c.result["tokens"] for c in report.cooldowns if c.result and c.shape == fit.shape]
-        right = max(points + [now]) + (extra_tokens if extra_tokens is not None else now)
-        grid = np.linspace(min(points) * 0.8, right, 200)
+        grid = np.geomspace(min(points) * 0.8, proj.target * 1.15, 200)
         ax_loss.plot(grid, fit(grid), "--", color="crimson", lw=1,
-                     label=f"fit E + B D^-{fit.beta:.2f} (E={fit.E:.3f})")
-        ax_loss.plot([right], [float(fit(right))], "x", color="crimson", ms=8,
-                     label=f"projected at {fmt_tokens(right)} tokens: {float(fit(right)):.3f}")
+                     label=f"fit {fit.formula()}" + (" (degenerate)" if fit.degenerate else ""))
+        band = fit.band(grid)
+        if np.all(np.isfinite(band)):
+            ax_loss.fill_between(grid, fit(grid) - band, fit(grid) + band, color="crimson", alpha=0.12, lw=0,
+                                 label="95% band")
+        if not math.isnan(proj.band):
+            ax_loss.errorbar([proj.target], [proj.loss], yerr=[[proj.band], [proj.band]], fmt="none",
+                             ecolor="crimson", capsize=3)
+        ax_loss.plot([proj.target], [proj.loss], "x", color="crimson", ms=8,
+                     label=f"train {fmt_tokens(proj.extra)} more, cool down: {proj.loss_text()} "
+                           f"at {fmt_tokens(proj.target)}")
+        ax_loss.plot([proj.now_end], [proj.loss_now], "+", color="crimson", ms=9,
+                     label=f"cool down now: {proj.loss_now:.4f} at {fmt_tokens(proj.now_end)}")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(f"{report.run_dir.name}: train loss, cooldown branches and their val loss")
-    ax_loss.grid(alpha=0.3)
+    ax_loss.grid(alpha=0.3, which="both")
     if ax_loss.get_legend_handles_labels()[0]:
         ax_loss.legend(fontsize=7, loc="upper right")
     ax_lr.set_ylabel("LR")
-    ax_lr.set_xlabel("tokens")
-    ax_lr.grid(alpha=0.3)
+    ax_lr.grid(alpha=0.3, which="both")
+    if names:
+        ax_ev = axes[2]
+        for j, name in enumerate(names):
+            pts = sorted((c.result["tokens"], c.evals[name]) for c in report.cooldowns if name in c.evals)
+            ax_ev.plot([t for t, _ in pts], [v for _, v in pts], "o-", ms=4, lw=1, label=name,
+                       color=plt.get_cmap("tab10")(j % 10))
+        ax_ev.set_ylabel("fork evals")
+        ax_ev.grid(alpha=0.3, which="both")
+        ax_ev.legend(fontsize=7, loc="best")
+    if any(ax.has_data() for ax in axes):
+        axes[-1].set_xscale("log")
+    axes[-1].set_xlabel("tokens (log)")
     fig.tight_layout()
+    return fig
+
+
+def plot(report: RunReport, fit: PowerLawFit | None, proj: Projection | None, out: Path) -> Path:
+    """The figure as a PNG, written under a temporary name and renamed (a viewer never sees half a PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report, fit, proj)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     fig.savefig(tmp, dpi=110)
@@ -295,9 +342,11 @@ def run_report(args: argparse.Namespace) -> int:
     console = Console()
     for table in tables(report):
         console.print(table)
-    fit, why_not = fit_cooldowns(report.cooldowns)
-    console.print(projection(report, fit, args.extra_tokens) if fit else why_not, highlight=False)
-    console.print(f"plot: {plot(report, fit, args.extra_tokens, out)}", highlight=False)
+    result = fit_cooldowns(report.cooldowns)
+    proj = run_projection(report, result, args.extra_tokens) if result.fit else None
+    for line in summary(result.fit, proj) if result.fit else [result.why_not]:
+        console.print(line, highlight=False, style="yellow" if line.startswith("warning") else None)
+    console.print(f"plot: {plot(report, result.fit, proj, out)}", highlight=False)
     return 0
 
 
@@ -307,5 +356,6 @@ def register(subparsers) -> None:
     p.add_argument("--run", required=True, help="the run's directory, e.g. runs/NAME")
     p.add_argument("--out", help="PNG to write (default RUN/report.png)")
     p.add_argument("--extra-tokens", type=float,
-                   help="project the loss after this many more tokens (default: the tokens so far, i.e. doubling)")
+                   help="project training this many more tokens before cooling down (default: the tokens so far, "
+                        "i.e. doubling)")
     p.set_defaults(func=run_report)
