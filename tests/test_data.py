@@ -17,6 +17,7 @@ from evertrain.launch import cli
 from evertrain.pretrain.data import (DataError, TokenStream, file_sha256, load_manifest, shard_name,
                                      val_batches)
 from evertrain.pretrain.dataprep import prepare, train_tokenizer
+from evertrain.pretrain.sources import expand_inputs
 
 SEQ = 32
 
@@ -85,9 +86,10 @@ def test_prepare_is_byte_for_byte_deterministic(tiny_data, tiny_slices, tmp_path
 
 
 def test_tokenizer_trains_on_an_even_sample_of_large_inputs(tiny_slices):
-    sampled = train_tokenizer(tiny_slices.train, 400, sample_bytes=60_000)  # every 5th paragraph
-    assert sampled == train_tokenizer(tiny_slices.train, 400, sample_bytes=60_000)
-    assert sampled != train_tokenizer(tiny_slices.train, 400)
+    inputs = expand_inputs(tiny_slices.train, "--input")
+    sampled = train_tokenizer(inputs, 400, sample_bytes=60_000)  # every 5th paragraph
+    assert sampled == train_tokenizer(inputs, 400, sample_bytes=60_000)
+    assert sampled != train_tokenizer(inputs, 400)
 
 
 def test_prepared_tokens_are_the_documents_joined_by_eos(tiny_data, tiny_slices):

@@ -6,6 +6,7 @@ import os
 
 from evertrain.pretrain.data import DEFAULT_SOURCE, Manifest
 from evertrain.pretrain.dataprep import DEFAULT_SHARD_TOKENS, append, prepare
+from evertrain.pretrain.sources import Counts
 
 
 def default_workers() -> int:
@@ -21,25 +22,41 @@ def describe(manifest: Manifest) -> str:
             f"(vocab {manifest.vocab_size}, {manifest.dtype})")
 
 
+def reading(args: argparse.Namespace) -> dict:
+    return {"text_field": args.text_field, "split_docs": args.split_docs, "skip_bad": args.skip_bad}
+
+
 def run_prepare(args: argparse.Namespace) -> int:
+    counts = Counts()
     manifest = prepare(args.input, args.out, args.vocab_size, val=args.val, tokenizer=args.tokenizer,
-                       workers=args.workers, shard_tokens=args.shard_tokens, source=args.source)
-    print(f"prepared {describe(manifest)}")
+                       workers=args.workers, shard_tokens=args.shard_tokens, source=args.source,
+                       part=args.part, counts=counts, **reading(args))
+    print(f"prepared {describe(manifest)}; read {counts.summary()}")
     return 0
 
 
 def run_append(args: argparse.Namespace) -> int:
+    counts = Counts()
     manifest = append(args.data, args.files, val=args.val, tokenizer=args.tokenizer, workers=args.workers,
-                      shard_tokens=args.shard_tokens, source=args.source, weight=args.weight)
-    print(f"appended to {describe(manifest)}")
+                      shard_tokens=args.shard_tokens, source=args.source, weight=args.weight, counts=counts,
+                      **reading(args))
+    print(f"appended to {describe(manifest)}; read {counts.summary()}")
     return 0
 
 
 def add_encoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="encoding threads (default: the CPUs this process may use)")
+                        help="encoding processes (default: the CPUs this process may use); "
+                             "the output is the same for any number")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                         help=f"tokens per shard file (default: {DEFAULT_SHARD_TOKENS})")
+    parser.add_argument("--text-field", default="text", metavar="NAME",
+                        help="the text of a JSONL record / Parquet, Arrow or HF dataset row (default: text)")
+    parser.add_argument("--split-docs", metavar="REGEX",
+                        help="a text file holds many documents, separated by matches of REGEX (multiline)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip bad records (invalid JSON, field missing or not text) and count them, "
+                             "instead of stopping at the first")
 
 
 def register(subparsers) -> None:
@@ -48,24 +65,34 @@ def register(subparsers) -> None:
 
     prepare = commands.add_parser(
         "prepare", help="tokenize text files into a new data dir",
-        description="Train a sentencepiece BPE tokenizer (or reuse one) and write token shards + manifest.json. "
-                    "Each input file is one document; documents are joined by EOS.")
-    prepare.add_argument("--input", nargs="+", required=True, metavar="FILE", help="training text files, in order")
-    prepare.add_argument("--val", nargs="+", default=[], metavar="FILE", help="validation text files")
+        description="Train a sentencepiece BPE tokenizer (or reuse a .model or tokenizer.json) and write token "
+                    "shards + manifest.json. Inputs: .txt (one document per file, or --split-docs), .jsonl, "
+                    ".jsonl.gz, .jsonl.zst (one per record), .parquet, .arrow, Hugging Face save_to_disk "
+                    "directories, plain directories and globs. Each document is encoded whole; documents "
+                    "are joined by EOS.")
+    prepare.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                         help="training inputs (files, directories, globs), in order")
+    prepare.add_argument("--val", nargs="+", default=[], metavar="PATH", help="validation inputs")
     prepare.add_argument("--out", required=True, help="the data dir to create, e.g. data/NAME (must not exist)")
     prepare.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size (required unless --tokenizer)")
-    prepare.add_argument("--tokenizer", metavar="MODEL", help="reuse this sentencepiece model instead of training one")
+    prepare.add_argument("--tokenizer", metavar="FILE",
+                         help="use this sentencepiece .model or Hugging Face tokenizer.json instead of training one")
+    prepare.add_argument("--part", metavar="I/N",
+                         help="prepare only the I-th (from 0) of N contiguous slices of the --input files "
+                              "(needs --tokenizer; --val goes to part 0); `evertrain data append` adds the "
+                              "other parts' shards in order")
     prepare.add_argument("--source", default=DEFAULT_SOURCE, help=f"mixture source name (default: {DEFAULT_SOURCE})")
     add_encoding_options(prepare)
     prepare.set_defaults(func=run_prepare)
 
     append = commands.add_parser(
         "append", help="add shards to a data dir (a live run picks them up at its next checkpoint)",
-        description="Encode text files with the data dir's tokenizer (or take already-tokenized .bin shard files) "
+        description="Encode inputs (as for prepare) with the data dir's tokenizer (or take already-tokenized .bin shard files) "
                     "and add them at the end of the train split (FILES) and/or the val split (--val). "
                     "Old shards never change; manifest.json is replaced atomically under a file lock.")
     append.add_argument("--data", required=True, help="the data dir, e.g. data/NAME")
-    append.add_argument("files", nargs="*", metavar="FILES", help="training text files or .bin token files, in order")
+    append.add_argument("files", nargs="*", metavar="FILES",
+                        help="training inputs (as for prepare) or .bin token files, in order")
     append.add_argument("--val", nargs="+", default=[], metavar="FILE", help="files for the validation split")
     append.add_argument("--tokenizer", metavar="MODEL", help="refuse unless this is the data dir's tokenizer")
     append.add_argument("--source", default=DEFAULT_SOURCE, help=f"mixture source name (default: {DEFAULT_SOURCE})")

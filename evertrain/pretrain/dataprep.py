@@ -1,7 +1,13 @@
 """Making and growing data dirs: tokenizer training, parallel encoding, shard writing, prepare, append.
 
-    prepare: text files -> sentencepiece BPE tokenizer -> token shards + manifest.json (version 1)
-    append:  text files (same tokenizer) or token shard files -> new shards at the end, version + 1
+    prepare: inputs (text, JSONL, Parquet, HF datasets: sources.py) -> a sentencepiece BPE tokenizer
+             trained on them, or a given .model / tokenizer.json -> token shards + manifest.json (version 1)
+    append:  inputs (the data dir's tokenizer) or token shard files -> new shards at the end, version + 1
+
+Each document is encoded whole (tokenizer.py) and followed by EOS. Encoding runs in `workers`
+processes on batches of whole documents, results taken back in submission order, so the bytes written
+are the same for any worker count. `--part i/N` prepares the i-th of N contiguous slices of the inputs
+(sources.select_part); appending the parts' shards in order gives the tokens of one whole prepare.
 
 Both are deterministic (same input -> same bytes) and never damage what is already there: prepare
 builds the data dir under a temp name and renames it into place; append stages its shards, moves
@@ -9,16 +15,20 @@ them in, and only then replaces manifest.json, under a file lock so concurrent a
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
 import io
-import itertools
 import json
 import math
+import multiprocessing
 import os
+import re
 import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -28,82 +38,59 @@ import sentencepiece as spm
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from evertrain.pretrain import tokenizer as tok
 from evertrain.pretrain.data import (DEFAULT_SOURCE, DTYPES, MANIFEST, SPLITS, DataError, Manifest, Shard,
                                      check_extends, load_manifest, shard_name)
+from evertrain.pretrain.sources import (TOKENS, Counts, Input, ReadOptions, documents, expand_inputs, parse_part,
+                                        select_part)
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = tok.FILE_NAMES[tok.SENTENCEPIECE]  # a trained tokenizer's name in the data dir
 LOCK_FILE = ".lock"
-TOKEN_FILE_SUFFIX = ".bin"  # an input with this suffix is already-tokenized (a shard of the data dir's dtype)
 DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB of uint16: big enough for a good within-shard shuffle
 TOKENIZER_SAMPLE_BYTES = 1 << 30  # the tokenizer trains on an even sample of at most this much text
 SENTENCE_CHARS = 1 << 14  # training text is fed as paragraphs, split further when longer than this
-ENCODE_BLOCK_CHARS = 1 << 13  # text is encoded in blocks that end after a newline (always a token boundary)
-ENCODE_BATCH_CHARS = 1 << 23  # blocks handed to sentencepiece's threads per call
+ENCODE_BATCH_CHARS = 1 << 20  # whole documents handed to one encoding process per task
+PENDING_PER_WORKER = 3  # tasks in flight per process: enough to keep it busy, bounded memory
 COPY_TOKENS = 1 << 22  # tokens read per step when importing a token file
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-
-def check_inputs(files: Iterable[str | Path], flag: str) -> list[Path]:
-    """Existing, non-empty files, in the order given (it is the order of the stream)."""
-    paths = [Path(f) for f in files]
-    for path in paths:
-        if not path.exists():
-            raise DataError(f"{flag} {path}: no such file")
-        if not path.is_file():
-            raise DataError(f"{flag} {path}: not a file")
-        if path.stat().st_size == 0:
-            raise DataError(f"{flag} {path}: file is empty")
-    return paths
 
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def text_blocks(path: Path, block_chars: int = ENCODE_BLOCK_CHARS) -> Iterator[str]:
-    """The file's text in blocks of about block_chars that end right after a newline."""
-    block, size = [], 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                block.append(line)
-                size += len(line)
-                if size >= block_chars:
-                    yield "".join(block)
-                    block, size = [], 0
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    if block:
-        yield "".join(block)
-
-
-def paragraphs(path: Path) -> Iterator[str]:
+def paragraphs(text: str) -> Iterator[str]:
     """Blank-line separated paragraphs with their newlines, cut at SENTENCE_CHARS (sentencepiece skips
     longer sentences)."""
     current: list[str] = []
     size = 0
-    for block in text_blocks(path):
-        for line in block.splitlines(keepends=True):
-            current.append(line)
-            size += len(line)
-            if not line.strip() or size >= SENTENCE_CHARS:
+    for line in text.splitlines(keepends=True):
+        while len(line) > SENTENCE_CHARS:  # one long line (a document without newlines, say)
+            if current:
                 yield "".join(current)
                 current, size = [], 0
+            yield line[:SENTENCE_CHARS]
+            line = line[SENTENCE_CHARS:]
+        current.append(line)
+        size += len(line)
+        if not line.strip() or size >= SENTENCE_CHARS:
+            yield "".join(current)
+            current, size = [], 0
     if current:
         yield "".join(current)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 
-def train_tokenizer(files: list[Path], vocab_size: int, sample_bytes: int = TOKENIZER_SAMPLE_BYTES) -> bytes:
-    """A byte-fallback BPE model (serialized) trained on the files' paragraphs; the same bytes every time.
+def train_tokenizer(inputs: list[Input], vocab_size: int, sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
+                    options: ReadOptions = ReadOptions()) -> bytes:
+    """A byte-fallback BPE model (serialized) trained on the documents' paragraphs; the same bytes every time.
 
-    Text is kept as is (identity normalization, no whitespace collapsing) and "\\n" is a piece of its
-    own, so decode(encode(text)) == text and verse keeps its lines. One thread: sentencepiece's
-    multi-threaded trainer breaks ties differently from run to run."""
-    stride = max(1, -(-sum(f.stat().st_size for f in files) // sample_bytes))
-    sample = (p for i, p in enumerate(p for f in files for p in paragraphs(f)) if i % stride == 0)
+    Text is kept as is (identity normalization, no whitespace collapsing, no dummy prefix) and "\\n" is
+    a piece of its own, so decode(encode(text)) == text and verse keeps its lines. One thread:
+    sentencepiece's multi-threaded trainer breaks ties differently from run to run."""
+    stride = max(1, -(-sum(i.size for i in inputs) // sample_bytes))
+    every = (p for i in inputs for doc in documents(i, options, Counts()) for p in paragraphs(doc))
+    sample = (p for i, p in enumerate(every) if i % stride == 0)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -119,67 +106,79 @@ def train_tokenizer(files: list[Path], vocab_size: int, sample_bytes: int = TOKE
     return model.getvalue()
 
 
-def load_tokenizer(model: bytes, name: str) -> spm.SentencePieceProcessor:
-    try:
-        tokenizer = spm.SentencePieceProcessor(model_proto=model)
-    except RuntimeError:
-        raise DataError(f"{name}: not a sentencepiece model") from None
-    if tokenizer.eos_id() < 0:
-        raise DataError(f"{name}: the tokenizer has no EOS piece (documents are joined by EOS)")
-    return tokenizer
-
-
-def read_tokenizer(path: str | Path, flag: str) -> bytes:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{flag} {path}: no such file")
-    return path.read_bytes()
-
-
 # ---------------------------------------------------------------------------------------------- encoding
 
 @dataclass(frozen=True)
 class Encoding:
-    """How files become a data dir's tokens: its tokenizer, vocab and dtype, threads and shard size."""
-    tokenizer: spm.SentencePieceProcessor | None  # None when only token files are appended
+    """How inputs become a data dir's tokens: its tokenizer, vocab and dtype, processes, shard size and
+    how records are read."""
+    tokenizer: tok.TokenizerSpec | None  # None when only token files are appended
     vocab_size: int
     dtype: str
     workers: int
     shard_tokens: int
+    options: ReadOptions = ReadOptions()
 
 
-def token_chunks(files: list[Path], enc: Encoding, desc: str) -> Iterator[np.ndarray]:
-    """The files' tokens in order: text files encoded (each a document followed by EOS) in batches of
-    blocks over sentencepiece's threads, token files (TOKEN_FILE_SUFFIX) checked and passed through."""
-    blocks: list[str] = []  # text waiting to be encoded
-    ends_document: list[bool] = []  # whether EOS follows each block
-    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=desc,
-              disable=None, file=sys.stderr) as bar:
-        def encode_pending() -> Iterator[np.ndarray]:
-            if not blocks:
-                return
-            eos = enc.tokenizer.eos_id()
-            ids = enc.tokenizer.encode(blocks, num_threads=enc.workers)
-            with_eos = ((*piece, eos) if end else piece for piece, end in zip(ids, ends_document))
-            yield np.fromiter(itertools.chain.from_iterable(with_eos), dtype=np.int64)
-            bar.update(sum(len(block.encode("utf-8")) for block in blocks))
-            blocks.clear()
-            ends_document.clear()
+def work_items(inputs: list[Input], enc: Encoding, counts: Counts, bar: tqdm) -> Iterator[list[str] | np.ndarray]:
+    """The inputs in order as batches of whole documents (about ENCODE_BATCH_CHARS each) to encode,
+    and chunks of token files (passed through as they are)."""
+    batch: list[str] = []
+    size = 0
+    for inp in inputs:
+        if inp.kind == TOKENS:
+            if batch:
+                yield batch
+                batch, size = [], 0
+            for tokens in token_file_chunks(inp.path, enc):
+                yield tokens
+            bar.update(inp.size)
+            continue
+        for text in documents(inp, enc.options, counts):
+            batch.append(text)
+            size += len(text)
+            if size >= ENCODE_BATCH_CHARS:
+                yield batch
+                batch, size = [], 0
+        bar.update(inp.size)
+    if batch:
+        yield batch
 
-        for path in files:
-            if path.suffix == TOKEN_FILE_SUFFIX:
-                yield from encode_pending()
-                for tokens in token_file_chunks(path, enc):
-                    yield tokens
-                    bar.update(tokens.size * DTYPES[enc.dtype].itemsize)
-                continue
-            for block in text_blocks(path):
-                if sum(map(len, blocks)) >= ENCODE_BATCH_CHARS:
-                    yield from encode_pending()
-                blocks.append(block)
-                ends_document.append(False)
-            ends_document[-1] = True  # the file's last block is still pending
-        yield from encode_pending()
+
+def encoded(items: Iterator[list[str] | np.ndarray], enc: Encoding) -> Iterator[np.ndarray]:
+    """Every item's tokens, in the items' order: document batches encoded (each document followed by
+    EOS) in this process (workers=1) or in `workers` processes, token chunks as they are."""
+    if enc.workers == 1 or enc.tokenizer is None:
+        local = tok.Tokenizer(enc.tokenizer) if enc.tokenizer is not None else None
+        for item in items:
+            yield item if isinstance(item, np.ndarray) else local.encode_joined(item)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    # fork starts in milliseconds and inherits the imports; spawn where there is no fork
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pending: collections.deque = collections.deque()
+    with ProcessPoolExecutor(enc.workers, mp_context=context, initializer=tok.init_worker,
+                             initargs=(enc.tokenizer,)) as pool:
+        try:
+            for item in items:
+                pending.append(item if isinstance(item, np.ndarray) else pool.submit(tok.encode_in_worker, item))
+                while len(pending) > PENDING_PER_WORKER * enc.workers:
+                    yield _result(pending.popleft())
+            while pending:
+                yield _result(pending.popleft())
+        finally:
+            for future in pending:  # an error upstream: do not encode what nobody will write
+                if not isinstance(future, np.ndarray):
+                    future.cancel()
+
+
+def _result(item) -> np.ndarray:
+    if isinstance(item, np.ndarray):
+        return item
+    try:
+        return item.result()
+    except BrokenProcessPool:
+        raise DataError("an encoding process died (out of memory? try fewer --workers)") from None
 
 
 def token_file_chunks(path: Path, enc: Encoding) -> Iterator[np.ndarray]:
@@ -233,14 +232,16 @@ class ShardWriter:
         return self.shards
 
 
-def write_split(files: list[Path], enc: Encoding, directory: Path, split: str, first_index: int,
-                source: str) -> list[Shard]:
+def write_split(inputs: list[Input], enc: Encoding, directory: Path, split: str, first_index: int,
+                source: str, counts: Counts) -> list[Shard]:
     writer = ShardWriter(directory, split, first_index, enc.shard_tokens, enc.dtype, source)
-    try:
-        for tokens in token_chunks(files, enc, desc=f"encoding {split}"):
-            writer.write(tokens)
-    finally:
-        shards = writer.close()
+    with tqdm(total=sum(i.size for i in inputs), unit="B", unit_scale=True, desc=f"encoding {split}",
+              disable=None, file=sys.stderr) as bar:
+        try:
+            for tokens in encoded(work_items(inputs, enc, counts, bar), enc):
+                writer.write(tokens)
+        finally:
+            shards = writer.close()
     return shards
 
 
@@ -256,44 +257,67 @@ def write_manifest(manifest: Manifest, directory: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- commands
 
+def read_options(text_field: str = "text", split_docs: str | None = None, skip_bad: bool = False) -> ReadOptions:
+    if split_docs is not None:
+        try:
+            re.compile(split_docs, re.MULTILINE)
+        except re.error as exc:
+            raise DataError(f"--split-docs {split_docs!r}: not a regular expression ({exc})") from None
+    if not text_field:
+        raise DataError("--text-field: must not be empty")
+    return ReadOptions(text_field, split_docs, skip_bad)
+
+
 def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | None = None, *,
             val: Iterable[str | Path] = (), tokenizer: str | Path | None = None, workers: int = 1,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, source: str = DEFAULT_SOURCE) -> Manifest:
-    """Make data dir `out` from text files: train (or reuse) the tokenizer, encode, write shards."""
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, source: str = DEFAULT_SOURCE, text_field: str = "text",
+            split_docs: str | None = None, skip_bad: bool = False, part: str | None = None,
+            counts: Counts | None = None) -> Manifest:
+    """Make data dir `out` from inputs (sources.py): train (or reuse) the tokenizer, encode, write shards.
+    With `part` "i/N": only the i-th of N slices of the train inputs (val only in part 0), with a given
+    tokenizer. `counts`, when given, receives what was read (documents, empty, skipped)."""
     out = Path(out)
     if (out / MANIFEST).exists():
         raise DataError(f"--out {out}: already a data dir; add to it with `evertrain data append --data {out} FILES`")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"--out {out}: exists and is not an empty directory")
     check_positive(workers=workers, shard_tokens=shard_tokens)
-    files = {"train": check_inputs(inputs, "--input"), "val": check_inputs(val, "--val")}
+    options = read_options(text_field, split_docs, skip_bad)
+    files = {"train": expand_inputs(list(inputs), "--input"), "val": expand_inputs(list(val), "--val")}
     if not files["train"]:
         raise DataError("--input: no input files given")
-    for path in files["train"] + files["val"]:
-        if path.suffix == TOKEN_FILE_SUFFIX:
-            raise DataError(f"{path}: prepare reads text; add token files with `evertrain data append`")
+    for inp in files["train"] + files["val"]:
+        if inp.kind == TOKENS:
+            raise DataError(f"{inp.path}: prepare reads text; add token files with `evertrain data append`")
+    if part is not None:
+        index, parts = parse_part(part)
+        if tokenizer is None:
+            raise DataError(f"--part {part}: needs --tokenizer (every part must encode with the same model)")
+        files = {"train": select_part(files["train"], index, parts), "val": files["val"] if index == 0 else []}
     if tokenizer is not None:
-        model = read_tokenizer(tokenizer, "--tokenizer")
+        spec = read_tokenizer_spec(tokenizer, "--tokenizer")
     elif vocab_size is None:
         raise DataError("--vocab-size: required unless --tokenizer reuses a model")
     else:
-        model = train_tokenizer(files["train"], vocab_size)
-    sp = load_tokenizer(model, str(tokenizer or "the trained tokenizer"))
-    if vocab_size is not None and vocab_size != sp.vocab_size():
-        raise DataError(f"--vocab-size {vocab_size}: --tokenizer {tokenizer} has {sp.vocab_size()} pieces")
+        spec = tok.spec_from_bytes(train_tokenizer(files["train"], vocab_size, options=options), "the trained tokenizer")
+    vocab = tok.Tokenizer(spec).vocab_size
+    if vocab_size is not None and vocab_size != vocab:
+        raise DataError(f"--vocab-size {vocab_size}: --tokenizer {tokenizer} has {vocab} pieces")
 
+    counts = Counts() if counts is None else counts
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         staging.mkdir()
-        (staging / TOKENIZER_FILE).write_bytes(model)
-        enc = Encoding(sp, sp.vocab_size(), token_dtype(sp.vocab_size()), workers, shard_tokens)
-        shards = {split: write_split(files[split], enc, staging, split, 0, source) for split in SPLITS}
+        tokenizer_file = tok.FILE_NAMES[spec.kind]
+        (staging / tokenizer_file).write_bytes(spec.model)
+        enc = Encoding(spec, vocab, token_dtype(vocab), workers, shard_tokens, options)
+        shards = {split: write_split(files[split], enc, staging, split, 0, source, counts) for split in SPLITS}
         manifest = Manifest(
-            out, version=1, tokenizer={"path": TOKENIZER_FILE, "sha256": hashlib.sha256(model).hexdigest()},
-            vocab_size=sp.vocab_size(), eos_id=sp.eos_id(), bos_id=sp.bos_id() if sp.bos_id() >= 0 else None,
-            dtype=enc.dtype, train=tuple(shards["train"]), val=tuple(shards["val"]),
-            weights={source: 1.0}, history=({"version": 1, "train": len(shards["train"]), "val": len(shards["val"])},))
+            out, version=1, tokenizer={"path": tokenizer_file, "sha256": hashlib.sha256(spec.model).hexdigest()},
+            vocab_size=vocab, eos_id=spec.eos_id, bos_id=spec.bos_id, dtype=enc.dtype,
+            train=tuple(shards["train"]), val=tuple(shards["val"]), weights={source: 1.0},
+            history=({"version": 1, "train": len(shards["train"]), "val": len(shards["val"])},))
         write_manifest(manifest, staging)
         if out.exists():
             out.rmdir()  # checked empty above
@@ -303,41 +327,59 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
     return manifest
 
 
+def read_tokenizer_spec(path: str | Path, flag: str) -> tok.TokenizerSpec:
+    try:
+        return tok.read_spec(path, flag)
+    except tok.TokenizerError as exc:
+        raise DataError(str(exc)) from None
+
+
 def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iterable[str | Path] = (),
            tokenizer: str | Path | None = None, workers: int = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-           source: str = DEFAULT_SOURCE, weight: float | None = None) -> Manifest:
+           source: str = DEFAULT_SOURCE, weight: float | None = None, text_field: str = "text",
+           split_docs: str | None = None, skip_bad: bool = False, counts: Counts | None = None) -> Manifest:
     """Add shards made from `inputs` (train) and `val` at the end of data dir's splits; version + 1."""
     data_dir = Path(data_dir)
     check_positive(workers=workers, shard_tokens=shard_tokens)
-    files = {"train": check_inputs(inputs, "FILES"), "val": check_inputs(val, "--val")}
+    options = read_options(text_field, split_docs, skip_bad)
+    files = {"train": expand_inputs(list(inputs), "FILES"), "val": expand_inputs(list(val), "--val")}
     if not files["train"] and not files["val"]:
         raise DataError("nothing to append: give FILES and/or --val FILES")
     load_manifest(data_dir)  # a missing data dir is reported before any lock file is made
+    counts = Counts() if counts is None else counts
     with data_dir_lock(data_dir):
         manifest = load_manifest(data_dir)
-        model = read_tokenizer(data_dir / manifest.tokenizer["path"], "tokenizer")
+        tokenizer_path = data_dir / manifest.tokenizer["path"]
+        if not tokenizer_path.is_file():
+            raise DataError(f"{tokenizer_path}: the data dir's tokenizer is missing")
+        model = tokenizer_path.read_bytes()
         if hashlib.sha256(model).hexdigest() != manifest.tokenizer["sha256"]:
-            raise DataError(f"{data_dir / manifest.tokenizer['path']}: differs from the tokenizer "
-                            f"{MANIFEST} was made with (sha256 mismatch)")
-        if tokenizer is not None and hashlib.sha256(read_tokenizer(tokenizer, "--tokenizer")).hexdigest() \
-                != manifest.tokenizer["sha256"]:
-            raise DataError(f"--tokenizer {tokenizer}: not the tokenizer of {data_dir} (sha256 differs); "
-                            "a data dir keeps one tokenizer")
+            raise DataError(f"{tokenizer_path}: differs from the tokenizer {MANIFEST} was made with (sha256 mismatch)")
+        if tokenizer is not None:
+            if not Path(tokenizer).is_file():
+                raise DataError(f"--tokenizer {tokenizer}: no such file")
+            if hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest() != manifest.tokenizer["sha256"]:
+                raise DataError(f"--tokenizer {tokenizer}: not the tokenizer of {data_dir} (sha256 differs); "
+                                "a data dir keeps one tokenizer")
+        for inp in files["train"] + files["val"]:
+            check_token_file_origin(inp, manifest)
         weights = weights_after(manifest, source, weight)
-        has_text = any(p.suffix != TOKEN_FILE_SUFFIX for split in SPLITS for p in files[split])
-        sp = load_tokenizer(model, str(data_dir / manifest.tokenizer["path"])) if has_text else None
-        enc = Encoding(sp, manifest.vocab_size, manifest.dtype, workers, shard_tokens)
+        has_text = any(inp.kind != TOKENS for split in SPLITS for inp in files[split])
+        # the manifest's EOS, not one looked up again: every document of the data dir ends with the same id
+        spec = tok.TokenizerSpec(tok.kind_of(model), model, manifest.eos_id, manifest.bos_id) if has_text else None
+        enc = Encoding(spec, manifest.vocab_size, manifest.dtype, workers, shard_tokens, options)
         for stale in data_dir.glob(".append-*"):  # left by a killed append; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         staging = data_dir / f".append-{os.getpid()}"
         try:
             staging.mkdir()
-            added = {split: write_split(files[split], enc, staging, split, len(manifest.shards(split)), source)
+            added = {split: write_split(files[split], enc, staging, split, len(manifest.shards(split)), source, counts)
                      for split in SPLITS}
             version = manifest.version + 1
-            counts = {split: len(manifest.shards(split)) + len(added[split]) for split in SPLITS}
+            counts_after = {split: len(manifest.shards(split)) + len(added[split]) for split in SPLITS}
             grown = dataclasses.replace(
-                manifest, version=version, weights=weights, history=manifest.history + ({"version": version, **counts},),
+                manifest, version=version, weights=weights,
+                history=manifest.history + ({"version": version, **counts_after},),
                 train=manifest.train + tuple(added["train"]), val=manifest.val + tuple(added["val"]))
             check_extends(manifest, grown)
             for shard in added["train"] + added["val"]:  # not listed yet: invisible until the manifest names them
@@ -346,6 +388,18 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return grown
+
+
+def check_token_file_origin(inp: Input, manifest: Manifest) -> None:
+    """A token file that is a shard of another data dir (a --part, say) must come from the same tokenizer:
+    ids of another vocabulary would pass the range check and be silently wrong."""
+    origin = inp.path.parent / MANIFEST
+    if inp.kind != TOKENS or not origin.is_file():
+        return
+    other = load_manifest(inp.path.parent)
+    if other.tokenizer["sha256"] != manifest.tokenizer["sha256"] or other.dtype != manifest.dtype:
+        raise DataError(f"{inp.path}: a shard of {inp.path.parent}, which was made with another tokenizer "
+                        f"or dtype than {manifest.data_dir} (tokenizer sha256 or dtype differs)")
 
 
 def weights_after(manifest: Manifest, source: str, weight: float | None) -> dict[str, float]:
