@@ -26,7 +26,9 @@ from evertrain.pretrain.loop import train
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
-    parser.add_argument("--run-dir", help="where checkpoints and metrics go (default: runs/<config stem>)")
+    # --run-dir under torchrun, whose own parser takes `--run` for an abbreviation of its --run-path
+    parser.add_argument("--run", "--run-dir", dest="run_dir",
+                        help="where checkpoints and metrics go (default: runs/<config stem>)")
     parser.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
                         help="shorthand for engine.name=...")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -279,13 +280,38 @@ def test_bad_forker_arguments(fake_fork, capsys, argv, message):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_forker_run_dir_must_be_creatable(tmp_path, capsys):
-    argv = ["--every", "10", "--cooldown-fraction", "0.2"]
-    assert cli_main(["forker", "--run", str(tmp_path / "no" / "run"), *argv]) == 2
-    assert "no such directory" in capsys.readouterr().err
+def test_forker_run_dir_must_be_a_directory_or_appear_within_wait_s(tmp_path, capsys):
+    argv = ["--every", "10", "--cooldown-fraction", "0.2", "--poll-s", "0.05"]
+    assert cli_main(["forker", "--run", str(tmp_path / "no" / "run"), "--wait-s", "0", *argv]) == 2
+    assert capsys.readouterr().err.strip().endswith("no such directory")
+    assert cli_main(["forker", "--run-dir", str(tmp_path / "no" / "run"), "--wait-s", "0.2", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert "waiting up to 0.2 s for the training run to create" in out
+    assert "no such directory after waiting 0.2 s" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "file").write_text("")
     assert cli_main(["forker", "--run", str(tmp_path / "file"), *argv]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_forker_started_before_the_run_dir_exists_waits_for_it(fake_fork, tmp_path):
+    """Like scripts/demo.sh on a fresh clone: not even runs/ exists when the forker starts."""
+    run_dir = tmp_path / "runs" / "new"
+    options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=10, once=True, poll_s=0.05, wait_s=60)
+    lines = []
+    fake_checkpoints(tmp_path / "staged", [10])
+
+    def start_run():  # runs/ and the run dir appear together, the checkpoint complete
+        run_dir.parent.mkdir()
+        os.rename(tmp_path / "staged", run_dir)
+
+    creator = threading.Timer(0.3, start_run)
+    creator.start()
+    try:
+        assert Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lines.append).run() == 0
+    finally:
+        creator.join()
+    assert lines[0].startswith("forker: waiting up to 60 s")
+    assert state(run_dir)["from_000000010_linear_5"]["status"] == "done"
 
 
 def test_unreadable_state_file_is_an_error(fake_fork):

@@ -78,6 +78,7 @@ class ForkerOptions:
     once: bool = False
     eval_batches: int | None = None
     engine: str | None = None
+    wait_s: float = 600.0  # how long to wait for a run dir that does not exist yet; 0 = not at all
 
 
 # -- state.json ----------------------------------------------------------------------------------
@@ -197,11 +198,21 @@ class Forker:
         return self.summary()
 
     def wait_for_run_dir(self, stop: StopRequest) -> bool:
-        """The forker may start before the training run has made its directory; False if stopped."""
-        if not self.run_dir.is_dir():
-            self.log(f"forker: waiting for {self.run_dir} to appear")
+        """The forker is usually started beside a new run, before the trainer has made its directory:
+        wait up to --wait-s for it. False if stopped while waiting."""
+        if self.run_dir.is_dir():
+            return True
+        wait_s = self.options.wait_s
+        if wait_s > 0:
+            self.log(f"forker: waiting up to {wait_s:g} s for the training run to create {self.run_dir} (--wait-s)")
+        deadline = time.monotonic() + wait_s
         while not self.run_dir.is_dir():
-            if stop.wait(self.options.poll_s):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ForkerError(f"--run {self.options.run_dir}: no such directory"
+                                  + (f" after waiting {wait_s:g} s; is the training run starting? (--wait-s)"
+                                     if wait_s > 0 else ""))
+            if stop.wait(min(self.options.poll_s, left)):
                 return False
         return True
 
@@ -380,8 +391,8 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
     run_dir = Path(args.run)
     if run_dir.exists() and not run_dir.is_dir():
         raise ForkerError(f"--run {run_dir}: not a directory")
-    if not run_dir.resolve().parent.is_dir():  # the run itself may not have started yet
-        raise ForkerError(f"--run {run_dir}: no such directory {run_dir.resolve().parent}")
+    if not args.wait_s >= 0:
+        raise ForkerError(f"--wait-s: must be >= 0, got {args.wait_s}")
     if args.every < 0:
         raise ForkerError(f"--every: must be >= 0, got {args.every}")
     if not args.every and not args.at:
@@ -397,7 +408,7 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
     return ForkerOptions(run_dir=run_dir, cooldown_fraction=args.cooldown_fraction, every=args.every,
                          at=args.at, shape=args.shape, max_retries=args.max_retries, poll_s=args.poll_s,
                          until_step=args.until_step, once=args.once, eval_batches=args.eval_batches,
-                         engine=args.engine)
+                         engine=args.engine, wait_s=args.wait_s)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -410,7 +421,7 @@ def run_command(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("forker", help="fork a cooldown from each new checkpoint of a live run",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="the main run's directory, e.g. runs/NAME")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the main run's directory, e.g. runs/NAME")
     p.add_argument("--every", type=int, default=0, help="fork checkpoints whose step is a multiple of N")
     p.add_argument("--at", type=parse_steps, default=(), help="also fork these steps: S1,S2,...")
     p.add_argument("--cooldown-fraction", type=float, required=True,
@@ -421,6 +432,9 @@ def register(subparsers) -> None:
                    help="hostfile pools: devices per fork (default 0 = a whole host)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a fork that left no result")
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between looks at the checkpoints")
+    p.add_argument("--wait-s", type=float, default=600.0,
+                   help="how long to wait for a run dir that does not exist yet, i.e. a forker started "
+                        "beside a new run (default 600; 0 = it must exist)")
     p.add_argument("--eval-batches", type=int, help="passed to each fork")
     p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"), help="passed to each fork")
     stop = p.add_mutually_exclusive_group()
