@@ -75,6 +75,24 @@ def test_deepspeed_config_merges_ours_over_the_users_json(tmp_path):
     assert ds["bf16"] == {"enabled": False}
 
 
+def test_deepspeed_reporting_is_off_unless_the_users_json_asks(tmp_path):
+    """No synchronizing throughput timer, per-step lines or wall-clock breakdown by default, as
+    DeepSpeed's own config readers see it; a key the user's JSON sets is theirs."""
+    from deepspeed.utils.config import get_timers_config
+
+    from evertrain.pretrain.engines.deepspeed import deepspeed_config
+
+    ds = deepspeed_config(from_dict({}), world_size=1, bf16=False)
+    assert not get_timers_config(ds).enabled and ds["wall_clock_breakdown"] is False
+    assert ds["steps_per_print"] > 10**12
+    user = write_json(tmp_path / "ds.json", {"timers": {"throughput": {"enabled": True}}, "steps_per_print": 10,
+                                            "wall_clock_breakdown": True})
+    ds = deepspeed_config(from_dict({"engine": {"deepspeed_config": user}}), world_size=1, bf16=False)
+    timers = get_timers_config(ds)
+    assert timers.enabled and timers.synchronized  # DeepSpeed's own default for what the user left out
+    assert ds["steps_per_print"] == 10 and ds["wall_clock_breakdown"] is True
+
+
 @pytest.mark.parametrize("user, message", [
     ({"zero_optimization": {"stage": 3}}, r"sets zero_optimization.stage=3, but the evertrain config gives 2"),
     ({"optimizer": {"type": "Adam"}}, r"sets 'optimizer'"),

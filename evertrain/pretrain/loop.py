@@ -17,6 +17,7 @@ import torch
 
 from evertrain.errors import EvertrainError
 from evertrain.pretrain.config import Config
+from evertrain.pretrain.console import closing_line, run_banner
 from evertrain.pretrain.distributed import StopVote
 from evertrain.pretrain.engines.base import Engine
 from evertrain.pretrain.evaluate import evaluate, load_val_batches
@@ -33,6 +34,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     tokens_per_step = global_windows * cfg.model.seq_len
     val = load_val_batches(cfg, engine) if eval_every else []
     metrics = Metrics(run_dir, engine.is_main, step, t.max_steps)
+    metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
     window = LogWindow(engine, tokens)
     vote = StopVote(engine.world_size)
     try:
@@ -60,8 +62,10 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
         vote.close()
         if ckpt is not None:
             ckpt.wait()
+        reason = f"train.max_steps={t.max_steps}" if step == t.max_steps else "stop signal"
     finally:
         metrics.close()
+    metrics.console.say(closing_line(step, reason, ckpt.latest() if ckpt is not None else None))
     return step
 
 

@@ -1,4 +1,4 @@
-"""Where training numbers go: run_dir/metrics.jsonl, TensorBoard (when installed), a progress bar.
+"""Where training numbers go: run_dir/metrics.jsonl, TensorBoard (when installed), the console.
 
 Only the main rank records anything; on other ranks every method is a no-op, so the loop can call
 them unconditionally. Records are plain dicts of host numbers: the loop decides when to sync.
@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from tqdm import tqdm
+from evertrain.pretrain.console import Console
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -52,6 +52,7 @@ class Metrics:
     def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int | None,
                  tensorboard: bool = True, progress: bool = True):
         self.enabled = enabled
+        self.console = Console(enabled and progress, start_step, max_steps)  # banner, bar or lines
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -60,14 +61,10 @@ class Metrics:
         drop_records_after(self.path, start_step)
         self.file = self.path.open("a")
         self.tb = _tensorboard_writer(run_dir / "tensorboard", start_step) if tensorboard else None
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        mininterval=1.0, disable=not progress)
-        self.shown: dict[str, str] = {}
 
     def advance(self) -> None:
         """One optimizer step done (host-only bookkeeping: no tensors involved)."""
-        if self.enabled:
-            self.bar.update(1)
+        self.console.advance()
 
     def write(self, record: dict) -> None:
         """Append one record, e.g. {"kind": "train", "step": 10, "loss": 5.1, ...}."""
@@ -81,13 +78,12 @@ class Metrics:
         if self.tb is not None:
             for key, value in numbers.items():
                 self.tb.add_scalar(f"{kind}/{key}", value, global_step=step)
-        self.shown.update({k: f"{numbers[k]:.4g}" for k in ("loss", "val_loss", "lr") if k in numbers})
-        self.bar.set_postfix(self.shown, refresh=False)
+        self.console.record(record)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self.bar.close()
+        self.console.close()
         self.file.close()
         if self.tb is not None:
             self.tb.close()

@@ -25,6 +25,15 @@ FORBIDDEN_SECTIONS = {
     "fp16": "train.dtype=float16 is not supported (no loss scaling); use bfloat16",
 }
 
+# DeepSpeed's own reporting, off unless the user's JSON sets the key: we log throughput and loss on our
+# log steps with one host sync, whereas its throughput timer synchronizes the device around every step
+# and its per-step lines and wall-clock breakdown add more syncs and noise to the console.
+QUIET_DEFAULTS = {
+    "steps_per_print": 2**62,
+    "wall_clock_breakdown": False,
+    "timers": {"throughput": {"enabled": False, "synchronized": False}},
+}
+
 
 def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict:
     """Our settings merged over the user's JSON; a user value that contradicts ours is an error."""
@@ -37,14 +46,14 @@ def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict:
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "zero_allow_untested_optimizer": True,  # ours is a torch.optim.Optimizer DeepSpeed doesn't know
         "bf16": {"enabled": bf16},
-        "steps_per_print": 2**62,  # we log; DeepSpeed's own progress lines would sync every step
     }
     path = cfg.engine.deepspeed_config
     user = _read_json(path) if path else {}
     for section, why in FORBIDDEN_SECTIONS.items():
         if section in user and not (section == "fp16" and user[section].get("enabled") is False):
             raise ConfigError(f"engine.deepspeed_config: {path} sets '{section}', but {why}; remove it")
-    return _merge(user, ours, path, prefix="")
+    quiet = {key: value for key, value in QUIET_DEFAULTS.items() if key not in user}  # the user's win
+    return _merge({**user, **quiet}, ours, path, prefix="")
 
 
 def _read_json(path: str) -> dict:

@@ -1,0 +1,87 @@
+"""A run's console: a banner, one plain line per log step when stderr is not a terminal (batch logs:
+no `\\r`), a tqdm bar on a terminal, and a closing line that says why it stopped and where it saved."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from evertrain.pretrain.console import Console, closing_line, human, start_banner, step_line
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD = {"kind": "train", "step": 20, "tokens": 40960, "loss": 5.69812, "lr": 0.00225, "grad_norm": 0.9123,
+          "tokens_per_s": 7312.4, "time": 0.0}
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_formatting():
+    assert [human(n) for n in (512, 40960, 5_500_000, 1_040_000_000)] == ["512", "41K", "5.5M", "1.04B"]
+    assert step_line(RECORD, 600, 3725.0) == ("step 20/600 | tokens 41K | loss 5.6981 | lr 0.00225 | "
+                                              "grad_norm 0.912 | 7.31K tok/s | elapsed 1:02:05")
+    assert step_line(RECORD, None, 1.0).startswith("step 20 | ")
+    banner = start_banner(params=5_500_000, tokens_per_step=2048, engine="deepspeed ZeRO-2", world_size=2,
+                          dtype="float32", device="cpu", start_step=400, data_path="data/x", data_version=3,
+                          run_dir="runs/demo")
+    assert banner == ("evertrain: 5.5M parameters | 2.05K tokens/step | deepspeed ZeRO-2 x2 | float32 on cpu | "
+                      "resumed from step 400 | data data/x v3 | run runs/demo")
+    assert closing_line(7, "stop signal", None) == "evertrain: stopped at step 7 (stop signal); no checkpoint"
+
+
+def test_plain_lines_off_a_terminal_and_a_bar_on_one():
+    plain = io.StringIO()
+    console = Console(True, 0, 40, stream=plain)
+    for step in range(1, 41):
+        console.advance()
+        if step % 20 == 0:
+            console.record({**RECORD, "step": step})
+    console.record({"kind": "eval", "step": 40, "tokens": 1, "val_loss": 4.25})
+    console.close()
+    console.say("bye")
+    lines = plain.getvalue().splitlines()
+    assert [line.split(" |")[0] for line in lines] == ["step 20/40", "step 40/40", "step 40", "bye"]
+    assert "\r" not in plain.getvalue() and lines[2] == "step 40 | eval | val_loss 4.2500"
+
+    tty = Terminal()
+    console = Console(True, 0, 40, stream=tty)
+    for _ in range(40):
+        console.advance()
+    console.record(RECORD)
+    console.close()
+    assert "\r" in tty.getvalue() and "40/40" in tty.getvalue() and "step 20/40" not in tty.getvalue()
+
+    quiet = io.StringIO()
+    Console(False, 0, 40, stream=quiet).say("not on this rank")
+    assert quiet.getvalue() == ""
+
+
+def test_a_run_with_stderr_in_a_file_logs_one_line_per_log_step(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "stderr.log"
+    argv = [sys.executable, "pretrain.py", "--config", "configs/tiny.yaml", "--run", str(run_dir),
+            f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=2", "train.log_every=5",
+            "eval.every_steps=20", "eval.batches=1", "checkpoint.every_steps=10", "engine.name=single"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as err:
+        proc = subprocess.run([*argv, "train.max_steps=20"], cwd=REPO, env=env, stderr=err,
+                              stdout=subprocess.DEVNULL, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    lines = text.splitlines()
+    banner = next(line for line in lines if line.startswith("evertrain: ") and "parameters" in line)
+    assert re.search(r"^evertrain: [0-9.]+K parameters \| 128 tokens/step \| single x1 \| float32 on cpu \| "
+                     r"fresh start \| data .* v1 \| run ", banner), banner
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" |")[:2] for line in steps] == [
+        ["step 5/20", " tokens 640"], ["step 10/20", " tokens 1.28K"], ["step 15/20", " tokens 1.92K"],
+        ["step 20/20", " tokens 2.56K"], ["step 20", " eval"]]
+    assert all(key in steps[0] for key in ("loss ", "lr ", "grad_norm ", "tok/s", "elapsed 0:00:"))
+    assert lines[-1] == (f"evertrain: stopped at step 20 (train.max_steps=20); "
+                         f"last checkpoint {run_dir / 'checkpoints' / 'step_000000020'}")
