@@ -31,7 +31,7 @@ def test_formatting():
                           run_dir="runs/demo")
     assert banner == ("evertrain: 5.5M parameters | 2.05K tokens/step | deepspeed ZeRO-2 x2 | float32 on cpu | "
                       "resumed from step 400 | data data/x v3 | run runs/demo")
-    assert closing_line(7, "stop signal", None) == "evertrain: stopped at step 7 (stop signal); no checkpoint"
+    assert closing_line(7, "stop signal", None, "r") == "evertrain: stopped at step 7 (stop signal); no checkpoint saved"
 
 
 def test_plain_lines_off_a_terminal_and_a_bar_on_one():
@@ -84,4 +84,4 @@ def test_a_run_with_stderr_in_a_file_logs_one_line_per_log_step(tiny_data, tmp_p
         ["step 20/20", " tokens 2.56K"], ["step 20", " eval"]]
     assert all(key in steps[0] for key in ("loss ", "lr ", "grad_norm ", "tok/s", "elapsed 0:00:"))
     assert lines[-1] == (f"evertrain: stopped at step 20 (train.max_steps=20); "
-                         f"last checkpoint {run_dir / 'checkpoints' / 'step_000000020'}")
+                         f"last checkpoint: step 20 in {run_dir / 'checkpoints'}")

@@ -57,8 +57,10 @@ def run_banner(cfg, engine, run_dir, start_step: int, tokens_per_step: int, data
                         start_step=start_step, data_path=cfg.data.path, data_version=data_version, run_dir=run_dir)
 
 
-def closing_line(step: int, reason: str, checkpoint: Path | None) -> str:
-    saved = f"last checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint"
+def closing_line(step: int, reason: str, saved_step: int | None, run_dir: str | Path) -> str:
+    """`saved_step`: the last checkpoint this process committed (None: it saved none)."""
+    saved = (f"last checkpoint: step {saved_step} in {Path(run_dir) / 'checkpoints'}" if saved_step is not None
+             else "no checkpoint saved")
     return f"evertrain: stopped at step {step} ({reason}); {saved}"
 
 

@@ -37,6 +37,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
     window = LogWindow(engine, tokens)
     vote = StopVote(engine.world_size)
+    saved = None
     try:
         with StopSignals() as signals:
             while t.max_steps is None or step < t.max_steps:
@@ -55,17 +56,18 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                 if ckpt is not None and (stop or (ckpt_every and step % ckpt_every == 0)):
                     refresh_data(stream, engine)  # appended shards join the stream and the saved state
                     ckpt.save(step, {"tokens": tokens, "data": stream.state_dict()})
+                    saved = step
                 if log_now:
                     window.restart(tokens)  # eval and checkpoint time is not training throughput
                 if stop:
                     break
         vote.close()
         if ckpt is not None:
-            ckpt.wait()
+            ckpt.wait()  # committed: the closing line may name it
         reason = f"train.max_steps={t.max_steps}" if step == t.max_steps else "stop signal"
     finally:
         metrics.close()
-    metrics.console.say(closing_line(step, reason, ckpt.latest() if ckpt is not None else None))
+    metrics.console.say(closing_line(step, reason, saved, run_dir))
     return step
 
 
