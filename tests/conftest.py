@@ -55,9 +55,14 @@ def tiny_slices(corpus_files, tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def tiny_data(tiny_slices, tmp_path_factory) -> Path:
     """A prepared data dir (vocab 512, uint16, several train shards) shared by the whole session.
-    Tests must not modify it: copy it first (see test_append.py)."""
+    Tests must not modify it: copy it first (see test_append.py). EVERTRAIN_TEST_TINY_DATA names one
+    prepared already (test_mutations.py hands its own to the pytest runs it starts)."""
+    import os
+
     from evertrain.pretrain.dataprep import prepare
 
+    if os.environ.get("EVERTRAIN_TEST_TINY_DATA"):
+        return Path(os.environ["EVERTRAIN_TEST_TINY_DATA"])
     out = tmp_path_factory.mktemp("tiny_data") / "tiny"
     prepare(tiny_slices.train, out, 512, val=tiny_slices.val, shard_tokens=TINY_SHARD_TOKENS, workers=2)
     return out

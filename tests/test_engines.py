@@ -194,9 +194,11 @@ def pretrain_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
 
 
 def launch(engine: str, data: Path, run_dir: Path, *overrides: str) -> list[str]:
-    """The command line that starts pretrain.py under `engine`'s launcher with 2 ranks on CPU."""
+    """The command line that starts pretrain.py under `engine`'s launcher with 2 ranks on CPU: 2 windows
+    per micro-batch, 2 micro-batches accumulated per step (so a gradient sync after the wrong micro-batch
+    shows), 8 windows per step as the single engine's 4 x 2."""
     port = str(free_port())
-    args = pretrain_args(data, run_dir, "train.grad_accum=1", *overrides)
+    args = pretrain_args(data, run_dir, "train.micro_batch_size=2", "train.grad_accum=2", *overrides)
     if engine == "deepspeed":
         return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, *args,
                 "engine.zero_stage=2"]
@@ -232,10 +234,12 @@ def engine_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_engines_give_the_same_loss_curve(engine_runs):
+    """With gradient accumulation on every engine; fp32 on CPU agrees to ~1e-6 (only the reduction order
+    differs), so the bound is 1e-5: a gradient sync after the first micro-batch moves step 5 by ~5e-3."""
     curves = {name: [r["loss"] for r in records(run, "train")][:10] for name, run in engine_runs.items()}
     assert all(len(c) == 10 for c in curves.values())
     for name in ("deepspeed", "fsdp"):
-        assert max(abs(a - b) for a, b in zip(curves[name], curves["single"])) < 1e-4, (name, curves)
+        assert max(abs(a - b) for a, b in zip(curves[name], curves["single"])) < 1e-5, (name, curves)
     norms = {name: [r["grad_norm"] for r in records(run, "train")][:10] for name, run in engine_runs.items()}
     for name in ("deepspeed", "fsdp"):
         assert max(abs(a - b) / b for a, b in zip(norms[name], norms["single"])) < 1e-3, (name, norms)

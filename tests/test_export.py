@@ -36,9 +36,9 @@ def model_cfg(**overrides) -> ModelConfig:
     return ModelConfig(**{**fields, **overrides})
 
 
-def trained_looking_model(cfg: ModelConfig) -> Transformer:
+def trained_looking_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     """Random weights with non-trivial norms, so a swapped or misnamed tensor cannot go unnoticed."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Transformer(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -199,12 +199,15 @@ def test_cli_exports_a_cooldown_result(tmp_path, run_dir):
     cooldown = run_dir.dir / "cooldowns" / "from_000000004_linear_2"
     cooldown.mkdir(parents=True)
     (cooldown / "config.yaml").write_text(dump_yaml(run_dir.cfg))
-    step_dir = save_checkpoint(cooldown, run_dir.cfg, trained_looking_model(run_dir.cfg.model), step=6)
-    step_dir.rename(cooldown / "final")  # the fork's final weights: a checkpoint-format step dir
+    # the fork's final weights (a checkpoint-format step dir) differ from the main run's checkpoint
+    step_dir = save_checkpoint(cooldown, run_dir.cfg, trained_looking_model(run_dir.cfg.model, seed=1), step=6)
+    step_dir.rename(cooldown / "final")
     out = tmp_path / "exported"
     argv = ["export", "hf", "--run", str(run_dir.dir), "--cooldown", cooldown.name, "--out", str(out)]
     assert cli.main(argv) == 0
     assert logits_after_export(out, load_consolidated(cooldown / "final")["model"], run_dir.cfg) <= 1e-4
+    main_run = load_consolidated(run_dir.dir / "checkpoints" / "step_000000004")["model"]
+    assert logits_after_export(out, main_run, run_dir.cfg) > 1e-2  # not the checkpoint it forked from
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -88,6 +89,40 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return found
 
 
+def train_times(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, wall time written) of every intact train record, in file order."""
+    found = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "train":
+            found.append((record["step"], record["time"]))
+    return found
+
+
+def assert_resumed(run_dir: Path, reference_dir: Path, resume_from: int, resumed_at: float) -> None:
+    """The rerun continued from `resume_from` instead of starting over: records up to that step are the
+    killed run's (written before the rerun started), the rerun's first record is the step after, and
+    the final step, weights and optimizer state equal the uninterrupted run's at the same step."""
+    from evertrain.pretrain.checkpoint import load_consolidated
+
+    times = train_times(run_dir)
+    assert all(t < resumed_at for step, t in times if step <= resume_from), "the rerun retrained old steps"
+    rerun = [step for step, t in times if t >= resumed_at]
+    assert rerun and rerun[0] == resume_from + 1, (resume_from, rerun[:3])
+    name = latest(run_dir)
+    ours, theirs = (load_consolidated(d / "checkpoints" / name) for d in (run_dir, reference_dir))
+    assert ours["step"] == theirs["step"] == REFERENCE_STEPS
+    for key, tensor in theirs["model"].items():
+        assert torch.equal(ours["model"][key], tensor), key
+    assert theirs["optim"] and ours["optim"].keys() == theirs["optim"].keys()
+    for key, moments in theirs["optim"].items():
+        for moment, tensor in moments.items():
+            assert torch.equal(ours["optim"][key][moment], tensor), (key, moment)
+
+
 def latest(run_dir: Path) -> str:
     return (run_dir / "checkpoints" / "LATEST").read_text().strip()
 
@@ -127,12 +162,17 @@ def assert_same_losses(run_dir: Path, reference: dict[int, float], after: int, t
 
 # -- single engine: SIGKILL, bitwise --------------------------------------------------------------
 
+class Reference(dict):
+    """An uninterrupted single-engine run: the loss at every step, and its run dir (`.dir`)."""
+    dir: Path
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory) -> dict[int, float]:
-    """An uninterrupted single-engine run: the loss at every step."""
+def reference(tiny_data, tmp_path_factory) -> Reference:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     run(command("single", 1, tiny_data, run_dir, f"train.max_steps={REFERENCE_STEPS}"))
-    found = dict(losses(run_dir))
+    found = Reference(losses(run_dir))
+    found.dir = run_dir
     assert sorted(found) == list(range(1, REFERENCE_STEPS + 1))
     return found
 
@@ -150,10 +190,12 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tiny_data, tmp_path, r
     resume_from = int(latest(run_dir).removeprefix("step_"))  # 4 or 8: step 8's save may still be in flight
     assert 4 <= resume_from < REFERENCE_STEPS and killed_at < REFERENCE_STEPS, (resume_from, killed_at)
 
+    resumed_at = time.time()
     run(command("single", 1, tiny_data, run_dir, f"train.max_steps={REFERENCE_STEPS}"))
     assert_same_losses(run_dir, reference, after=0)  # the killed run's records and the resumed ones
     assert max(step for step, _ in losses(run_dir)) == REFERENCE_STEPS
     assert latest(run_dir) == f"step_{REFERENCE_STEPS:09d}"
+    assert_resumed(run_dir, reference.dir, resume_from, resumed_at)
 
 
 def test_sigkill_mid_save_leaves_the_previous_checkpoint(tiny_data, tmp_path, reference):
@@ -173,8 +215,10 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint(tiny_data, tmp_path, re
     assert not (half_saved / "meta.json").exists()
     assert latest(run_dir) == "step_000000004"
 
+    resumed_at = time.time()
     run(command("single", 1, tiny_data, run_dir, f"train.max_steps={REFERENCE_STEPS}"))
     assert_same_losses(run_dir, reference, after=0)
+    assert_resumed(run_dir, reference.dir, 4, resumed_at)
     assert not half_saved.exists()  # swept by the resumed run's first save
     assert (run_dir / "checkpoints" / "step_000000008" / "meta.json").is_file()
 
