@@ -151,14 +151,14 @@ def encoded(items: Iterator[list[str] | np.ndarray], enc: Encoding) -> Iterator[
     if enc.workers == 1 or enc.tokenizer is None:
         local = tok.Tokenizer(enc.tokenizer) if enc.tokenizer is not None else None
         for item in items:
-            yield item if isinstance(item, np.ndarray) else local.encode_joined(item)
+            yield item if isinstance(item, np.ndarray) else local.encode_joined(item, DTYPES[enc.dtype])
         return
     methods = multiprocessing.get_all_start_methods()
     # fork starts in milliseconds and inherits the imports; spawn where there is no fork
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     pending: collections.deque = collections.deque()
     with ProcessPoolExecutor(enc.workers, mp_context=context, initializer=tok.init_worker,
-                             initargs=(enc.tokenizer,)) as pool:
+                             initargs=(enc.tokenizer, DTYPES[enc.dtype])) as pool:
         try:
             for item in items:
                 pending.append(item if isinstance(item, np.ndarray) else pool.submit(tok.encode_in_worker, item))
@@ -189,7 +189,7 @@ def token_file_chunks(path: Path, enc: Encoding) -> Iterator[np.ndarray]:
         raise DataError(f"{path}: {size} bytes is not a whole number of {enc.dtype} tokens")
     tokens = np.memmap(path, dtype=dtype, mode="r")
     for start in range(0, tokens.size, COPY_TOKENS):
-        chunk = np.asarray(tokens[start:start + COPY_TOKENS], dtype=np.int64)
+        chunk = np.array(tokens[start:start + COPY_TOKENS])  # a copy: the memmap closes when this ends
         if chunk.max() >= enc.vocab_size:
             raise DataError(f"{path}: token id {int(chunk.max())} is outside this data dir's vocab of "
                             f"{enc.vocab_size} (tokenized with another tokenizer?)")
@@ -211,9 +211,9 @@ class ShardWriter:
             if self.file is None:
                 self.file = open(self.directory / shard_name(self.split, self.index), "wb")
                 self.filled, self.digest = 0, hashlib.sha256()
-            data = tokens[:self.shard_tokens - self.filled].astype(self.dtype)
-            self.file.write(data.tobytes())
-            self.digest.update(data.tobytes())
+            data = np.ascontiguousarray(tokens[:self.shard_tokens - self.filled], dtype=self.dtype)
+            self.file.write(data)  # the array's own buffer: no copy to bytes
+            self.digest.update(data)
             self.filled += data.size
             tokens = tokens[data.size:]
             if self.filled == self.shard_tokens:

@@ -138,11 +138,12 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=False)
 
-    def encode_joined(self, texts: list[str]) -> np.ndarray:
-        """The texts' ids, each followed by EOS, as one int64 array (what goes into the shards)."""
+    def encode_joined(self, texts: list[str], dtype: np.dtype = np.dtype(np.int64)) -> np.ndarray:
+        """The texts' ids, each followed by EOS, as one array of `dtype` (the shards' own, so what
+        crosses from an encoding process is what is written: 2 bytes a token for uint16)."""
         eos = self.spec.eos_id
         ids = self.encode_documents(texts)
-        out = np.empty(sum(map(len, ids)) + len(ids), dtype=np.int64)
+        out = np.empty(sum(map(len, ids)) + len(ids), dtype=dtype)
         pos = 0
         for piece in ids:
             out[pos:pos + len(piece)] = piece
@@ -154,15 +155,16 @@ class Tokenizer:
 
 # ------------------------------------------------------------------------ the encoding processes' side
 
-_worker: Tokenizer | None = None  # one per encoding process, built once by init_worker
+_worker: tuple[Tokenizer, np.dtype] | None = None  # one per encoding process, built once by init_worker
 
 
-def init_worker(spec: TokenizerSpec) -> None:
+def init_worker(spec: TokenizerSpec, dtype: np.dtype) -> None:
     global _worker
     # one process per core already; the tokenizers library's own thread pool would oversubscribe them
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker = Tokenizer(spec, threads=1)
+    _worker = Tokenizer(spec, threads=1), dtype
 
 
 def encode_in_worker(texts: list[str]) -> np.ndarray:
-    return _worker.encode_joined(texts)
+    tokenizer, dtype = _worker
+    return tokenizer.encode_joined(texts, dtype)
