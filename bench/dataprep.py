@@ -116,7 +116,8 @@ def main() -> int:
     one = statistics.median(w for _, w, _, _ in results["prepare, 1 process"])
     two = statistics.median(w for _, w, _, _ in results["prepare, 2 processes"])
     parent = statistics.median(own / cpu for _, _, cpu, own in results["prepare, 2 processes"])
-    print(f"with 2 processes the parent (reading JSONL, writing shards) used {parent:.1%} of the CPU time: "
+    print(f"with 2 processes the parent (reading, handing out batches, writing, starting the processes) used "
+          f"{parent:.1%} of the CPU time: "
           f"it would be busy all the time at about {(1 - parent) / parent:.0f} encoding processes")
     print(f"wall speedup 2 vs 1 process: {one / two:.2f}x (ideal 2.00x; limited by other load on a shared machine)")
     return 0

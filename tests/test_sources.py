@@ -13,6 +13,7 @@ import pytest
 from evertrain.launch import cli
 from evertrain.pretrain.data import DataError, load_manifest
 from evertrain.pretrain.dataprep import prepare
+from evertrain.pretrain import dataprep, sources
 from evertrain.pretrain.sources import (Counts, Input, ReadOptions, documents, expand_inputs, parse_part,
                                         select_part)
 
@@ -52,7 +53,7 @@ def corpus(tmp_path) -> Path:
     root = tmp_path / "corpus"
     root.mkdir()
     chunks = [RECORDS[i:i + 10] for i in range(0, 50, 10)]
-    (root / "a.jsonl").write_bytes(jsonl_bytes(chunks[0]))
+    (root / "a.jsonl").write_bytes(jsonl_bytes(chunks[0]).rstrip(b"\n"))  # no newline after the last record
     (root / "b.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(chunks[1])))
     (root / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(chunks[2])))
     pq.write_table(pa.table({"text": chunks[3]}), root / "d.parquet", row_group_size=4)
@@ -68,7 +69,9 @@ def read_all(args, options=ReadOptions(), counts=None) -> list[str]:
     return [d for inp in expand_inputs(args, "--input") for d in documents(inp, options, counts)]
 
 
-def test_every_format_reads_one_document_per_record(corpus):
+@pytest.mark.parametrize("block", [1 << 20, 100])  # 100 bytes: JSONL blocks end mid-file, records span reads
+def test_every_format_reads_one_document_per_record(corpus, block, monkeypatch):
+    monkeypatch.setattr(sources, "JSONL_BLOCK_BYTES", block)
     kinds = [(i.path.name, i.kind) for i in expand_inputs([corpus], "--input")]
     assert kinds == [("a.jsonl", "jsonl"), ("b.jsonl.gz", "jsonl"), ("c.jsonl.zst", "jsonl"),
                      ("d.parquet", "parquet"), ("data-00000-of-00002.arrow", "arrow"),
@@ -104,17 +107,24 @@ BAD_JSONL = {
 
 
 @pytest.mark.parametrize("problem", list(BAD_JSONL))
-def test_a_bad_record_names_file_and_line_or_is_counted(problem, tiny_data, tmp_path):
+def test_a_bad_record_names_file_and_line_or_is_counted(problem, tiny_data, tmp_path, monkeypatch):
     content, message = BAD_JSONL[problem]
     bad = tmp_path / "in" / "bad.jsonl"
     bad.parent.mkdir()
     bad.write_bytes(content + b'{"text": "after"}\n')
     with pytest.raises(DataError, match=message + r".*\(--skip-bad skips such records\)"):
         prepare([bad], tmp_path / "out" / "data", tokenizer=tiny_data / "tokenizer.model")
+    good = tmp_path / "in" / "good.jsonl"  # in processes, with the bad line in a later block: still this error
+    good.write_bytes(jsonl_bytes(RECORDS))
+    monkeypatch.setattr(sources, "JSONL_BLOCK_BYTES", 10)
+    monkeypatch.setattr(dataprep, "ENCODE_BATCH_BYTES", 10)
+    with pytest.raises(DataError, match=message):
+        prepare([good, bad], tmp_path / "out" / "data", tokenizer=tiny_data / "tokenizer.model", workers=2)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing half-written
     counts = Counts()
-    prepare([bad], tmp_path / "out" / "data", tokenizer=tiny_data / "tokenizer.model", skip_bad=True, counts=counts)
-    assert (counts.documents, counts.bad) == (2, 1) and counts.first_bad.startswith(str(bad))
+    prepare([good, bad], tmp_path / "out" / "data", tokenizer=tiny_data / "tokenizer.model", skip_bad=True,
+            counts=counts, workers=2)
+    assert (counts.documents, counts.bad) == (2 + 50, 1) and counts.first_bad.startswith(str(bad))
     assert "1 bad records skipped (first:" in counts.summary()
 
 

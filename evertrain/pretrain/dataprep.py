@@ -4,9 +4,10 @@
              trained on them, or a given .model / tokenizer.json -> token shards + manifest.json (version 1)
     append:  inputs (the data dir's tokenizer) or token shard files -> new shards at the end, version + 1
 
-Each document is encoded whole (tokenizer.py) and followed by EOS. Encoding runs in `workers`
-processes on batches of whole documents, results taken back in submission order, so the bytes written
-are the same for any worker count. `--part i/N` prepares the i-th of N contiguous slices of the inputs
+Each document is encoded whole (tokenizer.py) and followed by EOS. This process only reads (raw
+pieces: file bytes, blocks of JSONL lines, column batches) and writes; decoding the records and
+encoding them runs in `workers` processes, results taken back in submission order, so the bytes
+written, and the first bad record reported, are the same for any worker count. `--part i/N` prepares the i-th of N contiguous slices of the inputs
 (sources.select_part); appending the parts' shards in order gives the tokens of one whole prepare.
 
 Both are deterministic (same input -> same bytes) and never damage what is already there: prepare
@@ -41,15 +42,15 @@ from tqdm import tqdm
 from evertrain.pretrain import tokenizer as tok
 from evertrain.pretrain.data import (DEFAULT_SOURCE, DTYPES, MANIFEST, SPLITS, DataError, Manifest, Shard,
                                      check_extends, load_manifest, shard_name)
-from evertrain.pretrain.sources import (TOKENS, Counts, Input, ReadOptions, documents, expand_inputs, parse_part,
-                                        select_part)
+from evertrain.pretrain.sources import (TOKENS, Counts, Decoded, Input, Raw, ReadOptions, account, decode, documents,
+                                        expand_inputs, parse_part, raw_pieces, select_part)
 
 TOKENIZER_FILE = tok.FILE_NAMES[tok.SENTENCEPIECE]  # a trained tokenizer's name in the data dir
 LOCK_FILE = ".lock"
 DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB of uint16: big enough for a good within-shard shuffle
 TOKENIZER_SAMPLE_BYTES = 1 << 30  # the tokenizer trains on an even sample of at most this much text
 SENTENCE_CHARS = 1 << 14  # training text is fed as paragraphs, split further when longer than this
-ENCODE_BATCH_CHARS = 1 << 20  # whole documents handed to one encoding process per task
+ENCODE_BATCH_BYTES = 1 << 20  # input handed to one encoding process per task (whole documents)
 PENDING_PER_WORKER = 3  # tasks in flight per process: enough to keep it busy, bounded memory
 COPY_TOKENS = 1 << 22  # tokens read per step when importing a token file
 
@@ -120,24 +121,23 @@ class Encoding:
     options: ReadOptions = ReadOptions()
 
 
-def work_items(inputs: list[Input], enc: Encoding, counts: Counts, bar: tqdm) -> Iterator[list[str] | np.ndarray]:
-    """The inputs in order as batches of whole documents (about ENCODE_BATCH_CHARS each) to encode,
-    and chunks of token files (passed through as they are)."""
-    batch: list[str] = []
+def work_items(inputs: list[Input], enc: Encoding, bar: tqdm) -> Iterator[list[Raw] | np.ndarray]:
+    """The inputs in order as batches of raw pieces (about ENCODE_BATCH_BYTES each) to decode and
+    encode, and chunks of token files (passed through as they are)."""
+    batch: list[Raw] = []
     size = 0
     for inp in inputs:
         if inp.kind == TOKENS:
             if batch:
                 yield batch
                 batch, size = [], 0
-            for tokens in token_file_chunks(inp.path, enc):
-                yield tokens
+            yield from token_file_chunks(inp.path, enc)
             bar.update(inp.size)
             continue
-        for text in documents(inp, enc.options, counts):
-            batch.append(text)
-            size += len(text)
-            if size >= ENCODE_BATCH_CHARS:
+        for raw in raw_pieces(inp, enc.options):
+            batch.append(raw)
+            size += raw.size
+            if size >= ENCODE_BATCH_BYTES:
                 yield batch
                 batch, size = [], 0
         bar.update(inp.size)
@@ -145,13 +145,33 @@ def work_items(inputs: list[Input], enc: Encoding, counts: Counts, bar: tqdm) ->
         yield batch
 
 
-def encoded(items: Iterator[list[str] | np.ndarray], enc: Encoding) -> Iterator[np.ndarray]:
-    """Every item's tokens, in the items' order: document batches encoded (each document followed by
-    EOS) in this process (workers=1) or in `workers` processes, token chunks as they are."""
+def encode_pieces(pieces: list[Raw], options: ReadOptions, encode=None) -> tuple[np.ndarray, Decoded, int]:
+    """Decode the pieces and encode their documents, each followed by EOS: (tokens, what was decoded
+    without its texts, number of documents). `encode` is the tokenizer's encode_joined; by default the
+    encoding process's own (tokenizer.init_worker)."""
+    decoded = decode(pieces, options)
+    tokens = (encode or tok.encode_in_worker)(decoded.texts)
+    documents = len(decoded.texts)
+    decoded.texts = []  # not sent back: only the counts and the bad records are
+    return tokens, decoded, documents
+
+
+def encoded(items: Iterator[list[Raw] | np.ndarray], enc: Encoding, counts: Counts) -> Iterator[np.ndarray]:
+    """Every item's tokens, in the items' order: batches decoded and encoded in this process (workers=1)
+    or in `workers` processes, token chunks as they are. Bad records are counted, or raised, in order."""
+    def finish(result) -> np.ndarray:
+        tokens, decoded, documents = result
+        account(decoded, documents, enc.options, counts)
+        return tokens
+
     if enc.workers == 1 or enc.tokenizer is None:
+        dtype = DTYPES[enc.dtype]
         local = tok.Tokenizer(enc.tokenizer) if enc.tokenizer is not None else None
         for item in items:
-            yield item if isinstance(item, np.ndarray) else local.encode_joined(item, DTYPES[enc.dtype])
+            if isinstance(item, np.ndarray):
+                yield item
+            else:
+                yield finish(encode_pieces(item, enc.options, lambda texts: local.encode_joined(texts, dtype)))
         return
     methods = multiprocessing.get_all_start_methods()
     # fork starts in milliseconds and inherits the imports; spawn where there is no fork
@@ -161,22 +181,23 @@ def encoded(items: Iterator[list[str] | np.ndarray], enc: Encoding) -> Iterator[
                              initargs=(enc.tokenizer, DTYPES[enc.dtype])) as pool:
         try:
             for item in items:
-                pending.append(item if isinstance(item, np.ndarray) else pool.submit(tok.encode_in_worker, item))
+                pending.append(item if isinstance(item, np.ndarray) else
+                               pool.submit(encode_pieces, item, enc.options))
                 while len(pending) > PENDING_PER_WORKER * enc.workers:
-                    yield _result(pending.popleft())
+                    yield _result(pending.popleft(), finish)
             while pending:
-                yield _result(pending.popleft())
+                yield _result(pending.popleft(), finish)
         finally:
             for future in pending:  # an error upstream: do not encode what nobody will write
                 if not isinstance(future, np.ndarray):
                     future.cancel()
 
 
-def _result(item) -> np.ndarray:
+def _result(item, finish) -> np.ndarray:
     if isinstance(item, np.ndarray):
         return item
     try:
-        return item.result()
+        return finish(item.result())
     except BrokenProcessPool:
         raise DataError("an encoding process died (out of memory? try fewer --workers)") from None
 
@@ -238,7 +259,7 @@ def write_split(inputs: list[Input], enc: Encoding, directory: Path, split: str,
     with tqdm(total=sum(i.size for i in inputs), unit="B", unit_scale=True, desc=f"encoding {split}",
               disable=None, file=sys.stderr) as bar:
         try:
-            for tokens in encoded(work_items(inputs, enc, counts, bar), enc):
+            for tokens in encoded(work_items(inputs, enc, bar), enc, counts):
                 writer.write(tokens)
         finally:
             shards = writer.close()

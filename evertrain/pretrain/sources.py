@@ -17,14 +17,16 @@ Contract:
   A bad record (invalid JSON, not an object, field missing, null or not a string, text not UTF-8) is a
   `DataError` naming the file and line/row, or with `skip_bad` a count. A problem with a whole file
   (unreadable, the field is not a column, a column that is not text) is always an error.
+- The same in two halves for encoding processes: `raw_pieces` (reading only) in the parent,
+  `decode` where the documents are encoded, `account` (counts, the error) back in the parent, in order.
 - `select_part(inputs, i, n)`: the i-th of n contiguous slices of the inputs, balanced by bytes, so
   that parts prepared on n machines and appended in order give the tokens of one whole prepare.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import gzip
-import io
 import json
 import re
 import zlib
@@ -35,10 +37,12 @@ from typing import BinaryIO, Iterator
 from evertrain.pretrain.data import DataError
 
 TEXT, JSONL, PARQUET, ARROW, TOKENS = "text", "jsonl", "parquet", "arrow", "tokens"
+ROWS = "rows"  # a piece of a Parquet or Arrow input: a batch of its text column
 SUFFIXES = {".jsonl": JSONL, ".jsonl.gz": JSONL, ".jsonl.zst": JSONL, ".parquet": PARQUET,
             ".arrow": ARROW, ".bin": TOKENS, ".txt": TEXT}  # what a directory expands to
 HF_STATE, HF_DICT = "state.json", "dataset_dict.json"
 ARROW_BATCH_ROWS = 1024  # rows read from a parquet file per step
+JSONL_BLOCK_BYTES = 1 << 20  # JSONL is read in blocks of whole lines of about this size
 
 
 @dataclass(frozen=True)
@@ -165,40 +169,100 @@ def select_part(inputs: list[Input], index: int, parts: int) -> list[Input]:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+#
+# Reading is split in two so that the process reading the inputs does as little as possible per
+# byte: `raw_pieces` only reads (whole text files as bytes, JSONL as blocks of whole lines, Parquet
+# and Arrow as column batches), and `decode` (UTF-8, JSON, the field) runs where the documents are
+# encoded, in the encoding processes. `account` then turns bad records into the error or the count,
+# in input order, in the reading process.
 
-class BadRecord(Exception):
-    """One record that cannot be a document; `documents` turns it into a DataError or a count."""
+@dataclass(frozen=True)
+class Raw:
+    """A piece of one input as read, not yet decoded into documents."""
+    path: Path
+    kind: str  # TEXT (data: the file's bytes), JSONL (bytes of whole lines), ROWS (a pyarrow string array)
+    first: int  # number of the first line (JSONL, from 1) or row (ROWS, from 0)
+    data: object
+    size: int  # bytes, for batching
+
+
+@dataclass
+class Decoded:
+    """The documents of one or more pieces: texts (non-empty), how many were empty, and the bad
+    records in order as (where, why)."""
+    texts: list[str]
+    empty: int = 0
+    bad: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def documents(inp: Input, options: ReadOptions, counts: Counts) -> Iterator[str]:
-    readers = {TEXT: _text_documents, JSONL: _jsonl_documents, PARQUET: _parquet_documents,
-               ARROW: _arrow_documents}
+    """The input's documents in order (read and decoded in this process)."""
+    for raw in raw_pieces(inp, options):
+        decoded = decode([raw], options)
+        account(decoded, len(decoded.texts), options, counts)
+        yield from decoded.texts
+
+
+def account(decoded: Decoded, n_documents: int, options: ReadOptions, counts: Counts) -> None:
+    """Count what was decoded; the first bad record is an error unless options.skip_bad."""
+    if decoded.bad:
+        where, why = decoded.bad[0]
+        if not options.skip_bad:
+            raise DataError(f"{where}: {why} (--skip-bad skips such records)")
+        counts.bad += len(decoded.bad)
+        counts.first_bad = counts.first_bad or f"{where}: {why}"
+    counts.documents += n_documents
+    counts.empty += decoded.empty
+
+
+def raw_pieces(inp: Input, options: ReadOptions) -> Iterator[Raw]:
+    readers = {TEXT: _text_raw, JSONL: _jsonl_raw, PARQUET: _parquet_raw, ARROW: _arrow_raw}
     if inp.kind not in readers:
         raise DataError(f"{inp.path}: token files cannot be read as text")
-    for where, text in readers[inp.kind](inp.path, options):
-        if isinstance(text, BadRecord):
-            if not options.skip_bad:
-                raise DataError(f"{where}: {text} (--skip-bad skips such records)")
-            counts.bad += 1
-            counts.first_bad = counts.first_bad or f"{where}: {text}"
-        elif not text:
-            counts.empty += 1
-        else:
-            counts.documents += 1
-            yield text
+    return readers[inp.kind](inp.path, options)
 
 
-def _text_documents(path: Path, options: ReadOptions):
-    try:
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as written
-            text = f.read()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if options.split_docs is None:
-        yield path, text
-        return
-    for number, piece in enumerate(re.split(options.split_docs, text, flags=re.MULTILINE)):
-        yield f"{path} document {number}", piece
+def decode(pieces: list[Raw], options: ReadOptions) -> Decoded:
+    out = Decoded([])
+    for raw in pieces:
+        for where, text in _records(raw, options):
+            if isinstance(text, BadRecord):
+                out.bad.append((where, str(text)))
+            elif text:
+                out.texts.append(text)
+            else:
+                out.empty += 1
+    return out
+
+
+class BadRecord(str):
+    """Why a record cannot be a document (a str subclass, so it crosses processes as text)."""
+
+
+def _records(raw: Raw, options: ReadOptions) -> Iterator[tuple[str, str | BadRecord]]:
+    field = options.text_field
+    if raw.kind == TEXT:
+        try:
+            text = raw.data.decode("utf-8")  # bytes as stored: "\r\n" stays
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{raw.path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if options.split_docs is None:
+            yield str(raw.path), text
+            return
+        for number, piece in enumerate(re.split(options.split_docs, text, flags=re.MULTILINE)):
+            yield f"{raw.path} document {number}", piece
+    elif raw.kind == JSONL:
+        for number, line in enumerate(raw.data.split(b"\n"), start=raw.first):
+            if line.strip():  # blank lines (a trailing one, say) hold no record
+                yield f"{raw.path}:{number}", _record_text(line, field)
+    else:
+        for number, text in enumerate(raw.data.to_pylist(), start=raw.first):
+            yield f"{raw.path} row {number}", BadRecord(f"field '{field}' is null") if text is None else text
+
+
+def _text_raw(path: Path, options: ReadOptions) -> Iterator[Raw]:
+    data = path.read_bytes()
+    yield Raw(path, TEXT, 0, data, len(data))
 
 
 def _open_jsonl(path: Path) -> BinaryIO:
@@ -211,24 +275,34 @@ def _open_jsonl(path: Path) -> BinaryIO:
         except ImportError:
             raise DataError(f"{path}: reading .zst needs the `zstandard` package "
                             "(pip install 'evertrain[data]')") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
     return open(path, "rb")
 
 
-def _jsonl_documents(path: Path, options: ReadOptions):
-    field = options.text_field
+def _jsonl_raw(path: Path, options: ReadOptions) -> Iterator[Raw]:
+    """Blocks of about JSONL_BLOCK_BYTES that end after a newline, with the number of their first line."""
+    line = 1
+    rest = b""
     try:
         with _open_jsonl(path) as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue  # blank lines (a trailing one, say) hold no record
-                yield f"{path}:{number}", _record_text(line, field)
+            while True:
+                block = f.read(JSONL_BLOCK_BYTES)
+                if not block:
+                    break
+                block = rest + block
+                end = block.rfind(b"\n") + 1
+                rest = block[end:]
+                if end:
+                    yield Raw(path, JSONL, line, block[:end], end)
+                    line += block.count(b"\n", 0, end)
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read it ({exc})") from None
     except Exception as exc:
         if type(exc).__name__ == "ZstdError":
             raise DataError(f"{path}: cannot read it (zstd: {exc})") from None
         raise
+    if rest:  # a last line without a newline
+        yield Raw(path, JSONL, line, rest, len(rest))
 
 
 def _record_text(line: bytes, field: str) -> str | BadRecord:
@@ -268,28 +342,28 @@ def _text_column(path: Path, schema, field: str) -> None:
         raise DataError(f"{path}: column '{field}' is {kind}, not text")
 
 
-def _rows(path: Path, batches, field: str):
+def _column_pieces(path: Path, batches, field: str) -> Iterator[Raw]:
     row = 0
     for batch in batches:
-        for text in batch.column(field).to_pylist():
-            yield f"{path} row {row}", BadRecord(f"field '{field}' is null") if text is None else text
-            row += 1
+        column = batch.column(field)
+        yield Raw(path, ROWS, row, column, column.nbytes)
+        row += len(column)
 
 
-def _parquet_documents(path: Path, options: ReadOptions):
+def _parquet_raw(path: Path, options: ReadOptions) -> Iterator[Raw]:
     pa = _pyarrow(path)
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
         _text_column(path, parquet.schema_arrow, options.text_field)
-        yield from _rows(path, parquet.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[options.text_field]),
-                         options.text_field)
+        yield from _column_pieces(path, parquet.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[options.text_field]),
+                                  options.text_field)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def _arrow_documents(path: Path, options: ReadOptions):
+def _arrow_raw(path: Path, options: ReadOptions) -> Iterator[Raw]:
     pa = _pyarrow(path)
     try:
         source = pa.memory_map(str(path))
@@ -301,6 +375,6 @@ def _arrow_documents(path: Path, options: ReadOptions):
             reader = pa.ipc.open_file(source)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
         _text_column(path, reader.schema, options.text_field)
-        yield from _rows(path, batches, options.text_field)
+        yield from _column_pieces(path, batches, options.text_field)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Arrow file ({exc})") from None

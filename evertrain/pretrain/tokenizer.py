@@ -10,9 +10,8 @@ tokenizer; the caller joins documents with EOS. Ids of the specials:
   (that is how Hugging Face ships them), else the first special token of a known name
   (`</s>`, `<|endoftext|>`, `<|end_of_text|>`, `<eos>` / `<s>`, `<|begin_of_text|>`, `<bos>`).
 
-A tokenizer is built from its file's bytes (the bytes whose sha256 the manifest records), so a worker
-process can rebuild the same one from what the parent read. This module does not import torch: the
-encoding processes import only it.
+A tokenizer is built from its file's bytes (the bytes whose sha256 the manifest records), so an
+encoding process can rebuild the same one from what the parent read (init_worker).
 """
 from __future__ import annotations
 
