@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from evertrain.pretrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, first_line
 from evertrain.pretrain.checkpoint.store import CheckpointError
 
 DCP_METADATA = ".metadata"
@@ -69,10 +69,11 @@ class DcpState:
         # everything it touches (weights, moments, step count) is overwritten below.
         optim_sd = get_optimizer_state_dict(self.module, self.engine.optimizer)
         state = {"model": get_model_state_dict(self.module), "optim": optim_sd["state"]}
+        reader = SafeFileSystemReader(step_dir)  # never torch's own: it unpickles without an allow-list
         try:
-            dcp.load(state, checkpoint_id=str(step_dir), **self._dcp_args())
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), **self._dcp_args())
         except dcp.CheckpointException as exc:
-            raise CheckpointError(f"{step_dir}: cannot load: {_first_line(exc)}") from None
+            raise CheckpointError(f"{step_dir}: cannot load: {first_line(exc)}") from None
         set_model_state_dict(self.module, state["model"])
         # param_groups (hyperparameters) come from this run's config, never from the checkpoint
         set_optimizer_state_dict(self.module, self.engine.optimizer,
@@ -108,11 +109,11 @@ def load_full_into_module(module: torch.nn.Module, optimizer: torch.optim.Optimi
 def read_full_state(step_dir: Path) -> dict:
     """The whole DCP checkpoint in this process as full CPU tensors:
     {"model": {name: tensor}, "optim": {name: {"exp_avg": tensor, "exp_avg_sq": tensor}}}."""
-    reader = FileSystemReader(str(step_dir))
-    metadata = reader.read_metadata()
+    reader = SafeFileSystemReader(step_dir)
+    metadata = reader.metadata
     flat = {key: torch.empty(item.size, dtype=item.properties.dtype)
             for key, item in metadata.state_dict_metadata.items() if isinstance(item, TensorStorageMetadata)}
-    dcp.load(flat, storage_reader=reader, no_dist=True)
+    dcp.load(flat, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     full: dict = {"model": {}, "optim": {}}
     for key, tensor in flat.items():
         path = metadata.planner_data[key]  # the nested path DCP flattened, e.g. ("optim", name, "exp_avg")
@@ -122,7 +123,3 @@ def read_full_state(step_dir: Path) -> dict:
             full["optim"].setdefault(path[1], {})[path[2]] = tensor
     return full
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__

@@ -38,6 +38,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from evertrain.pretrain.checkpoint.dcp import reusable_stager
+from evertrain.pretrain.checkpoint.safe_load import weights_only_loads
 from evertrain.pretrain.checkpoint.store import CheckpointError
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
@@ -47,13 +48,13 @@ RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 CONVERTIBLE_STAGES = (1, 2)
 UNIVERSAL = "universal"  # the tag (subdir) a conversion is written to
 # The non-tensor objects DeepSpeed pickles into its ZeRO files; allowed explicitly so that every
-# load stays weights_only=True.
+# load stays weights_only=True, ours and DeepSpeed's own (through safe_load.weights_only_loads).
 DEEPSPEED_SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def load_trusted(path: str | Path, map_location=None):
     """torch.load of a DeepSpeed checkpoint file, weights_only with DeepSpeed's few plain classes."""
-    with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+    with weights_only_loads(path, DEEPSPEED_SAFE_GLOBALS):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -132,8 +133,9 @@ class DeepSpeedState:
 
     def load(self, step_dir: Path) -> None:
         """Native load: same world size and ZeRO stage as the checkpoint."""
-        path, _ = self.ds.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+        with weights_only_loads(step_dir, DEEPSPEED_SAFE_GLOBALS):
+            path, _ = self.ds.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"{step_dir}: DeepSpeed found no checkpoint to load")
 
@@ -186,8 +188,9 @@ class DeepSpeedState:
     def _load_universal(self, work: Path, source: Path) -> None:
         try:
             self.ds._config.load_universal_checkpoint = True  # what `checkpoint.load_universal` sets
-            path, _ = self.ds.load_checkpoint(str(work), tag=UNIVERSAL, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+            with weights_only_loads(source, DEEPSPEED_SAFE_GLOBALS):
+                path, _ = self.ds.load_checkpoint(str(work), tag=UNIVERSAL, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
         finally:
             self.ds._config.load_universal_checkpoint = False
         self.engine.barrier()  # everyone has read it
@@ -222,8 +225,11 @@ def convert_to_universal(step_dir: Path, work: Path) -> Path:
     args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(universal), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads(step_dir, DEEPSPEED_SAFE_GLOBALS):
             ds_to_universal.main(args)
+    except CheckpointError:
+        shutil.rmtree(universal, ignore_errors=True)
+        raise
     except Exception as exc:
         shutil.rmtree(universal, ignore_errors=True)
         raise CheckpointError(f"{step_dir}: ds_to_universal failed: {exc}".splitlines()[0]) from exc
@@ -240,7 +246,7 @@ def read_full_state(step_dir: Path, zero_stage: int) -> dict:
     if zero_stage not in CONVERTIBLE_STAGES:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads(step_dir, DEEPSPEED_SAFE_GLOBALS):
             model = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
         return {"model": dict(model), "optim": {}}
     with tempfile.TemporaryDirectory(prefix="evertrain-universal-") as scratch:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import secrets
 import time
@@ -38,6 +39,7 @@ import evertrain
 from evertrain.pretrain.checkpoint import retention
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import apply_retention, is_pinned, pin, unpin
+from evertrain.pretrain.checkpoint.safe_load import first_line
 from evertrain.pretrain.checkpoint.store import CheckpointError, latest_checkpoint, read_meta
 from evertrain.pretrain.config import Config, config_hash, model_hash, model_shape, to_dict
 
@@ -206,7 +208,11 @@ class CheckpointManager:
         self.engine.optimizer.set_step(meta["step"])
         own = step_dir / f"train_state.{self.engine.rank}.pt"
         if meta["world_size"] == self.engine.world_size and meta["engine"] == self.engine.name and own.is_file():
-            set_rng_state(torch.load(own, weights_only=True)["rng"])
+            try:
+                state = torch.load(own, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{own}: refused: {first_line(exc)}") from None
+            set_rng_state(state["rng"])
 
 
 def load_consolidated(step_dir: str | Path, verify: bool = True) -> dict:
