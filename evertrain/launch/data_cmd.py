@@ -40,7 +40,8 @@ def run_append(args: argparse.Namespace) -> int:
     manifest = append(args.data, args.files, val=args.val, tokenizer=args.tokenizer, workers=args.workers,
                       shard_tokens=args.shard_tokens, source=args.source, weight=args.weight, counts=counts,
                       **reading(args))
-    print(f"appended to {describe(manifest)}; read {counts.summary()}")
+    read = f"; read {counts.summary()}" if counts.documents or counts.empty or counts.bad else ""  # not for .bin only
+    print(f"appended to {describe(manifest)}{read}")
     return 0
 
 
