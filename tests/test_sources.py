@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from evertrain.launch import cli
 from evertrain.pretrain.data import DataError, load_manifest
@@ -94,6 +95,11 @@ def test_a_jsonl_of_n_records_is_n_documents(tiny_data, corpus, tmp_path):
     assert (tokens == manifest.eos_id).sum() == 47 and tokens[-1] == manifest.eos_id
     jsonl = prepare([corpus / "a.jsonl"], tmp_path / "jsonl", tokenizer=tiny_data / "tokenizer.model")
     assert (np.fromfile(tmp_path / "jsonl" / jsonl.train[0].file, dtype="<u2") == jsonl.eos_id).sum() == 10
+    trained = prepare([corpus / "a.jsonl"], tmp_path / "trained", 300)  # the tokenizer trains on the records' text
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "trained" / "tokenizer.model"))
+    assert any("lorem" in sp.id_to_piece(i) for i in range(sp.vocab_size())) and not any(
+        '"text"' in sp.id_to_piece(i) for i in range(sp.vocab_size()))
+    assert trained.vocab_size == 300
 
 
 BAD_JSONL = {
