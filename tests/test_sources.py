@@ -189,3 +189,22 @@ def test_cli_reads_jsonl_with_a_field_and_reports_counts(tiny_data, tmp_path, ca
     out = capsys.readouterr().out
     assert "read 5 documents, 1 empty skipped, 1 bad records skipped (first: " in out and "in.jsonl:6: invalid JSON" in out
     assert load_manifest(tmp_path / "out", verify_checksums=True).version == 1
+
+
+def test_real_datasets_save_to_disk_and_cache_files(tmp_path):
+    """The same readers on what the `datasets` library itself writes (when it is installed)."""
+    datasets = pytest.importorskip("datasets")
+    texts = RECORDS[:9] + ["", "crlf\r\nkept"]
+    dataset = datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))})
+    dataset.save_to_disk(str(tmp_path / "saved"), num_shards=3)
+    counts = Counts()
+    assert read_all([tmp_path / "saved"], counts=counts) == RECORDS[:9] + ["crlf\r\nkept"]
+    assert (counts.documents, counts.empty) == (10, 1)
+    datasets.DatasetDict({"train": dataset, "test": dataset}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match="a Hugging Face DatasetDict; give one split's directory"):
+        read_all([tmp_path / "dict"])
+    assert read_all([tmp_path / "dict" / "test"]) == RECORDS[:9] + ["crlf\r\nkept"]
+    (tmp_path / "x.jsonl").write_bytes(jsonl_bytes(RECORDS[:4]))
+    cached = datasets.load_dataset("json", data_files=str(tmp_path / "x.jsonl"), split="train",
+                                   cache_dir=str(tmp_path / "cache"))
+    assert read_all([f["filename"] for f in cached.cache_files]) == RECORDS[:4]  # an offline cache's .arrow files
