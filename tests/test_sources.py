@@ -157,6 +157,12 @@ def test_bad_files_are_one_clear_error(tiny_data, corpus, tmp_path):
     (dataset_dict / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
     refused([dataset_dict], "dd: a Hugging Face DatasetDict; give one split's directory .*dd/train")
     refused([corpus / "f.txt"], r"--split-docs '\(': not a regular expression", split_docs="(")
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    refused([tmp_path / "latin1.txt"], r"latin1.txt: not UTF-8 text \(invalid continuation byte at byte 3\)")
+    counts = Counts()
+    prepare([corpus / "f.txt", tmp_path / "latin1.txt"], tmp_path / "out", tokenizer=tiny_data / "tokenizer.model",
+            skip_bad=True, counts=counts)
+    assert (counts.documents, counts.bad) == (1, 1)
 
 
 def test_part_slices_are_contiguous_balanced_and_cover_everything(tiny_data, tiny_slices, tmp_path):

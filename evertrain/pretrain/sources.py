@@ -244,8 +244,9 @@ def _records(raw: Raw, options: ReadOptions) -> Iterator[tuple[str, str | BadRec
     if raw.kind == TEXT:
         try:
             text = raw.data.decode("utf-8")  # bytes as stored: "\r\n" stays
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{raw.path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except UnicodeDecodeError as exc:  # the file is the record: --skip-bad skips it
+            yield str(raw.path), BadRecord(f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+            return
         if options.split_docs is None:
             yield str(raw.path), text
             return
