@@ -237,21 +237,22 @@ def test_cli_append(data, new_text, capsys, monkeypatch):
 
 # pretrain.py with every window it trains on recorded: (cursor before the batch, manifest version,
 # a digest of each window), one JSON line per batch, flushed so a SIGKILL loses nothing written.
+# Recorded where the loop takes a batch, not where the stream reads it: batches are read ahead.
 RECORD_WINDOWS = """
 import hashlib, json, runpy, sys
-from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.prefetch import Prefetcher
 
 log = open(sys.argv[1], "a", buffering=1)
 log.write(json.dumps({"start": True}) + "\\n")
-next_batch = TokenStream.next_batch
+next_batch = Prefetcher.next_batch
 
-def recorded(self, *args, **kwargs):
-    cursor, batch = self.cursor, next_batch(self, *args, **kwargs)
+def recorded(self):
+    cursor, batch = self.state_dict()["cursor"], next_batch(self)
     digests = [hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in batch]
     log.write(json.dumps({"cursor": cursor, "version": self.manifest_version, "windows": digests}) + "\\n")
     return batch
 
-TokenStream.next_batch = recorded
+Prefetcher.next_batch = recorded
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

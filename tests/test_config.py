@@ -49,6 +49,7 @@ def test_model_hash_tracks_shape_only():
     (["optim.betas=[0.9,1.0]"], "optim.betas[1]"),
     (["optim.betas=[0.9]"], "optim.betas"),
     (["optim.decay=cosine"], "optim.horizon"),
+    (["data.prefetch=-1"], "data.prefetch"),
     (["optim.decay=exp"], "optim.decay"),
     (["engine.zero_stage=4"], "engine.zero_stage"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last"),

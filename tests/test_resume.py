@@ -43,6 +43,25 @@ checkpoint_store.commit = commit_or_hang
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+# Runs pretrain.py with the stream's read position logged (one line per batch read, in the prefetch
+# worker): how far the input pipeline has read ahead of the step being trained.
+LOG_READS = """
+import runpy, sys
+from evertrain.pretrain.data import TokenStream
+
+reads = open(sys.argv[1], "a", buffering=1)
+sys.argv = sys.argv[2:]
+next_batch = TokenStream.next_batch
+
+def logged(self, *args, **kwargs):
+    batch = next_batch(self, *args, **kwargs)
+    reads.write(f"{self.state_dict()['cursor']}\\n")
+    return batch
+
+TokenStream.next_batch = logged
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
 
 def env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -221,6 +240,36 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint(tiny_data, tmp_path, re
     assert_resumed(run_dir, reference.dir, 4, resumed_at)
     assert not half_saved.exists()  # swept by the resumed run's first save
     assert (run_dir / "checkpoints" / "step_000000008" / "meta.json").is_file()
+
+
+def test_sigkill_with_batches_in_flight_resumes_bitwise(tiny_data, tmp_path, reference):
+    """Killed while the prefetch worker holds batches it has read but the loop has not trained: the
+    checkpoint counts only trained batches, so the resumed run trains exactly the windows it would have."""
+    run_dir, reads = tmp_path / "run", tmp_path / "reads.txt"
+    wrapper = tmp_path / "log_reads.py"
+    wrapper.write_text(LOG_READS)
+    cmd = command("single", 1, tiny_data, run_dir, "train.max_steps=null", "data.prefetch=4")
+    log = tmp_path / "stderr.txt"
+
+    def read_batches() -> int:
+        lines = reads.read_text().split() if reads.is_file() else []
+        return int(lines[-1]) // 8 if lines else 0
+
+    victim = start([cmd[0], str(wrapper), str(reads), *cmd[1:]], log)
+    try:  # past a checkpoint, with >= 2 batches read beyond the one being trained
+        wait_for(lambda: (run_dir / "checkpoints" / "LATEST").is_file() and read_batches() >= logged_step(run_dir) + 3,
+                 victim, log, "batches in flight after a checkpoint")
+    finally:
+        victim.kill()
+        victim.wait()
+    assert read_batches() > logged_step(run_dir) + 1  # still held in flight when killed
+    resume_from = int(latest(run_dir).removeprefix("step_"))
+    meta = json.loads((run_dir / "checkpoints" / latest(run_dir) / "meta.json").read_text())
+    assert meta["data"]["cursor"] == resume_from * 8  # trained windows only, not the read-ahead
+
+    run(command("single", 1, tiny_data, run_dir, f"train.max_steps={REFERENCE_STEPS}"))
+    assert_same_losses(run_dir, reference, after=0)
+    assert max(step for step, _ in losses(run_dir)) == REFERENCE_STEPS
 
 
 # -- reshard 2 -> 1 -> 2 on each distributed engine, and across engines ----------------------------

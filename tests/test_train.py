@@ -159,13 +159,13 @@ def test_sigterm_finishes_the_step_and_checkpoints(tiny_data, tmp_path, monkeypa
     cfg = tiny_config(tiny_data, "train.max_steps=null", "train.log_every=10", "eval.every_steps=0",
                       "checkpoint.every_steps=0")
     engine, stream = engine_and_stream(cfg)
-    next_batch, calls = stream.next_batch, {"n": 0}
-    def signalling_next_batch(*args, **kwargs):
+    train_step, calls = engine.train_step, {"n": 0}
+    def signalling_train_step(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of step 3
-        return next_batch(*args, **kwargs)
-    monkeypatch.setattr(stream, "next_batch", signalling_next_batch)
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(engine, "train_step", signalling_train_step)
     ckpt = FakeCheckpoints()
     previous_handler = signal.getsignal(signal.SIGTERM)
 

@@ -48,6 +48,7 @@ NOT_SHAPE = frozenset({"init_from"})
 @dataclass
 class DataConfig:
     path: str = "data/shakespeare"
+    prefetch: int = 2  # batches read ahead by a background thread (pinned, copied on a side stream); 0 = none
 
 
 @dataclass
@@ -255,6 +256,8 @@ def validate(cfg: Config) -> None:
                        ("eval.every_steps", e.every_steps)]:
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.data.prefetch < 0:
+        raise ConfigError(f"data.prefetch: must be >= 0 (0 reads in the training thread), got {cfg.data.prefetch}")
     if c.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):

@@ -1,10 +1,12 @@
 """The training loop, the same for every engine and for forked cooldowns.
 
-    batch -> engine.train_step (micro-batches, clip, step) -> [log step: one host sync, metrics]
+    batch (read ahead: prefetch.py) -> engine.train_step (micro-batches, clip, step) -> [log step: one host sync, metrics]
           -> [eval step] -> [checkpoint step: refresh data, save] -> stop?
 
 Steady-state steps never wait for the device: losses are summed on device and pulled to the host
-only on log steps, and the stop decision is a vote on CPU tensors (distributed.StopVote).
+only on log steps, and the stop decision is a vote on CPU tensors (distributed.StopVote). Batches come
+from a prefetch.Prefetcher over the stream: read ahead in a background thread, already on the device,
+and checkpoints save the position of the last batch trained, not of the last one read.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from evertrain.pretrain.distributed import StopVote
 from evertrain.pretrain.engines.base import Engine
 from evertrain.pretrain.evaluate import evaluate, load_val_batches
 from evertrain.pretrain.metrics import Metrics
+from evertrain.pretrain.prefetch import Prefetcher
 
 
 def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, start: dict | None = None) -> int:
@@ -38,10 +41,12 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     window = LogWindow(engine, tokens)
     vote = StopVote(engine.world_size)
     saved = None
+    batches = Prefetcher(stream, global_windows, engine.rank, engine.world_size, depth=cfg.data.prefetch,
+                         device=engine.device, limit=None if t.max_steps is None else max(t.max_steps - step, 0))
     try:
         with StopSignals() as signals:
             while t.max_steps is None or step < t.max_steps:
-                batch = stream.next_batch(global_windows, engine.rank, engine.world_size)
+                batch = batches.next_batch()
                 loss, grad_norm = engine.train_step(list(batch.split(t.micro_batch_size)))
                 step, tokens = step + 1, tokens + tokens_per_step
                 window.add(loss)
@@ -49,13 +54,13 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                 stop = vote(signals.received) or step == t.max_steps
                 log_now = stop or step % t.log_every == 0
                 if log_now:
-                    metrics.write(window.record(step, tokens, grad_norm, stream.manifest_version))
+                    metrics.write(window.record(step, tokens, grad_norm, batches.manifest_version))
                 if eval_every and step % eval_every == 0:
                     metrics.write({"kind": "eval", "step": step, "tokens": tokens,
                                    "val_loss": evaluate(engine, val)["val_loss"]})
                 if ckpt is not None and (stop or (ckpt_every and step % ckpt_every == 0)):
-                    refresh_data(stream, engine)  # appended shards join the stream and the saved state
-                    ckpt.save(step, {"tokens": tokens, "data": stream.state_dict()})
+                    refresh_data(batches, engine)  # appended shards join after this step (prefetch.py)
+                    ckpt.save(step, {"tokens": tokens, "data": batches.state_dict()})
                     saved = step
                 if log_now:
                     window.restart(tokens)  # eval and checkpoint time is not training throughput
@@ -66,6 +71,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
             ckpt.wait()  # committed: the closing line may name it
         reason = f"train.max_steps={t.max_steps}" if step == t.max_steps else "stop signal"
     finally:
+        batches.close()
         metrics.close()
     metrics.console.say(closing_line(step, reason, saved, run_dir))
     return step
