@@ -7,6 +7,8 @@ goes to runs/NAME/cooldowns/from_<s0>_<shape>_<c>/:
   fork.json (what the fork is), config.yaml, metrics.jsonl, checkpoints/ (its own, so a killed fork
   resumes), final/ (the weights, a checkpoint-format step dir that load_consolidated and
   `evertrain export hf --cooldown` read), result.json (written last: a fork with result.json is done).
+With --eval-cmd / --lm-eval-tasks, evaluation hooks (evals.py) run on final/ exported as a Hugging
+Face directory before result.json is written, and their metrics go into it under "evals".
 The only thing it writes into the main run is its lease in the source checkpoint's pins/.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from evertrain.errors import EvertrainError
+from evertrain.launch.evals import EvalHooks, hooks_from_args, run_hooks
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError
@@ -173,6 +176,7 @@ def run_fork(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if args.eval_batches is not None and args.eval_batches <= 0:
         raise ForkError(f"--eval-batches: must be > 0, got {args.eval_batches}")
+    hooks = hooks_from_args(args)
     try:
         step, source = resolve_checkpoint(run_dir, args.step)
     except ForkError:
@@ -182,11 +186,13 @@ def run_fork(args: argparse.Namespace) -> int:
     cooldown_steps = cooldown_length(step, args.cooldown_steps, args.cooldown_fraction)
     out = run_dir / "cooldowns" / cooldown_dir_name(step, args.shape, cooldown_steps)
     if (result := read_result(out)) is not None:
+        if hooks and "evals" not in result and rank_and_world()[0] == 0:  # evals for a fork done without them
+            return write_result(out, result, hooks)
         print(f"fork: {out} is done already: val_loss {result['val_loss']:.4f}")
         return 0
     rank = rank_and_world()[0]
     if rank != 0:  # rank 0 holds the lock and the lease for the whole process group
-        return cool_down(args, run_dir, out, step, cooldown_steps, source)
+        return cool_down(args, run_dir, out, step, cooldown_steps, source, hooks)
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out / "fork.lock")
     try:
@@ -196,7 +202,7 @@ def run_fork(args: argparse.Namespace) -> int:
     lease = None
     try:
         lease = Lease(source, f"fork.{out.name}") if source is not None else None
-        return cool_down(args, run_dir, out, step, cooldown_steps, source)
+        return cool_down(args, run_dir, out, step, cooldown_steps, source, hooks)
     finally:
         if lease is not None:
             lease.release()
@@ -214,8 +220,10 @@ def resumable_without_source(run_dir: Path, args: argparse.Namespace) -> tuple[i
     return (step, None) if store.complete_checkpoints(out / "checkpoints") else None
 
 
-def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, source: Path | None) -> int:
-    """Train steps step+1 .. step+cooldown_steps under the cooldown overlay, evaluate, publish."""
+def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, source: Path | None,
+              hooks: EvalHooks = EvalHooks()) -> int:
+    """Train steps step+1 .. step+cooldown_steps under the cooldown overlay, evaluate, publish, run the
+    eval hooks (rank 0, after the engine is closed), write result.json."""
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
     from evertrain.pretrain.data import TokenStream
@@ -229,7 +237,7 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
     cfg = fork_config(run_dir, out, end_step, spec["global_windows"], world_size, args)
     schedule = Schedule.from_config(cfg.optim, cooldown=Cooldown(step, cooldown_steps, args.shape))
     engine = engines.create(cfg, schedule, launcher=detect_launcher(os.environ, args.local_rank))
-    ckpt = None
+    ckpt = result = None
     try:
         if engine.is_main:
             store.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
@@ -253,15 +261,37 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
             publish_final(out, last_dir)
             result = {"from_step": step, "cooldown_steps": cooldown_steps, "shape": args.shape, "tokens": tokens,
                       "val_loss": scores["val_loss"], "val_ppl": scores["val_ppl"]}
-            store.atomic_write_text(out / "result.json", json.dumps(result, indent=1))
-            shutil.rmtree(out / "checkpoints")  # final/ holds the last state; result.json marks it done
-            print(f"fork: val_loss {scores['val_loss']:.4f} (ppl {scores['val_ppl']:.2f}) at {tokens} tokens "
-                  f"-> {out / 'result.json'}", flush=True)
-        return 0
     finally:
         if ckpt is not None:
             ckpt.close()
         engine.close()
+    if result is None:  # not the main rank
+        return 0
+    if hooks:  # the hooks' processes get the device to themselves: drop the model and the cached blocks
+        import gc
+
+        import torch
+
+        del engine, ckpt
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return write_result(out, result, hooks, cfg)
+
+
+def write_result(out: Path, result: dict, hooks: EvalHooks, cfg: Config | None = None) -> int:
+    """Run the eval hooks on final/ (their metrics go under "evals"), then write result.json, which marks
+    the fork done; its own checkpoints go (final/ holds the last state). A failing hook raises first."""
+    if hooks:
+        cfg = cfg or load_config(out / "config.yaml")
+        print(f"fork: running eval hooks on {out / 'final'} (log: {out / 'eval.log'})", flush=True)
+        result = {**result, "evals": run_hooks(hooks, out, out / "final", cfg)}
+    store.atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    evals = f", evals {json.dumps(result['evals'])}" if "evals" in result else ""
+    print(f"fork: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}) at {result['tokens']} tokens"
+          f"{evals} -> {out / 'result.json'}", flush=True)
+    return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -275,9 +305,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, help="validation batches for the final eval (default: eval.batches)")
     p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
                    help="engine for the fork (default: the run's engine.name)")
+    add_eval_arguments(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
     p.set_defaults(func=run_fork)
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The post-fork evaluation hooks (evals.py); the forker passes them on to every fork."""
+    p.add_argument("--eval-cmd", help='after the cooldown, run "CMD {hf_dir} {out_json}" on the fork exported to '
+                                      "Hugging Face format; the JSON object it writes goes into result.json evals")
+    p.add_argument("--lm-eval-tasks", help="after the cooldown, run lm-evaluation-harness on these tasks: T1,T2 "
+                                           "(needs `pip install evertrain[eval]`)")
+    p.add_argument("--lm-eval-include", help="directory of extra lm-eval task YAMLs (lm_eval --include_path)")
+    p.add_argument("--lm-eval-limit", type=int, help="lm-eval examples per task (a quick look)")
 
 
 def register(subparsers) -> None:

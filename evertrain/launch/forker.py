@@ -30,7 +30,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from evertrain.errors import EvertrainError
-from evertrain.launch.fork import cooldown_dir_name, read_result
+from evertrain.launch.evals import EvalHooks, hooks_from_args
+from evertrain.launch.fork import add_eval_arguments, cooldown_dir_name, read_result
 from evertrain.launch.nodes import Pool, Slot, parse_pool
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
@@ -79,6 +80,7 @@ class ForkerOptions:
     eval_batches: int | None = None
     engine: str | None = None
     wait_s: float = 600.0  # how long to wait for a run dir that does not exist yet; 0 = not at all
+    hooks: EvalHooks = EvalHooks()  # post-fork evaluation hooks, passed on to every fork
 
 
 # -- state.json ----------------------------------------------------------------------------------
@@ -314,6 +316,7 @@ class Forker:
             args += ["--eval-batches", str(self.options.eval_batches)]
         if self.options.engine is not None:
             args += ["--engine", self.options.engine]
+        args += self.options.hooks.argv()
         command = self.pool.command(slot, self.fork_module, args)
         self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
         # the launch is on disk before the process exists: a forker killed in between leaves a
@@ -408,7 +411,7 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
     return ForkerOptions(run_dir=run_dir, cooldown_fraction=args.cooldown_fraction, every=args.every,
                          at=args.at, shape=args.shape, max_retries=args.max_retries, poll_s=args.poll_s,
                          until_step=args.until_step, once=args.once, eval_batches=args.eval_batches,
-                         engine=args.engine, wait_s=args.wait_s)
+                         engine=args.engine, wait_s=args.wait_s, hooks=hooks_from_args(args))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -437,6 +440,7 @@ def register(subparsers) -> None:
                         "beside a new run (default 600; 0 = it must exist)")
     p.add_argument("--eval-batches", type=int, help="passed to each fork")
     p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"), help="passed to each fork")
+    add_eval_arguments(p)  # passed to each fork
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--until-step", type=int, help="exit once the run has a checkpoint at or past S "
                                                      "and every fork has finished")

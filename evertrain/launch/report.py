@@ -340,6 +340,8 @@ def run_report(args: argparse.Namespace) -> int:
         raise ReportError(f"--out {out}: must be a .png file")
     report = load_run(run_dir)
     console = Console()
+    if not console.is_terminal:  # into a log or a pipe: wide enough for every eval column, never squeezed
+        console = Console(width=200)
     for table in tables(report):
         console.print(table)
     result = fit_cooldowns(report.cooldowns)
