@@ -1,5 +1,8 @@
 """The `evertrain` command. Each subcommand lives in its own module with `register(subparsers)`.
 
+Only the module of the command being run is imported, and command modules import torch only once
+they do work that needs it, so `evertrain --help`, `evertrain --version` and `evertrain CMD --help`
+answer at once (bench/cli_startup.py measures it; docs/performance.md has the figure).
 Errors a user can cause (`EvertrainError`) print one line and exit 2; nothing else is caught.
 """
 from __future__ import annotations
@@ -8,27 +11,38 @@ import argparse
 import importlib
 import sys
 
+import evertrain
 from evertrain.errors import EvertrainError
 
-# module path -> it registers one top-level subcommand (some with their own sub-subcommands)
-COMMAND_MODULES = (
-    "evertrain.launch.data_cmd",  # evertrain data prepare|append
-    "evertrain.launch.fork",  # evertrain fork
-    "evertrain.launch.forker",  # evertrain forker
-    "evertrain.launch.report",  # evertrain report
-    "evertrain.launch.export",  # evertrain export hf
-    "evertrain.launch.sweep",  # evertrain sweep (the horizon experiment)
-)
+# command -> (the module that registers it, its one-line help for `evertrain --help`)
+COMMANDS = {
+    "data": ("evertrain.launch.data_cmd", "prepare or grow a tokenized data dir"),
+    "fork": ("evertrain.launch.fork", "cool a checkpoint down on the side and evaluate it"),
+    "forker": ("evertrain.launch.forker", "fork a cooldown from each new checkpoint of a live run"),
+    "report": ("evertrain.launch.report", "checkpoints, cooldown results, plot and 'should we keep going?'"),
+    "export": ("evertrain.launch.export_cmd", "export a checkpoint to another format"),
+    "sweep": ("evertrain.launch.sweep", "rsqrt/constant + forked cooldowns vs cosine at several horizons"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evertrain", description=__doc__.splitlines()[0])
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the top level takes no option with a value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser of `command` (all of them when None); the others only list their help line."""
+    parser = argparse.ArgumentParser(prog="evertrain", description=evertrain.__doc__)
+    parser.add_argument("--version", action="version", version=f"evertrain {evertrain.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name, (module_name, help_line) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_line, add_help=False)  # never parsed: its module is not loaded
+            continue
         try:
-            module = importlib.import_module(name)
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # a command not built yet in this checkout
+            if exc.name == module_name:  # a command not built yet in this checkout
                 continue
             raise
         module.register(sub)
@@ -36,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = chosen_command(argv)
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except EvertrainError as exc:

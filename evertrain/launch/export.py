@@ -8,11 +8,11 @@ The output directory loads offline with `LlamaForCausalLM.from_pretrained(DIR)` 
   tokenizer.model         our SentencePiece model, unchanged
   tokenizer_config.json   PreTrainedTokenizerFast, no BOS/EOS added: encodes exactly like our data prep
   tokenizer.json          the same tokenizer for the `tokenizers` library (when transformers is installed)
-It is written into a temporary sibling directory and renamed into place when complete.
+It is written into a temporary sibling directory and renamed into place when complete. The command
+itself (which checkpoint, which tokenizer) is export_cmd.py.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,10 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from evertrain.errors import EvertrainError
-from evertrain.launch.fork import resolve_checkpoint
-from evertrain.pretrain.checkpoint import check_model, load_consolidated, read_meta
-from evertrain.pretrain.config import NOT_SHAPE, ModelConfig, load_config
-from evertrain.pretrain.data import MANIFEST, load_manifest
+from evertrain.pretrain.config import NOT_SHAPE, ModelConfig
 from evertrain.pretrain.hf_llama import expected_shapes, hf_name, llama_config
 
 
@@ -142,63 +139,3 @@ def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, toke
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-# -- the command ----------------------------------------------------------------------------------
-
-def resolve_source(run_dir: Path, step: str | None, cooldown: str | None) -> tuple[Path, Path]:
-    """-> (checkpoint step dir holding the weights, config.yaml describing them)."""
-    if step is not None:
-        _, step_dir = resolve_checkpoint(run_dir, step)
-        return step_dir, run_dir / "config.yaml"
-    cooldown_dir = Path(cooldown)
-    if not cooldown_dir.is_dir() and (run_dir / "cooldowns" / cooldown).is_dir():
-        cooldown_dir = run_dir / "cooldowns" / cooldown  # a bare cooldown name inside the run
-    if not (cooldown_dir / "final" / "meta.json").is_file():
-        raise ExportError(f"--cooldown {cooldown}: no finished cooldown there (no final/meta.json)")
-    config = cooldown_dir / "config.yaml"
-    return cooldown_dir / "final", config if config.is_file() else run_dir / "config.yaml"
-
-
-def tokenizer_from_manifest(data_path: str, config_path: Path) -> tuple[Path, int | None, int | None]:
-    """The data dir's tokenizer model and its bos/eos ids, as its manifest records them."""
-    if not (Path(data_path) / MANIFEST).is_file():
-        raise ExportError(f"data.path={data_path} (from {config_path}): no {MANIFEST} there; "
-                          "pass --tokenizer PATH/tokenizer.model")
-    manifest = load_manifest(data_path)
-    return Path(data_path) / manifest.tokenizer["path"], manifest.bos_id, manifest.eos_id
-
-
-def run_export(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run)
-    if not (run_dir / "config.yaml").is_file():
-        raise ExportError(f"--run {run_dir}: not a run directory (no config.yaml)")
-    if Path(args.out).exists():  # export_hf checks too; this is before reading gigabytes of weights
-        raise ExportError(f"--out {args.out}: already exists; choose a new directory")
-    step_dir, config_path = resolve_source(run_dir, args.step, args.cooldown)
-    cfg = load_config(config_path)
-    if args.tokenizer:
-        tokenizer, bos_id, eos_id = Path(args.tokenizer), None, None
-    else:
-        tokenizer, bos_id, eos_id = tokenizer_from_manifest(cfg.data.path, config_path)
-    check_model(step_dir, read_meta(step_dir), cfg)
-    state = load_consolidated(step_dir)["model"]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    out = export_hf(state, cfg.model, tokenizer, args.out, bos_id=bos_id, eos_id=eos_id, dtype=dtype)
-    print(f"exported {step_dir} -> {out}")
-    return 0
-
-
-def register(subparsers) -> None:
-    export = subparsers.add_parser("export", help="export a checkpoint to another format")
-    formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    hf = formats.add_parser("hf", help="as a Hugging Face Llama checkpoint (safetensors + tokenizer)",
-                            description=__doc__.splitlines()[0])
-    hf.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
-    source = hf.add_mutually_exclusive_group(required=True)
-    source.add_argument("--step", help="checkpoint step of the run, or 'latest'")
-    source.add_argument("--cooldown", help="cooldown directory (or its name under RUN/cooldowns/)")
-    hf.add_argument("--out", required=True, help="output directory (must not exist)")
-    hf.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype to write")
-    hf.add_argument("--tokenizer", help="SentencePiece model to ship (default: the run's data manifest's)")
-    hf.set_defaults(func=run_export)

@@ -28,9 +28,7 @@ from evertrain.launch.evals import EvalHooks, hooks_from_args, run_hooks
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError
-from evertrain.pretrain.config import Config, dump_yaml, load_config
-from evertrain.pretrain.distributed import rank_and_world
-from evertrain.pretrain.schedule import COOLDOWN_SHAPES, Cooldown, Schedule
+from evertrain.pretrain.config import COOLDOWN_SHAPES, Config, dump_yaml, load_config
 
 
 class ForkError(EvertrainError, ValueError):
@@ -190,6 +188,8 @@ def run_fork(args: argparse.Namespace) -> int:
             return write_result(out, result, hooks)
         print(f"fork: {out} is done already: val_loss {result['val_loss']:.4f}")
         return 0
+    from evertrain.pretrain.distributed import rank_and_world  # torch: only once a fork runs
+
     rank = rank_and_world()[0]
     if rank != 0:  # rank 0 holds the lock and the lease for the whole process group
         return cool_down(args, run_dir, out, step, cooldown_steps, source, hooks)
@@ -227,9 +227,10 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
     from evertrain.pretrain.data import TokenStream
-    from evertrain.pretrain.distributed import detect_launcher
+    from evertrain.pretrain.distributed import detect_launcher, rank_and_world
     from evertrain.pretrain.evaluate import evaluate, load_val_batches
     from evertrain.pretrain.loop import train
+    from evertrain.pretrain.schedule import Cooldown, Schedule
 
     end_step = step + cooldown_steps
     rank, _, world_size = rank_and_world()

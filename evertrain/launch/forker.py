@@ -36,7 +36,7 @@ from evertrain.launch.nodes import Pool, Slot, parse_pool
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError
-from evertrain.pretrain.schedule import COOLDOWN_SHAPES
+from evertrain.pretrain.config import COOLDOWN_SHAPES
 
 FORK_MODULE = "evertrain.launch.fork"
 PIN_TTL_S = 1800.0  # the forker's lease on a queued checkpoint; outlives a short forker restart

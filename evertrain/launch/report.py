@@ -355,7 +355,7 @@ def run_report(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="checkpoints, cooldown results, plot and 'should we keep going?'",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="the run's directory, e.g. runs/NAME")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME")
     p.add_argument("--out", help="PNG to write (default RUN/report.png)")
     p.add_argument("--extra-tokens", type=float,
                    help="project training this many more tokens before cooling down (default: the tokens so far, "

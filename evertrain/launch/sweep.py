@@ -35,8 +35,7 @@ from pathlib import Path
 from evertrain.errors import EvertrainError
 from evertrain.launch.fork import cooldown_dir_name, read_result
 from evertrain.pretrain.checkpoint import store
-from evertrain.pretrain.config import config_hash, load_config
-from evertrain.pretrain.schedule import COOLDOWN_SHAPES
+from evertrain.pretrain.config import COOLDOWN_SHAPES, config_hash, load_config
 
 PRETRAIN = Path(__file__).resolve().parents[2] / "pretrain.py"
 OPEN_ENDED = ("rsqrt", "constant")

@@ -6,6 +6,7 @@ Every section is a small dataclass. Unknown keys, wrong types and impossible val
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -109,8 +110,12 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
+# Named here, not in schedule.py, so that commands can offer them without importing torch.
+DECAYS = ("rsqrt", "constant", "cosine", "linear")
+COOLDOWN_SHAPES = ("linear", "1-sqrt", "cosine")
+
 _CHOICES = {
-    "optim.decay": ("rsqrt", "constant", "cosine", "linear"),
+    "optim.decay": DECAYS,
     "optim.impl": ("auto", "triton", "torch"),
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -163,7 +168,7 @@ def _build(cls, data: dict, prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key")
+            raise ConfigError(f"{prefix}{key}: unknown key{did_you_mean(f'{prefix}{key}')}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -175,6 +180,27 @@ def _build(cls, data: dict, prefix: str):
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, key)
     return cls(**kwargs)
+
+
+def valid_keys() -> list[str]:
+    """Every `section.key` a config can set."""
+    hints = typing.get_type_hints(Config)
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+            for f in dataclasses.fields(hints[section.name])]
+
+
+def did_you_mean(key: str) -> str:
+    """'; did you mean optim.max_lr?' for a misspelt or misplaced key, else ''."""
+    keys = valid_keys()
+    section, _, name = key.rpartition(".")
+    close = [k for k in keys if k.endswith(f".{name}")]  # the right key in the wrong section
+    if not close:
+        names = [k.split(".", 1)[1] for k in keys if k.startswith(f"{section}.")]
+        if names:  # a real section: a typo in the key's own name (not matched against other sections)
+            close = [f"{section}.{n}" for n in difflib.get_close_matches(name, names, n=1, cutoff=0.6)]
+        else:  # a typo in the section's name
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _parse_override(item: str) -> tuple[list[str], object]:
@@ -191,7 +217,7 @@ def _apply_override(tree: dict, path: list[str], value, full_key: str) -> None:
     for part in path[:-1]:
         hints = typing.get_type_hints(cls)
         if part not in hints or not dataclasses.is_dataclass(hints[part]):
-            raise ConfigError(f"{full_key}: unknown key")
+            raise ConfigError(f"{full_key}: unknown key{did_you_mean(full_key)}")
         cls = hints[part]
         node = node.setdefault(part, {})
         if not isinstance(node, dict):

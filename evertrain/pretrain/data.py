@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from evertrain.errors import EvertrainError
 
@@ -317,6 +316,8 @@ class TokenStream:
         self.cursor += global_windows
         while self.cursor - self.epoch_start > self.layout.length:  # lazily: an exact end stays in the epoch
             self.epoch, self.epoch_start = self.epoch + 1, self.epoch_start + self.layout.length
+        import torch  # here, not at the top: manifest readers (`evertrain data`, report) need no torch
+
         return torch.from_numpy(batch.astype(np.int64))
 
     def _window(self, index: int) -> np.ndarray:
@@ -388,5 +389,7 @@ def val_batches(data_dir: str | Path, seq_len: int, n_batches: int, batch_window
                         f"the {n_batches} batches x {batch_windows} windows asked for; lower eval.batches or "
                         "append val data")
     per_rank = batch_windows // world_size
+    import torch
+
     batches = torch.from_numpy(np.stack(windows).astype(np.int64)).view(n_batches, batch_windows, seq_len + 1)
     return [batch[rank * per_rank:(rank + 1) * per_rank].clone() for batch in batches]

@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evertrain.pretrain.config import ConfigError, OptimConfig
-
-DECAYS = ("rsqrt", "constant", "cosine", "linear")
-COOLDOWN_SHAPES = ("linear", "1-sqrt", "cosine")
+from evertrain.pretrain.config import COOLDOWN_SHAPES, DECAYS, ConfigError, OptimConfig
 
 
 @dataclass(frozen=True)
