@@ -18,9 +18,10 @@ from evertrain.pretrain import engines
 from evertrain.pretrain.checkpoint import CheckpointManager
 from evertrain.pretrain.checkpoint.store import latest_checkpoint
 from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config, model_hash
-from evertrain.pretrain.data import TokenStream, load_manifest
+from evertrain.pretrain.data import TokenStream
 from evertrain.pretrain.distributed import detect_launcher, rank_and_world
 from evertrain.pretrain.loop import train
+from evertrain.pretrain.preflight import preflight
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # --run-dir under torchrun, whose own parser takes `--run` for an abbreviation of its --run-path
     parser.add_argument("--run", "--run-dir", dest="run_dir",
                         help="where checkpoints and metrics go (default: runs/<config stem>)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides) as YAML and exit")
     parser.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
                         help="shorthand for engine.name=...")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -71,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides) + ([f"engine.name={args.engine}"] if args.engine else [])
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
         check_run_dir(run_dir, cfg)  # on every rank, before any heavy start-up
-        if rank_and_world()[1] == 0:  # once per node: shards may live on node-local disks
-            load_manifest(cfg.data.path, verify_checksums=True)
+        rank, local_rank, _ = rank_and_world()
+        # checksums once per node (shards may live on node-local disks); warnings once per run
+        preflight(cfg, verify_checksums=local_rank == 0, quiet=rank != 0)
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
         engine = engines.create(engine_config(run_dir, cfg), launcher=detect_launcher(os.environ, args.local_rank))
         if engine.is_main:
