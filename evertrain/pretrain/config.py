@@ -76,6 +76,7 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast dtype on GPU)
     device: str = "auto"  # auto | cpu | cuda
+    peak_tflops: float | None = None  # per device, for MFU; None = by device name (hardware.py), none on CPU
 
 
 @dataclass
@@ -100,6 +101,16 @@ class EngineConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment trackers beside metrics.jsonl (loggers.py); both optional packages, both off by default."""
+    # (not off/on: YAML reads those as booleans)
+    wandb: str = "disabled"  # disabled | online | offline (offline: files under RUN_DIR/wandb, `wandb sync` later)
+    mlflow: str = "disabled"  # disabled | enabled
+    mlflow_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else the file store RUN_DIR/mlruns (offline)
+    project: str = "evertrain"  # the W&B project / MLflow experiment
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,6 +119,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # Named here, not in schedule.py, so that commands can offer them without importing torch.
@@ -120,6 +132,8 @@ _CHOICES = {
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.device": ("auto", "cpu", "cuda"),
     "engine.name": ("auto", "single", "deepspeed", "fsdp"),
+    "logging.wandb": ("disabled", "online", "offline"),
+    "logging.mlflow": ("disabled", "enabled"),
 }
 
 
@@ -276,6 +290,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
     if o.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip: must be >= 0, got {o.grad_clip}")
+    if t.peak_tflops is not None and not t.peak_tflops > 0:
+        raise ConfigError(f"train.peak_tflops: must be > 0, got {t.peak_tflops}")
+    if not cfg.logging.project:
+        raise ConfigError("logging.project: must not be empty")
     if t.max_steps is not None and t.max_steps < 0:
         raise ConfigError(f"train.max_steps: must be >= 0, got {t.max_steps}")
     for key, value in [("checkpoint.every_steps", c.every_steps), ("checkpoint.keep_every", c.keep_every),

@@ -23,7 +23,9 @@ from evertrain.pretrain.console import closing_line, run_banner
 from evertrain.pretrain.distributed import StopVote
 from evertrain.pretrain.engines.base import Engine
 from evertrain.pretrain.evaluate import evaluate, load_val_batches
+from evertrain.pretrain.hardware import peak_memory_gib, peak_tflops
 from evertrain.pretrain.metrics import Metrics
+from evertrain.pretrain.model import flops_per_token
 from evertrain.pretrain.prefetch import Prefetcher
 
 
@@ -36,9 +38,9 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     global_windows = t.micro_batch_size * t.grad_accum * engine.world_size
     tokens_per_step = global_windows * cfg.model.seq_len
     val = load_val_batches(cfg, engine) if eval_every else []
-    metrics = Metrics(run_dir, engine.is_main, step, t.max_steps)
+    metrics = Metrics(run_dir, engine.is_main, step, t.max_steps, cfg=cfg)
     metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
-    window = LogWindow(engine, tokens)
+    window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops))
     vote = StopVote(engine.world_size)
     saved = None
     batches = Prefetcher(stream, global_windows, engine.rank, engine.world_size, depth=cfg.data.prefetch,
@@ -56,8 +58,10 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                 if log_now:
                     metrics.write(window.record(step, tokens, grad_norm, batches.manifest_version))
                 if eval_every and step % eval_every == 0:
-                    metrics.write({"kind": "eval", "step": step, "tokens": tokens,
-                                   "val_loss": evaluate(engine, val)["val_loss"]})
+                    started = time.perf_counter()
+                    val_loss = evaluate(engine, val)["val_loss"]
+                    metrics.write({"kind": "eval", "step": step, "tokens": tokens, "val_loss": val_loss,
+                                   "eval_s": time.perf_counter() - started, "time": time.time()})
                 if ckpt is not None and (stop or (ckpt_every and step % ckpt_every == 0)):
                     refresh_data(batches, engine)  # appended shards join after this step (prefetch.py)
                     ckpt.save(step, {"tokens": tokens, "data": batches.state_dict()})
@@ -94,10 +98,13 @@ def resume(engine: Engine, stream, ckpt, start: dict | None) -> tuple[int, int]:
 class LogWindow:
     """Sums the loss on device between log steps and turns it into one metrics record with a single
     host sync: `loss` is the mean over the window (all ranks), `lr` and `grad_norm` those of the log
-    step, `tokens_per_s` the window's throughput."""
+    step, `tokens_per_s` and `step_time_s` the window's throughput, `mfu` the model FLOPs done per
+    second over the peak of all devices (only when the peak is known), `peak_mem_gib` this rank's
+    peak memory (hardware.py)."""
 
-    def __init__(self, engine: Engine, tokens: int):
+    def __init__(self, engine: Engine, tokens: int, flops_per_token: float = 0.0, peak_tflops: float | None = None):
         self.engine = engine
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.loss_sum = torch.zeros((), device=engine.device)
         self.steps = 0
         self.start_tokens, self.start_time = tokens, time.perf_counter()
@@ -111,9 +118,14 @@ class LogWindow:
         lr = self.engine.optimizer.lr.reshape(())
         loss, lr, grad_norm = torch.stack([mean_loss, lr.float(), grad_norm.reshape(()).float()]).tolist()
         elapsed = time.perf_counter() - self.start_time
-        return {"kind": "train", "step": step, "tokens": tokens, "loss": loss, "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_s": (tokens - self.start_tokens) / elapsed,
-                "time": time.time(), "data_version": data_version}
+        tokens_per_s = (tokens - self.start_tokens) / elapsed
+        record = {"kind": "train", "step": step, "tokens": tokens, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "step_time_s": elapsed / max(self.steps, 1),
+                  "peak_mem_gib": peak_memory_gib(self.engine.device), "time": time.time(),
+                  "data_version": data_version}
+        if self.peak_tflops:
+            record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.engine.world_size)
+        return record
 
     def restart(self, tokens: int) -> None:
         self.loss_sum.zero_()

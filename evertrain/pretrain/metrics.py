@@ -1,4 +1,5 @@
-"""Where training numbers go: run_dir/metrics.jsonl, TensorBoard (when installed), the console.
+"""Where training numbers go: run_dir/metrics.jsonl, TensorBoard (when installed), the console, and the
+W&B / MLflow trackers `logging` asks for (loggers.py).
 
 Only the main rank records anything; on other ranks every method is a no-op, so the loop can call
 them unconditionally. Records are plain dicts of host numbers: the loop decides when to sync.
@@ -10,6 +11,7 @@ import os
 from pathlib import Path
 
 from evertrain.pretrain.console import Console
+from evertrain.pretrain.loggers import check_installed, open_sinks
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -50,8 +52,10 @@ class Metrics:
     """The run's metric sinks; `enabled` only on the main rank."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int | None,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, cfg=None):
         self.enabled = enabled
+        if cfg is not None:
+            check_installed(cfg)  # on every rank, before the main rank opens anything
         self.console = Console(enabled and progress, start_step, max_steps)  # banner, bar or lines
         if not enabled:
             return
@@ -61,6 +65,7 @@ class Metrics:
         drop_records_after(self.path, start_step)
         self.file = self.path.open("a")
         self.tb = _tensorboard_writer(run_dir / "tensorboard", start_step) if tensorboard else None
+        self.sinks = open_sinks(cfg, run_dir) if cfg is not None else []
 
     def advance(self) -> None:
         """One optimizer step done (host-only bookkeeping: no tensors involved)."""
@@ -78,6 +83,8 @@ class Metrics:
         if self.tb is not None:
             for key, value in numbers.items():
                 self.tb.add_scalar(f"{kind}/{key}", value, global_step=step)
+        for sink in self.sinks:
+            sink.write(record)
         self.console.record(record)
 
     def close(self) -> None:
@@ -87,3 +94,5 @@ class Metrics:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        for sink in self.sinks:
+            sink.close()

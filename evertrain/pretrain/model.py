@@ -22,6 +22,19 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
     return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
 
 
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Model FLOPs of one trained token (forward + backward), the count MFU divides by (PaLM, app. B):
+    6 per weight of every matmul (the projections, the SwiGLU MLP, the LM head; an embedding lookup is
+    not a matmul, a tied head still is) plus causal attention's QK^T and AV: 12 * n_layers * seq_len *
+    d_model halved by the mask. Norms, RoPE and softmax are left out, as is activation recomputation
+    (that is hardware FLOPs, not model FLOPs)."""
+    d, head_dim = cfg.d_model, cfg.d_model // cfg.n_heads
+    kv = (cfg.n_kv_heads or cfg.n_heads) * head_dim
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * ffn_hidden_size(cfg)  # q, o; k, v; gate, up, down
+    matmul_weights = cfg.n_layers * per_layer + cfg.vocab_size * d
+    return 6.0 * matmul_weights + 6.0 * cfg.n_layers * cfg.seq_len * d
+
+
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [seq_len, head_dim], computed in fp32 the way HF Llama does."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
