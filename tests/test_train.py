@@ -21,7 +21,9 @@ from evertrain.pretrain.loop import refresh_data, train
 from evertrain.pretrain.metrics import Metrics, drop_records_after
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_KEYS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "time", "data_version"}
+TRAIN_KEYS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_gib", "time",
+              "data_version"}  # and "mfu" where the device's peak is known (not on CPU)
+EVAL_KEYS = {"kind", "step", "tokens", "val_loss", "eval_s", "time"}
 
 
 def tiny_config(data: Path, *overrides: str):
@@ -86,7 +88,7 @@ def test_eval_records_and_loss_falls_on_the_real_corpus(forty_steps):
     _, run_dir, _, _ = forty_steps
     evals = records(run_dir, "eval")
     assert [(set(r), r["step"], r["tokens"]) for r in evals] == [
-        ({"kind", "step", "tokens", "val_loss"}, 20, 20 * 256), ({"kind", "step", "tokens", "val_loss"}, 40, 40 * 256)]
+        (EVAL_KEYS, 20, 20 * 256), (EVAL_KEYS, 40, 40 * 256)]
     assert evals[1]["val_loss"] < evals[0]["val_loss"]
     losses = [r["loss"] for r in records(run_dir, "train")]
     assert losses[-1] < losses[0] - 0.5, losses
