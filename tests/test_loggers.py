@@ -4,6 +4,7 @@ records their time; model FLOPs per token match a count of the model's matmul we
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -118,7 +119,7 @@ def test_wandb_and_mlflow_get_the_metrics_records_and_resume_their_runs(tiny_dat
     init = wandb.inits[0]
     assert init["mode"] == "offline" and init["project"] == "p" and init["dir"] == str(run_dir)
     assert init["id"] is None and init["resume"] == "allow" and init["config"]["model"]["vocab_size"] == 512
-    assert mlflow.clients == [(run_dir / "mlruns").resolve().as_uri()] and mlflow.experiments == ["p"]
+    assert mlflow.clients == [f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"] and mlflow.experiments == ["p"]
     assert mlflow.runs == [("7", "run")] and ("model.vocab_size", "512") in mlflow.params
     assert sorted(mlflow.metrics) == sorted(("mlrun-1", step, key, value) for step, d in expected for key, value in d.items())
     assert mlflow.terminated == ["mlrun-1"]
@@ -172,3 +173,32 @@ def test_missing_tracker_packages_and_bad_values_are_one_line_config_errors(tiny
                               ("train.peak_tflops=0", "train.peak_tflops: must be > 0")]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
+
+
+@pytest.mark.skipif(not os.environ.get("EVERTRAIN_TEST_TRACKERS"), reason="set EVERTRAIN_TEST_TRACKERS=1 (~30 s: "
+                                                                        "MLflow creates its database)")
+def test_mlflow_for_real_offline_in_the_run_dir(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    from evertrain.pretrain.loggers import MLflowSink
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg, run_dir = load_config(None, ["logging.mlflow=enabled", "logging.project=real"]), tmp_path / "run"
+    run_dir.mkdir()
+    sink = MLflowSink(cfg, run_dir)
+    sink.write({"kind": "train", "step": 1, "tokens": 64, "loss": 5.5, "time": 1.8e9})
+    sink.close()
+    again = MLflowSink(cfg, run_dir)  # a resumed run: the same MLflow run
+    again.write({"kind": "eval", "step": 2, "tokens": 128, "val_loss": 5.25, "eval_s": 0.5, "time": 1.8e9 + 1})
+    again.close()
+    assert again.run_id == sink.run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(sink.run_id, key)]
+               for key in ("train/loss", "train/tokens", "eval/val_loss", "eval/eval_s")}
+    assert history == {"train/loss": [(1, 5.5)], "train/tokens": [(1, 64.0)], "eval/val_loss": [(2, 5.25)],
+                       "eval/eval_s": [(2, 0.5)]}
+    run = client.get_run(sink.run_id)
+    assert run.info.run_name == "run" and run.data.params["model.vocab_size"] == "4096"
+    assert client.get_experiment(run.info.experiment_id).name == "real"

@@ -106,7 +106,7 @@ class LoggingConfig:
     # (not off/on: YAML reads those as booleans)
     wandb: str = "disabled"  # disabled | online | offline (offline: files under RUN_DIR/wandb, `wandb sync` later)
     mlflow: str = "disabled"  # disabled | enabled
-    mlflow_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else the file store RUN_DIR/mlruns (offline)
+    mlflow_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else the SQLite store RUN_DIR/mlflow.db (offline)
     project: str = "evertrain"  # the W&B project / MLflow experiment
 
 

@@ -5,7 +5,8 @@ Both are optional packages, both disabled by default (config `logging`):
                                      uploads it later). The run id is kept in RUN_DIR/wandb_run_id, so a
                                      resumed run continues the same W&B run.
   logging.mlflow: enabled            an MlflowClient on logging.mlflow_uri, else $MLFLOW_TRACKING_URI,
-                                     else the local file store RUN_DIR/mlruns (no server, no network).
+                                     else the SQLite store RUN_DIR/mlflow.db (no server, no network;
+                                     MLflow 3 refuses its old ./mlruns file store by default).
                                      The run id is kept in RUN_DIR/mlflow_run_id likewise.
 A record {"kind": "train", "step": 10, "loss": 5.1, ...} is logged as `train/loss` etc. at step 10,
 the names TensorBoard gets. Only the main rank opens trackers (metrics.py). A tracker asked for but not
@@ -68,7 +69,8 @@ class MLflowSink:
         tracking = _require("mlflow.tracking", "logging.mlflow", "mlflow")
         entities = _require("mlflow.entities", "logging.mlflow", "mlflow")
         self.Metric = entities.Metric
-        uri = cfg.logging.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        uri = (cfg.logging.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+               or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
         self.client = tracking.MlflowClient(tracking_uri=uri)
         id_file = run_dir / MLFLOW_ID_FILE
         if id_file.is_file():
