@@ -129,7 +129,8 @@ def read_metrics(name: str, out_json: Path, log: Path) -> dict:
 
 def run_hooks(hooks: EvalHooks, out: Path, final_dir: Path, cfg) -> dict:
     """Export final/ to out/hf, run every hook on it, return their merged metrics."""
-    from evertrain.launch.export import export_hf, tokenizer_from_manifest
+    from evertrain.launch.export import export_hf
+    from evertrain.launch.export_cmd import tokenizer_from_manifest
     from evertrain.pretrain.checkpoint import load_consolidated
 
     hf_dir, work, log = out / "hf", out / "evals", out / "eval.log"

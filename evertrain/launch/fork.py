@@ -184,8 +184,10 @@ def run_fork(args: argparse.Namespace) -> int:
     cooldown_steps = cooldown_length(step, args.cooldown_steps, args.cooldown_fraction)
     out = run_dir / "cooldowns" / cooldown_dir_name(step, args.shape, cooldown_steps)
     if (result := read_result(out)) is not None:
-        if hooks and "evals" not in result and rank_and_world()[0] == 0:  # evals for a fork done without them
-            return write_result(out, result, hooks)
+        if hooks and "evals" not in result:  # evals for a fork done without them, on rank 0
+            from evertrain.pretrain.distributed import rank_and_world
+
+            return write_result(out, result, hooks) if rank_and_world()[0] == 0 else 0
         print(f"fork: {out} is done already: val_loss {result['val_loss']:.4f}")
         return 0
     from evertrain.pretrain.distributed import rank_and_world  # torch: only once a fork runs
