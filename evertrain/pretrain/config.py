@@ -39,11 +39,16 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     init_from: str | None = None  # hf:PATH = start from a Hugging Face Llama checkpoint (not part of the shape)
+    # Runtime knobs (same parameters, so not part of model_hash); costs in docs/scaling.md.
+    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing_every: int = 0  # selective: fully checkpoint every k-th block; 0 = op-level
+    loss_chunk_tokens: int = 2048  # head + cross entropy this many positions at a time; 0 = whole batch
 
 
 # ModelConfig fields that do not change the parameters' shapes: left out of model_hash, so a run
-# started from a Hugging Face checkpoint resumes and forks like any other.
-NOT_SHAPE = frozenset({"init_from"})
+# started from a Hugging Face checkpoint resumes and forks like any other, and a run may resume or
+# fork with other runtime knobs (checkpointing, loss chunking).
+NOT_SHAPE = frozenset({"init_from", "activation_checkpointing", "activation_checkpointing_every", "loss_chunk_tokens"})
 
 
 @dataclass
@@ -77,6 +82,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast dtype on GPU)
     device: str = "auto"  # auto | cpu | cuda
     peak_tflops: float | None = None  # per device, for MFU; None = by device name (hardware.py), none on CPU
+    compile: bool = False  # torch.compile each transformer block
 
 
 @dataclass
@@ -98,6 +104,8 @@ class EngineConfig:
     name: str = "auto"  # auto | single | deepspeed | fsdp
     zero_stage: int = 2
     deepspeed_config: str | None = None  # optional JSON merged under our generated settings
+    replicate: int = 1  # FSDP2: HSDP with this many replica groups, sharded within each (1 = plain FSDP)
+    accumulate: str = "auto"  # FSDP2 grads between micro-batches: auto | sharded | unsharded (see docs/scaling.md)
 
 
 @dataclass
@@ -134,6 +142,8 @@ _CHOICES = {
     "engine.name": ("auto", "single", "deepspeed", "fsdp"),
     "logging.wandb": ("disabled", "online", "offline"),
     "logging.mlflow": ("disabled", "enabled"),
+    "engine.accumulate": ("auto", "sharded", "unsharded"),
+    "model.activation_checkpointing": ("none", "full", "selective"),
 }
 
 
@@ -304,6 +314,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.prefetch: must be >= 0 (0 reads in the training thread), got {cfg.data.prefetch}")
     if c.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
+    for key, value in [("model.activation_checkpointing_every", m.activation_checkpointing_every),
+                       ("model.loss_chunk_tokens", m.loss_chunk_tokens)]:
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.engine.replicate < 1:
+        raise ConfigError(f"engine.replicate: must be >= 1, got {cfg.engine.replicate}")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage: must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
     for key, allowed in _CHOICES.items():

@@ -2,16 +2,41 @@
 
 Parameter names and the RoPE convention (rotate_half on split halves) follow Hugging Face's
 LlamaForCausalLM, so exporting a checkpoint (evertrain/launch/export.py) is a rename, not a permutation.
+
+Initial weights are a function of (seed, parameter name) alone: each parameter is drawn from its own
+generator, so a model built on the meta device and sharded (FSDP2 DTensors, DeepSpeed ZeRO-3) fills
+each rank's shard with exactly the slice of the weights a single process would have, for any world
+size, while holding at most one full parameter at a time.
+
+Scaling knobs that do not change the parameters (model.activation_checkpointing, model.loss_chunk_tokens):
+- activation checkpointing is per block (`Block.forward`), so FSDP2's hooks stay outside the
+  recomputed region (as torchtitan wraps blocks before `fully_shard`);
+- the loss runs the head and the cross entropy in chunks of positions, recomputed in backward, so
+  the full [tokens, vocab] fp32 logits never exist at once.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from evertrain.pretrain.config import ModelConfig
+
+# Op-level selective checkpointing keeps the outputs of these (the expensive ops) and recomputes the
+# rest of a block (norms, RoPE, SwiGLU pointwise) in backward, as torchtitan's "op" policy does.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -98,25 +123,83 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def block_checkpointing(mode: str, every: int, index: int) -> str:
+    """What block `index` saves for backward: "none" (everything), "full" (only its input) or "op"
+    (matmul and attention outputs). selective with every=k>0 fully checkpoints every k-th block."""
+    if mode == "selective":
+        if every == 0:
+            return "op"
+        return "full" if index % every == 0 else "none"
+    return mode
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, checkpointing: str = "none"):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.checkpointing = checkpointing  # none | full | op (see block_checkpointing)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing == "none" or not torch.is_grad_enabled():
+            return self.compute(x, cos, sin)
+        context = partial(create_selective_checkpoint_contexts, _save_matmuls) if self.checkpointing == "op" else None
+        kwargs = {"context_fn": context} if context is not None else {}
+        # non-reentrant: works with FSDP2, torch.compile and inputs that need no grad
+        return checkpoint(self.compute, x, cos, sin, use_reentrant=False, **kwargs)
+
+    def compute(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _summed_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross entropy of head(h) [N, vocab] against targets [N], `chunk` positions at a time.
+
+    Each chunk's logits are dropped after its forward and recomputed in backward (checkpointed), so
+    the peak is one chunk's logits, not N x vocab fp32. The head is called as a module so that
+    DeepSpeed ZeRO-3 gathers its weight. chunk <= 0, or N <= chunk, is the plain unchunked loss.
+    """
+    n = h.shape[0]
+    if chunk <= 0 or n <= chunk:
+        return F.cross_entropy(head(h).float(), targets)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_summed_cross_entropy, head, h[part], targets[part], use_reentrant=False)
+        else:
+            total = total + _summed_cross_entropy(head, h[part], targets[part])
+    return total / n
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The generator seed of one parameter: a hash of (run seed, parameter name)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 class Transformer(nn.Module):
-    def __init__(self, model_cfg: ModelConfig):
+    def __init__(self, model_cfg: ModelConfig, seed: int = 0, init: bool = True):
+        """`init=False` leaves parameters and buffers unset: the caller builds on the meta device (or
+        under deepspeed.zero.Init), shards, and then calls init_weights / init_parameter."""
         super().__init__()
         self.cfg = model_cfg
         self.embed_tokens = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
-        self.layers = nn.ModuleList(Block(model_cfg) for _ in range(model_cfg.n_layers))
+        self.layers = nn.ModuleList(
+            Block(model_cfg, block_checkpointing(model_cfg.activation_checkpointing,
+                                                 model_cfg.activation_checkpointing_every, i))
+            for i in range(model_cfg.n_layers))
         self.norm = nn.RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps)
         self.lm_head = nn.Linear(model_cfg.d_model, model_cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -124,7 +207,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", torch.empty(model_cfg.seq_len, model_cfg.d_model // model_cfg.n_heads),
                              persistent=False)
         self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
-        self.init_weights()
+        if init:
+            self.init_weights(seed)
 
     def tie_weights(self) -> None:
         """Share the embedding table with the head; `to_empty()` unties them, so init_weights re-ties."""
@@ -132,25 +216,55 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Deterministic given the torch seed; also after `to_empty()` from the meta device."""
-        cfg = self.cfg
+    def init_weights(self, seed: int, source: dict[str, torch.Tensor] | None = None) -> None:
+        """Weights as a function of `seed` alone (or copied from `source`, full tensors by our names:
+        model.init_from); also after `to_empty()` from the meta device, and on sharded (DTensor)
+        parameters, where each rank fills only its own shard."""
         self.tie_weights()
+        self.init_buffers()
+        for name, p in self.named_parameters():  # tied lm_head appears once, as embed_tokens
+            self.init_parameter(name, p, seed, None if source is None else source[name])
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        cfg = self.cfg
         cos, sin = rope_cos_sin(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        # GPT-2 style: projections that write into the residual stream are scaled down by depth.
-        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for name, p in self.named_parameters():  # tied lm_head appears once, as embed_tokens
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=residual_std)
-            else:
-                nn.init.normal_(p, std=cfg.init_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] int64 -> logits [B, T, vocab] in fp32."""
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor, seed: int, value: torch.Tensor | None = None) -> None:
+        """Fill `p` (full, or a DTensor shard of it) with parameter `name`'s initial values.
+
+        The full tensor is drawn on p's device from a generator seeded by (seed, name) and this rank
+        keeps its slice: peak memory is one full parameter, and the values do not depend on how the
+        parameter is sharded (they do depend on the device type: CPU and CUDA generators differ).
+        `value`: the full tensor to use instead of drawing one (a Hugging Face start)."""
+        if p.device.type == "meta":
+            return  # a structure-only model (parameter counts, plans) has no values to fill
+        cfg = self.cfg
+        full = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        if value is not None:
+            full.copy_(value)
+        elif name.endswith("layernorm.weight") or name == "norm.weight":
+            full.fill_(1.0)
+        else:
+            # GPT-2 style: projections that write into the residual stream are scaled down by depth.
+            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if residual else cfg.init_std
+            generator = torch.Generator(device=p.device).manual_seed(parameter_seed(seed, name))
+            full.normal_(0.0, std, generator=generator)
+        local = p
+        if isinstance(p, DTensor):
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            local = p.to_local()
+            full = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+        local.copy_(full)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> final-norm hidden states [B, T, d_model] (the head's input)."""
         T = tokens.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len}")
@@ -158,12 +272,26 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x)).float()
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] int64 -> logits [B, T, vocab] in fp32; with targets [B, T], the mean
+        next-token cross entropy instead (chunked: the full logits are never built)."""
+        h = self.hidden(tokens)
+        if targets is None:
+            return self.lm_head(h).float()
+        return chunked_cross_entropy(self.lm_head, h.flatten(0, 1), targets.flatten(), self.cfg.loss_chunk_tokens)
 
     def loss(self, windows: torch.Tensor) -> torch.Tensor:
         """windows [B, T+1] -> mean next-token cross entropy over all B*T positions."""
-        logits = self(windows[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+        return self(windows[:, :-1], windows[:, 1:])
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block's forward (as torchtitan compiles per block): the blocks are
+        identical, so one compiled graph serves all; module hooks (FSDP2's) stay outside the graph
+        and parameter names do not change."""
+        for block in self.layers:
+            block.forward = torch.compile(block.forward, fullgraph=True)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once

@@ -103,16 +103,34 @@ def clip_with_grad_scale(model: nn.Module, optimizer: torch.optim.Optimizer, max
 
 
 def build_model(cfg: Config, device: torch.device) -> Transformer:
-    """Seeded right before init, so every rank and every engine starts from the same weights; with
-    `model.init_from: hf:PATH` those are the Hugging Face checkpoint's (read on every rank, before
-    any sharding, so each engine shards them its own way)."""
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    if cfg.model.init_from is not None:
-        from evertrain.pretrain.hf_llama import init_from_llama
+    """The full model on `device`, for engines that keep every parameter on every rank (single,
+    DeepSpeed ZeRO 0-2). Built on the meta device and initialised in place, so start-up holds one
+    copy of the weights (not a CPU copy plus a device copy); the weights depend only on the seed, or
+    with `model.init_from: hf:PATH` are the Hugging Face checkpoint's."""
+    model = meta_model(cfg)
+    model.to_empty(device=device)
+    model.init_weights(cfg.train.seed, initial_state(cfg))
+    return model
 
-        init_from_llama(model, cfg.model.init_from)
-    return model.to(device)
+
+def meta_model(cfg: Config) -> Transformer:
+    """The model's structure without memory; blocks compiled when `train.compile` is set (before any
+    sharding wraps them, as torchtitan does)."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model, init=False)
+    if cfg.train.compile:
+        model.compile_blocks()
+    return model
+
+
+def initial_state(cfg: Config) -> dict[str, torch.Tensor] | None:
+    """`model.init_from: hf:PATH`: the checkpoint's full tensors (read on every rank, before any
+    sharding, so each engine takes its own slices), else None (initialise from the seed)."""
+    if cfg.model.init_from is None:
+        return None
+    from evertrain.pretrain.hf_llama import load_llama
+
+    return load_llama(cfg.model.init_from, cfg.model)
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:

@@ -3,6 +3,16 @@
 Started by the `deepspeed` launcher. DeepSpeed does the gradient averaging, accumulation boundaries,
 ZeRO partitioning and clipping (`gradient_clipping`); we generate its config from ours and merge the
 user's JSON (`engine.deepspeed_config`) under it, refusing values that contradict ours.
+
+With ZeRO-3 the model is built inside `deepspeed.zero.Init`, which partitions each module's
+parameters as it is constructed, and is then initialised one gathered parameter at a time (rank 0
+fills it from the seed, DeepSpeed scatters it back): no rank holds the whole model. With ZeRO 0-2
+every rank keeps the full weights anyway; they are built on the meta device and filled once.
+
+bf16 training: DeepSpeed's defaults accumulate gradients in bf16 and reduce them in bf16. We set fp32
+gradient accumulation (`data_types.grad_accum_dtype`, ZeRO stages 1-3; stage 0 has no fp32 path in
+DeepSpeed) and fp32 reduction (`communication_data_type`), so the numerics match FSDP2's
+(fp32 reduce_dtype, fp32 sharded gradients) and do not drift with the number of micro-batches.
 """
 from __future__ import annotations
 
@@ -11,11 +21,11 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from evertrain.pretrain.config import Config, ConfigError
 from evertrain.pretrain.distributed import pick_device, rank_and_world, require_launcher
-from evertrain.pretrain.engines.base import Engine, build_model, compute_dtype
+from evertrain.pretrain.engines.base import Engine, build_model, compute_dtype, initial_state
+from evertrain.pretrain.model import Transformer
 from evertrain.pretrain.optim import build_optimizer
 
 # Sections of a DeepSpeed config that would replace what evertrain owns.
@@ -47,6 +57,10 @@ def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict:
         "zero_allow_untested_optimizer": True,  # ours is a torch.optim.Optimizer DeepSpeed doesn't know
         "bf16": {"enabled": bf16},
     }
+    if bf16:
+        ours["communication_data_type"] = "fp32"
+        if cfg.engine.zero_stage >= 1:
+            ours["data_types"] = {"grad_accum_dtype": "fp32"}
     path = cfg.engine.deepspeed_config
     user = _read_json(path) if path else {}
     for section, why in FORBIDDEN_SECTIONS.items():
@@ -82,6 +96,25 @@ def _merge(user: dict, ours: dict, path: str, prefix: str) -> dict:
     return merged
 
 
+def build_partitioned(cfg: Config, config: dict, device: torch.device, rank: int) -> Transformer:
+    """ZeRO-3: construct partitioned, then fill each parameter from the seed while it is gathered
+    (peak: one full parameter). The weights equal the other engines' on the same device type."""
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=config, remote_device=None, pin_memory=False,
+                             module_granularity_threshold=0):
+        model = Transformer(cfg.model, init=False)
+    model.rope_cos = model.rope_cos.to(device)  # buffers are not partitioned; zero.Init may leave them
+    model.rope_sin = model.rope_sin.to(device)
+    model.init_buffers()
+    source = initial_state(cfg)  # model.init_from: every rank reads (and checks) it, as the other engines do
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                model.init_parameter(name, p, cfg.train.seed, None if source is None else source[name])
+    return model
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -94,9 +127,17 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         deepspeed.init_distributed(verbose=False)  # nccl on GPU, gloo on CPU (ccl if oneCCL is installed)
-        model = build_model(cfg, device)
-        optimizer = build_optimizer(model, cfg.optim, schedule)
         config = deepspeed_config(cfg, world_size, bf16=compute_dtype(cfg, device) is not None)
+        if cfg.engine.zero_stage == 3:
+            if cfg.train.compile:
+                # ZeRO-3 gathers weights in hooks on every Linear inside a block, which a compiled
+                # block would have to trace; DeepSpeed has its own compiler for that (deepcompile).
+                raise ConfigError("train.compile: not supported with DeepSpeed ZeRO-3; use engine.name=fsdp "
+                                  "or engine.zero_stage<=2")
+            model = build_partitioned(cfg, config, device, rank)
+        else:
+            model = build_model(cfg, device)
+        optimizer = build_optimizer(model, cfg.optim, schedule)
         self.ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         super().__init__(model=self.ds_engine.module, raw_model=self.ds_engine.module, optimizer=optimizer,
                          device=device, rank=rank, world_size=world_size)
@@ -108,8 +149,7 @@ class DeepSpeedEngine(Engine):
         # Through the DeepSpeed engine's forward: it arms the hooks that its backward relies on
         # (accumulation scaling, ZeRO reduction), which calling the module's loss() would skip.
         windows = windows.to(self.device, non_blocking=True)
-        logits = self.ds_engine(windows[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+        return self.ds_engine(windows[:, :-1], windows[:, 1:])
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros((), device=self.device)
