@@ -286,12 +286,12 @@ class Transformer(nn.Module):
         """windows [B, T+1] -> mean next-token cross entropy over all B*T positions."""
         return self(windows[:, :-1], windows[:, 1:])
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, backend: str = "inductor") -> None:
         """torch.compile each block's forward (as torchtitan compiles per block): the blocks are
         identical, so one compiled graph serves all; module hooks (FSDP2's) stay outside the graph
         and parameter names do not change."""
         for block in self.layers:
-            block.forward = torch.compile(block.forward, fullgraph=True)
+            block.forward = torch.compile(block.forward, fullgraph=True, backend=backend)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once

@@ -101,8 +101,7 @@ def build_partitioned(cfg: Config, config: dict, device: torch.device, rank: int
     (peak: one full parameter). The weights equal the other engines' on the same device type."""
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=config, remote_device=None, pin_memory=False,
-                             module_granularity_threshold=0):
+    with deepspeed.zero.Init(config_dict_or_path=config):
         model = Transformer(cfg.model, init=False)
     model.rope_cos = model.rope_cos.to(device)  # buffers are not partitioned; zero.Init may leave them
     model.rope_sin = model.rope_sin.to(device)
