@@ -116,16 +116,6 @@ def activation_bytes_per_token(cfg: Config, dtype_bytes: int) -> int:
     return blocks + dtype_bytes * 2 * m.d_model + 4
 
 
-def flops_per_token(cfg: Config, shapes: dict[str, tuple[int, ...]]) -> float:
-    """Training FLOPs per token: 6 per matmul weight (forward + backward) and attention's
-    12 * layers * d_model * seq_len (PaLM's appendix B, as torchtitan counts MFU)."""
-    m = cfg.model
-    matmul = sum(math.prod(s) for name, s in shapes.items() if name != "embed_tokens.weight" and len(s) == 2)
-    if m.tie_embeddings:
-        matmul += m.vocab_size * m.d_model  # the head is the embedding table
-    return 6.0 * matmul + 12.0 * m.n_layers * m.d_model * m.seq_len
-
-
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, engine: str | None = None, gpu: str = "h200",
               accumulate: str | None = None) -> Plan:
     """The per-rank plan for `cfg` on nodes x gpus_per_node GPUs of kind `gpu`."""
@@ -143,6 +133,8 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, engine: str | None = 
         raise PlanError(f"--engine: must be fsdp, deepspeed or single, got {engine!r}")
     shapes = parameter_shapes(cfg)
     b = 2 if cfg.train.dtype == "bfloat16" else 4
+    from evertrain.pretrain.model import flops_per_token
+
     t, m = cfg.train, cfg.model
     tokens = t.micro_batch_size * m.seq_len
     chunk = tokens if m.loss_chunk_tokens == 0 else min(m.loss_chunk_tokens, tokens)
@@ -188,7 +180,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, engine: str | None = 
     device["logits"] = chunk * m.vocab_size * (b + 4 + 4)
     plan = Plan(engine=engine, world_size=world, shard_group=group, replicate=replicate, gpu=gpu,
                 capacity=GPUS[gpu], accumulate="sharded", device=device, host={"checkpoint staging": host_state},
-                n_params=n_params, flops_per_token=flops_per_token(cfg, shapes),
+                n_params=n_params, flops_per_token=flops_per_token(cfg.model),
                 tokens_per_step=tokens * t.grad_accum * world)
     if engine == "fsdp" and t.grad_accum > 1:
         plan.accumulate = choose_accumulate(plan, accumulate or cfg.engine.accumulate, n_params)
