@@ -83,19 +83,26 @@ def check_evertrain(args: list[str]) -> None:
         assert exc.code == 0 and ({"--help", "-h", "--version"} & set(args)), f"evertrain {' '.join(args)}"
 
 
-def check_pretrain(args: list[str]) -> None:
+ENGINES_OF_LAUNCHER = {"python": ("auto", "single"), "torchrun": ("auto", "fsdp"), "deepspeed": ("auto", "deepspeed")}
+
+
+def check_pretrain(args: list[str], launcher: str = "python") -> None:
+    """Parses and loads the config, and checks the engine it asks for is one this launcher can start."""
     import pretrain
     from evertrain.pretrain.config import load_config
 
     parsed = pretrain.parse_args(args)
     overrides = list(parsed.overrides) + ([f"engine.name={parsed.engine}"] if parsed.engine else [])
-    load_config(REPO / parsed.config, overrides)
+    cfg = load_config(REPO / parsed.config, overrides)
+    if launcher in ENGINES_OF_LAUNCHER:
+        assert cfg.engine.name in ENGINES_OF_LAUNCHER[launcher], (
+            f"{launcher} cannot start engine.name={cfg.engine.name} (from {parsed.config}); add --engine")
 
 
-def check_script(script: str, args: list[str]) -> None:
+def check_script(script: str, args: list[str], launcher: str = "python") -> None:
     """A Python script or module as the launchers and python start it."""
     if script == "pretrain.py":
-        check_pretrain(args)
+        check_pretrain(args, launcher)
     elif script.endswith(".py"):
         if script.startswith("runs/"):
             return  # written into a run dir by the run (DeepSpeed's zero_to_fp32.py), not shipped
@@ -128,7 +135,7 @@ def check_torchrun(args: list[str]) -> None:
     assert parsed.training_script_args == given, (
         f"torchrun took some of the script's arguments for its own: the script gets "
         f"{parsed.training_script_args}, the line gives {given}")
-    check_script(parsed.training_script, parsed.training_script_args)
+    check_script(parsed.training_script, parsed.training_script_args, "torchrun")
 
 
 def check_deepspeed(args: list[str]) -> None:
@@ -137,7 +144,7 @@ def check_deepspeed(args: list[str]) -> None:
     parsed = parse_args(args)
     script_at = args.index(parsed.user_script)
     assert parsed.user_args == args[script_at + 1:], (parsed.user_args, args[script_at + 1:])
-    check_script(parsed.user_script, parsed.user_args)
+    check_script(parsed.user_script, parsed.user_args, "deepspeed")
 
 
 def check_make(args: list[str]) -> None:
@@ -172,7 +179,7 @@ def check(line: Line) -> bool:
     elif program == "bash" and args:
         assert (REPO / args[0]).is_file(), f"{args[0]}: no such script"
     elif program in ("srun", "sbatch", "mpirun", "salloc") and "pretrain.py" in args:
-        check_pretrain(args[args.index("pretrain.py") + 1:])
+        check_pretrain(args[args.index("pretrain.py") + 1:], launcher=None)  # the engine is the script's choice
     else:
         return False
     return True
