@@ -73,7 +73,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
         vote.close()
         if ckpt is not None:
             ckpt.wait()  # committed: the closing line may name it
-        reason = f"train.max_steps={t.max_steps}" if step == t.max_steps else "stop signal"
+        reason = f"train.max_steps={t.max_steps}" if t.max_steps is not None and step >= t.max_steps else "stop signal"
     finally:
         batches.close()
         metrics.close()
