@@ -155,14 +155,14 @@ def test_kernel_compiles_for_sm90_with_128_bit_accesses_when_aligned(monkeypatch
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = triton.jit(adamw_module._adamw_kernel)
     pointers = dict(tensor_table="*i64", weight_decays="*fp32", chunk_table="*i64", lr_ptr="*fp32",
-                    step_ptr="*i64", grad_scale_ptr="*fp32")
+                    step_ptr="*i64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32")
     signature = {**pointers, "beta1": "fp32", "beta2": "fp32", "eps": "fp32",
-                 **{name: "constexpr" for name in ("PARAM_DTYPE", "GRAD_DTYPE", "HAS_GRAD_SCALE", "ALIGNED",
-                                                   "CHUNK", "BLOCK")}}
+                 **{name: "constexpr" for name in ("PARAM_DTYPE", "GRAD_DTYPE", "HAS_GRAD_SCALE", "HAS_FOUND_INF",
+                                                   "ALIGNED", "CHUNK", "BLOCK")}}
     aligned_args = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers))}  # as Triton's launcher does
     for aligned in (True, False):
         constants = dict(PARAM_DTYPE=getattr(tl, param_dtype), GRAD_DTYPE=getattr(tl, param_dtype),
-                         HAS_GRAD_SCALE=True, ALIGNED=aligned, CHUNK=adamw_module.CHUNK, BLOCK=adamw_module.BLOCK)
+                         HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=aligned, CHUNK=adamw_module.CHUNK, BLOCK=adamw_module.BLOCK)
         compiled = triton.compile(ASTSource(kernel, signature, constants, aligned_args),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         ptx = compiled.asm["ptx"]

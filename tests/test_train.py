@@ -22,7 +22,7 @@ from evertrain.pretrain.metrics import Metrics, drop_records_after
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_gib", "time",
-              "data_version"}  # and "mfu" where the device's peak is known (not on CPU)
+              "data_version", "nonfinite_steps"}  # and "mfu" where the device's peak is known (not on CPU)
 EVAL_KEYS = {"kind", "step", "tokens", "val_loss", "eval_s", "time"}
 
 

@@ -3,6 +3,7 @@
 The math is torch.optim.AdamW's (decoupled weight decay, bias correction):
 
     g = g * grad_scale                       (optional: the clip coefficient, a device tensor)
+    (no update at all when the optional device flag found_inf is 1: a non-finite gradient's step)
     p = p * (1 - lr * wd)
     m = lerp(m, g, 1 - beta1)                 v = beta2 * v + (1 - beta2) * g * g
     p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
@@ -54,10 +55,10 @@ class OptimizerError(EvertrainError, ValueError):
 # rebuilt and uploaded only when they do.
 
 
-def _adamw_kernel(tensor_table, weight_decays, chunk_table, lr_ptr, step_ptr, grad_scale_ptr,
+def _adamw_kernel(tensor_table, weight_decays, chunk_table, lr_ptr, step_ptr, grad_scale_ptr, found_inf_ptr,
                   beta1, beta2, eps,
                   PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_table + 2 * chunk)
     start = tl.multiple_of(tl.load(chunk_table + 2 * chunk + 1), BLOCK)  # chunks start at multiples of CHUNK
@@ -85,10 +86,15 @@ def _adamw_kernel(tensor_table, weight_decays, chunk_table, lr_ptr, step_ptr, gr
     decay = 1.0 - lr * tl.load(weight_decays + tensor)
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr)
+    limit = numel
+    if HAS_FOUND_INF:  # a skipped step: every access masked off, so nothing is read or written
+        limit = tl.where(tl.load(found_inf_ptr) != 0.0, 0, numel)
+        if ALIGNED:
+            limit = tl.multiple_of(limit, 16)  # 0 or numel: the alignment facts still hold
 
     for offset in range(0, CHUNK, BLOCK):
         idx = start + offset + tl.arange(0, BLOCK)
-        mask = idx < numel
+        mask = idx < limit
         p = tl.load(param_ptr + idx, mask=mask).to(tl.float32)
         g = tl.load(grad_ptr + idx, mask=mask).to(tl.float32)
         m = tl.load(exp_avg_ptr + idx, mask=mask)
@@ -126,7 +132,7 @@ PARAM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, weight_decays, *, lr, step, beta1, beta2, eps,
-                 grad_scale=None, cache=None, chunk=CHUNK, block=BLOCK):
+                 grad_scale=None, found_inf=None, cache=None, chunk=CHUNK, block=BLOCK):
     """One AdamW update of the given tensors (plain local tensors, contiguous) in one launch per
     (param dtype, grad dtype). `cache` (a dict the caller keeps) saves re-uploading unchanged tables."""
     if chunk % block:
@@ -144,9 +150,11 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, weight_decays, *, lr, ste
         _kernel()[(chunk_table.shape[0],)](
             tensor_table, wd_table, chunk_table, lr, step,
             lr if grad_scale is None else grad_scale,  # any pointer when unused: HAS_GRAD_SCALE=False
+            lr if found_inf is None else found_inf,
             float(beta1), float(beta2), float(eps),
             PARAM_DTYPE=getattr(tl, PARAM_DTYPES[param_dtype]), GRAD_DTYPE=getattr(tl, PARAM_DTYPES[grad_dtype]),
-            HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=aligned, CHUNK=chunk, BLOCK=block,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
+            CHUNK=chunk, BLOCK=block,
             enable_fp_fusion=True)  # FMA, as torch's CUDA kernels; explicit, so Triton 3.9 does not warn
 
 
@@ -184,7 +192,7 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, weight_decays, *, lr, step, beta1, beta2, eps,
-                grad_scale=None):
+                grad_scale=None, found_inf=None):
     """The same update through torch's fused AdamW op (CPU, CUDA, MPS), which reads lr and the step
     from tensors. It wants one dtype across p, g, m, v, so bf16/fp16 params are updated through a
     float32 copy; and one weight decay per call."""
@@ -202,7 +210,8 @@ def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, weight_decays, *, lr, step
             gs32 = torch._foreach_mul(gs32, grad_scale.to(torch.float32).reshape(()))
         torch._fused_adamw_(ps32, gs32, [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx], [],
                             [step] * len(idx), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                            eps=eps, amsgrad=False, maximize=False)
+                            eps=eps, amsgrad=False, maximize=False,
+                            found_inf=None if found_inf is None else found_inf.to(torch.float32).reshape(()))
         if ps32 is not ps:
             torch._foreach_copy_(ps, ps32)
 
@@ -239,6 +248,7 @@ class AdamW(torch.optim.Optimizer):
         self.step_count = torch.zeros((), dtype=torch.int64, device=device)  # updates done
         self.lr = schedule(self.step_count).reshape(1).to(device=device, dtype=torch.float32)
         self.grad_scale: torch.Tensor | None = None  # set per step by the caller, e.g. the clip coefficient
+        self.found_inf: torch.Tensor | None = None  # set per step by the caller: 1.0 drops the update
         self._updated: set[int] = set()  # ids of the tensors updated at the current step_count
         self._tables: dict = {}  # the Triton launch tables of the last step, per launch
 
@@ -308,10 +318,11 @@ class AdamW(torch.optim.Optimizer):
         for (beta1, beta2, eps), (ps, gs, ms, vs, wds) in buckets.items():
             if self.impl == "triton":
                 adamw_triton(ps, [g.contiguous() for g in gs], ms, vs, wds, lr=self.lr, step=self.step_count,
-                             beta1=beta1, beta2=beta2, eps=eps, grad_scale=self.grad_scale, cache=self._tables)
+                             beta1=beta1, beta2=beta2, eps=eps, grad_scale=self.grad_scale,
+                             found_inf=self.found_inf, cache=self._tables)
             else:
                 adamw_torch(ps, gs, ms, vs, wds, lr=self.lr, step=self.step_count, beta1=beta1, beta2=beta2,
-                            eps=eps, grad_scale=self.grad_scale)
+                            eps=eps, grad_scale=self.grad_scale, found_inf=self.found_inf)
         return loss
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from evertrain import safe_json
 from evertrain.errors import EvertrainError
 from evertrain.launch.evals import EvalHooks, hooks_from_args, run_hooks
 from evertrain.pretrain.checkpoint import store
@@ -259,7 +260,7 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
             last_dir = ckpt.latest()
             tokens = store.read_meta(last_dir)["tokens"]
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"kind": "eval", "step": last, "tokens": tokens,
+                f.write(safe_json.dumps({"kind": "eval", "step": last, "tokens": tokens,
                                     "val_loss": scores["val_loss"]}) + "\n")
             publish_final(out, last_dir)
             result = {"from_step": step, "cooldown_steps": cooldown_steps, "shape": args.shape, "tokens": tokens,
@@ -289,7 +290,7 @@ def write_result(out: Path, result: dict, hooks: EvalHooks, cfg: Config | None =
         cfg = cfg or load_config(out / "config.yaml")
         print(f"fork: running eval hooks on {out / 'final'} (log: {out / 'eval.log'})", flush=True)
         result = {**result, "evals": run_hooks(hooks, out, out / "final", cfg)}
-    store.atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+    store.atomic_write_text(out / "result.json", safe_json.dumps(result, indent=1))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     evals = f", evals {json.dumps(result['evals'])}" if "evals" in result else ""
     print(f"fork: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}) at {result['tokens']} tokens"

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evertrain import safe_json
 from evertrain.errors import EvertrainError
 from evertrain.launch.fork import cooldown_dir_name, read_result
 from evertrain.pretrain.checkpoint import store
@@ -297,7 +298,7 @@ def run_sweep(plan: SweepPlan, out: str | Path, parallel: int = 2, echo=print) -
     run_jobs(plan, out, jobs, parallel=parallel, echo=echo)
     results = collect(plan, out)
     results["wall_s_this_invocation"] = time.monotonic() - started
-    text = json.dumps(results, indent=1)
+    text = safe_json.dumps(results, indent=1)
     store.atomic_write_text(out / "results.json", text)
     return json.loads(text)  # as a reader of results.json sees it: horizons as string keys
 

@@ -83,6 +83,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     peak_tflops: float | None = None  # per device, for MFU; None = by device name (hardware.py), none on CPU
     compile: bool = False  # torch.compile each transformer block
+    on_nonfinite: str = "stop"  # stop | skip: a NaN/Inf loss or gradient stops the run, or drops that update
 
 
 @dataclass
@@ -139,6 +140,7 @@ _CHOICES = {
     "optim.impl": ("auto", "triton", "torch"),
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.on_nonfinite": ("stop", "skip"),
     "engine.name": ("auto", "single", "deepspeed", "fsdp"),
     "logging.wandb": ("disabled", "online", "offline"),
     "logging.mlflow": ("disabled", "enabled"),

@@ -7,9 +7,11 @@ them unconditionally. Records are plain dicts of host numbers: the loop decides 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
+from evertrain import safe_json
 from evertrain.pretrain.console import Console
 from evertrain.pretrain.loggers import check_installed, open_sinks
 
@@ -75,11 +77,11 @@ class Metrics:
         """Append one record, e.g. {"kind": "train", "step": 10, "loss": 5.1, ...}."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(safe_json.dumps(record) + "\n")  # NaN -> null + "nonfinite": [keys]
         self.file.flush()  # readers (report, forker) tail this file while the run goes on
         kind, step = record["kind"], record["step"]
         numbers = {k: v for k, v in record.items()
-                   if k not in ("kind", "step", "time") and isinstance(v, (int, float))}
+                   if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tb is not None:
             for key, value in numbers.items():
                 self.tb.add_scalar(f"{kind}/{key}", value, global_step=step)

@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from evertrain import safe_json
 from evertrain.errors import EvertrainError
 
 LATEST = "LATEST"
@@ -116,7 +117,7 @@ def commit(tmp_dir: Path, meta: dict) -> Path:
     tmp_dir = Path(tmp_dir)
     ckpt_dir = tmp_dir.parent
     final = ckpt_dir / step_dir_name(meta["step"])
-    atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1, sort_keys=True))
+    atomic_write_text(tmp_dir / META, safe_json.dumps(meta, indent=1, sort_keys=True))
     for marker in tmp_dir.glob("done.*"):
         marker.unlink()
     fsync_dir(tmp_dir)

@@ -86,9 +86,12 @@ class Engine:
             dist.destroy_process_group()
 
 
-def clip_with_grad_scale(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+def clip_with_grad_scale(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
+                         skip_nonfinite: bool = False) -> torch.Tensor:
     """Global L2 grad norm, and the clip coefficient handed to the optimizer instead of rescaling the
     gradients in place: min(1, max_norm / (norm + 1e-6)), computed on device (no host sync).
+    With `skip_nonfinite` the optimizer also gets found_inf = "the norm is NaN/Inf", so it drops this
+    step's update on the device (train.on_nonfinite=skip); the norm is global, so all ranks agree.
 
     With FSDP2 the gradients are sharded DTensors: their norm is a partial result that
     `full_tensor()` all-reduces into the global norm.
@@ -99,6 +102,8 @@ def clip_with_grad_scale(model: nn.Module, optimizer: torch.optim.Optimizer, max
         norm = norm.full_tensor()
     if max_norm > 0:
         optimizer.grad_scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0).reshape(1)
+    if skip_nonfinite:
+        optimizer.found_inf = (~torch.isfinite(norm)).float().reshape(1)
     return norm
 
 

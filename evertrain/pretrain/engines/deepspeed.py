@@ -119,6 +119,11 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, cfg: Config, schedule):
         require_launcher("deepspeed")
+        if cfg.train.on_nonfinite == "skip":
+            # ZeRO calls our optimizer per partition, after its own clipping: there is no global
+            # "this step is bad" flag to hand it without a host sync, so a skip cannot be exact.
+            raise ConfigError("train.on_nonfinite=skip: not supported by the deepspeed engine; use stop "
+                              "(or the single/fsdp engines)")
         rank, local_rank, world_size = rank_and_world()
         device = pick_device(cfg.train.device, local_rank)
         if device.type == "cpu":

@@ -19,6 +19,7 @@ class SingleEngine(Engine):
         super().__init__(model=model, raw_model=model, optimizer=optimizer, device=device,
                          autocast_dtype=compute_dtype(cfg, device))
         self.grad_clip = cfg.optim.grad_clip
+        self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros((), device=self.device)
@@ -26,7 +27,7 @@ class SingleEngine(Engine):
             loss = self.forward_loss(windows)
             (loss / len(micro_batches)).backward()
             total += loss.detach()
-        grad_norm = clip_with_grad_scale(self.model, self.optimizer, self.grad_clip)
+        grad_norm = clip_with_grad_scale(self.model, self.optimizer, self.grad_clip, self.skip_nonfinite)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(micro_batches), grad_norm
