@@ -22,6 +22,7 @@ from evertrain.pretrain.data import TokenStream
 from evertrain.pretrain.distributed import detect_launcher, rank_and_world
 from evertrain.pretrain.loop import train
 from evertrain.pretrain.preflight import preflight
+from evertrain.pretrain.run_lock import RunLock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,7 +70,7 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    engine = ckpt = None
+    engine = ckpt = lock = None
     try:
         overrides = list(args.overrides) + ([f"engine.name={args.engine}"] if args.engine else [])
         cfg = load_config(args.config, overrides)
@@ -77,17 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        check_run_dir(run_dir, cfg)  # on every rank, before any heavy start-up
         rank, local_rank, _ = rank_and_world()
+        if rank == 0:  # the trainer's rank 0 holds it; before anything is written
+            lock = RunLock.acquire(run_dir)
+        check_run_dir(run_dir, cfg)  # on every rank, before any heavy start-up
         # checksums once per node (shards may live on node-local disks); warnings once per run
         preflight(cfg, verify_checksums=local_rank == 0, quiet=rank != 0)
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
         engine = engines.create(engine_config(run_dir, cfg), launcher=detect_launcher(os.environ, args.local_rank))
-        if engine.is_main:
-            write_config(run_dir, cfg)
-        engine.barrier()
         ckpt = CheckpointManager(run_dir, cfg, engine)
-        train(cfg, run_dir, engine, stream, ckpt)
+        # config.yaml describes a run that started: written once the checkpoint and data checks passed,
+        # so a refused start does not leave a config that then refuses the corrected one
+        started = (lambda: write_config(run_dir, cfg)) if engine.is_main else None
+        train(cfg, run_dir, engine, stream, ckpt, started=started)
         return 0
     except EvertrainError as exc:
         rank = rank_and_world()[0]
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             ckpt.close()
         if engine is not None:
             engine.close()
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

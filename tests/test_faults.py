@@ -81,3 +81,183 @@ def test_crafted_torch_files_run_nothing_even_where_deepspeed_asks_for_a_full_un
         CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume()
     assert not marker.exists()
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # the scope is restored
+
+
+# -- 2. non-finite training ----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN/Infinity, as most parsers outside Python do."""
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def pretrain(run_dir: Path, data: Path, *overrides: str) -> int:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_script", REPO / "pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
+                        f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4",
+                        "engine.name=single", "eval.every_steps=0", *overrides])
+
+
+def test_a_diverging_run_stops_non_zero_with_a_finite_latest_and_valid_json(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = pretrain(run, tiny_data, "optim.max_lr=1e3", "optim.warmup_steps=1", "train.max_steps=40",
+                  "train.log_every=5", "checkpoint.every_steps=5", "checkpoint.keep_last=1")
+    err = capsys.readouterr().err
+    assert rc == 2 and "not finite at step" in err and "Traceback" not in err
+    rows = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["nonfinite_steps"] > 0 and rows[-1]["nonfinite"]
+    bad_step = int(err.split("not finite at step ")[1].split()[0])
+    latest = store.latest_checkpoint(run / "checkpoints")
+    assert store.step_of(latest) < bad_step  # nothing was committed after the first bad step
+    strict_json((latest / store.META).read_text())
+    full = load_consolidated(latest)
+    assert all(torch.isfinite(t).all() for t in full["model"].values())
+
+
+def test_skip_drops_the_bad_update_and_counts_it(tiny_data, tmp_path, monkeypatch):
+    from evertrain.pretrain import engines
+    from evertrain.pretrain.data import TokenStream
+    from evertrain.pretrain.loop import train
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4",
+                       "engine.name=single", "eval.every_steps=0", "train.max_steps=4", "train.log_every=2",
+                       "train.on_nonfinite=skip"])
+    engine = engines.create(cfg)
+    stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+    calls, before = {"n": 0}, {}
+    forward_loss = engine.forward_loss
+
+    def poisoned_third_step(windows):
+        calls["n"] += 1
+        loss = forward_loss(windows)
+        if calls["n"] == 3:
+            before.update({k: v.detach().clone() for k, v in engine.raw_model.state_dict().items()})
+            before.update({f"m.{i}": s["exp_avg"].clone() for i, s in enumerate(engine.optimizer.state.values())})
+            return loss * float("nan")
+        return loss
+    monkeypatch.setattr(engine, "forward_loss", poisoned_third_step)
+    step_3 = {}
+    step = engine.train_step
+    def capture(batches):
+        out = step(batches)
+        if calls["n"] == 3:
+            step_3.update({k: v.detach().clone() for k, v in engine.raw_model.state_dict().items()})
+            step_3.update({f"m.{i}": s["exp_avg"].clone() for i, s in enumerate(engine.optimizer.state.values())})
+        return out
+    monkeypatch.setattr(engine, "train_step", capture)
+    assert train(cfg, tmp_path / "run", engine, stream, ckpt=None) == 4
+    assert before and all(torch.equal(before[k], step_3[k]) for k in before)  # weights and moments untouched
+    rows = [strict_json(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["nonfinite_steps"]) for r in rows] == [(2, 0), (4, 1)]
+    assert rows[1]["loss"] is not None  # the window's mean is over its finite steps
+    assert all(torch.isfinite(p).all() for p in engine.raw_model.parameters())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_adamw_found_inf_leaves_weights_and_moments_alone(impl, monkeypatch):
+    from evertrain.kernels.adamw import AdamW
+    from evertrain.pretrain.schedule import Schedule
+    from evertrain.pretrain.config import OptimConfig
+
+    if impl == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = AdamW([p], Schedule.from_config(OptimConfig(warmup_steps=1)), weight_decay=0.1, impl=impl)
+    p.grad = torch.randn(64)
+    opt.step()
+    weights, moments = p.detach().clone(), opt.state[p]["exp_avg"].clone()
+    p.grad = torch.full((64,), float("nan"))
+    opt.found_inf = torch.ones(1)
+    opt.step()
+    assert torch.equal(p.detach(), weights) and torch.equal(opt.state[p]["exp_avg"], moments)
+    p.grad = torch.randn(64)
+    opt.found_inf = torch.zeros(1)
+    opt.step()
+    assert not torch.equal(p.detach(), weights) and torch.isfinite(p).all()
+
+
+def test_safe_json_writes_null_and_names_the_key():
+    from evertrain import safe_json
+
+    text = safe_json.dumps({"loss": float("nan"), "x": [1.0, float("inf")], "ok": 2.5})
+    assert strict_json(text) == {"loss": None, "x": [1.0, None], "ok": 2.5, "nonfinite": ["loss", "x[1]"]}
+
+
+# -- 3. one trainer per run dir -------------------------------------------------------------------------
+
+def test_a_second_trainer_is_refused_at_once_and_a_dead_holders_lock_is_taken_over(tiny_data, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom evertrain.pretrain.run_lock import RunLock\n"
+         "RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert pretrain(run, tiny_data, "train.max_steps=2") == 2
+        err = capsys.readouterr().err
+        assert f"another trainer is using this run dir (host " in err and f"pid {holder.pid}, since " in err
+        assert err.count("\n") == 1
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written: no config, metrics
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0  # taken over
+    assert (run / "config.yaml").is_file() and store.latest_checkpoint(run / "checkpoints") is not None
+
+
+# -- 4. data identity ---------------------------------------------------------------------------------------
+
+def swapped_copy(data: Path, out: Path, *, shard: bool = False, tokenizer: bool = False) -> Path:
+    """A copy of a data dir with one train shard's tokens or the tokenizer file changed, and the
+    manifest's sha256 updated to match (a consistent, different data dir)."""
+    import shutil
+
+    from evertrain.pretrain.data import MANIFEST, file_sha256
+
+    shutil.copytree(data, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    if shard:
+        entry = manifest["train"][0]
+        path = out / entry["file"]
+        raw = bytearray(path.read_bytes())
+        raw[:64] = raw[64:128]
+        path.write_bytes(bytes(raw))
+        entry["sha256"] = file_sha256(path)
+    if tokenizer:
+        path = out / manifest["tokenizer"]["path"]
+        path.write_bytes(path.read_bytes() + b"\0")
+        manifest["tokenizer"]["sha256"] = file_sha256(path)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def test_resume_refuses_other_data_and_config_yaml_waits_for_the_checks(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0
+    config_before = (run / "config.yaml").read_text()
+    for name, kwargs, expected in (("shards", {"shard": True}, "are not the"),
+                                   ("tok", {"tokenizer": True}, "tokenizer sha256")):
+        other = swapped_copy(tiny_data, tmp_path / name, **kwargs)
+        capsys.readouterr()
+        assert pretrain(run, other, "train.max_steps=4") == 2
+        err = capsys.readouterr().err
+        assert expected in err and "is data.path the directory the run used?" in err and err.count("\n") == 1
+        assert (run / "config.yaml").read_text() == config_before  # the refused start wrote nothing
+    fresh = tmp_path / "fresh"
+    assert pretrain(fresh, tiny_data, "model.vocab_size=256", "train.max_steps=2") == 2
+    assert "model.vocab_size=256 is smaller than the 512-token vocabulary" in capsys.readouterr().err
+    assert not (fresh / "config.yaml").exists()
+    assert pretrain(fresh, tiny_data, "train.max_steps=2") == 0  # the corrected config is accepted

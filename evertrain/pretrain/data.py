@@ -215,6 +215,35 @@ def check_extends(old: Manifest, new: Manifest) -> None:
                             f"{new.weight(source)}; the stream already trained on it with the old weight")
 
 
+def shards_digest(shards) -> str:
+    """sha256 over a split's shard list (names and contents' sha256, in order)."""
+    blob = json.dumps([[shard.file, shard.sha256] for shard in shards]).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def data_identity(manifest: Manifest, split: str) -> dict:
+    """What a checkpoint records of the data it trained on: the tokenizer and the shard list."""
+    return {"tokenizer_sha256": manifest.tokenizer["sha256"], "shards_digest": shards_digest(manifest.shards(split)),
+            "shards": len(manifest.shards(split))}
+
+
+def check_identity(state: dict, then: Manifest, split: str) -> None:
+    """A resumed stream reads the data it was saved with: the same tokenizer, and the same shards up
+    to the saved manifest version (appends after it are the only change allowed). States written
+    before the identity was recorded have no keys to compare and pass."""
+    if "tokenizer_sha256" not in state:
+        return
+    here = data_identity(then, split)
+    path = then.data_dir / MANIFEST
+    if state["tokenizer_sha256"] != here["tokenizer_sha256"]:
+        raise DataError(f"{path}: tokenizer sha256 {here['tokenizer_sha256'][:12]} is not the one the checkpoint "
+                        f"trained with ({state['tokenizer_sha256'][:12]}); is data.path the directory the run used?")
+    if state.get("shards_digest") != here["shards_digest"]:
+        raise DataError(f"{path}: its first {here['shards']} {split} shards (digest {here['shards_digest'][:12]}) "
+                        f"are not the {state.get('shards')} the checkpoint trained on (digest "
+                        f"{str(state.get('shards_digest'))[:12]}); is data.path the directory the run used?")
+
+
 def no_windows_error(manifest: Manifest, split: str, seq_len: int) -> DataError:
     shards = manifest.shards(split)
     if not shards:
@@ -297,6 +326,7 @@ class TokenStream:
 
     def _use(self, manifest: Manifest) -> None:
         self.manifest = manifest
+        self.identity = data_identity(manifest, self.split)  # per manifest, not per state_dict() (per batch)
         self.layout = EpochLayout.of(manifest, self.split, self.seq_len)
         self.orders.clear()
         if self.layout.length == 0:
@@ -340,7 +370,7 @@ class TokenStream:
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "epoch": self.epoch, "epoch_start": self.epoch_start,
-                "manifest_version": self.manifest_version}
+                "manifest_version": self.manifest_version, **self.identity}
 
     def load_state_dict(self, state: dict) -> None:
         """Go back to a saved position and to the manifest version it was read with; `refresh()`
@@ -353,6 +383,7 @@ class TokenStream:
             raise DataError(f"{self.data_dir / MANIFEST}: is at version {current.version} but the checkpoint "
                             f"read version {state['manifest_version']}; is data.path the directory the run used?")
         then = current.at_version(state["manifest_version"])
+        check_identity(state, then, self.split)
         length = EpochLayout.of(then, self.split, self.seq_len).length
         if not 0 <= state["cursor"] - state["epoch_start"] <= length:
             raise DataError(f"data state: cursor {state['cursor']} is outside epoch {state['epoch']} "

@@ -1,12 +1,14 @@
 """The training loop, the same for every engine and for forked cooldowns.
 
-    batch (read ahead: prefetch.py) -> engine.train_step (micro-batches, clip, step) -> [log step: one host sync, metrics]
-          -> [eval step] -> [checkpoint step: refresh data, save] -> stop?
+    batch (read ahead: prefetch.py) -> engine.train_step (micro-batches, clip, step) -> non-finite flag (device)
+          -> [log step: one host sync, metrics] -> [eval step]
+          -> [checkpoint step: non-finite check, refresh data, save] -> stop?
 
-Steady-state steps never wait for the device: losses are summed on device and pulled to the host
-only on log steps, and the stop decision is a vote on CPU tensors (distributed.StopVote). Batches come
-from a prefetch.Prefetcher over the stream: read ahead in a background thread, already on the device,
-and checkpoints save the position of the last batch trained, not of the last one read.
+Steady-state steps never wait for the device: losses and non-finite flags are summed on device and
+pulled to the host only on log and checkpoint steps (nonfinite.py), and the stop decision is a vote
+on CPU tensors (distributed.StopVote). Batches come from a prefetch.Prefetcher over the stream: read
+ahead in a background thread, already on the device, and checkpoints save the position of the last
+batch trained, not of the last one read.
 """
 from __future__ import annotations
 
@@ -27,17 +29,23 @@ from evertrain.pretrain.hardware import peak_memory_gib, peak_tflops
 from evertrain.pretrain.metrics import Metrics
 from evertrain.pretrain.model import flops_per_token
 from evertrain.pretrain.prefetch import Prefetcher
+from evertrain.pretrain.nonfinite import NonFiniteWatch
 
 
-def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, start: dict | None = None) -> int:
+def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, start: dict | None = None,
+          started=None) -> int:
     """Train from the run's latest checkpoint (else `start`, else step 0) until `train.max_steps` or a
-    SIGTERM/SIGINT, checkpointing on the way out. `ckpt` may be None (no checkpoints). Returns the
-    last step done."""
+    SIGTERM/SIGINT, checkpointing on the way out. `ckpt` may be None (no checkpoints). `started()`,
+    if given, is called once the checkpoint and the data were loaded and checked, before the first
+    step. Returns the last step done."""
     t, eval_every, ckpt_every = cfg.train, cfg.eval.every_steps, cfg.checkpoint.every_steps
-    step, tokens = resume(engine, stream, ckpt, start)
+    step, tokens, nonfinite_before = resume(engine, stream, ckpt, start)
+    watch = NonFiniteWatch(engine, t.on_nonfinite, nonfinite_before)
     global_windows = t.micro_batch_size * t.grad_accum * engine.world_size
     tokens_per_step = global_windows * cfg.model.seq_len
     val = load_val_batches(cfg, engine) if eval_every else []
+    if started is not None:
+        started()
     metrics = Metrics(run_dir, engine.is_main, step, t.max_steps, cfg=cfg)
     metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
     window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops))
@@ -51,20 +59,25 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                 batch = batches.next_batch()
                 loss, grad_norm = engine.train_step(list(batch.split(t.micro_batch_size)))
                 step, tokens = step + 1, tokens + tokens_per_step
-                window.add(loss)
+                window.add(loss, watch.observe(step, loss, grad_norm))
                 metrics.advance()
                 stop = vote(signals.received) or step == t.max_steps
                 log_now = stop or step % t.log_every == 0
                 if log_now:
-                    metrics.write(window.record(step, tokens, grad_norm, batches.manifest_version))
+                    nonfinite = watch.read()
+                    metrics.write({**window.record(step, tokens, grad_norm, batches.manifest_version),
+                                   "nonfinite_steps": nonfinite})
+                    watch.enforce()  # after the record, so metrics.jsonl shows the divergence
                 if eval_every and step % eval_every == 0:
                     started = time.perf_counter()
                     val_loss = evaluate(engine, val)["val_loss"]
                     metrics.write({"kind": "eval", "step": step, "tokens": tokens, "val_loss": val_loss,
                                    "eval_s": time.perf_counter() - started, "time": time.time()})
                 if ckpt is not None and (stop or (ckpt_every and step % ckpt_every == 0)):
+                    nonfinite = watch.read()
+                    watch.enforce()  # never commit a checkpoint made after a non-finite step (stop mode)
                     refresh_data(batches, engine)  # appended shards join after this step (prefetch.py)
-                    ckpt.save(step, {"tokens": tokens, "data": batches.state_dict()})
+                    ckpt.save(step, {"tokens": tokens, "data": batches.state_dict(), "nonfinite_steps": nonfinite})
                     saved = step
                 if log_now:
                     window.restart(tokens)  # eval and checkpoint time is not training throughput
@@ -81,40 +94,43 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     return step
 
 
-def resume(engine: Engine, stream, ckpt, start: dict | None) -> tuple[int, int]:
-    """(step, tokens) to continue from; the stream is moved to the matching position.
+def resume(engine: Engine, stream, ckpt, start: dict | None) -> tuple[int, int, int]:
+    """(step, tokens, non-finite steps so far) to continue from; the stream is moved to the matching
+    position.
 
     The run's own latest checkpoint wins; `start` is where a fork branches off (the `extra` of the
     checkpoint the caller already loaded into the engine)."""
     extra = ckpt.resume() if ckpt is not None else None
     extra = extra or start
     if extra is None:
-        return 0, 0
+        return 0, 0, 0
     stream.load_state_dict(extra["data"])
     refresh_data(stream, engine)  # shards appended while the run was down
-    return int(extra["step"]), int(extra["tokens"])
+    return int(extra["step"]), int(extra["tokens"]), int(extra.get("nonfinite_steps") or 0)
 
 
 class LogWindow:
     """Sums the loss on device between log steps and turns it into one metrics record with a single
-    host sync: `loss` is the mean over the window (all ranks), `lr` and `grad_norm` those of the log
-    step, `tokens_per_s` and `step_time_s` the window's throughput, `mfu` the model FLOPs done per
-    second over the peak of all devices (only when the peak is known), `peak_mem_gib` this rank's
-    peak memory (hardware.py)."""
+    host sync: `loss` is the mean over the window's finite steps (all ranks; NaN when there were none),
+    `lr` and `grad_norm` those of the log step, `tokens_per_s` and `step_time_s` the window's
+    throughput, `mfu` the model FLOPs done per second over the peak of all devices (only when the
+    peak is known), `peak_mem_gib` this rank's peak memory (hardware.py)."""
 
     def __init__(self, engine: Engine, tokens: int, flops_per_token: float = 0.0, peak_tflops: float | None = None):
         self.engine = engine
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.loss_sum = torch.zeros((), device=engine.device)
-        self.steps = 0
+        self.finite_steps = torch.zeros((), device=engine.device)
         self.start_tokens, self.start_time = tokens, time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.detach().float()
-        self.steps += 1
+    def add(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
+        """`bad`: this step's non-finite flag; a skipped step must not turn the window's mean to NaN."""
+        self.loss_sum += torch.where(bad, 0.0, loss.detach().float())
+        self.finite_steps += ~bad
 
     def record(self, step: int, tokens: int, grad_norm: torch.Tensor, data_version: int) -> dict:
-        mean_loss = self.engine.all_reduce_mean(self.loss_sum / max(self.steps, 1))
+        mean = torch.where(self.finite_steps > 0, self.loss_sum / self.finite_steps.clamp(min=1), float("nan"))
+        mean_loss = self.engine.all_reduce_mean(mean)
         lr = self.engine.optimizer.lr.reshape(())
         loss, lr, grad_norm = torch.stack([mean_loss, lr.float(), grad_norm.reshape(()).float()]).tolist()
         elapsed = time.perf_counter() - self.start_time
@@ -129,7 +145,7 @@ class LogWindow:
 
     def restart(self, tokens: int) -> None:
         self.loss_sum.zero_()
-        self.steps = 0
+        self.finite_steps.zero_()
         self.start_tokens, self.start_time = tokens, time.perf_counter()
 
 
