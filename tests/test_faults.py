@@ -261,3 +261,68 @@ def test_resume_refuses_other_data_and_config_yaml_waits_for_the_checks(tiny_dat
     assert "model.vocab_size=256 is smaller than the 512-token vocabulary" in capsys.readouterr().err
     assert not (fresh / "config.yaml").exists()
     assert pretrain(fresh, tiny_data, "train.max_steps=2") == 0  # the corrected config is accepted
+
+
+# -- 5. forker hardening ------------------------------------------------------------------------------------
+
+INJECTIONS = ["node1;touch/tmp/pwned", "node1;reboot", "$(touch /tmp/pwned)", "`id`", "a|b", "a&&b", "x>y", "-oProxyCommand=sh"]
+
+
+@pytest.mark.parametrize("host", [h for h in INJECTIONS if " " not in h] + ["node_1", "a" * 64, "-node"])
+def test_hostfile_host_names_must_be_rfc1123(tmp_path, host):
+    from evertrain.launch.nodes import NodePoolError, parse_pool
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{host} slots=1\n")
+    with pytest.raises(NodePoolError, match="is not a host name"):
+        parse_pool(str(hostfile))
+
+
+def test_remote_commands_refuse_shell_metacharacters_and_drop_secrets(tmp_path, monkeypatch):
+    from evertrain.launch.nodes import NodePoolError, parse_pool
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-1.cluster slots=2\nlocalhost slots=1\n")
+    pool = parse_pool(str(hostfile))
+    remote, local = pool.slots[0], pool.slots[1]
+    monkeypatch.chdir(tmp_path)
+    assert "--force_multi" in pool.command(remote, "evertrain.launch.fork", ["--run", "/data/runs/r1"])
+    for word in [w for w in INJECTIONS if not w.startswith("-")] + ["/runs/with space"]:
+        with pytest.raises(NodePoolError, match="remote shell"):
+            pool.command(remote, "evertrain.launch.fork", ["--run", word])
+        assert pool.command(local, "evertrain.launch.fork", ["--run", word])[-1] == word  # no shell locally
+    env = pool.environment({"MLFLOW_TRACKING_PASSWORD": "hunter2", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+                            "AWS_SECRET_ACCESS_KEY": "k", "PYTHONPATH": "/x;touch /tmp/pwned", "HOME": "/root"})
+    assert env == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HOME": "/root"}
+    assert parse_pool("local:1").environment({"HF_TOKEN": "t"}) == {"HF_TOKEN": "t"}  # nothing printed locally
+
+
+def test_state_json_paths_are_confined_to_the_run_dir_and_logs_are_private(tmp_path):
+    from evertrain.launch.forker import ForkerError, Job, load_jobs, open_private_log, save_jobs
+
+    run = tmp_path / "run"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    good = Job("from_10_linear_2", 10, 2, "linear", log=str(run / "cooldowns" / "from_10_linear_2" / "fork.log"),
+               pin=str(run / "checkpoints" / "step_000000010" / "pins" / "forker.from_10_linear_2.json"))
+    state = tmp_path / "state.json"
+    save_jobs(state, {good.name: good})
+    assert load_jobs(state, run)[good.name] == good
+    for bad in ({"pin": str(victim)}, {"log": str(victim)}, {"name": "../.."},
+                {"pin": str(run / "checkpoints" / "step_1" / "pins" / ".." / ".." / ".." / "x.json")}):
+        save_jobs(state, {good.name: dataclasses_replace(good, **bad)})
+        with pytest.raises(ForkerError, match="move the file away"):
+            load_jobs(state, run)
+    assert victim.read_text() == "keep me"
+    log = tmp_path / "fork.log"
+    log.write_text("old\n")
+    log.chmod(0o644)
+    with open_private_log(log) as f:
+        f.write("new\n")
+    assert log.stat().st_mode & 0o777 == 0o600 and log.read_text() == "old\nnew\n"
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

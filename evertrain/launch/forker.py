@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -85,7 +86,10 @@ class ForkerOptions:
 
 # -- state.json ----------------------------------------------------------------------------------
 
-def load_jobs(path: Path) -> dict[str, Job]:
+def load_jobs(path: Path, run_dir: Path | None = None) -> dict[str, Job]:
+    """The queue in state.json. The forker deletes pins and appends to logs at the paths it reads
+    here, so with `run_dir` every path must lie where the forker itself puts them (a crafted state
+    file must not make it unlink or write an arbitrary file)."""
     if not path.is_file():
         return {}
     try:
@@ -93,13 +97,44 @@ def load_jobs(path: Path) -> dict[str, Job]:
         jobs = [Job(**row) for row in rows]
     except (ValueError, KeyError, TypeError):
         raise ForkerError(f"{path}: not a forker state file (move it away to start a fresh queue)") from None
+    for job in jobs if run_dir is not None else ():
+        check_job_paths(path, job, Path(run_dir))
     return {job.name: job for job in jobs}
+
+
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+def check_job_paths(path: Path, job: Job, run_dir: Path) -> None:
+    """`name` a plain dir name; `log` run_dir/cooldowns/<name>/fork.log; `pin` a pins/*.json file of
+    a checkpoint of this run (symlinks resolved, so none can point elsewhere)."""
+    if not isinstance(job.name, str) or not JOB_NAME_RE.match(job.name) or job.name in (".", ".."):
+        raise ForkerError(f"{path}: job name {job.name!r} is not a cooldown dir name; move the file away")
+    run_dir = run_dir.resolve()
+    if job.log and Path(job.log).resolve() != (run_dir / "cooldowns" / job.name / "fork.log").resolve():
+        raise ForkerError(f"{path}: job {job.name}: log {job.log!r} is not its fork.log under {run_dir / 'cooldowns'}; "
+                          "move the file away")
+    if job.pin:
+        pin_path = Path(job.pin).resolve()
+        checkpoints = (run_dir / "checkpoints").resolve()
+        if not (pin_path.suffix == ".json" and pin_path.parent.name == "pins"
+                and pin_path.parent.parent.parent == checkpoints):
+            raise ForkerError(f"{path}: job {job.name}: pin {job.pin!r} is not a pin file of a checkpoint in "
+                              f"{checkpoints}; move the file away")
 
 
 def save_jobs(path: Path, jobs: dict[str, Job]) -> None:
     state = {"forker_pid": os.getpid(), "updated": time.time(),
              "jobs": [dataclasses.asdict(job) for job in sorted(jobs.values(), key=lambda j: (j.step, j.name))]}
     store.atomic_write_text(path, json.dumps(state, indent=1))
+
+
+def open_private_log(path: Path):
+    """Append to a fork log that only its owner can read: launchers print commands and, with
+    DeepSpeed's multi-node runner, the environment it exports (0600 also for an existing file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "a")
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -181,7 +216,7 @@ class Forker:
             except Timeout:
                 raise ForkerError(f"{lock.lock_file}: another forker is already running on {self.run_dir}") from None
             try:
-                self.jobs = load_jobs(self.state_path)
+                self.jobs = load_jobs(self.state_path, self.run_dir)
                 self.reap()  # adopt what a previous forker left running or finished
                 first = True
                 while True:
@@ -324,13 +359,13 @@ class Forker:
         job.status, job.slot, job.pid, job.pid_started, job.command = "running", slot.name, None, None, command
         job.attempts += 1
         self.save()
-        with open(job.log, "a") as log:
+        with open_private_log(Path(job.log)) as log:
             log.write(f"=== evertrain forker: attempt {job.attempts} on {slot.name} at "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
             log.flush()
             try:  # own session: a Ctrl-C meant for the forker does not reach the forks
                 proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env=self.pool.environment(os.environ))
             except OSError as exc:
                 job.status, job.attempts = "queued", job.attempts - 1
                 raise ForkerError(f"--nodes: cannot start {command[0]!r} for {job.name}: {exc.strerror}") from None

@@ -9,6 +9,7 @@ A pool is a list of slots; the forker runs at most one job per slot. Three kinds
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -21,6 +22,17 @@ from evertrain.errors import EvertrainError
 FIRST_MASTER_PORT = 29610
 LOCAL_HOSTS = ("localhost", "127.0.0.1")
 _HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")
+# RFC 1123 host names (IPv4 addresses match too): labels of letters, digits and inner hyphens
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_RE = re.compile(rf"^(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*$")
+# What a POSIX shell reads as one plain word (shlex.quote leaves these unquoted)
+SHELL_SAFE_RE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+# Environment variables a launcher must not print or put on a remote command line
+SECRET_NAME_RE = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY|AUTH",
+                            re.IGNORECASE)
+# DeepSpeed's multi-node runner exports variables with these prefixes into the remote shell command,
+# unquoted, and logs that command (deepspeed/launcher/runner.py EXPORT_ENVS + the CUDA accelerator's)
+DEEPSPEED_EXPORT_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
 
 
 class NodePoolError(EvertrainError, ValueError):
@@ -54,7 +66,29 @@ class Pool:
         if slot.host not in LOCAL_HOSTS:
             # one included host would otherwise take DeepSpeed's local path and run here, not there
             launcher += ["--force_multi", "--master_addr", slot.host]
+        else:
+            return [*launcher, "--module", module, *args]
+        # DeepSpeed's PDSH runner joins all this into one remote shell string, quoting only
+        # arguments with spaces, and adds `cd <cwd>;`: every word must be shell-inert.
+        for what, word in [("host", slot.host), ("working directory", os.getcwd()), ("module", module),
+                           *(("argument", a) for a in args)]:
+            if not SHELL_SAFE_RE.match(word):
+                raise NodePoolError(f"--nodes {self.hostfile}: {what} {word!r} would reach the remote shell of "
+                                    "deepspeed --force_multi unquoted; use only letters, digits and _@%+=:,./-")
         return [*launcher, "--module", module, *args]
+
+    def environment(self, environ) -> dict[str, str]:
+        """The environment to launch a job with. Hostfile pools drop what DeepSpeed would print into
+        the fork log or put on the remote command line unquoted: secret-looking variables, and
+        exported ones whose values a shell would not read as one plain word."""
+        env = dict(environ)
+        if self.kind != "hostfile":
+            return env
+        for name in list(env):
+            exported = name.startswith(DEEPSPEED_EXPORT_PREFIXES)
+            if SECRET_NAME_RE.search(name) or (exported and env[name] and not SHELL_SAFE_RE.match(env[name])):
+                del env[name]
+        return env
 
 
 def parse_hostfile(path: str | Path) -> dict[str, int]:
@@ -71,6 +105,9 @@ def parse_hostfile(path: str | Path) -> dict[str, int]:
         if match is None:
             raise NodePoolError(f"{path}:{number}: expected 'HOST slots=N', got {line!r}")
         host, slots = match.group(1), int(match.group(2))
+        if not HOST_RE.match(host):
+            raise NodePoolError(f"{path}:{number}: {host!r} is not a host name (RFC 1123: letters, digits, "
+                                "inner hyphens, dot-separated)")
         if slots < 1:
             raise NodePoolError(f"{path}:{number}: slots must be >= 1, got {slots}")
         if host in hosts:
