@@ -121,12 +121,14 @@ class LogWindow:
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.loss_sum = torch.zeros((), device=engine.device)
         self.finite_steps = torch.zeros((), device=engine.device)
+        self.steps = 0
         self.start_tokens, self.start_time = tokens, time.perf_counter()
 
     def add(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
         """`bad`: this step's non-finite flag; a skipped step must not turn the window's mean to NaN."""
         self.loss_sum += torch.where(bad, 0.0, loss.detach().float())
         self.finite_steps += ~bad
+        self.steps += 1
 
     def record(self, step: int, tokens: int, grad_norm: torch.Tensor, data_version: int) -> dict:
         mean = torch.where(self.finite_steps > 0, self.loss_sum / self.finite_steps.clamp(min=1), float("nan"))
@@ -146,6 +148,7 @@ class LogWindow:
     def restart(self, tokens: int) -> None:
         self.loss_sum.zero_()
         self.finite_steps.zero_()
+        self.steps = 0
         self.start_tokens, self.start_time = tokens, time.perf_counter()
 
 
