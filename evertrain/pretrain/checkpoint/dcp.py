@@ -17,6 +17,7 @@ with a background thread.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -24,10 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from evertrain.pretrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, first_line
 from evertrain.pretrain.checkpoint.store import CheckpointError
@@ -79,13 +81,29 @@ class DcpState:
         set_optimizer_state_dict(self.module, self.engine.optimizer,
                                  {"state": state["optim"], "param_groups": optim_sd["param_groups"]})
 
-    def load_full(self, full: dict, source: Path) -> None:
-        """Fill this engine from an engine-neutral consolidated state (see read_full_state)."""
-        missing = [name for name, p in self.module.named_parameters() if p.requires_grad and name not in full["optim"]]
-        if missing:
-            raise CheckpointError(f"{source}: has no optimizer state by parameter name for '{missing[0]}' "
-                                  f"({len(missing)} parameters); resume it with the engine that wrote it")
-        load_full_into_module(self.module, self.engine.optimizer, full)
+    def load_slices(self, reader, source: Path) -> None:
+        """Fill this engine from another engine's checkpoint, reading only this rank's rows of each
+        parameter (all of them for `single`): see checkpoint/slices.py."""
+        from evertrain.pretrain.checkpoint.slices import KEYS, Slice
+
+        if not reader.has_moments:
+            raise CheckpointError(f"{source}: has no optimizer moments; resume it with the engine that wrote it")
+        get_optimizer_state_dict(self.module, self.engine.optimizer)  # creates the state on a fresh optimizer
+        targets, slices = [], []
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name not in reader.shapes or reader.shapes[name] != p.shape:
+                raise CheckpointError(f"{source}: has no parameter '{name}' of shape {tuple(p.shape)}")
+            state = self.engine.optimizer.state[p]
+            local, first_row = local_rows(p)
+            start = first_row * math.prod(p.shape[1:])
+            for key in KEYS:
+                targets.append(_local(p if key == "weight" else state[key]))
+                slices.append(Slice(name, key, start, start + local.numel()))
+        with torch.no_grad():
+            for target, values in zip(targets, reader.read(slices)):
+                target.copy_(values.view(target.shape))
 
     def close(self) -> None:
         self.stager.close()
@@ -97,29 +115,14 @@ def reusable_stager(device: torch.device) -> DefaultStager:
                                         use_async_staging=False, use_non_blocking_copy=False))
 
 
-def load_full_into_module(module: torch.nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
-    """Full (unsharded) tensors by parameter name -> a plain or FSDP2 module and its optimizer."""
-    options = StateDictOptions(full_state_dict=True)
-    optim_sd = get_optimizer_state_dict(module, optimizer)  # creates the state on a fresh optimizer
-    set_model_state_dict(module, full["model"], options=options)
-    set_optimizer_state_dict(module, optimizer, {"state": full["optim"], "param_groups": optim_sd["param_groups"]},
-                             options=options)
+def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's piece of a parameter and the global index of its first row (FSDP2 shards dim 0)."""
+    if not isinstance(p, DTensor):
+        return p, 0
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local(), offset[0] if shape[0] else 0
 
 
-def read_full_state(step_dir: Path) -> dict:
-    """The whole DCP checkpoint in this process as full CPU tensors:
-    {"model": {name: tensor}, "optim": {name: {"exp_avg": tensor, "exp_avg_sq": tensor}}}."""
-    reader = SafeFileSystemReader(step_dir)
-    metadata = reader.metadata
-    flat = {key: torch.empty(item.size, dtype=item.properties.dtype)
-            for key, item in metadata.state_dict_metadata.items() if isinstance(item, TensorStorageMetadata)}
-    dcp.load(flat, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
-    full: dict = {"model": {}, "optim": {}}
-    for key, tensor in flat.items():
-        path = metadata.planner_data[key]  # the nested path DCP flattened, e.g. ("optim", name, "exp_avg")
-        if path[0] == "model":
-            full["model"][path[1]] = tensor
-        elif path[0] == "optim":
-            full["optim"].setdefault(path[1], {})[path[2]] = tensor
-    return full
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 

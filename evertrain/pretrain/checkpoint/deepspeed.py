@@ -14,23 +14,18 @@ before the weights change, so any write longer than one forward/backward stalls 
 default FAST writer needs the async_io op, which is not built on these machines).
 
 `universal_checkpoint_info` goes into the client state, so the checkpoint converts with
-`python -m deepspeed.checkpoint.ds_to_universal` (no --inject_missing_state needed). A different
-world size or ZeRO stage is loaded by converting to the universal format first (into a temp dir
-beside the checkpoint) and loading that with DeepSpeed's universal loader.
+`python -m deepspeed.checkpoint.ds_to_universal` (no --inject_missing_state needed). We do not load
+through that format, though: its loader reads every parameter whole on every rank and its stage 3
+path wants a per-parameter `step`. A different world size, ZeRO stage (0-3) or engine is loaded by
+`load_slices`: each rank reads only the pieces of each parameter that its partition holds.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from deepspeed.checkpoint.constants import (PARAM, UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -39,23 +34,20 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from evertrain.pretrain.checkpoint.dcp import reusable_stager
 from evertrain.pretrain.checkpoint.safe_load import weights_only_loads
+from evertrain.pretrain.checkpoint.slices import KEYS, MOMENTS, WEIGHT, Slice
 from evertrain.pretrain.checkpoint.store import CheckpointError
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
-# ZeRO stages whose checkpoints convert through the universal format with our AdamW. Stage 3's
-# universal loader expects a per-parameter `step` in the optimizer state (ours keeps one step
-# counter) and gives every param group the first group's hyperparameters; stage 0 has no ZeRO files.
-CONVERTIBLE_STAGES = (1, 2)
-UNIVERSAL = "universal"  # the tag (subdir) a conversion is written to
 # The non-tensor objects DeepSpeed pickles into its ZeRO files; allowed explicitly so that every
 # load stays weights_only=True, ours and DeepSpeed's own (through safe_load.weights_only_loads).
 DEEPSPEED_SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_trusted(path: str | Path, map_location=None):
-    """torch.load of a DeepSpeed checkpoint file, weights_only with DeepSpeed's few plain classes."""
+def load_trusted(path: str | Path, map_location=None, mmap: bool = False):
+    """torch.load of a DeepSpeed checkpoint file, weights_only with DeepSpeed's few plain classes
+    (mmap: tensors are paged in when read, see checkpoint/slices.py)."""
     with weights_only_loads(path, DEEPSPEED_SAFE_GLOBALS):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 class StagingCheckpointEngine(CheckpointEngine):
@@ -139,124 +131,81 @@ class DeepSpeedState:
         if path is None:
             raise CheckpointError(f"{step_dir}: DeepSpeed found no checkpoint to load")
 
-    def load_resharded(self, step_dir: Path, meta: dict) -> None:
-        """Another world size or ZeRO stage: rank 0 converts to universal beside it, all load that."""
-        if meta["zero_stage"] not in CONVERTIBLE_STAGES or self.zero_stage not in CONVERTIBLE_STAGES:
-            raise CheckpointError(
-                f"{step_dir}: written by ZeRO stage {meta['zero_stage']} on {meta['world_size']} ranks; load it with "
-                f"exactly that (here: stage {self.zero_stage} on {self.engine.world_size}), or convert between "
-                f"stages {' and '.join(map(str, CONVERTIBLE_STAGES))} only")
-        work = self.ckpt_dir / f"{step_dir.name}.tmp-universal-{self.nonce}"
-        self._on_main(lambda: convert_to_universal(step_dir, work))
-        self._load_universal(work, source=step_dir)
-
-    def load_full(self, full: dict, source: Path) -> None:
-        """Fill this engine from an engine-neutral consolidated state (another engine's checkpoint).
-
-        DeepSpeed is filled through one of its own layouts, and the universal one is keyed by
-        parameter name: save this engine's own state as a template, convert it, swap in the
-        consolidated tensors, and load that.
-        """
-        if self.zero_stage not in CONVERTIBLE_STAGES:
-            raise CheckpointError(f"{source}: written by another engine; DeepSpeed loads that only with "
-                                  f"engine.zero_stage 1 or 2, not {self.zero_stage}")
-        work = self.ckpt_dir / f"consolidated.tmp-universal-{self.nonce}"
-        self.stage(work / "template")()  # every rank writes its shard of the template
+    def load_slices(self, reader, source: Path) -> None:
+        """Another world size, ZeRO stage or engine: each rank reads only what it holds (see
+        checkpoint/slices.py) and writes it into DeepSpeed's partitions through DeepSpeed's own handles:
+        stage 3 its local partition (`safe_set_local_*`), stages 1/2 its fragment of the flat fp32
+        group (`param._hp_mapping`) plus the whole low-precision weights every rank keeps, stage 0
+        everything."""
+        if not reader.has_moments:
+            raise CheckpointError(f"{source}: has no optimizer moments; resume it with the engine that wrote it")
+        params = [(name, p) for name, p in self.ds.module.named_parameters() if p.requires_grad]
+        for name, p in params:
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            if name not in reader.shapes or tuple(reader.shapes[name]) != shape:
+                raise CheckpointError(f"{source}: has no parameter '{name}' of shape {shape}")
+        with torch.no_grad():
+            if self.zero_stage == 3:
+                self._fill_stage3(reader, params)
+            elif self.zero_stage in (1, 2):
+                self._fill_stage12(reader, params)
+            else:
+                self._fill_whole(reader, params)
         self.engine.barrier()
 
-        trained = [name for name, p in self.ds.module.named_parameters() if p.requires_grad]
+    def _fill_stage3(self, reader, params) -> None:
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-        def convert_and_fill():
-            write_universal_params(convert_to_universal(work / "template", work), full, trained)
+        requests, rank = [], self.engine.rank
+        for name, p in params:  # the rank's piece: [rank * part, (rank + 1) * part), the last one padded
+            part, numel = p.ds_tensor.numel(), p.ds_numel
+            start, stop = min(rank * part, numel), min((rank + 1) * part, numel)
+            requests += [Slice(name, key, start, stop) for key in KEYS]
+        values = iter(reader.read(requests))
+        for _, p in params:
+            for key in KEYS:
+                piece = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=p.ds_tensor.device)
+                data = next(values)
+                piece[:data.numel()] = data
+                if key == WEIGHT:
+                    safe_set_local_fp32_param(p, piece)  # the fp32 master partition
+                    p.ds_tensor.data.copy_(piece)  # the (low-precision) partition the forward gathers
+                else:
+                    safe_set_local_optimizer_state(p, piece, key)
 
-        self._on_main(convert_and_fill)
-        self._load_universal(work, source=work)
+    def _fill_stage12(self, reader, params) -> None:
+        optimizer = self.ds.optimizer  # DeepSpeedZeroOptimizer: our AdamW runs on its flat fp32 partitions
+        requests = [Slice(name, WEIGHT, 0, p.numel()) for name, p in params]  # every rank keeps whole weights
+        fragments = []
+        for name, p in params:
+            fragment = getattr(p, "_hp_mapping", None)  # None: no element of p in this rank's partition
+            if fragment is not None:
+                start = fragment.lp_fragment_address.start
+                fragments.append((p, fragment))
+                requests += [Slice(name, key, start, start + fragment.lp_fragment_address.numel) for key in MOMENTS]
+        values = iter(reader.read(requests))
+        weights = {}
+        for _, p in params:
+            weights[p] = next(values)  # fp32: the master fragment is cut from it, not from a bf16 copy
+            p.data.copy_(weights[p].view(p.shape))
+        for p, fragment in fragments:
+            address = fragment.lp_fragment_address
+            fragment.hp_fragment.data.copy_(weights[p].narrow(0, address.start, address.numel))
+            flat = optimizer.single_partition_of_fp32_groups[fragment.param_group_index]
+            state = optimizer.optimizer.state[flat]
+            for key in MOMENTS:
+                if key not in state:
+                    raise CheckpointError(f"DeepSpeed has not created its optimizer state '{key}' yet")
+                hp = fragment.hp_fragment_address
+                state[key].narrow(0, hp.start, hp.numel).copy_(next(values))
 
-    def _on_main(self, fn) -> None:
-        """Run `fn` on rank 0 while the others wait; if it fails, every rank raises its error."""
-        error = [None]
-        if self.engine.is_main:
-            try:
-                fn()
-            except CheckpointError as exc:
-                error = [str(exc)]
-        if self.engine.world_size > 1:
-            dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise CheckpointError(error[0])
+    def _fill_whole(self, reader, params) -> None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    def _load_universal(self, work: Path, source: Path) -> None:
-        try:
-            self.ds._config.load_universal_checkpoint = True  # what `checkpoint.load_universal` sets
-            with weights_only_loads(source, DEEPSPEED_SAFE_GLOBALS):
-                path, _ = self.ds.load_checkpoint(str(work), tag=UNIVERSAL, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-        finally:
-            self.ds._config.load_universal_checkpoint = False
-        self.engine.barrier()  # everyone has read it
-        if self.engine.is_main:
-            shutil.rmtree(work, ignore_errors=True)
-        if path is None:
-            raise CheckpointError(f"{source}: DeepSpeed could not load its universal conversion")
-
-
-def write_universal_params(universal: Path, full: dict, trained: list[str]) -> None:
-    """Replace the per-parameter files of a universal checkpoint with `full`'s tensors. Every
-    trained parameter needs its moments; a tied alias (a second name of one tensor) only weights."""
-    for name in trained:
-        if name not in full["optim"]:
-            raise CheckpointError(f"the checkpoint has no optimizer state for parameter '{name}'")
-    for param_dir in sorted(p for p in (universal / "zero").iterdir() if p.is_dir()):
-        name = param_dir.name
-        if name not in full["model"]:
-            raise CheckpointError(f"the checkpoint has no weights for parameter '{name}'")
-        torch.save({PARAM: full["model"][name].float()}, param_dir / "fp32.pt")
-        for key in ("exp_avg", "exp_avg_sq") if name in full["optim"] else ():
-            torch.save({PARAM: full["optim"][name][key].float()}, param_dir / f"{key}.pt")
-
-
-def convert_to_universal(step_dir: Path, work: Path) -> Path:
-    """`ds_to_universal` in this process (one worker, no process pool), quietly; returns
-    `work/universal` (the tool also drops a `latest_universal` file into `work`)."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    universal = work / UNIVERSAL
-    shutil.rmtree(universal, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(universal), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads(step_dir, DEEPSPEED_SAFE_GLOBALS):
-            ds_to_universal.main(args)
-    except CheckpointError:
-        shutil.rmtree(universal, ignore_errors=True)
-        raise
-    except Exception as exc:
-        shutil.rmtree(universal, ignore_errors=True)
-        raise CheckpointError(f"{step_dir}: ds_to_universal failed: {exc}".splitlines()[0]) from exc
-    return universal
-
-
-def read_full_state(step_dir: Path, zero_stage: int) -> dict:
-    """A DeepSpeed checkpoint as full CPU tensors by parameter name, read without writing into the
-    run dir: {"model": {name: fp32}, "optim": {name: {"exp_avg", "exp_avg_sq"}}}. Stages 1-2 go through
-    the universal format (in a system temp dir); of stages 0 and 3 only the weights are read."""
-    if zero_stage == 0:  # no ZeRO: the weights are whole in the model states file
-        module = load_trusted(step_dir / "mp_rank_00_model_states.pt")["module"]
-        return {"model": {name: t.float() for name, t in module.items()}, "optim": {}}
-    if zero_stage not in CONVERTIBLE_STAGES:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads(step_dir, DEEPSPEED_SAFE_GLOBALS):
-            model = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-        return {"model": dict(model), "optim": {}}
-    with tempfile.TemporaryDirectory(prefix="evertrain-universal-") as scratch:
-        universal = convert_to_universal(step_dir, Path(scratch))
-        full: dict = {"model": {}, "optim": {}}
-        for param_dir in sorted(p for p in (universal / "zero").iterdir() if p.is_dir()):
-            name = param_dir.name
-            full["model"][name] = load_trusted(param_dir / "fp32.pt")[PARAM]
-            moments = {key: load_trusted(param_dir / f"{key}.pt")[PARAM]
-                       for key in ("exp_avg", "exp_avg_sq") if (param_dir / f"{key}.pt").is_file()}
-            if moments:
-                full["optim"][name] = moments
-        return full
+        get_optimizer_state_dict(self.ds.module, self.engine.optimizer)  # creates the state on a fresh optimizer
+        requests = [Slice(name, key, 0, p.numel()) for name, p in params for key in KEYS]
+        values = iter(reader.read(requests))
+        for _, p in params:
+            state = self.engine.optimizer.state[p]
+            for key in KEYS:
+                (p.data if key == WEIGHT else state[key]).copy_(next(values).view(p.shape))

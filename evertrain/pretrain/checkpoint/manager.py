@@ -16,8 +16,8 @@ Engine state: `single` and `fsdp` write DCP (checkpoint/dcp.py), `deepspeed` its
 optimizer's device step. Loading picks the cheapest correct path:
   same family (single/fsdp, any world size)          -> DCP load, resharded by DCP
   deepspeed -> deepspeed, same world size and stage  -> DeepSpeed's load_checkpoint
-  deepspeed -> deepspeed, otherwise                  -> ds_to_universal, then the universal loader
-  across the two families                            -> load_consolidated, then filled by name
+  anything else (stage, world size or engine change) -> checkpoint/slices.py: every rank reads only
+                                                        the slices of each parameter it will hold
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ class CheckpointManager:
         self._in_flight: Future | None = None
         self._cleaned = False
         self.timings = SaveTimings()  # of the last save
+        self.bytes_read = 0  # checkpoint bytes this rank read in its last slice-wise load
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -178,15 +179,22 @@ class CheckpointManager:
         source, target = meta["engine"], self.engine.name
         if source in DCP_ENGINES and target in DCP_ENGINES:
             self.state.load(step_dir)
-        elif source == target == "deepspeed":
-            stage = self.state.zero_stage  # without ZeRO (stage 0) every rank holds everything
-            native = meta["zero_stage"] == stage and (meta["world_size"] == self.engine.world_size or stage == 0)
-            self.state.load(step_dir) if native else self.state.load_resharded(step_dir, meta)
+        elif source == target == "deepspeed" and self._deepspeed_native(meta):
+            self.state.load(step_dir)
         else:
-            self.state.load_full(load_consolidated(step_dir, verify=False), source=step_dir)
+            from evertrain.pretrain.checkpoint.slices import open_reader
+
+            reader = open_reader(step_dir, meta)
+            self.state.load_slices(reader, source=step_dir)
+            self.bytes_read = reader.bytes_read
         self._restore_train_state(step_dir, meta)
         self.engine.barrier()
         return {**meta["extra"], "step": meta["step"]}
+
+    def _deepspeed_native(self, meta: dict) -> bool:
+        """DeepSpeed's own load_checkpoint: same stage and world size (without ZeRO, any world size)."""
+        stage = self.state.zero_stage
+        return meta["zero_stage"] == stage and (meta["world_size"] == self.engine.world_size or stage == 0)
 
     def _verify(self, step_dir: Path, meta: dict) -> None:
         """Every file's size and sha256, the work split over the ranks; all ranks raise together."""
@@ -218,19 +226,14 @@ class CheckpointManager:
 def load_consolidated(step_dir: str | Path, verify: bool = True) -> dict:
     """Any checkpoint as engine-neutral full CPU tensors, in this process:
     {"model": {name: tensor}, "optim": {name: {"exp_avg", "exp_avg_sq"}}, "step", "extra", "meta"}.
-    "optim" is empty for DeepSpeed ZeRO stage 0 and 3 checkpoints (their weights are read)."""
+    For exports and tools; loading into an engine reads only each rank's slices instead."""
+    from evertrain.pretrain.checkpoint.slices import open_reader
+
     step_dir = Path(step_dir)
     meta = store.read_meta(step_dir)
     if verify:
         store.verify_files(step_dir, meta)
-    if meta["engine"] == "deepspeed":
-        from evertrain.pretrain.checkpoint.deepspeed import read_full_state
-
-        full = read_full_state(step_dir, meta["zero_stage"])
-    else:
-        from evertrain.pretrain.checkpoint.dcp import read_full_state
-
-        full = read_full_state(step_dir)
+    full = open_reader(step_dir, meta).read_full()
     return {**full, "step": meta["step"], "extra": meta["extra"], "meta": meta}
 
 
