@@ -105,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             engine.close()
         if lock is not None:
             lock.release()
+        if ckpt is not None and ckpt.abandoned:
+            # a stop abandoned a save (checkpoint.stop_budget_s): its writer thread may still be busy,
+            # and a normal exit would join it, past the launcher's SIGKILL
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 if __name__ == "__main__":

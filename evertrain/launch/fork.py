@@ -269,6 +269,10 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
         if ckpt is not None:
             ckpt.close()
         engine.close()
+        if ckpt is not None and ckpt.abandoned:  # as in pretrain.py: do not join the abandoned writer
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
     if result is None:  # not the main rank
         return 0
     if hooks:  # the hooks' processes get the device to themselves: drop the model and the cached blocks

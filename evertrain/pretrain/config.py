@@ -92,6 +92,7 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0  # also keep every k-th step forever; 0 = none
     async_save: bool = True
+    stop_budget_s: float = 25.0  # on SIGTERM: seconds to finish or abandon the last save (launchers SIGKILL at ~30)
 
 
 @dataclass
@@ -314,6 +315,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if cfg.data.prefetch < 0:
         raise ConfigError(f"data.prefetch: must be >= 0 (0 reads in the training thread), got {cfg.data.prefetch}")
+    if not c.stop_budget_s > 0:
+        raise ConfigError(f"checkpoint.stop_budget_s: must be > 0, got {c.stop_budget_s}")
     if c.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
     for key, value in [("model.activation_checkpointing_every", m.activation_checkpointing_every),

@@ -13,6 +13,7 @@ batch trained, not of the last one read.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from evertrain.errors import EvertrainError
+from evertrain.pretrain.checkpoint.store import step_of
 from evertrain.pretrain.config import Config
 from evertrain.pretrain.console import closing_line, run_banner
 from evertrain.pretrain.distributed import StopVote
@@ -61,7 +63,8 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                 step, tokens = step + 1, tokens + tokens_per_step
                 window.add(loss, watch.observe(step, loss, grad_norm))
                 metrics.advance()
-                stop = vote(signals.received) or step == t.max_steps
+                signalled = vote(signals.received)  # the same on every rank
+                stop = signalled or step == t.max_steps
                 log_now = stop or step % t.log_every == 0
                 if log_now:
                     nonfinite = watch.read()
@@ -77,14 +80,23 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                     nonfinite = watch.read()
                     watch.enforce()  # never commit a checkpoint made after a non-finite step (stop mode)
                     refresh_data(batches, engine)  # appended shards join after this step (prefetch.py)
-                    ckpt.save(step, {"tokens": tokens, "data": batches.state_dict(), "nonfinite_steps": nonfinite})
-                    saved = step
+                    extra = {"tokens": tokens, "data": batches.state_dict(), "nonfinite_steps": nonfinite}
+                    if not signalled:
+                        ckpt.save(step, extra)
+                        saved = step
+                    elif ckpt.save_before(step, extra, signals.deadline(cfg.checkpoint.stop_budget_s)):
+                        latest = ckpt.latest()  # the stop step, or the last one if it was not worth saving
+                        saved = step_of(latest) if latest is not None else saved
+                    else:
+                        print(f"checkpoint: the stop budget of {cfg.checkpoint.stop_budget_s:g}s ran out; abandoned "
+                              f"the save in flight (rank {engine.rank}); the last committed checkpoint is "
+                              f"{ckpt.latest()}", file=sys.stderr, flush=True)
                 if log_now:
                     window.restart(tokens)  # eval and checkpoint time is not training throughput
                 if stop:
                     break
         vote.close()
-        if ckpt is not None:
+        if ckpt is not None and not ckpt.abandoned:
             ckpt.wait()  # committed: the closing line may name it
         reason = f"train.max_steps={t.max_steps}" if t.max_steps is not None and step >= t.max_steps else "stop signal"
     finally:
@@ -172,16 +184,25 @@ class StopSignals:
     """SIGTERM/SIGINT ask the loop to stop after the current step (and its checkpoint).
 
     Repeats are ignored: launchers forward a Ctrl-C as SIGTERM to ranks that already got the SIGINT,
-    and both deepspeed and torchrun send SIGKILL ~30 s after that anyway."""
+    and deepspeed, torchrun and Slurm send SIGKILL ~30 s after that. So the stop has a budget
+    (`checkpoint.stop_budget_s`, counted from the first signal): the last save is finished within it
+    or abandoned, and the process exits; the last committed checkpoint is intact either way."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received = False
+        self.received_at: float | None = None  # time.monotonic() of the first signal
         self.previous = {}
 
     def _handle(self, signum, frame) -> None:
+        if not self.received:
+            self.received_at = time.monotonic()
         self.received = True
+
+    def deadline(self, budget_s: float) -> float:
+        """When the stop must be over; a rank stopped by the others' vote counts from now."""
+        return (self.received_at if self.received_at is not None else time.monotonic()) + budget_s
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is not threading.main_thread():

@@ -28,6 +28,7 @@ import random
 import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class CheckpointManager:
         self._cleaned = False
         self.timings = SaveTimings()  # of the last save
         self.bytes_read = 0  # checkpoint bytes this rank read in its last slice-wise load
+        self.abandoned = False  # a save was given up at a stop: exit without waiting for its thread
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -142,17 +144,44 @@ class CheckpointManager:
         retention.apply_retention(self.dir, c.keep_last, c.keep_every)
         timings.commit = time.perf_counter() - started
 
-    def wait(self) -> None:
-        """Block until the save in flight (if any) is written; re-raise its error here."""
-        if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            in_flight.result()
+    def wait(self, deadline: float | None = None) -> bool:
+        """Block until the save in flight (if any) is written; re-raise its error here. With a
+        `deadline` (time.monotonic()), give up waiting then: False, and the save is abandoned."""
+        if self._in_flight is None:
+            return True
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            self._in_flight.result(timeout=timeout)
+        except FutureTimeout:
+            self.abandoned = True
+            return False
+        finally:
+            if not self.abandoned:
+                self._in_flight = None
+        return True
+
+    def save_before(self, step: int, extra: dict, deadline: float) -> bool:
+        """The stop's save, within a budget: finish the save in flight, save `step` unless the last
+        save took longer than the time left (all ranks decide together), and wait for it until
+        `deadline`. False when a write was abandoned: the last committed checkpoint stays LATEST."""
+        if not self.wait(deadline):
+            self.engine.min_max_over_ranks(1)  # the others may still be deciding whether to save
+            return False
+        last = self.timings
+        needed = last.write + last.hash + last.commit  # the previous save's background time
+        skip = int(needed > deadline - time.monotonic())
+        if self.engine.min_max_over_ranks(skip)[1]:
+            return True  # the newest committed checkpoint is the one to resume from
+        self.save(step, extra)
+        return self.wait(deadline)
 
     def close(self) -> None:
+        """Wait for the save in flight, except one abandoned at a stop (see pretrain.py)."""
         try:
-            self.wait()
+            if not self.abandoned:
+                self.wait()
         finally:
-            self._writer.shutdown(wait=True)
+            self._writer.shutdown(wait=not self.abandoned)
             self.state.close()
 
     # -- loading ---------------------------------------------------------------------------------
