@@ -309,7 +309,7 @@ def test_retention_looks_again_after_moving_a_checkpoint_aside(saved_run, monkey
     step_dir = ckpt_dir / "step_000000002"
     pin(step_dir, "late-reader", ttl_s=60)
     real_is_pinned = retention.is_pinned
-    monkeypatch.setattr(retention, "is_pinned", lambda d, now=None: d != step_dir and real_is_pinned(d, now))
+    monkeypatch.setattr(retention, "is_pinned", lambda d, watch=None: d != step_dir and real_is_pinned(d, watch))
     assert retention.apply_retention(ckpt_dir, keep_last=1, keep_every=0) == []
     assert (step_dir / "meta.json").is_file() and not list(ckpt_dir.glob("*.tmp-deleting"))
 

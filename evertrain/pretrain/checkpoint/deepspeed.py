@@ -80,6 +80,16 @@ class StagingCheckpointEngine(CheckpointEngine):
         return staged
 
 
+def create_moments(optimizer, flat_partitions) -> None:
+    """ZeRO creates the optimizer state of its flat fp32 partitions at the first step; a load comes
+    before that. Zeros, as our AdamW would create them (it keeps a state that is there)."""
+    for flat in flat_partitions:
+        state = optimizer.state[flat]
+        for key in MOMENTS:
+            if key not in state:
+                state[key] = torch.zeros_like(flat, dtype=torch.float32)
+
+
 def write_staged(staged: list[tuple[str, object]]) -> None:
     for path, state in staged:
         with open(path, "wb") as f:
@@ -156,6 +166,7 @@ class DeepSpeedState:
     def _fill_stage3(self, reader, params) -> None:
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
+        create_moments(self.ds.optimizer.optimizer, self.ds.optimizer.fp32_partitioned_groups_flat)
         requests, rank = [], self.engine.rank
         for name, p in params:  # the rank's piece: [rank * part, (rank + 1) * part), the last one padded
             part, numel = p.ds_tensor.numel(), p.ds_numel
@@ -175,6 +186,7 @@ class DeepSpeedState:
 
     def _fill_stage12(self, reader, params) -> None:
         optimizer = self.ds.optimizer  # DeepSpeedZeroOptimizer: our AdamW runs on its flat fp32 partitions
+        create_moments(optimizer.optimizer, optimizer.single_partition_of_fp32_groups)
         requests = [Slice(name, WEIGHT, 0, p.numel()) for name, p in params]  # every rank keeps whole weights
         fragments = []
         for name, p in params:
@@ -194,8 +206,6 @@ class DeepSpeedState:
             flat = optimizer.single_partition_of_fp32_groups[fragment.param_group_index]
             state = optimizer.optimizer.state[flat]
             for key in MOMENTS:
-                if key not in state:
-                    raise CheckpointError(f"DeepSpeed has not created its optimizer state '{key}' yet")
                 hp = fragment.hp_fragment_address
                 state[key].narrow(0, hp.start, hp.numel).copy_(next(values))
 

@@ -81,6 +81,7 @@ class CheckpointManager:
         self.timings = SaveTimings()  # of the last save
         self.bytes_read = 0  # checkpoint bytes this rank read in its last slice-wise load
         self.abandoned = False  # a save was given up at a stop: exit without waiting for its thread
+        self.pin_watch = retention.PinWatch()  # lease expiry on this process's clock
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -141,7 +142,10 @@ class CheckpointManager:
                 files[name] = store.file_digest(path)
         store.commit(tmp, {**meta, "files": files})
         c = self.cfg.checkpoint
-        retention.apply_retention(self.dir, c.keep_last, c.keep_every)
+        try:  # the checkpoint is committed: a filesystem hiccup in cleaning up must not kill training
+            retention.apply_retention(self.dir, c.keep_last, c.keep_every, watch=self.pin_watch)
+        except OSError as exc:
+            retention.report(f"skipped at step {meta['step']} ({exc}); retrying at the next save")
         timings.commit = time.perf_counter() - started
 
     def wait(self, deadline: float | None = None) -> bool:

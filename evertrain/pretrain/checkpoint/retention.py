@@ -1,8 +1,17 @@
 """Which checkpoints survive: the newest `keep_last`, every `keep_every`-th step, and pinned ones.
 
 A pin is a lease a reader (a forked cooldown, an export) takes on a checkpoint:
-`step_X/pins/<holder>.json` with an expiry time, so a crashed reader cannot keep a checkpoint
-forever. Retention runs on rank 0 right after a newer checkpoint was committed.
+`step_X/pins/<holder>.json` with a time to live and a fresh random `renewal` token at every renewal,
+so a crashed reader cannot keep a checkpoint forever. Expiry is judged on the observer's own clock,
+never by comparing the holder's timestamps with it (hosts' clocks disagree): a `PinWatch` remembers
+when it first saw each renewal token, and a pin is expired once the same token has been there for
+longer than its ttl_s (time.monotonic() of the observer). An observer without a watch (a one-shot
+command) has seen nothing for long, so every readable pin counts as active for it. Retention runs on
+rank 0 right after a newer checkpoint was committed, with the manager's long-lived watch.
+
+Filesystem errors never reach training: a directory that cannot be renamed or fully deleted (on
+NFS, a `.nfsXXXX` file that a reader still holds open makes rmtree fail) is reported on stderr and
+left for the next save, which retries it.
 
 Deleting races with pinning (another process), so a deletion first renames the step dir out of the
 way (atomic), then looks for pins once more, and puts the directory back if one appeared. A pin is
@@ -13,8 +22,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +46,9 @@ def pin(step_dir: Path, holder: str, ttl_s: float) -> Path:
     pins = step_dir / "pins"
     path = pins / f"{holder}.json"
     now = time.time()
-    record = {"holder": holder, "created": now, "expires": now + ttl_s,
-              "host": socket.gethostname(), "pid": os.getpid()}
+    # `expires` is for people reading the file; observers go by `renewal` and `ttl_s` (see PinWatch)
+    record = {"holder": holder, "ttl_s": ttl_s, "renewal": secrets.token_hex(8), "created": now,
+              "expires": now + ttl_s, "host": socket.gethostname(), "pid": os.getpid()}
     try:
         pins.mkdir(exist_ok=True)  # no parents=True: a deleted checkpoint must not be recreated
         store.atomic_write_text(path, json.dumps(record))
@@ -53,26 +65,48 @@ def unpin(path: Path) -> None:
     Path(path).unlink(missing_ok=True)
 
 
-def active_pins(step_dir: Path, now: float | None = None) -> list[dict]:
-    """Unexpired pins of `step_dir`; unreadable pin files count as active (never delete on doubt)."""
-    now = time.time() if now is None else now
+class PinWatch:
+    """An observer's memory of pin renewals: (pin file, renewal token) -> when it was first seen."""
+
+    def __init__(self):
+        self.first_seen: dict[tuple[str, str], float] = {}
+
+    def expired(self, path: Path, record: dict) -> bool:
+        now = time.monotonic()
+        key = (pin_id(path), str(record.get("renewal", record.get("expires"))))
+        seen = self.first_seen.setdefault(key, now)
+        return now - seen > float(record.get("ttl_s", record["expires"] - record.get("created", 0)))
+
+    def forget_gone(self, live: set[str]) -> None:
+        """Drop what belongs to pin files that no longer exist (keeps the memory small)."""
+        self.first_seen = {k: v for k, v in self.first_seen.items() if k[0] in live}
+
+
+def pin_id(path: Path) -> str:
+    """`step_X/holder.json`, the same while retention has the step dir renamed out of the way."""
+    return f"{path.parent.parent.name.removesuffix(DELETING_TAG)}/{path.name}"
+
+
+def active_pins(step_dir: Path, watch: PinWatch | None = None) -> list[dict]:
+    """Pins of `step_dir` that are not expired to `watch` (without one: all readable pins);
+    unreadable pin files count as active (never delete on doubt)."""
     active = []
     for path in sorted((Path(step_dir) / "pins").glob("*.json")):
         try:
             record = json.loads(path.read_text())
-            expires = float(record["expires"])
+            float(record["expires"])
         except FileNotFoundError:
             continue  # unpinned while we looked
         except (ValueError, KeyError, TypeError):
             active.append({"holder": path.stem, "expires": float("inf")})
             continue
-        if expires > now:
+        if watch is None or not watch.expired(path, record):
             active.append(record)
     return active
 
 
-def is_pinned(step_dir: Path, now: float | None = None) -> bool:
-    return bool(active_pins(step_dir, now))
+def is_pinned(step_dir: Path, watch: PinWatch | None = None) -> bool:
+    return bool(active_pins(step_dir, watch))
 
 
 def steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
@@ -83,9 +117,11 @@ def steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]
     return keep
 
 
-def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete committed checkpoints that no rule keeps; returns the deleted directories."""
+def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int, watch: PinWatch | None = None) -> list[Path]:
+    """Delete committed checkpoints that no rule keeps; returns the deleted directories. Never
+    raises for a filesystem error: it is reported and the directory is retried at the next call."""
     ckpt_dir = Path(ckpt_dir)
+    retry_leftovers(ckpt_dir)
     committed = store.complete_checkpoints(ckpt_dir)
     keep = steps_to_keep([store.step_of(p) for p in committed], keep_last, keep_every)
     latest_file = ckpt_dir / store.LATEST
@@ -93,13 +129,40 @@ def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Pat
         keep.add(store.step_of(ckpt_dir / latest_file.read_text().strip()))
     deleted = []
     for step_dir in committed:
-        if store.step_of(step_dir) in keep or is_pinned(step_dir):
+        if store.step_of(step_dir) in keep or is_pinned(step_dir, watch=watch):
             continue
         doomed = step_dir.with_name(step_dir.name + DELETING_TAG)
-        os.rename(step_dir, doomed)
-        if is_pinned(doomed):  # a reader pinned it between our check and the rename
+        try:
+            os.rename(step_dir, doomed)
+        except OSError as exc:
+            report(f"cannot move {step_dir} out of the way ({exc.strerror}); retrying at the next save")
+            continue
+        if is_pinned(doomed, watch=watch):  # a reader pinned it between our check and the rename
             os.rename(doomed, step_dir)
             continue
-        shutil.rmtree(doomed)
-        deleted.append(step_dir)
+        if remove_tree(doomed):
+            deleted.append(step_dir)
+    if watch is not None:
+        watch.forget_gone({pin_id(p) for p in ckpt_dir.glob("step_*/pins/*.json")})
     return deleted
+
+
+def retry_leftovers(ckpt_dir: Path) -> None:
+    """Deletions an earlier call could not finish (already renamed, so no reader can pin them)."""
+    if ckpt_dir.is_dir():
+        for doomed in ckpt_dir.glob(f"step_*{DELETING_TAG}"):
+            remove_tree(doomed)
+
+
+def remove_tree(path: Path) -> bool:
+    """rmtree that reports instead of raising; True if `path` is gone."""
+    errors = []
+    shutil.rmtree(path, onerror=lambda fn, p, info: errors.append(f"{p}: {info[1].__class__.__name__}"))
+    if errors:
+        report(f"could not delete {path} ({errors[0]}{f' and {len(errors) - 1} more' if len(errors) > 1 else ''}); "
+               "retrying at the next save")
+    return not path.exists()
+
+
+def report(message: str) -> None:
+    print(f"checkpoint retention: {message}", file=sys.stderr, flush=True)
