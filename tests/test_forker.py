@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 from evertrain.launch.cli import main as cli_main
 from evertrain.launch.forker import Forker, ForkerError, ForkerOptions, Job, process_start_time, save_jobs
 from evertrain.launch.nodes import NodePoolError, parse_hostfile, parse_pool
+from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import active_pins
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,4 +367,42 @@ def test_forker_beside_a_live_run_restarted_midway_launches_each_fork_once(tiny_
         assert json.loads((run_dir / "cooldowns" / name / "result.json").read_text())["val_loss"] == job["val_loss"]
     main_steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert main_steps == list(range(10, 201, 10))  # the main run went on untouched
+    assert not any(active_pins(p) for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def test_max_queued_bounds_the_pinned_backlog(fake_fork, monkeypatch):
+    """One slot, forks held running, --max-queued 1: of five new checkpoints one runs, one waits
+    pinned and three are deferred unpinned; one deleted meanwhile is skipped; a restarted forker
+    (the deferred ones are not in state.json: it finds them on disk again) forks the rest."""
+    run_dir = fake_fork
+    monkeypatch.setenv("FAKE_FORK_HOLD", "1")
+    fake_checkpoints(run_dir, [10, 20, 30, 40, 50])
+    lines = []
+    options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=10, poll_s=0.05, max_queued=1, until_step=0)
+    forker = Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lines.append)
+    forker.state_path.parent.mkdir()
+    forker.discover()
+    forker.launch()
+    forker.discover()
+    pinned = sorted(store.step_of(p) for p in (run_dir / "checkpoints").glob("step_*") if active_pins(p))
+    assert pinned == [10, 20]  # the running fork's checkpoint and the one waiting
+    assert forker.deferred == {30, 40, 50}
+    assert sum("deferred step(s) 20, 30, 40, 50: 1 fork(s) already wait" in line for line in lines) == 1
+    forker.save()
+    for proc in forker.children.values():  # the held fork ends without a result; it is retried later
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(run_dir / "checkpoints" / "step_000000030")  # retention took it meanwhile
+    forker.discover()
+    assert any("skipped  step 30: deleted by retention" in line for line in lines)
+    assert forker.deferred == {40, 50}
+
+    (run_dir / "release").write_text("")  # forks now finish
+    monkeypatch.delenv("FAKE_FORK_HOLD")
+    monkeypatch.setenv("FAKE_FORK_SLEEP", "0")
+    options.once = True
+    options.until_step = None
+    lines.clear()
+    assert Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lines.append).run() == 0
+    assert sorted(j["step"] for j in state(run_dir).values() if j["status"] == "done") == [10, 20, 40, 50]
     assert not any(active_pins(p) for p in (run_dir / "checkpoints").glob("step_*"))

@@ -5,6 +5,12 @@ eligible one (step % --every == 0, or listed in --at), pins it right away so ret
 starts queued forks on free slots of the node pool (nodes.py), one job per slot. It only reads the
 main run; everything it writes is under runs/NAME/forker/ and runs/NAME/cooldowns/.
 
+The backlog is bounded: at most `--max-queued` forks wait (queued, pinned, not yet running). When
+forks are slower than checkpoints, a newer eligible checkpoint is deferred: not queued and not
+pinned, looked at again at every poll and queued (oldest first) once there is room, if retention has
+not deleted it by then (then it is skipped, and the log says so). So the disk holds at most
+max_queued + running checkpoints beyond what retention keeps anyway.
+
 The queue is runs/NAME/forker/state.json, rewritten atomically after every change: a launch is on
 disk before its process starts, its pid right after. A restarted forker adopts it: a running job
 whose process is still alive is followed (a launch whose pid was never recorded is found by its
@@ -82,6 +88,7 @@ class ForkerOptions:
     engine: str | None = None
     wait_s: float = 600.0  # how long to wait for a run dir that does not exist yet; 0 = not at all
     hooks: EvalHooks = EvalHooks()  # post-fork evaluation hooks, passed on to every fork
+    max_queued: int = 4  # waiting forks, each pinning a checkpoint; 0 = no bound
 
 
 # -- state.json ----------------------------------------------------------------------------------
@@ -203,6 +210,8 @@ class Forker:
         self.jobs: dict[str, Job] = {}
         self.children: dict[str, subprocess.Popen] = {}  # jobs this forker started (others are adopted)
         self.pinned_at: dict[str, float] = {}
+        self.deferred: set[int] = set()  # eligible steps left unqueued while the queue was full
+        self.once_steps: set[int] | None = None  # --once: the checkpoints there at the first look
 
     def run(self) -> int:
         """Poll until --once/--until-step is satisfied or a signal arrives; 1 if any job failed."""
@@ -220,7 +229,8 @@ class Forker:
                 self.reap()  # adopt what a previous forker left running or finished
                 first = True
                 while True:
-                    newest = self.discover() if first or not self.options.once else None
+                    newest = self.discover()
+                    newest = newest if first or not self.options.once else None
                     first = False
                     self.reap()
                     self.launch()
@@ -263,8 +273,18 @@ class Forker:
         return step > 0 and ((self.options.every > 0 and step % self.options.every == 0) or step in self.options.at)
 
     def discover(self) -> int | None:
-        """Queue (and pin) a fork for every eligible checkpoint not seen yet; returns the newest step."""
+        """Queue (and pin) a fork for every eligible checkpoint not seen yet, up to --max-queued
+        waiting; returns the newest step."""
         checkpoints = store.complete_checkpoints(self.run_dir / "checkpoints")
+        if self.options.once:  # --once forks what was there at the start, deferred ones included
+            if self.once_steps is None:
+                self.once_steps = {store.step_of(p) for p in checkpoints}
+            checkpoints = [p for p in checkpoints if store.step_of(p) in self.once_steps]
+        present = {store.step_of(p) for p in checkpoints}
+        for step in sorted(self.deferred - present):
+            self.log(f"skipped  step {step}: deleted by retention while the queue was full (--max-queued)")
+        deferred, self.deferred = self.deferred, set()
+        waiting = len(self.jobs_with("queued"))
         for step_dir in checkpoints:
             step = store.step_of(step_dir)
             cooldown_steps = round(self.options.cooldown_fraction * step)
@@ -272,6 +292,9 @@ class Forker:
                 continue
             name = cooldown_dir_name(step, self.options.shape, cooldown_steps)
             if name in self.jobs:
+                continue
+            if self.options.max_queued and waiting >= self.options.max_queued:
+                self.deferred.add(step)
                 continue
             job = Job(name, step, cooldown_steps, self.options.shape,
                       log=str(self.run_dir / "cooldowns" / name / "fork.log"))
@@ -284,7 +307,11 @@ class Forker:
             if read_result(self.cooldown_dir(job)) is not None:  # forked by hand before
                 self.finish(job, None)
             else:
+                waiting += 1
                 self.log(f"queued   {name}")
+        if self.deferred - deferred:
+            self.log(f"deferred step(s) {', '.join(map(str, sorted(self.deferred - deferred)))}: "
+                     f"{waiting} fork(s) already wait (--max-queued {self.options.max_queued})")
         return store.step_of(checkpoints[-1]) if checkpoints else None
 
     def reap(self) -> None:
@@ -393,7 +420,7 @@ class Forker:
         return [job for job in self.jobs.values() if job.status in statuses]
 
     def finished(self, newest_step: int | None) -> bool:
-        if self.jobs_with("queued", "running"):
+        if self.jobs_with("queued", "running") or self.deferred:
             return False
         if self.options.once:
             return True
@@ -443,10 +470,13 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
         raise ForkerError(f"--poll-s: must be > 0, got {args.poll_s}")
     if args.eval_batches is not None and args.eval_batches <= 0:
         raise ForkerError(f"--eval-batches: must be > 0, got {args.eval_batches}")
+    if args.max_queued < 0:
+        raise ForkerError(f"--max-queued: must be >= 0, got {args.max_queued}")
     return ForkerOptions(run_dir=run_dir, cooldown_fraction=args.cooldown_fraction, every=args.every,
                          at=args.at, shape=args.shape, max_retries=args.max_retries, poll_s=args.poll_s,
                          until_step=args.until_step, once=args.once, eval_batches=args.eval_batches,
-                         engine=args.engine, wait_s=args.wait_s, hooks=hooks_from_args(args))
+                         engine=args.engine, wait_s=args.wait_s, hooks=hooks_from_args(args),
+                         max_queued=args.max_queued)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -469,6 +499,9 @@ def register(subparsers) -> None:
     p.add_argument("--gpus-per-fork", type=int, default=0,
                    help="hostfile pools: devices per fork (default 0 = a whole host)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a fork that left no result")
+    p.add_argument("--max-queued", type=int, default=4,
+                   help="at most N forks wait, each pinning its checkpoint; newer checkpoints are deferred "
+                        "(unpinned) until there is room (default 4; 0 = no bound)")
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between looks at the checkpoints")
     p.add_argument("--wait-s", type=float, default=600.0,
                    help="how long to wait for a run dir that does not exist yet, i.e. a forker started "
