@@ -1,7 +1,8 @@
 """Train a model: `python | deepspeed | torchrun  pretrain.py --config C [--run-dir D] [k.k=v ...]`.
 
 The engine follows the launcher (engine.name=auto): plain python trains in one process, `deepspeed`
-uses DeepSpeed ZeRO, `torchrun` uses FSDP2. Rerunning the same command on the same run dir resumes
+uses DeepSpeed ZeRO, `torchrun` uses FSDP2, and so do `srun` / `mpirun` with several tasks (ranks from
+the scheduler's variables; engine.name=deepspeed for DeepSpeed). Rerunning the same command on the same run dir resumes
 from its latest checkpoint. There is no fixed end: the run stops at train.max_steps if set, or on
 SIGTERM/SIGINT after finishing the step and writing a checkpoint.
 """
@@ -19,7 +20,7 @@ from evertrain.pretrain.checkpoint import CheckpointManager
 from evertrain.pretrain.checkpoint.store import latest_checkpoint
 from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config, model_hash
 from evertrain.pretrain.data import TokenStream
-from evertrain.pretrain.distributed import detect_launcher, rank_and_world
+from evertrain.pretrain.distributed import adopt_scheduler_env, detect_launcher, rank_and_world
 from evertrain.pretrain.loop import train
 from evertrain.pretrain.preflight import preflight
 from evertrain.pretrain.run_lock import RunLock
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     engine = ckpt = lock = None
     try:
+        adopt_scheduler_env()  # srun / mpirun: ranks from the scheduler, before anything reads RANK
         overrides = list(args.overrides) + ([f"engine.name={args.engine}"] if args.engine else [])
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)

@@ -93,7 +93,7 @@ def test_pool_commands(tmp_path, monkeypatch):
     with pytest.raises(NodePoolError, match="hostfile not found"):
         parse_pool(str(tmp_path / "missing"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(NodePoolError, match="srun is not on PATH"):
+    with pytest.raises(NodePoolError, match="sbatch is not on PATH"):
         parse_pool("slurm")
 
 

@@ -310,28 +310,9 @@ def test_deepspeed_checkpoint_resumes_under_the_single_engine(tiny_data, tmp_pat
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_resumes_under_deepspeed(tiny_data, tmp_path, two_rank_runs):
+def test_fsdp_checkpoint_resumes_under_deepspeed_zero3(tiny_data, tmp_path, two_rank_runs):
+    """Back from FSDP2 into ZeRO-3 (each rank fills its partitions from the DCP slices it holds)."""
     reference = dict(losses(two_rank_runs["fsdp"]))
     run_dir = checkpoint_only(two_rank_runs["fsdp"], 4, tmp_path / "deepspeed")
-    run(command("deepspeed", 1, tiny_data, run_dir, "train.max_steps=8"))
+    run(command("deepspeed", 1, tiny_data, run_dir, "train.max_steps=8", "engine.zero_stage=3"))
     assert_same_losses(run_dir, reference, after=4, tol=1e-5)
-
-
-@pytest.mark.slow
-def test_impossible_conversions_are_one_line_errors_that_leave_the_run_dir_alone(tiny_data, tmp_path):
-    """DeepSpeed's universal loader cannot take ZeRO-3 state from our AdamW: another world size or
-    another engine is refused up front, naming the checkpoint."""
-    source = tmp_path / "zero3"
-    run(command("deepspeed", 2, tiny_data, source, "train.max_steps=4", "engine.zero_stage=3"))
-    for engine, ranks, expected in (("deepspeed", 1, "written by ZeRO stage 3 on 2 ranks"),
-                                    ("single", 1, "has no optimizer state by parameter name")):
-        run_dir = checkpoint_only(source, 4, tmp_path / engine)
-        before = sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*") if p.is_file())
-        cmd = command(engine, ranks, tiny_data, run_dir, "train.max_steps=8")
-        proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain.py: error:")]
-        assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
-        assert expected in errors[0] and "step_000000004" in errors[0]
-        after = sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*")
-                       if p.is_file() and p.name not in ("config.yaml", "metrics.jsonl"))
-        assert after == before

@@ -191,7 +191,9 @@ def run_fork(args: argparse.Namespace) -> int:
             return write_result(out, result, hooks) if rank_and_world()[0] == 0 else 0
         print(f"fork: {out} is done already: val_loss {result['val_loss']:.4f}")
         return 0
-    from evertrain.pretrain.distributed import rank_and_world  # torch: only once a fork runs
+    from evertrain.pretrain.distributed import adopt_scheduler_env, rank_and_world  # torch: only once a fork runs
+
+    adopt_scheduler_env()  # under srun / mpirun (a Slurm fork job): ranks from the scheduler
 
     rank = rank_and_world()[0]
     if rank != 0:  # rank 0 holds the lock and the lease for the whole process group

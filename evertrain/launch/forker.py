@@ -379,7 +379,8 @@ class Forker:
         if self.options.engine is not None:
             args += ["--engine", self.options.engine]
         args += self.options.hooks.argv()
-        command = self.pool.command(slot, self.fork_module, args)
+        command = self.pool.command(slot, self.fork_module, args, workdir=self.cooldown_dir(job),
+                                    log=Path(job.log))
         self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
         # the launch is on disk before the process exists: a forker killed in between leaves a
         # running job without a pid, which the next forker finds by its command line (or requeues)
@@ -481,7 +482,7 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
 
 def run_command(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    pool = parse_pool(args.nodes, args.gpus_per_fork)
+    pool = parse_pool(args.nodes, args.gpus_per_fork, args.hosts_per_fork, args.slurm_args)
     print(f"forker: watching {options.run_dir / 'checkpoints'}; {len(pool.slots)} {pool.kind} slot(s)", flush=True)
     return Forker(options, pool, log=lambda line: print(line, flush=True)).run()
 
@@ -498,6 +499,11 @@ def register(subparsers) -> None:
     p.add_argument("--nodes", default="local:1", help="local:K | slurm[:K] | a DeepSpeed hostfile (default local:1)")
     p.add_argument("--gpus-per-fork", type=int, default=0,
                    help="hostfile pools: devices per fork (default 0 = a whole host)")
+    p.add_argument("--hosts-per-fork", type=int, default=1,
+                   help="hostfile pools: whole hosts per fork (default 1); each fork gets its own hostfile")
+    p.add_argument("--slurm-args", default="",
+                   help="slurm pools: sbatch options of each fork job, e.g. \"--partition p --account a "
+                        "--time 2:00:00 --nodes 2 --gpus-per-node 8\"")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a fork that left no result")
     p.add_argument("--max-queued", type=int, default=4,
                    help="at most N forks wait, each pinning its checkpoint; newer checkpoints are deferred "

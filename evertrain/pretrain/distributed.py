@@ -4,11 +4,21 @@ The launchers leave distinct marks in the environment of the processes they star
 - `deepspeed` (deepspeed/launcher/launch.py) exports CROSS_RANK / CROSS_SIZE / LOCAL_SIZE besides
   RANK / LOCAL_RANK / WORLD_SIZE, and passes `--local_rank=N` on the command line;
 - `torchrun` (torch.distributed.elastic) exports TORCHELASTIC_RUN_ID (and other TORCHELASTIC_*).
-A process started by neither has no RANK / WORLD_SIZE and trains alone.
+Schedulers start every process themselves and leave their own variables instead:
+- `srun` (Slurm): SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID and the step's node list;
+- `mpirun` (OpenMPI: OMPI_COMM_WORLD_*; MPICH and Intel MPI: PMI_RANK / PMI_SIZE / MPI_LOCALRANKID;
+  MVAPICH: MV2_COMM_WORLD_*), which is also what `deepspeed --launcher openmpi|mpich|impi|mvapich`
+  runs, as `deepspeed --launcher slurm` runs srun.
+`adopt_scheduler_env` turns those into RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT at
+start-up, before anything reads them (DeepSpeed's own MPI discovery would come too late for us and
+needs mpi4py). A process started by none of these has no RANK / WORLD_SIZE and trains alone.
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 from collections.abc import Mapping
 
 import torch
@@ -24,22 +34,133 @@ class LaunchError(EvertrainError):
 LAUNCH_HINTS = {
     "deepspeed": "launch it with `deepspeed --num_gpus N pretrain.py ...` "
                  "(on CPU: `DS_ACCELERATOR=cpu deepspeed --num_gpus N pretrain.py ...`)",
-    "fsdp": "launch it with `torchrun --nproc_per_node N pretrain.py --engine fsdp ...`",
+    "fsdp": "launch it with `torchrun --nproc_per_node N pretrain.py --engine fsdp ...` "
+            "(or `srun` / `mpirun` with N tasks)",
 }
 
 
+# (scheduler, rank, world size, local rank): MPI first, since an mpirun inside a Slurm allocation
+# also sees the allocation's SLURM_PROCID=0
+SCHEDULER_VARS = (
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("mvapich", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),  # STEP_NUM_TASKS: srun steps only
+)
+DEFAULT_MASTER_PORT = 29500
+LAUNCHED_BY = "EVERTRAIN_LAUNCHED_BY"  # set by adopt_scheduler_env: which scheduler started us
+
+
+def scheduler_of(env: Mapping[str, str]) -> tuple[str, str, str, str] | None:
+    """The SCHEDULER_VARS row of the scheduler that started this process with others, if any."""
+    for row in SCHEDULER_VARS:
+        if row[1] in env and row[2] in env and int(env[row[2]]) > 1:
+            return row
+    return None
+
+
+def scheduler_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The torch.distributed variables a process started by srun or mpirun lacks ({} when it has
+    them, or when it runs alone). MASTER_ADDR is the first host of the Slurm node list; MASTER_PORT
+    29500 + the Slurm job id modulo 1000 (two jobs sharing a node do not share a port)."""
+    row = None if "RANK" in env and "WORLD_SIZE" in env else scheduler_of(env)
+    if row is None:
+        return {}
+    name, rank, world, local = row
+    out = {"RANK": env[rank], "WORLD_SIZE": env[world], "LOCAL_RANK": env.get(local, "0"), LAUNCHED_BY: name}
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if "MASTER_ADDR" not in env and nodelist:
+        out["MASTER_ADDR"] = expand_nodelist(nodelist)[0]
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(DEFAULT_MASTER_PORT + int(env.get("SLURM_JOB_ID", "0") or 0) % 1000)
+    return out
+
+
+def adopt_scheduler_env(env=os.environ) -> None:
+    """Export `scheduler_env` into this process (entry points call it first thing)."""
+    env.update(scheduler_env(env))
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list -> host names: `scontrol show hostnames` when Slurm is installed,
+    else our parser of the same syntax (`gpu[01-03,7],login1`, `rack[1-2]-n[1-2]`)."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out
+        except (OSError, subprocess.SubprocessError):
+            pass  # fall back to parsing it ourselves
+    return parse_nodelist(nodelist)
+
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    hosts = []
+    for item in _split_top_level(nodelist.strip()):
+        hosts += _expand_item(item, nodelist)
+    if not hosts:
+        raise LaunchError(f"Slurm node list {nodelist!r}: no hosts")
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    return [item for item in items + [current] if item]
+
+
+def _expand_item(item: str, whole: str) -> list[str]:
+    """`pre[ranges]rest` -> every pre<n>rest, recursing into `rest` for further brackets."""
+    if "[" not in item:
+        if "]" in item:
+            raise LaunchError(f"Slurm node list {whole!r}: unbalanced ']'")
+        return [item]
+    prefix, _, rest = item.partition("[")
+    ranges, closed, suffix = rest.partition("]")
+    if not closed:
+        raise LaunchError(f"Slurm node list {whole!r}: unbalanced '['")
+    numbers = []
+    for part in ranges.split(","):
+        match = _RANGE.match(part.strip())
+        if match is None:
+            raise LaunchError(f"Slurm node list {whole!r}: bad range {part!r}")
+        first, last = match.group(1), match.group(2) or match.group(1)
+        if int(last) < int(first):
+            raise LaunchError(f"Slurm node list {whole!r}: range {part!r} runs backwards")
+        numbers += [str(n).zfill(len(first)) for n in range(int(first), int(last) + 1)]
+    return [f"{prefix}{n}{tail}" for n in numbers for tail in _expand_item(suffix, whole)]
+
+
 def detect_launcher(env: Mapping[str, str] = os.environ, local_rank_arg: int | None = None) -> str | None:
-    """'deepspeed', 'torchrun', or None when no launcher started this process."""
+    """'deepspeed', 'torchrun', a scheduler ('slurm', 'openmpi', ...), or None when nothing started
+    this process alongside others."""
     if "TORCHELASTIC_RUN_ID" in env:
         return "torchrun"
     if "CROSS_RANK" in env or local_rank_arg is not None:
         return "deepspeed"
-    return None
+    if LAUNCHED_BY in env:
+        return env[LAUNCHED_BY]
+    row = scheduler_of(env)
+    return row[0] if row else None
 
 
 def engine_for_launcher(launcher: str | None) -> str:
-    """What `engine.name=auto` resolves to."""
-    return {"deepspeed": "deepspeed", "torchrun": "fsdp"}.get(launcher, "single")
+    """What `engine.name=auto` resolves to. Under srun or mpirun (also when `deepspeed --launcher
+    slurm|openmpi` ran them) nothing tells DeepSpeed apart: FSDP2, unless engine.name says deepspeed
+    (as configs/1b.yaml and 8b.yaml do)."""
+    if launcher is None:
+        return "single"
+    return {"deepspeed": "deepspeed", "torchrun": "fsdp"}.get(launcher, "fsdp")
 
 
 def require_launcher(engine_name: str, env: Mapping[str, str] = os.environ) -> None:
