@@ -66,3 +66,12 @@ def tiny_data(tiny_slices, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_data") / "tiny"
     prepare(tiny_slices.train, out, 512, val=tiny_slices.val, shard_tokens=TINY_SHARD_TOKENS, workers=2)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def verified_stamps_in_a_tmp_dir(tmp_path_factory):
+    """pretrain.py records the data shards it verified under $EVERTRAIN_CACHE (datastamps.py): keep the
+    test runs' records out of the home directory."""
+    import os
+
+    os.environ.setdefault("EVERTRAIN_CACHE", str(tmp_path_factory.mktemp("evertrain_cache")))

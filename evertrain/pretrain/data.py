@@ -93,9 +93,11 @@ class Manifest:
                 **{split: [dataclasses.asdict(s) for s in self.shards(split)] for split in SPLITS}}
 
 
-def load_manifest(data_dir: str | Path, verify_checksums: bool = False) -> Manifest:
+def load_manifest(data_dir: str | Path, verify_checksums: bool = False, stamps=None) -> Manifest:
     """Read and check data_dir/manifest.json: its fields, that old shards are in place (positional names,
-    counts matching the history), every shard's size, and, when asked, every sha256."""
+    counts matching the history), every shard's size, and, when asked, every sha256. With `stamps`
+    (datastamps.VerifiedStamps) a file already hashed on this node and unchanged since is not hashed
+    again, and what was hashed is recorded."""
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
     if not path.is_file():
@@ -108,12 +110,26 @@ def load_manifest(data_dir: str | Path, verify_checksums: bool = False) -> Manif
     for split in SPLITS:
         _check_order(manifest, split, path)
         for shard in manifest.shards(split):
-            _check_shard(data_dir, shard, manifest.dtype, verify_checksums)
+            _check_shard(data_dir, shard, manifest.dtype, verify_checksums, stamps)
     if verify_checksums:
         tokenizer_path = data_dir / manifest.tokenizer["path"]
-        if not tokenizer_path.is_file() or file_sha256(tokenizer_path) != manifest.tokenizer["sha256"]:
+        if not tokenizer_path.is_file() or not _hash_matches(tokenizer_path, manifest.tokenizer["path"],
+                                                             manifest.tokenizer["sha256"], stamps):
             raise DataError(f"{tokenizer_path}: missing or not the tokenizer manifest.json names (sha256 differs)")
+        if stamps is not None:
+            stamps.save()
     return manifest
+
+
+def _hash_matches(path: Path, name: str, sha256: str, stamps) -> bool:
+    if stamps is not None and stamps.verified(path, name, sha256):
+        return True
+    matches = file_sha256(path) == sha256
+    if stamps is not None:
+        stamps.hashed += 1
+        if matches:
+            stamps.mark(path, name, sha256)
+    return matches
 
 
 def _parse(raw, data_dir: Path, path: Path) -> Manifest:
@@ -180,7 +196,7 @@ def _check_order(manifest: Manifest, split: str, path: Path) -> None:
                         "add shards with `evertrain data append`, not by hand")
 
 
-def _check_shard(data_dir: Path, shard: Shard, dtype: str, verify_checksum: bool) -> None:
+def _check_shard(data_dir: Path, shard: Shard, dtype: str, verify_checksum: bool, stamps=None) -> None:
     path = data_dir / shard.file
     if not path.is_file():
         raise DataError(f"{path}: shard listed in {MANIFEST} is missing")
@@ -188,7 +204,7 @@ def _check_shard(data_dir: Path, shard: Shard, dtype: str, verify_checksum: bool
     if path.stat().st_size != expected:
         raise DataError(f"{path}: shard is {path.stat().st_size} bytes, {MANIFEST} says {shard.tokens} "
                         f"{dtype} tokens = {expected} bytes (truncated or overwritten?)")
-    if verify_checksum and file_sha256(path) != shard.sha256:
+    if verify_checksum and not _hash_matches(path, shard.file, shard.sha256, stamps):
         raise DataError(f"{path}: shard sha256 does not match {MANIFEST} (corrupted or overwritten)")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from evertrain.pretrain.config import Config, ConfigError
 from evertrain.pretrain.data import MANIFEST, DataError, Manifest, load_manifest
+from evertrain.pretrain.datastamps import VerifiedStamps, stamp_file
 
 
 def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Manifest:
@@ -32,7 +33,9 @@ def check_data(cfg: Config, verify_checksums: bool) -> Manifest:
         raise DataError(f"data.path={path}: no {MANIFEST} there; prepare it first with `evertrain data prepare "
                         f"--input TEXT... --out {path} --vocab-size {cfg.model.vocab_size}` (docs/data.md), "
                         "or point data.path at a prepared data dir")
-    manifest = load_manifest(path, verify_checksums=verify_checksums)
+    # hashes only shards this node has not verified unchanged before (datastamps.py): O(new shards)
+    stamps = VerifiedStamps(stamp_file(path)) if verify_checksums else None
+    manifest = load_manifest(path, verify_checksums=verify_checksums, stamps=stamps)
     if cfg.eval.every_steps and not manifest.val:
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps}, but data.path={cfg.data.path} has no "
                           "validation shards; append some with `evertrain data append --val FILE...` "
