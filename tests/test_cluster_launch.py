@@ -1,5 +1,5 @@
 """Cluster launches without a cluster: Slurm and MPI environments as variables, and fake `sbatch`,
-`srun`, `deepspeed` and `sinfo` programs (tests/fakebin/) that record their arguments and run the
+`srun`, `ssh`, `deepspeed` and `sinfo` programs (tests/fakebin/) that record their arguments and run the
 command here. Covered: ranks from srun/mpirun, Slurm node lists, the Slurm pool (a real fork on two
 srun tasks), `deepspeed --launcher slurm` (a real DeepSpeed run on two srun tasks) and multi-host
 hostfile forks (several at once, each with its own hostfile)."""

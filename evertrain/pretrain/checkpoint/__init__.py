@@ -4,7 +4,8 @@
     retention.py   which step dirs to keep; pins (leases) of readers (no torch)
     manager.py     CheckpointManager: stage, write in the background, commit, resume, load_consolidated
     dcp.py         engine state of `single` and `fsdp` through torch.distributed.checkpoint
-    deepspeed.py   engine state of `deepspeed` through DeepSpeed's own layout and universal loader
+    deepspeed.py   engine state of `deepspeed` through DeepSpeed's own layout
+    slices.py      any checkpoint read by parameter slice: reshards and cross-engine loads
 
 The manager's names are imported lazily, so light readers of the layout (the forker, the report,
 the CLI) do not import torch just to read a meta.json.
