@@ -157,7 +157,8 @@ def test_deepspeed_launcher_slurm_gets_ranks_right(cluster, tiny_data, tmp_path)
         port = str(s.getsockname()[1])
     run_dir = tmp_path / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": port}
-    proc = subprocess.run([str(VENV_BIN / "deepspeed"), "--launcher", "slurm", "--hostfile", str(hostfile),
+    # --force_multi: with one host in the hostfile DeepSpeed would otherwise start the ranks itself
+    proc = subprocess.run([str(VENV_BIN / "deepspeed"), "--force_multi", "--launcher", "slurm", "--hostfile", str(hostfile),
                            "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
                            f"data.path={tiny_data}", "model.vocab_size=512", "train.max_steps=2",
                            "checkpoint.every_steps=2", "eval.every_steps=0", "train.micro_batch_size=4",

@@ -194,7 +194,6 @@ def run_fork(args: argparse.Namespace) -> int:
     from evertrain.pretrain.distributed import adopt_scheduler_env, rank_and_world  # torch: only once a fork runs
 
     adopt_scheduler_env()  # under srun / mpirun (a Slurm fork job): ranks from the scheduler
-
     rank = rank_and_world()[0]
     if rank != 0:  # rank 0 holds the lock and the lease for the whole process group
         return cool_down(args, run_dir, out, step, cooldown_steps, source, hooks)

@@ -53,6 +53,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops))
     vote = StopVote(engine.world_size)
     saved = None
+    abandoned = False
     batches = Prefetcher(stream, global_windows, engine.rank, engine.world_size, depth=cfg.data.prefetch,
                          device=engine.device, limit=None if t.max_steps is None else max(t.max_steps - step, 0))
     try:
@@ -88,6 +89,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                         latest = ckpt.latest()  # the stop step, or the last one if it was not worth saving
                         saved = step_of(latest) if latest is not None else saved
                     else:
+                        abandoned = True  # exit now; do not wait for the writer
                         print(f"checkpoint: the stop budget of {cfg.checkpoint.stop_budget_s:g}s ran out; abandoned "
                               f"the save in flight (rank {engine.rank}); the last committed checkpoint is "
                               f"{ckpt.latest()}", file=sys.stderr, flush=True)
@@ -96,7 +98,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                 if stop:
                     break
         vote.close()
-        if ckpt is not None and not ckpt.abandoned:
+        if ckpt is not None and not abandoned:
             ckpt.wait()  # committed: the closing line may name it
         reason = f"train.max_steps={t.max_steps}" if t.max_steps is not None and step >= t.max_steps else "stop signal"
     finally:
