@@ -17,7 +17,8 @@ from pathlib import Path
 from evertrain.errors import EvertrainError
 from evertrain.pretrain import engines
 from evertrain.pretrain.checkpoint import CheckpointManager
-from evertrain.pretrain.checkpoint.store import latest_checkpoint
+from evertrain.pretrain.checkpoint.retention import is_pinned
+from evertrain.pretrain.checkpoint.store import latest_checkpoint, rewind
 from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config, model_hash
 from evertrain.pretrain.data import TokenStream
 from evertrain.pretrain.distributed import adopt_scheduler_env, detect_launcher, rank_and_world
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="shorthand for engine.name=...")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
+    parser.add_argument("--resume-step", type=int, default=None, metavar="N",
+                        help="resume from the checkpoint of step N instead of the latest; the later ones are "
+                             "renamed *.abandoned-<time> (e.g. the latest is corrupt). Use once, not in a restart loop")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         check_run_dir(run_dir, cfg)  # on every rank, before any heavy start-up
         # checksums once per node (shards may live on node-local disks); warnings once per run
         preflight(cfg, verify_checksums=local_rank == 0, quiet=rank != 0)
+        if args.resume_step is not None and lock is not None:  # rank 0, before the others can read
+            rewind(run_dir / "checkpoints", args.resume_step, pinned=is_pinned)
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
         engine = engines.create(engine_config(run_dir, cfg), launcher=detect_launcher(os.environ, args.local_rank))
         ckpt = CheckpointManager(run_dir, cfg, engine)

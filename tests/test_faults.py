@@ -326,3 +326,70 @@ def dataclasses_replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+# -- 6. smaller items ----------------------------------------------------------------------------------
+
+def test_resume_step_goes_back_past_a_corrupt_latest_checkpoint(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(run, tiny_data, "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5") == 0
+    ckpts = run / "checkpoints"
+    shard = next((ckpts / "step_000000004").glob("*.distcp"))
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    capsys.readouterr()
+    assert pretrain(run, tiny_data, "train.max_steps=6") == 2
+    assert "corrupt shard" in capsys.readouterr().err
+    assert pretrain(run, tiny_data, "--resume-step", "3", "train.max_steps=6") == 2
+    assert "--resume-step 3: no complete checkpoint at this step" in capsys.readouterr().err
+    assert pretrain(run, tiny_data, "--resume-step", "2", "train.max_steps=6", "checkpoint.every_steps=2") == 0
+    assert len(list(ckpts.glob("step_000000004.abandoned-*"))) == 1
+    assert store.step_of(store.latest_checkpoint(ckpts)) == 6
+    store.verify_files(ckpts / "step_000000006", store.read_meta(ckpts / "step_000000006"))
+    (ckpts / store.LATEST).write_bytes(bytes(range(128, 256)))
+    with pytest.raises(CheckpointError, match="LATEST: not a step dir name"):
+        store.latest_checkpoint(ckpts)
+
+
+def test_export_pins_its_source_and_checks_the_tokenizer(tiny_data, tmp_path, monkeypatch):
+    import argparse
+
+    import sentencepiece as spm
+
+    from evertrain.launch import export_cmd
+    from evertrain.launch.export import ExportError
+    from evertrain.pretrain.checkpoint import is_pinned
+
+    run = tmp_path / "run"
+    assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0
+    step_dir = run / "checkpoints" / "step_000000002"
+    args = lambda **kw: argparse.Namespace(**{"run": str(run), "out": str(tmp_path / "hf"), "step": "2",
+                                              "cooldown": None, "tokenizer": None, "dtype": "float32", **kw})
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("hello\n")
+    with pytest.raises(ExportError, match="not a sentencepiece tokenizer model"):
+        export_cmd.run_export(args(tokenizer=str(not_a_model)))
+    text = tmp_path / "other.txt"
+    text.write_text("\n".join(f"another corpus line {i} with words {i * 7}" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "other"), vocab_size=100,
+                                   minloglevel=2)
+    with pytest.raises(ExportError, match="not the tokenizer .* trained with"):
+        export_cmd.run_export(args(tokenizer=str(tmp_path / "other.model")))
+    import evertrain.pretrain.checkpoint as checkpoint_pkg
+
+    seen = []
+    real = checkpoint_pkg.load_consolidated
+    monkeypatch.setattr(checkpoint_pkg, "load_consolidated",
+                        lambda path, **kw: (seen.append(is_pinned(step_dir)), real(path, **kw))[1])
+    assert export_cmd.run_export(args()) == 0
+    assert seen == [True] and not is_pinned(step_dir)
+
+
+def test_stray_lines_in_metrics_are_skipped(tmp_path):
+    from evertrain.launch.report import read_jsonl
+    from evertrain.pretrain.metrics import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n[1, 2]\n"text"\n{"kind": "train", "step": 5}\n')
+    assert [r["step"] for r in read_jsonl(path)] == [1, 5]
+    drop_records_after(path, 2)
+    assert path.read_text() == '{"kind": "train", "step": 1}\n'

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from evertrain.errors import EvertrainError
 from evertrain.pretrain.config import NOT_SHAPE, ModelConfig
+from evertrain.pretrain.data import file_sha256
 from evertrain.pretrain.hf_llama import expected_shapes, hf_name, llama_config
 
 
@@ -113,7 +114,7 @@ def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, toke
     if not tokenizer_model_path.is_file():
         raise ExportError(f"{tokenizer_model_path}: tokenizer model not found")
     check_llama_expressible(model_cfg)
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model_path))
+    sp = load_tokenizer(tokenizer_model_path)
     if sp.vocab_size() > model_cfg.vocab_size:
         raise ExportError(f"{tokenizer_model_path}: {sp.vocab_size()} tokens do not fit "
                           f"model.vocab_size={model_cfg.vocab_size}")
@@ -139,3 +140,22 @@ def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, toke
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError):  # sentencepiece's multi-line parse error for any other file
+        raise ExportError(f"{path}: not a sentencepiece tokenizer model") from None
+
+
+def check_tokenizer(tokenizer: Path, meta: dict, step_dir: Path) -> None:
+    """The tokenizer must be the one the checkpoint trained with (checkpoints record its sha256):
+    a tokenizer of another vocabulary would export a model that reads the wrong tokens."""
+    trained = ((meta.get("data") or {}).get("tokenizer_sha256") if isinstance(meta.get("data"), dict) else None)
+    load_tokenizer(tokenizer)
+    if trained is not None and file_sha256(tokenizer) != trained:
+        raise ExportError(f"{tokenizer}: not the tokenizer {step_dir} trained with (sha256 {file_sha256(tokenizer)[:12]} "
+                          f"vs {trained[:12]}); pass that one, or omit --tokenizer to use the run's data dir")
+
+

@@ -7,12 +7,17 @@ imported once there is something to export.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 from pathlib import Path
 
 from evertrain.errors import EvertrainError
 from evertrain.launch.fork import resolve_checkpoint
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.data import MANIFEST, load_manifest
+
+
+EXPORT_PIN_TTL_S = 3600.0  # reading even an 8B checkpoint takes minutes; a crashed export's pin expires
 
 
 class ExportSourceError(EvertrainError, ValueError):
@@ -56,11 +61,21 @@ def run_export(args: argparse.Namespace) -> int:
         tokenizer, bos_id, eos_id = tokenizer_from_manifest(cfg.data.path, config_path)
     import torch
 
-    from evertrain.launch.export import export_hf
-    from evertrain.pretrain.checkpoint import check_model, load_consolidated, read_meta
+    from evertrain.launch.export import check_tokenizer, export_hf
+    from evertrain.pretrain import checkpoint
 
-    check_model(step_dir, read_meta(step_dir), cfg)
-    state = load_consolidated(step_dir)["model"]
+    # a run checkpoint is pinned while it is read, so the live run's retention cannot delete it
+    # under us (a finished cooldown's final/ is never pruned)
+    holder = f"export.{socket.gethostname()}.{os.getpid()}"
+    lease = checkpoint.pin(step_dir, holder, EXPORT_PIN_TTL_S) if args.step is not None else None
+    try:
+        meta = checkpoint.read_meta(step_dir)
+        checkpoint.check_model(step_dir, meta, cfg)
+        check_tokenizer(tokenizer, meta, step_dir)
+        state = checkpoint.load_consolidated(step_dir)["model"]
+    finally:
+        if lease is not None:
+            checkpoint.unpin(lease)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     out = export_hf(state, cfg.model, tokenizer, args.out, bos_id=bos_id, eos_id=eos_id, dtype=dtype)
     print(f"exported {step_dir} -> {out}")

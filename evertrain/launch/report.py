@@ -11,6 +11,7 @@ Only reads the run directory (the PNG goes where --out says, by default runs/NAM
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -89,15 +90,18 @@ class RunReport:
 # -- reading the run -----------------------------------------------------------------------------
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a metrics file; a line cut short by a crash (or being written right now) is skipped."""
+    """Records of a metrics file; a line cut short by a crash (or being written right now), or one
+    that is not a record (an object with a step), is skipped."""
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
     return rows
 
 
@@ -323,11 +327,17 @@ def plot(report: RunReport, fit: PowerLawFit | None, proj: Projection | None, ou
     import matplotlib.pyplot as plt
 
     fig = figure(report, fit, proj)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ReportError(f"--out {out}: cannot write ({exc.strerror})") from None
+    finally:
+        plt.close(fig)
     return out
 
 

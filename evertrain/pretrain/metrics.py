@@ -36,9 +36,10 @@ def drop_records_after(path: Path, step: int) -> None:
 def _parse(line: str) -> dict | None:
     """A record, or None for a line cut short by a crash mid-write."""
     try:
-        return json.loads(line)
+        record = json.loads(line)
     except json.JSONDecodeError:
         return None
+    return record if isinstance(record, dict) else None  # a stray non-record line is dropped too
 
 
 def _tensorboard_writer(log_dir: Path, start_step: int):

@@ -162,7 +162,11 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     latest_file = ckpt_dir / LATEST
     named = None
     if latest_file.is_file():
-        name = latest_file.read_text().strip()
+        try:
+            name = latest_file.read_text().strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{latest_file}: not a step dir name (binary garbage); delete it to resume "
+                                  "from the newest complete checkpoint") from None
         named = ckpt_dir / name
         if step_of(named) is None or not (named / META).is_file():
             raise CheckpointError(f"{latest_file}: names '{name}', which is not a complete checkpoint")
@@ -171,6 +175,29 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     if named is None or (newest is not None and step_of(newest) > step_of(named)):
         return newest
     return named
+
+
+def rewind(ckpt_dir: Path, step: int, pinned=lambda step_dir: False) -> list[Path]:
+    """Make `step` the checkpoint to resume from (pretrain.py --resume-step): every committed step
+    dir after it is renamed `<name>.abandoned-<time>` (kept for inspection, never read again) and
+    LATEST names it. For a corrupt latest checkpoint, or going back before a divergence. Rank 0."""
+    ckpt_dir = Path(ckpt_dir)
+    committed = {step_of(p): p for p in complete_checkpoints(ckpt_dir)}
+    if step not in committed:
+        shown = ", ".join(map(str, list(committed)[-8:])) or "none"
+        raise CheckpointError(f"--resume-step {step}: no complete checkpoint at this step in {ckpt_dir} "
+                              f"(available: {shown})")
+    later = [p for s, p in committed.items() if s > step]
+    for step_dir in later:
+        if pinned(step_dir):
+            raise CheckpointError(f"--resume-step {step}: {step_dir} is pinned by a reader (a fork or an "
+                                  "export); wait for it, or remove its pins/ entry")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for step_dir in later:
+        os.rename(step_dir, step_dir.with_name(f"{step_dir.name}.abandoned-{stamp}"))
+    atomic_write_text(ckpt_dir / LATEST, committed[step].name + "\n")
+    fsync_dir(ckpt_dir)
+    return later
 
 
 def verify_files(step_dir: Path, meta: dict, names: list[str] | None = None) -> None:
