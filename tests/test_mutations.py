@@ -36,8 +36,9 @@ MUTATIONS = (
              ("tests/test_resume.py::test_sigkill_mid_run_then_resume_is_bitwise_identical",)),
     Mutation("M2: a device-to-host copy of the loss on every step",
              "evertrain/pretrain/loop.py",
-             "                window.add(loss)\n",
-             "                window.add(loss)\n                loss.cpu().numpy()\n",
+             "                loss, grad_norm = engine.train_step(list(batch.split(t.micro_batch_size)))\n",
+             "                loss, grad_norm = engine.train_step(list(batch.split(t.micro_batch_size)))\n"
+             "                loss.cpu().numpy()\n",
              ("tests/test_train.py::test_no_host_sync_on_steps_that_do_not_log",)),
     Mutation("M3: the schedule returns a constant max_lr",
              "evertrain/pretrain/schedule.py",
