@@ -156,8 +156,8 @@ def test_crash_before_commit_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(store, "commit", crash)
     train_step(engine)
     ckpt.save(2, {})
-    with pytest.raises(OSError, match="simulated"):
-        ckpt.wait()  # a failed background save surfaces in the caller
+    with pytest.raises(CheckpointError, match="simulated"):
+        ckpt.wait()  # a failed background save surfaces in the caller, as one line
     monkeypatch.undo()
     ckpt_dir = tmp_path / "checkpoints"
     leftovers = [p.name for p in ckpt_dir.iterdir() if ".tmp-" in p.name]

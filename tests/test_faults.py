@@ -393,3 +393,30 @@ def test_stray_lines_in_metrics_are_skipped(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == [1, 5]
     drop_records_after(path, 2)
     assert path.read_text() == '{"kind": "train", "step": 1}\n'
+
+
+# -- 7. a full disk mid-save --------------------------------------------------------------------------------
+
+def test_enospc_mid_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from evertrain.pretrain.checkpoint import manager as manager_module
+
+    cfg, step_dir = committed_checkpoint(tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    engine = toy_engine()
+    ckpt = CheckpointManager(tmp_path / "run", cfg, engine)
+    real_digest = manager_module.store.file_digest
+
+    def disk_full(path, *args, **kwargs):  # the shards are on disk; the marker write finds no space
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(manager_module.store, "file_digest", disk_full)
+    ckpt.save(2, {"tokens": 2, "data": {}})
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact") as err:
+        ckpt.wait()
+    assert "\n" not in str(err.value)
+    assert store.latest_checkpoint(ckpts) == step_dir and (ckpts / store.LATEST).read_text().strip() == step_dir.name
+    monkeypatch.setattr(manager_module.store, "file_digest", real_digest)
+    ckpt.save(3, {"tokens": 3, "data": {}})  # space again: the next save commits
+    ckpt.close()
+    assert store.step_of(store.latest_checkpoint(ckpts)) == 3

@@ -159,6 +159,10 @@ class CheckpointManager:
         except FutureTimeout:
             self.abandoned = True
             return False
+        except OSError as exc:  # a full or failing disk: the previous checkpoint stays LATEST
+            where = exc.filename or self.dir
+            raise CheckpointError(f"{where}: checkpoint write failed ({exc.strerror or exc}); the previous "
+                                  f"checkpoint is intact and stays LATEST") from None
         finally:
             if not self.abandoned:
                 self._in_flight = None
