@@ -87,7 +87,13 @@ def test_zero3_run_reshards_onto_one_zero3_rank_with_the_same_losses(zero3_run, 
 
 
 def test_load_consolidated_has_the_moments_of_a_zero3_checkpoint(zero3_run):
-    full = load_consolidated(zero3_run / "checkpoints" / f"step_{STEPS:09d}")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    step_dir = zero3_run / "checkpoints" / f"step_{STEPS:09d}"
+    full = load_consolidated(step_dir)
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)  # DeepSpeed's own
+    assert set(reference) >= set(full["model"])
+    assert all(torch.equal(full["model"][name], reference[name]) for name in full["model"])
     assert set(full["optim"]) == set(full["model"])
     for name, moments in full["optim"].items():
         assert moments["exp_avg"].shape == full["model"][name].shape
