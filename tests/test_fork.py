@@ -213,3 +213,12 @@ def test_bad_fork_requests_are_one_line_errors(main_run, capsys, argv, message):
 def test_fork_of_something_that_is_not_a_run(tmp_path, capsys):
     assert cli_main(["fork", "--run", str(tmp_path), "--step", "latest", "--cooldown-steps", "5"]) == 2
     assert "not a run directory (no config.yaml)" in capsys.readouterr().err
+
+
+def test_a_fork_checks_its_eval_batches_before_training(main_run, tmp_path, capsys):
+    run_dir = copy_run(main_run, tmp_path)
+    assert cli_main(fork_argv(run_dir)[:-2] + ["--eval-batches", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the val split has" in err and len(err.splitlines()) == 1
+    trained = [p for p in (run_dir / "cooldowns").rglob("step_*") if p.is_dir()]
+    assert trained == []  # refused before the cooldown, not after it

@@ -251,12 +251,13 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
         ckpt = CheckpointManager(out, cfg, engine)
         start = ckpt.load(source) if ckpt.latest() is None else None  # else: resume the fork itself
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+        val = load_val_batches(cfg, engine)  # before the cooldown: a missing val split fails now, not after it
         last = train(cfg, out, engine, stream, ckpt, start=start)
         if last < end_step:
             if engine.is_main:
                 print(f"fork: stopped at step {last} of {end_step}; rerun the same command to resume")
             return 130
-        scores = evaluate(engine, load_val_batches(cfg, engine))
+        scores = evaluate(engine, val)
         if engine.is_main:
             last_dir = ckpt.latest()
             tokens = store.read_meta(last_dir)["tokens"]
