@@ -122,9 +122,7 @@ def test_save_returns_once_staged_and_one_save_at_a_time(tmp_path):
     train_step(engine)
     expected = {k: v.clone() for k, v in engine.model.state_dict().items()}
     ckpt.save(1, {})
-    with torch.no_grad():  # training goes on while the save is written
-        for p in engine.model.parameters():
-            p.add_(1.0)
+    train_step(engine)  # training goes on while the save is written (its optimizer step waits for the copy)
     ckpt.save(2, {})  # waits for step 1's save first
     assert (tmp_path / "checkpoints" / "step_000000001" / "meta.json").is_file()
     ckpt.close()
@@ -274,7 +272,7 @@ def test_corrupt_shard_is_refused(saved_run):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     message = resume_error(saved_run)
-    assert str(shard) in message and "sha256" in message
+    assert str(shard) in message and "xxh3_128" in message
 
 
 def test_truncated_and_missing_shards_are_refused(saved_run):
@@ -319,16 +317,19 @@ def test_deepspeed_staging_copies_tensors_into_reused_buffers():
 
     from evertrain.pretrain.checkpoint.deepspeed import StagingCheckpointEngine
 
-    weight = torch.ones(3)
-    state = {"module": OrderedDict(w=weight), "shapes": [torch.Size([3])], "step": 7}
-    writer = StagingCheckpointEngine(torch.device("cpu"))
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    state = {"module": OrderedDict(w=weight.data), "shapes": [torch.Size([3])], "step": 7}
+    writer = StagingCheckpointEngine(torch.device("cpu"), optimizer)
     writer.save(state, "a.pt")
-    weight.add_(1)  # training goes on
-    (_, first), = writer.take_staged()
-    assert type(first["module"]) is OrderedDict and torch.equal(first["module"]["w"], torch.ones(3))
+    paths, copy = writer.take_staged()
+    weight.grad = torch.full((3,), -1.0)
+    optimizer.step()  # training goes on: its step waits for the copy
+    (first,) = copy.result()["files"]
+    assert paths == ["a.pt"] and type(first["module"]) is OrderedDict and torch.equal(first["module"]["w"], torch.ones(3))
     assert first["shapes"] == [torch.Size([3])] and first["step"] == 7
     writer.save(state, "a.pt")  # the next save refills the same CPU buffer
-    (_, second), = writer.take_staged()
+    (second,) = writer.take_staged()[1].result()["files"]
     assert torch.equal(second["module"]["w"], torch.full((3,), 2.0))
     assert second["module"]["w"].data_ptr() == first["module"]["w"].data_ptr() != weight.data_ptr()
     writer.stager.close()

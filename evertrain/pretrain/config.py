@@ -93,6 +93,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every k-th step forever; 0 = none
     async_save: bool = True
     stop_budget_s: float = 25.0  # on SIGTERM: seconds to finish or abandon the last save (launchers SIGKILL at ~30)
+    verify: str = "full"  # on load: full = size + content hash of every file; size = sizes only (no read-back)
 
 
 @dataclass
@@ -147,6 +148,7 @@ _CHOICES = {
     "logging.mlflow": ("disabled", "enabled"),
     "engine.accumulate": ("auto", "sharded", "unsharded"),
     "model.activation_checkpointing": ("none", "full", "selective"),
+    "checkpoint.verify": ("full", "size"),
 }
 
 

@@ -8,12 +8,13 @@ loads with M (DCP reshards from the metadata), and `single` <-> `fsdp` needs no 
 The single engine uses DCP without a process group too, rather than torch.save, for exactly that:
 a laptop run resumes under torchrun and back, and `load_consolidated` has one reader instead of two.
 
-`async_save` stages (copies to CPU memory) in the caller's thread and writes in its own thread.
-The stager lives as long as the manager: it keeps its CPU buffers and copies into them again at the
-next save (the previous write has finished by then), so staging is a memcpy into warm memory rather
-than a fresh allocation. With FSDP the writes coordinate over collectives, so they run on a gloo
-group of their own (created once, in the main thread): the training collectives never share a group
-with a background thread.
+A save gathers the state dict in the caller's thread and hands it to checkpoint/staging.py, which
+copies it to host memory without the caller waiting (the next optimizer step is what waits); the
+manager's writer thread then waits for the copy and runs `dcp.save` on it. The stager lives as long
+as the manager: it keeps its host buffers (pinned on CUDA) and copies into them again at the next
+save, so staging is a memcpy into warm memory rather than a fresh allocation. With FSDP the writes
+coordinate over collectives, so they run on a gloo group of their own (created once, in the main
+thread): the training collectives never share a group with a background thread.
 """
 from __future__ import annotations
 
@@ -21,17 +22,18 @@ import math
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from evertrain.pretrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, first_line
+from evertrain.pretrain.checkpoint.staging import BackgroundStager
 from evertrain.pretrain.checkpoint.store import CheckpointError
 
 DCP_METADATA = ".metadata"
@@ -48,16 +50,18 @@ class DcpState:
         self.module = engine.model if engine.name == "fsdp" else engine.raw_model
         self.distributed = engine.name == "fsdp" and engine.world_size > 1
         self.group = dist.new_group(backend="gloo") if self.distributed else None
-        self.stager = reusable_stager(engine.device)
+        self.stager = BackgroundStager(engine.device, engine.optimizer)
 
     def _dcp_args(self) -> dict:
         return {"process_group": self.group} if self.distributed else {"no_dist": True}
 
-    def stage(self, tmp_dir: Path) -> Future:
-        """Copy this rank's state to CPU memory; the returned future completes when it is on disk."""
+    def stage(self, tmp_dir: Path) -> tuple[Future, Callable[[dict], None]]:
+        """Start copying this rank's state to host memory: (a Future of the copy, the function that
+        writes it, for the writer thread)."""
         state = {"model": get_model_state_dict(self.module),
                  "optim": get_optimizer_state_dict(self.module, self.engine.optimizer)["state"]}
-        return dcp.async_save(state, checkpoint_id=str(tmp_dir), async_stager=self.stager, **self._dcp_args())
+        return self.stager.stage(state), lambda staged: dcp.save(staged, checkpoint_id=str(tmp_dir),
+                                                                  **self._dcp_args())
 
     def own_files(self, tmp_dir: Path) -> list[str]:
         """Files this rank wrote (DCP names them `__<rank>_<i>.distcp`; `.metadata` is rank 0's)."""
@@ -107,12 +111,6 @@ class DcpState:
 
     def close(self) -> None:
         self.stager.close()
-
-
-def reusable_stager(device: torch.device) -> DefaultStager:
-    """Synchronous staging into CPU buffers kept between saves (pinned when copying from a GPU)."""
-    return DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
-                                        use_async_staging=False, use_non_blocking_copy=False))
 
 
 def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:

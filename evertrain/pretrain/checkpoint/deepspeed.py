@@ -5,10 +5,12 @@ our temp dir (`mp_rank_00_model_states.pt`, `zero_pp_rank_<r>_mp_rank_00_optim_s
 zero_to_fp32.py recovery script), so `ds_to_universal` and `zero_to_fp32` work on a step dir as is.
 
 Asynchronous: DeepSpeed writes every file through `ds_engine.checkpoint_engine`. Ours,
-`StagingCheckpointEngine`, copies each state dict's tensors to CPU memory when DeepSpeed hands it
-over and leaves the torch.save for later; `save_checkpoint` thus returns once staged (its barriers
-run in the caller's thread, as always) and the returned function writes the files from a
-background thread. DeepSpeed 0.19.8's own asynchronous path (`checkpoint.writer.decoupled`) does not
+`StagingCheckpointEngine`, keeps the state dicts DeepSpeed hands it and leaves the torch.save for
+later; once `save_checkpoint` returns (its barriers run in the caller's thread, as always) they are
+all handed to checkpoint/staging.py at once, which copies them to host memory without the caller
+waiting (the next optimizer step waits for the copy; the inner optimizer's step is where DeepSpeed's
+writes to weights and moments begin), and the returned function writes the files from a background
+thread once the copy is complete. DeepSpeed 0.19.8's own asynchronous path (`checkpoint.writer.decoupled`) does not
 stage: it hands the live tensors to a writer process and waits for it at the next optimizer step,
 before the weights change, so any write longer than one forward/backward stalls training (and its
 default FAST writer needs the async_io op, which is not built on these machines).
@@ -32,7 +34,7 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from evertrain.pretrain.checkpoint.dcp import reusable_stager
+from evertrain.pretrain.checkpoint.staging import BackgroundStager
 from evertrain.pretrain.checkpoint.safe_load import weights_only_loads
 from evertrain.pretrain.checkpoint.slices import KEYS, MOMENTS, WEIGHT, Slice
 from evertrain.pretrain.checkpoint.store import CheckpointError
@@ -51,23 +53,22 @@ def load_trusted(path: str | Path, map_location=None, mmap: bool = False):
 
 
 class StagingCheckpointEngine(CheckpointEngine):
-    """DeepSpeed's file writer, made asynchronous: `save` stages, `write_staged` writes later.
-
-    Staging is DCP's DefaultStager: a deep copy whose tensors land in CPU buffers that are kept and
-    refilled at the next save (the previous write has finished by then).
+    """DeepSpeed's file writer, made asynchronous: `save` collects, `take_staged` starts the copy of
+    everything collected (one BackgroundStager copy into buffers kept between saves), `write_staged`
+    writes later.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, optimizer: torch.optim.Optimizer):
         super().__init__()
         self.name = "evertrain.StagingCheckpointEngine"
-        self.stager = reusable_stager(device)
+        self.stager = BackgroundStager(device, optimizer)
         self.staged: list[tuple[str, object]] = []
 
     def create(self, info):
         self.staged = []
 
     def save(self, state_dict, path: str):
-        self.staged.append((path, self.stager.stage(state_dict)))
+        self.staged.append((path, state_dict))  # live tensors: copied by take_staged, before the next step
 
     def load(self, path: str, map_location=None):
         return load_trusted(path, map_location)
@@ -75,9 +76,11 @@ class StagingCheckpointEngine(CheckpointEngine):
     def commit(self, info):
         return True
 
-    def take_staged(self) -> list[tuple[str, object]]:
+    def take_staged(self):
+        """(the paths, a Future of their host copies in the same order)."""
         staged, self.staged = self.staged, []
-        return staged
+        paths = [path for path, _ in staged]
+        return paths, self.stager.stage({"files": [state for _, state in staged]})
 
 
 def create_moments(optimizer, flat_partitions) -> None:
@@ -90,8 +93,8 @@ def create_moments(optimizer, flat_partitions) -> None:
                 state[key] = torch.zeros_like(flat, dtype=torch.float32)
 
 
-def write_staged(staged: list[tuple[str, object]]) -> None:
-    for path, state in staged:
+def write_staged(paths: list[str], staged: dict) -> None:
+    for path, state in zip(paths, staged["files"]):
         with open(path, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -106,7 +109,7 @@ class DeepSpeedState:
         self.ds = engine.ds_engine
         self.ckpt_dir = Path(ckpt_dir)  # temp dirs for conversions go beside the checkpoints
         self.nonce = nonce
-        self.writer = StagingCheckpointEngine(engine.device)
+        self.writer = StagingCheckpointEngine(engine.device, engine.optimizer)
         self.ds.checkpoint_engine = self.writer  # DeepSpeed's documented extension point
         self.written: list[str] = []
 
@@ -115,17 +118,18 @@ class DeepSpeedState:
         return int(self.ds.zero_optimization_stage())
 
     def stage(self, tmp_dir: Path):
-        """Run DeepSpeed's save (collectives here, in the caller's thread) and return the writer."""
+        """Run DeepSpeed's save (collectives here, in the caller's thread) and start the host copy:
+        (a Future of the copy, the function that writes it)."""
         universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
         self.ds.save_checkpoint(str(tmp_dir.parent), tag=tmp_dir.name, save_latest=False,
                                 client_state={UNIVERSAL_CHECKPOINT_INFO: universal_info})
-        staged = self.writer.take_staged()
-        self.written = sorted(Path(path).name for path, _ in staged)
+        paths, copy = self.writer.take_staged()
+        self.written = sorted(Path(path).name for path in paths)
         if self.engine.is_main:  # DeepSpeed drops its recovery scripts into save_dir: keep them with the shards
             for script in RECOVERY_SCRIPTS:
                 if (tmp_dir.parent / script).is_file():
                     os.replace(tmp_dir.parent / script, tmp_dir / script)
-        return lambda: write_staged(staged)
+        return copy, lambda staged: write_staged(paths, staged)
 
     def own_files(self, tmp_dir: Path) -> list[str]:
         return self.written

@@ -5,8 +5,10 @@
     ckpt.save(step, {"tokens": ..., "data": stream.state_dict()})   # returns once staged
     ckpt.close()                      # waits for the save in flight
 
-A save stages this rank's state into CPU memory in the caller's thread (engine collectives happen
-here, nowhere else) and hands the rest to one background thread: write the shards, hash them,
+A save gathers this rank's state dict in the caller's thread (engine collectives happen here,
+nowhere else) and starts copying it to host memory without waiting for the copy (checkpoint/staging.py:
+on CUDA a side stream the next optimizer step waits on, on CPU a thread the next optimizer step waits
+for). One background thread does the rest: wait for the copy, write the shards, hash them (xxh3_128),
 leave a `done.<rank>` marker; rank 0 then waits for every marker, writes meta.json, renames the temp
 dir into place, replaces LATEST and applies retention (checkpoint/store.py, checkpoint/retention.py).
 At most one save is in flight: the next `save` first waits for the last.
@@ -53,9 +55,10 @@ DCP_ENGINES = ("single", "fsdp")
 @dataclass
 class SaveTimings:
     """Where a save's seconds went; the background parts are complete once `wait()` returned."""
-    blocked: float = 0.0  # save() held up the caller: waiting for the previous save, then staging
+    blocked: float = 0.0  # save() held up the caller: waiting for the previous save, gathering the state
+    copy: float = 0.0  # the writer waited for the host copy (which runs while training goes on)
     write: float = 0.0  # this rank's shards and train_state on disk, fsynced
-    hash: float = 0.0  # sha256 of this rank's files
+    hash: float = 0.0  # content hash (store.HASH) of this rank's files
     commit: float = 0.0  # rank 0: the other ranks' markers, meta.json, rename, LATEST, retention
 
 
@@ -99,12 +102,13 @@ class CheckpointManager:
             self._cleaned = True
         tmp = store.tmp_dir_for(self.dir, step, self.nonce)
         tmp.mkdir(parents=True, exist_ok=True)
-        written = self.state.stage(tmp)
+        copy, write = self.state.stage(tmp)
         train_state = {"step": step, "optimizer_step": int(self.engine.optimizer.step_count),
                        "rng": rng_state()}
         meta = self._meta(step, extra) if self.engine.is_main else None
         self.timings = SaveTimings()
-        self._in_flight = self._writer.submit(self._write_and_commit, tmp, written, train_state, meta, self.timings)
+        self._in_flight = self._writer.submit(self._write_and_commit, tmp, copy, write, train_state, meta,
+                                              self.timings)
         if not self.cfg.checkpoint.async_save:
             self.wait()
         self.timings.blocked = time.perf_counter() - started
@@ -115,14 +119,16 @@ class CheckpointManager:
                 "schedule": cfg["optim"], "model": cfg["model"], "engine": self.engine.name,
                 "world_size": self.engine.world_size,
                 "zero_stage": self.state.zero_stage if self.engine.name == "deepspeed" else None,
-                "config_hash": config_hash(self.cfg), "model_hash": model_hash(self.cfg),
+                "config_hash": config_hash(self.cfg), "model_hash": model_hash(self.cfg), "hash": store.HASH,
                 "created": time.time(), "evertrain_version": evertrain.__version__}
 
-    def _write_and_commit(self, tmp: Path, written, train_state: dict, meta: dict | None,
+    def _write_and_commit(self, tmp: Path, copy: Future, write, train_state: dict, meta: dict | None,
                           timings: SaveTimings) -> None:
-        """Background thread: no collectives, only files."""
+        """Background thread: no collectives but DCP's own on its gloo group, only files."""
         started = time.perf_counter()
-        written.result() if isinstance(written, Future) else written()
+        staged = copy.result()
+        timings.copy, started = time.perf_counter() - started, time.perf_counter()
+        write(staged)
         rank = self.engine.rank
         own = f"train_state.{rank}.pt"
         with open(tmp / own, "wb") as f:
@@ -176,7 +182,7 @@ class CheckpointManager:
             self.engine.min_max_over_ranks(1)  # the others may still be deciding whether to save
             return False
         last = self.timings
-        needed = last.write + last.hash + last.commit  # the previous save's background time
+        needed = last.copy + last.write + last.hash + last.commit  # the previous save's background time
         skip = int(needed > deadline - time.monotonic())
         if self.engine.min_max_over_ranks(skip)[1]:
             return True  # the newest committed checkpoint is the one to resume from
@@ -234,11 +240,12 @@ class CheckpointManager:
         return meta["zero_stage"] == stage and (meta["world_size"] == self.engine.world_size or stage == 0)
 
     def _verify(self, step_dir: Path, meta: dict) -> None:
-        """Every file's size and sha256, the work split over the ranks; all ranks raise together."""
+        """Every file's size, and its content hash unless checkpoint.verify=size; the work split
+        over the ranks; all ranks raise together."""
         names = sorted(meta["files"])[self.engine.rank::self.engine.world_size]
         error = None
         try:
-            store.verify_files(step_dir, meta, names)
+            store.verify_files(step_dir, meta, names, mode=self.cfg.checkpoint.verify)
         except CheckpointError as exc:
             error = str(exc)
         if self.engine.world_size > 1:
