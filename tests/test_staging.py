@@ -112,3 +112,22 @@ def test_verify_size_skips_the_read_back_but_not_the_sizes(two_steps):
     store.verify_files(step_dir, store.read_meta(step_dir), mode="size")  # passes: sizes are right
     shard.write_bytes(bytes(data[:-4]))
     assert "size" in resume_error(SimpleNamespace(dir=two_steps, cfg=config("checkpoint.verify=size")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copy_on_a_side_stream_is_ordered_before_the_next_update():
+    weight = torch.nn.Parameter(torch.randn(4096, 1024, device="cuda"))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    stager = staging.BackgroundStager(torch.device("cuda"), optimizer)
+    try:
+        for _ in range(3):
+            weight.grad = torch.randn_like(weight)
+            with torch.no_grad():
+                weight.mul_(1.5)  # queued on the compute stream right before the save, like a step
+            expected = weight.detach().clone()  # on the device, no host sync: the mul_ may still be queued
+            copy = stager.stage({"w": weight.detach()})  # the side stream first waits for it
+            optimizer.step()  # its pre-hook makes the compute stream wait for the copy
+            staged = copy.result()["w"]
+            assert staged.is_pinned() and torch.equal(staged, expected.cpu())
+    finally:
+        stager.close()
