@@ -42,7 +42,9 @@ def rows(batch: torch.Tensor) -> list[bytes]:
 
 
 def read(stream: TokenStream, windows: int, batch: int = 8) -> list[bytes]:
-    return [r for _ in range(windows // batch) for r in rows(stream.next_batch(batch))]
+    """The next `windows` windows, in batches of `batch` and one smaller batch for the rest."""
+    sizes = [batch] * (windows // batch) + ([windows % batch] if windows % batch else [])
+    return [r for size in sizes for r in rows(stream.next_batch(size))]
 
 
 @pytest.fixture
@@ -219,18 +221,23 @@ def test_restored_cursor_continues_exactly_on_another_world_size(tiny_data):
     assert torch.equal(got, expected)
 
 
-def test_an_epoch_is_every_window_once_shuffled_within_its_shard(tiny_data):
+def test_an_epoch_is_every_window_once_shuffled_across_shards(tiny_data):
+    """Replaces the old "shuffled within its shard, shard blocks in manifest order" test: the order
+    itself changed (issue 17). The corpus is given in file order, so shard 0 holds the first files: its
+    share of the windows is flat over the epoch, not a block at its start."""
     stream = TokenStream(tiny_data, SEQ, seed=5)
     windows = all_windows(tiny_data, SEQ)
-    per_shard = [shard.tokens // (SEQ + 1) for shard in load_manifest(tiny_data).train]
-    epoch = read(stream, len(windows), batch=1)
+    first_shard = set(windows[:load_manifest(tiny_data).train[0].tokens // (SEQ + 1)])
+    epoch = read(stream, len(windows), batch=64)
     assert Counter(epoch) == Counter(windows) and epoch != windows
-    start = 0
-    for n in per_shard:  # shard blocks stay in manifest order
-        assert Counter(epoch[start:start + n]) == Counter(windows[start:start + n])
-        start += n
-    assert stream.state_dict().items() >= {"cursor": len(windows), "epoch": 0, "epoch_start": 0, "manifest_version": 1}.items()
-    next_epoch = read(stream, len(windows), batch=1)
+    share = len(first_shard) / len(windows)
+    quarter = len(epoch) // 4
+    for k in range(4):  # no drift: the first files are spread over the whole epoch
+        part = epoch[k * quarter:(k + 1) * quarter]
+        assert abs(sum(w in first_shard for w in part) / len(part) - share) < 0.04
+    assert stream.state_dict().items() >= {"cursor": len(windows), "epoch": 0, "epoch_start": 0,
+                                           "manifest_version": 1, "segments": [[0, 1]], "mix": None}.items()
+    next_epoch = read(stream, len(windows), batch=64)
     assert Counter(next_epoch) == Counter(windows) and next_epoch != epoch
     assert stream.state_dict()["epoch"] == 1
     assert read(TokenStream(tiny_data, SEQ, seed=6), 64) != epoch[:64]  # the seed picks the order
@@ -239,14 +246,17 @@ def test_an_epoch_is_every_window_once_shuffled_within_its_shard(tiny_data):
 def test_a_batch_across_the_epoch_end_takes_the_next_epoch(tiny_data):
     n = len(all_windows(tiny_data, SEQ))
     stream = TokenStream(tiny_data, SEQ, seed=5)
-    read(stream, n - 3, batch=1)
+    read(stream, n - 3, batch=64)
     crossing = rows(stream.next_batch(8))
-    one_by_one = TokenStream(tiny_data, SEQ, seed=5)
-    assert crossing == read(one_by_one, n + 5, batch=1)[n - 3:]
-    assert stream.state_dict().items() >= {"cursor": n + 5, "epoch": 1, "epoch_start": n, "manifest_version": 1}.items()
+    in_other_batches = TokenStream(tiny_data, SEQ, seed=5)
+    assert crossing == read(in_other_batches, n + 5, batch=64)[n - 3:]
+    assert stream.state_dict().items() >= {"cursor": n + 5, "epoch": 1, "epoch_start": n, "manifest_version": 1,
+                                           "segments": [[0, 1]], "mix": None}.items()
 
 
-def test_mixture_weights_repeat_or_subsample_each_source(data_copy):
+def test_mixture_weights_repeat_or_subsample_each_source_interleaved(data_copy):
+    """Replaces the old block-per-shard mixture test (issue 17): the counts per epoch are the same
+    (weight x windows per shard), but the sources are interleaved at every position."""
     def weigh(m):  # shards 0-2 are source "a" at 2x, 3-5 source "b" at 0.5x
         for i, shard in enumerate(m["train"]):
             shard["source"] = "a" if i < 3 else "b"
@@ -257,13 +267,43 @@ def test_mixture_weights_repeat_or_subsample_each_source(data_copy):
     a, b = windows[:sum(per_shard[:3])], windows[sum(per_shard[:3]):]
     expected_length = 2 * len(a) + sum(round(0.5 * n) for n in per_shard[3:])
     stream = TokenStream(data_copy, SEQ, seed=1)
-    epoch = read(stream, expected_length, batch=1)
+    epoch = read(stream, expected_length, batch=64)
     assert stream.layout.length == expected_length
-    assert Counter(epoch[:2 * len(a)]) == Counter(a + a)  # every "a" window twice
-    assert len(set(epoch[2 * len(a):])) == len(epoch[2 * len(a):]) and set(epoch[2 * len(a):]) < set(b)
+    a_set = set(a)
+    from_a = [w for w in epoch if w in a_set]
+    from_b = [w for w in epoch if w not in a_set]
+    assert Counter(from_a) == Counter(a + a)  # every "a" window twice
+    assert len(set(from_b)) == len(from_b) == expected_length - 2 * len(a) and set(from_b) < set(b)
+    share_a = 2 * len(a) / expected_length
+    is_a = np.array([w in a_set for w in epoch], dtype=np.int64)
+    runs = np.convolve(is_a, np.ones(1000, dtype=np.int64), mode="valid") / 1000  # every 1000 consecutive
+    assert np.abs(runs - share_a).max() <= 0.02
     again = TokenStream(data_copy, SEQ, seed=1)  # a fixed function of manifest + seed
-    assert read(again, expected_length, batch=1) == epoch
-    assert read(stream, 64, batch=1) != epoch[:64]  # the next epoch draws afresh
+    assert read(again, expected_length, batch=64) == epoch
+    assert read(stream, 64, batch=64) != epoch[:64]  # the next epoch draws afresh
+
+
+def test_a_cooldown_mix_samples_sources_by_share(data_copy):
+    def sources(m):  # shards 0-1 "hq", 2-5 "main"
+        for i, shard in enumerate(m["train"]):
+            shard["source"] = "hq" if i < 2 else "main"
+    edit_manifest(data_copy, sources)
+    windows = all_windows(data_copy, SEQ)
+    per_shard = [s.tokens // (SEQ + 1) for s in load_manifest(data_copy).train]
+    hq = set(windows[:sum(per_shard[:2])])
+    stream = TokenStream(data_copy, SEQ, seed=4, mix={"hq": 0.7, "main": 0.3})
+    epoch = read(stream, stream.layout.length, batch=64)
+    assert len(set(epoch)) == len(epoch)  # a mix epoch reads no window twice
+    assert sum(w in hq for w in epoch) == len(hq)  # it ends when hq, the scarce source, has given all
+    is_hq = np.array([w in hq for w in epoch], dtype=np.int64)
+    runs = np.convolve(is_hq, np.ones(1000, dtype=np.int64), mode="valid") / 1000
+    assert np.abs(runs - 0.7).max() <= 0.02
+    state = stream.state_dict()
+    assert state["mix"] == {"hq": 0.7, "main": 0.3}
+    with pytest.raises(DataError, match="read with mix"):
+        TokenStream(data_copy, SEQ, seed=4).load_state_dict(state)
+    with pytest.raises(DataError, match="mix source 'news' has no train windows"):
+        TokenStream(data_copy, SEQ, seed=4, mix={"news": 1.0})
 
 
 # ---------------------------------------------------------------------------------------------- val

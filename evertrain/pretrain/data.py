@@ -2,11 +2,11 @@
 
 A data dir (written by `evertrain data prepare|append`, see docs/data.md) holds flat little-endian token
 files `train-000000.bin`, `val-000000.bin`, ... and `manifest.json`, which lists them in append order
-with their token counts and sha256. The training stream is a fixed function of the manifest and the
-seed: shards in manifest order, each cut into non-overlapping seq_len+1 windows that are shuffled
-within the shard by (seed, epoch, shard index). One global window cursor is the whole position, so a
-run resumes on any world size without repeating or skipping a window, and appended shards only extend
-the stream.
+with their token counts and sha256. The training stream is a fixed function of the manifest, the seed and the epoch: each shard is cut
+into non-overlapping seq_len+1 windows; within an epoch every source's windows are shuffled across all
+its shards and the sources are interleaved by weight at every position (order.py). One global window
+cursor is the whole position, so a run resumes on any world size without repeating or skipping a
+window; shards appended mid-epoch join the rest of the epoch, interleaved, as a new segment.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from evertrain.errors import EvertrainError
+from evertrain.pretrain.order import EpochOrder, Layout
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -291,60 +292,78 @@ class ShardReader:
         return self.tokens(shard)[start:start + self.window]
 
 
-@dataclass(frozen=True)
-class EpochLayout:
-    """How many windows each shard contributes to one epoch, and where its block starts.
+def mix_weights(manifest: Manifest, split: str, seq_len: int, mix: dict[str, float]) -> dict[str, float]:
+    """Per-source window multipliers that make the stream `mix` (shares of the windows, any positive
+    scale): the epoch ends when the source that runs out first has given each of its windows once,
+    the others contribute a per-epoch sample of their windows at their share."""
+    windows: dict[str, int] = {}
+    for shard in manifest.shards(split):
+        windows[shard.source] = windows.get(shard.source, 0) + shard.tokens // (seq_len + 1)
+    total = sum(mix.values())
+    for source in mix:
+        if not windows.get(source):
+            have = ", ".join(f"{s} ({n} windows)" for s, n in sorted(windows.items())) or "none"
+            raise DataError(f"{manifest.data_dir}: mix source '{source}' has no {split} windows of seq_len "
+                            f"{seq_len} (sources: {have})")
+    length = min(windows[s] * total / share for s, share in mix.items() if share > 0)
+    return {s: (mix.get(s, 0.0) / total) * length / windows[s] for s in windows}
 
-    A shard of source s with n windows contributes round(weight(s) * n) windows: weight 1 is each
-    window once, 2 each twice, 0.5 a (per-epoch) half. Blocks follow manifest order."""
 
-    shards: tuple[Shard, ...]
-    windows: np.ndarray  # windows cut from each shard
-    counts: np.ndarray  # windows each shard contributes per epoch
-    starts: np.ndarray  # cumulative counts, len(shards) + 1
-
-    @classmethod
-    def of(cls, manifest: Manifest, split: str, seq_len: int) -> "EpochLayout":
-        shards = manifest.shards(split)
-        windows = np.array([s.tokens // (seq_len + 1) for s in shards], dtype=np.int64)
-        counts = np.array([round(manifest.weight(s.source) * n) for s, n in zip(shards, windows)], dtype=np.int64)
-        return cls(shards, windows, counts, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
-
-    @property
-    def length(self) -> int:
-        return int(self.starts[-1])
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(shard index, position within that shard's block) of an epoch position."""
-        shard = int(np.searchsorted(self.starts, position, side="right")) - 1
-        return shard, position - int(self.starts[shard])
+def parse_mix(text: str) -> dict[str, float]:
+    """'hq=0.7,main=0.3' -> {'hq': 0.7, 'main': 0.3}; shares are normalized by the stream."""
+    mix = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            share = float(value)
+        except ValueError:
+            share = float("nan")
+        if not sep or not name.strip() or not (math.isfinite(share) and share >= 0) or name.strip() in mix:
+            raise DataError(f"--data-weights {text!r}: expected SOURCE=SHARE,... with distinct sources and "
+                            "shares >= 0, e.g. hq=0.7,main=0.3")
+        mix[name.strip()] = share
+    if not any(mix.values()):
+        raise DataError(f"--data-weights {text!r}: at least one share must be > 0")
+    return mix
 
 
 class TokenStream:
-    """The resumable, world-size-independent stream of training windows (see the module docstring).
+    """The resumable, world-size-independent stream of training windows (docs/data.md, "The training
+    stream"; the order itself is order.py's).
 
     `next_batch(G, rank, W)` returns rank's contiguous G/W slice of the next G windows and moves the
     global cursor by G on every rank. Past the end of an epoch the next one starts with new shuffles;
     the epoch boundary is taken lazily (only when a window beyond it is needed), so shards appended
     before that are trained in the current epoch. The trainer calls `refresh()` at checkpoint
-    boundaries and on restart; between refreshes the stream reads a fixed manifest version.
+    boundaries and on restart; between refreshes the stream reads a fixed manifest version, and each
+    refresh that brings new shards starts a segment of the epoch at the cursor (`segments`).
+
+    `mix` ({source: share}) replaces the manifest's weights with shares of the stream (a fork's
+    cooldown mix); such a stream stays on the manifest version it started with.
     """
 
-    def __init__(self, data_dir: str | Path, seq_len: int, seed: int, split: str = "train"):
+    def __init__(self, data_dir: str | Path, seq_len: int, seed: int, split: str = "train",
+                 mix: dict[str, float] | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if seed < 0:
             raise DataError(f"seed {seed}: the data order needs a seed >= 0")
         self.data_dir, self.seq_len, self.seed, self.split = Path(data_dir), seq_len, seed, split
+        self.mix = dict(mix) if mix else None
         self.cursor = self.epoch = self.epoch_start = 0  # global windows consumed; epoch number; its first window
-        self.orders: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # (epoch, shard) -> window order
+        self.orders: OrderedDict[tuple, EpochOrder] = OrderedDict()  # (epoch, segments) -> its order
         self._use(load_manifest(self.data_dir))
+        self.segments = [(0, self.manifest.version)]  # (epoch offset, manifest version) read from there on
+
+    def _layout(self, manifest: Manifest) -> Layout:
+        shards = manifest.shards(self.split)
+        weights = manifest.weights if self.mix is None else mix_weights(manifest, self.split, self.seq_len, self.mix)
+        return Layout.of([s.source for s in shards], [s.tokens // (self.seq_len + 1) for s in shards], weights)
 
     def _use(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.identity = data_identity(manifest, self.split)  # per manifest, not per state_dict() (per batch)
-        self.layout = EpochLayout.of(manifest, self.split, self.seq_len)
-        self.orders.clear()
+        self.layout = self._layout(manifest)
         if self.layout.length == 0:
             raise no_windows_error(manifest, self.split, self.seq_len)
         self.reader = ShardReader(self.data_dir, manifest.dtype, self.seq_len + 1)
@@ -358,35 +377,41 @@ class TokenStream:
             raise ValueError(f"global batch of {global_windows} windows does not split over {world_size} ranks")
         per_rank = global_windows // world_size
         first = self.cursor + rank * per_rank
-        batch = np.stack([self._window(index) for index in range(first, first + per_rank)])
+        batch = self._windows(np.arange(first, first + per_rank, dtype=np.int64))
         self.cursor += global_windows
         while self.cursor - self.epoch_start > self.layout.length:  # lazily: an exact end stays in the epoch
             self.epoch, self.epoch_start = self.epoch + 1, self.epoch_start + self.layout.length
+            self.segments = [(0, self.manifest_version)]
         import torch  # here, not at the top: manifest readers (`evertrain data`, report) need no torch
 
         return torch.from_numpy(batch.astype(np.int64))
 
-    def _window(self, index: int) -> np.ndarray:
-        epochs_ahead, position = divmod(index - self.epoch_start, self.layout.length)
-        shard, offset = self.layout.locate(position)
-        return self.reader.read(self.layout.shards[shard], int(self._order(self.epoch + epochs_ahead, shard)[offset]))
+    def _windows(self, indices: np.ndarray) -> np.ndarray:
+        epochs_ahead, positions = np.divmod(indices - self.epoch_start, self.layout.length)
+        shards = np.empty_like(positions)
+        windows = np.empty_like(positions)
+        for ahead in np.unique(epochs_ahead):
+            here = epochs_ahead == ahead
+            shards[here], windows[here] = self._order(self.epoch + int(ahead)).locate(positions[here])
+        split = self.manifest.shards(self.split)
+        return np.stack([self.reader.read(split[s], w) for s, w in zip(shards.tolist(), windows.tolist())])
 
-    def _order(self, epoch: int, shard: int) -> np.ndarray:
-        """The shard's windows in this epoch's order: shuffles by (seed, epoch, shard, repeat), concatenated
-        as often as its weight asks and cut to its count."""
-        key = (epoch, shard)
+    def _order(self, epoch: int) -> EpochOrder:
+        """The epoch's order: the current one through its segments, a later one from its start."""
+        segments = tuple(self.segments) if epoch == self.epoch else ((0, self.manifest_version),)
+        key = (epoch, segments)
         if key not in self.orders:
-            n, count = int(self.layout.windows[shard]), int(self.layout.counts[shard])
-            repeats = [np.random.default_rng([self.seed, epoch, shard, k]).permutation(n)
-                       for k in range(-(-count // n))]
-            self.orders[key] = np.concatenate(repeats)[:count]
+            layouts = [self.layout if v == self.manifest_version else self._layout(self.manifest.at_version(v))
+                       for _, v in segments]
+            self.orders[key] = EpochOrder(self.seed, epoch, [start for start, _ in segments], layouts)
             if len(self.orders) > 4:
                 self.orders.popitem(last=False)
         return self.orders[key]
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "epoch": self.epoch, "epoch_start": self.epoch_start,
-                "manifest_version": self.manifest_version, **self.identity}
+                "manifest_version": self.manifest_version, "segments": [list(s) for s in self.segments],
+                "mix": self.mix, **self.identity}
 
     def load_state_dict(self, state: dict) -> None:
         """Go back to a saved position and to the manifest version it was read with; `refresh()`
@@ -394,27 +419,53 @@ class TokenStream:
         for key in ("cursor", "epoch", "epoch_start", "manifest_version"):
             if not isinstance(state.get(key), int) or state[key] < 0:
                 raise DataError(f"data state: '{key}' should be an integer >= 0, got {state.get(key)!r}")
+        segments = state.get("segments")
+        if segments is None:
+            raise DataError("data state: no 'segments' (written by an evertrain before the interleaved stream, "
+                            "whose window order differs); finish that run with the evertrain that started it")
+        if (not isinstance(segments, list) or not segments
+                or not all(isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) for v in s)
+                           for s in segments)
+                or segments[0][0] != 0 or segments[-1][1] != state["manifest_version"]
+                or any(a[0] > b[0] or a[1] >= b[1] for a, b in zip(segments, segments[1:]))):
+            raise DataError(f"data state: 'segments' should be [[0, version], [offset, later version], ...] "
+                            f"ending at manifest_version {state['manifest_version']}, got {segments!r}")
+        if (state.get("mix") or None) != self.mix:
+            raise DataError(f"data state: read with mix {state.get('mix')}, this stream has mix {self.mix}")
         current = load_manifest(self.data_dir)
         if state["manifest_version"] > current.version:
             raise DataError(f"{self.data_dir / MANIFEST}: is at version {current.version} but the checkpoint "
                             f"read version {state['manifest_version']}; is data.path the directory the run used?")
         then = current.at_version(state["manifest_version"])
         check_identity(state, then, self.split)
-        length = EpochLayout.of(then, self.split, self.seq_len).length
-        if not 0 <= state["cursor"] - state["epoch_start"] <= length:
-            raise DataError(f"data state: cursor {state['cursor']} is outside epoch {state['epoch']} "
-                            f"({length} windows of seq_len {self.seq_len} from {self.data_dir})")
+        for _, version in segments:
+            then.at_version(version)  # each must be in the history
         self._use(then)
         self.cursor, self.epoch, self.epoch_start = state["cursor"], state["epoch"], state["epoch_start"]
+        self.segments = [tuple(s) for s in segments]
+        self.orders.clear()
+        try:
+            length = self._order(self.epoch).length
+        except ValueError as exc:  # a segment that starts beyond its predecessor's epoch
+            raise DataError(f"data state: {exc}") from None
+        if not segments[-1][0] <= self.cursor - self.epoch_start <= length:
+            raise DataError(f"data state: cursor {state['cursor']} is outside epoch {state['epoch']} "
+                            f"({length} windows of seq_len {self.seq_len} from {self.data_dir})")
 
     def refresh(self) -> bool:
-        """Re-read the manifest; if it grew, extend the stream with the new shards. True if it grew.
-        Raises DataError if the shards read so far are no longer an unchanged prefix."""
+        """Re-read the manifest; if it grew, the rest of the epoch takes in the new shards (a new segment
+        at the cursor). True if it grew. Raises DataError if the shards read so far are no longer an
+        unchanged prefix. A mix stream stays on its version (returns False)."""
         latest = load_manifest(self.data_dir)
         check_extends(self.manifest, latest)
-        if latest.version == self.manifest_version:
+        if latest.version == self.manifest_version or self.mix is not None:
             return False
         self._use(latest)
+        offset = self.cursor - self.epoch_start
+        if self.segments[-1][0] == offset:  # nothing read since the last join: that segment just grows
+            self.segments[-1] = (offset, latest.version)
+        else:
+            self.segments.append((offset, latest.version))
         return True
 
 
