@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from evertrain.launch.cli import main as cli_main
 from evertrain.launch.fork import ForkError, batch_split
@@ -160,6 +161,64 @@ def test_retention_never_deletes_the_source_of_a_running_fork(main_run, tmp_path
     assert (run_dir / "cooldowns" / "from_000000010_cosine_5" / "result.json").is_file()
     apply_retention(ckpts, keep_last=1, keep_every=0)  # lease released: now it may go
     assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{MAIN_STEPS:09d}"]
+
+
+@pytest.fixture
+def mix_data(tiny_data, tmp_path) -> Path:
+    """The run's data (same tokenizer) as two sources: train shards 0-1 "hq", 2-5 "main"."""
+    data = Path(shutil.copytree(tiny_data, tmp_path / "mix"))
+    manifest = json.loads((data / "manifest.json").read_text())
+    for i, shard in enumerate(manifest["train"]):
+        shard["source"] = "hq" if i < 2 else "main"
+    manifest["weights"] = {"hq": 1.0, "main": 1.0}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return data
+
+
+def test_fork_cools_down_on_another_mix(main_run, mix_data, tmp_path, monkeypatch):
+    """`--data PATH --data-weights hq=0.7,main=0.3`: the fork reads that mix's stream from its start
+    (and nothing else), evaluates on the run's val split, records the mix in result.json under its own
+    directory, and the report labels the branch with it."""
+    from evertrain.launch import report
+
+    run_dir = copy_run(main_run, tmp_path)
+    read = []
+    next_batch = TokenStream.next_batch
+
+    def recorded(self, *args, **kwargs):
+        batch = next_batch(self, *args, **kwargs)
+        read.append((self.data_dir, self.mix, batch))
+        return batch
+    monkeypatch.setattr(TokenStream, "next_batch", recorded)
+    assert cli_main(fork_argv(run_dir, "--data", str(mix_data), "--data-weights", "hq=0.7,main=0.3")) == 0
+    monkeypatch.undo()
+    [out] = (run_dir / "cooldowns").iterdir()
+    assert out.name.startswith(f"from_{FORK_STEP:09d}_linear_{COOLDOWN}@mix-")
+    result = json.loads((out / "result.json").read_text())
+    assert result["data"] == {"path": str(mix_data.resolve()), "weights": {"hq": 0.7, "main": 0.3},
+                              "label": f"hq=0.7,main=0.3 of {mix_data}"}
+    assert len(read) == COOLDOWN and {(d, str(m)) for d, m, _ in read} == {(mix_data, str({"hq": 0.7, "main": 0.3}))}
+    cfg = load_config(out / "config.yaml")
+    assert cfg.data.path == load_config(run_dir / "config.yaml").data.path  # eval on the run's val split
+    fresh = TokenStream(mix_data, cfg.model.seq_len, cfg.train.seed, mix={"hq": 0.7, "main": 0.3})
+    assert all(torch.equal(batch, fresh.next_batch(4)) for _, _, batch in read)
+    [branch] = report.load_run(run_dir).cooldowns
+    assert (branch.data, branch.from_step, branch.result["val_loss"]) == (
+        f"hq=0.7,main=0.3 of {mix_data}", FORK_STEP, result["val_loss"])
+
+
+def test_bad_cooldown_mixes_are_one_line_errors(main_run, mix_data, capsys):
+    assert cli_main(fork_argv(main_run, "--data-weights", "hq=0.7,main=0.3")) == 2  # the run's dir has only "main"
+    assert "mix source 'hq' has no train windows" in capsys.readouterr().err
+    assert cli_main(fork_argv(main_run, "--data-weights", "hq=0.7,main")) == 2
+    assert "expected SOURCE=SHARE,..." in capsys.readouterr().err
+    manifest = json.loads((mix_data / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    (mix_data / "manifest.json").write_text(json.dumps(manifest))
+    assert cli_main(fork_argv(main_run, "--data", str(mix_data))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tokenized with another tokenizer than the run's" in err and len(err.splitlines()) == 1
+    assert not list(main_run.glob("cooldowns/*@mix-*"))
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 real thing beside a live tiny training run, restarted mid-way (each fork launched exactly once)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,12 +28,16 @@ FAKE_FORK = """
 import argparse, json, os, sys, time
 from pathlib import Path
 p = argparse.ArgumentParser()
-for a in ("--run", "--shape", "--engine"):
+for a in ("--run", "--shape", "--engine", "--data", "--data-weights"):
     p.add_argument(a)
 for a in ("--step", "--cooldown-steps", "--eval-batches"):
     p.add_argument(a, type=int)
 a = p.parse_args()
-name = f"from_{a.step:09d}_{a.shape}_{a.cooldown_steps}"
+name, data = f"from_{a.step:09d}_{a.shape}_{a.cooldown_steps}", None
+if a.data or a.data_weights:  # imported only then: it imports torch, slow enough to skew the timings
+    from evertrain.launch.fork import cooldown_data, cooldown_dir_name
+    data = cooldown_data(a.data, a.data_weights)
+    name = cooldown_dir_name(a.step, a.shape, a.cooldown_steps, data)
 events = Path(a.run) / "events.txt"
 with open(events, "a") as f:
     f.write(f"start {name} {time.time()}\\n")
@@ -43,6 +48,8 @@ if os.environ.get("FAKE_FORK_FAIL"):
     sys.exit(3)
 result = {"from_step": a.step, "cooldown_steps": a.cooldown_steps, "shape": a.shape, "tokens": 1,
           "val_loss": 1.0 + 1.0 / a.step, "val_ppl": 3.0}
+if data:
+    result["data"] = {k: data[k] for k in ("path", "weights", "label")}
 (Path(a.run) / "cooldowns" / name / "result.json").write_text(json.dumps(result))
 with open(events, "a") as f:
     f.write(f"end {name} {time.time()}\\n")
@@ -167,6 +174,28 @@ def test_failing_fork_is_retried_then_reported(fake_fork, monkeypatch):
     assert len(events(run_dir)) == 2
     assert any(line.startswith("forker: failed from_000000020_linear_10") for line in lines)
     assert not active_pins(run_dir / "checkpoints" / "step_000000020")
+
+
+def test_forker_passes_the_cooldown_mix_to_every_fork(fake_fork, capsys):
+    """--data-weights reaches each fork's command line and names its cooldown dir (@mix-<hash>), so
+    branches on the run's stream and on a mix live side by side; the report labels them."""
+    from evertrain.launch import report
+
+    run_dir = fake_fork
+    fake_checkpoints(run_dir, [20])
+    plain = ForkerOptions(run_dir, cooldown_fraction=0.5, every=20, once=True, poll_s=0.05)
+    mixed = dataclasses.replace(plain, data_weights="hq=0.7,main=0.3")
+    for options in (plain, mixed):
+        assert Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lambda _: None).run() == 0
+    jobs = state(run_dir)
+    [tagged] = [name for name in jobs if name != "from_000000020_linear_10"]
+    assert tagged.startswith("from_000000020_linear_10@mix-") and all(j["status"] == "done" for j in jobs.values())
+    assert jobs[tagged]["command"][-2:] == ["--data-weights", "hq=0.7,main=0.3"]
+    labels = {c.name: c.data for c in report.load_run(run_dir).cooldowns}
+    assert labels == {"from_000000020_linear_10": "run", tagged: "hq=0.7,main=0.3"}
+    assert cli_main(["forker", "--run", str(run_dir), "--every", "20", "--cooldown-fraction", "0.5",
+                     "--once", "--data-weights", "hq"]) == 2
+    assert "--data-weights 'hq': expected SOURCE=SHARE" in capsys.readouterr().err
 
 
 # `evertrain forker ...` as a process, launching the fake fork

@@ -3,17 +3,23 @@
 From the checkpoint at step s0 the fork continues the same data stream from the saved cursor for c
 steps with the cooldown overlay `lr = lr(s0) * f((step - s0) / c)` (design.md), then evaluates on the
 validation split. On any engine and world size: it keeps the main run's global batch. Everything
-goes to runs/NAME/cooldowns/from_<s0>_<shape>_<c>/:
+goes to runs/NAME/cooldowns/from_<s0>_<shape>_<c>/ (with `@mix-<hash>` when it cools down on another mix):
   fork.json (what the fork is), config.yaml, metrics.jsonl, checkpoints/ (its own, so a killed fork
   resumes), final/ (the weights, a checkpoint-format step dir that load_consolidated and
   `evertrain export hf --cooldown` read), result.json (written last: a fork with result.json is done).
 With --eval-cmd / --lm-eval-tasks, evaluation hooks (evals.py) run on final/ exported as a Hugging
 Face directory before result.json is written, and their metrics go into it under "evals".
 The only thing it writes into the main run is its lease in the source checkpoint's pins/.
+
+On another mix (`--data-weights hq=0.7,main=0.3`: shares of sources of the run's data dir, and/or
+`--data PATH`: another data dir with the same tokenizer) the cooldown reads that mix's stream from
+its start instead of continuing the run's (the same windows for every fork on the mix, so branches
+compare), evaluates on the run's own val split, and result.json records the mix under `data`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -36,8 +42,39 @@ class ForkError(EvertrainError, ValueError):
     """A bad fork request: unknown step, no checkpoint there, bad cooldown length or shape."""
 
 
-def cooldown_dir_name(step: int, shape: str, cooldown_steps: int) -> str:
-    return f"from_{step:09d}_{shape}_{cooldown_steps}"
+def cooldown_dir_name(step: int, shape: str, cooldown_steps: int, data: dict | None = None) -> str:
+    """from_<step>_<shape>_<c>, plus @<tag> for a cooldown on another mix (cooldown_data)."""
+    return f"from_{step:09d}_{shape}_{cooldown_steps}" + (f"@{data['tag']}" if data else "")
+
+
+def cooldown_data(path: str | None, weights: str | None) -> dict | None:
+    """The cooldown's mix from --data / --data-weights, None for the run's own stream: {"path" (None:
+    the run's data dir), "weights" ({source: share} or None: the data dir's own weights), "label" (for
+    the report), "tag" (for the directory name: the same request, the same fork)}."""
+    from evertrain.pretrain.data import parse_mix  # light: numpy only
+
+    if path is None and weights is None:
+        return None
+    if path is not None and not (Path(path) / "manifest.json").is_file():
+        raise ForkError(f"--data {path}: not a data dir (no manifest.json)")
+    mix = parse_mix(weights) if weights is not None else None
+    where = str(Path(path).resolve()) if path is not None else None
+    label = ",".join(f"{source}={share:g}" for source, share in mix.items()) if mix else "its weights"
+    label = f"{label} of {path}" if path is not None else label
+    digest = hashlib.sha256(json.dumps([where, mix], sort_keys=True).encode()).hexdigest()[:8]
+    return {"path": where, "weights": mix, "label": label, "tag": f"mix-{digest}"}
+
+
+def check_cooldown_data(data: dict, run_data_path: str, seq_len: int) -> None:
+    """Another data dir must use the run's tokenizer; the mix's sources must have windows."""
+    from evertrain.pretrain.data import TokenStream, load_manifest
+
+    if data["path"] is not None:
+        ours, theirs = load_manifest(run_data_path), load_manifest(data["path"])
+        if ours.tokenizer["sha256"] != theirs.tokenizer["sha256"]:
+            raise ForkError(f"--data {data['path']}: tokenized with another tokenizer than the run's "
+                            f"{run_data_path} (tokenizer sha256 differs)")
+    TokenStream(data["path"] or run_data_path, seq_len, 0, mix=data["weights"])  # names a missing source
 
 
 def cooldown_length(step: int, cooldown_steps: int | None = None, fraction: float | None = None) -> int:
@@ -109,7 +146,7 @@ class Lease:
 
 
 def fork_spec(run_dir: Path, out: Path, step: int, cooldown_steps: int, shape: str, source: Path | None,
-              is_main: bool) -> dict:
+              is_main: bool, data: dict | None = None) -> dict:
     """What the fork is, fixed at its first start in out/fork.json: above all the main run's global
     batch (windows per step), which the fork keeps on any world size, so it is the same computation
     as the main run would have done, and a resumed fork needs neither the source nor its world size."""
@@ -120,7 +157,8 @@ def fork_spec(run_dir: Path, out: Path, step: int, cooldown_steps: int, shape: s
         raise ForkError(f"{out}: has checkpoints but no fork.json; fork from an existing checkpoint instead")
     main = load_config(run_dir / "config.yaml").train
     spec = {"from_step": step, "cooldown_steps": cooldown_steps, "shape": shape, "source": str(source),
-            "global_windows": main.micro_batch_size * main.grad_accum * store.read_meta(source)["world_size"]}
+            "global_windows": main.micro_batch_size * main.grad_accum * store.read_meta(source)["world_size"],
+            "data": data}
     if is_main:
         store.atomic_write_text(path, json.dumps(spec, indent=1))
     return spec
@@ -183,7 +221,8 @@ def run_fork(args: argparse.Namespace) -> int:
         if step is None:
             raise
     cooldown_steps = cooldown_length(step, args.cooldown_steps, args.cooldown_fraction)
-    out = run_dir / "cooldowns" / cooldown_dir_name(step, args.shape, cooldown_steps)
+    data = cooldown_data(args.data, args.data_weights)
+    out = run_dir / "cooldowns" / cooldown_dir_name(step, args.shape, cooldown_steps, data)
     if (result := read_result(out)) is not None:
         if hooks and "evals" not in result:  # evals for a fork done without them, on rank 0
             from evertrain.pretrain.distributed import rank_and_world
@@ -195,8 +234,11 @@ def run_fork(args: argparse.Namespace) -> int:
 
     adopt_scheduler_env()  # under srun / mpirun (a Slurm fork job): ranks from the scheduler
     rank = rank_and_world()[0]
+    if data is not None:
+        run_cfg = load_config(run_dir / "config.yaml")
+        check_cooldown_data(data, run_cfg.data.path, run_cfg.model.seq_len)
     if rank != 0:  # rank 0 holds the lock and the lease for the whole process group
-        return cool_down(args, run_dir, out, step, cooldown_steps, source, hooks)
+        return cool_down(args, run_dir, out, step, cooldown_steps, source, hooks, data)
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out / "fork.lock")
     try:
@@ -206,7 +248,7 @@ def run_fork(args: argparse.Namespace) -> int:
     lease = None
     try:
         lease = Lease(source, f"fork.{out.name}") if source is not None else None
-        return cool_down(args, run_dir, out, step, cooldown_steps, source, hooks)
+        return cool_down(args, run_dir, out, step, cooldown_steps, source, hooks, data)
     finally:
         if lease is not None:
             lease.release()
@@ -218,16 +260,17 @@ def resumable_without_source(run_dir: Path, args: argparse.Namespace) -> tuple[i
     try:
         step = int(args.step)
         out = run_dir / "cooldowns" / cooldown_dir_name(
-            step, args.shape, cooldown_length(step, args.cooldown_steps, args.cooldown_fraction))
+            step, args.shape, cooldown_length(step, args.cooldown_steps, args.cooldown_fraction),
+            cooldown_data(args.data, args.data_weights))
     except (ValueError, ForkError):
         return None
     return (step, None) if store.complete_checkpoints(out / "checkpoints") else None
 
 
 def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, source: Path | None,
-              hooks: EvalHooks = EvalHooks()) -> int:
-    """Train steps step+1 .. step+cooldown_steps under the cooldown overlay, evaluate, publish, run the
-    eval hooks (rank 0, after the engine is closed), write result.json."""
+              hooks: EvalHooks = EvalHooks(), data: dict | None = None) -> int:
+    """Train steps step+1 .. step+cooldown_steps under the cooldown overlay (on `data`'s mix if given),
+    evaluate, publish, run the eval hooks (rank 0, after the engine is closed), write result.json."""
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
     from evertrain.pretrain.data import TokenStream
@@ -238,7 +281,7 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
 
     end_step = step + cooldown_steps
     rank, _, world_size = rank_and_world()
-    spec = fork_spec(run_dir, out, step, cooldown_steps, args.shape, source, is_main=rank == 0)
+    spec = fork_spec(run_dir, out, step, cooldown_steps, args.shape, source, is_main=rank == 0, data=data)
     cfg = fork_config(run_dir, out, end_step, spec["global_windows"], world_size, args)
     schedule = Schedule.from_config(cfg.optim, cooldown=Cooldown(step, cooldown_steps, args.shape))
     engine = engines.create(cfg, schedule, launcher=detect_launcher(os.environ, args.local_rank))
@@ -250,7 +293,12 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
                   f"into {out}", flush=True)
         ckpt = CheckpointManager(out, cfg, engine)
         start = ckpt.load(source) if ckpt.latest() is None else None  # else: resume the fork itself
-        stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+        if data is None:
+            stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+        else:  # another mix, read from its start; eval stays on the run's val split (cfg.data.path)
+            stream = TokenStream(data["path"] or cfg.data.path, cfg.model.seq_len, cfg.train.seed, mix=data["weights"])
+            if start is not None:
+                start = {**start, "data": stream.state_dict()}
         val = load_val_batches(cfg, engine)  # before the cooldown: a missing val split fails now, not after it
         last = train(cfg, out, engine, stream, ckpt, start=start)
         if last < end_step:
@@ -267,6 +315,8 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
             publish_final(out, last_dir)
             result = {"from_step": step, "cooldown_steps": cooldown_steps, "shape": args.shape, "tokens": tokens,
                       "val_loss": scores["val_loss"], "val_ppl": scores["val_ppl"]}
+            if data is not None:
+                result["data"] = {key: data[key] for key in ("path", "weights", "label")}
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -316,6 +366,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
                    help="engine for the fork (default: the run's engine.name)")
     add_eval_arguments(p)
+    p.add_argument("--data", metavar="PATH", help="cool down on another data dir (same tokenizer as the run's)")
+    p.add_argument("--data-weights", metavar="SRC=SHARE,...",
+                   help="cool down on this mix of sources (of the run's data dir, or of --data), e.g. hq=0.7,main=0.3")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
     p.set_defaults(func=run_fork)

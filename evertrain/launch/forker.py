@@ -38,7 +38,7 @@ from filelock import FileLock, Timeout
 
 from evertrain.errors import EvertrainError
 from evertrain.launch.evals import EvalHooks, hooks_from_args
-from evertrain.launch.fork import add_eval_arguments, cooldown_dir_name, read_result
+from evertrain.launch.fork import add_eval_arguments, cooldown_data, cooldown_dir_name, read_result
 from evertrain.launch.nodes import Pool, Slot, parse_pool
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
@@ -56,7 +56,7 @@ class ForkerError(EvertrainError, ValueError):
 
 @dataclass
 class Job:
-    name: str  # the cooldown dir name, from_<step>_<shape>_<c>; unique per run
+    name: str  # the cooldown dir name, from_<step>_<shape>_<c>[@mix-<hash>]; unique per run
     step: int
     cooldown_steps: int
     shape: str
@@ -89,6 +89,8 @@ class ForkerOptions:
     wait_s: float = 600.0  # how long to wait for a run dir that does not exist yet; 0 = not at all
     hooks: EvalHooks = EvalHooks()  # post-fork evaluation hooks, passed on to every fork
     max_queued: int = 4  # waiting forks, each pinning a checkpoint; 0 = no bound
+    data: str | None = None  # --data PATH, passed to each fork
+    data_weights: str | None = None  # --data-weights SRC=SHARE,..., passed to each fork
 
 
 # -- state.json ----------------------------------------------------------------------------------
@@ -290,7 +292,8 @@ class Forker:
             cooldown_steps = round(self.options.cooldown_fraction * step)
             if not self.eligible(step) or cooldown_steps <= 0:
                 continue
-            name = cooldown_dir_name(step, self.options.shape, cooldown_steps)
+            name = cooldown_dir_name(step, self.options.shape, cooldown_steps,
+                                     cooldown_data(self.options.data, self.options.data_weights))
             if name in self.jobs:
                 continue
             if self.options.max_queued and waiting >= self.options.max_queued:
@@ -379,6 +382,10 @@ class Forker:
         if self.options.engine is not None:
             args += ["--engine", self.options.engine]
         args += self.options.hooks.argv()
+        if self.options.data is not None:
+            args += ["--data", self.options.data]
+        if self.options.data_weights is not None:
+            args += ["--data-weights", self.options.data_weights]
         command = self.pool.command(slot, self.fork_module, args, workdir=self.cooldown_dir(job),
                                     log=Path(job.log))
         self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
@@ -473,11 +480,12 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
         raise ForkerError(f"--eval-batches: must be > 0, got {args.eval_batches}")
     if args.max_queued < 0:
         raise ForkerError(f"--max-queued: must be >= 0, got {args.max_queued}")
+    cooldown_data(args.data, args.data_weights)  # a bad mix is refused now, not by every fork
     return ForkerOptions(run_dir=run_dir, cooldown_fraction=args.cooldown_fraction, every=args.every,
                          at=args.at, shape=args.shape, max_retries=args.max_retries, poll_s=args.poll_s,
                          until_step=args.until_step, once=args.once, eval_batches=args.eval_batches,
                          engine=args.engine, wait_s=args.wait_s, hooks=hooks_from_args(args),
-                         max_queued=args.max_queued)
+                         max_queued=args.max_queued, data=args.data, data_weights=args.data_weights)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -515,6 +523,8 @@ def register(subparsers) -> None:
     p.add_argument("--eval-batches", type=int, help="passed to each fork")
     p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"), help="passed to each fork")
     add_eval_arguments(p)  # passed to each fork
+    p.add_argument("--data", metavar="PATH", help="passed to each fork: cool down on another data dir")
+    p.add_argument("--data-weights", metavar="SRC=SHARE,...", help="passed to each fork: cool down on this mix")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--until-step", type=int, help="exit once the run has a checkpoint at or past S "
                                                      "and every fork has finished")

@@ -50,6 +50,12 @@ class Cooldown:
     shape: str
     result: dict | None  # result.json; None while the fork runs (or if it died)
     curve: list[dict] = field(default_factory=list)  # its train records
+    data: str = "run"  # the mix it cooled down on ("run": the run's own stream; else fork's --data label)
+
+    @property
+    def group(self) -> str:
+        """Cooldowns that one scaling-law fit may pool: the same shape on the same data."""
+        return self.shape if self.data == "run" else f"{self.shape} on {self.data}"
 
     @property
     def fork_tokens(self) -> float | None:
@@ -129,7 +135,8 @@ def main_run_at(train: list[dict], step: int) -> dict | None:
 
 
 def parse_cooldown_name(name: str) -> tuple[int, str, int] | None:
-    """from_000001000_1-sqrt_200 -> (1000, "1-sqrt", 200)."""
+    """from_000001000_1-sqrt_200 -> (1000, "1-sqrt", 200); an @mix-<hash> suffix (another mix) is ignored."""
+    name = name.partition("@")[0]
     head, _, rest = name.partition("_")
     step, _, rest = rest.partition("_")
     shape, _, steps = rest.rpartition("_")
@@ -159,11 +166,24 @@ def load_run(run_dir: Path) -> RunReport:
         result = json.loads(result_path.read_text()) if result_path.is_file() else None
         curve = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
         step, shape, steps = parsed
-        cooldowns.append(Cooldown(path.name, step, steps, shape, result=result, curve=curve))
+        cooldowns.append(Cooldown(path.name, step, steps, shape, result=result, curve=curve,
+                                  data=data_label(path, result)))
     if not metrics and not checkpoints and not cooldowns:
         raise ReportError(f"--run {run_dir}: nothing to report (no metrics.jsonl, checkpoints or cooldowns)")
     return RunReport(run_dir, [r for r in metrics if r.get("kind") == "train"],
                      [r for r in metrics if r.get("kind") == "eval"], checkpoints, cooldowns)
+
+
+def data_label(cooldown_dir: Path, result: dict | None) -> str:
+    """The mix a cooldown trained on: result.json's `data`, or while it runs fork.json's; "run" if none."""
+    spec = result
+    if spec is None and (cooldown_dir / "fork.json").is_file():
+        try:
+            spec = json.loads((cooldown_dir / "fork.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            spec = None
+    data = (spec or {}).get("data")
+    return data["label"] if data else "run"
 
 
 # -- the scaling-law fit -------------------------------------------------------------------------
@@ -176,12 +196,12 @@ class FitResult:
 
 
 def fit_cooldowns(cooldowns: list[Cooldown]) -> FitResult:
-    """Fit the shape with the most finished cooldowns."""
+    """Fit the shape (on one data mix) with the most finished cooldowns."""
     done = [c for c in cooldowns if c.result is not None]
     if not done:
         return FitResult(None, "no finished cooldowns yet: nothing to fit (run `evertrain fork` or the forker)")
-    shape, _ = Counter(c.shape for c in done).most_common(1)[0]
-    fitted = [c for c in done if c.shape == shape]
+    shape, _ = Counter(c.group for c in done).most_common(1)[0]
+    fitted = [c for c in done if c.group == shape]
     points = sorted((c.result["tokens"], c.result["val_loss"]) for c in fitted)
     if len({t for t, _ in points}) < MIN_FIT_POINTS:
         return FitResult(None, f"only {len({t for t, _ in points})} cooldown result(s) at distinct token counts "
@@ -223,13 +243,13 @@ def tables(report: RunReport) -> list[Table]:
         ckpts.add_row(str(c.step), fmt_tokens(c.tokens), ", ".join(c.pinned_by) or "-")
     cools = Table(title="cooldowns")
     names = eval_names(report.cooldowns)
-    for column in ("from step", "shape", "C", "tokens", "val loss", "ppl", *names):
-        cools.add_column(column, justify="left" if column == "shape" else "right")
-    for c in sorted(report.cooldowns, key=lambda c: (c.from_step, c.shape, c.cooldown_steps)):
+    for column in ("from step", "shape", "C", "data", "tokens", "val loss", "ppl", *names):
+        cools.add_column(column, justify="left" if column in ("shape", "data") else "right")
+    for c in sorted(report.cooldowns, key=lambda c: (c.from_step, c.shape, c.cooldown_steps, c.data)):
         r = c.result
         status = "running" if c.curve else "queued"
         evals = c.evals
-        cools.add_row(str(c.from_step), c.shape, str(c.cooldown_steps),
+        cools.add_row(str(c.from_step), c.shape, str(c.cooldown_steps), c.data,
                       fmt_tokens(r["tokens"] if r else (c.curve[-1]["tokens"] if c.curve else None)),
                       f"{r['val_loss']:.4f}" if r else status, f"{r['val_ppl']:.2f}" if r else "-",
                       *[f"{evals[n]:.4g}" if n in evals else "-" for n in names])
@@ -280,10 +300,11 @@ def figure(report: RunReport, fit: PowerLawFit | None, proj: Projection | None):
             ax_lr.plot(tokens, [r["lr"] for r in branch], color=color, lw=1.2)
         if c.result:
             ax_loss.plot([c.result["tokens"]], [c.result["val_loss"]], "*", color=color, ms=11, mec="k", mew=0.5,
-                         label=f"cooldown from {c.from_step} ({c.shape}, {c.cooldown_steps}): "
+                         label=f"cooldown from {c.from_step} ({c.shape}, {c.cooldown_steps}"
+                               f"{'' if c.data == 'run' else ', ' + c.data}): "
                                f"{c.result['val_loss']:.3f}")
     if fit is not None and proj is not None:
-        points = [c.result["tokens"] for c in report.cooldowns if c.result and c.shape == fit.shape]
+        points = [c.result["tokens"] for c in report.cooldowns if c.result and c.group == fit.shape]
         grid = np.geomspace(min(points) * 0.8, proj.target * 1.15, 200)
         ax_loss.plot(grid, fit(grid), "--", color="crimson", lw=1,
                      label=f"fit {fit.formula()}" + (" (degenerate)" if fit.degenerate else ""))
