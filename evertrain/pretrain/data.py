@@ -300,13 +300,15 @@ def mix_weights(manifest: Manifest, split: str, seq_len: int, mix: dict[str, flo
     for shard in manifest.shards(split):
         windows[shard.source] = windows.get(shard.source, 0) + shard.tokens // (seq_len + 1)
     total = sum(mix.values())
-    for source in mix:
-        if not windows.get(source):
+    if not total > 0:
+        raise DataError(f"mix {mix}: at least one share must be > 0")
+    for source, share in mix.items():
+        if share > 0 and not windows.get(source):
             have = ", ".join(f"{s} ({n} windows)" for s, n in sorted(windows.items())) or "none"
             raise DataError(f"{manifest.data_dir}: mix source '{source}' has no {split} windows of seq_len "
                             f"{seq_len} (sources: {have})")
     length = min(windows[s] * total / share for s, share in mix.items() if share > 0)
-    return {s: (mix.get(s, 0.0) / total) * length / windows[s] for s in windows}
+    return {s: (mix.get(s, 0.0) / total) * length / windows[s] for s in windows if windows[s]}
 
 
 def parse_mix(text: str) -> dict[str, float]:
