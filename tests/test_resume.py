@@ -206,7 +206,11 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tiny_data, tmp_path, r
         victim.kill()
         victim.wait()
     killed_at = logged_step(run_dir)
-    resume_from = int(latest(run_dir).removeprefix("step_"))  # 4 or 8: step 8's save may still be in flight
+    # 4 or 8: step 8's save may have been in flight; a kill between its rename and the LATEST update
+    # leaves a complete step dir newer than LATEST, which resume rightly takes (store.latest_checkpoint)
+    from evertrain.pretrain.checkpoint.store import latest_checkpoint, step_of
+
+    resume_from = step_of(latest_checkpoint(run_dir / "checkpoints"))
     assert 4 <= resume_from < REFERENCE_STEPS and killed_at < REFERENCE_STEPS, (resume_from, killed_at)
 
     resumed_at = time.time()
