@@ -255,7 +255,6 @@ def test_concurrent_appends_queue_on_the_lock(data, new_text):
 
 
 def test_cli_append(data, new_text, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("evertrain.launch.data_cmd",))
     assert cli.main(["data", "append", "--data", str(data), str(new_text[0]), "--val", str(new_text[1]),
                      "--shard-tokens", "100000"]) == 0
     assert "version 2" in capsys.readouterr().out

@@ -142,7 +142,6 @@ def test_reused_tokenizer_gives_the_same_tokens(tiny_data, tiny_slices, tmp_path
 
 
 def test_cli_prepare_and_one_line_errors(tiny_slices, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("evertrain.launch.data_cmd",))
     out = tmp_path / "cli"
     args = ["data", "prepare", "--input", *map(str, tiny_slices.train[:2]), "--val", str(tiny_slices.val[0]),
             "--out", str(out), "--vocab-size", "400", "--shard-tokens", "20000", "--workers", "2"]

@@ -184,7 +184,6 @@ def test_part_slices_are_contiguous_balanced_and_cover_everything(tiny_data, tin
 
 
 def test_cli_reads_jsonl_with_a_field_and_reports_counts(tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("evertrain.launch.data_cmd",))
     data = tmp_path / "in.jsonl"
     data.write_bytes(jsonl_bytes(RECORDS[:5], field="body") + b"{oops\n" + b'{"body": ""}\n')
     args = ["data", "prepare", "--input", str(data), "--out", str(tmp_path / "out"), "--text-field", "body",
