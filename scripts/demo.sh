@@ -37,8 +37,10 @@ export DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 echo "== evertrain demo: training $RUN ($CONFIG, $STEPS steps, DeepSpeed x$RANKS on CPU) with the forker beside it"
-# The forker starts before the trainer has made the run dir: it waits for it (--wait-s).
-"${EVERTRAIN[@]}" forker --run "$RUN" --at "$AT" --cooldown-fraction 0.2 --shape 1-sqrt \
+# The forker starts before the trainer has made the run dir: it waits for it (--wait-s). Its forks
+# get one thread each: they share the cores with the training ranks, and more threads than cores
+# slow everyone down (OpenMP spins).
+OMP_NUM_THREADS=1 "${EVERTRAIN[@]}" forker --run "$RUN" --at "$AT" --cooldown-fraction 0.2 --shape 1-sqrt \
     --nodes local:1 --until-step "$STEPS" --poll-s "$POLL_S" > >(sed -u 's/^/[forker] /') 2>&1 &
 FORKER=$!
 trap 'kill $FORKER 2>/dev/null || true' EXIT
