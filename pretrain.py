@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_yaml(cfg), end="")
             return 0
         rank, local_rank, _ = rank_and_world()
+        check_run_dir(run_dir, cfg)  # on every rank, before any heavy start-up
+        # checksums once per node (shards may live on node-local disks); warnings once per run.
+        # Read-only, so a refused start leaves no trace: not even the run dir.
+        preflight(cfg, verify_checksums=local_rank == 0, quiet=rank != 0)
         if rank == 0:  # the trainer's rank 0 holds it; before anything is written
             lock = RunLock.acquire(run_dir)
-        check_run_dir(run_dir, cfg)  # on every rank, before any heavy start-up
-        # checksums once per node (shards may live on node-local disks); warnings once per run
-        preflight(cfg, verify_checksums=local_rank == 0, quiet=rank != 0)
         if args.resume_step is not None and lock is not None:  # rank 0, before the others can read
             rewind(run_dir / "checkpoints", args.resume_step, pinned=is_pinned)
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)

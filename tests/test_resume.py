@@ -319,4 +319,6 @@ def test_fsdp_checkpoint_resumes_under_deepspeed_zero3(tiny_data, tmp_path, two_
     reference = dict(losses(two_rank_runs["fsdp"]))
     run_dir = checkpoint_only(two_rank_runs["fsdp"], 4, tmp_path / "deepspeed")
     run(command("deepspeed", 1, tiny_data, run_dir, "train.max_steps=8", "engine.zero_stage=3"))
-    assert_same_losses(run_dir, reference, after=4, tol=1e-5)
+    # ZeRO-3 reduces, clips and steps its flat partitions in its own order: measured 2.6e-5 at step 7
+    # (fp32, CPU); a wrong slice or moment moves the loss by > 1e-3
+    assert_same_losses(run_dir, reference, after=4, tol=1e-4)
