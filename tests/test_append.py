@@ -58,7 +58,10 @@ def test_append_adds_shards_at_the_end(data, new_text):
     grown = append(data, new_text[:2], shard_tokens=8000)
     assert grown.version == 2 and grown.train[:len(before.train)] == before.train and grown.val == before.val
     assert [s.file for s in grown.train[len(before.train):]] == [f"train-{i:06d}.bin" for i in range(6, 8 + 1)]
-    assert grown.history[-1] == {"version": 2, "train": 9, "val": 2}
+    *counts, inputs = grown.history[-1].items()
+    assert dict(counts) == {"version": 2, "train": 9, "val": 2}
+    assert inputs == ("inputs", [{"split": "train", "path": str(p), "sha256": dataprep.file_sha256(p)}
+                                 for p in new_text[:2]])
     assert load_manifest(data, verify_checksums=True) == grown
 
 
@@ -139,7 +142,8 @@ def test_val_append_extends_the_val_split_only(data, new_text):
 
 
 def test_already_tokenized_shards_are_appended_as_they_are(data, tiny_data, tmp_path):
-    grown = append(data, [tiny_data / "train-000000.bin"])
+    # data is a copy of tiny_data, so this shard is its own shard 0: a duplicate, taken on purpose
+    grown = append(data, [tiny_data / "train-000000.bin"], allow_duplicate=True)
     assert grown.train[-1].sha256 == grown.train[0].sha256 and grown.train[-1].tokens == 1 << 15
     out_of_vocab = tmp_path / "other.bin"
     np.array([1, 2, 600], dtype="<u2").tofile(out_of_vocab)

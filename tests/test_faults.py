@@ -420,3 +420,53 @@ def test_enospc_mid_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path,
     ckpt.save(3, {"tokens": 3, "data": {}})  # space again: the next save commits
     ckpt.close()
     assert store.step_of(store.latest_checkpoint(ckpts)) == 3
+
+
+# -- 6. duplicate appends ---------------------------------------------------------------------------
+
+def test_appending_bytes_the_data_dir_already_holds_is_refused(tiny_data, tmp_path, capsys):
+    """An input taken before (by prepare or an append, under any name), one of the data dir's own shards,
+    or a .bin appended twice is refused with one line naming the file and the version that took it."""
+    from evertrain.launch import cli
+    from evertrain.pretrain.data import DataError, load_manifest
+    from evertrain.pretrain.dataprep import append, prepare
+
+    texts = []
+    for i, line in enumerate(["to be, or not to be\n", "the rest is silence\n", "the readiness is all\n"]):
+        texts.append(tmp_path / f"text{i}.txt")
+        texts[-1].write_text("".join(f"{n} {line}" for n in range(300)))  # numbered: no two shards alike
+    data = tmp_path / "data"
+    prepare(texts[:1], data, tokenizer=tiny_data / "tokenizer.model", shard_tokens=1000)  # no training: fast
+
+    def refused(*files: Path) -> str:
+        assert cli.main(["data", "append", "--data", str(data), *map(str, files)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1, error
+        return error
+
+    renamed = tmp_path / "renamed.txt"
+    renamed.write_bytes(texts[0].read_bytes())
+    assert f"{renamed}: {data} already holds these bytes as input {texts[0]} of version 1" in refused(renamed)
+    assert "its train shard train-000001.bin (version 1)" in refused(data / "train-000001.bin")
+
+    shards = tmp_path / "tokens.bin"  # a token file from elsewhere (a --part, say), appended twice
+    np_tokens = torch.arange(1, 2500, dtype=torch.int64).remainder(500).add(3).numpy().astype("<u2")
+    np_tokens.tofile(shards)
+    assert append(data, [texts[1], shards], shard_tokens=1000).version == 2
+    assert f"input {shards} of version 2" in refused(shards)
+    assert f"input {texts[1]} of version 2" in refused(texts[2], texts[1])
+    assert f"{texts[2]}, earlier in this append" in refused(texts[2], texts[2])
+    with pytest.raises(DataError, match="pass --allow-duplicate"):
+        append(data, val=[renamed])  # a train file in val would leak into the validation loss
+    assert load_manifest(data).version == 2  # nothing was taken by the refusals
+
+    assert cli.main(["data", "append", "--data", str(data), str(shards), "--allow-duplicate"]) == 0
+    assert load_manifest(data).version == 3
+
+    # a manifest from before inputs were recorded loads; only its shards can still be recognized
+    manifest = json.loads((data / "manifest.json").read_text())
+    for entry in manifest["history"]:
+        del entry["inputs"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert append(data, [texts[1]], shard_tokens=1000).version == 4
+    assert "its train shard train-000000.bin (version 1)" in refused(data / "train-000000.bin")

@@ -38,8 +38,8 @@ def run_prepare(args: argparse.Namespace) -> int:
 def run_append(args: argparse.Namespace) -> int:
     counts = Counts()
     manifest = append(args.data, args.files, val=args.val, tokenizer=args.tokenizer, workers=args.workers,
-                      shard_tokens=args.shard_tokens, source=args.source, weight=args.weight, counts=counts,
-                      **reading(args))
+                      shard_tokens=args.shard_tokens, source=args.source, weight=args.weight,
+                      allow_duplicate=args.allow_duplicate, counts=counts, **reading(args))
     read = f"; read {counts.summary()}" if counts.documents or counts.empty or counts.bad else ""  # not for .bin only
     print(f"appended to {describe(manifest)}{read}")
     return 0
@@ -99,5 +99,8 @@ def register(subparsers) -> None:
     append.add_argument("--source", default=DEFAULT_SOURCE, help=f"mixture source name (default: {DEFAULT_SOURCE})")
     append.add_argument("--weight", type=float,
                         help="sampling weight of a new source: windows per epoch = weight x its windows (default 1)")
+    append.add_argument("--allow-duplicate", action="store_true",
+                        help="add a file even if the data dir already holds its bytes (an input taken by an "
+                             "earlier version, or one of its own shards)")
     add_encoding_options(append)
     append.set_defaults(func=run_append)

@@ -13,6 +13,11 @@ written, and the first bad record reported, are the same for any worker count. `
 Both are deterministic (same input -> same bytes) and never damage what is already there: prepare
 builds the data dir under a temp name and renames it into place; append stages its shards, moves
 them in, and only then replaces manifest.json, under a file lock so concurrent appends queue up.
+
+Every version's history entry records the sha256 of each input file it took ("inputs"), so append
+refuses a file whose bytes the data dir already holds (an input taken before, or one of its own shards)
+unless allow_duplicate. Manifests written before this record load as they are; their old inputs are
+then known only through their shards.
 """
 from __future__ import annotations
 
@@ -338,7 +343,8 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
             out, version=1, tokenizer={"path": tokenizer_file, "sha256": hashlib.sha256(spec.model).hexdigest()},
             vocab_size=vocab, eos_id=spec.eos_id, bos_id=spec.bos_id, dtype=enc.dtype,
             train=tuple(shards["train"]), val=tuple(shards["val"]), weights={source: 1.0},
-            history=({"version": 1, "train": len(shards["train"]), "val": len(shards["val"])},))
+            history=({"version": 1, "train": len(shards["train"]), "val": len(shards["val"]),
+                      "inputs": input_records(files)},))
         write_manifest(manifest, staging)
         if out.exists():
             out.rmdir()  # checked empty above
@@ -358,8 +364,10 @@ def read_tokenizer_spec(path: str | Path, flag: str) -> tok.TokenizerSpec:
 def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iterable[str | Path] = (),
            tokenizer: str | Path | None = None, workers: int = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS,
            source: str = DEFAULT_SOURCE, weight: float | None = None, text_field: str = "text",
-           split_docs: str | None = None, skip_bad: bool = False, counts: Counts | None = None) -> Manifest:
-    """Add shards made from `inputs` (train) and `val` at the end of data dir's splits; version + 1."""
+           split_docs: str | None = None, skip_bad: bool = False, allow_duplicate: bool = False,
+           counts: Counts | None = None) -> Manifest:
+    """Add shards made from `inputs` (train) and `val` at the end of data dir's splits; version + 1.
+    An input whose bytes the data dir already holds is refused unless `allow_duplicate`."""
     data_dir = Path(data_dir)
     check_positive(workers=workers, shard_tokens=shard_tokens)
     options = read_options(text_field, split_docs, skip_bad)
@@ -384,6 +392,9 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
                                 "a data dir keeps one tokenizer")
         for inp in files["train"] + files["val"]:
             check_token_file_origin(inp, manifest)
+        records = input_records(files)  # under the lock: the history read is the one we extend
+        if not allow_duplicate:
+            check_duplicates(records, manifest)
         weights = weights_after(manifest, source, weight)
         has_text = any(inp.kind != TOKENS for split in SPLITS for inp in files[split])
         # the manifest's EOS, not one looked up again: every document of the data dir ends with the same id
@@ -400,7 +411,7 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
             counts_after = {split: len(manifest.shards(split)) + len(added[split]) for split in SPLITS}
             grown = dataclasses.replace(
                 manifest, version=version, weights=weights,
-                history=manifest.history + ({"version": version, **counts_after},),
+                history=manifest.history + ({"version": version, **counts_after, "inputs": records},),
                 train=manifest.train + tuple(added["train"]), val=manifest.val + tuple(added["val"]))
             check_extends(manifest, grown)
             for shard in added["train"] + added["val"]:  # not listed yet: invisible until the manifest names them
@@ -409,6 +420,38 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return grown
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def input_records(files: dict[str, list[Input]]) -> list[dict]:
+    """What a history entry keeps of its inputs: split, path as given, sha256 of the file's bytes."""
+    return [{"split": split, "path": str(inp.path), "sha256": file_sha256(inp.path)}
+            for split in SPLITS for inp in files[split]]
+
+
+def check_duplicates(records: list[dict], manifest: Manifest) -> None:
+    """Refuse an input whose bytes the data dir already took: an input recorded in its history, one of its
+    own shards (a .bin appended twice is both), or the same file twice in this append. Training on it
+    twice would silently weight it double, and a train file in val would leak."""
+    taken: dict[str, str] = {}  # sha256 -> the earlier version that took it, for the message
+    for entry in manifest.history:
+        for record in entry.get("inputs", ()):  # absent in manifests written before inputs were recorded
+            taken.setdefault(record["sha256"], f"input {record['path']} of version {entry['version']}")
+    for split in SPLITS:
+        for index, shard in enumerate(manifest.shards(split)):
+            # the first version whose history counts include this shard is the one that added it
+            version = next((e["version"] for e in manifest.history if e[split] > index), manifest.version)
+            taken.setdefault(shard.sha256, f"its {split} shard {shard.file} (version {version})")
+    for record in records:
+        earlier = taken.get(record["sha256"])
+        if earlier is not None:
+            raise DataError(f"{record['path']}: {manifest.data_dir} already holds these bytes as {earlier} "
+                            "(same sha256); pass --allow-duplicate to add them again")
+        taken[record["sha256"]] = f"{record['path']}, earlier in this append"
 
 
 def check_token_file_origin(inp: Input, manifest: Manifest) -> None:
