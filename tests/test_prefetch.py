@@ -112,7 +112,7 @@ def test_an_append_joins_right_after_the_refresh_even_with_batches_in_flight(dat
     try:
         assert torch.equal(batches.next_batch(), plain.next_batch(G))  # the end of epoch 0
         wait_reads(stream, 3)  # two batches past the epoch end, read with manifest version 1
-        append(data, [tiny_slices.val[0]], shard_tokens=1 << 14)
+        append(data, [tiny_slices.val[0]], shard_tokens=1 << 14, allow_duplicate=True)  # the val text, as train
         assert batches.refresh() is True and plain.refresh() is True
         assert batches.manifest_version == plain.manifest_version == 2
         assert batches.state_dict() == plain.state_dict()

@@ -114,7 +114,7 @@ def test_tokens_are_each_document_encoded_whole(kind, llama_sp, hf_bpe, tmp_path
         assert (tmp_path / "one" / "tokenizer.json").read_bytes() == model.read_bytes()
         assert [decode(encode(doc)) for doc in DOCUMENTS] == DOCUMENTS  # byte-level BPE is lossless
         # append encodes with the data dir's own tokenizer.json and its recorded EOS
-        grown = append(tmp_path / "one", [inputs[0]], workers=2, shard_tokens=3_000)
+        grown = append(tmp_path / "one", [inputs[0]], workers=2, shard_tokens=3_000, allow_duplicate=True)
         assert train_tokens(grown.data_dir) == expected + [t for d in DOCUMENTS for t in (*encode(d), eos)]
     else:
         assert (one.eos_id, one.bos_id) == (2, 1)
@@ -130,7 +130,8 @@ def test_parts_appended_in_order_give_the_whole_prepare(kind, llama_sp, hf_bpe, 
     parts = [prepare(inputs, tmp_path / f"part-{i:03d}", tokenizer=model, part=f"{i}/3", shard_tokens=3_000)
              for i in range(3)]
     shard_files = [p.data_dir / s.file for p in parts[1:] for s in p.train]
-    merged = append(parts[0].data_dir, shard_files, shard_tokens=3_000)
+    # the inputs hold every document twice (the JSONL, then each .txt): part shards coincide byte for byte
+    merged = append(parts[0].data_dir, shard_files, shard_tokens=3_000, allow_duplicate=True)
     assert train_tokens(merged.data_dir) == train_tokens(whole.data_dir)
     assert merged.version == 2 and merged.tokenizer == whole.tokenizer
 
