@@ -4,6 +4,9 @@ pretrain.py runs with a commit that hangs from step 8 on (a stuck filesystem) an
 SIGTERM as it starts hanging; the test sends SIGKILL 5 s after that. With
 checkpoint.stop_budget_s=2 the run abandons the stuck save and exits on its own before the SIGKILL,
 and a rerun resumes from the last committed checkpoint (step 4) with the very same losses.
+
+The same when the SIGTERM comes while a routine save (step 12) is blocked waiting for the stuck
+write of step 8: that wait is held to the budget too.
 """
 import json
 import os
@@ -40,6 +43,34 @@ store.commit = commit_or_hang
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+HANG_IN_COMMIT_TERM_IN_NEXT_SAVE = """
+import os, runpy, signal, sys, threading, time
+from pathlib import Path
+from evertrain.pretrain.checkpoint import manager, store
+
+flag = Path(sys.argv[1])
+sys.argv = sys.argv[2:]
+commit, save = store.commit, manager.CheckpointManager.save
+
+def commit_or_hang(tmp_dir, meta):
+    if meta["step"] >= 8:
+        time.sleep(3600)  # a stuck filesystem; no signal yet
+    return commit(tmp_dir, meta)
+
+def terminate():
+    flag.write_text(str(time.time()))
+    os.kill(os.getpid(), signal.SIGTERM)  # the launcher's stop, while the save below waits for step 8's
+
+def save_then_term(self, step, extra, **kw):
+    if step >= 12:
+        threading.Timer(0.5, terminate).start()
+    return save(self, step, extra, **kw)
+
+store.commit = commit_or_hang
+manager.CheckpointManager.save = save_then_term
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
 
 def pretrain(data: Path, run_dir: Path, *overrides: str) -> list[str]:
     return ["pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), f"data.path={data}",
@@ -52,10 +83,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
-def test_sigterm_then_sigkill_leaves_a_resumable_run(tiny_data, tmp_path):
+@pytest.mark.parametrize("wrapper", [HANG_AND_TERM_IN_COMMIT, HANG_IN_COMMIT_TERM_IN_NEXT_SAVE],
+                         ids=["term-in-stuck-save", "term-while-routine-save-waits"])
+def test_sigterm_then_sigkill_leaves_a_resumable_run(tiny_data, tmp_path, wrapper):
     run_dir, flag = tmp_path / "run", tmp_path / "hanging"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-c", HANG_AND_TERM_IN_COMMIT, str(flag),
+    cmd = [sys.executable, "-c", wrapper, str(flag),
            *pretrain(tiny_data, run_dir, "checkpoint.stop_budget_s=2")]
     with open(tmp_path / "stderr", "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -63,7 +96,7 @@ def test_sigterm_then_sigkill_leaves_a_resumable_run(tiny_data, tmp_path):
         deadline = time.monotonic() + 300
         while not flag.is_file():
             assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached the save of step 8"
+            assert time.monotonic() < deadline, "the run never reached its SIGTERM"
             time.sleep(0.01)
         try:
             code = proc.wait(timeout=GRACE_S)
@@ -80,6 +113,8 @@ def test_sigterm_then_sigkill_leaves_a_resumable_run(tiny_data, tmp_path):
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step_000000004"
     first = losses(run_dir)
     stopped = max(first)
+    if wrapper is HANG_IN_COMMIT_TERM_IN_NEXT_SAVE:
+        assert stopped == 12  # stopped in the routine save of step 12, not after another step
     metrics = run_dir / "metrics.jsonl"  # tag the old records: a resumed run keeps those up to its step
     metrics.write_text("".join(json.dumps({**json.loads(line), "old": True}) + "\n"
                                for line in metrics.read_text().splitlines()))

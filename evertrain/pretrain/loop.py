@@ -82,17 +82,20 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                     watch.enforce()  # never commit a checkpoint made after a non-finite step (stop mode)
                     refresh_data(batches, engine)  # appended shards join after this step (prefetch.py)
                     extra = {"tokens": tokens, "data": batches.state_dict(), "nonfinite_steps": nonfinite}
-                    if not signalled:
-                        ckpt.save(step, extra)
-                        saved = step
-                    elif ckpt.save_before(step, extra, signals.deadline(cfg.checkpoint.stop_budget_s)):
-                        latest = ckpt.latest()  # the stop step, or the last one if it was not worth saving
-                        saved = step_of(latest) if latest is not None else saved
+                    budget = cfg.checkpoint.stop_budget_s
+                    if not signalled:  # a signal may come while this waits for the last save: same budget
+                        kept = ckpt.save(step, extra, stop=lambda: signals.deadline_if_received(budget))
+                        saved = step if kept else saved
                     else:
-                        abandoned = True  # exit now; do not wait for the writer
-                        print(f"checkpoint: the stop budget of {cfg.checkpoint.stop_budget_s:g}s ran out; abandoned "
-                              f"the save in flight (rank {engine.rank}); the last committed checkpoint is "
-                              f"{ckpt.latest()}", file=sys.stderr, flush=True)
+                        kept = ckpt.save_before(step, extra, signals.deadline(budget))
+                    if signalled or not kept:
+                        latest = ckpt.latest()  # the stop step, or the last one committed
+                        saved = step_of(latest) if latest is not None else None
+                    if not kept:
+                        stop = abandoned = True  # exit now; do not wait for the writer
+                        print(f"checkpoint: the stop budget of {budget:g}s ran out; abandoned the save in "
+                              f"flight (rank {engine.rank}); the last committed checkpoint is {latest}",
+                              file=sys.stderr, flush=True)
                 if log_now:
                     window.restart(tokens)  # eval and checkpoint time is not training throughput
                 if stop:
@@ -201,6 +204,10 @@ class StopSignals:
         if not self.received:
             self.received_at = time.monotonic()
         self.received = True
+
+    def deadline_if_received(self, budget_s: float) -> float | None:
+        """The stop's deadline once this rank got a signal, else None."""
+        return None if self.received_at is None else self.received_at + budget_s
 
     def deadline(self, budget_s: float) -> float:
         """When the stop must be over; a rank stopped by the others' vote counts from now."""

@@ -11,7 +11,8 @@ on CUDA a side stream the next optimizer step waits on, on CPU a thread the next
 for). One background thread does the rest: wait for the copy, write the shards, hash them (xxh3_128),
 leave a `done.<rank>` marker; rank 0 then waits for every marker, writes meta.json, renames the temp
 dir into place, replaces LATEST and applies retention (checkpoint/store.py, checkpoint/retention.py).
-At most one save is in flight: the next `save` first waits for the last.
+At most one save is in flight: the next `save` first waits for the last (once a stop was asked for,
+only until the stop's deadline: then the stuck save is abandoned, see save()).
 
 Engine state: `single` and `fsdp` write DCP (checkpoint/dcp.py), `deepspeed` its own layout
 (checkpoint/deepspeed.py). Each rank also writes `train_state.<rank>.pt`: its RNG states and the
@@ -31,8 +32,10 @@ import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,6 +53,7 @@ __all__ = ["CheckpointManager", "CheckpointError", "SaveTimings", "load_consolid
            "latest_checkpoint", "read_meta", "pin", "unpin", "is_pinned", "apply_retention"]
 
 DCP_ENGINES = ("single", "fsdp")
+STOP_POLL_S = 0.05  # how soon a save waiting for the previous one notices a stop
 
 
 @dataclass
@@ -88,14 +92,21 @@ class CheckpointManager:
 
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, step: int, extra: dict) -> None:
-        """Stage this rank's state for `step` and write it in the background. Every rank calls it."""
+    def save(self, step: int, extra: dict, stop: Callable[[], float | None] | None = None) -> bool:
+        """Stage this rank's state for `step` and write it in the background. Every rank calls it.
+
+        It first waits for the previous save. `stop`, if given, returns the stop's deadline
+        (time.monotonic()) once a stop was asked for, else None: from then on that wait ends at the
+        deadline, and if any rank's previous save is still not written by then it is abandoned (all
+        ranks decide together) and nothing is staged: False, the caller stops at once (a stuck write
+        must not hold the stop past the launcher's grace). True otherwise."""
         started = time.perf_counter()
-        self.wait()
+        if not self._wait_unless_stopped(stop):
+            return False
         if step <= 0:
-            return  # nothing trained: the step-0 weights are the seeded init
+            return True  # nothing trained: the step-0 weights are the seeded init
         if (self.dir / store.step_dir_name(step) / store.META).is_file():
-            return  # committed already (a run resumed at its last step and stopped at once)
+            return True  # committed already (a run resumed at its last step and stopped at once)
         json.dumps(extra)  # meta.json holds it: fail here, in the caller, if it is not JSON-able
         if self.engine.is_main and not self._cleaned:
             store.remove_stale_tmp_dirs(self.dir, self.nonce)  # on the first save: resume reads only
@@ -112,6 +123,24 @@ class CheckpointManager:
         if not self.cfg.checkpoint.async_save:
             self.wait()
         self.timings.blocked = time.perf_counter() - started
+        return True
+
+    def _wait_unless_stopped(self, stop: Callable[[], float | None] | None) -> bool:
+        """Wait for the save in flight; once `stop()` names a deadline, only until then. Polled,
+        because a signal handler cannot cut short a thread's wait on a future."""
+        if stop is None:
+            return self.wait()
+        written = True
+        while self._in_flight is not None and not self._in_flight.done():
+            deadline = stop()
+            if deadline is not None:
+                written = self.wait(deadline)
+                break
+            futures_wait([self._in_flight], timeout=STOP_POLL_S)
+        if written:
+            self.wait()  # done already: clears it, re-raises its error
+        # a rank that gave up must not leave the others in the next collective of a save it skips
+        return not self.engine.min_max_over_ranks(int(not written))[1]
 
     def _meta(self, step: int, extra: dict) -> dict:
         cfg = to_dict(self.cfg)
