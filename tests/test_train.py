@@ -50,8 +50,9 @@ class FakeCheckpoints:
     def resume(self):
         return self.resume_from
 
-    def save(self, step, extra):
+    def save(self, step, extra, stop=None):  # `stop`: the budget of a routine save's wait (test_stop_budget.py)
         self.saves.append((step, json.loads(json.dumps(extra))))
+        return True
 
     def wait(self):
         self.waited = True
@@ -192,7 +193,7 @@ def test_checkpoint_boundaries_refresh_the_data_first(tiny_data, tmp_path, monke
     monkeypatch.setattr(stream, "refresh", lambda: events.append("refresh") or refresh())
     ckpt = FakeCheckpoints()
     save = ckpt.save
-    ckpt.save = lambda step, extra: events.append(step) or save(step, extra)
+    ckpt.save = lambda step, extra, **kw: events.append(step) or save(step, extra, **kw)
 
     train(cfg, tmp_path / "run", engine, stream, ckpt)
     assert events == ["refresh", 4, "refresh", 8, "refresh", 10]
