@@ -470,3 +470,68 @@ def test_appending_bytes_the_data_dir_already_holds_is_refused(tiny_data, tmp_pa
     (data / "manifest.json").write_text(json.dumps(manifest))
     assert append(data, [texts[1]], shard_tokens=1000).version == 4
     assert "its train shard train-000000.bin (version 1)" in refused(data / "train-000000.bin")
+
+
+# -- 7. a random kill -9 loop -----------------------------------------------------------------------
+
+def test_random_kill_9_loop_resumes_bitwise(tiny_data, tmp_path):
+    """SIGKILL at 3 seeded-random logged steps (mid-step, mid-save, whatever the moment is), a resume each
+    time, then on to the end: every logged loss and the final weights and moments equal an uninterrupted
+    run's bitwise. A kill also leaves the run lock to a dead holder, which the next start takes over."""
+    import random
+    import time
+
+    from evertrain.pretrain.checkpoint.store import latest_checkpoint, step_of
+    from test_resume import command, latest, logged_step, losses, run, start, train_times, wait_for
+
+    def resumable() -> int:  # the step a start now resumes from (0: none yet)
+        found = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+        return step_of(found) if found is not None else 0
+
+    steps = 40
+    overrides = (f"train.max_steps={steps}",)
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    # the uninterrupted run goes on beside the killed ones (one thread each): start-ups dominate the cost
+    reference_log = tmp_path / "reference-stderr.txt"
+    uninterrupted = start(command("single", 1, tiny_data, reference_dir, *overrides), reference_log)
+
+    try:
+        kill_at = sorted(random.Random(13).sample(range(2, steps - 1), 3))  # increasing: each kill is further on
+        starts = []  # (when a run started, the step it must resume from)
+        for i, target in enumerate(kill_at):
+            log = tmp_path / f"stderr-{i}.txt"
+            starts.append((time.time(), resumable()))
+            victim = start(command("single", 1, tiny_data, run_dir, *overrides), log)
+            try:
+                wait_for(lambda: logged_step(run_dir) >= target, victim, log, f"step {target}")
+            finally:
+                victim.kill()
+                victim.wait()
+        assert logged_step(run_dir) < steps, "the last kill came too late to interrupt anything"
+        starts.append((time.time(), resumable()))
+        run(command("single", 1, tiny_data, run_dir, *overrides))
+        assert uninterrupted.wait(timeout=300) == 0, reference_log.read_text()[-3000:]
+    finally:
+        if uninterrupted.poll() is None:  # a failure above: leave no process behind
+            uninterrupted.kill()
+            uninterrupted.wait()
+    reference = dict(losses(reference_dir))
+    assert sorted(reference) == list(range(1, steps + 1))
+
+    times = train_times(run_dir)  # each rerun resumed at its checkpoint, none started over
+    assert [next(step for step, t in times if t >= started) for started, _ in starts] == \
+        [resume_from + 1 for _, resume_from in starts]
+    assert all(resume_from > 0 for _, resume_from in starts[1:]), starts
+    logged = losses(run_dir)  # the killed runs' records (steps retrained after a resume appear twice)
+    assert {step for step, _ in logged} == set(reference)
+    for step, loss in logged:
+        assert loss == reference[step], (step, loss, reference[step])
+    assert latest(run_dir) == latest(reference_dir) == f"step_{steps:09d}"
+    ours, theirs = (load_consolidated(d / "checkpoints" / latest(d)) for d in (run_dir, reference_dir))
+    assert ours["model"].keys() == theirs["model"].keys()
+    for key, tensor in theirs["model"].items():
+        assert torch.equal(ours["model"][key], tensor), key
+    assert theirs["optim"] and ours["optim"].keys() == theirs["optim"].keys()
+    for key, moments in theirs["optim"].items():
+        for moment, tensor in moments.items():
+            assert torch.equal(ours["optim"][key][moment], tensor), (key, moment)
