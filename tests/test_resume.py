@@ -95,8 +95,8 @@ def run(cmd: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, loss) of every train record, in file order; a line cut short by SIGKILL is skipped."""
+def train_records(run_dir: Path) -> list[dict]:
+    """Every train record, in file order; a line cut short by SIGKILL is skipped."""
     found = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         try:
@@ -104,42 +104,45 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
         except json.JSONDecodeError:
             continue
         if record.get("kind") == "train":
-            found.append((record["step"], record["loss"]))
+            found.append(record)
     return found
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every intact train record, in file order."""
+    return [(r["step"], r["loss"]) for r in train_records(run_dir)]
 
 
 def train_times(run_dir: Path) -> list[tuple[int, float]]:
     """(step, wall time written) of every intact train record, in file order."""
-    found = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") == "train":
-            found.append((record["step"], record["time"]))
-    return found
+    return [(r["step"], r["time"]) for r in train_records(run_dir)]
 
 
-def assert_resumed(run_dir: Path, reference_dir: Path, resume_from: int, resumed_at: float) -> None:
-    """The rerun continued from `resume_from` instead of starting over: records up to that step are the
-    killed run's (written before the rerun started), the rerun's first record is the step after, and
-    the final step, weights and optimizer state equal the uninterrupted run's at the same step."""
+def assert_same_state(step_dir: Path, reference_step_dir: Path) -> None:
+    """Weights and both Adam moments bitwise equal."""
     from evertrain.pretrain.checkpoint import load_consolidated
 
-    times = train_times(run_dir)
-    assert all(t < resumed_at for step, t in times if step <= resume_from), "the rerun retrained old steps"
-    rerun = [step for step, t in times if t >= resumed_at]
-    assert rerun and rerun[0] == resume_from + 1, (resume_from, rerun[:3])
-    name = latest(run_dir)
-    ours, theirs = (load_consolidated(d / "checkpoints" / name) for d in (run_dir, reference_dir))
-    assert ours["step"] == theirs["step"] == REFERENCE_STEPS
+    ours, theirs = load_consolidated(step_dir), load_consolidated(reference_step_dir)
+    assert ours["step"] == theirs["step"] and ours["model"].keys() == theirs["model"].keys()
     for key, tensor in theirs["model"].items():
         assert torch.equal(ours["model"][key], tensor), key
     assert theirs["optim"] and ours["optim"].keys() == theirs["optim"].keys()
     for key, moments in theirs["optim"].items():
         for moment, tensor in moments.items():
             assert torch.equal(ours["optim"][key][moment], tensor), (key, moment)
+
+
+def assert_resumed(run_dir: Path, reference_dir: Path, resume_from: int, resumed_at: float) -> None:
+    """The rerun continued from `resume_from` instead of starting over: records up to that step are the
+    killed run's (written before the rerun started), the rerun's first record is the step after, and
+    the final step, weights and optimizer state equal the uninterrupted run's at the same step."""
+    times = train_times(run_dir)
+    assert all(t < resumed_at for step, t in times if step <= resume_from), "the rerun retrained old steps"
+    rerun = [step for step, t in times if t >= resumed_at]
+    assert rerun and rerun[0] == resume_from + 1, (resume_from, rerun[:3])
+    name = latest(run_dir)
+    assert name == f"step_{REFERENCE_STEPS:09d}"
+    assert_same_state(run_dir / "checkpoints" / name, reference_dir / "checkpoints" / name)
 
 
 def latest(run_dir: Path) -> str:
