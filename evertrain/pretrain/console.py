@@ -52,6 +52,8 @@ def run_banner(cfg, engine, run_dir, start_step: int, tokens_per_step: int, data
     ds_numel, FSDP2's DTensors report theirs)."""
     params = sum(getattr(p, "ds_numel", None) or p.numel() for p in engine.raw_model.parameters())
     name = f"{engine.name} ZeRO-{cfg.engine.zero_stage}" if engine.name == "deepspeed" else engine.name
+    if engine.name == "fsdp":
+        name = f"{name} ({engine.layout})"
     return start_banner(params=params, tokens_per_step=tokens_per_step, engine=name,
                         world_size=engine.world_size, dtype=cfg.train.dtype, device=engine.device.type,
                         start_step=start_step, data_path=cfg.data.path, data_version=data_version, run_dir=run_dir)

@@ -100,6 +100,15 @@ class FSDPEngine(Engine):
         self.accumulate = resolve_accumulate(cfg, world_size, device_capacity(device))
         self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
 
+    @property
+    def layout(self) -> str:
+        """What the banner shows: the mesh the parameters are really sharded on (read from their
+        DTensors, not the config) and how gradients accumulate."""
+        mesh = next(self.model.parameters()).device_mesh
+        dims = " x ".join(f"{name} {size}" for name, size in zip(mesh.mesh_dim_names, mesh.shape))
+        kind = "HSDP" if mesh.ndim == 2 else "FSDP"
+        return f"{kind} {dims}, accumulate {self.accumulate}"
+
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros((), device=self.device)
         for i, windows in enumerate(micro_batches):
