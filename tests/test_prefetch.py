@@ -32,10 +32,12 @@ class CountingStream(TokenStream):
 
     def next_batch(self, *args, **kwargs):
         self.gate.wait()
-        self.reads += 1
-        if self.reads == self.fail_at:
+        if self.reads + 1 == self.fail_at:
+            self.reads += 1
             raise DataError("shard vanished")
-        return super().next_batch(*args, **kwargs)
+        batch = super().next_batch(*args, **kwargs)
+        self.reads += 1  # counted once read, so a waiter that sees n reads sees their cursor too
+        return batch
 
     def refresh(self):
         self.refreshes += 1
