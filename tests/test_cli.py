@@ -14,6 +14,7 @@ RUN_COMMANDS = {  # argv that parses up to a run dir, per command that takes one
     "fork": ["fork", "--step", "10", "--cooldown-steps", "2"],
     "forker": ["forker", "--every", "10", "--cooldown-fraction", "0.2"],
     "report": ["report"],
+    "average": ["average", "--last", "3"],
     "export": ["export", "hf", "--step", "10", "--out", "x"],
 }
 

@@ -213,6 +213,7 @@ def test_cli_exports_a_cooldown_result(tmp_path, run_dir):
 @pytest.mark.parametrize("args, message", [
     (["--step", "3"], "--step 3: no checkpoint at this step"),
     (["--cooldown", "nope"], "--cooldown nope: no finished cooldown"),
+    (["--average", "nope"], "--average nope: no finished average"),
 ])
 def test_cli_bad_source_is_one_line_exit_2(tmp_path, run_dir, capsys, args, message):
     argv = ["export", "hf", "--run", str(run_dir.dir), *args, "--out", str(tmp_path / "exported")]

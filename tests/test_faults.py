@@ -363,7 +363,7 @@ def test_export_pins_its_source_and_checks_the_tokenizer(tiny_data, tmp_path, mo
     assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0
     step_dir = run / "checkpoints" / "step_000000002"
     args = lambda **kw: argparse.Namespace(**{"run": str(run), "out": str(tmp_path / "hf"), "step": "2",
-                                              "cooldown": None, "tokenizer": None, "dtype": "float32", **kw})
+                                              "cooldown": None, "average": None, "tokenizer": None, "dtype": "float32", **kw})
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("hello\n")
     with pytest.raises(ExportError, match="not a sentencepiece tokenizer model"):

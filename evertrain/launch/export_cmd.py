@@ -1,5 +1,5 @@
-"""`evertrain export hf`: which weights (a run's checkpoint or a finished cooldown) and which tokenizer
-go into the Hugging Face checkpoint that export.py writes.
+"""`evertrain export hf`: which weights (a run's checkpoint, a finished cooldown or a checkpoint average)
+and which tokenizer go into the Hugging Face checkpoint that export.py writes.
 
 The argument checks and `--help` need no torch; export.py (torch, safetensors, sentencepiece) is
 imported once there is something to export.
@@ -24,16 +24,18 @@ class ExportSourceError(EvertrainError, ValueError):
     """Nothing exportable where the arguments point: no run, no finished cooldown, no tokenizer."""
 
 
-def resolve_source(run_dir: Path, step: str | None, cooldown: str | None) -> tuple[Path, Path]:
+def resolve_source(run_dir: Path, step: str | None, cooldown: str | None,
+                   average: str | None = None) -> tuple[Path, Path]:
     """-> (checkpoint step dir holding the weights, config.yaml describing them)."""
     if step is not None:
         _, step_dir = resolve_checkpoint(run_dir, step)
         return step_dir, run_dir / "config.yaml"
-    cooldown_dir = Path(cooldown)
-    if not cooldown_dir.is_dir() and (run_dir / "cooldowns" / cooldown).is_dir():
-        cooldown_dir = run_dir / "cooldowns" / cooldown  # a bare cooldown name inside the run
+    option, name, kind = ("--cooldown", cooldown, "cooldowns") if average is None else ("--average", average, "averages")
+    cooldown_dir = Path(name)
+    if not cooldown_dir.is_dir() and (run_dir / kind / name).is_dir():
+        cooldown_dir = run_dir / kind / name  # a bare cooldown (or average) name inside the run
     if not (cooldown_dir / "final" / "meta.json").is_file():
-        raise ExportSourceError(f"--cooldown {cooldown}: no finished cooldown there (no final/meta.json)")
+        raise ExportSourceError(f"{option} {name}: no finished {kind[:-1]} there (no final/meta.json)")
     config = cooldown_dir / "config.yaml"
     return cooldown_dir / "final", config if config.is_file() else run_dir / "config.yaml"
 
@@ -53,7 +55,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise ExportSourceError(f"--run {run_dir}: not a run directory (no config.yaml)")
     if Path(args.out).exists():  # export_hf checks too; this is before reading gigabytes of weights
         raise ExportSourceError(f"--out {args.out}: already exists; choose a new directory")
-    step_dir, config_path = resolve_source(run_dir, args.step, args.cooldown)
+    step_dir, config_path = resolve_source(run_dir, args.step, args.cooldown, args.average)
     cfg = load_config(config_path)
     if args.tokenizer:
         tokenizer, bos_id, eos_id = Path(args.tokenizer), None, None
@@ -91,6 +93,7 @@ def register(subparsers) -> None:
     source = hf.add_mutually_exclusive_group(required=True)
     source.add_argument("--step", help="checkpoint step of the run, or 'latest'")
     source.add_argument("--cooldown", help="cooldown directory (or its name under RUN/cooldowns/)")
+    source.add_argument("--average", help="checkpoint average directory (or its name under RUN/averages/)")
     hf.add_argument("--out", required=True, help="output directory (must not exist)")
     hf.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype to write")
     hf.add_argument("--tokenizer", help="SentencePiece model to ship (default: the run's data manifest's)")

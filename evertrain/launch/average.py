@@ -1,0 +1,299 @@
+"""`evertrain average`: the uniform average of a run's last K checkpoints, evaluated, with no training.
+
+Averaging the weights of the last few checkpoints of a constant-LR (or rsqrt) run approximates a
+cooldown at zero training cost (Sanyal et al. 2023, "LAWA"; Hägele et al. 2024, section 4). For the
+steps s_1 < ... < s_K (the newest K committed checkpoints with --last K, or --steps):
+
+    average_checkpoints(run_dir, steps) -> result dict
+      - pins every source checkpoint (fork.Lease) while it is read, so retention keeps it;
+      - reads only their fp32 weights (checkpoint/slices.py: any engine, any world size, no moments),
+        refusing non-finite weights and checkpoints of another model shape than the run's;
+      - averages them elementwise in fp32: (w_1 + ... + w_K) / K;
+      - evaluates the average on the run's own val windows (eval.batches global batches of the global
+        batch the newest source checkpoint trained with: the windows the run's evals and its forks
+        score), in one process, with the run's compute dtype;
+      - writes runs/NAME/averages/<average_dir_name(steps)>/ atomically (built in a temp dir, renamed):
+          config.yaml   the run's config
+          final/        the averaged weights as a weights-only DCP checkpoint with meta.json, which
+                        load_consolidated and `evertrain export hf --average NAME` read
+          result.json   {"kind": "average", "steps", "step" (the newest), "tokens" (seen at it),
+                         "val_loss", "val_ppl", "eval_batches", "eval_s", "time", "name"}
+    A directory that exists is done: the call returns its result.json without reading anything.
+
+The retention rule must keep the K checkpoints (checkpoint.keep_last >= K, docs/forking.md).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from evertrain import safe_json
+from evertrain.errors import EvertrainError
+from evertrain.pretrain.checkpoint import store
+
+MAX_JOINED_STEPS = 64  # longer step lists are named by a hash in the directory name
+
+
+class AverageError(EvertrainError, ValueError):
+    """A bad averaging request: too few checkpoints, an unknown step, non-finite or mismatched weights."""
+
+
+def average_dir_name(steps: list[int]) -> str:
+    """avg_<newest step:09d>_k<K>_<s1>-<s2>-...: the same steps, the same name, however they were
+    asked for (--last K or --steps); a list too long to spell out is named by its hash instead."""
+    steps = sorted(steps)
+    joined = "-".join(map(str, steps))
+    if len(joined) > MAX_JOINED_STEPS:
+        joined = hashlib.sha256(joined.encode()).hexdigest()[:12]
+    return f"avg_{steps[-1]:09d}_k{len(steps)}_{joined}"
+
+
+def available_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """{step: step_dir} of the run's committed checkpoints, oldest first; errors for a non-run."""
+    if not (run_dir / "config.yaml").is_file():
+        raise AverageError(f"--run {run_dir}: not a run directory (no config.yaml)")
+    return {store.step_of(p): p for p in store.complete_checkpoints(run_dir / "checkpoints") if store.step_of(p) > 0}
+
+
+def last_steps(run_dir: Path, k: int) -> list[int]:
+    """The steps of the newest `k` committed checkpoints."""
+    if k <= 0:
+        raise AverageError(f"--last: must be >= 1, got {k}")
+    steps = list(available_checkpoints(run_dir))
+    if len(steps) < k:
+        raise AverageError(f"--last {k}: the run has {len(steps)} checkpoint(s) ({', '.join(map(str, steps)) or 'none'}); "
+                           f"keep at least {k} (checkpoint.keep_last >= {k})")
+    return steps[-k:]
+
+
+def check_steps(run_dir: Path, steps: list[int]) -> dict[int, Path]:
+    """{step: step_dir} for the requested steps, sorted; one error naming what is wrong."""
+    if not steps:
+        raise AverageError("--steps: give at least one step")
+    if len(set(steps)) != len(steps):
+        raise AverageError(f"--steps {','.join(map(str, steps))}: a step is listed twice")
+    checkpoints = available_checkpoints(run_dir)
+    missing = [s for s in steps if s not in checkpoints]
+    if missing:
+        shown = ", ".join(map(str, list(checkpoints)[-8:])) or "none"
+        raise AverageError(f"--steps: no checkpoint at step {missing[0]} (available: {shown})")
+    return {s: checkpoints[s] for s in sorted(steps)}
+
+
+def read_result(out: Path) -> dict | None:
+    path = out / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def average_checkpoints(run_dir: Path, steps: list[int], *, eval_batches: int | None = None) -> dict:
+    """Average the weights of the run's checkpoints at `steps`, evaluate, write averages/<name>/;
+    returns result.json's content (the existing one when that average was made before)."""
+    run_dir = Path(run_dir)
+    sources = check_steps(run_dir, list(steps))
+    if eval_batches is not None and eval_batches <= 0:
+        raise AverageError(f"--eval-batches: must be > 0, got {eval_batches}")
+    name = average_dir_name(list(sources))
+    averages = run_dir / "averages"
+    out = averages / name
+    if (result := read_result(out)) is not None:
+        return result
+    averages.mkdir(exist_ok=True)
+    lock = FileLock(averages / f".{name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise AverageError(f"{out}: another process is writing this average") from None
+    try:
+        if (result := read_result(out)) is not None:  # finished while we waited for the lock
+            return result
+        for stale in averages.glob(f".{name}.tmp-*"):  # a crashed attempt's leftovers
+            shutil.rmtree(stale, ignore_errors=True)
+        return make_average(run_dir, out, sources, eval_batches)
+    finally:
+        lock.release()
+
+
+def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batches: int | None) -> dict:
+    from evertrain.launch.fork import Lease
+    from evertrain.pretrain.config import dump_yaml, load_config
+
+    cfg = load_config(run_dir / "config.yaml", [] if eval_batches is None else [f"eval.batches={eval_batches}"])
+    leases = []
+    try:
+        for step_dir in sources.values():
+            leases.append(Lease(step_dir, f"average.{out.name}"[:128]))
+        metas = {step: store.read_meta(step_dir) for step, step_dir in sources.items()}
+        check_same_model(cfg, sources, metas)
+        total = None
+        for step, step_dir in sources.items():
+            weights = read_weights(step_dir, metas[step], cfg.checkpoint.verify)
+            if total is None:
+                total = weights
+            else:
+                if weights.keys() != total.keys():
+                    raise AverageError(f"{step_dir}: holds other parameters than {next(iter(sources.values()))}")
+                for key, value in weights.items():
+                    total[key].add_(value)
+    finally:
+        for lease in leases:
+            lease.release()
+    average = {key: value.div_(len(sources)) for key, value in total.items()}
+    newest = metas[max(sources)]
+    started = time.perf_counter()
+    scores = evaluate_weights(cfg, average, global_windows(cfg, newest))
+    eval_s = time.perf_counter() - started
+    result = {"kind": "average", "name": out.name, "steps": list(sources), "step": max(sources),
+              "tokens": newest.get("tokens"), "val_loss": scores["val_loss"], "val_ppl": scores["val_ppl"],
+              "eval_batches": cfg.eval.batches, "eval_s": eval_s, "time": time.time()}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir()
+        write_weights(tmp / "final", average, newest, list(sources))
+        (tmp / "config.yaml").write_text(dump_yaml(cfg))
+        store.atomic_write_text(tmp / "result.json", safe_json.dumps(result, indent=1))
+        store.fsync_dir(tmp)
+        os.rename(tmp, out)  # the directory appears complete or not at all
+        store.fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def check_same_model(cfg, sources: dict[int, Path], metas: dict[int, dict]) -> None:
+    """Every source has the run's model shape (else averaging them means nothing)."""
+    from evertrain.pretrain.checkpoint.manager import check_model
+    from evertrain.pretrain.checkpoint.store import CheckpointError
+
+    for step, step_dir in sources.items():
+        try:
+            check_model(step_dir, metas[step], cfg)
+        except CheckpointError as exc:
+            raise AverageError(f"mismatched configs: {exc}") from None
+
+
+def read_weights(step_dir: Path, meta: dict, verify: str) -> dict:
+    """The checkpoint's fp32 weights, {name: full CPU tensor}, every file checked against meta.json
+    first; no optimizer moments are read. A NaN/Inf weight is refused, naming the parameter."""
+    import torch
+
+    from evertrain.pretrain.checkpoint import dcp as _dcp  # noqa: F401  (silences DCP's no_dist warning)
+    from evertrain.pretrain.checkpoint.slices import WEIGHT, Slice, open_reader
+
+    store.verify_files(step_dir, meta, mode=verify)
+    reader = open_reader(step_dir, meta)
+    names = list(reader.shapes)
+    flat = reader.read([Slice(name, WEIGHT, 0, reader.shapes[name].numel()) for name in names])
+    weights = {name: t.view(reader.shapes[name]).float() for name, t in zip(names, flat)}
+    for name, tensor in weights.items():
+        if not torch.isfinite(tensor).all():
+            raise AverageError(f"{step_dir}: parameter '{name}' has NaN/Inf weights; average only checkpoints "
+                               "from before the divergence (--steps)")
+    return weights
+
+
+def global_windows(cfg, meta: dict) -> int:
+    """The run's global batch at the newest source checkpoint: its evals (and its forks') scored
+    eval.batches batches of this many windows."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * int(meta["world_size"])
+
+
+def evaluate_weights(cfg, weights: dict, batch_windows: int) -> dict:
+    """{"val_loss", "val_ppl"} of `weights` on the run's val windows, in this process (the windows
+    and their mean are those of evaluate.py on any world size: equal micro-batches, plain mean)."""
+    import torch
+
+    from evertrain.pretrain.data import val_batches
+    from evertrain.pretrain.distributed import pick_device
+    from evertrain.pretrain.engines.base import Engine, compute_dtype
+    from evertrain.pretrain.evaluate import evaluate
+    from evertrain.pretrain.model import Transformer
+
+    device = pick_device(cfg.train.device)
+    with torch.device("meta"):
+        model = Transformer(cfg.model, init=False)
+    model.to_empty(device=device)
+    model.init_weights(cfg.train.seed, source=weights)  # copies every parameter from `weights`
+    engine = Engine(model=model, raw_model=model, optimizer=None, device=device,
+                    autocast_dtype=compute_dtype(cfg, device))
+    batches = val_batches(cfg.data.path, cfg.model.seq_len, cfg.eval.batches, batch_windows)
+    micro = [m for batch in batches for m in batch.split(cfg.train.micro_batch_size)]
+    return evaluate(engine, micro)
+
+
+def write_weights(final: Path, weights: dict, newest: dict, steps: list[int]) -> None:
+    """`weights` as a weights-only DCP checkpoint (the single engine's layout, without "optim")
+    with a meta.json like the newest source's, so load_consolidated and export read it."""
+    import torch.distributed.checkpoint as dcp
+
+    final.mkdir()
+    dcp.save({"model": weights}, checkpoint_id=str(final), no_dist=True)
+    files = {p.name: store.file_digest(p) for p in sorted(final.iterdir()) if p.is_file()}
+    meta = {**newest, "engine": "single", "world_size": 1, "zero_stage": None, "files": files,
+            "hash": store.HASH, "created": time.time(), "averaged_steps": steps}
+    store.atomic_write_text(final / store.META, safe_json.dumps(meta, indent=1, sort_keys=True))
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
+    if any(s <= 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"steps must be > 0, got {text!r}")
+    return steps
+
+
+def run_average(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    steps = last_steps(run_dir, args.last) if args.last is not None else args.steps
+    name = average_dir_name(check_steps(run_dir, steps))
+    done = read_result(run_dir / "averages" / name) is not None
+    result = average_checkpoints(run_dir, steps, eval_batches=args.eval_batches)
+    print(f"average: {name}{' (done already)' if done else ''}: steps {','.join(map(str, result['steps']))}: "
+          f"val_loss {result['val_loss']:.4f} at {result['tokens']} tokens -> {run_dir / 'averages' / name}",
+          flush=True)
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--last", type=int, metavar="K", help="average the newest K checkpoints")
+    which.add_argument("--steps", type=parse_steps, metavar="S1,S2,...", help="average the checkpoints at these steps")
+    p.add_argument("--eval-batches", type=int, help="validation batches (default: the run's eval.batches)")
+    p.set_defaults(func=run_average)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("average", help="evaluate the uniform average of a run's last K checkpoints",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m evertrain.launch.average ...`."""
+    parser = argparse.ArgumentParser(prog="python -m evertrain.launch.average", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_average(args)
+    except EvertrainError as exc:
+        print(f"evertrain average: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""`evertrain average` on a real tiny run (single engine, in process): one checkpoint's average is that
+checkpoint (weights and val loss as the run scored it), K checkpoints' is their elementwise mean,
+result.json says what it is, a rerun reads nothing, the sources are pinned while read, the result
+exports to Hugging Face format, and bad requests are one-line errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from evertrain.launch import average
+from evertrain.launch.average import AverageError, average_checkpoints, average_dir_name
+from evertrain.launch.cli import main as cli_main
+from evertrain.pretrain.checkpoint import load_consolidated, store
+from evertrain.pretrain.checkpoint.retention import apply_retention
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 30, 10
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory) -> Path:
+    """30 steps of the tiny model, a checkpoint and an eval every 10 steps, all checkpoints kept."""
+    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    run_dir = tmp_path_factory.mktemp("average") / "main"
+    assert pretrain.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
+                          f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4",
+                          "train.device=cpu", "engine.name=single", f"train.max_steps={STEPS}",
+                          f"eval.every_steps={EVERY}", "eval.batches=2", f"checkpoint.every_steps={EVERY}",
+                          "checkpoint.keep_last=100"]) == 0
+    return run_dir
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "main", ignore=shutil.ignore_patterns("averages")))
+
+
+def evals(run_dir: Path) -> dict[int, float]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
+
+
+def weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    return load_consolidated(step_dir)["model"]
+
+
+def test_average_of_one_checkpoint_is_that_checkpoint(run, tmp_path):
+    run_dir = copy_run(run, tmp_path)
+    result = average_checkpoints(run_dir, [20])
+    out = run_dir / "averages" / average_dir_name([20])
+    source = weights(run_dir / "checkpoints" / store.step_dir_name(20))
+    averaged = weights(out / "final")
+    assert averaged.keys() == source.keys()
+    assert all(torch.equal(averaged[name], source[name]) for name in source)
+    assert result["val_loss"] == pytest.approx(evals(run_dir)[20], rel=1e-6)  # the run's own val windows
+
+
+def test_average_of_k_checkpoints_is_their_elementwise_mean(run, tmp_path):
+    run_dir = copy_run(run, tmp_path)
+    assert cli_main(["average", "--run", str(run_dir), "--last", "3"]) == 0
+    out = run_dir / "averages" / "avg_000000030_k3_10-20-30"
+    assert out.name == average_dir_name([30, 10, 20])
+    sources = [weights(run_dir / "checkpoints" / store.step_dir_name(s)) for s in (10, 20, 30)]
+    averaged = weights(out / "final")
+    for name, tensor in averaged.items():
+        expected = torch.stack([s[name] for s in sources]).mean(0)
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+    result = json.loads((out / "result.json").read_text())
+    meta = store.read_meta(run_dir / "checkpoints" / store.step_dir_name(30))
+    assert result["kind"] == "average" and result["steps"] == [10, 20, 30] and result["step"] == 30
+    assert result["tokens"] == meta["tokens"] and result["eval_batches"] == 2
+    assert result["eval_s"] > 0 and result["time"] > meta["created"]
+    assert all(abs(result["val_loss"] - v) > 1e-3 for v in evals(run_dir).values())  # not any checkpoint's
+    assert not list((run_dir / "averages").glob(".*tmp*"))
+    assert not list((run_dir / "checkpoints").glob("step_*/pins/*.json"))  # leases released
+    hf = tmp_path / "hf"
+    assert cli_main(["export", "hf", "--run", str(run_dir), "--average", out.name, "--out", str(hf)]) == 0
+    assert (hf / "model.safetensors").is_file() and (hf / "config.json").is_file()
+
+
+def test_rerun_reads_nothing(run, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(run, tmp_path)
+    first = average_checkpoints(run_dir, [10, 30])
+    monkeypatch.setattr(average, "make_average", lambda *a, **k: pytest.fail("averaged again"))
+    assert average_checkpoints(run_dir, [30, 10]) == first
+    capsys.readouterr()
+    assert cli_main(["average", "--run", str(run_dir), "--steps", "10,30"]) == 0
+    assert "(done already)" in capsys.readouterr().out
+
+
+def test_sources_are_pinned_while_read(run, tmp_path, monkeypatch):
+    run_dir = copy_run(run, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    real_read, seen = average.read_weights, []
+
+    def read_beside_retention(step_dir, *args):  # the live run commits a checkpoint mid-average
+        apply_retention(ckpts, keep_last=1, keep_every=0)
+        seen.append(sorted(p.name for p in ckpts.glob("step_*")))
+        return real_read(step_dir, *args)
+
+    monkeypatch.setattr(average, "read_weights", read_beside_retention)
+    average_checkpoints(run_dir, [10, 20])
+    assert seen == [["step_000000010", "step_000000020", "step_000000030"]] * 2
+    apply_retention(ckpts, keep_last=1, keep_every=0)  # released: now they may go
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000000030"]
+
+
+def test_a_long_step_list_gets_a_short_name():
+    name = average_dir_name(list(range(1000, 30000, 1000)))
+    assert name.startswith("avg_000029000_k29_") and len(name) < 60
+    assert name == average_dir_name(list(range(29000, 999, -1000)))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--last", "4"], "--last 4: the run has 3 checkpoint(s) (10, 20, 30); keep at least 4"),
+    (["--last", "0"], "--last: must be >= 1, got 0"),
+    (["--steps", "10,15"], "--steps: no checkpoint at step 15 (available: 10, 20, 30)"),
+    (["--steps", "10,10"], "--steps 10,10: a step is listed twice"),
+    (["--last", "2", "--eval-batches", "0"], "--eval-batches: must be > 0, got 0"),
+])
+def test_bad_requests_are_one_line_errors(run, argv, message, capsys):
+    assert cli_main(["average", "--run", str(run), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"evertrain average: error: {message}\n" or (message in err and err.count("\n") == 1), err
+    assert not (run / "averages").exists()
+
+
+def test_non_finite_and_mismatched_checkpoints_are_refused(run, tmp_path, capsys):
+    run_dir = copy_run(run, tmp_path)
+    step_dir = run_dir / "checkpoints" / store.step_dir_name(20)
+    meta = store.read_meta(step_dir)
+    bad = weights(step_dir)
+    bad["norm.weight"][3] = float("nan")
+    shutil.rmtree(step_dir)  # the same checkpoint with one NaN weight (weights only: the reader needs no more)
+    average.write_weights(step_dir, bad, meta, [20])
+    assert cli_main(["average", "--run", str(run_dir), "--last", "2"]) == 2
+    assert "parameter 'norm.weight' has NaN/Inf weights" in capsys.readouterr().err
+    meta = store.read_meta(step_dir)
+    meta["model_hash"], meta["model"]["d_model"] = "other", 32
+    store.atomic_write_text(step_dir / store.META, json.dumps(meta))
+    with pytest.raises(AverageError, match="mismatched configs: .*d_model 32 vs 64"):
+        average_checkpoints(run_dir, [10, 20])
+    assert not list((run_dir / "averages").glob("avg_*"))
