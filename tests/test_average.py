@@ -148,3 +148,50 @@ def test_non_finite_and_mismatched_checkpoints_are_refused(run, tmp_path, capsys
     with pytest.raises(AverageError, match="mismatched configs: .*d_model 32 vs 64"):
         average_checkpoints(run_dir, [10, 20])
     assert not list((run_dir / "averages").glob("avg_*"))
+
+
+def test_forker_averages_every_checkpoint_once_k_exist(run, tmp_path):
+    from evertrain.launch.forker import Forker, ForkerOptions, load_jobs
+    from evertrain.launch.nodes import parse_pool
+
+    run_dir = copy_run(run, tmp_path)
+    by_hand = average_checkpoints(run_dir, [20, 30])  # the forker adopts it instead of averaging again
+    lines = []
+    options = ForkerOptions(run_dir, cooldown_fraction=None, average=2, once=True, poll_s=0.05)
+    assert Forker(options, parse_pool("local:1"), log=lines.append).run() == 0
+    jobs = load_jobs(run_dir / "forker" / "state.json", run_dir)
+    assert {n: (j.kind, j.steps, j.status, j.attempts) for n, j in jobs.items()} == {
+        "avg_000000020_k2_10-20": ("average", [10, 20], "done", 1),
+        "avg_000000030_k2_20-30": ("average", [20, 30], "done", 0)}
+    assert [line.split()[1] for line in lines if line.startswith("launched")] == ["avg_000000020_k2_10-20"]
+    made = json.loads((run_dir / "averages" / "avg_000000020_k2_10-20" / "result.json").read_text())
+    assert made["steps"] == [10, 20] and jobs["avg_000000020_k2_10-20"].val_loss == made["val_loss"]
+    assert jobs["avg_000000030_k2_20-30"].val_loss == by_hand["val_loss"]
+    assert not list((run_dir / "checkpoints").glob("step_*/pins/*.json"))  # every lease released
+    lines.clear()  # a restarted forker has nothing left to do
+    assert Forker(options, parse_pool("local:1"), log=lines.append).run() == 0
+    assert not [line for line in lines if line.startswith(("queued", "launched"))]
+
+
+def test_report_shows_averages_beside_the_cooldowns(run, tmp_path, capsys):
+    from evertrain.launch.report import figure, load_run
+
+    run_dir = copy_run(run, tmp_path)
+    first, second = average_checkpoints(run_dir, [10, 20]), average_checkpoints(run_dir, [20, 30])
+    cooled = run_dir / "cooldowns" / "from_000000030_linear_6"  # a finished cooldown from the same step
+    cooled.mkdir(parents=True)
+    (cooled / "result.json").write_text(json.dumps({"from_step": 30, "cooldown_steps": 6, "shape": "linear",
+                                                    "tokens": 9216, "val_loss": 6.125, "val_ppl": 457.1}))
+    assert cli_main(["report", "--run", str(run_dir), "--out", str(tmp_path / "r.png")]) == 0
+    text = capsys.readouterr().out
+    assert "checkpoint averages (no training)" in text
+    rows = {cells[2]: cells for line in text.splitlines() if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 8}
+    assert rows["20,30"] == ["30", "2", "20,30", "7.68K", f"{second['val_loss']:.4f}", f"{second['val_ppl']:.2f}",
+                                   f"{evals(run_dir)[30]:.4f}", "6.1250 (linear, 6)"]
+    assert rows["10,20"][-1] == "-"  # no cooldown from step 20
+    report = load_run(run_dir)
+    marker = [line for line in figure(report, None, None).axes[0].get_lines()
+              if line.get_label().startswith("average of the last 2 checkpoints")]
+    assert len(marker) == 1
+    assert list(marker[0].get_xdata()) == [first["tokens"], second["tokens"]]
+    assert list(marker[0].get_ydata()) == [first["val_loss"], second["val_loss"]]

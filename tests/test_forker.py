@@ -302,6 +302,8 @@ def test_launch_interrupted_before_its_pid_was_recorded(fake_fork, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--every", "10", "--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1]"),
     (["--cooldown-fraction", "0.2"], "give --every N and/or --at"),
+    (["--every", "10"], "--cooldown-fraction: required to fork (--every/--at)"),
+    (["--average", "-1"], "--average: must be >= 1 (0: no averages), got -1"),
     (["--every", "10", "--cooldown-fraction", "0.2", "--nodes", "local:0"], "slot count"),
     (["--every", "10", "--cooldown-fraction", "0.2", "--max-retries", "-1"], "--max-retries"),
 ])

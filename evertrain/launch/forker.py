@@ -18,6 +18,12 @@ command line, or requeued), a finished one with result.json is done, anything el
 --max-retries times and then reported failed. Forks run in their own sessions, so stopping the
 forker (Ctrl-C, SIGTERM) leaves them running for the next forker to adopt. A file lock keeps a second
 forker off the same run.
+
+With `--average K` it also queues, for every committed checkpoint once K exist up to it, the uniform
+average of the newest K checkpoints up to that one (`python -m evertrain.launch.average --steps ...`,
+average.py), as jobs of the same queue: pinned (all K sources) while they wait, restart-safe the same
+way, done when runs/NAME/averages/<name>/result.json exists. Averages run on the forker's own machine,
+one at a time, beside the forks on the pool (an average reads and evaluates, it does not train).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +44,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from evertrain.errors import EvertrainError
+from evertrain.launch.average import average_dir_name
 from evertrain.launch.evals import EvalHooks, hooks_from_args
 from evertrain.launch.fork import add_eval_arguments, cooldown_data, cooldown_dir_name, read_result
 from evertrain.launch.nodes import Pool, Slot, parse_pool
@@ -46,6 +54,8 @@ from evertrain.pretrain.checkpoint.store import CheckpointError
 from evertrain.pretrain.config import COOLDOWN_SHAPES
 
 FORK_MODULE = "evertrain.launch.fork"
+AVERAGE_MODULE = "evertrain.launch.average"
+AVERAGE_SLOT = "forker-host"  # averages run beside the forker, not on the pool's slots
 PIN_TTL_S = 1800.0  # the forker's lease on a queued checkpoint; outlives a short forker restart
 PIN_RENEW_S = 60.0
 
@@ -56,8 +66,8 @@ class ForkerError(EvertrainError, ValueError):
 
 @dataclass
 class Job:
-    name: str  # the cooldown dir name, from_<step>_<shape>_<c>[@mix-<hash>]; unique per run
-    step: int
+    name: str  # the cooldown dir name, from_<step>_<shape>_<c>[@mix-<hash>], or the average's; unique per run
+    step: int  # the fork step; an average's newest step
     cooldown_steps: int
     shape: str
     status: str = "queued"  # queued | running | done | failed
@@ -71,12 +81,15 @@ class Job:
     exit_codes: list = field(default_factory=list)  # one per finished attempt; None = adopted, unknown
     val_loss: float | None = None
     error: str | None = None
+    kind: str = "fork"  # fork | average
+    steps: list = field(default_factory=list)  # an average's source steps
+    pins: list = field(default_factory=list)  # an average's pins, one per source (a fork's is `pin`)
 
 
 @dataclass
 class ForkerOptions:
     run_dir: Path
-    cooldown_fraction: float
+    cooldown_fraction: float | None  # None: no forks (an --average-only forker)
     every: int = 0
     at: tuple[int, ...] = ()
     shape: str = "linear"
@@ -91,6 +104,7 @@ class ForkerOptions:
     max_queued: int = 4  # waiting forks, each pinning a checkpoint; 0 = no bound
     data: str | None = None  # --data PATH, passed to each fork
     data_weights: str | None = None  # --data-weights SRC=SHARE,..., passed to each fork
+    average: int = 0  # --average K: also average the newest K checkpoints at every checkpoint; 0 = no
 
 
 # -- state.json ----------------------------------------------------------------------------------
@@ -115,21 +129,30 @@ JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
 def check_job_paths(path: Path, job: Job, run_dir: Path) -> None:
-    """`name` a plain dir name; `log` run_dir/cooldowns/<name>/fork.log; `pin` a pins/*.json file of
-    a checkpoint of this run (symlinks resolved, so none can point elsewhere)."""
+    """`name` a plain dir name; `log` run_dir/cooldowns/<name>/fork.log (an average's:
+    run_dir/averages/<name>.log); `pin`, `pins` pins/*.json files of checkpoints of this run (symlinks
+    resolved, so none can point elsewhere)."""
     if not isinstance(job.name, str) or not JOB_NAME_RE.match(job.name) or job.name in (".", ".."):
         raise ForkerError(f"{path}: job name {job.name!r} is not a cooldown dir name; move the file away")
+    if job.kind not in ("fork", "average") or not all(isinstance(p, str) for p in job.pins):
+        raise ForkerError(f"{path}: job {job.name}: kind {job.kind!r} is not fork|average; move the file away")
     run_dir = run_dir.resolve()
-    if job.log and Path(job.log).resolve() != (run_dir / "cooldowns" / job.name / "fork.log").resolve():
-        raise ForkerError(f"{path}: job {job.name}: log {job.log!r} is not its fork.log under {run_dir / 'cooldowns'}; "
+    if job.log and Path(job.log).resolve() != job_log(run_dir, job.kind, job.name).resolve():
+        raise ForkerError(f"{path}: job {job.name}: log {job.log!r} is not its log {job_log(run_dir, job.kind, job.name)}; "
                           "move the file away")
-    if job.pin:
-        pin_path = Path(job.pin).resolve()
+    for pin_path in [job.pin] * bool(job.pin) + job.pins:
+        pin_path = Path(pin_path).resolve()
         checkpoints = (run_dir / "checkpoints").resolve()
         if not (pin_path.suffix == ".json" and pin_path.parent.name == "pins"
                 and pin_path.parent.parent.parent == checkpoints):
-            raise ForkerError(f"{path}: job {job.name}: pin {job.pin!r} is not a pin file of a checkpoint in "
+            raise ForkerError(f"{path}: job {job.name}: pin {str(pin_path)!r} is not a pin file of a checkpoint in "
                               f"{checkpoints}; move the file away")
+
+
+def job_log(run_dir: Path, kind: str, name: str) -> Path:
+    """Where a job's output goes: its cooldown dir (a fork), or beside its average's dir (which
+    appears only when complete, by a rename)."""
+    return run_dir / "cooldowns" / name / "fork.log" if kind == "fork" else run_dir / "averages" / f"{name}.log"
 
 
 def save_jobs(path: Path, jobs: dict[str, Job]) -> None:
@@ -202,10 +225,12 @@ class StopRequest:
 class Forker:
     """One forker process: the queue in memory, mirrored to state.json after every change."""
 
-    def __init__(self, options: ForkerOptions, pool: Pool, fork_module: str = FORK_MODULE, log=print):
+    def __init__(self, options: ForkerOptions, pool: Pool, fork_module: str = FORK_MODULE, log=print,
+                 average_module: str = AVERAGE_MODULE):
         self.options = options
         self.pool = pool
         self.fork_module = fork_module  # tests substitute a fake fork
+        self.average_module = average_module
         self.log = log
         self.run_dir = options.run_dir.resolve()
         self.state_path = self.run_dir / "forker" / "state.json"
@@ -269,7 +294,8 @@ class Forker:
         save_jobs(self.state_path, self.jobs)
 
     def cooldown_dir(self, job: Job) -> Path:
-        return self.run_dir / "cooldowns" / job.name
+        """Where the job's result.json appears: its cooldown dir, or its average's dir."""
+        return self.run_dir / ("cooldowns" if job.kind == "fork" else "averages") / job.name
 
     def eligible(self, step: int) -> bool:
         return step > 0 and ((self.options.every > 0 and step % self.options.every == 0) or step in self.options.at)
@@ -289,8 +315,10 @@ class Forker:
         waiting = len(self.jobs_with("queued"))
         for step_dir in checkpoints:
             step = store.step_of(step_dir)
+            if not self.eligible(step):
+                continue
             cooldown_steps = round(self.options.cooldown_fraction * step)
-            if not self.eligible(step) or cooldown_steps <= 0:
+            if cooldown_steps <= 0:
                 continue
             name = cooldown_dir_name(step, self.options.shape, cooldown_steps,
                                      cooldown_data(self.options.data, self.options.data_weights))
@@ -315,7 +343,40 @@ class Forker:
         if self.deferred - deferred:
             self.log(f"deferred step(s) {', '.join(map(str, sorted(self.deferred - deferred)))}: "
                      f"{waiting} fork(s) already wait (--max-queued {self.options.max_queued})")
+        if self.options.average:
+            self.discover_averages(checkpoints)
         return store.step_of(checkpoints[-1]) if checkpoints else None
+
+    def discover_averages(self, checkpoints: list[Path]) -> None:
+        """Queue (and pin) the average of the newest K checkpoints up to each checkpoint that has K,
+        one per newest step. A full queue (--max-queued waiting averages) leaves the step for a later
+        poll, which averages the newest K up to it that still exist then."""
+        k = self.options.average
+        averaged = {job.step for job in self.jobs.values() if job.kind == "average"}
+        waiting = len([job for job in self.jobs_with("queued") if job.kind == "average"])
+        for i, step_dir in enumerate(checkpoints):
+            step = store.step_of(step_dir)
+            if step <= 0 or step in averaged or i + 1 < k:
+                continue
+            if self.options.max_queued and waiting >= self.options.max_queued:
+                return
+            sources = checkpoints[i + 1 - k:i + 1]
+            steps = [store.step_of(p) for p in sources]
+            name = average_dir_name(steps)
+            job = Job(name, step, 0, "", kind="average", steps=steps,
+                      log=str(job_log(self.run_dir, "average", name)))
+            try:
+                job.pins = [str(pin(p, f"forker.{name}", PIN_TTL_S)) for p in sources]
+            except CheckpointError:  # retention deleted one after we listed it: look again next poll
+                continue
+            self.pinned_at[name] = time.monotonic()
+            self.jobs[name] = job
+            averaged.add(step)
+            if read_result(self.cooldown_dir(job)) is not None:  # averaged by hand before
+                self.finish(job, None)
+            else:
+                waiting += 1
+                self.log(f"queued   {name}")
 
     def reap(self) -> None:
         """Settle running jobs whose process ended (ours: by exit code; adopted: by pid liveness)."""
@@ -361,20 +422,35 @@ class Forker:
             job.status = "queued"
             self.log(f"retry    {job.name}: attempt {job.attempts} ended without a result "
                      f"(exit code {exit_code}); see {job.log}")
-        if job.status != "queued" and job.pin:
-            unpin(Path(job.pin))
+        if job.status != "queued":
+            for path in [job.pin] * bool(job.pin) + job.pins:
+                unpin(Path(path))
             self.pinned_at.pop(job.name, None)
 
     def launch(self) -> None:
+        """Queued forks on free pool slots; queued averages one at a time beside the forker."""
+        queued = sorted(self.jobs_with("queued"), key=lambda j: j.step)
+        if not any(job.kind == "average" for job in self.jobs_with("running")):
+            for job in [job for job in queued if job.kind == "average"][:1]:
+                self.start(job, Slot(AVERAGE_SLOT))
+                self.save()
         busy = {job.slot for job in self.jobs_with("running")}
         free = [slot for slot in self.pool.slots if slot.name not in busy]
-        for job in sorted(self.jobs_with("queued"), key=lambda j: j.step):
+        for job in [job for job in queued if job.kind == "fork"]:
             if not free:
                 return
             self.start(job, free.pop(0))
             self.save()
 
     def start(self, job: Job, slot: Slot) -> None:
+        if job.kind == "average":
+            command = [sys.executable, "-m", self.average_module, "--run", str(self.run_dir),
+                       "--steps", ",".join(map(str, job.steps))]
+            if self.options.eval_batches is not None:
+                command += ["--eval-batches", str(self.options.eval_batches)]
+            (self.run_dir / "averages").mkdir(exist_ok=True)
+            self.spawn(job, slot, command, os.environ)
+            return
         args = ["--run", str(self.run_dir), "--step", str(job.step), "--cooldown-steps", str(job.cooldown_steps),
                 "--shape", job.shape]
         if self.options.eval_batches is not None:
@@ -389,6 +465,9 @@ class Forker:
         command = self.pool.command(slot, self.fork_module, args, workdir=self.cooldown_dir(job),
                                     log=Path(job.log))
         self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
+        self.spawn(job, slot, command, self.pool.environment(os.environ))
+
+    def spawn(self, job: Job, slot: Slot, command: list[str], env: dict) -> None:
         # the launch is on disk before the process exists: a forker killed in between leaves a
         # running job without a pid, which the next forker finds by its command line (or requeues)
         job.status, job.slot, job.pid, job.pid_started, job.command = "running", slot.name, None, None, command
@@ -400,7 +479,7 @@ class Forker:
             log.flush()
             try:  # own session: a Ctrl-C meant for the forker does not reach the forks
                 proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, env=self.pool.environment(os.environ))
+                                        start_new_session=True, env=env)
             except OSError as exc:
                 job.status, job.attempts = "queued", job.attempts - 1
                 raise ForkerError(f"--nodes: cannot start {command[0]!r} for {job.name}: {exc.strerror}") from None
@@ -416,12 +495,17 @@ class Forker:
                 continue
             step_dir = self.run_dir / "checkpoints" / store.step_dir_name(job.step)
             try:
-                job.pin = str(pin(step_dir, f"forker.{job.name}", PIN_TTL_S))
+                if job.kind == "average":
+                    job.pins = [str(pin(self.run_dir / "checkpoints" / store.step_dir_name(s), f"forker.{job.name}",
+                                        PIN_TTL_S)) for s in job.steps]
+                else:
+                    job.pin = str(pin(step_dir, f"forker.{job.name}", PIN_TTL_S))
                 self.pinned_at[job.name] = now
-            except CheckpointError:
+            except CheckpointError as exc:
                 has_own_checkpoints = store.complete_checkpoints(self.cooldown_dir(job) / "checkpoints")
                 if job.status == "queued" and not has_own_checkpoints:  # deleted while no lease held it
-                    job.status, job.error = "failed", f"checkpoint {step_dir} is gone"
+                    gone = f"checkpoint {step_dir} is gone" if job.kind == "fork" else str(exc)
+                    job.status, job.error = "failed", gone
                     self.log(f"FAILED   {job.name}: {job.error}")
 
     def jobs_with(self, *statuses: str) -> list[Job]:
@@ -442,7 +526,7 @@ class Forker:
             self.log("forker: running forks go on; a restarted forker adopts them")
         for job in self.jobs_with("failed"):
             self.log(f"forker: failed {job.name}: {job.error}")
-        forked = {job.step for job in self.jobs.values()}
+        forked = {job.step for job in self.jobs.values() if job.kind == "fork"}
         if missing := [step for step in self.options.at if step not in forked]:
             self.log(f"forker: no checkpoint (yet) at --at step(s) {', '.join(map(str, missing))}")
         return 1 if counts["failed"] else 0
@@ -468,9 +552,13 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
         raise ForkerError(f"--wait-s: must be >= 0, got {args.wait_s}")
     if args.every < 0:
         raise ForkerError(f"--every: must be >= 0, got {args.every}")
-    if not args.every and not args.at:
-        raise ForkerError("give --every N and/or --at S1,S2,... (which checkpoints to fork)")
-    if not 0.0 < args.cooldown_fraction <= 1.0:
+    if args.average < 0:
+        raise ForkerError(f"--average: must be >= 1 (0: no averages), got {args.average}")
+    if not args.every and not args.at and not args.average:
+        raise ForkerError("give --every N and/or --at S1,S2,... (which checkpoints to fork), or --average K")
+    if (args.every or args.at) and args.cooldown_fraction is None:
+        raise ForkerError("--cooldown-fraction: required to fork (--every/--at)")
+    if args.cooldown_fraction is not None and not 0.0 < args.cooldown_fraction <= 1.0:
         raise ForkerError(f"--cooldown-fraction: must be in (0, 1], got {args.cooldown_fraction}")
     if args.max_retries < 0:
         raise ForkerError(f"--max-retries: must be >= 0, got {args.max_retries}")
@@ -485,7 +573,8 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
                          at=args.at, shape=args.shape, max_retries=args.max_retries, poll_s=args.poll_s,
                          until_step=args.until_step, once=args.once, eval_batches=args.eval_batches,
                          engine=args.engine, wait_s=args.wait_s, hooks=hooks_from_args(args),
-                         max_queued=args.max_queued, data=args.data, data_weights=args.data_weights)
+                         max_queued=args.max_queued, data=args.data, data_weights=args.data_weights,
+                         average=args.average)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -501,9 +590,12 @@ def register(subparsers) -> None:
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="the main run's directory, e.g. runs/NAME")
     p.add_argument("--every", type=int, default=0, help="fork checkpoints whose step is a multiple of N")
     p.add_argument("--at", type=parse_steps, default=(), help="also fork these steps: S1,S2,...")
-    p.add_argument("--cooldown-fraction", type=float, required=True,
-                   help="cooldown length as a fraction of the fork step (C = F * S)")
+    p.add_argument("--cooldown-fraction", type=float,
+                   help="cooldown length as a fraction of the fork step (C = F * S); needed with --every/--at")
     p.add_argument("--shape", choices=COOLDOWN_SHAPES, default="linear")
+    p.add_argument("--average", type=int, default=0, metavar="K",
+                   help="also write the average of the newest K checkpoints at every checkpoint (evertrain average; "
+                        "keep checkpoint.keep_last >= K)")
     p.add_argument("--nodes", default="local:1", help="local:K | slurm[:K] | a DeepSpeed hostfile (default local:1)")
     p.add_argument("--gpus-per-fork", type=int, default=0,
                    help="hostfile pools: devices per fork (default 0 = a whole host)")

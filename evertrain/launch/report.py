@@ -1,8 +1,10 @@
 """`evertrain report`: where a run stands, and whether training on is worth it.
 
 Prints a table of the run's checkpoints and of its cooldown results (with the metrics of each fork's
-eval hook), plots the main run's train loss and LR against tokens (log axis) with every cooldown
-branch drawn from its fork point to its validation-loss point, and, with at least three cooldown
+eval hook) and, beside them, its checkpoint averages (evertrain average: val loss next to the run's
+own eval and the best cooldown from the same step), plots the main run's train loss and LR against
+tokens (log axis) with every cooldown branch drawn from its fork point to its validation-loss point
+and each average as a diamond at its val loss, and, with at least three cooldown
 results of one shape, fits the scaling law L(D) = E + B * D^-beta with a 95% band (scaling.py) and
 ends with one decision line: training D more tokens, then cooling down, reaches L +- d, gaining g
 nats, for h hours at the run's measured tokens/s. Console and plot show the same Projection.
@@ -79,6 +81,7 @@ class RunReport:
     evals: list[dict]
     checkpoints: list[Checkpoint]
     cooldowns: list[Cooldown]
+    averages: list[dict] = field(default_factory=list)  # result.json of each finished average, by step
 
     @property
     def tokens_so_far(self) -> int | None:
@@ -168,10 +171,25 @@ def load_run(run_dir: Path) -> RunReport:
         step, shape, steps = parsed
         cooldowns.append(Cooldown(path.name, step, steps, shape, result=result, curve=curve,
                                   data=data_label(path, result)))
-    if not metrics and not checkpoints and not cooldowns:
+    averages = load_averages(run_dir)
+    if not metrics and not checkpoints and not cooldowns and not averages:
         raise ReportError(f"--run {run_dir}: nothing to report (no metrics.jsonl, checkpoints or cooldowns)")
     return RunReport(run_dir, [r for r in metrics if r.get("kind") == "train"],
-                     [r for r in metrics if r.get("kind") == "eval"], checkpoints, cooldowns)
+                     [r for r in metrics if r.get("kind") == "eval"], checkpoints, cooldowns, averages)
+
+
+def load_averages(run_dir: Path) -> list[dict]:
+    """result.json of every finished checkpoint average (averages/avg_*/: a directory there is complete),
+    by newest step, then K."""
+    found = []
+    for path in (run_dir / "averages").glob("avg_*/result.json"):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(result, dict) and result.get("kind") == "average":
+            found.append(result)
+    return sorted(found, key=lambda r: (r["step"], len(r["steps"]), r["steps"]))
 
 
 def data_label(cooldown_dir: Path, result: dict | None) -> str:
@@ -253,7 +271,24 @@ def tables(report: RunReport) -> list[Table]:
                       fmt_tokens(r["tokens"] if r else (c.curve[-1]["tokens"] if c.curve else None)),
                       f"{r['val_loss']:.4f}" if r else status, f"{r['val_ppl']:.2f}" if r else "-",
                       *[f"{evals[n]:.4g}" if n in evals else "-" for n in names])
-    return [ckpts, cools]
+    return [ckpts, cools] + ([averages_table(report)] if report.averages else [])
+
+
+def averages_table(report: RunReport) -> Table:
+    """Each average beside what the run had at its newest step: the run's own val loss there (if it
+    evaluated that step) and the best finished cooldown forked from that step."""
+    table = Table(title="checkpoint averages (no training)")
+    for column in ("step", "K", "steps", "tokens", "val loss", "ppl", "run val loss", "best cooldown"):
+        table.add_column(column, justify="left" if column in ("steps", "best cooldown") else "right")
+    run_val = {r["step"]: r["val_loss"] for r in report.evals}
+    for a in report.averages:
+        cooled = [c for c in report.cooldowns if c.result and c.from_step == a["step"]]
+        best = min(cooled, key=lambda c: c.result["val_loss"], default=None)
+        table.add_row(str(a["step"]), str(len(a["steps"])), ",".join(map(str, a["steps"])), fmt_tokens(a["tokens"]),
+                      f"{a['val_loss']:.4f}", f"{a['val_ppl']:.2f}",
+                      f"{run_val[a['step']]:.4f}" if a["step"] in run_val else "-",
+                      f"{best.result['val_loss']:.4f} ({best.shape}, {best.cooldown_steps})" if best else "-")
+    return table
 
 
 def summary(fit: PowerLawFit, proj: Projection) -> list[str]:
@@ -303,6 +338,14 @@ def figure(report: RunReport, fit: PowerLawFit | None, proj: Projection | None):
                          label=f"cooldown from {c.from_step} ({c.shape}, {c.cooldown_steps}"
                                f"{'' if c.data == 'run' else ', ' + c.data}): "
                                f"{c.result['val_loss']:.3f}")
+    by_k: dict[int, list[dict]] = {}
+    for a in report.averages:
+        by_k.setdefault(len(a["steps"]), []).append(a)
+    for i, (k, averages) in enumerate(sorted(by_k.items())):  # one legend entry per K, not per checkpoint
+        ax_loss.plot([a["tokens"] for a in averages], [a["val_loss"] for a in averages], "D:", ms=5, lw=0.8,
+                     color=("darkorange", "saddlebrown", "goldenrod", "firebrick")[i % 4], mec="k", mew=0.4,
+                     label=f"average of the last {k} checkpoints (no training): "
+                           f"{averages[-1]['val_loss']:.3f} at step {averages[-1]['step']}")
     if fit is not None and proj is not None:
         points = [c.result["tokens"] for c in report.cooldowns if c.result and c.group == fit.shape]
         grid = np.geomspace(min(points) * 0.8, proj.target * 1.15, 200)
