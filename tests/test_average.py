@@ -195,3 +195,32 @@ def test_report_shows_averages_beside_the_cooldowns(run, tmp_path, capsys):
     assert len(marker) == 1
     assert list(marker[0].get_xdata()) == [first["tokens"], second["tokens"]]
     assert list(marker[0].get_ydata()) == [first["val_loss"], second["val_loss"]]
+
+
+@pytest.mark.slow
+def test_a_two_rank_zero3_run_averages_on_its_own_val_windows(tiny_data, tmp_path):
+    """DeepSpeed ZeRO-3 on 2 CPU ranks (global batch 2 x 4 windows): the average is read through the
+    ZeRO slice reader and evaluated in one process on the run's 8-window batches, so one checkpoint's
+    average scores what the 2-rank run logged at that step; two checkpoints' is their mean."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    run_dir = tmp_path / "zero3"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port,
+                           "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+                           f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4",
+                           "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2", "eval.batches=2",
+                           "engine.zero_stage=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert store.read_meta(run_dir / "checkpoints" / store.step_dir_name(4))["world_size"] == 2
+    assert average_checkpoints(run_dir, [4])["val_loss"] == pytest.approx(evals(run_dir)[4], rel=1e-5)
+    average_checkpoints(run_dir, [2, 4])
+    sources = [weights(run_dir / "checkpoints" / store.step_dir_name(s)) for s in (2, 4)]
+    for name, tensor in weights(run_dir / "averages" / average_dir_name([2, 4]) / "final").items():
+        torch.testing.assert_close(tensor, (sources[0][name] + sources[1][name]) / 2, rtol=0, atol=1e-6)
