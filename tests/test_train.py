@@ -17,8 +17,9 @@ import torch
 from evertrain.pretrain import engines
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.data import TokenStream
-from evertrain.pretrain.loop import refresh_data, train
+from evertrain.pretrain.loop import train
 from evertrain.pretrain.metrics import Metrics, drop_records_after
+from evertrain.pretrain.resume import refresh_data
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_gib", "time",
