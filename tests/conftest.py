@@ -1,13 +1,20 @@
-"""Shared fixtures: the real corpus, and a small data dir prepared from it once per session."""
+"""Shared fixtures: the real corpus, and a small data dir prepared from it once per session; and the
+helpers tests use to start pretrain.py, in this process or under a launcher (`from conftest import ...`)."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 TINY_TRAIN_PLAYS, TINY_VAL_PLAYS, SLICE_CHARS = 5, 1, 60_000
 TINY_SHARD_TOKENS = 1 << 15  # several shards, so shard boundaries are exercised
 
@@ -17,6 +24,45 @@ def load_unpack():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_pretrain():
+    """pretrain.py as a module, to run its `main(argv)` in this process."""
+    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pretrain_tiny(run_dir: Path, *args: str) -> int:
+    """pretrain.py's exit code for configs/tiny.yaml in `run_dir`, in this process."""
+    return load_pretrain().main(["--config", str(TINY_CONFIG), "--run-dir", str(run_dir), *args])
+
+
+def launcher_env() -> dict:
+    # ranks share the machine's cores; DeepSpeed must not look for a GPU
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launcher(engine: str, ranks: int) -> list[str]:
+    """The start of a command line that runs a script under `engine`'s launcher with `ranks` CPU ranks."""
+    if engine == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", free_port()]
+    assert engine == "fsdp", engine
+    return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", free_port()]
+
+
+def run_ok(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` in the repo root with launcher_env(); it must exit 0 (else its stderr's tail fails the test)."""
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +103,6 @@ def tiny_data(tiny_slices, tmp_path_factory) -> Path:
     """A prepared data dir (vocab 512, uint16, several train shards) shared by the whole session.
     Tests must not modify it: copy it first (see test_append.py). EVERTRAIN_TEST_TINY_DATA names one
     prepared already (test_mutations.py hands its own to the pytest runs it starts)."""
-    import os
-
     from evertrain.pretrain.dataprep import prepare
 
     if os.environ.get("EVERTRAIN_TEST_TINY_DATA"):
@@ -72,6 +116,4 @@ def tiny_data(tiny_slices, tmp_path_factory) -> Path:
 def verified_stamps_in_a_tmp_dir(tmp_path_factory):
     """pretrain.py records the data shards it verified under $EVERTRAIN_CACHE (datastamps.py): keep the
     test runs' records out of the home directory."""
-    import os
-
     os.environ.setdefault("EVERTRAIN_CACHE", str(tmp_path_factory.mktemp("evertrain_cache")))

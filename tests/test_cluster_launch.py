@@ -9,13 +9,13 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from evertrain.launch.forker import Forker, ForkerOptions
 from evertrain.launch.nodes import NodePoolError, parse_pool
 from evertrain.pretrain.distributed import (LaunchError, detect_launcher, engine_for_launcher, expand_nodelist,
@@ -152,9 +152,7 @@ def test_deepspeed_launcher_slurm_gets_ranks_right(cluster, tiny_data, tmp_path)
     DeepSpeed run (not two single-engine runs on rank 0 sharing a run dir)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     run_dir = tmp_path / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": port}
     # --force_multi: with one host in the hostfile DeepSpeed would otherwise start the ranks itself

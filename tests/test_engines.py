@@ -7,9 +7,7 @@ The distributed runs are real `deepspeed` / `torchrun` launches of pretrain.py o
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import launcher, launcher_env
 from evertrain.pretrain.config import ConfigError, from_dict
 from evertrain.pretrain.distributed import LaunchError, detect_launcher, engine_for_launcher, require_launcher
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 STEPS = 40
 
 
@@ -175,17 +173,6 @@ def test_single_engine_accumulation_matches_one_big_batch():
 
 # -- the three engines on the real corpus ----------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher_env() -> dict:
-    # two ranks share two cores; DeepSpeed must not look for a GPU
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def pretrain_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
     return ["pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
             f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4",
@@ -197,12 +184,10 @@ def launch(engine: str, data: Path, run_dir: Path, *overrides: str) -> list[str]
     """The command line that starts pretrain.py under `engine`'s launcher with 2 ranks on CPU: 2 windows
     per micro-batch, 2 micro-batches accumulated per step (so a gradient sync after the wrong micro-batch
     shows), 8 windows per step as the single engine's 4 x 2."""
-    port = str(free_port())
     args = pretrain_args(data, run_dir, "train.micro_batch_size=2", "train.grad_accum=2", *overrides)
     if engine == "deepspeed":
-        return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, *args,
-                "engine.zero_stage=2"]
-    return [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, *args, "--engine", "fsdp"]
+        return [*launcher(engine, 2), *args, "engine.zero_stage=2"]
+    return [*launcher(engine, 2), *args, "--engine", "fsdp"]
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import pretrain_tiny
 from evertrain.pretrain.checkpoint import CheckpointError, CheckpointManager, load_consolidated, store
 from evertrain.pretrain.checkpoint.safe_load import read_dcp_metadata, weights_only_loads
 from evertrain.pretrain.config import load_config
@@ -96,14 +97,8 @@ def strict_json(text: str):
 
 
 def pretrain(run_dir: Path, data: Path, *overrides: str) -> int:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pretrain_script", REPO / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
-                        f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4",
-                        "engine.name=single", "eval.every_steps=0", *overrides])
+    return pretrain_tiny(run_dir, f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4",
+                         "engine.name=single", "eval.every_steps=0", *overrides)
 
 
 def test_a_diverging_run_stops_non_zero_with_a_finite_latest_and_valid_json(tiny_data, tmp_path, capsys):

@@ -4,19 +4,17 @@ its source checkpoint, it never writes into the main run, and bad requests are o
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import launcher, pretrain_tiny
 from evertrain.launch.cli import main as cli_main
 from evertrain.launch.fork import ForkError, batch_split
 from evertrain.pretrain import engines
@@ -51,12 +49,8 @@ def fingerprint(run_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def main_run(tiny_data, tmp_path_factory):
     """The main run: pretrain.py (in process), 30 steps, a checkpoint every 5."""
-    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
     run_dir = tmp_path_factory.mktemp("fork") / "main"
-    assert pretrain.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
-                          *overrides(tiny_data), f"train.max_steps={MAIN_STEPS}"]) == 0
+    assert pretrain_tiny(run_dir, *overrides(tiny_data), f"train.max_steps={MAIN_STEPS}") == 0
     return run_dir
 
 
@@ -227,10 +221,7 @@ def test_fork_on_two_ranks_is_the_same_computation(main_run, reference, tmp_path
     global batch of 4 windows split 2 + 2, the same losses as the built-in reference."""
     run_dir = copy_run(main_run, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port)]
+    torchrun = launcher("fsdp", 2)
     fork = ["-m", "evertrain.launch.fork", "--run-dir", str(run_dir), "--step", str(FORK_STEP),
             "--cooldown-steps", str(COOLDOWN), "--engine", "fsdp", "--eval-batches", "2"]
     proc = subprocess.run(torchrun + fork, env=env, capture_output=True, text=True, timeout=300)

@@ -3,7 +3,6 @@ lm-evaluation-harness on a tiny task defined here, offline) put their metrics in
 through `evertrain fork` and through the forker, and `evertrain report` tables them."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shlex
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import pretrain_tiny
 from evertrain.launch.cli import main as cli_main
 from evertrain.launch.evals import EvalHooks, hook_commands, hooks_from_args, run_hooks
 from evertrain.launch.forker import Forker, ForkerOptions
@@ -62,12 +62,8 @@ def overrides(data: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def main_run(tiny_data, tmp_path_factory):
     """A 4-step main run with checkpoints at steps 2 and 4 (pretrain.py, in process)."""
-    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
     run_dir = tmp_path_factory.mktemp("evals") / "main"
-    assert pretrain.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
-                          *overrides(tiny_data), "train.max_steps=4"]) == 0
+    assert pretrain_tiny(run_dir, *overrides(tiny_data), "train.max_steps=4") == 0
     return run_dir
 
 

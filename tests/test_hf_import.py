@@ -4,7 +4,6 @@ Our logits equal transformers' on the same tokens, export -> import -> export is
 started from it trains, resumes without it, and shapes we cannot represent are one-line errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import load_pretrain
 from evertrain.launch.export import export_hf
 from evertrain.pretrain import engines
 from evertrain.pretrain.config import ConfigError, load_config
@@ -94,9 +94,7 @@ def test_a_run_starts_from_the_checkpoint_trains_and_resumes_without_it(tmp_path
     finally:
         engine.close()
 
-    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
+    pretrain = load_pretrain()
     run_dir = tmp_path / "run"
     argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), "--engine", "single",
             *SHAPE, "model.tie_embeddings=false", f"model.init_from=hf:{hf_dir}", f"data.path={tiny_data}",

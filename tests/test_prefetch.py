@@ -4,6 +4,7 @@ errors that reach the training thread, and no read past the run's last step. The
 in flight is in test_resume.py; the loop's own use of it in test_train.py and test_append.py."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -44,6 +45,16 @@ class CountingStream(TokenStream):
         return super().refresh()
 
 
+@contextlib.contextmanager
+def prefetching(stream: TokenStream, **kwargs):
+    """A Prefetcher of G windows a batch over `stream`, closed (its worker joined) on the way out."""
+    batches = Prefetcher(stream, G, **kwargs)
+    try:
+        yield batches
+    finally:
+        batches.close()
+
+
 def wait_reads(stream: CountingStream, n: int) -> None:
     deadline = time.monotonic() + 30
     while stream.reads < n:
@@ -58,8 +69,7 @@ def data(tiny_data, tmp_path) -> Path:
 
 def test_same_batches_and_the_consumed_position(tiny_data):
     plain, ahead = TokenStream(tiny_data, SEQ, seed=3), CountingStream(tiny_data, SEQ, seed=3)
-    batches = Prefetcher(ahead, G, depth=3)
-    try:
+    with prefetching(ahead, depth=3) as batches:
         for step in range(1, 6):
             batch = batches.next_batch()
             assert torch.equal(batch, plain.next_batch(G))
@@ -69,8 +79,6 @@ def test_same_batches_and_the_consumed_position(tiny_data):
         assert ahead.state_dict()["cursor"] == (5 + 3) * G  # three batches in flight, none counted
         time.sleep(0.05)
         assert ahead.reads == 8  # and no more than `depth` ahead
-    finally:
-        batches.close()
     assert batches.thread is None
 
 
@@ -83,8 +91,7 @@ def test_depth_zero_reads_in_the_caller(tiny_data):
 
 def test_refresh_without_an_append_keeps_the_read_ahead(tiny_data):
     stream = CountingStream(tiny_data, SEQ, seed=3)
-    batches = Prefetcher(stream, G, depth=2)
-    try:
+    with prefetching(stream, depth=2) as batches:
         batches.next_batch()
         wait_reads(stream, 3)
         assert batches.refresh() is False
@@ -92,8 +99,6 @@ def test_refresh_without_an_append_keeps_the_read_ahead(tiny_data):
         plain = TokenStream(tiny_data, SEQ, seed=3)
         plain.next_batch(G)
         assert all(torch.equal(batches.next_batch(), plain.next_batch(G)) for _ in range(4))
-    finally:
-        batches.close()
 
 
 def test_an_append_joins_right_after_the_refresh_even_with_batches_in_flight(data, tiny_slices):
@@ -110,8 +115,7 @@ def test_an_append_joins_right_after_the_refresh_even_with_batches_in_flight(dat
         stale.next_batch(G)
     stale.next_batch(G)
     stream.reads = 0
-    batches = Prefetcher(stream, G, depth=2)
-    try:
+    with prefetching(stream, depth=2) as batches:
         assert torch.equal(batches.next_batch(), plain.next_batch(G))  # the end of epoch 0
         wait_reads(stream, 3)  # two batches past the epoch end, read with manifest version 1
         append(data, [tiny_slices.val[0]], shard_tokens=1 << 14, allow_duplicate=True)  # the val text, as train
@@ -124,71 +128,59 @@ def test_an_append_joins_right_after_the_refresh_even_with_batches_in_flight(dat
             assert torch.equal(batch, plain.next_batch(G))
         assert set(rows(after[0])) & new_windows  # the appended shards...
         assert not torch.equal(after[0], stale.next_batch(G))  # ...not the stale read-ahead of epoch 1
-    finally:
-        batches.close()
 
 
 def test_a_worker_error_reaches_the_training_thread_in_order(tiny_data):
     stream = CountingStream(tiny_data, SEQ, seed=3)
     stream.fail_at = 3
-    batches = Prefetcher(stream, G, depth=2)
-    try:
+    with prefetching(stream, depth=2) as batches:
         batches.next_batch()
         batches.next_batch()  # read before the failure: still trained
         with pytest.raises(DataError, match="shard vanished"):
             batches.next_batch()
-    finally:
-        batches.close()
 
 
 def test_no_batch_is_read_past_the_limit(tiny_data):
     stream = CountingStream(tiny_data, SEQ, seed=3)
-    batches = Prefetcher(stream, G, depth=4, limit=3)
-    try:
+    with prefetching(stream, depth=4, limit=3) as batches:
         for _ in range(3):
             batches.next_batch()
         time.sleep(0.05)
         assert stream.reads == 3 and stream.state_dict() == batches.state_dict()
         with pytest.raises(RuntimeError, match="limit"):
             batches.next_batch()
-    finally:
-        batches.close()
 
 
 def test_refresh_waits_for_a_read_in_progress(tiny_data):
     """The stream is never read and refreshed at once: refresh pauses the worker between batches."""
     stream = CountingStream(tiny_data, SEQ, seed=3)
-    batches = Prefetcher(stream, G, depth=2)
-    try:
-        batches.next_batch()
-        wait_reads(stream, 3)
-        stream.gate.clear()
-        batches.next_batch()  # frees a slot: the worker starts read 4 and blocks in it
-        deadline = time.monotonic() + 30
-        while not batches.busy:
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        done = threading.Event()
-        refresher = threading.Thread(target=lambda: (batches.refresh(), done.set()))
-        refresher.start()
-        time.sleep(0.1)
-        assert not done.is_set() and stream.refreshes == 0  # waiting for the read to finish
-        stream.gate.set()
-        refresher.join(10)
-        assert done.is_set() and stream.refreshes == 1
-    finally:
-        stream.gate.set()
-        batches.close()
+    with prefetching(stream, depth=2) as batches:
+        try:
+            batches.next_batch()
+            wait_reads(stream, 3)
+            stream.gate.clear()
+            batches.next_batch()  # frees a slot: the worker starts read 4 and blocks in it
+            deadline = time.monotonic() + 30
+            while not batches.busy:
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            done = threading.Event()
+            refresher = threading.Thread(target=lambda: (batches.refresh(), done.set()))
+            refresher.start()
+            time.sleep(0.1)
+            assert not done.is_set() and stream.refreshes == 0  # waiting for the read to finish
+            stream.gate.set()
+            refresher.join(10)
+            assert done.is_set() and stream.refreshes == 1
+        finally:
+            stream.gate.set()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_arrive_on_the_device_from_pinned_memory(tiny_data):
     plain = TokenStream(tiny_data, SEQ, seed=3)
-    batches = Prefetcher(TokenStream(tiny_data, SEQ, seed=3), G, depth=2, device="cuda")
-    try:
+    with prefetching(TokenStream(tiny_data, SEQ, seed=3), depth=2, device="cuda") as batches:
         for _ in range(6):
             batch = batches.next_batch()
             assert batch.is_cuda and torch.equal(batch.cpu(), plain.next_batch(G))
         assert all(slot is None or slot.is_pinned() for slot in batches.slots)
-    finally:
-        batches.close()

@@ -6,9 +6,7 @@ bitwise for the single engine on CPU, within 1e-5 after a reshard (the reduction
 Runs with 2 ranks use the real launchers on CPU (gloo); each costs seconds, hence @slow.
 """
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import launcher, launcher_env, run_ok
+
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 REFERENCE_STEPS = 60
 TIMEOUT = 300
 
@@ -63,16 +62,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def pretrain_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
     return ["pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), f"data.path={data}",
             "model.vocab_size=512", "train.log_every=1", "eval.every_steps=0", "checkpoint.every_steps=4",
@@ -85,14 +74,12 @@ def command(engine: str, ranks: int, data: Path, run_dir: Path, *overrides: str)
     if engine == "single":
         return [sys.executable, *args, "--engine", "single"]
     if engine == "deepspeed":
-        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", free_port(), *args]
-    return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", free_port(), *args,
-            "--engine", "fsdp"]
+        return [*launcher(engine, ranks), *args]
+    return [*launcher(engine, ranks), *args, "--engine", "fsdp"]
 
 
 def run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ok(cmd, TIMEOUT)
 
 
 def train_records(run_dir: Path) -> list[dict]:
@@ -151,7 +138,7 @@ def latest(run_dir: Path) -> str:
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as stderr:  # a file, not a pipe nobody reads: a full pipe would stall the run
-        return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 120) -> None:

@@ -4,7 +4,6 @@ checkpointing, chunked loss and per-block compile equal to eager, the memory pla
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -217,7 +216,8 @@ def test_deepspeed_bf16_accumulates_and_reduces_in_fp32():
 def test_zero3_built_under_zero_init_trains_like_the_single_engine(tiny_data, tmp_path):
     """Partitioned construction + gathered per-parameter init gives the single engine's weights:
     the first steps' losses agree (with checkpointed blocks and a chunked head under ZeRO-3's hooks)."""
-    from test_engines import launch, launcher_env, pretrain_args, records
+    from conftest import launcher_env, load_pretrain
+    from test_engines import launch, pretrain_args, records
 
     ds = subprocess.run([*launch("deepspeed", tiny_data, tmp_path / "ds", "train.max_steps=2",
                                  "eval.every_steps=0", "model.activation_checkpointing=full",
@@ -226,9 +226,7 @@ def test_zero3_built_under_zero_init_trains_like_the_single_engine(tiny_data, tm
                         timeout=900)  # a 2-rank DeepSpeed start-up takes minutes on a loaded 2-core machine
     assert ds.returncode == 0, ds.stderr[-3000:]
     # the single engine in this process (no process group): pretrain.py's main, without a launch
-    spec = importlib.util.spec_from_file_location("pretrain_main", REPO / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
+    pretrain = load_pretrain()
     args = pretrain_args(tiny_data, tmp_path / "single", "train.grad_accum=2", "train.max_steps=2",
                          "eval.every_steps=0", "--engine", "single")[1:]
     assert pretrain.main(args) == 0

@@ -2,7 +2,6 @@
 on steady steps, checkpoint boundaries, stopping on a signal, resuming, and clear errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_pretrain
 from evertrain.pretrain import engines
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.data import TokenStream
@@ -274,13 +274,6 @@ def test_ranks_behind_on_the_manifest_catch_up():
 
 
 # -- pretrain.py -----------------------------------------------------------------------------------
-
-def load_pretrain():
-    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def base_args(data: Path, run_dir: Path) -> list[str]:
     return ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), f"data.path={data}",

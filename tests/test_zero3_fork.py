@@ -7,45 +7,30 @@ are checked in-process: a rank of a 2-rank target reads about half the checkpoin
 """
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import launcher, run_ok
 from evertrain.pretrain.checkpoint import CheckpointManager, load_consolidated
 from evertrain.pretrain.checkpoint.slices import KEYS, Slice, open_reader
 from evertrain.pretrain.checkpoint.store import read_meta
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 STEPS, COOLDOWN = 4, 2
 pytestmark = pytest.mark.slow
 
 
-def env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ok(cmd, timeout=600)  # a 2-rank DeepSpeed start-up takes minutes on a loaded machine
 
 
 @pytest.fixture(scope="module")
 def zero3_run(tiny_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("zero3") / "run"
-    run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "pretrain.py",
+    run([*launcher("deepspeed", 2), "pretrain.py",
          "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), f"data.path={tiny_data}", "model.vocab_size=512",
          "train.micro_batch_size=4", f"train.max_steps={STEPS}", f"checkpoint.every_steps={STEPS}",
          "eval.every_steps=0", "train.log_every=1", "engine.zero_stage=3"])
@@ -53,11 +38,11 @@ def zero3_run(tiny_data, tmp_path_factory) -> Path:
     return run_dir
 
 
-def fork(zero3_run: Path, tmp_path: Path, launcher: list[str], engine: str) -> dict[int, float]:
-    """Fork the ZeRO-3 checkpoint (in a copy of the run) with `launcher` (ending in its module flag)."""
+def fork(zero3_run: Path, tmp_path: Path, prefix: list[str], engine: str) -> dict[int, float]:
+    """Fork the ZeRO-3 checkpoint (in a copy of the run) with `prefix`: a launcher ending in its module flag."""
     run_dir = tmp_path / "run"
     shutil.copytree(zero3_run, run_dir)
-    run([*launcher, "evertrain.launch.fork", "--run-dir", str(run_dir), "--step", str(STEPS),
+    run([*prefix, "evertrain.launch.fork", "--run-dir", str(run_dir), "--step", str(STEPS),
          "--cooldown-steps", str(COOLDOWN), "--engine", engine, "--eval-batches", "1"])
     out = run_dir / "cooldowns" / f"from_{STEPS:09d}_linear_{COOLDOWN}"
     assert json.loads((out / "result.json").read_text())["from_step"] == STEPS
@@ -75,14 +60,12 @@ def test_zero3_run_forks_onto_one_process(single_fork):
 
 
 def test_zero3_run_forks_onto_fsdp2_with_the_same_losses(zero3_run, single_fork, tmp_path):
-    torchrun = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), "-m"]
-    losses = fork(zero3_run, tmp_path, torchrun, "fsdp")
+    losses = fork(zero3_run, tmp_path, [*launcher("fsdp", 2), "-m"], "fsdp")
     assert losses == pytest.approx(single_fork, abs=1e-5)
 
 
 def test_zero3_run_reshards_onto_one_zero3_rank_with_the_same_losses(zero3_run, single_fork, tmp_path):
-    deepspeed = [str(VENV_BIN / "deepspeed"), "--num_gpus", "1", "--master_port", free_port()]
-    losses = fork(zero3_run, tmp_path, [*deepspeed, "--module"], "deepspeed")
+    losses = fork(zero3_run, tmp_path, [*launcher("deepspeed", 1), "--module"], "deepspeed")
     assert losses == pytest.approx(single_fork, abs=1e-5)
 
 

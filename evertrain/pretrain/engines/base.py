@@ -42,6 +42,15 @@ class Engine:
         global grad norm before clipping), both device tensors."""
         raise NotImplementedError
 
+    def clip_and_step(self, loss_sum: torch.Tensor, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The end of train_step for the engines that clip themselves (single, FSDP2; they set
+        `grad_clip` and `skip_nonfinite`): clip, step, zero the gradients. Returns (mean loss over the
+        `micro_batches`, global grad norm before clipping), both device tensors."""
+        grad_norm = clip_with_grad_scale(self.model, self.optimizer, self.grad_clip, self.skip_nonfinite)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / micro_batches, grad_norm
+
     def forward_loss(self, windows: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             return self.model.loss(windows.to(self.device, non_blocking=True))

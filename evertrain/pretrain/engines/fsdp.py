@@ -28,7 +28,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from evertrain.pretrain.config import Config, ConfigError
 from evertrain.pretrain.distributed import init_process_group, pick_device, rank_and_world, require_launcher
-from evertrain.pretrain.engines.base import Engine, clip_with_grad_scale, compute_dtype, initial_state, meta_model
+from evertrain.pretrain.engines.base import Engine, compute_dtype, initial_state, meta_model
 from evertrain.pretrain.model import Transformer
 from evertrain.pretrain.optim import build_optimizer
 
@@ -118,7 +118,4 @@ class FSDPEngine(Engine):
             loss = self.forward_loss(windows)
             (loss / len(micro_batches)).backward()
             total += loss.detach()
-        grad_norm = clip_with_grad_scale(self.model, self.optimizer, self.grad_clip, self.skip_nonfinite)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro_batches), grad_norm
+        return self.clip_and_step(total, len(micro_batches))

@@ -5,7 +5,7 @@ import torch
 
 from evertrain.pretrain.config import Config
 from evertrain.pretrain.distributed import pick_device
-from evertrain.pretrain.engines.base import Engine, build_model, clip_with_grad_scale, compute_dtype
+from evertrain.pretrain.engines.base import Engine, build_model, compute_dtype
 from evertrain.pretrain.optim import build_optimizer
 
 
@@ -27,7 +27,4 @@ class SingleEngine(Engine):
             loss = self.forward_loss(windows)
             (loss / len(micro_batches)).backward()
             total += loss.detach()
-        grad_norm = clip_with_grad_scale(self.model, self.optimizer, self.grad_clip, self.skip_nonfinite)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro_batches), grad_norm
+        return self.clip_and_step(total, len(micro_batches))
