@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -63,6 +64,15 @@ def run_ok(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 120) -> None:
+    """Poll `condition` while `proc` (its stderr going to `log`) runs; fail if it exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run exited before {what}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
+from conftest import wait_for
 from evertrain.launch import cli
 from evertrain.pretrain import dataprep
 from evertrain.pretrain.data import DataError, TokenStream, load_manifest, val_batches
@@ -312,14 +312,6 @@ def checkpoint_data_state(run_dir: Path, step: int) -> dict:
     return json.loads((run_dir / "checkpoints" / f"step_{step:09d}" / "meta.json").read_text())["data"]
 
 
-def wait_until(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"pretrain.py exited before {what}: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def small_data(tiny_data, tiny_slices, tmp_path) -> Path:
     """~45 windows of seq_len 32 (about 11 steps of 4 windows) with the tiny data dir's tokenizer, so
@@ -340,12 +332,12 @@ def test_append_while_training_and_across_a_kill(small_data, new_text, tmp_path)
         proc = subprocess.Popen(pretrain(data, run_dir, record, "train.max_steps=null"), cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        wait_until(lambda: latest_step(run_dir) >= 2, proc, log, "the first checkpoint")
+        wait_for(lambda: latest_step(run_dir) >= 2, proc, log, "the first checkpoint")
         append(data, [text_slice(new_text[0], 2_500)], shard_tokens=600)  # while the run is live
-        wait_until(lambda: checkpoint_data_state(run_dir, latest_step(run_dir))["manifest_version"] == 2,
-                   proc, log, "the checkpoint that refreshed the data")
+        wait_for(lambda: checkpoint_data_state(run_dir, latest_step(run_dir))["manifest_version"] == 2,
+                 proc, log, "the checkpoint that refreshed the data")
         refreshed_at = latest_step(run_dir)
-        wait_until(lambda: latest_step(run_dir) > refreshed_at, proc, log, "a checkpoint that trained on it")
+        wait_for(lambda: latest_step(run_dir) > refreshed_at, proc, log, "a checkpoint that trained on it")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

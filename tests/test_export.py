@@ -12,13 +12,16 @@ from safetensors.torch import load_file
 
 from evertrain.errors import EvertrainError
 from evertrain.launch import cli
-from evertrain.launch.export import ExportError, export_hf
+from evertrain.launch.export import ExportError, export_hf, without_special_tokens
 from evertrain.pretrain.checkpoint import CheckpointManager, load_consolidated
 from evertrain.pretrain.config import ModelConfig, dump_yaml, load_config
 from evertrain.pretrain.data import load_manifest
+from evertrain.pretrain.dataprep import prepare
 from evertrain.pretrain.model import Transformer
+from test_tokenexact import hf_bpe  # noqa: F401 (a fixture: a byte-level BPE tokenizer.json adding a BOS)
 
 transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
 
 TEXTS = ["To be, or not to be: that is the question.", " leading space", "two  spaces and a tab\there",
          "lines\nand\n\nblank lines\n", "Ümlaut, ﬁ ligature, emoji 🙂 and 漢字", "trailing ", "", "x"]
@@ -166,16 +169,21 @@ def save_checkpoint(dir: Path, cfg, model: Transformer, step: int) -> Path:
     return dir / "checkpoints" / f"step_{step:09d}"
 
 
-@pytest.fixture
-def run_dir(tmp_path, tiny_data):
-    """runs/NAME: config.yaml (data.path = the prepared tiny data) and a checkpoint at step 4."""
-    cfg = load_config(None, [f"data.path={tiny_data}", "model.vocab_size=512", "model.d_model=64", "model.n_heads=4",
+def make_run(tmp_path: Path, data: Path) -> SimpleNamespace:
+    """runs/NAME: config.yaml (data.path = `data`) and a checkpoint at step 4."""
+    cfg = load_config(None, [f"data.path={data}", "model.vocab_size=512", "model.d_model=64", "model.n_heads=4",
                              "model.n_kv_heads=2", "model.seq_len=32"])
     run = tmp_path / "runs" / "demo"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(dump_yaml(cfg))
     save_checkpoint(run, cfg, trained_looking_model(cfg.model), step=4)
     return SimpleNamespace(dir=run, cfg=cfg)
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_data):
+    """A run on the prepared tiny data (sentencepiece)."""
+    return make_run(tmp_path, tiny_data)
 
 
 def logits_after_export(out: Path, model_state: dict, cfg) -> float:
@@ -228,3 +236,57 @@ def test_cli_refuses_a_config_that_does_not_match_the_checkpoint(tmp_path, run_d
     argv = ["export", "hf", "--run", str(run_dir.dir), "--step", "4", "--out", str(tmp_path / "exported")]
     assert cli.main(argv) == 2
     assert "written for a different model: n_layers 2 vs 3" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def json_data(hf_bpe, tiny_slices, tmp_path_factory) -> Path:  # noqa: F811 (the imported fixture)
+    """A data dir prepared with a Hugging Face tokenizer.json (it holds no tokenizer.model)."""
+    out = tmp_path_factory.mktemp("json_data") / "data"
+    prepare(tiny_slices.train[:1], out, tokenizer=hf_bpe, val=tiny_slices.val[:1], shard_tokens=1 << 14)
+    return out
+
+
+def test_cli_exports_a_run_on_a_tokenizer_json_data_dir(tmp_path, json_data, tiny_slices):
+    """The data dir's tokenizer.json ships less its BOS template (Llama 3 style); AutoTokenizer encodes
+    exactly what data prep wrote."""
+    run = make_run(tmp_path, json_data)
+    out = tmp_path / "exported"
+    assert cli.main(["export", "hf", "--run", str(run.dir), "--step", "4", "--out", str(out)]) == 0
+    original = json.loads((json_data / "tokenizer.json").read_text(encoding="utf-8"))
+    assert original["post_processor"]["type"] == "TemplateProcessing"  # adds <|begin_of_text|>
+    assert json.loads((out / "tokenizer.json").read_text(encoding="utf-8")) == {**original, "post_processor": None}
+    assert not (out / "tokenizer.model").exists()
+    assert logits_after_export(out, load_consolidated(run.dir / "checkpoints" / "step_000000004")["model"],
+                               run.cfg) <= 1e-4
+    manifest = load_manifest(json_data)
+    theirs = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ours = tokenizers.Tokenizer.from_file(str(json_data / "tokenizer.json"))
+    for text in TEXTS:
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert theirs.encode(text) == ids, text
+        assert theirs.decode(ids) == ours.decode(ids) == text  # byte-level BPE is lossless
+    val = np.concatenate([np.fromfile(json_data / shard.file, dtype=manifest.dtype) for shard in manifest.val])
+    document = val[:val.tolist().index(manifest.eos_id)].tolist()
+    assert theirs.encode(tiny_slices.val[0].read_text(encoding="utf-8")) == document
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (manifest.bos_id, manifest.eos_id)
+    assert manifest.bos_id is not None and manifest.eos_id is not None
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (manifest.bos_id, manifest.eos_id)
+
+
+def test_a_tokenizer_json_that_is_not_one_is_refused(tmp_path):
+    junk = tmp_path / "tokenizer.json"
+    junk.write_text('{"not": "a tokenizer"}')
+    (tmp_path / "out").mkdir()
+    assert_refused(tmp_path / "out", junk, Transformer(model_cfg()).state_dict(), model_cfg(),
+                   "tokenizer.json: not a valid tokenizer.json")
+
+
+def test_only_the_special_token_templates_are_dropped():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    template = {"type": "TemplateProcessing", "single": [], "pair": [], "special_tokens": {}}
+    assert without_special_tokens({"type": "Sequence", "processors": [byte_level, template]}) == \
+        {"type": "Sequence", "processors": [byte_level]}
+    assert without_special_tokens({"type": "Sequence", "processors": [template]}) is None
+    assert without_special_tokens(byte_level) == byte_level and without_special_tokens(None) is None
+    assert without_special_tokens({"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0]}) is None

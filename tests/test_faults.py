@@ -477,8 +477,8 @@ def test_random_kill_9_loop_resumes_bitwise(tiny_data, tmp_path):
     import time
 
     from evertrain.pretrain.checkpoint.store import latest_checkpoint, step_of
-    from test_resume import (assert_same_state, command, latest, logged_step, losses, run, start, train_times,
-                             wait_for)
+    from conftest import wait_for
+    from test_resume import assert_same_state, command, latest, logged_step, losses, run, start, train_times
 
     def resumable() -> int:  # the step a start now resumes from (0: none yet)
         found = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher, launcher_env, run_ok
+from conftest import launcher, launcher_env, run_ok, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_STEPS = 60
@@ -139,14 +139,6 @@ def latest(run_dir: Path) -> str:
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as stderr:  # a file, not a pipe nobody reads: a full pipe would stall the run
         return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=stderr)
-
-
-def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the run exited before {what}: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def logged_step(run_dir: Path) -> int:

@@ -8,6 +8,10 @@ The output directory loads offline with `LlamaForCausalLM.from_pretrained(DIR)` 
   tokenizer.model         our SentencePiece model, unchanged
   tokenizer_config.json   PreTrainedTokenizerFast, no BOS/EOS added: encodes exactly like our data prep
   tokenizer.json          the same tokenizer for the `tokenizers` library (when transformers is installed)
+or, for a data dir prepared with a Hugging Face tokenizer.json:
+  tokenizer.json          that file, less a post-processor template that adds special tokens (Llama 3's
+                          BOS): data prep encodes with add_special_tokens=False; unchanged when it has none
+  tokenizer_config.json   PreTrainedTokenizerFast naming its bos/eos
 It is written into a temporary sibling directory and renamed into place when complete. The command
 itself (which checkpoint, which tokenizer) is export_cmd.py.
 """
@@ -24,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from evertrain.errors import EvertrainError
+from evertrain.pretrain import tokenizer as tok
 from evertrain.pretrain.config import NOT_SHAPE, ModelConfig
 from evertrain.pretrain.data import file_sha256
 from evertrain.pretrain.hf_llama import expected_shapes, hf_name, llama_config
@@ -71,7 +76,12 @@ def special_token_ids(sp: spm.SentencePieceProcessor) -> tuple[int | None, int |
     return (sp.bos_id() if sp.bos_id() >= 0 else None), (sp.eos_id() if sp.eos_id() >= 0 else None)
 
 
-def write_tokenizer(tokenizer_model: Path, out_dir: Path, model_max_length: int) -> None:
+def write_tokenizer(tokenizer_model: Path, out_dir: Path, model_max_length: int,
+                    bos_id: int | None = None, eos_id: int | None = None) -> None:
+    """The tokenizer files; bos_id/eos_id (those of config.json) name a tokenizer.json's specials."""
+    if is_json_tokenizer(tokenizer_model):
+        write_json_tokenizer(tokenizer_model, out_dir, model_max_length, bos_id, eos_id)
+        return
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
 
@@ -101,6 +111,50 @@ def write_tokenizer(tokenizer_model: Path, out_dir: Path, model_max_length: int)
     AutoTokenizer.from_pretrained(out_dir).backend_tokenizer.save(str(out_dir / "tokenizer.json"))
 
 
+# post-processors that insert special tokens (the rest, e.g. ByteLevel, only adjust offsets)
+ADDS_SPECIAL_TOKENS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+
+
+def without_special_tokens(processor: dict | None) -> dict | None:
+    """A tokenizer.json `post_processor` less the parts that insert special tokens."""
+    if processor is None or processor.get("type") in ADDS_SPECIAL_TOKENS:
+        return None
+    if processor.get("type") == "Sequence":
+        kept = [p for p in map(without_special_tokens, processor["processors"]) if p is not None]
+        return {**processor, "processors": kept} if kept else None
+    return processor
+
+
+def write_json_tokenizer(path: Path, out_dir: Path, model_max_length: int, bos_id: int | None,
+                         eos_id: int | None) -> None:
+    """The data dir's tokenizer.json, and a tokenizer_config.json that loads it as
+    PreTrainedTokenizerFast. Our data has no BOS: data prep encodes with add_special_tokens=False. A
+    template that adds special tokens (Llama 3's BOS) is dropped from the copy, because transformers
+    applies the file's template whatever tokenizer_config.json says; a file without one ships as it is."""
+    hf = load_json_tokenizer(path)
+    model = json.loads(path.read_bytes())
+    processor = without_special_tokens(model.get("post_processor"))
+    if processor == model.get("post_processor"):
+        shutil.copyfile(path, out_dir / "tokenizer.json")
+    else:
+        (out_dir / "tokenizer.json").write_text(json.dumps({**model, "post_processor": processor},
+                                                           ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+    def token(token_id: int | None) -> str | None:
+        return hf.id_to_token(token_id) if token_id is not None else None
+
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token(bos_id),
+        "eos_token": token(eos_id),
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
 def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer_model_path: str | Path,
               out_dir: str | Path, *, bos_id: int | None = None, eos_id: int | None = None,
               dtype: torch.dtype = torch.float32) -> Path:
@@ -114,13 +168,12 @@ def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, toke
     if not tokenizer_model_path.is_file():
         raise ExportError(f"{tokenizer_model_path}: tokenizer model not found")
     check_llama_expressible(model_cfg)
-    sp = load_tokenizer(tokenizer_model_path)
-    if sp.vocab_size() > model_cfg.vocab_size:
-        raise ExportError(f"{tokenizer_model_path}: {sp.vocab_size()} tokens do not fit "
+    vocab_size, own_bos, own_eos = tokenizer_facts(tokenizer_model_path)
+    if vocab_size > model_cfg.vocab_size:
+        raise ExportError(f"{tokenizer_model_path}: {vocab_size} tokens do not fit "
                           f"model.vocab_size={model_cfg.vocab_size}")
-    sp_bos, sp_eos = special_token_ids(sp)
-    bos_id = sp_bos if bos_id is None else bos_id
-    eos_id = sp_eos if eos_id is None else eos_id
+    bos_id = own_bos if bos_id is None else bos_id
+    eos_id = own_eos if eos_id is None else eos_id
     hf_state = to_hf_state_dict(model_state, model_cfg, dtype)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +187,7 @@ def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, toke
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"_from_model_config": True, "bos_token_id": bos_id, "eos_token_id": eos_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        write_tokenizer(tokenizer_model_path, tmp, model_cfg.seq_len)
+        write_tokenizer(tokenizer_model_path, tmp, model_cfg.seq_len, bos_id, eos_id)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,11 +202,37 @@ def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
         raise ExportError(f"{path}: not a sentencepiece tokenizer model") from None
 
 
+def is_json_tokenizer(path: Path) -> bool:
+    return tok.kind_of(path.read_bytes()) == tok.HF_JSON
+
+
+def load_json_tokenizer(path: Path):
+    try:
+        return tok.hf_tokenizer(path.read_bytes(), str(path))
+    except tok.TokenizerError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def tokenizer_facts(path: Path) -> tuple[int, int | None, int | None]:
+    """(vocab size, bos id, eos id) of a sentencepiece model or a tokenizer.json; bos/eos as data prep
+    finds them (tokenizer.py), None where there is none."""
+    if not is_json_tokenizer(path):
+        sp = load_tokenizer(path)
+        return (sp.vocab_size(), *special_token_ids(sp))
+    hf = load_json_tokenizer(path)
+    config = path.with_name(tok.HF_CONFIG)
+    try:
+        bos, eos = tok.hf_special_ids(hf, config.read_bytes() if config.is_file() else None, str(path))
+    except tok.TokenizerError as exc:
+        raise ExportError(str(exc)) from None
+    return hf.get_vocab_size(with_added_tokens=True), bos, eos
+
+
 def check_tokenizer(tokenizer: Path, meta: dict, step_dir: Path) -> None:
     """The tokenizer must be the one the checkpoint trained with (checkpoints record its sha256):
     a tokenizer of another vocabulary would export a model that reads the wrong tokens."""
     trained = ((meta.get("data") or {}).get("tokenizer_sha256") if isinstance(meta.get("data"), dict) else None)
-    load_tokenizer(tokenizer)
+    tokenizer_facts(tokenizer)  # a sentencepiece model or a tokenizer.json, else one line
     if trained is not None and file_sha256(tokenizer) != trained:
         raise ExportError(f"{tokenizer}: not the tokenizer {step_dir} trained with (sha256 {file_sha256(tokenizer)[:12]} "
                           f"vs {trained[:12]}); pass that one, or omit --tokenizer to use the run's data dir")

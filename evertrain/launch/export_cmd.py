@@ -1,8 +1,8 @@
 """`evertrain export hf`: which weights (a run's checkpoint, a finished cooldown or a checkpoint average)
 and which tokenizer go into the Hugging Face checkpoint that export.py writes.
 
-The argument checks and `--help` need no torch; export.py (torch, safetensors, sentencepiece) is
-imported once there is something to export.
+The argument checks and `--help` need no torch; export.py (torch, safetensors, sentencepiece,
+tokenizers) is imported once there is something to export.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def tokenizer_from_manifest(data_path: str, config_path: Path) -> tuple[Path, in
     """The data dir's tokenizer model and its bos/eos ids, as its manifest records them."""
     if not (Path(data_path) / MANIFEST).is_file():
         raise ExportSourceError(f"data.path={data_path} (from {config_path}): no {MANIFEST} there; "
-                                "pass --tokenizer PATH/tokenizer.model")
+                                "pass --tokenizer PATH/tokenizer.model (or tokenizer.json)")
     manifest = load_manifest(data_path)
     return Path(data_path) / manifest.tokenizer["path"], manifest.bos_id, manifest.eos_id
 
@@ -96,5 +96,6 @@ def register(subparsers) -> None:
     source.add_argument("--average", help="checkpoint average directory (or its name under RUN/averages/)")
     hf.add_argument("--out", required=True, help="output directory (must not exist)")
     hf.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype to write")
-    hf.add_argument("--tokenizer", help="SentencePiece model to ship (default: the run's data manifest's)")
+    hf.add_argument("--tokenizer",
+                    help="SentencePiece .model or tokenizer.json to ship (default: the run's data manifest's)")
     hf.set_defaults(func=run_export)

@@ -65,18 +65,24 @@ def spec_from_bytes(model: bytes, name: str, hf_config: bytes | None = None) -> 
         if sp.eos_id() < 0:
             raise TokenizerError(f"{name}: the tokenizer has no EOS piece (documents are joined by EOS)")
         return TokenizerSpec(SENTENCEPIECE, model, sp.eos_id(), sp.bos_id() if sp.bos_id() >= 0 else None)
-    hf = _hf(model, name)
+    hf = hf_tokenizer(model, name)
+    bos, eos = hf_special_ids(hf, hf_config, name)
+    if eos is None:
+        raise TokenizerError(f"{name}: no EOS token (none in a {HF_CONFIG} next to it, and none of "
+                             f"{', '.join(EOS_NAMES)} in its vocab); documents are joined by EOS")
+    return TokenizerSpec(HF_JSON, model, eos, bos)
+
+
+def hf_special_ids(hf, hf_config: bytes | None, name: str) -> tuple[int | None, int | None]:
+    """(bos, eos) ids of a tokenizer.json (see the module docstring); None where it has none."""
     configured = {}
     if hf_config is not None:
         try:
             configured = json.loads(hf_config)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise TokenizerError(f"{name}: its {HF_CONFIG} is not valid JSON ({exc})") from None
-    eos = _special_id(hf, configured.get("eos_token"), EOS_NAMES)
-    if eos is None:
-        raise TokenizerError(f"{name}: no EOS token (none in a {HF_CONFIG} next to it, and none of "
-                             f"{', '.join(EOS_NAMES)} in its vocab); documents are joined by EOS")
-    return TokenizerSpec(HF_JSON, model, eos, _special_id(hf, configured.get("bos_token"), BOS_NAMES))
+    return (_special_id(hf, configured.get("bos_token"), BOS_NAMES),
+            _special_id(hf, configured.get("eos_token"), EOS_NAMES))
 
 
 def _special_id(hf, configured, names: tuple[str, ...]) -> int | None:
@@ -98,7 +104,8 @@ def _sentencepiece(model: bytes, name: str):
         raise TokenizerError(f"{name}: not a sentencepiece model or a tokenizer.json") from None
 
 
-def _hf(model: bytes, name: str):
+def hf_tokenizer(model: bytes, name: str):
+    """A `tokenizers.Tokenizer` from tokenizer.json bytes."""
     try:
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError:
@@ -121,7 +128,7 @@ class Tokenizer:
             self._sp = _sentencepiece(spec.model, "tokenizer")
             self.vocab_size = self._sp.vocab_size()
         else:
-            self._hf = _hf(spec.model, "tokenizer")
+            self._hf = hf_tokenizer(spec.model, "tokenizer")
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
