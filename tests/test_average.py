@@ -4,7 +4,6 @@ result.json says what it is, a rerun reads nothing, the sources are pinned while
 exports to Hugging Face format, and bad requests are one-line errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,28 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import launcher, pretrain_tiny, run_ok
 from evertrain.launch import average
 from evertrain.launch.average import AverageError, average_checkpoints, average_dir_name
 from evertrain.launch.cli import main as cli_main
 from evertrain.pretrain.checkpoint import load_consolidated, store
 from evertrain.pretrain.checkpoint.retention import apply_retention
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 30, 10
 
 
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory) -> Path:
     """30 steps of the tiny model, a checkpoint and an eval every 10 steps, all checkpoints kept."""
-    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
     run_dir = tmp_path_factory.mktemp("average") / "main"
-    assert pretrain.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
-                          f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4",
-                          "train.device=cpu", "engine.name=single", f"train.max_steps={STEPS}",
-                          f"eval.every_steps={EVERY}", "eval.batches=2", f"checkpoint.every_steps={EVERY}",
-                          "checkpoint.keep_last=100"]) == 0
+    assert pretrain_tiny(run_dir, f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4",
+                         "train.device=cpu", "engine.name=single", f"train.max_steps={STEPS}",
+                         f"eval.every_steps={EVERY}", "eval.batches=2", f"checkpoint.every_steps={EVERY}",
+                         "checkpoint.keep_last=100") == 0
     return run_dir
 
 
@@ -202,22 +197,10 @@ def test_a_two_rank_zero3_run_averages_on_its_own_val_windows(tiny_data, tmp_pat
     """DeepSpeed ZeRO-3 on 2 CPU ranks (global batch 2 x 4 windows): the average is read through the
     ZeRO slice reader and evaluated in one process on the run's 8-window batches, so one checkpoint's
     average scores what the 2-rank run logged at that step; two checkpoints' is their mean."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     run_dir = tmp_path / "zero3"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port,
-                           "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-                           f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4",
-                           "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2", "eval.batches=2",
-                           "engine.zero_stage=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok([*launcher("deepspeed", 2), "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+            f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.max_steps=4",
+            "checkpoint.every_steps=2", "eval.every_steps=2", "eval.batches=2", "engine.zero_stage=3"], timeout=600)
     assert store.read_meta(run_dir / "checkpoints" / store.step_dir_name(4))["world_size"] == 2
     assert average_checkpoints(run_dir, [4])["val_loss"] == pytest.approx(evals(run_dir)[4], rel=1e-5)
     average_checkpoints(run_dir, [2, 4])
