@@ -3,7 +3,9 @@
   (a) how long a save holds up the training loop, asynchronous vs synchronous (goal: <= 2-3%): the
       time in `save()` plus the time the next step's optimizer waited for the host copy;
   (b) steady tokens/s with a save every ~10 s vs without saves (goal: >= 95% on 2 shared cores);
-  (c) the save's background write bandwidth vs a plain sequential write of the same bytes (>= 80%).
+  (c) the save's write (DCP write + fsync of this rank's files, not the copy or the hash) vs a plain
+      sequential write + fsync of as many bytes, each measured under the same conditions: alone, and
+      beside a training step as an asynchronous save's write runs (goal: >= 80%).
   (gpu) on CUDA only: (a) for a 1B model (configs/1b.yaml shape) on the GPU, staged asynchronously
       (side-stream copy into pinned memory) vs a synchronous save.
 
@@ -11,8 +13,8 @@
     python bench/checkpoint.py --d-model 1024 --n-layers 8 --dir /mnt/fast
 
 Random tokens stand in for data (no data dir needed). Repetitions alternate the order of the
-compared variants, or (b) takes its baseline from the same run, so drift on a shared machine hits
-both sides; medians are reported.
+compared variants (in (b): segments of 2 x --every-s seconds without and with saves, AB BA ...), so
+drift in the other load on a shared machine hits both sides.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=4, help="windows per step")
     p.add_argument("--saves", type=int, default=3, help="repetitions of (a) and (c)")
-    p.add_argument("--steps", type=int, default=240, help="steps of the throughput run in (b)")
+    p.add_argument("--pairs", type=int, default=4, help="(b): segments without and with saves, of each")
     p.add_argument("--every-s", type=float, default=10.0, help="save about every this many seconds in (b)")
     p.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
     return p.parse_args()
@@ -65,14 +68,16 @@ def train_steps(engine, batch, n: int) -> None:
     loss.item()  # the host sync a log step would do
 
 
-def save_costs(cfg, engine, batch, root: Path, async_save: bool, reps: int, first_step: int) -> dict:
-    """Median seconds of `reps` saves, by phase (see SaveTimings) and in total, and the bytes saved.
+def save_costs(cfg, engine, batch, root: Path, async_save: bool, reps: int, first_step: int, plain) -> dict:
+    """Median seconds of `reps` saves, by phase (see SaveTimings) and in total.
     `loop` is what the loop lost: save() plus the next step's wait for the host copy (the optimizer
-    step pre-hook of checkpoint/staging.py)."""
+    step pre-hook of checkpoint/staging.py). After each save, `plain` writes as many bytes under the
+    conditions the save's write had: alone after a synchronous save (the loop waited for its write),
+    beside one training step after an asynchronous one (its write ran beside the next step)."""
     cfg.checkpoint.async_save = async_save
     ckpt = CheckpointManager(root, cfg, engine)
     stager = ckpt.state.stager
-    timings, total, loop = [], [], []
+    timings, total, loop, plains = [], [], [], []
     for i in range(reps + 1):  # the first save allocates the staging buffers: not counted
         train_steps(engine, batch, 1)
         start = time.perf_counter()
@@ -84,66 +89,97 @@ def save_costs(cfg, engine, batch, root: Path, async_save: bool, reps: int, firs
         ckpt.wait()
         total.append(time.perf_counter() - start)
         timings.append(ckpt.timings)
+        if async_save:
+            with ThreadPoolExecutor(1) as beside:
+                written = beside.submit(plain.write)
+                train_steps(engine, batch, 1)
+                plains.append(written.result())
+        else:
+            plains.append(plain.write())
     ckpt.close()
-    size = sum(f["size"] for f in read_meta(ckpt.latest())["files"].values())
     costs = {key: statistics.median(getattr(t, key) for t in timings[1:]) for key in ("blocked", "copy", "write", "hash")}
-    return {**costs, "loop": statistics.median(loop[1:]), "total": statistics.median(total[1:]), "size": size}
+    return {**costs, "loop": statistics.median(loop[1:]), "total": statistics.median(total[1:]),
+            "plain": statistics.median(plains[1:])}
 
 
-def throughput_with_saves(cfg, engine, batch, root: Path, steps: int, every: int, first_step: int) -> dict:
-    """One run of `steps` steps saving every `every` steps. The baseline is measured in the same run:
-    the mean time of the steps during which no save was in flight, so other load on a shared machine
-    hits both sides alike (a mean, not a median: stray slow steps happen on both sides)."""
+class PlainWrite:
+    """One sequential write() of `size` bytes from memory into a new file, fsynced: what the disk
+    gives a simple writer. The bytes are made once (random: nothing on the way can compress them)."""
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.data = memoryview(os.urandom(1 << 24) * (size // (1 << 24) + 1))[:size]
+
+    def write(self) -> float:
+        start = time.perf_counter()
+        with open(self.path, "wb") as f:
+            f.write(self.data)
+            f.flush()
+            os.fsync(f.fileno())
+        elapsed = time.perf_counter() - start
+        self.path.unlink()
+        return elapsed
+
+
+def checkpoint_bytes(cfg, engine, root: Path) -> int:
+    """The size of one checkpoint of this engine, from a synchronous save's meta.json."""
+    cfg.checkpoint.async_save = False
+    ckpt = CheckpointManager(root, cfg, engine)
+    try:
+        ckpt.save(1, {"tokens": 0})
+        return sum(f["size"] for f in read_meta(ckpt.latest())["files"].values())
+    finally:
+        ckpt.close()
+
+
+def tokens_per_s(engine, batch, ckpt, seconds: float, every_s: float | None, first_step: int) -> tuple[float, int]:
+    """Train for about `seconds`; with `every_s`, save at the start and then every `every_s` seconds by
+    the clock (a step time sampled under a passing burst of load cannot turn "every ~10 s" into "every
+    step"), and wait for the last save at the end, inside the measured time. (tokens/s, saves)."""
+    start = time.perf_counter()
+    next_save = start if every_s else float("inf")
+    steps = saves = 0
+    while time.perf_counter() - start < seconds:
+        if time.perf_counter() >= next_save:
+            ckpt.save(first_step + steps, {"tokens": 0})
+            next_save += every_s
+            saves += 1
+        train_steps(engine, batch, 1)
+        steps += 1
+    ckpt.wait()
+    return steps * batch.numel() / (time.perf_counter() - start), saves
+
+
+def throughput_with_saves(cfg, engine, batch, root: Path, pairs: int, every_s: float, first_step: int) -> dict:
+    """Segments of 2 * `every_s` seconds, alternately without saves and with a save every `every_s`
+    seconds, `pairs` of each in the order AB BA AB ...: drift in the other load on a shared machine
+    hits both sides alike. Each side's mean tokens/s over its segments, and what a save cost."""
     cfg.checkpoint.async_save = True
     ckpt = CheckpointManager(root, cfg, engine)
     ckpt.save(first_step, {"tokens": 0})  # allocates the staging buffers, as a run's first save does
     ckpt.wait()
-    step_spans, saves = [], []
-    run_start = time.perf_counter()
-    for i in range(1, steps + 1):
-        start = time.perf_counter()
-        train_steps(engine, batch, 1)
-        step_spans.append((start, time.perf_counter()))
-        if i % every == 0 and i < steps:
-            started = time.perf_counter()
-            ckpt.save(first_step + i, {"tokens": 0})
-            saves.append((started, ckpt.timings))  # the background thread completes these timings
-    elapsed = time.perf_counter() - run_start
+    rates = {False: [], True: []}
+    saves, step = 0, first_step + 1
+    for pair in range(pairs):
+        for saving in ((False, True) if pair % 2 == 0 else (True, False)):
+            rate, n = tokens_per_s(engine, batch, ckpt, 2 * every_s, every_s if saving else None, step)
+            rates[saving].append(rate)
+            saves += n
+            step += 100_000
     ckpt.close()
-    busy = [(start, start + t.blocked + t.copy + t.write + t.hash + t.commit) for start, t in saves]
-    clean = [end - start for start, end in step_spans
-             if not any(start < busy_end and end > busy_start for busy_start, busy_end in busy)]
-    step_s = statistics.mean(clean)
-    return {"plain": batch.numel() / step_s, "saving": steps * batch.numel() / elapsed, "step_s": step_s,
-            "cost_per_save": (elapsed - steps * step_s) / len(saves), "clean_steps": len(clean)}
+    plain, saving = statistics.mean(rates[False]), statistics.mean(rates[True])
+    seconds = 2 * every_s * pairs  # trained with saves
+    return {"plain": plain, "saving": saving, "saves": saves, "interval_s": seconds / saves,
+            "cost_per_save": seconds * (1 - saving / plain) / saves,
+            "pair_ratios": [r / p for r, p in zip(rates[True], rates[False])]}
 
 
-def plain_write_s(path: Path, size: int) -> float:
-    """One sequential write of `size` bytes from memory, fsynced: what the disk gives a simple writer."""
-    data = os.urandom(1 << 24) * (size // (1 << 24) + 1)
-    view = memoryview(data)[:size]
-    start = time.perf_counter()
-    with open(path, "wb") as f:
-        f.write(view)
-        f.flush()
-        os.fsync(f.fileno())
-    elapsed = time.perf_counter() - start
-    path.unlink()
-    return elapsed
-
-
-def step_seconds(engine, batch, n: int = 3) -> float:
-    start = time.perf_counter()
-    train_steps(engine, batch, n)
-    return (time.perf_counter() - start) / n
-
-
-def alternated_costs(cfg, engine, batch, root: Path, reps: int, step: int) -> tuple[dict, int]:
+def alternated_costs(cfg, engine, batch, root: Path, reps: int, step: int, plain) -> tuple[dict, int]:
     """save_costs for sync and async, twice each in alternating order; {mode: [costs, costs]}."""
     results = {True: [], False: []}
     for order in ((False, True), (True, False)):
         for mode in order:
-            results[mode].append(save_costs(cfg, engine, batch, root / f"a{step}", mode, reps, step))
+            results[mode].append(save_costs(cfg, engine, batch, root / f"a{step}", mode, reps, step, plain))
             step += 2 * (reps + 1)
     return results, step
 
@@ -158,7 +194,8 @@ def gpu_case(args, root: Path) -> None:
     params = sum(p.numel() for p in engine.model.parameters())
     try:
         train_steps(engine, batch, 3)
-        results, _ = alternated_costs(cfg, engine, batch, root / "gpu", max(1, args.saves - 1), 1000)
+        plain = PlainWrite(root / "plain-gpu.bin", checkpoint_bytes(cfg, engine, root / "gpu-size"))
+        results, _ = alternated_costs(cfg, engine, batch, root / "gpu", max(1, args.saves - 1), 1000, plain)
         sync_loop, async_loop = median_of(results, False, "loop"), median_of(results, True, "loop")
         print(f"(gpu) {params / 1e9:.2f}B parameters on {torch.cuda.get_device_name()}: loop blocked per save "
               f"sync {sync_loop * 1e3:.0f} ms, staged async {async_loop * 1e3:.1f} ms -> "
@@ -177,31 +214,32 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="evertrain-bench-ckpt-", dir=args.dir))
     step = 1000
     try:
+        size = checkpoint_bytes(cfg, engine, root / "size")
+        plain = PlainWrite(root / "plain.bin", size)
         # (a) + (c): alternate which mode goes first
-        results, step = alternated_costs(cfg, engine, batch, root, args.saves, step)
+        results, step = alternated_costs(cfg, engine, batch, root, args.saves, step, plain)
         sync_loop, async_loop = median_of(results, False, "loop"), median_of(results, True, "loop")
-        size = results[False][0]["size"]
         print(f"(a) loop blocked per save: sync {sync_loop * 1e3:.0f} ms, async {async_loop * 1e3:.1f} ms "
               f"(save() {median_of(results, True, 'blocked') * 1e3:.1f} ms + the next update's wait for the copy) "
               f"-> {async_loop / sync_loop:.1%} of sync (goal <= 2-3%)")
 
-        # (b)
-        every = max(1, round(args.every_s / step_seconds(engine, batch)))
-        b = throughput_with_saves(cfg, engine, batch, root / "b", args.steps, every, step)
-        step += args.steps + 1
-        print(f"(b) tokens/s: no save in flight {b['plain']:.0f}, with a save every {every} steps "
-              f"({every * b['step_s']:.1f} s) {b['saving']:.0f} -> {b['saving'] / b['plain']:.1%} (goal >= 95% here); "
-              f"a save costs {b['cost_per_save']:.2f} s of training ({b['clean_steps']} of {args.steps} steps "
-              "without a save in flight)")
+        # (c): each side under the same conditions, measured next to each other
+        alone, alone_plain = median_of(results, False, "write"), median_of(results, False, "plain")
+        beside, beside_plain = median_of(results, True, "write"), median_of(results, True, "plain")
+        gbs = lambda s: f"{size / s / 1e9:.2f} GB/s"  # noqa: E731
+        print(f"(c) {size / 1e9:.2f} GB, the save's write vs a plain sequential write (goal >= 80%): alone "
+              f"{gbs(alone)} vs {gbs(alone_plain)} = {alone_plain / alone:.0%}; beside a training step (async) "
+              f"{gbs(beside)} vs {gbs(beside_plain)} = {beside_plain / beside:.0%}. The whole synchronous save "
+              f"{gbs(median_of(results, False, 'total'))} = copy {median_of(results, False, 'copy'):.2f} s + write "
+              f"{alone:.2f} s + {HASH} {median_of(results, False, 'hash'):.2f} s + commit")
+        print(f"load average {os.getloadavg()[0]:.1f}")
 
-        # (c)
-        plain_s = statistics.median(plain_write_s(root / "plain.bin", size) for _ in range(args.saves))
-        write_s, whole_s = median_of(results, True, "write"), median_of(results, False, "total")
-        print(f"(c) {size / 1e9:.2f} GB: plain sequential write {size / plain_s / 1e9:.2f} GB/s; the save's "
-              f"background write {size / write_s / 1e9:.2f} GB/s ({plain_s / write_s:.0%} of plain, goal >= 80%); "
-              f"the whole synchronous save {size / whole_s / 1e9:.2f} GB/s = copy "
-              f"{median_of(results, False, 'copy'):.2f} s + write {median_of(results, False, 'write'):.2f} s + "
-              f"{HASH} {median_of(results, False, 'hash'):.2f} s + commit")
+        # (b)
+        b = throughput_with_saves(cfg, engine, batch, root / "b", args.pairs, args.every_s, step)
+        print(f"(b) tokens/s: without saves {b['plain']:.0f}, with a save every {b['interval_s']:.1f} s "
+              f"({b['saves']} saves) {b['saving']:.0f} -> {b['saving'] / b['plain']:.1%} (goal >= 95% here; per pair "
+              f"{min(b['pair_ratios']):.1%}-{max(b['pair_ratios']):.1%}); a save costs {b['cost_per_save']:.2f} s "
+              "of training")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         engine.close()
