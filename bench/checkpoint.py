@@ -89,6 +89,7 @@ def save_costs(cfg, engine, batch, root: Path, async_save: bool, reps: int, firs
         ckpt.wait()
         total.append(time.perf_counter() - start)
         timings.append(ckpt.timings)
+        train_steps(engine, batch, 1)  # the plain write follows a step as the save did, not the save's burst
         if async_save:
             with ThreadPoolExecutor(1) as beside:
                 written = beside.submit(plain.write)

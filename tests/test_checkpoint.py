@@ -333,3 +333,60 @@ def test_deepspeed_staging_copies_tensors_into_reused_buffers():
     assert torch.equal(second["module"]["w"], torch.full((3,), 2.0))
     assert second["module"]["w"].data_ptr() == first["module"]["w"].data_ptr() != weight.data_ptr()
     writer.stager.close()
+
+
+def test_writer_skips_the_zip_crc_and_its_files_load_back_exactly(tmp_path, monkeypatch):
+    """The writer's torch.save zips carry no CRC32 (meta.json's hash covers each file); the switch is
+    off only in the writer thread while it writes (another thread meanwhile keeps it, the writer
+    thread has it back afterwards); what was written loads back bit for bit: through the safe DCP
+    reader into an engine, and through load_consolidated."""
+    import io
+    import threading
+    import zipfile
+
+    from evertrain.pretrain.checkpoint.dcp import DcpState
+    from evertrain.pretrain.checkpoint.safe_load import read_dcp_metadata
+
+    seen = {}
+    real_stage = DcpState.stage
+
+    def stage(self, tmp_dir):
+        copy, write = real_stage(self, tmp_dir)
+
+        def write_and_look(staged):
+            seen["writer"] = torch.serialization.get_crc32_options()
+            other = threading.Thread(target=lambda: seen.update(other=torch.serialization.get_crc32_options()))
+            other.start()
+            other.join()
+            write(staged)
+        return copy, write_and_look
+
+    monkeypatch.setattr(DcpState, "stage", stage)
+    engine = toy_engine()
+    for _ in range(2):
+        train_step(engine)
+    saved = {name: p.detach().clone() for name, p in engine.model.named_parameters()}
+    moments = {name: {k: v.clone() for k, v in engine.optimizer.state[p].items()}
+               for name, p in engine.model.named_parameters()}
+    ckpt = CheckpointManager(tmp_path, config(), engine)
+    ckpt.save(2, {"tokens": 0})
+    ckpt.wait()
+    assert seen == {"writer": False, "other": True}
+    assert ckpt._writer.submit(torch.serialization.get_crc32_options).result()  # restored
+    ckpt.close()
+    step_dir = tmp_path / "checkpoints" / "step_000000002"
+    zips = [(step_dir / "train_state.0.pt").read_bytes()]
+    for info in read_dcp_metadata(step_dir / ".metadata").storage_data.values():
+        data = (step_dir / info.relative_path).read_bytes()
+        zips.append(data[info.offset:info.offset + info.length])
+    crcs = [record.CRC for data in zips for record in zipfile.ZipFile(io.BytesIO(data)).infolist()]
+    assert len(zips) == 1 + 3 * len(saved) and len(crcs) > len(zips) and set(crcs) == {0}
+
+    fresh = toy_engine(seed=99)
+    CheckpointManager(tmp_path, config(), fresh).load(step_dir)
+    full = load_consolidated(step_dir)
+    for name, p in fresh.model.named_parameters():
+        assert torch.equal(p, saved[name]) and torch.equal(full["model"][name], saved[name])
+        for key, value in moments[name].items():
+            assert torch.equal(fresh.optimizer.state[p][key], value)
+            assert torch.equal(full["optim"][name][key], value)

@@ -30,7 +30,6 @@ import os
 import pickle
 import random
 import secrets
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -313,35 +312,24 @@ def load_consolidated(step_dir: str | Path, verify: bool = True) -> dict:
     return {**full, "step": meta["step"], "extra": meta["extra"], "meta": meta}
 
 
-_CRC32_LOCK = threading.Lock()
-_crc32_writers = 0  # writer threads inside zip_crc32_off()
-_crc32_before = True  # the setting they found
-
-
 @contextlib.contextmanager
 def zip_crc32_off():
     """torch.save without the CRC32 of every record in its zip container, for the checkpoint writer.
 
-    That CRC is a second pass over every byte in one thread (0.4 GB: ~0.3 s of a ~0.6 s write on
-    2 cores) and protects nothing here: torch.load does not check it, and meta.json's per-file hash
-    (store.HASH), verified on load, covers the whole file. The switch is process-global
-    (torch.serialization.set_crc32_options), so it is off only while the writer thread writes; a
-    torch.save elsewhere in the process at that moment writes a zip with zero CRCs, which torch.load
-    reads alike (only a generic unzip would complain). Files stay torch.save zips: every reader,
-    old checkpoints included, is unchanged."""
-    global _crc32_writers, _crc32_before
-    with _CRC32_LOCK:  # writers of several managers may overlap: the last one out restores the setting
-        if _crc32_writers == 0:
-            _crc32_before = torch.serialization.get_crc32_options()
-            torch.serialization.set_crc32_options(False)
-        _crc32_writers += 1
+    That CRC is a second pass over every byte, in one thread (0.4 GB: ~0.3 s of a ~0.6 s write here),
+    and protects nothing we rely on: torch.load does not check it, and meta.json's per-file hash
+    (store.HASH), verified on load, covers the whole file. The files stay torch.save zips, so every
+    reader is unchanged and old checkpoints load as before. torch keeps this setting per thread
+    (its config overrides are thread-local, torch/utils/_config_module.py): it is off only in the
+    writer thread, while it writes; a torch.save in any other thread keeps its CRC. (Were it
+    process-wide, as in older torch, another thread's torch.save meanwhile would only write zero
+    CRCs, which torch.load reads alike.)"""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
     try:
         yield
     finally:
-        with _CRC32_LOCK:
-            _crc32_writers -= 1
-            if _crc32_writers == 0:
-                torch.serialization.set_crc32_options(_crc32_before)
+        torch.serialization.set_crc32_options(previous)
 
 
 def check_model(step_dir: Path, meta: dict, cfg: Config) -> None:
