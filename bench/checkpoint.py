@@ -13,7 +13,7 @@
     python bench/checkpoint.py --d-model 1024 --n-layers 8 --dir /mnt/fast
 
 Random tokens stand in for data (no data dir needed). Repetitions alternate the order of the
-compared variants (in (b): segments of 2 x --every-s seconds without and with saves, AB BA ...), so
+compared variants (in (b): segments of --every-s seconds without and with a save, AB BA ...), so
 drift in the other load on a shared machine hits both sides.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=4, help="windows per step")
     p.add_argument("--saves", type=int, default=3, help="repetitions of (a) and (c)")
-    p.add_argument("--pairs", type=int, default=4, help="(b): segments without and with saves, of each")
+    p.add_argument("--pairs", type=int, default=8, help="(b): segments without and with a save, of each")
     p.add_argument("--every-s", type=float, default=10.0, help="save about every this many seconds in (b)")
     p.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
     return p.parse_args()
@@ -69,7 +69,7 @@ def train_steps(engine, batch, n: int) -> None:
 
 
 def save_costs(cfg, engine, batch, root: Path, async_save: bool, reps: int, first_step: int, plain) -> dict:
-    """Median seconds of `reps` saves, by phase (see SaveTimings) and in total.
+    """Seconds of each of `reps` saves, by phase (see SaveTimings) and in total: {key: [seconds]}.
     `loop` is what the loop lost: save() plus the next step's wait for the host copy (the optimizer
     step pre-hook of checkpoint/staging.py). After each save, `plain` writes as many bytes under the
     conditions the save's write had: alone after a synchronous save (the loop waited for its write),
@@ -98,9 +98,9 @@ def save_costs(cfg, engine, batch, root: Path, async_save: bool, reps: int, firs
         else:
             plains.append(plain.write())
     ckpt.close()
-    costs = {key: statistics.median(getattr(t, key) for t in timings[1:]) for key in ("blocked", "copy", "write", "hash")}
-    return {**costs, "loop": statistics.median(loop[1:]), "total": statistics.median(total[1:]),
-            "plain": statistics.median(plains[1:])}
+    costs = {key: [getattr(t, key) for t in timings[1:]] for key in ("blocked", "copy", "write", "hash")}
+    return {**costs, "loop": loop[1:], "total": total[1:], "plain": plains[1:],
+            "plain/write": [p / t.write for p, t in zip(plains[1:], timings[1:])]}
 
 
 class PlainWrite:
@@ -133,60 +133,57 @@ def checkpoint_bytes(cfg, engine, root: Path) -> int:
         ckpt.close()
 
 
-def tokens_per_s(engine, batch, ckpt, seconds: float, every_s: float | None, first_step: int) -> tuple[float, int]:
-    """Train for about `seconds`; with `every_s`, save at the start and then every `every_s` seconds by
-    the clock (a step time sampled under a passing burst of load cannot turn "every ~10 s" into "every
-    step"), and wait for the last save at the end, inside the measured time. (tokens/s, saves)."""
-    start = time.perf_counter()
-    next_save = start if every_s else float("inf")
-    steps = saves = 0
+def segment(engine, batch, ckpt, seconds: float, save_step: int | None) -> tuple[float, float]:
+    """Train for about `seconds`; with `save_step`, save at the start and wait at the end for that
+    save, inside the measured time. (tokens/s, tokens per CPU-second of this process, all threads)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    if save_step is not None:
+        ckpt.save(save_step, {"tokens": 0})
+    steps = 0
     while time.perf_counter() - start < seconds:
-        if time.perf_counter() >= next_save:
-            ckpt.save(first_step + steps, {"tokens": 0})
-            next_save += every_s
-            saves += 1
         train_steps(engine, batch, 1)
         steps += 1
     ckpt.wait()
-    return steps * batch.numel() / (time.perf_counter() - start), saves
+    tokens = steps * batch.numel()
+    return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
 
 
 def throughput_with_saves(cfg, engine, batch, root: Path, pairs: int, every_s: float, first_step: int) -> dict:
-    """Segments of 2 * `every_s` seconds, alternately without saves and with a save every `every_s`
-    seconds, `pairs` of each in the order AB BA AB ...: drift in the other load on a shared machine
-    hits both sides alike. Each side's mean tokens/s over its segments, and what a save cost."""
+    """Segments of `every_s` seconds, alternately without a save and with one save at its start (so a
+    save every `every_s` seconds by the clock, not by a step count sampled under a passing burst of
+    load), `pairs` of each in the order AB BA AB ...: drift in the other load on a shared machine
+    hits both sides alike. Means over each side's segments; the median of the pairs' ratios."""
     cfg.checkpoint.async_save = True
     ckpt = CheckpointManager(root, cfg, engine)
     ckpt.save(first_step, {"tokens": 0})  # allocates the staging buffers, as a run's first save does
     ckpt.wait()
     rates = {False: [], True: []}
-    saves, step = 0, first_step + 1
     for pair in range(pairs):
         for saving in ((False, True) if pair % 2 == 0 else (True, False)):
-            rate, n = tokens_per_s(engine, batch, ckpt, 2 * every_s, every_s if saving else None, step)
-            rates[saving].append(rate)
-            saves += n
-            step += 100_000
+            first_step += 1000
+            rates[saving].append(segment(engine, batch, ckpt, every_s, first_step if saving else None))
     ckpt.close()
-    plain, saving = statistics.mean(rates[False]), statistics.mean(rates[True])
-    seconds = 2 * every_s * pairs  # trained with saves
-    return {"plain": plain, "saving": saving, "saves": saves, "interval_s": seconds / saves,
-            "cost_per_save": seconds * (1 - saving / plain) / saves,
-            "pair_ratios": [r / p for r, p in zip(rates[True], rates[False])]}
+    mean = {side: [statistics.mean(r[i] for r in rates[side]) for i in (0, 1)] for side in rates}
+    return {"plain": mean[False][0], "saving": mean[True][0],
+            "cost_per_save": every_s * (1 - mean[True][0] / mean[False][0]),
+            "cpu_ratio": mean[True][1] / mean[False][1],
+            "pair_ratios": sorted(w[0] / wo[0] for w, wo in zip(rates[True], rates[False]))}
 
 
 def alternated_costs(cfg, engine, batch, root: Path, reps: int, step: int, plain) -> tuple[dict, int]:
-    """save_costs for sync and async, twice each in alternating order; {mode: [costs, costs]}."""
-    results = {True: [], False: []}
+    """save_costs for sync and async, twice each in alternating order; {mode: {key: [seconds]}}."""
+    results = {True: {}, False: {}}
     for order in ((False, True), (True, False)):
         for mode in order:
-            results[mode].append(save_costs(cfg, engine, batch, root / f"a{step}", mode, reps, step, plain))
+            for key, values in save_costs(cfg, engine, batch, root / f"a{step}", mode, reps, step, plain).items():
+                results[mode].setdefault(key, []).extend(values)
             step += 2 * (reps + 1)
     return results, step
 
 
 def median_of(results: dict, mode: bool, key: str) -> float:
-    return statistics.median(r[key] for r in results[mode])
+    """The median over all of a mode's saves (2 x --saves)."""
+    return statistics.median(results[mode][key])
 
 
 def gpu_case(args, root: Path) -> None:
@@ -228,19 +225,22 @@ def main() -> None:
         alone, alone_plain = median_of(results, False, "write"), median_of(results, False, "plain")
         beside, beside_plain = median_of(results, True, "write"), median_of(results, True, "plain")
         gbs = lambda s: f"{size / s / 1e9:.2f} GB/s"  # noqa: E731
-        print(f"(c) {size / 1e9:.2f} GB, the save's write vs a plain sequential write (goal >= 80%): alone "
-              f"{gbs(alone)} vs {gbs(alone_plain)} = {alone_plain / alone:.0%}; beside a training step (async) "
-              f"{gbs(beside)} vs {gbs(beside_plain)} = {beside_plain / beside:.0%}. The whole synchronous save "
+        print(f"(c) {size / 1e9:.2f} GB, the save's write vs a plain sequential write right after it (goal >= 80%; "
+              f"the median of the {len(results[False]['write'])} pairs' ratios): alone {gbs(alone)} vs {gbs(alone_plain)}"
+              f" -> {median_of(results, False, 'plain/write'):.0%}; beside a training step (async) {gbs(beside)} vs "
+              f"{gbs(beside_plain)} -> {median_of(results, True, 'plain/write'):.0%}. The whole synchronous save "
               f"{gbs(median_of(results, False, 'total'))} = copy {median_of(results, False, 'copy'):.2f} s + write "
               f"{alone:.2f} s + {HASH} {median_of(results, False, 'hash'):.2f} s + commit")
         print(f"load average {os.getloadavg()[0]:.1f}")
 
         # (b)
         b = throughput_with_saves(cfg, engine, batch, root / "b", args.pairs, args.every_s, step)
-        print(f"(b) tokens/s: without saves {b['plain']:.0f}, with a save every {b['interval_s']:.1f} s "
-              f"({b['saves']} saves) {b['saving']:.0f} -> {b['saving'] / b['plain']:.1%} (goal >= 95% here; per pair "
-              f"{min(b['pair_ratios']):.1%}-{max(b['pair_ratios']):.1%}); a save costs {b['cost_per_save']:.2f} s "
-              "of training")
+        ratios = b["pair_ratios"]
+        print(f"(b) tokens/s: without saves {b['plain']:.0f}, with a save every {args.every_s:.0f} s {b['saving']:.0f}"
+              f" -> {b['saving'] / b['plain']:.1%} (goal >= 95% here); over the {len(ratios)} pairs of {args.every_s:.0f} s"
+              f" segments: median {statistics.median(ratios):.1%}, range {ratios[0]:.1%}-{ratios[-1]:.1%}; a save "
+              f"costs {b['cost_per_save']:.2f} s of training; tokens per CPU-second of this process (other "
+              f"load does not enter): {b['cpu_ratio']:.1%} of without")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         engine.close()
