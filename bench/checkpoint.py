@@ -71,14 +71,27 @@ def train_steps(engine, batch, n: int) -> None:
 def save_costs(cfg, engine, batch, root: Path, async_save: bool, reps: int, first_step: int, plain) -> dict:
     """Seconds of each of `reps` saves, by phase (see SaveTimings) and in total: {key: [seconds]}.
     `loop` is what the loop lost: save() plus the next step's wait for the host copy (the optimizer
-    step pre-hook of checkpoint/staging.py). After each save, `plain` writes as many bytes under the
-    conditions the save's write had: alone after a synchronous save (the loop waited for its write),
-    beside one training step after an asynchronous one (its write ran beside the next step)."""
+    step pre-hook of checkpoint/staging.py). Next to each save, `plain` writes as many bytes under the
+    conditions the save's write had: alone for a synchronous save (the loop waited for its write),
+    beside a training step for an asynchronous one (its write ran beside the next step); before the
+    save at odd repetitions, after it at even ones, so neither side always follows the other."""
     cfg.checkpoint.async_save = async_save
     ckpt = CheckpointManager(root, cfg, engine)
     stager = ckpt.state.stager
     timings, total, loop, plains = [], [], [], []
+
+    def plain_write() -> tuple[float, float]:
+        train_steps(engine, batch, 1)  # like the save, the plain write follows a step
+        if not async_save:
+            return plain.write()
+        with ThreadPoolExecutor(1) as beside:
+            written = beside.submit(plain.write)
+            train_steps(engine, batch, 1)
+            return written.result()
+
     for i in range(reps + 1):  # the first save allocates the staging buffers: not counted
+        if i % 2:
+            plains.append(plain_write())
         train_steps(engine, batch, 1)
         start = time.perf_counter()
         ckpt.save(first_step + i, {"tokens": 0})
@@ -89,18 +102,13 @@ def save_costs(cfg, engine, batch, root: Path, async_save: bool, reps: int, firs
         ckpt.wait()
         total.append(time.perf_counter() - start)
         timings.append(ckpt.timings)
-        train_steps(engine, batch, 1)  # the plain write follows a step as the save did, not the save's burst
-        if async_save:
-            with ThreadPoolExecutor(1) as beside:
-                written = beside.submit(plain.write)
-                train_steps(engine, batch, 1)
-                plains.append(written.result())
-        else:
-            plains.append(plain.write())
+        if not i % 2:
+            plains.append(plain_write())
     ckpt.close()
-    costs = {key: [getattr(t, key) for t in timings[1:]] for key in ("blocked", "copy", "write", "hash")}
-    return {**costs, "loop": loop[1:], "total": total[1:], "plain": plains[1:],
-            "plain/write": [p / t.write for p, t in zip(plains[1:], timings[1:])]}
+    costs = {key: [getattr(t, key) for t in timings[1:]] for key in ("blocked", "copy", "write", "hash", "write_cpu")}
+    return {**costs, "loop": loop[1:], "total": total[1:], "plain": [p[0] for p in plains[1:]],
+            "plain/write": [p[0] / t.write for p, t in zip(plains[1:], timings[1:])],
+            "cpu plain/write": [p[1] / t.write_cpu for p, t in zip(plains[1:], timings[1:])]}
 
 
 class PlainWrite:
@@ -111,15 +119,16 @@ class PlainWrite:
         self.path = path
         self.data = memoryview(os.urandom(1 << 24) * (size // (1 << 24) + 1))[:size]
 
-    def write(self) -> float:
-        start = time.perf_counter()
+    def write(self) -> tuple[float, float]:
+        """(seconds, CPU seconds of the writing thread)."""
+        start, cpu = time.perf_counter(), time.thread_time()
         with open(self.path, "wb") as f:
             f.write(self.data)
             f.flush()
             os.fsync(f.fileno())
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu
         self.path.unlink()
-        return elapsed
+        return elapsed, cpu
 
 
 def checkpoint_bytes(cfg, engine, root: Path) -> int:
@@ -225,10 +234,12 @@ def main() -> None:
         alone, alone_plain = median_of(results, False, "write"), median_of(results, False, "plain")
         beside, beside_plain = median_of(results, True, "write"), median_of(results, True, "plain")
         gbs = lambda s: f"{size / s / 1e9:.2f} GB/s"  # noqa: E731
-        print(f"(c) {size / 1e9:.2f} GB, the save's write vs a plain sequential write right after it (goal >= 80%; "
+        print(f"(c) {size / 1e9:.2f} GB, the save's write vs a plain sequential write next to it (goal >= 80%; "
               f"the median of the {len(results[False]['write'])} pairs' ratios): alone {gbs(alone)} vs {gbs(alone_plain)}"
               f" -> {median_of(results, False, 'plain/write'):.0%}; beside a training step (async) {gbs(beside)} vs "
-              f"{gbs(beside_plain)} -> {median_of(results, True, 'plain/write'):.0%}. The whole synchronous save "
+              f"{gbs(beside_plain)} -> {median_of(results, True, 'plain/write'):.0%}; CPU time of the writing thread, plain / "
+              f"the save's: alone {median_of(results, False, 'cpu plain/write'):.0%}, beside a step "
+              f"{median_of(results, True, 'cpu plain/write'):.0%}. The whole synchronous save "
               f"{gbs(median_of(results, False, 'total'))} = copy {median_of(results, False, 'copy'):.2f} s + write "
               f"{alone:.2f} s + {HASH} {median_of(results, False, 'hash'):.2f} s + commit")
         print(f"load average {os.getloadavg()[0]:.1f}")

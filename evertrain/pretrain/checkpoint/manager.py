@@ -63,6 +63,7 @@ class SaveTimings:
     blocked: float = 0.0  # save() held up the caller: waiting for the previous save, gathering the state
     copy: float = 0.0  # the writer waited for the host copy (which runs while training goes on)
     write: float = 0.0  # this rank's shards and train_state on disk, fsynced
+    write_cpu: float = 0.0  # CPU seconds the writer thread spent on that (bench/checkpoint.py (c))
     hash: float = 0.0  # content hash (store.HASH) of this rank's files
     commit: float = 0.0  # rank 0: the other ranks' markers, meta.json, rename, LATEST, retention
 
@@ -160,6 +161,7 @@ class CheckpointManager:
         timings.copy, started = time.perf_counter() - started, time.perf_counter()
         rank = self.engine.rank
         own = f"train_state.{rank}.pt"
+        cpu = time.thread_time()
         with zip_crc32_off():
             write(staged)
             with open(tmp / own, "wb") as f:
@@ -167,6 +169,7 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
         timings.write, started = time.perf_counter() - started, time.perf_counter()
+        timings.write_cpu = time.thread_time() - cpu
         files = {name: store.file_digest(tmp / name) for name in [*self.state.own_files(tmp), own]}
         store.write_done_marker(tmp, rank, files)
         timings.hash, started = time.perf_counter() - started, time.perf_counter()
