@@ -358,7 +358,7 @@ def test_writer_skips_the_zip_crc_and_its_files_load_back_exactly(tmp_path, monk
             other = threading.Thread(target=lambda: seen.update(other=torch.serialization.get_crc32_options()))
             other.start()
             other.join()
-            write(staged)
+            return write(staged)
         return copy, write_and_look
 
     monkeypatch.setattr(DcpState, "stage", stage)

@@ -401,17 +401,17 @@ def test_enospc_mid_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path,
     ckpts = tmp_path / "run" / "checkpoints"
     engine = toy_engine()
     ckpt = CheckpointManager(tmp_path / "run", cfg, engine)
-    real_digest = manager_module.store.file_digest
+    real_marker = manager_module.store.write_done_marker
 
     def disk_full(path, *args, **kwargs):  # the shards are on disk; the marker write finds no space
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(manager_module.store, "file_digest", disk_full)
+    monkeypatch.setattr(manager_module.store, "write_done_marker", disk_full)
     ckpt.save(2, {"tokens": 2, "data": {}})
     with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact") as err:
         ckpt.wait()
     assert "\n" not in str(err.value)
     assert store.latest_checkpoint(ckpts) == step_dir and (ckpts / store.LATEST).read_text().strip() == step_dir.name
-    monkeypatch.setattr(manager_module.store, "file_digest", real_digest)
+    monkeypatch.setattr(manager_module.store, "write_done_marker", real_marker)
     ckpt.save(3, {"tokens": 3, "data": {}})  # space again: the next save commits
     ckpt.close()
     assert store.step_of(store.latest_checkpoint(ckpts)) == 3

@@ -10,7 +10,8 @@ a laptop run resumes under torchrun and back, and `load_consolidated` has one re
 
 A save gathers the state dict in the caller's thread and hands it to checkpoint/staging.py, which
 copies it to host memory without the caller waiting (the next optimizer step is what waits); the
-manager's writer thread then waits for the copy and runs `dcp.save` on it. The stager lives as long
+manager's writer thread then waits for the copy and runs `dcp.save` on it, through files that hash
+their bytes as they are written (`HashingFileSystem`), so meta.json's hashes need no second pass. The stager lives as long
 as the manager: it keeps its host buffers (pinned on CUDA) and copies into them again at the next
 save, so staging is a memcpy into warm memory rather than a fresh allocation. With FSDP the writes
 coordinate over collectives, so they run on a gloo group of their own (created once, in the main
@@ -18,6 +19,7 @@ thread): the training collectives never share a group with a background thread.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from concurrent.futures import Future
@@ -27,6 +29,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
@@ -34,7 +38,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from evertrain.pretrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, first_line
 from evertrain.pretrain.checkpoint.staging import BackgroundStager
-from evertrain.pretrain.checkpoint.store import CheckpointError
+from evertrain.pretrain.checkpoint.store import CheckpointError, HashingFile
 
 DCP_METADATA = ".metadata"
 # We pass no_dist=True on purpose (one process); DCP warns about it on every call.
@@ -60,8 +64,15 @@ class DcpState:
         writes it, for the writer thread)."""
         state = {"model": get_model_state_dict(self.module),
                  "optim": get_optimizer_state_dict(self.module, self.engine.optimizer)["state"]}
-        return self.stager.stage(state), lambda staged: dcp.save(staged, checkpoint_id=str(tmp_dir),
-                                                                  **self._dcp_args())
+        return self.stager.stage(state), lambda staged: self._write(staged, tmp_dir)
+
+    def _write(self, staged: dict, tmp_dir: Path) -> dict[str, dict]:
+        """dcp.save through files that hash what is written: {file name: digest} of this rank's files."""
+        digests: dict[str, dict] = {}
+        writer = FileSystemWriter(str(tmp_dir))  # one file per rank, one thread, fsynced: DCP's defaults
+        writer.fs = HashingFileSystem(digests)
+        dcp.save(staged, storage_writer=writer, **self._dcp_args())
+        return digests
 
     def own_files(self, tmp_dir: Path) -> list[str]:
         """Files this rank wrote (DCP names them `__<rank>_<i>.distcp`; `.metadata` is rank 0's)."""
@@ -111,6 +122,28 @@ class DcpState:
 
     def close(self) -> None:
         self.stager.close()
+
+
+class HashingFileSystem(FileSystem):
+    """DCP's local filesystem, whose files opened for writing hash their bytes as they are written
+    (store.HashingFile): the writer needs no second pass over the files to fill meta.json."""
+
+    def __init__(self, digests: dict[str, dict]):
+        super().__init__()
+        self.digests = digests
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with HashingFile(Path(path), self.digests) as stream:
+            yield stream
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)  # DCP writes `.metadata.tmp`, then renames it
+        self.digests[Path(new_path).name] = self.digests.pop(Path(path).name)
 
 
 def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:

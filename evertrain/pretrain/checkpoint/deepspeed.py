@@ -37,7 +37,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from evertrain.pretrain.checkpoint.staging import BackgroundStager
 from evertrain.pretrain.checkpoint.safe_load import weights_only_loads
 from evertrain.pretrain.checkpoint.slices import KEYS, MOMENTS, WEIGHT, Slice
-from evertrain.pretrain.checkpoint.store import CheckpointError
+from evertrain.pretrain.checkpoint.store import CheckpointError, HashingFile
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 # The non-tensor objects DeepSpeed pickles into its ZeRO files; allowed explicitly so that every
@@ -93,12 +93,15 @@ def create_moments(optimizer, flat_partitions) -> None:
                 state[key] = torch.zeros_like(flat, dtype=torch.float32)
 
 
-def write_staged(paths: list[str], staged: dict) -> None:
+def write_staged(paths: list[str], staged: dict) -> dict[str, dict]:
+    """torch.save each file, fsynced; {file name: digest}, hashed while writing (store.HashingFile)."""
+    digests: dict[str, dict] = {}
     for path, state in zip(paths, staged["files"]):
-        with open(path, "wb") as f:
+        with HashingFile(Path(path), digests) as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+    return digests
 
 
 class DeepSpeedState:

@@ -8,9 +8,10 @@
 A save gathers this rank's state dict in the caller's thread (engine collectives happen here,
 nowhere else) and starts copying it to host memory without waiting for the copy (checkpoint/staging.py:
 on CUDA a side stream the next optimizer step waits on, on CPU a thread the next optimizer step waits
-for). One background thread does the rest: wait for the copy, write the shards, hash them (xxh3_128),
-leave a `done.<rank>` marker; rank 0 then waits for every marker, writes meta.json, renames the temp
-dir into place, replaces LATEST and applies retention (checkpoint/store.py, checkpoint/retention.py).
+for). One background thread does the rest: wait for the copy, write the shards (hashing them with
+xxh3_128 on the way: store.HashingFile), leave a `done.<rank>` marker; rank 0 then waits for every
+marker, writes meta.json, renames the temp dir into place, replaces LATEST and applies retention
+(checkpoint/store.py, checkpoint/retention.py).
 At most one save is in flight: the next `save` first waits for the last (once a stop was asked for,
 only until the stop's deadline: then the stuck save is abandoned, see save()).
 
@@ -64,7 +65,7 @@ class SaveTimings:
     copy: float = 0.0  # the writer waited for the host copy (which runs while training goes on)
     write: float = 0.0  # this rank's shards and train_state on disk, fsynced
     write_cpu: float = 0.0  # CPU seconds the writer thread spent on that (bench/checkpoint.py (c))
-    hash: float = 0.0  # content hash (store.HASH) of this rank's files
+    hash: float = 0.0  # the done marker (the content hash is computed while writing, in `write`)
     commit: float = 0.0  # rank 0: the other ranks' markers, meta.json, rename, LATEST, retention
 
 
@@ -163,14 +164,14 @@ class CheckpointManager:
         own = f"train_state.{rank}.pt"
         cpu = time.thread_time()
         with zip_crc32_off():
-            write(staged)
-            with open(tmp / own, "wb") as f:
+            hashed = write(staged)  # {name: digest}, hashed on the way to the files
+            with store.HashingFile(tmp / own, hashed) as f:
                 torch.save(train_state, f)
                 f.flush()
                 os.fsync(f.fileno())
         timings.write, started = time.perf_counter() - started, time.perf_counter()
         timings.write_cpu = time.thread_time() - cpu
-        files = {name: store.file_digest(tmp / name) for name in [*self.state.own_files(tmp), own]}
+        files = {name: hashed[name] for name in [*self.state.own_files(tmp), own]}
         store.write_done_marker(tmp, rank, files)
         timings.hash, started = time.perf_counter() - started, time.perf_counter()
         if meta is None:

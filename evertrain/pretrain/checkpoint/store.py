@@ -83,6 +83,50 @@ def file_digest(path: Path, algorithm: str = HASH, chunk: int = 8 << 20) -> dict
     return {"size": size, algorithm: h.hexdigest()}
 
 
+class HashingFile:
+    """A file opened for writing that hashes (store.HASH) every byte written through it: the digest
+    of what the writer handed to the file, computed from its buffers, with no second pass reading the
+    file back. `digests[name]` gets {"size", HASH} (as file_digest gives) when the file is closed.
+    Writes only append (torch.save, pickle and DCP never seek back), so that is the file's content."""
+
+    def __init__(self, path: Path, digests: dict[str, dict]):
+        self.path, self.digests = Path(path), digests
+        self.raw = open(self.path, "wb")
+        self.hash, self.size = HASHES[HASH](), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.hash.update(view)
+        self.size += len(view)
+        return self.raw.write(view)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.raw.closed:
+            self.raw.close()
+            self.digests[self.path.name] = {"size": self.size, HASH: self.hash.hexdigest()}
+
+    def __enter__(self) -> "HashingFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def entry_algorithm(entry: dict) -> str:
     """Which hash a meta.json file entry carries: checkpoints from before xxh3 carry sha256."""
     for algorithm in HASHES:
