@@ -3,7 +3,7 @@
   (a) how long a save holds up the training loop, asynchronous vs synchronous (goal: <= 2-3%): the
       time in `save()` plus the time the next step's optimizer waited for the host copy;
   (b) steady tokens/s with a save every ~10 s vs without saves (goal: >= 95% on 2 shared cores);
-  (c) the save's write (DCP write + fsync of this rank's files, not the copy or the hash) vs a plain
+  (c) the save's write (DCP write + fsync of this rank's files, hashed as written; not the copy) vs a plain
       sequential write + fsync of as many bytes, each measured under the same conditions: alone, and
       beside a training step as an asynchronous save's write runs (goal: >= 80%).
   (gpu) on CUDA only: (a) for a 1B model (configs/1b.yaml shape) on the GPU, staged asynchronously
