@@ -34,7 +34,8 @@ commit = checkpoint_store.commit
 
 def commit_or_hang(tmp_dir, meta):
     if meta["step"] >= block_from:
-        flag.write_text(str(tmp_dir))
+        flag.with_suffix(".part").write_text(str(tmp_dir))
+        flag.with_suffix(".part").rename(flag)  # whole when it appears: the test reads it at once
         time.sleep(3600)
     return commit(tmp_dir, meta)
 
