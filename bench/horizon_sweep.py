@@ -2,7 +2,7 @@
 compute of both ways and one figure into docs/horizon_sweep.md (between the generated-section
 markers, so the hand-written analysis around them survives a rerun).
 
-    python bench/horizon_sweep.py                 # the full sweep (configs/sweep.yaml, ~25-35 min on 2 cores)
+    python bench/horizon_sweep.py --max-lrs 1e-2 2e-2 4e-2 --seeds 2   # the page's sweep (about an hour on 2 busy cores)
     python bench/horizon_sweep.py --quick         # tiny model, tens of steps: the pipeline only
     python bench/horizon_sweep.py --horizons 300 600 1200 --out runs/sweep_long --doc docs/x.md
 
@@ -42,49 +42,61 @@ def read_records(run_dir: Path, kind: str, key: str) -> tuple[list[int], list[fl
     return steps, values
 
 
+def style(row: dict) -> dict:
+    return {"color": COLORS[row["schedule"]], "marker": MARKERS.get(row["cooldown"], "v"),
+            "ls": ":" if row["cooldown"] == "none" else "--" if row["cooldown"] == "average" else "-"}
+
+
 def plot(results: dict, out: Path, png: Path) -> None:
-    """LR of every run, val loss curves with the cooldown end points, and loss at T against T."""
+    """Val loss curves of the first seed (each way at its best LR for the last T), val loss at T
+    against T (mean and seed range at each row's best LR), and val loss against max_lr at the last T."""
     plan = sweep.SweepPlan.from_dict(results["plan"])
-    fig, (ax_lr, ax_loss, ax_t) = plt.subplots(1, 3, figsize=(17, 5))
+    last, first_seed = str(plan.horizons[-1]), plan.cells()[0].seed
+    fig, (ax_loss, ax_t, ax_lr) = plt.subplots(1, 3, figsize=(18, 5.2))
+
+    def cell_dir(lr: float) -> Path:
+        return out / sweep.Cell(lr if plan.max_lrs else None, first_seed).name
+
+    rows = {(row["schedule"], row["cooldown"]): row for row in results["rows"]}
     end_losses = []
     for t in plan.horizons:
-        run = out / sweep.cosine_name(t)
-        ax_lr.plot(*read_records(run, "train", "lr"), color="black", lw=1)
-        steps, losses = read_records(run, "eval", "val_loss")
-        ax_loss.plot(steps, losses, color="black", lw=1, label="cosine to T" if t == plan.horizons[0] else None)
+        lr = rows["cosine", None]["cells"][str(t)]["lr"]
+        steps, losses = read_records(cell_dir(lr) / sweep.cosine_name(t), "eval", "val_loss")
+        ax_loss.plot(steps, losses, color="black", lw=1, label="cosine to T (its best LR)" if t == plan.horizons[0] else None)
         end_losses.append(losses[-1])
     for decay in plan.schedules:
-        main_lr = dict(zip(*read_records(out / decay, "train", "lr")))
-        ax_lr.plot(list(main_lr), list(main_lr.values()), color=COLORS[decay], lw=1.5, label=decay)
-        ax_loss.plot(*read_records(out / decay, "eval", "val_loss"), color=COLORS[decay], lw=1.5,
-                     label=f"{decay}, no cooldown")
-        for t in plan.horizons:
-            for shape in plan.shapes:
-                fork = sweep.ForkJob(decay, plan.fork_step(t), plan.cooldown_steps(t), shape).result_dir(out)
-                steps, lrs = read_records(fork, "train", "lr")
-                if plan.fork_step(t) in main_lr:  # start the branch where it leaves the main run
-                    steps, lrs = [plan.fork_step(t), *steps], [main_lr[plan.fork_step(t)], *lrs]
-                ax_lr.plot(steps, lrs, color=COLORS[decay], lw=0.8, ls="--" if shape == "linear" else ":")
-                loss = sweep.read_result(fork)["val_loss"]
-                ax_loss.plot([t], [loss], MARKERS[shape], color=COLORS[decay], ms=6,
-                             label=f"{decay} + {shape} cooldown" if t == plan.horizons[0] else None)
-                end_losses.append(loss)
+        lr = rows[decay, "none"]["cells"][last]["lr"]
+        ax_loss.plot(*read_records(cell_dir(lr) / decay, "eval", "val_loss"), color=COLORS[decay], lw=1.5,
+                     label=f"{decay} at lr {sweep.lr_text(lr)}, no cooldown")
+        for (schedule, cooldown), row in rows.items():
+            if schedule != decay or cooldown in (None, "none"):
+                continue
+            losses = [row["cells"][str(t)]["mean"] for t in plan.horizons]
+            ax_loss.plot(plan.horizons, losses, style(row)["marker"], color=COLORS[decay], ms=6,
+                         label=f"{row['label']} (mean, best LR)")
+            end_losses += losses
     for row in results["rows"]:
-        losses = [row["val_loss"][str(t)] for t in plan.horizons]
-        ax_t.plot(plan.horizons, losses, marker=MARKERS[row["cooldown"]],
-                  color=COLORS[row["schedule"]], ls="-" if row["cooldown"] != "none" else ":", label=row["label"])
-    ax_lr.set(title="learning rate (dashed: linear, dotted: 1-sqrt cooldowns)", xlabel="step", ylabel="lr")
+        cells = [row["cells"][str(t)] for t in plan.horizons]
+        st = style(row)
+        ax_t.errorbar(plan.horizons, [c["mean"] for c in cells], yerr=[c["half_range"] for c in cells],
+                      capsize=3, label=row["label"], **st)
+        by_lr = row["cells"][last]["by_lr"]
+        ax_lr.errorbar([e["lr"] for e in by_lr], [e["mean"] for e in by_lr], yerr=[e["half_range"] for e in by_lr],
+                       capsize=3, label=row["label"], **st)
     low, high = min(end_losses), max(end_losses)
-    ax_loss.set(title="validation loss", xlabel="step", ylabel="val loss",
+    ax_loss.set(title=f"validation loss (seed {first_seed})", xlabel="step", ylabel="val loss",
                 ylim=(low - 0.1 * (high - low + 0.1), high + 1.5 * (high - low + 0.1)))
-    ax_t.set(title="val loss at the horizon", xlabel="horizon T (steps)", ylabel="val loss", xscale="log")
+    ax_t.set(title="val loss at T: mean, bars = seed range, each at its best LR", xlabel="horizon T (steps)",
+             ylabel="val loss", xscale="log")
     ax_t.set_xticks(plan.horizons, [str(t) for t in plan.horizons])
-    ax_t.minorticks_off()
-    for ax in (ax_lr, ax_loss, ax_t):
+    ax_lr.set(title=f"val loss at T={last} against max_lr (bars = seed range)", xlabel="max_lr", ylabel="val loss",
+              xscale="log")
+    lrs = sorted({r["lr"] for r in results["records"]})
+    ax_lr.set_xticks(lrs, [sweep.lr_text(lr) for lr in lrs])
+    for ax in (ax_loss, ax_t, ax_lr):
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
-    ax_lr.legend(fontsize=8)
-    ax_loss.legend(fontsize=8)
-    ax_t.legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = png.with_name(f".{png.stem}.tmp{png.suffix}")
     fig.savefig(tmp, dpi=110)
@@ -92,18 +104,26 @@ def plot(results: dict, out: Path, png: Path) -> None:
     tmp.replace(png)
 
 
-def parameter_count(config: str, overrides: tuple[str, ...]) -> int:
-    from evertrain.pretrain.model import Transformer
+def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
-    return sum(p.numel() for p in Transformer(load_config(config, overrides).model).parameters())
+
+def load_words(invocations: list[dict]) -> str:
+    """Wall time and load average of the invocations that ran something."""
+    ran = [i for i in invocations if i["load_1min"]]
+    if not ran:
+        return "no invocation ran long enough to sample the load"
+    loads = [x for i in ran for x in i["load_1min"]]
+    return (f"{sum(i['wall_s'] for i in ran) / 60:.0f} min wall over {len(ran)} invocation(s) with "
+            f"{ran[0]['parallel']} runs at a time; 1-min load average (the box is shared) "
+            f"{min(loads):.1f}-{max(loads):.1f}, mean {sum(loads) / len(loads):.1f}, sampled every minute")
 
 
 def generated_section(results: dict, command: str, png: Path, doc: Path) -> str:
     plan, c = results["plan"], results["compute"]
     cfg = load_config(plan["config"], plan["overrides"])
-    header, rows = sweep.table_rows(results)
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
+    seeds = plan["seeds"] or [cfg.train.seed]
+    lrs = sorted({r["lr"] for r in results["records"]})
     n_shapes = len(plan["shapes"])
     return "\n".join([
         BEGIN,
@@ -111,28 +131,43 @@ def generated_section(results: dict, command: str, png: Path, doc: Path) -> str:
         "",
         f"    {command}",
         "",
-        f"Model {parameter_count(plan['config'], tuple(plan['overrides'])) / 1e6:.2f}M parameters "
-        f"(d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, seq {cfg.model.seq_len}), "
+        f"Model d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, seq {cfg.model.seq_len}, "
         f"{cfg.train.micro_batch_size * cfg.train.grad_accum} x {cfg.model.seq_len} tokens per step, "
-        f"data `{cfg.data.path}`, seed {cfg.train.seed}. Every run: max_lr {cfg.optim.max_lr:g}, "
-        f"warmup {cfg.optim.warmup_steps}, weight decay {cfg.optim.weight_decay:g}, clip {cfg.optim.grad_clip:g}; "
-        f"rsqrt timescale {cfg.optim.rsqrt_timescale or cfg.optim.warmup_steps}; cosine to 0 at T. "
-        f"Cooldowns: {plan['cooldown_fraction']:g} x T steps forked at step {1 - plan['cooldown_fraction']:g} x T, "
-        f"so they end at T with the cosine run's steps and tokens. Val loss on the same "
-        f"{cfg.eval.batches} x {cfg.train.micro_batch_size * cfg.train.grad_accum} windows of the held-out plays "
-        f"everywhere (eval every {results['eval_every']} steps).",
+        f"data `{cfg.data.path}`. Grid: max_lr {', '.join(sweep.lr_text(lr) for lr in lrs)} x seeds "
+        f"{', '.join(map(str, seeds))} ({len(lrs) * len(seeds)} cells). Every run: warmup {cfg.optim.warmup_steps}, "
+        f"weight decay {cfg.optim.weight_decay:g}, clip {cfg.optim.grad_clip:g}; rsqrt timescale "
+        f"{cfg.optim.rsqrt_timescale or cfg.optim.warmup_steps}; cosine to 0 at T. "
+        f"Cooldowns ({', '.join(plan['shapes'])}): {plan['cooldown_fraction']:g} x T steps forked at step "
+        f"{1 - plan['cooldown_fraction']:g} x T, so they end at T with the cosine run's steps and tokens. "
+        + (f"Average: uniform over the open-ended run's {plan['average_last']} checkpoints evenly from "
+           f"{1 - plan['cooldown_fraction']:g} x T to T (no training). " if plan["average_last"] else "")
+        + f"Val loss on the same {cfg.eval.batches} x {cfg.train.micro_batch_size * cfg.train.grad_accum} windows "
+        f"of the held-out plays everywhere (eval every {results['eval_every']} steps).",
         "",
-        "Validation loss at each horizon T (gap to the cosine run tuned to T):",
+        "Regime (parameters counted with the tied embedding, which is also the output head; the training "
+        "stream repeats the corpus in a new order each epoch):",
         "",
-        *table,
+        *(f"- {line}" for line in sweep.regime_lines(results)),
         "",
-        f"Compute for all {len(plan['horizons'])} horizons, in optimizer steps: cosine way "
+        f"Validation loss at each horizon T: mean over the {len(seeds)} seeds ± half their min-max range "
+        f"(for two seeds, exactly the two values), at the row's own best max_lr (`@`; `edge` = the best is "
+        f"the lowest or highest LR of the grid), gap of the means to cosine. The last column calls a row "
+        f"lower/higher than cosine only where the two seed ranges do not overlap, else level:",
+        "",
+        *markdown(*sweep.table_rows(results)),
+        "",
+        "Mean val loss at every max_lr of the grid (* = the row's best):",
+        "",
+        *markdown(*sweep.lr_table_rows(results)),
+        "",
+        f"Compute per cell for all {len(plan['horizons'])} horizons, in optimizer steps: cosine way "
         f"{' + '.join(map(str, plan['horizons']))} = **{c['cosine_steps']}**; fork way "
-        f"{c['main_run_steps']} (one run to the last T) + {c['cooldown_steps']} (cooldowns) = "
-        f"**{c['fork_steps_per_shape']}** per cooldown shape, **{sweep.saving_words(c['saving'])}** "
-        f"(both shapes, as run here: {c['main_run_steps'] + n_shapes * c['cooldown_steps']}). "
-        f"Strictly the open-ended run only has to reach the last fork point; it ran to the last T for "
-        f"the no-cooldown values.",
+        f"{c['main_run_steps']} (the open-ended run to the last fork point) + {c['cooldown_steps']} (cooldowns) = "
+        f"**{c['fork_steps_per_shape']}** per cooldown shape, **{sweep.saving_words(c['saving'])}**. "
+        f"The no-cooldown and averaging rows need the open-ended run to the last T "
+        f"({c['open_ended_to_last_t']} steps); the averages train nothing. The whole sweep trained "
+        f"{c['sweep_steps']:,} steps ({n_shapes} cooldown shape(s), {len(plan['schedules'])} open-ended "
+        f"schedule(s)): {load_words(results['invocations'])}.",
         "",
         f"![horizon sweep]({png.name})",
         END,
@@ -161,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     png = doc.with_suffix(".png")
     doc.parent.mkdir(parents=True, exist_ok=True)
     try:
-        results = sweep.run_sweep(sweep.plan_from_args(args), args.out, parallel=args.parallel)
+        results = sweep.run_sweep(sweep.plan_from_args(args), args.out, parallel=args.parallel,
+                                  averages=not args.skip_averages)
         sweep.print_results(results)
         plot(results, Path(args.out), png)
         command = "python bench/horizon_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])

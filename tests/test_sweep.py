@@ -1,6 +1,7 @@
-"""The horizon sweep's pipeline on a tiny model (the science is in docs/horizon_sweep.md): every run
-and fork happens, evals land on the horizons, the table/compute/figure/doc come out, a rerun skips
-finished runs, and bad requests fail with one line before anything runs."""
+"""The horizon sweep on a tiny model (the science is in docs/horizon_sweep.md): every run, fork and
+average happens, evals land on the horizons, the table/compute/figure/doc come out, a rerun skips
+finished runs, and bad requests fail with one line before anything runs; and the table's logic on
+synthetic results: each row at its own best max_lr, the grid's edge flagged, seed ranges, verdicts."""
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,117 @@ def test_plan_ends_cooldowns_at_the_horizons():
     assert plan.eval_every == 40 and plan.checkpoint_every == 160
     jobs = sweep.jobs_of(plan)
     names = [job.name for job in jobs]
-    assert names[:2] == ["rsqrt", "constant"]  # the long runs start first
-    assert sorted(n for n in names if n.startswith("cosine")) == ["cosine_T200", "cosine_T400", "cosine_T800"]
+    assert names[:2] == ["base/rsqrt", "base/constant"]  # the long runs start first
+    assert sorted(n for n in names if "cosine" in n) == ["base/cosine_T200", "base/cosine_T400", "base/cosine_T800"]
     forks = [job for job in jobs if isinstance(job, sweep.ForkJob)]
     assert len(forks) == 3 * 2 * 2
     assert {(f.step + f.cooldown_steps) for f in forks} == {200, 400, 800}
+    assert not any(isinstance(job, sweep.AverageJob) for job in jobs)  # average_last=0: no averaging row
     assert sweep.saving_words(0.229) == "23% fewer" and sweep.saving_words(-0.2) == "20% more"
     assert sweep.SweepPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    # the fork way needs the open-ended run only to the last fork point
+    c = sweep.compute_of(plan)
+    assert (c["main_run_steps"], c["cooldown_steps"], c["fork_steps_per_shape"]) == (640, 280, 920)
+    assert c["cosine_steps"] == 1400 and c["sweep_steps"] == 1400 + 2 * (800 + 2 * 280)
+
+
+def test_grid_cells_and_averages():
+    plan = sweep.SweepPlan(config="c.yaml", horizons=(200, 400, 800), shapes=("1-sqrt",), schedules=("constant",),
+                           max_lrs=(1e-2, 2e-2), seeds=(7, 8), average_last=5)
+    # averages: 5 checkpoints evenly over each cooldown window, so the run checkpoints every 10 steps
+    assert plan.average_steps(200) == [160, 170, 180, 190, 200]
+    assert plan.average_steps(800) == [640, 680, 720, 760, 800]
+    assert plan.checkpoint_every == 10
+    assert [c.name for c in plan.cells()] == ["lr0.01_seed7", "lr0.02_seed7", "lr0.01_seed8", "lr0.02_seed8"]
+    jobs = sweep.jobs_of(plan)
+    assert len(jobs) == 4 * (1 + 3 + 3 + 3)
+    first = [job for job in jobs if job.name.startswith("lr0.02_seed8/")]
+    main = next(job for job in first if job.name == "lr0.02_seed8/constant")
+    assert {"optim.max_lr=0.02", "train.seed=8", "checkpoint.every_steps=10", "checkpoint.keep_every=10",
+            "train.max_steps=800"} <= set(main.overrides)
+    averages = [job for job in first if isinstance(job, sweep.AverageJob)]
+    assert [a.steps for a in averages] == [(160, 170, 180, 190, 200), (320, 340, 360, 380, 400),
+                                           (640, 680, 720, 760, 800)]
+    assert averages[0].command(plan, Path("/o"))[-4:] == ["--run", "/o/lr0.02_seed8/constant", "--steps",
+                                                          "160,170,180,190,200"]
+    assert not any(isinstance(job, sweep.AverageJob) for job in sweep.jobs_of(plan, averages=False))
+
+
+def record(schedule, cooldown, lr, seed, horizon, loss):
+    return {"schedule": schedule, "cooldown": cooldown, "lr": lr, "seed": seed, "horizon": horizon, "val_loss": loss}
+
+
+def synthetic() -> list[dict]:
+    """Two seeds, three LRs, two horizons. cosine: best 2e-2 at T=100 (inner), 1e-2 at T=200 (low edge).
+    constant+cooldown: best 4e-2 (high edge) at both, clearly below cosine at 100, level at 200.
+    constant, no cooldown: best 2e-2, clearly above cosine at 200."""
+    table = {  # (schedule, cooldown, horizon) -> {lr: (seed 1 loss, seed 2 loss)}
+        ("cosine", None, 100): {1e-2: (5.10, 5.12), 2e-2: (5.00, 5.02), 4e-2: (5.05, 5.09)},
+        ("cosine", None, 200): {1e-2: (4.60, 4.62), 2e-2: (4.70, 4.70), 4e-2: (4.80, 4.84)},
+        ("constant", "1-sqrt", 100): {1e-2: (5.00, 5.00), 2e-2: (4.95, 4.97), 4e-2: (4.90, 4.92)},
+        ("constant", "1-sqrt", 200): {1e-2: (4.65, 4.65), 2e-2: (4.64, 4.66), 4e-2: (4.60, 4.63)},
+        ("constant", "none", 100): {1e-2: (5.20, 5.20), 2e-2: (5.015, 5.025), 4e-2: (5.10, 5.10)},
+        ("constant", "none", 200): {1e-2: (4.80, 4.80), 2e-2: (4.70, 4.72), 4e-2: (4.75, 4.75)},
+    }
+    return [record(schedule, cooldown, lr, seed, t, losses[i])
+            for (schedule, cooldown, t), by_lr in table.items() for lr, losses in by_lr.items()
+            for i, seed in enumerate((1, 2))]
+
+
+def test_aggregate_reports_each_row_at_its_best_lr():
+    rows = {(r["schedule"], r["cooldown"]): r for r in sweep.aggregate(synthetic())}
+    assert [r["label"] for r in sweep.aggregate(synthetic())] == [
+        "cosine (tuned to T)", "constant + 1-sqrt cooldown", "constant, no cooldown"]
+    cosine, cooled, plain = rows["cosine", None], rows["constant", "1-sqrt"], rows["constant", "none"]
+    assert [cosine["cells"][t]["lr"] for t in ("100", "200")] == [2e-2, 1e-2]
+    assert [cooled["cells"][t]["lr"] for t in ("100", "200")] == [4e-2, 4e-2]
+    assert plain["cells"]["100"]["lr"] == 2e-2
+    assert cosine["cells"]["100"]["mean"] == pytest.approx(5.01)
+    assert cosine["cells"]["100"]["half_range"] == pytest.approx(0.01)
+    assert cooled["cells"]["200"]["half_range"] == pytest.approx(0.015)
+    assert [e["lr"] for e in cosine["cells"]["100"]["by_lr"]] == [1e-2, 2e-2, 4e-2]
+    assert [e["mean"] for e in cosine["cells"]["100"]["by_lr"]] == pytest.approx([5.11, 5.01, 5.07])
+    # the edge of the grid is flagged, an inner best is not
+    assert [cosine["cells"]["100"]["edge"], cosine["cells"]["200"]["edge"], cooled["cells"]["100"]["edge"]] == \
+        [None, "low", "high"]
+    assert cooled["cells"]["100"]["gap_pct"] == pytest.approx(100 * (4.91 - 5.01) / 5.01)
+
+
+def test_verdicts_need_the_difference_to_exceed_the_seed_ranges():
+    rows = {(r["schedule"], r["cooldown"]): r for r in sweep.aggregate(synthetic())}
+    cooled, plain = rows["constant", "1-sqrt"], rows["constant", "none"]
+    # 4.91 +- 0.01 vs 5.01 +- 0.01: lower; 4.615 +- 0.015 vs 4.61 +- 0.01: level
+    assert [cooled["cells"][t]["verdict"] for t in ("100", "200")] == ["lower", "level"]
+    # 5.025 +- 0.005 vs 5.01 +- 0.01: 0.015 is exactly the sum of the half ranges: level
+    assert [plain["cells"][t]["verdict"] for t in ("100", "200")] == ["level", "higher"]
+    assert cooled["verdict"] == "lower at T=100, level at T=200"
+    assert plain["verdict"] == "level at T=100, higher at T=200"
+    assert rows["cosine", None]["verdict"] is None
+    ref = {"mean": 5.0, "half_range": 0.01, "seeds": 2}
+    assert sweep.verdict({"mean": 4.979, "half_range": 0.01, "seeds": 2}, ref) == "lower"
+    assert sweep.verdict({"mean": 4.981, "half_range": 0.01, "seeds": 2}, ref) == "level"
+    assert sweep.verdict({"mean": 5.021, "half_range": 0.01, "seeds": 2}, ref) == "higher"
+
+
+def test_one_seed_calls_nothing_and_one_lr_flags_no_edge():
+    records = [r for r in synthetic() if r["seed"] == 1 and r["lr"] == 2e-2]
+    rows = sweep.aggregate(records)
+    assert all(cell["edge"] is None and cell["half_range"] == 0 for row in rows for cell in row["cells"].values())
+    assert rows[1]["cells"]["100"]["verdict"] is None
+    assert rows[1]["verdict"] == "not called (one seed) at T=100 200"
+
+
+def test_table_shows_the_winning_lr_the_edge_and_every_lr():
+    rows = sweep.aggregate(synthetic())
+    results = {"plan": {"horizons": [100, 200]}, "rows": rows, "records": synthetic()}
+    header, table = sweep.table_rows(results)
+    assert header == ["schedule", "T=100", "T=200", "vs cosine (seed ranges)"]
+    assert table[0] == ["cosine (tuned to T)", "5.0100 ±0.0100 @2e-2", "4.6100 ±0.0100 @1e-2 (edge: low)",
+                        "(reference)"]
+    assert table[1][1] == "4.9100 ±0.0100 @4e-2 (edge: high) (-2.00%)"
+    header, table = sweep.lr_table_rows(results)
+    assert header == ["schedule", "T", "lr 1e-2", "lr 2e-2", "lr 4e-2"]
+    assert table[0] == ["cosine (tuned to T)", "100", "5.1100", "5.0100*", "5.0700"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -51,6 +156,11 @@ def test_plan_ends_cooldowns_at_the_horizons():
     ({"horizons": (2, 4)}, "cooldown steps"),
     ({"horizons": (200,), "shapes": ("square",)}, "--shapes"),
     ({"horizons": (200,), "schedules": ("cosine",)}, "--schedules"),
+    ({"horizons": (200,), "max_lrs": (1e-3, 1e-3)}, "--max-lrs"),
+    ({"horizons": (200,), "max_lrs": (0.0,)}, "--max-lrs"),
+    ({"horizons": (200,), "seeds": (1, 1)}, "--seeds"),
+    ({"horizons": (200, 300), "average_last": 4}, "--average-last"),  # 60 steps do not split in 3
+    ({"horizons": (200,), "average_last": 1}, "--average-last"),
 ])
 def test_bad_plans_name_the_argument(kwargs, message):
     with pytest.raises(sweep.SweepError, match=message):

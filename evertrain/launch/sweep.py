@@ -43,6 +43,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ PRETRAIN = Path(__file__).resolve().parents[2] / "pretrain.py"
 OPEN_ENDED = ("rsqrt", "constant")
 
 FULL_CONFIG = "configs/sweep.yaml"
-FULL_HORIZONS = (400, 800, 1600)
+FULL_HORIZONS = (200, 400, 800)
 FULL_AVERAGE_LAST = 5  # checkpoints at 0.80, 0.85, 0.90, 0.95, 1.00 T: the cooldown's window
 # --quick checks the pipeline, not the science: a one-layer model and tens of steps
 QUICK_HORIZONS = (10, 20, 40)
@@ -321,6 +322,7 @@ def run_jobs(plan: SweepPlan, out: Path, jobs, parallel: int = 2, poll_s: float 
         echo(f"sweep: {len(jobs) - len(pending)} of {len(jobs)} runs finished already")
     running: dict = {}  # Popen -> (job, log file, start time)
     sampled = -math.inf
+    previous = signal.signal(signal.SIGTERM, interrupted)  # `kill PID` stops the runs too, not orphans them
     try:
         while pending or running:
             if load_samples is not None and time.monotonic() - sampled >= 60:
@@ -347,12 +349,17 @@ def run_jobs(plan: SweepPlan, out: Path, jobs, parallel: int = 2, poll_s: float 
                 proc = subprocess.Popen(job.command(plan, out), stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[proc] = (job, log, time.monotonic())
             time.sleep(poll_s if running else 0)
-    finally:  # a failure or Ctrl-C: stop the others cleanly (they checkpoint on SIGTERM) and wait
+    finally:  # a failure, Ctrl-C or SIGTERM: stop the others cleanly (they checkpoint on SIGTERM) and wait
+        signal.signal(signal.SIGTERM, previous)
         for proc, (job, log, _) in running.items():
             proc.terminate()
         for proc, (job, log, _) in running.items():
             proc.wait()
             log.close()
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def last_line(path: Path) -> str:
