@@ -52,6 +52,7 @@ def plot(results: dict, out: Path, png: Path) -> None:
     against T (mean and seed range at each row's best LR), and val loss against max_lr at the last T."""
     plan = sweep.SweepPlan.from_dict(results["plan"])
     last, first_seed = str(plan.horizons[-1]), plan.cells()[0].seed
+    seed_label = first_seed if first_seed is not None else load_config(plan.config, plan.overrides).train.seed
     fig, (ax_loss, ax_t, ax_lr) = plt.subplots(1, 3, figsize=(18, 5.2))
 
     def cell_dir(lr: float) -> Path:
@@ -84,7 +85,7 @@ def plot(results: dict, out: Path, png: Path) -> None:
         ax_lr.errorbar([e["lr"] for e in by_lr], [e["mean"] for e in by_lr], yerr=[e["half_range"] for e in by_lr],
                        capsize=3, label=row["label"], **st)
     low, high = min(end_losses), max(end_losses)
-    ax_loss.set(title=f"validation loss (seed {first_seed})", xlabel="step", ylabel="val loss",
+    ax_loss.set(title=f"validation loss (seed {seed_label})", xlabel="step", ylabel="val loss",
                 ylim=(low - 0.1 * (high - low + 0.1), high + 1.5 * (high - low + 0.1)))
     ax_t.set(title="val loss at T: mean, bars = seed range, each at its best LR", xlabel="horizon T (steps)",
              ylabel="val loss", xscale="log")
@@ -156,7 +157,7 @@ def generated_section(results: dict, command: str, png: Path, doc: Path) -> str:
         "",
         *markdown(*sweep.table_rows(results)),
         "",
-        "Mean val loss at every max_lr of the grid (* = the row's best):",
+        "Mean val loss at every max_lr of the grid, low to high (bold: the row's best):",
         "",
         *markdown(*sweep.lr_table_rows(results)),
         "",

@@ -5,6 +5,7 @@ synthetic results: each row at its own best max_lr, the grid's edge flagged, see
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -146,8 +147,8 @@ def test_table_shows_the_winning_lr_the_edge_and_every_lr():
                         "(reference)"]
     assert table[1][1] == "4.9100 ±0.0100 @4e-2 (edge: high) (-2.00%)"
     header, table = sweep.lr_table_rows(results)
-    assert header == ["schedule", "T", "lr 1e-2", "lr 2e-2", "lr 4e-2"]
-    assert table[0] == ["cosine (tuned to T)", "100", "5.1100", "5.0100*", "5.0700"]
+    assert header == ["schedule", "T=100: lr 1e-2 / 2e-2 / 4e-2", "T=200: lr 1e-2 / 2e-2 / 4e-2"]
+    assert table[0] == ["cosine (tuned to T)", "5.1100 / **5.0100** / 5.0700", "**4.6100** / 4.7000 / 4.8200"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -181,41 +182,59 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path, tiny_data):
     out, doc = tmp_path / "sweep", tmp_path / "docs" / "horizon_sweep.md"
     doc.parent.mkdir()
     doc.write_text(f"# Horizon sweep\n\nhand-written intro\n\n{bench.BEGIN}\nstale table\n{bench.END}\n\nhand-written analysis\n")
+    plan = sweep.plan_from_args(parse_sweep_args(quick_args(out, tiny_data)))
+    assert plan.average_last == 3 and plan.checkpoint_every == 1
+    # first everything but the averages (the real sweep ran so before `evertrain average` existed) ...
+    skipped = sweep.run_sweep(plan, out, echo=lambda _: None, averages=False)
+    assert [row["cooldown"] for row in skipped["rows"]] == [None, "linear", "none", "linear", "none"]
+    # ... then the same command adds them from the kept checkpoints, and the page
+    messages = []
+    sweep.run_jobs(plan, out, sweep.jobs_of(plan), echo=messages.append)
+    assert messages[0] == "sweep: 8 of 12 runs finished already"
+    assert all("average" in m for m in messages[1:])
     assert bench.main([*quick_args(out, tiny_data), "--doc", str(doc)]) == 0
 
     results = json.loads((out / "results.json").read_text())
     labels = [row["label"] for row in results["rows"]]
-    assert labels == ["cosine (tuned to T)", "rsqrt + linear cooldown", "rsqrt, no cooldown",
-                      "constant + linear cooldown", "constant, no cooldown"]
+    assert labels == ["cosine (tuned to T)", "rsqrt + linear cooldown", "rsqrt, average of 3 ckpts",
+                      "rsqrt, no cooldown", "constant + linear cooldown", "constant, average of 3 ckpts",
+                      "constant, no cooldown"]
     for row in results["rows"]:
-        assert set(row["val_loss"]) == {str(t) for t in HORIZONS}
-        assert all(0 < loss < 10 for loss in row["val_loss"].values())
-    assert all(abs(gap) < 1e-9 for gap in results["rows"][0]["gap_pct"].values())
+        assert set(row["cells"]) == {str(t) for t in HORIZONS}
+        assert all(0 < cell["mean"] < 10 and cell["half_range"] == 0 for cell in row["cells"].values())
+    assert all(abs(cell["gap_pct"]) < 1e-9 for cell in results["rows"][0]["cells"].values())
     assert results["compute"]["cosine_steps"] == 10 + 20
-    assert results["compute"]["fork_steps_per_shape"] == 20 + 2 + 4
+    assert results["compute"]["fork_steps_per_shape"] == 16 + 2 + 4  # the open-ended run to the last fork point
+    assert results["regime"]["params"] > results["regime"]["embedding_params"] > 0
 
     # each fork starts at 0.8 T from the open-ended run and ends at T with an lr of exactly 0
     for t in HORIZONS:
-        result = json.loads((out / "rsqrt" / "cooldowns" / f"from_{t - t // 5:09d}_linear_{t // 5}"
+        result = json.loads((out / "base" / "rsqrt" / "cooldowns" / f"from_{t - t // 5:09d}_linear_{t // 5}"
                              / "result.json").read_text())
         assert result["from_step"] + result["cooldown_steps"] == t
-    records = [json.loads(line) for line in (out / "constant" / "cooldowns" / "from_000000016_linear_4"
+    records = [json.loads(line) for line in (out / "base" / "constant" / "cooldowns" / "from_000000016_linear_4"
                                              / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if r["kind"] == "train"][-1] == 0.0
+    # the averages: 3 checkpoints evenly over the cooldown window [0.8 T, T], nothing trained
+    average = json.loads((out / "base" / "constant" / "averages" / "avg_000000020_k3_16-18-20" / "result.json")
+                         .read_text())
+    assert average["steps"] == [16, 18, 20]
+    row = next(r for r in results["rows"] if r["label"] == "constant, average of 3 ckpts")
+    assert row["cells"]["20"]["mean"] == average["val_loss"]
     # the cosine run to T ends with the same val batches as the no-cooldown eval at T
-    cosine = sweep.read_evals(out / "cosine_T20")
+    cosine = sweep.read_evals(out / "base" / "cosine_T20")
     assert sorted(cosine) == list(range(2, 21, 2))
 
     text = doc.read_text()
     assert text.startswith("# Horizon sweep\n\nhand-written intro") and text.endswith("hand-written analysis\n")
     assert "stale table" not in text and "| rsqrt + linear cooldown |" in text and "fewer" in text
+    assert "| constant, average of 3 ckpts |" in text and "per parameter" in text
     assert (tmp_path / "docs" / "horizon_sweep.png").stat().st_size > 10_000
 
     # a rerun finds every run done and launches nothing
-    plan = sweep.plan_from_args(parse_sweep_args(quick_args(out, tiny_data)))
     messages = []
     sweep.run_jobs(plan, out, sweep.jobs_of(plan), echo=messages.append)
-    assert messages == ["sweep: 8 of 8 runs finished already"]
+    assert messages == ["sweep: 12 of 12 runs finished already"]
 
 
 def parse_sweep_args(argv: list[str]):
@@ -229,8 +248,13 @@ def test_other_settings_into_the_same_out_are_refused(tmp_path):
     plan = sweep.SweepPlan(config=config, horizons=(200, 400))
     sweep.claim_out_dir(plan, tmp_path)
     sweep.claim_out_dir(plan, tmp_path)  # the same plan resumes
+    # the grid may grow: more LRs, seeds, schedules or shapes only add runs
+    sweep.claim_out_dir(dataclasses.replace(plan, max_lrs=(1e-3, 2e-3), seeds=(1, 2), shapes=("linear",),
+                                            schedules=("constant",)), tmp_path)
     with pytest.raises(sweep.SweepError, match="horizons"):
         sweep.claim_out_dir(sweep.SweepPlan(config=config, horizons=(200, 800)), tmp_path)
+    with pytest.raises(sweep.SweepError, match="average_last"):
+        sweep.claim_out_dir(dataclasses.replace(plan, average_last=5), tmp_path)
     with pytest.raises(sweep.SweepError, match="the config"):
         sweep.claim_out_dir(sweep.SweepPlan(config=config, horizons=(200, 400),
                                             overrides=("optim.max_lr=1e-2",)), tmp_path)
@@ -240,6 +264,6 @@ def test_failed_run_names_its_log(tmp_path, tiny_data):
     plan = sweep.SweepPlan(config=str(REPO / "configs" / "tiny.yaml"), horizons=(10,),
                            overrides=(*sweep.QUICK_OVERRIDES, f"data.path={tmp_path / 'missing'}",
                                       "model.vocab_size=512"))
-    jobs = [job for job in sweep.jobs_of(plan) if job.name == "cosine_T10"]
+    jobs = [job for job in sweep.jobs_of(plan) if job.name == "base/cosine_T10"]
     with pytest.raises(sweep.SweepError, match=r"cosine_T10: exited with status 2 .*cosine_T10\.log"):
         sweep.run_jobs(plan, tmp_path, jobs, parallel=1, echo=lambda _: None)

@@ -586,16 +586,20 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def lr_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: the mean val loss at every LR of the grid, per row and horizon (best marked *)."""
+    """Header and rows: per horizon the mean val loss at every LR of the grid, low to high (the
+    row's best in bold), so the neighbours of the winner are visible."""
     lrs = sorted({r["lr"] for r in results["records"]})
-    header = ["schedule", "T", *(f"lr {lr_text(lr)}" for lr in lrs)]
+    grid = " / ".join(lr_text(lr) for lr in lrs)
+    header = ["schedule", *(f"T={t}: lr {grid}" for t in results["plan"]["horizons"])]
     rows = []
     for row in results["rows"]:
+        cells = []
         for t in results["plan"]["horizons"]:
             cell = row["cells"][str(t)]
             means = {entry["lr"]: entry["mean"] for entry in cell["by_lr"]}
-            rows.append([row["label"], str(t), *(f"{means[lr]:.4f}{'*' if lr == cell['lr'] else ''}"
-                                                  if lr in means else "-" for lr in lrs)])
+            cells.append(" / ".join((f"**{means[lr]:.4f}**" if lr == cell["lr"] else f"{means[lr]:.4f}")
+                                    if lr in means else "-" for lr in lrs))
+        rows.append([row["label"], *cells])
     return header, rows
 
 
@@ -639,7 +643,7 @@ def print_results(results: dict) -> None:
         table.add_row(*row)
     console.print(table)
     header, rows = lr_table_rows(results)
-    table = Table(*header, title="mean val loss at every max_lr of the grid (* = best)")
+    table = Table(*header, title="mean val loss at every max_lr of the grid (** = best)")
     for row in rows:
         table.add_row(*row)
     console.print(table)
