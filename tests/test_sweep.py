@@ -146,6 +146,7 @@ def test_table_shows_the_winning_lr_the_edge_and_every_lr():
     assert table[0] == ["cosine (tuned to T)", "5.0100 ±0.0100 @2e-2", "4.6100 ±0.0100 @1e-2 (edge: low)",
                         "(reference)"]
     assert table[1][1] == "4.9100 ±0.0100 @4e-2 (edge: high) (-2.00%)"
+    assert [sweep.lr_text(lr) for lr in (0.015, 0.03, 6e-2, 1e-3, 0.1)] == ["1.5e-2", "3e-2", "6e-2", "1e-3", "1e-1"]
     header, table = sweep.lr_table_rows(results)
     assert header == ["schedule", "T=100: lr 1e-2 / 2e-2 / 4e-2", "T=200: lr 1e-2 / 2e-2 / 4e-2"]
     assert table[0] == ["cosine (tuned to T)", "5.1100 / **5.0100** / 5.0700", "**4.6100** / 4.7000 / 4.8200"]

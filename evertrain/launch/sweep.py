@@ -564,7 +564,9 @@ def run_sweep(plan: SweepPlan, out: str | Path, parallel: int = 2, echo=print, a
 
 
 def lr_text(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
+    """0.015 -> '1.5e-2', 0.03 -> '3e-2' (two significant digits: a grid's points stay distinct)."""
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
