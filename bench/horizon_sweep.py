@@ -161,6 +161,11 @@ def generated_section(results: dict, command: str, png: Path, doc: Path) -> str:
         "",
         *markdown(*sweep.lr_table_rows(results)),
         "",
+        "Paired differences within one open-ended run (same LR and seed: the run's own noise cancels), "
+        "over every (LR, seed) of the grid, in nats of val loss at T (positive: the first is worse):",
+        "",
+        *markdown(*sweep.paired_rows(results)),
+        "",
         f"Compute per cell for all {len(plan['horizons'])} horizons, in optimizer steps: cosine way "
         f"{' + '.join(map(str, plan['horizons']))} = **{c['cosine_steps']}**; fork way "
         f"{c['main_run_steps']} (the open-ended run to the last fork point) + {c['cooldown_steps']} (cooldowns) = "

@@ -130,6 +130,24 @@ def test_verdicts_need_the_difference_to_exceed_the_seed_ranges():
     assert sweep.verdict({"mean": 5.021, "half_range": 0.01, "seeds": 2}, ref) == "higher"
 
 
+def test_paired_differences_stay_within_one_run():
+    records = synthetic()
+    # one average row, 0.01 below the cooldown in every run but one (seed 2 at 4e-2 at T=100: 0.05 below)
+    records += [record("constant", "average", r["lr"], r["seed"], r["horizon"],
+                       r["val_loss"] - (0.05 if (r["lr"], r["seed"], r["horizon"]) == (4e-2, 2, 100) else 0.01))
+                for r in synthetic() if r["cooldown"] == "1-sqrt"]
+    results = {"plan": {"schedules": ["constant"], "horizons": [100, 200], "shapes": ["1-sqrt"]}, "records": records}
+    header, rows = sweep.paired_rows(results)
+    assert header == ["schedule", "T", "no cooldown - cooldown: min / mean / max", "average - cooldown: min / mean / max",
+                      "no cooldown - average: min / mean / max", "runs"]
+    # T=100, no cooldown - cooldown per (lr, seed): .20 .20 .065 .055 .20 .18
+    assert rows[0][:3] == ["constant", "100", "+0.0550 / +0.1500 / +0.2000"]
+    assert rows[0][3] == "-0.0500 / -0.0167 / -0.0100" and rows[0][5] == "6"
+    without = [r for r in records if r["cooldown"] != "average"]
+    header, rows = sweep.paired_rows({**results, "records": without})
+    assert len(header) == 4 and rows[1][2] == "+0.0600 / +0.1150 / +0.1500"
+
+
 def test_one_seed_calls_nothing_and_one_lr_flags_no_edge():
     records = [r for r in synthetic() if r["seed"] == 1 and r["lr"] == 2e-2]
     rows = sweep.aggregate(records)

@@ -605,6 +605,34 @@ def lr_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+PAIRS = (("none", "cooldown", "no cooldown - cooldown"), ("average", "cooldown", "average - cooldown"),
+         ("none", "average", "no cooldown - average"))
+
+
+def paired_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: within one open-ended run (same LR, same seed) the difference of two of its
+    ways at T, min / mean / max over every (LR, seed) of the grid. The run's own noise cancels in a
+    pair, so these are sharper than the table's across-seed comparison to cosine. The first cooldown
+    shape stands for "cooldown"."""
+    plan = results["plan"]
+    loss = {(r["schedule"], r["cooldown"], r["lr"], r["seed"], r["horizon"]): r["val_loss"] for r in results["records"]}
+    pairs = [(a, b, label) for a, b, label in PAIRS
+             if "average" not in (a, b) or any(key[1] == "average" for key in loss)]
+    header = ["schedule", "T", *(f"{label}: min / mean / max" for _, _, label in pairs), "runs"]
+    rows = []
+    for decay in plan["schedules"]:
+        for t in plan["horizons"]:
+            cells, n = [], 0
+            for a, b, _ in pairs:
+                a, b = (plan["shapes"][0] if x == "cooldown" else x for x in (a, b))
+                diffs = [loss[key] - loss[(decay, b, *key[2:])] for key in loss
+                         if key[:2] == (decay, a) and key[4] == t and (decay, b, *key[2:]) in loss]
+                n = len(diffs)
+                cells.append(f"{min(diffs):+.4f} / {sum(diffs) / n:+.4f} / {max(diffs):+.4f}" if diffs else "-")
+            rows.append([decay, str(t), *cells, str(n)])
+    return header, rows
+
+
 def regime_lines(results: dict) -> list[str]:
     r = results["regime"]
     lines = [f"model {r['params']:,} parameters, of which {r['embedding_params']:,} the tied token embedding "
