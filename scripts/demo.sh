@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job end to end on CPU: DeepSpeed (2 ranks, ZeRO-2) trains configs/small.yaml on the
 # shipped Shakespeare corpus while the side launcher forks 20% 1-sqrt cooldowns from checkpoints
-# 200/400/600 and evaluates them; then the report. Rerunning resumes (finished parts are skipped).
+# 150/300/450/600 and evaluates them; then the report (four cooldowns: the fit of the loss against
+# tokens has three parameters, so a fourth point gives it an uncertainty). Rerunning resumes
+# (finished parts are skipped).
 #
 #   scripts/demo.sh [--config C] [--steps N] [--at S1,S2,...] [--run DIR] [--ranks N] [--bin DIR]
 #                   [-- section.key=value ...]
@@ -13,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/small.yaml}
 STEPS=${STEPS:-600}
-AT=${AT:-200,400,600}
+AT=${AT:-150,300,450,600}
 RUN=${RUN:-runs/demo}
 RANKS=${RANKS:-2}
 BIN=${BIN:-.venv/bin}
