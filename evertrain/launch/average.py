@@ -244,9 +244,10 @@ def write_weights(final: Path, weights: dict, newest: dict, steps: list[int]) ->
 
 # -- CLI -----------------------------------------------------------------------------------------
 
-def parse_steps(text: str) -> list[int]:
+def parse_steps(text: str) -> tuple[int, ...]:
+    """S1,S2,... for --steps here and the forker's --at."""
     try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
+        steps = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
     if any(s <= 0 for s in steps):

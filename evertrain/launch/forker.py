@@ -44,7 +44,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from evertrain.errors import EvertrainError
-from evertrain.launch.average import average_dir_name
+from evertrain.launch.average import average_dir_name, parse_steps
 from evertrain.launch.evals import EvalHooks, hooks_from_args
 from evertrain.launch.fork import add_eval_arguments, cooldown_data, cooldown_dir_name, read_result
 from evertrain.launch.nodes import Pool, Slot, parse_pool
@@ -533,16 +533,6 @@ class Forker:
 
 
 # -- CLI -----------------------------------------------------------------------------------------
-
-def parse_steps(text: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
-    if any(s <= 0 for s in steps):
-        raise argparse.ArgumentTypeError(f"steps must be > 0, got {text!r}")
-    return steps
-
 
 def options_from_args(args: argparse.Namespace) -> ForkerOptions:
     run_dir = Path(args.run)
