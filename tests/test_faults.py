@@ -262,6 +262,55 @@ def test_a_second_trainer_is_refused_at_once_and_a_dead_holders_lock_is_taken_ov
     assert (run / "config.yaml").is_file() and store.latest_checkpoint(run / "checkpoints") is not None
 
 
+LOCK_CLIENT = """
+import sys
+from evertrain.pretrain.run_lock import RunLock, RunLockError
+lock = None
+for line in sys.stdin:
+    if line.strip() == "acquire":
+        try:
+            lock = RunLock.acquire(sys.argv[1])
+            print("held", flush=True)
+        except RunLockError as exc:
+            print("refused", exc, flush=True)
+    else:
+        lock.release()
+        print("released", flush=True)
+"""
+
+
+def test_a_released_run_lock_is_taken_by_another_process_and_back(tmp_path):
+    """release() lets another live process take the run dir, and that one's release gives it back: the
+    lock is dropped by release, not only by the holder's death (a second process stays alive throughout)."""
+    import subprocess
+    import sys
+
+    from evertrain.pretrain.run_lock import RunLock, RunLockError
+
+    run = tmp_path / "run"
+    other = subprocess.Popen([sys.executable, "-c", LOCK_CLIENT, str(run)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def ask(command: str) -> str:
+        other.stdin.write(command + "\n")
+        other.stdin.flush()
+        return other.stdout.readline().strip()
+
+    try:
+        mine = RunLock.acquire(run)
+        assert ask("acquire").startswith("refused"), "a second process took a lock that is held"
+        mine.release()
+        assert ask("acquire") == "held", "the released lock was not taken by another process: release kept it"
+        with pytest.raises(RunLockError, match=f"pid {other.pid}, since "):
+            RunLock.acquire(run)
+        assert ask("release") == "released"
+        again = RunLock.acquire(run)  # the other process is still alive: its release gave the lock back
+        again.release()
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
 # -- 4. data identity ---------------------------------------------------------------------------------------
 
 def swapped_copy(data: Path, out: Path, *, shard: bool = False, tokenizer: bool = False) -> Path:
