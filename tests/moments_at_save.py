@@ -15,10 +15,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's evertrain, not an installed one
-from evertrain.pretrain import engines  # noqa: E402
-from evertrain.pretrain.checkpoint import CheckpointManager  # noqa: E402
-from evertrain.pretrain.config import load_config  # noqa: E402
-from evertrain.pretrain.data import TokenStream  # noqa: E402
+from evertrain.pretrain import engines
+from evertrain.pretrain.checkpoint import CheckpointManager
+from evertrain.pretrain.config import load_config
+from evertrain.pretrain.data import TokenStream
 
 REPO = Path(__file__).resolve().parents[1]
 MOMENTS = ("exp_avg", "exp_avg_sq")

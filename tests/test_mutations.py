@@ -7,8 +7,9 @@ A mutation whose target text is gone (the code was rewritten) fails here with a 
 update the mutation to the new code, keeping the bug it plants.
 
 Cheap by construction, so the list can grow: the copy is hard links to the repo's files (the mutated
-file alone is a new file, so the repo is never written), and each mutation is one pytest process
-(`-x -p no:cacheprovider`) that runs only its guarding tests, on the session's prepared data.
+file alone is a new file, and guarding tests write only under their tmp_path, so the repo is never
+written), and each mutation is one pytest process (`-x -p no:cacheprovider`) that runs only its
+guarding tests, on the session's prepared data.
 """
 from __future__ import annotations
 
@@ -175,7 +176,7 @@ def test_the_guarding_test_catches_the_mutation(mutation, tiny_data, tmp_path):
            "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf",
                            "--basetemp", str(tmp_path / "basetemp"), *mutation.tests],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=tree, env=env, capture_output=True, text=True, timeout=900, check=False)
     output = proc.stdout
     summary = output.strip().splitlines()[-1] if output.strip() else proc.stderr[-2000:]
     failed = failed_tests(output)
