@@ -7,6 +7,8 @@ build the engine on configs/tiny.yaml, train 2 steps, take the full Adam moments
 right then (gathered with the engine's own means: DeepSpeed's safe_get_full_optimizer_state, a
 DTensor's full_tensor, or the plain tensor), save a checkpoint in OUT/LAYOUT, and (rank 0) write the
 moments to OUT/LAYOUT/moments.pt for the test to compare with what the checkpoint readers return.
+Then each checkpoint is loaded into the next LAYOUT's engine (the last into the first's), and the
+moments that engine holds after the load go to OUT/LAYOUT/reloaded.pt.
 """
 import sys
 from pathlib import Path
@@ -46,15 +48,25 @@ def held_moments(engine) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def make_engine(layout: str, data: str):
+    engine_name = "fsdp" if layout == "fsdp" else "deepspeed"
+    overrides = [f"data.path={data}", "model.vocab_size=512", f"engine.name={engine_name}",
+                 "train.micro_batch_size=2", "train.grad_accum=1"]
+    if layout != "fsdp":
+        overrides.append(f"engine.zero_stage={int(layout.removeprefix('zero'))}")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    return cfg, engines.create(cfg, launcher="deepspeed" if engine_name == "deepspeed" else "torchrun")
+
+
+def drop(engine) -> None:
+    if engine.ds_engine is not None:
+        engine.ds_engine.destroy()  # the process group stays for the next layout
+    engine.barrier()
+
+
 def main(out: Path, data: str, layouts: list[str]) -> None:
     for layout in layouts:
-        engine_name = "fsdp" if layout == "fsdp" else "deepspeed"
-        overrides = [f"data.path={data}", "model.vocab_size=512", f"engine.name={engine_name}",
-                     "train.micro_batch_size=2", "train.grad_accum=1"]
-        if layout != "fsdp":
-            overrides.append(f"engine.zero_stage={int(layout.removeprefix('zero'))}")
-        cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
-        engine = engines.create(cfg, launcher="deepspeed" if engine_name == "deepspeed" else "torchrun")
+        cfg, engine = make_engine(layout, data)
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
         for _ in range(2):
             engine.train_step([stream.next_batch(2 * engine.world_size, engine.rank, engine.world_size)])
@@ -64,9 +76,17 @@ def main(out: Path, data: str, layouts: list[str]) -> None:
         ckpt.close()
         if engine.rank == 0:
             torch.save(moments, out / layout / "moments.pt")
-        if engine.ds_engine is not None:
-            engine.ds_engine.destroy()  # the process group stays for the next layout
-        engine.barrier()
+        drop(engine)
+    # each checkpoint loaded into the next layout's engine (a reshard: read by parameter slices)
+    for layout, target in zip(layouts, layouts[1:] + layouts[:1]):
+        cfg, engine = make_engine(target, data)
+        ckpt = CheckpointManager(out / f"{layout}_into_{target}", cfg, engine)
+        ckpt.load(out / layout / "checkpoints" / "step_000000002")
+        moments = held_moments(engine)
+        ckpt.close()
+        if engine.rank == 0:
+            torch.save(moments, out / layout / "reloaded.pt")
+        drop(engine)
 
 
 if __name__ == "__main__":

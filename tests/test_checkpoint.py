@@ -400,7 +400,8 @@ MOMENT_LAYOUTS = ("zero0", "zero1", "zero2", "zero3", "fsdp")
 @pytest.fixture(scope="module")
 def moments_at_save(tiny_data, tmp_path_factory) -> Path:
     """One torchrun launch (2 CPU ranks) that trains and saves under DeepSpeed ZeRO 0-3 and FSDP2 in
-    turn, keeping the full Adam moments each engine held when it saved (tests/moments_at_save.py)."""
+    turn, keeping the full Adam moments each engine held when it saved, then loads each checkpoint into
+    the next layout's engine and keeps its moments too (tests/moments_at_save.py)."""
     from conftest import launcher, run_ok
 
     out = tmp_path_factory.mktemp("moments")
@@ -412,8 +413,9 @@ def moments_at_save(tiny_data, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", MOMENT_LAYOUTS)
 def test_checkpointed_moments_are_those_the_engine_held_when_it_saved(moments_at_save, layout):
-    """Read back whole (load_consolidated) and as the two halves a 2-rank FSDP2 target reads, each
-    moment of each parameter equals, bit for bit, the one the engine held: not only each other's."""
+    """Read back whole (load_consolidated), as the two halves a 2-rank FSDP2 target reads, and loaded
+    into another layout's engine (the next in MOMENT_LAYOUTS: a reshard), each moment of each parameter
+    equals, bit for bit, the one the engine held when it saved: not only the other readers'."""
     from evertrain.pretrain.checkpoint.slices import Slice, open_reader
 
     held = torch.load(moments_at_save / layout / "moments.pt", weights_only=True)
@@ -431,3 +433,7 @@ def test_checkpointed_moments_are_those_the_engine_held_when_it_saved(moments_at
             half = (len(value) + 1) // 2
             halves = reader.read([Slice(name, key, 0, half), Slice(name, key, half, len(value))])
             assert torch.equal(torch.cat(halves), value), f"{layout}: {name} {key} read by halves differs"
+    reloaded = torch.load(moments_at_save / layout / "reloaded.pt", weights_only=True)
+    for name, moments in held.items():
+        for key, value in moments.items():
+            assert torch.equal(reloaded[name][key], value), f"{layout}: {name} {key} differs once loaded into an engine"
