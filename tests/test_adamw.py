@@ -83,6 +83,46 @@ def test_matches_torch_adamw_over_20_steps_with_changing_lr_and_grad_scale(impl)
         assert max_abs_diff([opt.state[p][key] for p in ours], [ref.state[q][key] for q in theirs]) <= 1e-6
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1e-6, 1e-8])
+@pytest.mark.parametrize("path", ["torch", "aligned", "unaligned"])
+def test_matches_torch_adamw_where_eps_matters(path, scale, monkeypatch):
+    """Gradients of 1e-4..1e-8 against eps = 1e-8: sqrt(v) is near eps, so where eps enters shows
+    (torch adds it after the bias correction of sqrt(v); before it, eps is 4.5x larger at step 1 and the
+    update ~3e-3 off at 1e-8, ~4e-6 at 1e-4). The kernel through its aligned and unaligned access paths."""
+    shapes = [(1296,), (80,), (528,)]  # multiples of 16 (else no aligned path), tails shorter than the block
+    params = make_params(shapes=shapes)
+    theirs = [nn.Parameter(p.detach().flatten().clone()) for p in params]
+    ref = torch.optim.AdamW(theirs, lr=0.0, betas=BETAS, eps=EPS, weight_decay=0.1)
+    zeros = [torch.zeros(s).flatten() for s in shapes]
+    if path == "torch":
+        ours, ours_m, ours_v = [p.detach().flatten().clone() for p in params], zeros, [z.clone() for z in zeros]
+        update = adamw_torch
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        offset = 0 if path == "aligned" else 1
+        ours = views_into_one_buffer(params, offset)
+        ours_m, ours_v = views_into_one_buffer(zeros, offset), views_into_one_buffer(zeros, offset)
+        cache = {}
+        def update(*args, **kwargs):
+            adamw_triton(*args, chunk=512, block=128, cache=cache, **kwargs)
+    for step in range(1, 6):
+        grads = [scale * g.flatten() for g in random_grads(params, step)]
+        lr = 1e-2 * step / 5
+        update(ours, grads, ours_m, ours_v, [0.1] * len(shapes), lr=torch.tensor([lr]), step=torch.tensor(step),
+               beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
+        for q, g in zip(theirs, grads):
+            q.grad = g.clone()
+        ref.param_groups[0]["lr"] = lr
+        ref.step()
+    if path != "torch":
+        (_, tables), = cache.values()
+        assert tables[3] == (path == "aligned")  # the access path the test names
+    assert max_abs_diff(ours, theirs) <= 1e-6, f"the update differs from torch's AdamW at gradients of {scale:g}"
+    for key, mine in (("exp_avg", ours_m), ("exp_avg_sq", ours_v)):
+        reference = [ref.state[q][key] for q in theirs]
+        size = max(t.abs().max().item() for t in reference)
+        assert max_abs_diff(mine, reference) <= 1e-5 * size, key
+
 def views_into_one_buffer(tensors, offset: int) -> list[torch.Tensor]:
     """Copies of `tensors` living in one flat buffer from element `offset` on, like ZeRO's partitions."""
     flat = torch.zeros(offset + sum(t.numel() for t in tensors))

@@ -156,6 +156,21 @@ def test_already_tokenized_shards_are_appended_as_they_are(data, tiny_data, tmp_
     assert load_manifest(data).version == 2
 
 
+def test_a_token_id_equal_to_the_vocab_size_is_refused(data, tmp_path):
+    """Ids run 0..vocab_size-1: 511 is the last valid one of a 512 vocab, 512 is one past it."""
+    last = tmp_path / "last.bin"
+    np.array([1, 511, 2], dtype="<u2").tofile(last)
+    assert append(data, [last]).version == 2
+    one_past = tmp_path / "one_past.bin"
+    np.array([1, 512, 2], dtype="<u2").tofile(one_past)
+    try:
+        append(data, [one_past])
+    except DataError as exc:
+        assert "one_past.bin: token id 512 is outside this data dir's vocab of 512" in str(exc)
+    else:
+        pytest.fail("a token id equal to the vocab size (512 of 512) was accepted")
+    assert load_manifest(data).version == 2
+
 def test_mixture_sources_and_weights(data, new_text):
     grown = append(data, new_text[:1], source="extra", weight=0.5, shard_tokens=4000)
     assert grown.weights == {"main": 1.0, "extra": 0.5}

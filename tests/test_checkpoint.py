@@ -390,3 +390,50 @@ def test_writer_skips_the_zip_crc_and_its_files_load_back_exactly(tmp_path, monk
         for key, value in moments[name].items():
             assert torch.equal(fresh.optimizer.state[p][key], value)
             assert torch.equal(full["optim"][name][key], value)
+
+
+# -- the moments a checkpoint holds are the engine's --------------------------------------------------
+
+MOMENT_LAYOUTS = ("zero0", "zero1", "zero2", "zero3", "fsdp")
+
+
+@pytest.fixture(scope="module")
+def moments_at_save(tiny_data, tmp_path_factory) -> Path:
+    """One torchrun launch (2 CPU ranks) that trains and saves under DeepSpeed ZeRO 0-3 and FSDP2 in
+    turn, keeping the full Adam moments each engine held when it saved, then loads each checkpoint into
+    the next layout's engine and keeps its moments too (tests/moments_at_save.py)."""
+    from conftest import launcher, run_ok
+
+    out = tmp_path_factory.mktemp("moments")
+    run_ok([*launcher("fsdp", 2), "tests/moments_at_save.py", str(out), str(tiny_data), *MOMENT_LAYOUTS],
+           timeout=900)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", MOMENT_LAYOUTS)
+def test_checkpointed_moments_are_those_the_engine_held_when_it_saved(moments_at_save, layout):
+    """Read back whole (load_consolidated), as the two halves a 2-rank FSDP2 target reads, and loaded
+    into another layout's engine (the next in MOMENT_LAYOUTS: a reshard), each moment of each parameter
+    equals, bit for bit, the one the engine held when it saved: not only the other readers'."""
+    from evertrain.pretrain.checkpoint.slices import Slice, open_reader
+
+    held = torch.load(moments_at_save / layout / "moments.pt", weights_only=True)
+    step_dir = moments_at_save / layout / "checkpoints" / store.step_dir_name(2)
+    full = load_consolidated(step_dir)
+    assert full["meta"]["engine"] == ("fsdp" if layout == "fsdp" else "deepspeed")
+    assert full["meta"].get("zero_stage") == (None if layout == "fsdp" else int(layout[-1]))
+    assert set(full["optim"]) == set(held) and len(held) > 10
+    reader = open_reader(step_dir, full["meta"])
+    for name, moments in held.items():
+        for key, value in moments.items():
+            assert value.abs().sum() > 0, (name, key)  # two steps: no moment is still zero
+            loaded = full["optim"][name][key].reshape(-1)
+            assert torch.equal(loaded, value), f"{layout}: {name} {key} is not the moment the engine held"
+            half = (len(value) + 1) // 2
+            halves = reader.read([Slice(name, key, 0, half), Slice(name, key, half, len(value))])
+            assert torch.equal(torch.cat(halves), value), f"{layout}: {name} {key} read by halves differs"
+    reloaded = torch.load(moments_at_save / layout / "reloaded.pt", weights_only=True)
+    for name, moments in held.items():
+        for key, value in moments.items():
+            assert torch.equal(reloaded[name][key], value), f"{layout}: {name} {key} differs once loaded into an engine"

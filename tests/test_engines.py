@@ -321,8 +321,57 @@ def test_sharded_accumulation_trains_like_unsharded(fsdp_layout_runs):
     """Reduce-scattering after every micro-batch (grad_accum=2) gives the losses of one reduction per
     step (the hsdp run) and of the single engine: measured gaps 4.8e-7 and 9.5e-7, bound 1e-5; skipping
     the last micro-batch's reduce-scatter moves the losses by 2e-2. (Syncing only on the last micro-batch
-    in sharded mode would be numerically identical; the banner names the mode the engine resolved.)"""
+    in sharded mode would be numerically identical: the banner names the mode the engine resolved, and
+    test_fsdp2_reduce_scatters_per_step_as_its_accumulate_mode_says counts the reductions of each mode.)"""
     run, banner = fsdp_layout_runs["sharded"]
     assert "fsdp (FSDP shard 2, accumulate sharded) x2" in banner, banner
     for reference in ("hsdp", "single"):
         assert max_loss_gap(run, fsdp_layout_runs[reference][0]) < 1e-5, reference
+
+
+@pytest.mark.parametrize("accumulate, reduced_after", [("unsharded", [2]), ("sharded", [0, 1, 2])])
+def test_fsdp2_reduce_scatters_per_step_as_its_accumulate_mode_says(accumulate, reduced_after, tiny_data,
+                                                                      monkeypatch):
+    """Which micro-batches of a 3-micro-batch step are followed by the gradients' reduce-scatter (each
+    FSDP group, the blocks and the root, reduces once at each): only the last one when unsharded, every
+    one when sharded. A world of one, in this process: FSDP2 calls its reduction for one rank too (the
+    collective itself is skipped), so the count is the engine's choice, not the world size's."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    from conftest import free_port
+    from evertrain.pretrain import engines
+    from evertrain.pretrain.config import load_config
+    from evertrain.pretrain.data import TokenStream
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [f"data.path={tiny_data}", "model.vocab_size=512", "engine.name=fsdp",
+                       f"engine.accumulate={accumulate}", "train.micro_batch_size=2", "train.grad_accum=3"])
+    engine = engines.create(cfg)
+    try:
+        assert engine.accumulate == accumulate
+        micro_batch, reduced = [-1], []
+        forward_loss, foreach_reduce = engine.forward_loss, _fsdp_param_group.foreach_reduce
+
+        def counting_forward(windows):
+            micro_batch[0] += 1
+            return forward_loss(windows)
+
+        def counting_reduce(*args, **kwargs):
+            reduced.append(micro_batch[0])
+            return foreach_reduce(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "forward_loss", counting_forward)
+        monkeypatch.setattr(_fsdp_param_group, "foreach_reduce", counting_reduce)
+        groups = len(engine.raw_model.layers) + 1
+        batch = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed).next_batch(6)
+        for _ in range(2):
+            micro_batch[0], reduced[:] = -1, []
+            engine.train_step(list(batch.split(2)))
+            assert reduced == [i for i in reduced_after for _ in range(groups)], (
+                f"accumulate={accumulate}: reduce-scatters after micro-batches {reduced} of 0..2 "
+                f"({groups} groups), expected after {reduced_after}")
+    finally:
+        engine.close()

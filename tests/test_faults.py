@@ -69,6 +69,29 @@ def test_crafted_dcp_metadata_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+
+def test_crafted_dcp_metadata_may_use_torch_dtypes_but_no_other_torch_name(tmp_path):
+    """The allow-list takes `torch.<dtype>` for the tensors' properties, and nothing else under `torch`:
+    `torch.save(obj, path)` is a callable like any other, and would write a file while unpickling."""
+    marker = tmp_path / "written"
+    path = str(marker).encode()
+    # protocol 2: push torch.save, the arguments ({}, path), call it (REDUCE), stop
+    crafted = b"\x80\x02ctorch\nsave\n}X" + len(path).to_bytes(4, "little") + path + b"\x86R."
+    with pytest.raises(CheckpointError) as err:
+        read_dcp_metadata(replace_metadata(tmp_path, crafted))
+    assert not marker.exists(), "a crafted .metadata ran torch.save: the allow-list takes torch names other than dtypes"
+    assert "refers to torch.save, which a checkpoint's metadata may not use" in str(err.value)
+    float16 = b"\x80\x02ctorch\nfloat16\n."  # a dtype is fine (refused below only for not being Metadata)
+    with pytest.raises(CheckpointError, match="holds a dtype, not DCP Metadata"):
+        read_dcp_metadata(replace_metadata(tmp_path, float16))
+
+
+def replace_metadata(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "step" / ".metadata"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return path
+
 def test_crafted_torch_files_run_nothing_even_where_deepspeed_asks_for_a_full_unpickle(tmp_path):
     cfg, step_dir = committed_checkpoint(tmp_path / "run")
     marker = tmp_path / "ran"
@@ -157,6 +180,32 @@ def test_skip_drops_the_bad_update_and_counts_it(tiny_data, tmp_path, monkeypatc
     assert all(torch.isfinite(p).all() for p in engine.raw_model.parameters())
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_skip_drops_a_nan_update_with_clipping_off_too(grad_clip, tiny_data):
+    """`on_nonfinite=skip` flags the step from the grad norm whether or not the norm is used to clip
+    (optim.grad_clip=0 turns clipping off, not the skip)."""
+    from evertrain.pretrain import engines
+    from evertrain.pretrain.data import TokenStream
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [f"data.path={tiny_data}", "model.vocab_size=512", "engine.name=single",
+                       f"optim.grad_clip={grad_clip}", "train.on_nonfinite=skip"])
+    engine = engines.create(cfg)
+    try:
+        batch = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed).next_batch(4)
+        engine.train_step([batch])
+        state = lambda: [t.detach().clone() for t in engine.raw_model.state_dict().values()] + [
+            s[k].clone() for s in engine.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+        before = state()
+        forward_loss = engine.forward_loss
+        engine.forward_loss = lambda windows: forward_loss(windows) * float("nan")
+        engine.train_step([batch])
+        after = state()
+        assert all(torch.equal(a, b) for a, b in zip(before, after)), (
+            f"a NaN step changed weights or moments with optim.grad_clip={grad_clip}: the skip was not applied")
+    finally:
+        engine.close()
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_adamw_found_inf_leaves_weights_and_moments_alone(impl, monkeypatch):
     from evertrain.kernels.adamw import AdamW
@@ -212,6 +261,55 @@ def test_a_second_trainer_is_refused_at_once_and_a_dead_holders_lock_is_taken_ov
     assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0  # taken over
     assert (run / "config.yaml").is_file() and store.latest_checkpoint(run / "checkpoints") is not None
 
+
+LOCK_CLIENT = """
+import sys
+from evertrain.pretrain.run_lock import RunLock, RunLockError
+lock = None
+for line in sys.stdin:
+    if line.strip() == "acquire":
+        try:
+            lock = RunLock.acquire(sys.argv[1])
+            print("held", flush=True)
+        except RunLockError as exc:
+            print("refused", exc, flush=True)
+    else:
+        lock.release()
+        print("released", flush=True)
+"""
+
+
+def test_a_released_run_lock_is_taken_by_another_process_and_back(tmp_path):
+    """release() lets another live process take the run dir, and that one's release gives it back: the
+    lock is dropped by release, not only by the holder's death (a second process stays alive throughout)."""
+    import subprocess
+    import sys
+
+    from evertrain.pretrain.run_lock import RunLock, RunLockError
+
+    run = tmp_path / "run"
+    other = subprocess.Popen([sys.executable, "-c", LOCK_CLIENT, str(run)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def ask(command: str) -> str:
+        other.stdin.write(command + "\n")
+        other.stdin.flush()
+        return other.stdout.readline().strip()
+
+    try:
+        mine = RunLock.acquire(run)
+        assert ask("acquire").startswith("refused"), "a second process took a lock that is held"
+        mine.release()
+        assert ask("acquire") == "held", "the released lock was not taken by another process: release kept it"
+        with pytest.raises(RunLockError, match=f"pid {other.pid}, since "):
+            RunLock.acquire(run)
+        assert ask("release") == "released"
+        again = RunLock.acquire(run)  # the other process is still alive: its release gave the lock back
+        again.release()
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 # -- 4. data identity ---------------------------------------------------------------------------------------
 

@@ -138,6 +138,33 @@ def test_unrepresentable_checkpoints_are_refused(tmp_path, change, message):
     assert "\n" not in str(err.value)
 
 
+# Every config.json field that describes the model's computation, changed so that nothing but its own
+# check can notice (the weights keep their shapes where the field allows it), and the model.<key> it
+# must match. A field left unchecked would import the weights into a model that computes something else.
+CONFIG_FIELDS = [
+    ({"vocab_size": 1000}, "vocab_size=1000 but the config has model.vocab_size=512"),
+    ({"hidden_size": 64, "head_dim": 16}, "hidden_size=64 but the config has model.d_model=32"),
+    ({"num_hidden_layers": 3}, "num_hidden_layers=3 but the config has model.n_layers=2"),
+    ({"num_attention_heads": 8, "head_dim": 4}, "num_attention_heads=8 but the config has model.n_heads=4"),
+    ({"num_key_value_heads": 4}, "num_key_value_heads=4 but the config has model.n_kv_heads=2"),
+    ({"intermediate_size": 96}, "intermediate_size=96 but the config has model.ffn_hidden=64"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+     "rope_theta=10000.0 but the config has model.rope_theta=500000.0"),
+    ({"rms_norm_eps": 0.05}, "rms_norm_eps=0.05 but the config has model.norm_eps=1e-06"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings=True but the config has model.tie_embeddings=False"),
+]
+
+
+@pytest.mark.parametrize("change, message", CONFIG_FIELDS, ids=[next(iter(c)) for c, _ in CONFIG_FIELDS])
+def test_every_config_field_must_match_the_run(tmp_path, change, message):
+    hf_dir = rewrite_config(save_llama(tmp_path / "llama"), **change)
+    try:
+        build_model(config_for(hf_dir), torch.device("cpu"))
+    except HFCheckpointError as exc:
+        assert message in str(exc) and "\n" not in str(exc)
+    else:
+        pytest.fail(f"{change} was imported into a model that does not compute it: the field is not checked")
+
 def test_missing_files_and_tensors_are_refused(tmp_path):
     hf_dir = save_llama(tmp_path / "llama")
     state = load_file(str(hf_dir / "model.safetensors"))

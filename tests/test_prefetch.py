@@ -184,3 +184,21 @@ def test_cuda_batches_arrive_on_the_device_from_pinned_memory(tiny_data):
             batch = batches.next_batch()
             assert batch.is_cuda and torch.equal(batch.cpu(), plain.next_batch(G))
         assert all(slot is None or slot.is_pinned() for slot in batches.slots)
+
+
+def test_read_ahead_discarded_by_a_refresh_is_credited_back_to_the_limit(data, tiny_slices):
+    """A run of 4 steps (limit 4) whose worker has read 2 batches ahead when an append lands: the
+    refresh discards them, so they must count as unread, or the run's last steps find no batch left."""
+    stream = CountingStream(data, SEQ, seed=5)
+    with prefetching(stream, depth=2, limit=4) as batches:
+        batches.next_batch()
+        wait_reads(stream, 3)  # two batches in flight, the limit's last one not read yet
+        append(data, [tiny_slices.val[0]], shard_tokens=1 << 14, allow_duplicate=True)
+        assert batches.refresh() is True
+        try:
+            for _ in range(3):
+                batches.next_batch()
+        except RuntimeError as exc:
+            pytest.fail(f"the read-ahead discarded by the refresh was not credited back to the limit: {exc}")
+        with pytest.raises(RuntimeError, match="limit"):  # and the limit still holds
+            batches.next_batch()

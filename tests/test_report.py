@@ -148,6 +148,35 @@ def test_fit_recovers_a_noisy_power_law_within_its_band():
     assert covered >= 26  # a 95% band: ~28.5 of 30 expected
 
 
+def test_band_is_students_t_times_the_standard_error_over_n_minus_p_dof():
+    """The band recomputed from its definition, independently of scaling.py: the Jacobian by central
+    differences at the fitted parameters, s^2 = SSE / (n - p), cov = s^2 (J^T J)^-1, and t for n - p = 3
+    degrees of freedom (3.182, not 1.96). SSE / n or 1.96 gives a band ~29% or ~38% too narrow."""
+    tokens, target = np.geomspace(2e5, 4e6, 6), 8e6
+    noisy = law(tokens) + np.random.default_rng(0).normal(0.0, 0.01, len(tokens))
+    fit = fit_power_law(tokens, noisy, "linear")
+    assert not fit.degenerate and fit.free == ("E", "b", "beta") and fit.dof == 3
+
+    def model(params, d):
+        e, b, beta = params
+        return e + b * np.power(d / fit.scale, -beta)
+
+    params = np.array([fit.E, fit.B * fit.scale ** -fit.beta, fit.beta])
+    steps = 1e-6 * np.maximum(np.abs(params), 1.0)
+
+    def jacobian(d):
+        return np.stack([(model(params + h, d) - model(params - h, d)) / (2 * h[i])
+                         for i, h in enumerate(np.diag(steps))], axis=1)
+
+    sse = float(np.sum((model(params, tokens) - noisy) ** 2))
+    jac = jacobian(tokens)
+    cov = sse / (len(tokens) - 3) * np.linalg.inv(jac.T @ jac)
+    g = jacobian(np.array([target]))[0]
+    expected = 3.182 * math.sqrt(g @ cov @ g)
+    assert fit.band([target])[0] == pytest.approx(expected, rel=1e-3), (
+        "the band is not t(n-p) * sqrt(g^T cov g) with s^2 = SSE/(n-p)")
+    assert fit.param_stderr("beta") == pytest.approx(math.sqrt(cov[2, 2]), rel=1e-3)
+
 def test_degenerate_fits_warn(tmp_path, capsys):
     tokens = np.array([2.4e5, 9.6e5, 3.84e6])
     fit = fit_power_law(tokens, law(tokens))  # 3 points, 3 parameters
