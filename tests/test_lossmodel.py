@@ -1,0 +1,155 @@
+"""The loss model (evertrain/launch/lossmodel/): on a synthetic run whose every logged loss follows a
+known L = L0 + A * S1^-alpha - C * S2, the fit recovers the parameters and `evertrain predict` an unseen
+cooldown; the stop rule stops at the step a hand calculation gives; the trainer honours RUN/STOP."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evertrain.launch.cli import main as cli_main
+from evertrain.launch.lossmodel.areas import areas, branch_lrs
+from evertrain.launch.lossmodel.decision import Rule, evaluate
+from evertrain.launch.lossmodel.fit import NAMES, LossModelFit, fit_loss_model
+from evertrain.launch.lossmodel.observations import LossModelError, load_observations
+from evertrain.pretrain.config import dump_yaml, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TRUE = dict(L0=2.0, A=3.0, alpha=0.4, C=0.002, delta=0.05)
+TOKENS_PER_STEP = 512
+LOG_EVERY = 5
+
+
+def true_law(s1, s2):
+    return TRUE["L0"] + TRUE["A"] * np.power(s1, -TRUE["alpha"]) - TRUE["C"] * np.asarray(s2)
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def train_rows(lrs, peak, first, last, noise, rng):
+    """Train records every LOG_EVERY steps of (first, last]: the law's mean over each window, plus noise."""
+    a = areas(lrs, peak)
+    rows = []
+    for end in range(first + LOG_EVERY, last + 1, LOG_EVERY):
+        window = slice(end - LOG_EVERY, end)
+        loss = float(np.mean(true_law(a.s1[window], a.s2[window]))) + rng.normal(0.0, noise)
+        rows.append({"kind": "train", "step": end, "tokens": end * TOKENS_PER_STEP, "loss": loss,
+                     "lr": float(lrs[end - 1]), "tokens_per_s": 1000.0})
+    return rows
+
+
+def synthetic_run(run_dir: Path, last=400, forks=((100, 20), (200, 40), (300, 60)), noise=0.0, seed=0,
+                  decay="rsqrt") -> Path:
+    """A main run (tiny config's schedule) to `last` and linear cooldowns whose losses follow TRUE."""
+    rng = np.random.default_rng(seed)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"optim.decay={decay}"])
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    peak = cfg.optim.max_lr
+    lrs = branch_lrs(cfg.optim, last)
+    a = areas(lrs, peak)
+    evals = [{"kind": "eval", "step": s, "tokens": s * TOKENS_PER_STEP,
+              "val_loss": float(true_law(a.s1[s - 1], a.s2[s - 1])) + TRUE["delta"] + rng.normal(0.0, noise)}
+             for s in range(50, last + 1, 50)]
+    write_jsonl(run_dir / "metrics.jsonl", train_rows(lrs, peak, 0, last, noise, rng) + evals)
+    for step, c in forks:
+        out = run_dir / "cooldowns" / f"from_{step:09d}_linear_{c}"
+        branch = branch_lrs(cfg.optim, step + c, (step, c, "linear"))
+        write_jsonl(out / "metrics.jsonl", train_rows(branch, peak, step, step + c, noise, rng))
+        b = areas(branch, peak)
+        val = float(true_law(b.s1[-1], b.s2[-1])) + TRUE["delta"] + rng.normal(0.0, noise)
+        (out / "result.json").write_text(json.dumps({"from_step": step, "cooldown_steps": c, "shape": "linear",
+                                                     "tokens": (step + c) * TOKENS_PER_STEP, "val_loss": val,
+                                                     "val_ppl": float(np.exp(val))}))
+    return run_dir
+
+
+def true_val(run_dir: Path, step: int, c: int) -> float:
+    cfg = load_config(run_dir / "config.yaml")
+    b = areas(branch_lrs(cfg.optim, step + c, (step, c, "linear")), cfg.optim.max_lr)
+    return float(true_law(b.s1[-1], b.s2[-1])) + TRUE["delta"]
+
+
+def test_areas_follow_their_definition():
+    lrs = np.array([0.5, 1.0, 1.0, 0.5, 0.0])  # a rise (no annealing), then two drops of 0.5
+    a = areas(lrs, peak_lr=1.0, decay=0.5)
+    assert a.s1.tolist() == [0.5, 1.5, 2.5, 3.0, 3.0]
+    # m = 0, 0, 0, 0.5, 0.5 * 0.5 + 0.5 = 0.75; S2 = cumulative sum
+    assert a.s2.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.5, 1.25])
+
+
+def test_fit_recovers_the_parameters_of_a_known_law(tmp_path):
+    fit = fit_loss_model(load_observations(synthetic_run(tmp_path / "run"), skip_steps=40))
+    for name in NAMES:
+        assert fit[name] == pytest.approx(TRUE[name], rel=1e-3, abs=1e-5), name
+
+
+def test_noisy_fit_predicts_an_unseen_cooldown_within_its_interval(tmp_path, capsys):
+    run_dir = synthetic_run(tmp_path / "run", noise=0.01, seed=3)
+    fit = fit_loss_model(load_observations(run_dir))
+    assert fit["alpha"] == pytest.approx(TRUE["alpha"], abs=4 * fit.stderr("alpha") + 0.02)
+    assert fit.sigma_train == pytest.approx(0.01, rel=0.3)
+    assert cli_main(["predict", "--run", str(run_dir), "--step", "350", "--cooldown-steps", "70"]) == 0
+    text = capsys.readouterr().out
+    value = float(text.split("over 70 steps")[1].split("): ")[1].split()[0])
+    half = float(text.split("+- ")[-1].split()[0])
+    assert abs(value - true_val(run_dir, 350, 70)) <= half and half < 0.1, text
+    # --at-tokens: 50 steps of tokens later than step 300 is the same cooldown
+    assert cli_main(["predict", "--run", str(run_dir), "--step", "300", "--at-tokens", str(50 * TOKENS_PER_STEP),
+                     "--cooldown-steps", "70"]) == 0
+    assert f"{value:.4f} +- {half:.4f}" in capsys.readouterr().out
+
+
+def test_predict_needs_val_losses_and_names_the_problem(tmp_path, capsys):
+    run_dir = synthetic_run(tmp_path / "run", forks=())
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(line for line in lines if '"eval"' not in line) + "\n")
+    assert cli_main(["predict", "--run", str(run_dir), "--cooldown-fraction", "0.2"]) == 2
+    assert "0 validation loss(es) to fit against" in capsys.readouterr().err
+    with pytest.raises(LossModelError, match="not a run directory"):
+        load_observations(tmp_path / "nothing")
+
+
+def exact_fit() -> LossModelFit:
+    """The true law as a fit with no uncertainty: the rule's arithmetic alone."""
+    return LossModelFit(np.array([TRUE[n] for n in NAMES]), np.zeros((5, 5)), 0.0, 0.0, 100, 10)
+
+
+def test_rule_stops_at_the_step_a_hand_calculation_gives(tmp_path):
+    # constant LR, no warmup: S1 = s exactly; a linear cooldown of c steps from it adds sum(1 - k/c, k=1..c)
+    # = (c - 1) / 2 to S1. With C = 0, the loss of cooling down at s is L0 + A * (s + (c - 1)/2)^-alpha.
+    TRUE["C"], saved = 0.0, TRUE["C"]
+    try:
+        run_dir = synthetic_run(tmp_path / "run", forks=(), decay="constant")
+        obs = load_observations(run_dir)
+        cfg = load_config(run_dir / "config.yaml")
+        obs.optim = type(cfg.optim)(**{**cfg.optim.__dict__, "warmup_steps": 0})
+        tps, stride, f = 1000.0, 20, 0.1
+
+        def hand(s):  # nats per hour of training `stride` more steps
+            c0, c1 = round(f * s), round(f * (s + stride))
+            gain = TRUE["A"] * ((s + (c0 - 1) / 2) ** -TRUE["alpha"] - (s + stride + (c1 - 1) / 2) ** -TRUE["alpha"])
+            return gain / ((stride + c1 - c0) * TOKENS_PER_STEP / tps / 3600)
+
+        steps = list(range(20, 2001, 20))
+        threshold = (hand(600) + hand(620)) / 2  # falls below between 600 and 620
+        expected = next(s for s in steps if hand(s) < threshold)
+        assert expected == 620
+        rule = Rule(min_gain_per_hour=threshold, cooldown_fraction=f, stride=stride)
+        verdicts = {s: evaluate(obs, exact_fit(), rule, s, tps) for s in (600, 620)}
+        assert verdicts[600]["verdict"] == "continue" and verdicts[620]["verdict"] == "stop"
+        assert verdicts[620]["gain_per_hour"] == pytest.approx(hand(620), rel=1e-6)
+        final = verdicts[620]["final"]
+        assert final["step"] == 620 and 1 <= final["cooldown_steps"] <= 310
+        # a token budget: stop before training on 20 steps and cooling down 10% would pass it
+        budget = Rule(budget_tokens=700 * TOKENS_PER_STEP, cooldown_fraction=f, stride=stride)
+        stops = [s for s in steps if evaluate(obs, exact_fit(), budget, s, tps)["verdict"] == "stop"]
+        assert stops[0] == 620  # (620 + 20) * 1.1 = 704 > 700, (600 + 20) * 1.1 = 682 <= 700
+        assert evaluate(obs, exact_fit(), budget, 620, tps)["final"]["cooldown_steps"] <= 700 - 620
+    finally:
+        TRUE["C"] = saved
