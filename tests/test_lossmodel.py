@@ -153,3 +153,71 @@ def test_rule_stops_at_the_step_a_hand_calculation_gives(tmp_path):
         assert evaluate(obs, exact_fit(), budget, 620, tps)["final"]["cooldown_steps"] <= 700 - 620
     finally:
         TRUE["C"] = saved
+
+
+# -- the real thing: trainer, forker, final cooldown ---------------------------------------------
+
+def test_trainer_stops_at_the_checkpoint_after_a_stop_request(tiny_data, tmp_path):
+    from conftest import pretrain_tiny
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "STOP").write_text("stop\n")
+    common = [f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.log_every=5",
+              "eval.every_steps=0", "checkpoint.every_steps=10", "engine.name=single"]
+    assert pretrain_tiny(run_dir, *common, "train.max_steps=200") == 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 10 and (run_dir / "checkpoints" / "step_000000010").is_dir()
+    assert not (run_dir / "STOP").exists()  # met: removed, so a resume runs on
+    assert pretrain_tiny(run_dir, *common, "train.max_steps=30") == 0
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 30
+
+
+@pytest.mark.slow
+def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(tiny_data, tmp_path):
+    """configs/tiny trains with no step limit; the forker forks every 40th checkpoint under a token budget
+    with --stop-main: it decides stop once the budget says so, the trainer stops at a checkpoint, the final
+    cooldown runs once (result.json final), and a restarted forker neither decides nor launches again."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    tps = 4 * 64  # tokens per step: micro_batch_size 4, seq_len 64
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    trainer = subprocess.Popen(
+        [sys.executable, "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+         f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.max_steps=5000",
+         "train.log_every=5", "eval.every_steps=20", "eval.batches=1", "checkpoint.every_steps=20",
+         "checkpoint.keep_last=2", "checkpoint.keep_every=40", "engine.name=single"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    forker = [sys.executable, "-m", "evertrain.launch.cli", "forker", "--run", str(run_dir), "--every", "40",
+              "--cooldown-fraction", "0.1", "--nodes", "local:1", "--poll-s", "0.5", "--eval-batches", "1",
+              "--budget-tokens", str(150 * tps), "--stop-main", "--max-retries", "0"]
+    try:
+        first = subprocess.run(forker, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert trainer.wait(timeout=300) == 0, trainer.stderr.read()[-2000:]
+    finally:
+        trainer.kill()
+    lines = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
+    assert [line["verdict"] for line in lines].count("stop") == 1 and lines[-1]["verdict"] == "stop"
+    stop = lines[-1]
+    # the budget rule: training on 40 steps and cooling down 10% passes 150 steps of tokens
+    assert (stop["step"] + 40) * 1.1 * tps > 150 * tps and stop["stop_main"]
+    assert all((line["step"] + 40) * 1.1 <= 150 for line in lines[:-1])
+    final = stop["final"]
+    assert final["step"] == stop["step"] and final["step"] + final["cooldown_steps"] <= 150
+    name = f"from_{final['step']:09d}_linear_{final['cooldown_steps']}"
+    result = json.loads((run_dir / "cooldowns" / name / "result.json").read_text())
+    assert result["final"] is True and "predicted" in result and "prediction_error" in result
+    assert (run_dir / "cooldowns" / name / "prediction.json").is_file()
+    assert first.stdout.count(f"launched {name}") == 1
+    # the main run stopped at a checkpoint step soon after the request, and removed it
+    main_last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert main_last["step"] % 20 == 0 and main_last["step"] < 5000 and not (run_dir / "STOP").exists()
+    restarted = subprocess.run(forker, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert "launched" not in restarted.stdout and "decision at" not in restarted.stdout
+    assert len((run_dir / "decisions.jsonl").read_text().splitlines()) == len(lines)
+    assert not (run_dir / "STOP").exists()
+    assert cli_main(["report", "--run", str(run_dir)]) == 0

@@ -53,6 +53,12 @@ class Cooldown:
     result: dict | None  # result.json; None while the fork runs (or if it died)
     curve: list[dict] = field(default_factory=list)  # its train records
     data: str = "run"  # the mix it cooled down on ("run": the run's own stream; else fork's --data label)
+    prediction: dict | None = None  # prediction.json: the loss model's forecast, made before it ran
+
+    @property
+    def final(self) -> bool:
+        """The final cooldown the forker's stop rule launched."""
+        return bool((self.result or {}).get("final"))
 
     @property
     def group(self) -> str:
@@ -170,7 +176,7 @@ def load_run(run_dir: Path) -> RunReport:
         curve = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
         step, shape, steps = parsed
         cooldowns.append(Cooldown(path.name, step, steps, shape, result=result, curve=curve,
-                                  data=data_label(path, result)))
+                                  data=data_label(path, result), prediction=read_prediction(path)))
     averages = load_averages(run_dir)
     if not metrics and not checkpoints and not cooldowns and not averages:
         raise ReportError(f"--run {run_dir}: nothing to report (no metrics.jsonl, checkpoints or cooldowns)")
@@ -190,6 +196,15 @@ def load_averages(run_dir: Path) -> list[dict]:
         if isinstance(result, dict) and result.get("kind") == "average":
             found.append(result)
     return sorted(found, key=lambda r: (r["step"], len(r["steps"]), r["steps"]))
+
+
+def read_prediction(cooldown_dir: Path) -> dict | None:
+    """prediction.json with a number in it, else None."""
+    try:
+        record = json.loads((cooldown_dir / "prediction.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("predicted"), (int, float)) else None
 
 
 def data_label(cooldown_dir: Path, result: dict | None) -> str:
@@ -267,11 +282,39 @@ def tables(report: RunReport) -> list[Table]:
         r = c.result
         status = "running" if c.curve else "queued"
         evals = c.evals
-        cools.add_row(str(c.from_step), c.shape, str(c.cooldown_steps), c.data,
+        cools.add_row(str(c.from_step) + (" final" if c.final else ""), c.shape, str(c.cooldown_steps), c.data,
                       fmt_tokens(r["tokens"] if r else (c.curve[-1]["tokens"] if c.curve else None)),
                       f"{r['val_loss']:.4f}" if r else status, f"{r['val_ppl']:.2f}" if r else "-",
                       *[f"{evals[n]:.4g}" if n in evals else "-" for n in names])
-    return [ckpts, cools] + ([averages_table(report)] if report.averages else [])
+    predicted = [c for c in report.cooldowns if c.prediction]
+    return ([ckpts, cools] + ([predictions_table(predicted)] if predicted else [])
+            + ([averages_table(report)] if report.averages else []))
+
+
+def predictions_table(cooldowns: list[Cooldown]) -> Table:
+    """The loss model's forecast of each fork (prediction.json, made before it ran) beside its result."""
+    table = Table(title="predicted vs actual (loss model, 95% intervals)")
+    for column in ("cooldown", "predicted", "actual", "error", "inside"):
+        table.add_column(column, justify="left" if column == "cooldown" else "right")
+    for c in sorted(cooldowns, key=lambda c: (c.from_step, c.cooldown_steps, c.name)):
+        p, r = c.prediction, c.result
+        error = r["val_loss"] - p["predicted"] if r else None
+        table.add_row(c.name + (" (final)" if c.final else ""), f"{p['predicted']:.4f} +- {p['interval']:.4f}",
+                      f"{r['val_loss']:.4f}" if r else ("running" if c.curve else "queued"),
+                      f"{error:+.4f}" if r else "-", ("yes" if abs(error) <= p["interval"] else "no") if r else "-")
+    return table
+
+
+def prediction_summary(cooldowns: list[Cooldown]) -> str | None:
+    """`prediction MAE: X nats over N forks; K of N inside their 95% intervals`, or None."""
+    scored = [(c.result["val_loss"] - c.prediction["predicted"], c.prediction["interval"])
+              for c in cooldowns if c.prediction and c.result]
+    if not scored:
+        return None
+    mae = float(np.mean([abs(e) for e, _ in scored]))
+    inside = sum(abs(e) <= half for e, half in scored)
+    return (f"prediction MAE: {mae:.4f} nats over {len(scored)} fork(s); {inside} of {len(scored)} inside their "
+            f"95% intervals")
 
 
 def averages_table(report: RunReport) -> Table:
@@ -418,6 +461,8 @@ def run_report(args: argparse.Namespace) -> int:
         console = Console(width=200)
     for table in tables(report):
         console.print(table)
+    if (line := prediction_summary(report.cooldowns)) is not None:
+        console.print(line, highlight=False)
     result = fit_cooldowns(report.cooldowns)
     proj = run_projection(report, result, args.extra_tokens) if result.fit else None
     for line in summary(result.fit, proj) if result.fit else [result.why_not]:
