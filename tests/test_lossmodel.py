@@ -173,6 +173,9 @@ def test_trainer_stops_at_the_checkpoint_after_a_stop_request(tiny_data, tmp_pat
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 30
 
 
+BUDGET_STEPS = 600
+
+
 @pytest.mark.slow
 def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(tiny_data, tmp_path):
     """configs/tiny trains with no step limit; the forker forks every 40th checkpoint under a token budget
@@ -192,7 +195,7 @@ def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     forker = [sys.executable, "-m", "evertrain.launch.cli", "forker", "--run", str(run_dir), "--every", "40",
               "--cooldown-fraction", "0.1", "--nodes", "local:1", "--poll-s", "0.5", "--eval-batches", "1",
-              "--budget-tokens", str(150 * tps), "--stop-main", "--max-retries", "0"]
+              "--budget-tokens", str(BUDGET_STEPS * tps), "--stop-main", "--max-retries", "0"]
     try:
         first = subprocess.run(forker, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -202,11 +205,13 @@ def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(
     lines = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
     assert [line["verdict"] for line in lines].count("stop") == 1 and lines[-1]["verdict"] == "stop"
     stop = lines[-1]
-    # the budget rule: training on 40 steps and cooling down 10% passes 150 steps of tokens
-    assert (stop["step"] + 40) * 1.1 * tps > 150 * tps and stop["stop_main"]
-    assert all((line["step"] + 40) * 1.1 <= 150 for line in lines[:-1])
+    # the budget rule: training on 40 steps and cooling down 10% passes the budget (in steps of tokens)
+    assert (stop["step"] + 40) * 1.1 > BUDGET_STEPS and stop["stop_main"]
+    assert all((line["step"] + 40) * 1.1 <= BUDGET_STEPS for line in lines[:-1])
     final = stop["final"]
-    assert final["step"] == stop["step"] and final["step"] + final["cooldown_steps"] <= 150
+    assert final["step"] == stop["step"] and final["cooldown_steps"] >= 1
+    if final["note"] is None:  # decided in time: the final cooldown ends within the budget
+        assert final["step"] + final["cooldown_steps"] <= BUDGET_STEPS
     name = f"from_{final['step']:09d}_linear_{final['cooldown_steps']}"
     result = json.loads((run_dir / "cooldowns" / name / "result.json").read_text())
     assert result["final"] is True and "predicted" in result and "prediction_error" in result

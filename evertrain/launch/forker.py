@@ -450,7 +450,7 @@ class Forker:
 
     def launch(self) -> None:
         """Queued forks on free pool slots; queued averages one at a time beside the forker."""
-        queued = sorted(self.jobs_with("queued"), key=lambda j: j.step)
+        queued = sorted(self.jobs_with("queued"), key=lambda j: (not j.final, j.step))  # the final cooldown first
         if not any(job.kind == "average" for job in self.jobs_with("running")):
             for job in [job for job in queued if job.kind == "average"][:1]:
                 self.start(job, Slot(AVERAGE_SLOT))
@@ -546,6 +546,7 @@ class Forker:
         newest = store.step_of(checkpoints[-1]) if checkpoints else None
         final = self.stop_rule.poll(len(self.jobs_with("done")), newest)
         if final is not None:
+            self.deferred.clear()  # nothing new is forked after a stop
             self.queue_final(final)
 
     def queue_final(self, final: dict) -> None:

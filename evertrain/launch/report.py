@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evertrain.errors import EvertrainError
+from evertrain.launch.free_estimates import Recovery, recoveries
 from evertrain.launch.scaling import MIN_FIT_POINTS, PowerLawFit, Projection, fit_power_law, project
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import active_pins
@@ -287,8 +288,28 @@ def tables(report: RunReport) -> list[Table]:
                       f"{r['val_loss']:.4f}" if r else status, f"{r['val_ppl']:.2f}" if r else "-",
                       *[f"{evals[n]:.4g}" if n in evals else "-" for n in names])
     predicted = [c for c in report.cooldowns if c.prediction]
+    recovered = gain_recoveries(report)
     return ([ckpts, cools] + ([predictions_table(predicted)] if predicted else [])
-            + ([averages_table(report)] if report.averages else []))
+            + ([averages_table(report)] if report.averages else [])
+            + ([recoveries_table(recovered)] if recovered else []))
+
+
+def gain_recoveries(report: RunReport) -> list[Recovery]:
+    ends = [(c.name, c.from_step + c.cooldown_steps, c.result["val_loss"]) for c in report.cooldowns
+            if c.result and c.data == "run"]
+    return recoveries({r["step"]: r["val_loss"] for r in report.evals}, ends, report.averages)
+
+
+def recoveries_table(rows: list[Recovery]) -> Table:
+    """Per fork: the fraction of its gain over the main run that each checkpoint average recovers."""
+    table = Table(title="free estimates: fraction of each cooldown's gain recovered by checkpoint averages")
+    for column in ("cooldown", "end step", "main run", "cooldown", "gain", "average", "avg loss", "fraction"):
+        table.add_column(column, justify="left" if column in ("cooldown", "average") else "right")
+    for r in rows:
+        table.add_row(r.cooldown, str(r.end_step), f"{r.main_loss:.4f}", f"{r.cooldown_loss:.4f}", f"{r.gain:+.4f}",
+                      f"{r.weighting} k{r.k}", f"{r.average_loss:.4f}",
+                      "-" if r.fraction is None else f"{r.fraction:.2f}")
+    return table
 
 
 def predictions_table(cooldowns: list[Cooldown]) -> Table:
@@ -327,7 +348,8 @@ def averages_table(report: RunReport) -> Table:
     for a in report.averages:
         cooled = [c for c in report.cooldowns if c.result and c.from_step == a["step"]]
         best = min(cooled, key=lambda c: c.result["val_loss"], default=None)
-        table.add_row(str(a["step"]), str(len(a["steps"])), ",".join(map(str, a["steps"])), fmt_tokens(a["tokens"]),
+        k = str(len(a["steps"])) + ("" if a.get("weighting", "uniform") == "uniform" else f" {a['weighting']}")
+        table.add_row(str(a["step"]), k, ",".join(map(str, a["steps"])), fmt_tokens(a["tokens"]),
                       f"{a['val_loss']:.4f}", f"{a['val_ppl']:.2f}",
                       f"{run_val[a['step']]:.4f}" if a["step"] in run_val else "-",
                       f"{best.result['val_loss']:.4f} ({best.shape}, {best.cooldown_steps})" if best else "-")
@@ -381,13 +403,14 @@ def figure(report: RunReport, fit: PowerLawFit | None, proj: Projection | None):
                          label=f"cooldown from {c.from_step} ({c.shape}, {c.cooldown_steps}"
                                f"{'' if c.data == 'run' else ', ' + c.data}): "
                                f"{c.result['val_loss']:.3f}")
-    by_k: dict[int, list[dict]] = {}
+    by_k: dict[tuple[int, str], list[dict]] = {}
     for a in report.averages:
-        by_k.setdefault(len(a["steps"]), []).append(a)
-    for i, (k, averages) in enumerate(sorted(by_k.items())):  # one legend entry per K, not per checkpoint
+        by_k.setdefault((len(a["steps"]), a.get("weighting", "uniform")), []).append(a)
+    for i, ((k, weighting), averages) in enumerate(sorted(by_k.items())):  # one legend entry per K and weighting
         ax_loss.plot([a["tokens"] for a in averages], [a["val_loss"] for a in averages], "D:", ms=5, lw=0.8,
                      color=("darkorange", "saddlebrown", "goldenrod", "firebrick")[i % 4], mec="k", mew=0.4,
-                     label=f"average of the last {k} checkpoints (no training): "
+                     label=f"{'' if weighting == 'uniform' else weighting + ' '}average of the last {k} "
+                           "checkpoints (no training): "
                            f"{averages[-1]['val_loss']:.3f} at step {averages[-1]['step']}")
     if fit is not None and proj is not None:
         points = [c.result["tokens"] for c in report.cooldowns if c.result and c.group == fit.shape]

@@ -13,7 +13,8 @@ Verdict `stop` when any rule given says so:
     --budget-tokens N       training on one more stride and cooling down would pass N tokens
     --budget-hours H        ... would pass H hours of the main run at its measured tokens/s
 and the final cooldown starts at s, its length the shortest of the candidates (2% .. 50% of s, within
-the token budget) whose predicted loss is within the 95% band of the difference to the best one.
+the token budget while it leaves room for one) whose predicted loss is within the 95% band of the
+difference to the best one.
 """
 from __future__ import annotations
 
@@ -58,12 +59,17 @@ def projected_gain(obs: Observations, fit: LossModelFit, rule: Rule, step: int) 
 def final_cooldown(obs: Observations, fit: LossModelFit | None, rule: Rule, step: int) -> dict:
     """The final cooldown from `step`: the shortest candidate within the band of the best (without a
     fit: the forks' own fraction), capped by the token budget."""
-    cap = math.inf
+    shortest = max(round(CANDIDATE_FRACTIONS[0] * step), 1)
+    cap, note = math.inf, None
     if rule.budget_tokens is not None:
-        cap = max(int(rule.budget_tokens // obs.tokens_per_step) - step, 1)
+        left = int(rule.budget_tokens // obs.tokens_per_step) - step
+        if left >= shortest:
+            cap = left
+        else:  # decided too late (the run went on while forks ran): the best cooldown, as without a budget
+            note = f"the token budget leaves {max(left, 0)} steps: the cooldown is chosen as without it"
     if fit is None:
         return {"step": step, "cooldown_steps": int(min(cooldown_steps(rule, step), cap)), "shape": rule.shape,
-                "predicted": None, "interval": None}
+                "predicted": None, "interval": None, "note": note}
     lengths = sorted({int(min(max(round(f * step), 1), cap)) for f in CANDIDATE_FRACTIONS})
     branches = [(obs.areas_of(step + c, (step, c, rule.shape)), step + c) for c in lengths]
     losses = [fit.val_loss(a, end)[0] for a, end in branches]
@@ -76,7 +82,7 @@ def final_cooldown(obs: Observations, fit: LossModelFit | None, rule: Rule, step
     chosen = next(i for i in range(len(lengths)) if within_band(i))  # the best itself always is
     value, half = fit.val_loss(*branches[chosen])
     return {"step": step, "cooldown_steps": lengths[chosen], "shape": rule.shape, "predicted": value,
-            "interval": half, "best_cooldown_steps": lengths[best], "best_predicted": losses[best]}
+            "interval": half, "best_cooldown_steps": lengths[best], "best_predicted": losses[best], "note": note}
 
 
 def evaluate(obs: Observations, fit: LossModelFit | None, rule: Rule, step: int, tokens_per_s: float | None,

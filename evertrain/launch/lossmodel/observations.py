@@ -57,7 +57,8 @@ def windows(records: list[dict], first_step: int) -> list[tuple[int, int, float]
 
 def load_observations(run_dir: Path, until_step: int | None = None, skip_steps: int | None = None) -> Observations:
     """The run's branches as logged; with `until_step`, only what was known when the main run was at
-    that step (its records up to it, the cooldowns forked at or before it): for backtests."""
+    that step (its records up to it, the cooldowns that ended by then: a fork of c steps finishes about
+    when the main run has done c more): for backtests."""
     from evertrain.launch.report import parse_cooldown_name, read_jsonl
     from evertrain.pretrain.config import load_config
 
@@ -83,7 +84,7 @@ def load_observations(run_dir: Path, until_step: int | None = None, skip_steps: 
         if parsed is None or result is None or result.get("data") or "@" in path.parent.name:
             continue  # another mix is another loss curve: not this run's law
         step, shape, steps = parsed
-        if until_step is not None and step > until_step:
+        if until_step is not None and step + steps > until_step:
             continue
         curve = [r for r in read_jsonl(path.parent / "metrics.jsonl") if r.get("kind") == "train"]
         end = step + steps
