@@ -117,7 +117,7 @@ def parse_step(text: str) -> int:
 def register(subparsers) -> None:
     from evertrain.pretrain.config import COOLDOWN_SHAPES
 
-    p = subparsers.add_parser("predict", help="predict a cooldown's final val loss (95% interval) before it runs",
+    p = subparsers.add_parser("predict", help="predict a cooldown's final val loss before it runs",
                               description=__doc__.splitlines()[0])
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME")
     p.add_argument("--step", help="the fork step (default: the main run's newest logged step)")
