@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--min-gain-per-hour", type=float)
     p.add_argument("--plot", help="PNG: actual vs predicted cooldown losses, and the projected gain per hour")
+    p.add_argument("--train-curves", action="store_true",
+                   help="fit the train windows too at every k (default: as `evertrain predict` does, only while "
+                        "there are few val losses)")
     args = p.parse_args(argv)
     run_dir = Path(args.run)
     everything = load_observations(run_dir)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (k, _, _, _) in enumerate(forks):
         obs = load_observations(run_dir, until_step=k)
         try:
-            fit = fit_loss_model(obs)
+            fit = fit_loss_model(obs, train_curves=True if args.train_curves else None)
         except LossModelError as exc:
             print(f"k={k}: no fit ({exc})")
             continue
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                      "mae": float(np.mean(np.abs(errs))) if errs else None, "inside": sum(ins),
                      "gph": line["gain_per_hour"], "lo": lo, "hi": hi, "verdict": line["verdict"],
                      "final": final, "final_actual": forks[-1][3], "preds": preds})
-        print(f"k={k:5d}: fit on {len(obs.branches) - 1} cooldown(s), {fit.points} points; {len(later)} later fork(s): "
+        print(f"k={k:5d}: fit on {len(obs.branches) - 1} cooldown(s), {fit.points} "
+              f"{'points' if fit.train_curves else 'val losses'}; {len(later)} later fork(s): "
               + (f"MAE {rows[-1]['mae']:.4f}, {sum(ins)}/{len(ins)} inside; " if errs else "")
               + (f"final (from {forks[-1][0]}): {final['predicted']:.4f} +- {final['interval']:.4f} vs "
                  f"{forks[-1][3]:.4f}; " if final else "")
@@ -119,6 +123,8 @@ def plot(rows, forks, actual, threshold, out: Path) -> None:
         ax.errorbar(xs, [p["predicted"] for _, p in row["preds"]], yerr=[p["interval"] for _, p in row["preds"]],
                     fmt="o", ms=3, capsize=2, color=colors(i / max(len(rows) - 1, 1)),
                     label=f"predicted from k={row['k']}")
+    losses = [f[3] for f in forks]
+    ax.set_ylim(min(losses) - 0.4, max(losses) + 0.4)  # the first fits' intervals are far wider: clipped
     ax.set_ylabel("val loss at the cooldown's end")
     ax.set_title("loss model backtest: each fork predicted from what was known at k (95% intervals)")
     ax.legend(fontsize=7)
@@ -129,6 +135,8 @@ def plot(rows, forks, actual, threshold, out: Path) -> None:
                       label="95% band")
     ax_g.plot([s for s, _ in actual], [g for _, g in actual], "ks--", ms=4, label="actual, to the next fork")
     ax_g.axhline(threshold, color="0.4", lw=1, ls=":", label=f"G = {threshold:.3g}")
+    gains = [g for _, g in actual]
+    ax_g.set_ylim(min(0.0, min(gains)), 1.5 * max(gains))
     ax_g.set_ylabel("nats per hour")
     ax_g.set_xlabel("fork step k")
     ax_g.legend(fontsize=7)

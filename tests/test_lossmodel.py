@@ -84,14 +84,20 @@ def test_areas_follow_their_definition():
 
 
 def test_fit_recovers_the_parameters_of_a_known_law(tmp_path):
-    fit = fit_loss_model(load_observations(synthetic_run(tmp_path / "run"), skip_steps=40))
+    obs = load_observations(synthetic_run(tmp_path / "run"), skip_steps=40)
+    fit = fit_loss_model(obs, train_curves=True)  # train windows and val losses: delta is their gap
     for name in NAMES:
         assert fit[name] == pytest.approx(TRUE[name], rel=1e-3, abs=1e-5), name
+    val_only = fit_loss_model(obs)  # 11 val losses: fitted alone, the offset folds into L0
+    assert not val_only.train_curves and val_only["delta"] == 0.0
+    assert val_only["L0"] == pytest.approx(TRUE["L0"] + TRUE["delta"], rel=1e-3)
+    for name in ("A", "alpha", "C"):
+        assert val_only[name] == pytest.approx(TRUE[name], rel=2e-3), name
 
 
 def test_noisy_fit_predicts_an_unseen_cooldown_within_its_interval(tmp_path, capsys):
     run_dir = synthetic_run(tmp_path / "run", noise=0.01, seed=3)
-    fit = fit_loss_model(load_observations(run_dir))
+    fit = fit_loss_model(load_observations(run_dir), train_curves=True)
     assert fit["alpha"] == pytest.approx(TRUE["alpha"], abs=4 * fit.stderr("alpha") + 0.02)
     assert fit.sigma_train == pytest.approx(0.01, rel=0.3)
     assert cli_main(["predict", "--run", str(run_dir), "--step", "350", "--cooldown-steps", "70"]) == 0

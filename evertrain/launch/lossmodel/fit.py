@@ -27,6 +27,8 @@ NAMES = ("L0", "A", "alpha", "C", "delta")
 LOWER = np.array([0.0, 1e-9, 0.01, 0.0, -np.inf])
 UPPER = np.array([np.inf, np.inf, 3.0, np.inf, np.inf])
 ALPHA_STARTS = (0.2, 0.5, 1.0)  # the fit is non-convex in alpha: the best of a few starts
+VAL_ONLY_POINTS = 10  # from this many val losses on, fit them alone (docs/decisions.md: the train curve's
+                      # shape drifts from the val curve's, and biases the forecasts)
 
 
 @dataclass
@@ -38,13 +40,14 @@ class LossModelFit:
     points: int
     val_points: int
     warnings: list[str] = field(default_factory=list)
+    train_curves: bool = True  # the train windows were fitted too (else val losses only, delta = 0)
 
     def __getitem__(self, name: str) -> float:
         return float(self.params[NAMES.index(name)])
 
     @property
     def dof(self) -> int:
-        return max(self.points - len(NAMES), 1)
+        return max(self.points - len(NAMES) + (not self.train_curves), 1)
 
     @property
     def t95(self) -> float:
@@ -76,6 +79,10 @@ class LossModelFit:
         return la - lb, self.t95 * math.sqrt(max(g @ self.cov @ g, 0.0))
 
     def formula(self) -> str:
+        if not self.train_curves:
+            return (f"L_val = {self['L0']:.3f} + {self['A']:.3g} * S1^-{self['alpha']:.3f} - {self['C']:.3g} * S2 "
+                    f"(+- {self.stderr('L0'):.2g}, {self.stderr('A'):.2g}, {self.stderr('alpha'):.2g}, "
+                    f"{self.stderr('C'):.2g}; val losses only)")
         return (f"L = {self['L0']:.3f} + {self['A']:.3g} * S1^-{self['alpha']:.3f} - {self['C']:.3g} * S2 "
                 f"(val +{self['delta']:.3f}; +- {self.stderr('L0'):.2g}, {self.stderr('A'):.2g}, "
                 f"{self.stderr('alpha'):.2g}, {self.stderr('C'):.2g}, {self.stderr('delta'):.2g})")
@@ -99,12 +106,14 @@ class Design:
     counts: np.ndarray
     y: np.ndarray
     is_val: np.ndarray
+    offset: np.ndarray  # 1 where delta applies (a val loss beside train windows); all 0 without train windows
 
 
-def design(obs: Observations) -> Design:
+def design(obs: Observations, train_curves: bool = True) -> Design:
     s1, s2, point, y, is_val = [], [], [], [], []
     for branch in obs.branches:
-        spans = [(a, b, loss, False) for a, b, loss in branch.train] + [(s, s, loss, True) for s, loss in branch.val]
+        spans = [(a, b, loss, False) for a, b, loss in branch.train] * train_curves
+        spans += [(s, s, loss, True) for s, loss in branch.val]
         for first, last, loss, val in spans:
             s1.append(branch.areas.s1[first - 1:last])
             s2.append(branch.areas.s2[first - 1:last])
@@ -114,8 +123,9 @@ def design(obs: Observations) -> Design:
     if not y:
         raise LossModelError(f"{obs.run_dir}: no losses to fit")
     point = np.concatenate(point)
+    is_val = np.array(is_val)
     return Design(np.concatenate(s1), np.concatenate(s2), point, np.bincount(point).astype(np.float64),
-                  np.array(y), np.array(is_val))
+                  np.array(y), is_val, is_val.astype(np.float64) if train_curves else np.zeros(len(y)))
 
 
 def predictions(params: np.ndarray, d: Design) -> tuple[np.ndarray, np.ndarray]:
@@ -124,9 +134,8 @@ def predictions(params: np.ndarray, d: Design) -> tuple[np.ndarray, np.ndarray]:
     per_step = l0 + a * np.power(d.s1, -alpha) - c * d.s2
     grads = gradient(params, d.s1, d.s2, np.zeros_like(d.s1))
     mean = np.bincount(d.point, weights=per_step) / d.counts
-    jac = np.stack([np.bincount(d.point, weights=grads[:, j]) / d.counts for j in range(4)]
-                   + [d.is_val.astype(np.float64)], axis=1)
-    return mean + delta * d.is_val, jac
+    jac = np.stack([np.bincount(d.point, weights=grads[:, j]) / d.counts for j in range(4)] + [d.offset], axis=1)
+    return mean + delta * d.offset, jac
 
 
 def solve(d: Design, weights: np.ndarray) -> optimize.OptimizeResult:
@@ -147,13 +156,18 @@ def solve(d: Design, weights: np.ndarray) -> optimize.OptimizeResult:
     return best
 
 
-def fit_loss_model(obs: Observations) -> LossModelFit:
-    """The weighted fit of the loss model to `obs` (module docstring); needs 2 val losses."""
+def fit_loss_model(obs: Observations, train_curves: bool | None = None) -> LossModelFit:
+    """The fit of the loss model to `obs` (module docstring); needs 2 val losses. `train_curves`: fit
+    the train windows too (None: only while the run has fewer than VAL_ONLY_POINTS val losses)."""
     d = design(obs)
     n_val = int(d.is_val.sum())
     if n_val < 2:
         raise LossModelError(f"{obs.run_dir}: {n_val} validation loss(es) to fit against; the model needs 2 "
                              "(the run's periodic evals, eval.every_steps, or finished cooldowns)")
+    if train_curves is None:
+        train_curves = n_val < VAL_ONLY_POINTS
+    if not train_curves:
+        d = design(obs, train_curves=False)
     if len(d.y) <= len(NAMES) + 1:
         raise LossModelError(f"{obs.run_dir}: {len(d.y)} logged losses for {len(NAMES)} parameters; train longer")
     first = solve(d, np.ones(len(d.y)))
@@ -162,7 +176,7 @@ def fit_loss_model(obs: Observations) -> LossModelFit:
     found = solve(d, weights)
     raw = found.fun / weights
     sigma = scatter(raw, d.is_val)
-    dof = max(len(d.y) - len(NAMES), 1)
+    dof = max(len(d.y) - len(NAMES) + (not train_curves), 1)  # delta is no parameter without train windows
     s2 = float(np.sum(found.fun ** 2)) / dof
     cov = s2 * np.linalg.pinv(found.jac.T @ found.jac)
     warnings = []
@@ -170,7 +184,8 @@ def fit_loss_model(obs: Observations) -> LossModelFit:
         warnings.append("C = 0 (no annealing benefit fitted): the curves hold no annealing yet; finish a cooldown")
     if found.x[NAMES.index("alpha")] in (LOWER[2], UPPER[2]):
         warnings.append(f"alpha at the edge of [{LOWER[2]}, {UPPER[2]}]: the curve is not a power law here")
-    return LossModelFit(found.x, cov, sigma[0], sigma[1], len(d.y), n_val, warnings)
+    return LossModelFit(found.x, cov, sigma[0] if train_curves else math.nan, sigma[1], len(d.y), n_val, warnings,
+                        train_curves=train_curves)
 
 
 def scatter(residuals: np.ndarray, is_val: np.ndarray) -> tuple[float, float]:
