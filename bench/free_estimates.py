@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 import sys
 
 from evertrain.launch.average import average_checkpoints, available_checkpoints
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weightings", default="uniform,tail,ema")
     p.add_argument("--eval-batches", type=int)
     args = p.parse_args(argv)
-    report = load_run(args.run)
+    report = load_run(Path(args.run))
     checkpoints = sorted(available_checkpoints(report.run_dir))
     main_val = {r["step"]: r["val_loss"] for r in report.evals}
     ends = [(c.name, c.from_step + c.cooldown_steps, c.result["val_loss"]) for c in report.cooldowns

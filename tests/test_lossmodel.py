@@ -232,3 +232,28 @@ def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(
     assert len((run_dir / "decisions.jsonl").read_text().splitlines()) == len(lines)
     assert not (run_dir / "STOP").exists()
     assert cli_main(["report", "--run", str(run_dir)]) == 0
+
+
+def test_report_tables_predicted_vs_actual_with_mae_and_coverage(tmp_path, capsys):
+    run_dir = synthetic_run(tmp_path / "run")
+    for name, predicted, half in (("from_000000100_linear_20", None, 0.05), ("from_000000200_linear_40", None, 0.01)):
+        out = run_dir / "cooldowns" / name
+        actual = json.loads((out / "result.json").read_text())["val_loss"]
+        offset = 0.03 if half == 0.05 else 0.02  # inside its interval; outside its interval
+        (out / "prediction.json").write_text(json.dumps({"predicted": actual - offset, "interval": half}))
+    result = json.loads((run_dir / "cooldowns" / "from_000000300_linear_60" / "result.json").read_text())
+    (run_dir / "cooldowns" / "from_000000300_linear_60" / "result.json").write_text(json.dumps({**result, "final": True}))
+    assert cli_main(["report", "--run", str(run_dir), "--out", str(tmp_path / "r.png")]) == 0
+    text = capsys.readouterr().out
+    assert "predicted vs actual" in text and "300 final" in text
+    assert "prediction MAE: 0.0250 nats over 2 fork(s); 1 of 2 inside their 95% intervals" in " ".join(text.split())
+
+
+def test_gain_recovered_by_an_average_is_its_share_of_the_cooldowns_gain():
+    from evertrain.launch.free_estimates import recoveries
+
+    averages = [{"step": 120, "steps": [40, 60, 80, 100, 120], "val_loss": 3.7, "weighting": "tail"},
+                {"step": 100, "steps": [100], "val_loss": 3.0}]
+    rows = recoveries({120: 3.8, 100: 3.9}, [("from_000000100_linear_20", 120, 3.6)], averages)
+    assert len(rows) == 1 and rows[0].weighting == "tail" and rows[0].k == 5
+    assert rows[0].gain == pytest.approx(0.2) and rows[0].fraction == pytest.approx(0.5)
