@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     for weighting, k in groups:
         fractions = [r.fraction for r in rows if (r.weighting, r.k) == (weighting, k) and r.fraction is not None
                      and r.gain > 0]
+        gaps = [abs(r.average_loss - r.cooldown_loss) for r in rows if (r.weighting, r.k) == (weighting, k)]
         if fractions:
             print(f"{weighting} k{k}: median fraction of the gain recovered {statistics.median(fractions):.2f} "
-                  f"(mean {statistics.mean(fractions):.2f}) over {len(fractions)} cooldown(s) that gained")
+                  f"(mean {statistics.mean(fractions):.2f}) over {len(fractions)} cooldown(s) that gained; "
+                  f"median |average - cooldown| {statistics.median(gaps):.4f} nats over {len(gaps)}")
     return 0
 
 

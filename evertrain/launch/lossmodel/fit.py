@@ -6,6 +6,9 @@ plus `delta`, the gap between the validation and the training loss (the same mod
 windows). The two kinds of point are weighted by their own noise: a first fit with equal weights
 gives each kind's residual scatter, a second fit weights every residual by 1/scatter (feasible
 generalised least squares), so a few hundred noisy train windows do not drown the val losses.
+From VAL_ONLY_POINTS val losses on, the train windows are left out (delta stays 0, L0 absorbs it): the
+train curve's shape may differ from the val curve's (a growing gap), and the backtest measured the
+forecasts better without it (docs/decisions.md).
 
 Uncertainty: cov = s^2 (J^T J)^-1 of the weighted residuals at the optimum (as scipy's curve_fit
 does), s^2 = SSE/(n - p). A predicted final val loss has the 95% interval
