@@ -24,6 +24,11 @@ average of the newest K checkpoints up to that one (`python -m evertrain.launch.
 average.py), as jobs of the same queue: pinned (all K sources) while they wait, restart-safe the same
 way, done when runs/NAME/averages/<name>/result.json exists. Averages run on the forker's own machine,
 one at a time, beside the forks on the pool (an average reads and evaluates, it does not train).
+
+Every fork gets the loss model's forecast (lossmodel/predict.py) in its dir before it starts. With a
+stop rule (--min-gain-per-hour, --budget-tokens, --budget-hours; stoprule.py) the forker evaluates it
+after each new result, logs each verdict in runs/NAME/decisions.jsonl, and on `stop` queues the final
+cooldown first, forks nothing new, and with --stop-main writes runs/NAME/STOP for the trainer.
 """
 from __future__ import annotations
 
