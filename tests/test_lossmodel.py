@@ -44,10 +44,10 @@ def train_rows(lrs, peak, first, last, noise, rng):
 
 
 def synthetic_run(run_dir: Path, last=400, forks=((100, 20), (200, 40), (300, 60)), noise=0.0, seed=0,
-                  decay="rsqrt") -> Path:
+                  overrides=()) -> Path:
     """A main run (tiny config's schedule) to `last` and linear cooldowns whose losses follow TRUE."""
     rng = np.random.default_rng(seed)
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"optim.decay={decay}"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", list(overrides))
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     peak = cfg.optim.max_lr
@@ -131,10 +131,8 @@ def test_rule_stops_at_the_step_a_hand_calculation_gives(tmp_path):
     # = (c - 1) / 2 to S1. With C = 0, the loss of cooling down at s is L0 + A * (s + (c - 1)/2)^-alpha.
     TRUE["C"], saved = 0.0, TRUE["C"]
     try:
-        run_dir = synthetic_run(tmp_path / "run", forks=(), decay="constant")
+        run_dir = synthetic_run(tmp_path / "run", forks=(), overrides=["optim.decay=constant", "optim.warmup_steps=0"])
         obs = load_observations(run_dir)
-        cfg = load_config(run_dir / "config.yaml")
-        obs.optim = type(cfg.optim)(**{**cfg.optim.__dict__, "warmup_steps": 0})
         tps, stride, f = 1000.0, 20, 0.1
 
         def hand(s):  # nats per hour of training `stride` more steps

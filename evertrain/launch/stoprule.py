@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,6 @@ def read_decisions(run_dir: Path) -> list[dict]:
 
 
 def append_decision(run_dir: Path, line: dict) -> None:
-    import os
-
     with open(run_dir / DECISIONS, "a") as f:
         f.write(safe_json.dumps(line) + "\n")
         f.flush()

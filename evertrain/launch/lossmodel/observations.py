@@ -8,6 +8,7 @@ loss after the warmup, not the fall from the initial log(vocab).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,8 +96,6 @@ def load_observations(run_dir: Path, until_step: int | None = None, skip_steps: 
 
 
 def read_result(path: Path) -> dict | None:
-    import json
-
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
