@@ -182,7 +182,7 @@ BUDGET_STEPS = 600
 
 @pytest.mark.slow
 def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(tiny_data, tmp_path):
-    """configs/tiny trains with no step limit; the forker forks every 40th checkpoint under a token budget
+    """configs/tiny trains with no step limit; the forker forks every 100th checkpoint under a token budget
     with --stop-main: it decides stop once the budget says so, the trainer stops at a checkpoint, the final
     cooldown runs once (result.json final), and a restarted forker neither decides nor launches again."""
     import subprocess
@@ -195,9 +195,10 @@ def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(
         [sys.executable, "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
          f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.max_steps=5000",
          "train.log_every=5", "eval.every_steps=20", "eval.batches=1", "checkpoint.every_steps=20",
-         "checkpoint.keep_last=2", "checkpoint.keep_every=40", "engine.name=single"],
+         "checkpoint.keep_last=2", "checkpoint.keep_every=100", "engine.name=single"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    forker = [sys.executable, "-m", "evertrain.launch.cli", "forker", "--run", str(run_dir), "--every", "40",
+    forker = [sys.executable, "-m", "evertrain.launch.cli", "forker", "--run", str(run_dir), "--every", "100",
+              "--max-queued", "1",
               "--cooldown-fraction", "0.1", "--nodes", "local:1", "--poll-s", "0.5", "--eval-batches", "1",
               "--budget-tokens", str(BUDGET_STEPS * tps), "--stop-main", "--max-retries", "0"]
     try:
@@ -209,9 +210,9 @@ def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(
     lines = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
     assert [line["verdict"] for line in lines].count("stop") == 1 and lines[-1]["verdict"] == "stop"
     stop = lines[-1]
-    # the budget rule: training on 40 steps and cooling down 10% passes the budget (in steps of tokens)
-    assert (stop["step"] + 40) * 1.1 > BUDGET_STEPS and stop["stop_main"]
-    assert all((line["step"] + 40) * 1.1 <= BUDGET_STEPS for line in lines[:-1])
+    # the budget rule: training on 100 steps (--every) and cooling down 10% passes the budget (in steps)
+    assert (stop["step"] + 100) * 1.1 > BUDGET_STEPS and stop["stop_main"]
+    assert all((line["step"] + 100) * 1.1 <= BUDGET_STEPS for line in lines[:-1])
     final = stop["final"]
     assert final["step"] == stop["step"] and final["cooldown_steps"] >= 1
     if final["note"] is None:  # decided in time: the final cooldown ends within the budget
