@@ -256,3 +256,20 @@ def test_gain_recovered_by_an_average_is_its_share_of_the_cooldowns_gain():
     rows = recoveries({120: 3.8, 100: 3.9}, [("from_000000100_linear_20", 120, 3.6)], averages)
     assert len(rows) == 1 and rows[0].weighting == "tail" and rows[0].k == 5
     assert rows[0].gain == pytest.approx(0.2) and rows[0].fraction == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_at_the_checkpoint_after_a_stop_request(tiny_data, tmp_path):
+    """DeepSpeed on 2 CPU ranks: the stop vote lands on the checkpoint step (each rank looks for the file
+    one step before it), so both ranks stop at step 10 with that checkpoint, and the request is removed."""
+    from conftest import launcher, run_ok
+
+    run_dir = tmp_path / "ds"
+    run_dir.mkdir()
+    (run_dir / "STOP").write_text("stop\n")
+    run_ok([*launcher("deepspeed", 2), "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+            f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.max_steps=40",
+            "train.log_every=5", "eval.every_steps=0", "checkpoint.every_steps=10"], timeout=600)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 10 and (run_dir / "checkpoints" / "step_000000010").is_dir()
+    assert not (run_dir / "STOP").exists()

@@ -92,7 +92,7 @@ class Job:
     kind: str = "fork"  # fork | average
     steps: list = field(default_factory=list)  # an average's source steps
     pins: list = field(default_factory=list)  # an average's pins, one per source (a fork's is `pin`)
-    final: bool = False  # the final cooldown the stop rule launched (decide.py)
+    final: bool = False  # the final cooldown the stop rule launched (stoprule.py)
 
 
 @dataclass
