@@ -192,6 +192,22 @@ def test_report_shows_averages_beside_the_cooldowns(run, tmp_path, capsys):
     assert list(marker[0].get_ydata()) == [first["val_loss"], second["val_loss"]]
 
 
+def test_tail_and_ema_weightings_weigh_the_newest_checkpoints_most(run, tmp_path, capsys):
+    assert average.checkpoint_weights(3, "tail") == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert average.checkpoint_weights(3, "ema:0.5") == pytest.approx([1 / 7, 2 / 7, 4 / 7])
+    assert average.checkpoint_weights(2, "uniform") == [0.5, 0.5]
+    run_dir = copy_run(run, tmp_path)
+    assert cli_main(["average", "--run", str(run_dir), "--steps", "10,20,30", "--weighting", "tail"]) == 0
+    out = run_dir / "averages" / "avg_000000030_k3_10-20-30_tail"
+    sources = [weights(run_dir / "checkpoints" / store.step_dir_name(s)) for s in (10, 20, 30)]
+    for name, tensor in weights(out / "final").items():
+        expected = (sources[0][name] + 2 * sources[1][name] + 3 * sources[2][name]) / 6
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+    assert json.loads((out / "result.json").read_text())["weighting"] == "tail"
+    assert cli_main(["average", "--run", str(run_dir), "--last", "2", "--weighting", "ema:1.5"]) == 2
+    assert "BETA must be in (0, 1)" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_two_rank_zero3_run_averages_on_its_own_val_windows(tiny_data, tmp_path):
     """DeepSpeed ZeRO-3 on 2 CPU ranks (global batch 2 x 4 windows): the average is read through the

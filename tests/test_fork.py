@@ -106,6 +106,10 @@ def test_fork_matches_a_run_with_the_cooldown_built_in(main_run, reference, caps
     assert load_config(out / "config.yaml").train.max_steps == FORK_STEP + COOLDOWN
     assert json.loads((out / "fork.json").read_text())["global_windows"] == 4  # 4 windows x 1 rank
     assert not (out / "checkpoints").exists()  # its resume state is gone once final/ and result.json exist
+    # the loss model's forecast, made before the fork: 30 steps, inside the skipped warmup, no val loss: none, and why
+    prediction = json.loads((out / "prediction.json").read_text())
+    assert prediction["predicted"] is None and "no losses to fit" in prediction["why"]
+    assert "predicted" not in result and "prediction_error" not in result
 
     assert fingerprint(main_run) == before  # nothing of the main run was written
     assert not active_pins(main_run / "checkpoints" / f"step_{FORK_STEP:09d}")  # lease released

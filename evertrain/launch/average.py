@@ -46,14 +46,50 @@ class AverageError(EvertrainError, ValueError):
     """A bad averaging request: too few checkpoints, an unknown step, non-finite or mismatched weights."""
 
 
-def average_dir_name(steps: list[int]) -> str:
-    """avg_<newest step:09d>_k<K>_<s1>-<s2>-...: the same steps, the same name, however they were
-    asked for (--last K or --steps); a list too long to spell out is named by its hash instead."""
+WEIGHTINGS = ("uniform", "tail", "ema")
+EMA_DECAY = 0.7  # the ema weighting's factor per checkpoint back in time
+
+
+def average_dir_name(steps: list[int], weighting: str = "uniform") -> str:
+    """avg_<newest step:09d>_k<K>_<s1>-<s2>-...[_<weighting>]: the same steps, the same name, however
+    they were asked for (--last K or --steps); a list too long to spell out is named by its hash
+    instead. The uniform average has no suffix."""
     steps = sorted(steps)
     joined = "-".join(map(str, steps))
     if len(joined) > MAX_JOINED_STEPS:
         joined = hashlib.sha256(joined.encode()).hexdigest()[:12]
-    return f"avg_{steps[-1]:09d}_k{len(steps)}_{joined}"
+    suffix = "" if weighting == "uniform" else f"_{weighting.replace(':', '')}"
+    return f"avg_{steps[-1]:09d}_k{len(steps)}_{joined}{suffix}"
+
+
+def parse_weighting(text: str) -> str:
+    """uniform | tail | ema | ema:BETA (0 < BETA < 1); errors name the problem."""
+    name, _, beta = text.partition(":")
+    if name not in WEIGHTINGS or (beta and name != "ema"):
+        raise AverageError(f"--weighting: expected uniform, tail, ema or ema:BETA, got {text!r}")
+    if beta:
+        try:
+            value = float(beta)
+        except ValueError:
+            value = float("nan")
+        if not 0.0 < value < 1.0:
+            raise AverageError(f"--weighting {text}: BETA must be in (0, 1)")
+    return text
+
+
+def checkpoint_weights(k: int, weighting: str) -> list[float]:
+    """The weight of each of k checkpoints, oldest first, summing to 1: uniform 1/k; tail
+    proportional to 1, 2, ..., k (the newest counts most, the oldest least); ema proportional to
+    BETA^(k-1), ..., BETA, 1 (an exponential moving average sampled at the checkpoints)."""
+    name, _, beta = weighting.partition(":")
+    if name == "uniform":
+        raw = [1.0] * k
+    elif name == "tail":
+        raw = [float(i) for i in range(1, k + 1)]
+    else:
+        decay = float(beta) if beta else EMA_DECAY
+        raw = [decay ** (k - 1 - i) for i in range(k)]
+    return [w / sum(raw) for w in raw]
 
 
 def available_checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -93,14 +129,16 @@ def read_result(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def average_checkpoints(run_dir: Path, steps: list[int], *, eval_batches: int | None = None) -> dict:
-    """Average the weights of the run's checkpoints at `steps`, evaluate, write averages/<name>/;
-    returns result.json's content (the existing one when that average was made before)."""
+def average_checkpoints(run_dir: Path, steps: list[int], *, eval_batches: int | None = None,
+                        weighting: str = "uniform") -> dict:
+    """Average the weights of the run's checkpoints at `steps` (checkpoint_weights), evaluate, write
+    averages/<name>/; returns result.json's content (the existing one when that average was made before)."""
     run_dir = Path(run_dir)
+    weighting = parse_weighting(weighting)
     sources = check_steps(run_dir, list(steps))
     if eval_batches is not None and eval_batches <= 0:
         raise AverageError(f"--eval-batches: must be > 0, got {eval_batches}")
-    name = average_dir_name(list(sources))
+    name = average_dir_name(list(sources), weighting)
     averages = run_dir / "averages"
     out = averages / name
     if (result := read_result(out)) is not None:
@@ -116,12 +154,13 @@ def average_checkpoints(run_dir: Path, steps: list[int], *, eval_batches: int | 
             return result
         for stale in averages.glob(f".{name}.tmp-*"):  # a crashed attempt's leftovers
             shutil.rmtree(stale, ignore_errors=True)
-        return make_average(run_dir, out, sources, eval_batches)
+        return make_average(run_dir, out, sources, eval_batches, weighting)
     finally:
         lock.release()
 
 
-def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batches: int | None) -> dict:
+def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batches: int | None,
+                 weighting: str = "uniform") -> dict:
     from evertrain.launch.fork import Lease
     from evertrain.pretrain.config import dump_yaml, load_config
 
@@ -133,8 +172,12 @@ def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batche
         metas = {step: store.read_meta(step_dir) for step, step_dir in sources.items()}
         check_same_model(cfg, sources, metas)
         total = None
-        for step, step_dir in sources.items():
+        uniform = weighting == "uniform"  # a plain sum, divided once: the 1-checkpoint average is exact
+        factors = checkpoint_weights(len(sources), weighting)
+        for (step, step_dir), factor in zip(sources.items(), factors):
             weights = read_weights(step_dir, metas[step], cfg.checkpoint.verify)
+            if not uniform:
+                weights = {key: value.mul_(factor) for key, value in weights.items()}
             if total is None:
                 total = weights
             else:
@@ -145,14 +188,14 @@ def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batche
     finally:
         for lease in leases:
             lease.release()
-    average = {key: value.div_(len(sources)) for key, value in total.items()}
+    average = {key: value.div_(len(sources)) for key, value in total.items()} if uniform else total
     newest = metas[max(sources)]
     started = time.perf_counter()
     scores = evaluate_weights(cfg, average, global_windows(cfg, newest))
     eval_s = time.perf_counter() - started
     result = {"kind": "average", "name": out.name, "steps": list(sources), "step": max(sources),
               "tokens": newest.get("tokens"), "val_loss": scores["val_loss"], "val_ppl": scores["val_ppl"],
-              "eval_batches": cfg.eval.batches, "eval_s": eval_s, "time": time.time()}
+              "eval_batches": cfg.eval.batches, "eval_s": eval_s, "time": time.time(), "weighting": weighting}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir()
@@ -258,9 +301,10 @@ def parse_steps(text: str) -> tuple[int, ...]:
 def run_average(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     steps = last_steps(run_dir, args.last) if args.last is not None else args.steps
-    name = average_dir_name(check_steps(run_dir, steps))
+    weighting = parse_weighting(args.weighting)
+    name = average_dir_name(check_steps(run_dir, steps), weighting)
     done = read_result(run_dir / "averages" / name) is not None
-    result = average_checkpoints(run_dir, steps, eval_batches=args.eval_batches)
+    result = average_checkpoints(run_dir, steps, eval_batches=args.eval_batches, weighting=weighting)
     print(f"average: {name}{' (done already)' if done else ''}: steps {','.join(map(str, result['steps']))}: "
           f"val_loss {result['val_loss']:.4f} at {result['tokens']} tokens -> {run_dir / 'averages' / name}",
           flush=True)
@@ -273,6 +317,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--last", type=int, metavar="K", help="average the newest K checkpoints")
     which.add_argument("--steps", type=parse_steps, metavar="S1,S2,...", help="average the checkpoints at these steps")
     p.add_argument("--eval-batches", type=int, help="validation batches (default: the run's eval.batches)")
+    p.add_argument("--weighting", default="uniform", metavar="uniform|tail|ema[:BETA]",
+                   help="uniform (default); tail: weights 1..K, the newest most; ema: BETA^(K-1)..1 "
+                        f"(BETA default {EMA_DECAY})")
     p.set_defaults(func=run_average)
 
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "fork": ("evertrain.launch.fork", "cool a checkpoint down on the side and evaluate it"),
     "forker": ("evertrain.launch.forker", "fork a cooldown from each new checkpoint of a live run"),
     "average": ("evertrain.launch.average", "evaluate the uniform average of a run's last K checkpoints"),
+    "predict": ("evertrain.launch.lossmodel.predict", "predict a cooldown's final val loss before it runs"),
     "report": ("evertrain.launch.report", "checkpoints, cooldown results, plot and 'should we keep going?'"),
     "export": ("evertrain.launch.export_cmd", "export a checkpoint to another format"),
     "sweep": ("evertrain.launch.sweep", "rsqrt/constant + forked cooldowns vs cosine at several horizons"),

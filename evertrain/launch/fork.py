@@ -248,6 +248,10 @@ def run_fork(args: argparse.Namespace) -> int:
     lease = None
     try:
         lease = Lease(source, f"fork.{out.name}") if source is not None else None
+        if data is None:  # the loss model describes the run's own stream; made before the fork trains
+            from evertrain.launch.lossmodel.predict import ensure_prediction
+
+            ensure_prediction(run_dir, out, step, cooldown_steps, args.shape)
         return cool_down(args, run_dir, out, step, cooldown_steps, source, hooks, data)
     finally:
         if lease is not None:
@@ -315,6 +319,9 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
             publish_final(out, last_dir)
             result = {"from_step": step, "cooldown_steps": cooldown_steps, "shape": args.shape, "tokens": tokens,
                       "val_loss": scores["val_loss"], "val_ppl": scores["val_ppl"]}
+            result.update(scored_prediction(out, result))
+            if getattr(args, "final", False):
+                result["final"] = True  # the forker's stop rule chose this cooldown to end the run
             if data is not None:
                 result["data"] = {key: data[key] for key in ("path", "weights", "label")}
     finally:
@@ -337,6 +344,13 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return write_result(out, result, hooks, cfg)
+
+
+def scored_prediction(out: Path, result: dict) -> dict:
+    """`predicted`, `prediction_interval`, `prediction_error` from out/prediction.json, if there is one."""
+    from evertrain.launch.lossmodel.predict import read_prediction, scored
+
+    return scored(result, read_prediction(out))
 
 
 def write_result(out: Path, result: dict, hooks: EvalHooks, cfg: Config | None = None) -> int:
@@ -369,6 +383,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="cool down on another data dir (same tokenizer as the run's)")
     p.add_argument("--data-weights", metavar="SRC=SHARE,...",
                    help="cool down on this mix of sources (of the run's data dir, or of --data), e.g. hq=0.7,main=0.3")
+    p.add_argument("--final", action="store_true",
+                   help="mark this cooldown final in result.json (the forker's stop rule launches it so)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
     p.set_defaults(func=run_fork)

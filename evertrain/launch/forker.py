@@ -24,6 +24,11 @@ average of the newest K checkpoints up to that one (`python -m evertrain.launch.
 average.py), as jobs of the same queue: pinned (all K sources) while they wait, restart-safe the same
 way, done when runs/NAME/averages/<name>/result.json exists. Averages run on the forker's own machine,
 one at a time, beside the forks on the pool (an average reads and evaluates, it does not train).
+
+Every fork gets the loss model's forecast (lossmodel/predict.py) in its dir before it starts. With a
+stop rule (--min-gain-per-hour, --budget-tokens, --budget-hours; stoprule.py) the forker evaluates it
+after each new result, logs each verdict in runs/NAME/decisions.jsonl, and on `stop` queues the final
+cooldown first, forks nothing new, and with --stop-main writes runs/NAME/STOP for the trainer.
 """
 from __future__ import annotations
 
@@ -47,7 +52,10 @@ from evertrain.errors import EvertrainError
 from evertrain.launch.average import average_dir_name, parse_steps
 from evertrain.launch.evals import EvalHooks, hooks_from_args
 from evertrain.launch.fork import add_eval_arguments, cooldown_data, cooldown_dir_name, read_result
+from evertrain.launch.lossmodel.decision import Rule
+from evertrain.launch.lossmodel.predict import ensure_prediction
 from evertrain.launch.nodes import Pool, Slot, parse_pool
+from evertrain.launch.stoprule import StopOptions, StopRule
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError
@@ -84,6 +92,7 @@ class Job:
     kind: str = "fork"  # fork | average
     steps: list = field(default_factory=list)  # an average's source steps
     pins: list = field(default_factory=list)  # an average's pins, one per source (a fork's is `pin`)
+    final: bool = False  # the final cooldown the stop rule launched (stoprule.py)
 
 
 @dataclass
@@ -105,6 +114,7 @@ class ForkerOptions:
     data: str | None = None  # --data PATH, passed to each fork
     data_weights: str | None = None  # --data-weights SRC=SHARE,..., passed to each fork
     average: int = 0  # --average K: also average the newest K checkpoints at every checkpoint; 0 = no
+    stop: StopOptions | None = None  # the stop rule (stoprule.py); None = fork until told otherwise
 
 
 # -- state.json ----------------------------------------------------------------------------------
@@ -159,6 +169,18 @@ def save_jobs(path: Path, jobs: dict[str, Job]) -> None:
     state = {"forker_pid": os.getpid(), "updated": time.time(),
              "jobs": [dataclasses.asdict(job) for job in sorted(jobs.values(), key=lambda j: (j.step, j.name))]}
     store.atomic_write_text(path, json.dumps(state, indent=1))
+
+
+def predict_fork(run_dir: Path, out: Path, job: Job, log) -> None:
+    """prediction.json in the fork's dir before it starts (lossmodel/predict.py)."""
+    ensure_prediction(run_dir, out, job.step, job.cooldown_steps, job.shape, log=log)
+
+
+def mark_final(cooldown_dir: Path) -> None:
+    """result.json of a finished cooldown gains `final: true`."""
+    result = read_result(cooldown_dir)
+    if result is not None and not result.get("final"):
+        store.atomic_write_text(cooldown_dir / "result.json", json.dumps({**result, "final": True}, indent=1))
 
 
 def open_private_log(path: Path):
@@ -239,6 +261,7 @@ class Forker:
         self.pinned_at: dict[str, float] = {}
         self.deferred: set[int] = set()  # eligible steps left unqueued while the queue was full
         self.once_steps: set[int] | None = None  # --once: the checkpoints there at the first look
+        self.stop_rule: StopRule | None = None  # made once the run dir exists (run())
 
     def run(self) -> int:
         """Poll until --once/--until-step is satisfied or a signal arrives; 1 if any job failed."""
@@ -253,13 +276,16 @@ class Forker:
                 raise ForkerError(f"{lock.lock_file}: another forker is already running on {self.run_dir}") from None
             try:
                 self.jobs = load_jobs(self.state_path, self.run_dir)
+                if self.options.stop is not None:
+                    self.stop_rule = StopRule(self.options.stop, self.run_dir, self.log)
                 self.reap()  # adopt what a previous forker left running or finished
                 first = True
                 while True:
-                    newest = self.discover()
+                    newest = self.discover() if not self.stop_decided() else None
                     newest = newest if first or not self.options.once else None
                     first = False
                     self.reap()
+                    self.apply_stop_rule()
                     self.launch()
                     self.renew_pins()
                     self.save()
@@ -429,7 +455,7 @@ class Forker:
 
     def launch(self) -> None:
         """Queued forks on free pool slots; queued averages one at a time beside the forker."""
-        queued = sorted(self.jobs_with("queued"), key=lambda j: j.step)
+        queued = sorted(self.jobs_with("queued"), key=lambda j: (not j.final, j.step))  # the final cooldown first
         if not any(job.kind == "average" for job in self.jobs_with("running")):
             for job in [job for job in queued if job.kind == "average"][:1]:
                 self.start(job, Slot(AVERAGE_SLOT))
@@ -462,9 +488,13 @@ class Forker:
             args += ["--data", self.options.data]
         if self.options.data_weights is not None:
             args += ["--data-weights", self.options.data_weights]
+        if job.final:
+            args.append("--final")
         command = self.pool.command(slot, self.fork_module, args, workdir=self.cooldown_dir(job),
                                     log=Path(job.log))
         self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
+        if self.options.data is None and self.options.data_weights is None:
+            predict_fork(self.run_dir, self.cooldown_dir(job), job, self.log)
         self.spawn(job, slot, command, self.pool.environment(os.environ))
 
     def spawn(self, job: Job, slot: Slot, command: list[str], env: dict) -> None:
@@ -508,12 +538,56 @@ class Forker:
                     job.status, job.error = "failed", gone
                     self.log(f"FAILED   {job.name}: {job.error}")
 
+    # -- the stop rule (stoprule.py) --------------------------------------------------------------
+
+    def stop_decided(self) -> bool:
+        """Once the rule said stop, nothing new is forked or averaged: only its final cooldown runs."""
+        return self.stop_rule is not None and self.stop_rule.decided is not None
+
+    def apply_stop_rule(self) -> None:
+        if self.stop_rule is None:
+            return
+        checkpoints = store.complete_checkpoints(self.run_dir / "checkpoints")
+        newest = store.step_of(checkpoints[-1]) if checkpoints else None
+        final = self.stop_rule.poll(len(self.jobs_with("done")), newest)
+        if final is not None:
+            self.deferred.clear()  # nothing new is forked after a stop
+            self.queue_final(final)
+
+    def queue_final(self, final: dict) -> None:
+        """The final cooldown as a fork job marked final (once: a restarted forker finds it in state.json,
+        or under its name if the same cooldown was forked before)."""
+        name = cooldown_dir_name(final["step"], final["shape"], final["cooldown_steps"])
+        job = self.jobs.get(name)
+        if job is not None:
+            if not job.final:
+                job.final = True
+                if job.status == "done":  # that very cooldown ran already: it is the final one
+                    mark_final(self.cooldown_dir(job))
+                self.save()
+            return
+        step_dir = self.run_dir / "checkpoints" / store.step_dir_name(final["step"])
+        job = Job(name, final["step"], final["cooldown_steps"], final["shape"], final=True,
+                  log=str(job_log(self.run_dir, "fork", name)))
+        try:
+            job.pin = str(pin(step_dir, f"forker.{name}", PIN_TTL_S))
+        except CheckpointError as exc:
+            job.status, job.error = "failed", f"final cooldown: {exc}"
+            self.log(f"FAILED   {name}: {job.error}")
+        self.pinned_at[name] = time.monotonic()
+        self.jobs[name] = job
+        self.save()
+        if job.status == "queued":
+            self.log(f"queued   {name} (final cooldown)")
+
     def jobs_with(self, *statuses: str) -> list[Job]:
         return [job for job in self.jobs.values() if job.status in statuses]
 
     def finished(self, newest_step: int | None) -> bool:
         if self.jobs_with("queued", "running") or self.deferred:
             return False
+        if self.stop_decided() and any(job.final for job in self.jobs.values()):
+            return True  # the final cooldown has run: nothing is left to decide
         if self.options.once:
             return True
         until = self.options.until_step
@@ -559,12 +633,32 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
     if args.max_queued < 0:
         raise ForkerError(f"--max-queued: must be >= 0, got {args.max_queued}")
     cooldown_data(args.data, args.data_weights)  # a bad mix is refused now, not by every fork
+    stop = stop_options_from_args(args)
     return ForkerOptions(run_dir=run_dir, cooldown_fraction=args.cooldown_fraction, every=args.every,
                          at=args.at, shape=args.shape, max_retries=args.max_retries, poll_s=args.poll_s,
                          until_step=args.until_step, once=args.once, eval_batches=args.eval_batches,
                          engine=args.engine, wait_s=args.wait_s, hooks=hooks_from_args(args),
                          max_queued=args.max_queued, data=args.data, data_weights=args.data_weights,
-                         average=args.average)
+                         average=args.average, stop=stop)
+
+
+def stop_options_from_args(args: argparse.Namespace) -> StopOptions | None:
+    """The stop rule from --min-gain-per-hour / --budget-tokens / --budget-hours / --stop-main."""
+    given = {name: getattr(args, name) for name in ("min_gain_per_hour", "budget_tokens", "budget_hours")
+             if getattr(args, name) is not None}
+    if not given:
+        if args.stop_main:
+            raise ForkerError("--stop-main: give a stop rule (--min-gain-per-hour, --budget-tokens, --budget-hours)")
+        return None
+    for name, value in given.items():
+        if not value > 0:
+            raise ForkerError(f"--{name.replace('_', '-')}: must be > 0, got {value}")
+    if args.cooldown_fraction is None:
+        raise ForkerError("--cooldown-fraction: required by the stop rule (the cooldown a stop pays for)")
+    if args.data is not None or args.data_weights is not None:
+        raise ForkerError("the stop rule's loss model describes the run's own data: not with --data/--data-weights")
+    return StopOptions(Rule(**given, cooldown_fraction=args.cooldown_fraction, shape=args.shape, stride=args.every),
+                       stop_main=args.stop_main)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -607,6 +701,16 @@ def register(subparsers) -> None:
     add_eval_arguments(p)  # passed to each fork
     p.add_argument("--data", metavar="PATH", help="passed to each fork: cool down on another data dir")
     p.add_argument("--data-weights", metavar="SRC=SHARE,...", help="passed to each fork: cool down on this mix")
+    rule = p.add_argument_group("stop rule", "when training on is no longer worth it: launch a final cooldown "
+                                             "from the newest checkpoint (decisions in RUN/decisions.jsonl)")
+    rule.add_argument("--min-gain-per-hour", type=float, metavar="G",
+                      help="stop once the projected gain of training on is below G nats per hour (95%% upper end)")
+    rule.add_argument("--budget-tokens", type=float, metavar="N",
+                      help="stop before training on and cooling down would pass N tokens")
+    rule.add_argument("--budget-hours", type=float, metavar="H",
+                      help="stop before training on and cooling down would pass H hours at the measured tokens/s")
+    rule.add_argument("--stop-main", action="store_true",
+                      help="on stop, also ask the main run to stop at its next checkpoint (RUN/STOP)")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--until-step", type=int, help="exit once the run has a checkpoint at or past S "
                                                      "and every fork has finished")

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evertrain.errors import EvertrainError
+from evertrain.launch.free_estimates import Recovery, recoveries
 from evertrain.launch.scaling import MIN_FIT_POINTS, PowerLawFit, Projection, fit_power_law, project
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import active_pins
@@ -53,6 +54,12 @@ class Cooldown:
     result: dict | None  # result.json; None while the fork runs (or if it died)
     curve: list[dict] = field(default_factory=list)  # its train records
     data: str = "run"  # the mix it cooled down on ("run": the run's own stream; else fork's --data label)
+    prediction: dict | None = None  # prediction.json: the loss model's forecast, made before it ran
+
+    @property
+    def final(self) -> bool:
+        """The final cooldown the forker's stop rule launched."""
+        return bool((self.result or {}).get("final"))
 
     @property
     def group(self) -> str:
@@ -170,7 +177,7 @@ def load_run(run_dir: Path) -> RunReport:
         curve = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
         step, shape, steps = parsed
         cooldowns.append(Cooldown(path.name, step, steps, shape, result=result, curve=curve,
-                                  data=data_label(path, result)))
+                                  data=data_label(path, result), prediction=read_prediction(path)))
     averages = load_averages(run_dir)
     if not metrics and not checkpoints and not cooldowns and not averages:
         raise ReportError(f"--run {run_dir}: nothing to report (no metrics.jsonl, checkpoints or cooldowns)")
@@ -190,6 +197,15 @@ def load_averages(run_dir: Path) -> list[dict]:
         if isinstance(result, dict) and result.get("kind") == "average":
             found.append(result)
     return sorted(found, key=lambda r: (r["step"], len(r["steps"]), r["steps"]))
+
+
+def read_prediction(cooldown_dir: Path) -> dict | None:
+    """prediction.json with a number in it, else None."""
+    try:
+        record = json.loads((cooldown_dir / "prediction.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("predicted"), (int, float)) else None
 
 
 def data_label(cooldown_dir: Path, result: dict | None) -> str:
@@ -267,11 +283,59 @@ def tables(report: RunReport) -> list[Table]:
         r = c.result
         status = "running" if c.curve else "queued"
         evals = c.evals
-        cools.add_row(str(c.from_step), c.shape, str(c.cooldown_steps), c.data,
+        cools.add_row(str(c.from_step) + (" final" if c.final else ""), c.shape, str(c.cooldown_steps), c.data,
                       fmt_tokens(r["tokens"] if r else (c.curve[-1]["tokens"] if c.curve else None)),
                       f"{r['val_loss']:.4f}" if r else status, f"{r['val_ppl']:.2f}" if r else "-",
                       *[f"{evals[n]:.4g}" if n in evals else "-" for n in names])
-    return [ckpts, cools] + ([averages_table(report)] if report.averages else [])
+    predicted = [c for c in report.cooldowns if c.prediction]
+    recovered = gain_recoveries(report)
+    return ([ckpts, cools] + ([predictions_table(predicted)] if predicted else [])
+            + ([averages_table(report)] if report.averages else [])
+            + ([recoveries_table(recovered)] if recovered else []))
+
+
+def gain_recoveries(report: RunReport) -> list[Recovery]:
+    ends = [(c.name, c.from_step + c.cooldown_steps, c.result["val_loss"]) for c in report.cooldowns
+            if c.result and c.data == "run"]
+    return recoveries({r["step"]: r["val_loss"] for r in report.evals}, ends, report.averages)
+
+
+def recoveries_table(rows: list[Recovery]) -> Table:
+    """Per fork: the fraction of its gain over the main run that each checkpoint average recovers."""
+    table = Table(title="free estimates: fraction of each cooldown's gain recovered by checkpoint averages")
+    for column in ("cooldown", "end step", "main run", "cooldown", "gain", "average", "avg loss", "fraction"):
+        table.add_column(column, justify="left" if column in ("cooldown", "average") else "right")
+    for r in rows:
+        table.add_row(r.cooldown, str(r.end_step), f"{r.main_loss:.4f}", f"{r.cooldown_loss:.4f}", f"{r.gain:+.4f}",
+                      f"{r.weighting} k{r.k}", f"{r.average_loss:.4f}",
+                      "-" if r.fraction is None else f"{r.fraction:.2f}")
+    return table
+
+
+def predictions_table(cooldowns: list[Cooldown]) -> Table:
+    """The loss model's forecast of each fork (prediction.json, made before it ran) beside its result."""
+    table = Table(title="predicted vs actual (loss model, 95% intervals)")
+    for column in ("cooldown", "predicted", "actual", "error", "inside"):
+        table.add_column(column, justify="left" if column == "cooldown" else "right")
+    for c in sorted(cooldowns, key=lambda c: (c.from_step, c.cooldown_steps, c.name)):
+        p, r = c.prediction, c.result
+        error = r["val_loss"] - p["predicted"] if r else None
+        table.add_row(c.name + (" (final)" if c.final else ""), f"{p['predicted']:.4f} +- {p['interval']:.4f}",
+                      f"{r['val_loss']:.4f}" if r else ("running" if c.curve else "queued"),
+                      f"{error:+.4f}" if r else "-", ("yes" if abs(error) <= p["interval"] else "no") if r else "-")
+    return table
+
+
+def prediction_summary(cooldowns: list[Cooldown]) -> str | None:
+    """`prediction MAE: X nats over N forks; K of N inside their 95% intervals`, or None."""
+    scored = [(c.result["val_loss"] - c.prediction["predicted"], c.prediction["interval"])
+              for c in cooldowns if c.prediction and c.result]
+    if not scored:
+        return None
+    mae = float(np.mean([abs(e) for e, _ in scored]))
+    inside = sum(abs(e) <= half for e, half in scored)
+    return (f"prediction MAE: {mae:.4f} nats over {len(scored)} fork(s); {inside} of {len(scored)} inside their "
+            f"95% intervals")
 
 
 def averages_table(report: RunReport) -> Table:
@@ -284,7 +348,8 @@ def averages_table(report: RunReport) -> Table:
     for a in report.averages:
         cooled = [c for c in report.cooldowns if c.result and c.from_step == a["step"]]
         best = min(cooled, key=lambda c: c.result["val_loss"], default=None)
-        table.add_row(str(a["step"]), str(len(a["steps"])), ",".join(map(str, a["steps"])), fmt_tokens(a["tokens"]),
+        k = str(len(a["steps"])) + ("" if a.get("weighting", "uniform") == "uniform" else f" {a['weighting']}")
+        table.add_row(str(a["step"]), k, ",".join(map(str, a["steps"])), fmt_tokens(a["tokens"]),
                       f"{a['val_loss']:.4f}", f"{a['val_ppl']:.2f}",
                       f"{run_val[a['step']]:.4f}" if a["step"] in run_val else "-",
                       f"{best.result['val_loss']:.4f} ({best.shape}, {best.cooldown_steps})" if best else "-")
@@ -338,13 +403,14 @@ def figure(report: RunReport, fit: PowerLawFit | None, proj: Projection | None):
                          label=f"cooldown from {c.from_step} ({c.shape}, {c.cooldown_steps}"
                                f"{'' if c.data == 'run' else ', ' + c.data}): "
                                f"{c.result['val_loss']:.3f}")
-    by_k: dict[int, list[dict]] = {}
+    by_k: dict[tuple[int, str], list[dict]] = {}
     for a in report.averages:
-        by_k.setdefault(len(a["steps"]), []).append(a)
-    for i, (k, averages) in enumerate(sorted(by_k.items())):  # one legend entry per K, not per checkpoint
+        by_k.setdefault((len(a["steps"]), a.get("weighting", "uniform")), []).append(a)
+    for i, ((k, weighting), averages) in enumerate(sorted(by_k.items())):  # one legend entry per K and weighting
         ax_loss.plot([a["tokens"] for a in averages], [a["val_loss"] for a in averages], "D:", ms=5, lw=0.8,
                      color=("darkorange", "saddlebrown", "goldenrod", "firebrick")[i % 4], mec="k", mew=0.4,
-                     label=f"average of the last {k} checkpoints (no training): "
+                     label=f"{'' if weighting == 'uniform' else weighting + ' '}average of the last {k} "
+                           "checkpoints (no training): "
                            f"{averages[-1]['val_loss']:.3f} at step {averages[-1]['step']}")
     if fit is not None and proj is not None:
         points = [c.result["tokens"] for c in report.cooldowns if c.result and c.group == fit.shape]
@@ -418,6 +484,8 @@ def run_report(args: argparse.Namespace) -> int:
         console = Console(width=200)
     for table in tables(report):
         console.print(table)
+    if (line := prediction_summary(report.cooldowns)) is not None:
+        console.print(line, highlight=False)
     result = fit_cooldowns(report.cooldowns)
     proj = run_projection(report, result, args.extra_tokens) if result.fit else None
     for line in summary(result.fit, proj) if result.fit else [result.why_not]:

@@ -17,18 +17,16 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import optimize, stats
 
 MIN_FIT_POINTS = 3
-BETAS = np.linspace(0.02, 3.0, 600)  # beta's search range; a fit at either end is at its bound
-
-# two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
+BETA_RANGE = (0.02, 3.0)  # beta's bounds; a fit on either is at its bound
+BETA_STARTS = (0.05, 0.2, 0.5, 1.0, 2.0)  # the fit is non-convex in beta: the best of several starts
 
 
 def t95(dof: int) -> float:
-    known = [d for d in T95 if d <= dof]
-    return T95[max(known)] if dof <= 60 else 1.96
+    """Two-sided 95% quantile of Student's t with `dof` degrees of freedom."""
+    return float(stats.t.ppf(0.975, dof))
 
 
 @dataclass
@@ -87,12 +85,11 @@ class PowerLawFit:
         return f"L(D) = {self.E:.4f}{pm('E')} + {self.B:.4g} * D^-({self.beta:.3f}{pm('beta')})"
 
 
-def fit_power_law(tokens, losses, shape: str = "", betas=BETAS) -> PowerLawFit | None:
-    """Least squares fit of L(D) = E + B * D^-beta with E >= 0, B > 0, and its covariance.
-
-    For a fixed beta the model is linear in (E, B), so the fit is a 1-d search over beta of an exact
-    linear solve: a grid finds the best basin (no local minimum to get stuck in, no scipy), a golden-
-    section search then polishes beta inside it. None when the points admit no decreasing curve."""
+def fit_power_law(tokens, losses, shape: str = "", beta_range=BETA_RANGE) -> PowerLawFit | None:
+    """Least squares fit of L(D) = E + B * D^-beta with E >= 0, B > 0, beta in `beta_range`, and its
+    covariance. scipy's bounded least squares (trust region reflective) from several starting betas,
+    each starting (E, b) the exact linear solve at that beta; the best wins. None when the points admit
+    no decreasing curve (B ends on its bound 0)."""
     d = np.asarray(tokens, dtype=np.float64)
     y = np.asarray(losses, dtype=np.float64)
     if len(d) < MIN_FIT_POINTS or len(set(d.tolist())) < MIN_FIT_POINTS or not np.all(d > 0):
@@ -100,41 +97,40 @@ def fit_power_law(tokens, losses, shape: str = "", betas=BETAS) -> PowerLawFit |
     scale = float(d.max())
     scaled = d / scale
 
-    def solve(beta: float) -> tuple[float, float, float]:
-        """(sse, E, b) for this beta; sse = inf when no decreasing curve fits."""
-        x = np.power(scaled, -beta)
-        (e, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), y, rcond=None)
-        if e < 0:  # the asymptote of a loss cannot be negative: best fit on the E = 0 boundary
-            e, b = 0.0, float(x @ y / (x @ x))
-        if b <= 0:
-            return math.inf, e, b
-        return float(np.sum((e + b * x - y) ** 2)), e, b
+    def residuals(p):
+        e, b, beta = p
+        return e + b * np.power(scaled, -beta) - y
 
-    sses = [solve(beta)[0] for beta in betas]
-    i = int(np.argmin(sses))
-    if not math.isfinite(sses[i]):
+    def jacobian(p):
+        _, b, beta = p
+        x = np.power(scaled, -beta)
+        return np.stack([np.ones_like(x), x, -b * x * np.log(scaled)], axis=1)
+
+    best = None
+    for beta0 in BETA_STARTS:
+        x = np.power(scaled, -beta0)
+        (e0, b0), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), y, rcond=None)
+        start = np.clip([e0, b0, beta0], [0.0, 1e-12, beta_range[0]], [np.inf, np.inf, beta_range[1]])
+        found = optimize.least_squares(residuals, start, jac=jacobian, method="trf", x_scale="jac",
+                                       bounds=([0.0, 0.0, beta_range[0]], [np.inf, np.inf, beta_range[1]]))
+        if best is None or found.cost < best.cost:
+            best = found
+    e, b, beta = (float(v) for v in best.x)
+    if not b > 1e-12 * max(float(np.abs(y).max()), 1.0):  # flat or rising: no decreasing curve
         return None
-    lo, hi = betas[max(i - 1, 0)], betas[min(i + 1, len(betas) - 1)]
-    golden = (math.sqrt(5) - 1) / 2
-    for _ in range(40):  # the bracket shrinks to ~1e-8 of the grid step
-        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-        if solve(a)[0] < solve(b)[0]:
-            hi = b
-        else:
-            lo = a
-    beta = (lo + hi) / 2 if solve((lo + hi) / 2)[0] <= sses[i] else float(betas[i])
-    sse, e, b = solve(beta)
+    e_bound = best.active_mask[0] != 0 or e <= 1e-12
+    e = 0.0 if e_bound else e
+    sse = float(np.sum(residuals([e, b, beta]) ** 2))
 
     warnings, free = [], ["E", "b", "beta"]
-    if e == 0.0:
+    if e_bound:
         free.remove("E")
         warnings.append("E is at its bound 0 (the losses fall too steeply for a positive asymptote): "
                         "the band treats E = 0 as exact")
-    edge = min(abs(beta - betas[0]), abs(beta - betas[-1])) < (betas[1] - betas[0])
-    if edge:
+    if best.active_mask[2] != 0:
         free.remove("beta")
-        warnings.append(f"beta = {beta:.3f} is at the edge of its search range [{betas[0]:g}, {betas[-1]:g}]: "
-                        "the band treats it as exact")
+        warnings.append(f"beta = {beta:.3f} is at the edge of its search range [{beta_range[0]:g}, "
+                        f"{beta_range[1]:g}]: the band treats it as exact")
     fit = PowerLawFit(E=float(e), B=float(b * scale ** beta), beta=float(beta), rmse=math.sqrt(sse / len(d)),
                       points=len(d), shape=shape, scale=scale, free=tuple(free), warnings=warnings)
     if fit.dof <= 0:

@@ -31,7 +31,7 @@ from evertrain.pretrain.nonfinite import NonFiniteWatch
 from evertrain.pretrain.prefetch import Prefetcher
 from evertrain.pretrain.records import LogWindow, eval_record
 from evertrain.pretrain.resume import refresh_data, resume
-from evertrain.pretrain.stopping import StopSignals, save_within_budget
+from evertrain.pretrain.stopping import StopFile, StopSignals, save_within_budget
 
 
 def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, start: dict | None = None,
@@ -52,6 +52,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
     window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops))
     vote = StopVote(engine.world_size)
+    stop_file = StopFile(run_dir, ckpt_every if ckpt is not None else 0, engine.world_size)
     saved = None
     abandoned = False
     batches = Prefetcher(stream, global_windows, engine.rank, engine.world_size, depth=cfg.data.prefetch,
@@ -64,7 +65,8 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                 step, tokens = step + 1, tokens + tokens_per_step
                 window.add(loss, watch.observe(step, loss, grad_norm))
                 metrics.advance()
-                signalled = vote(signals.received)  # the same on every rank; CPU tensors, no device wait
+                # the same on every rank; CPU tensors, no device wait (the STOP file: a stat, near checkpoints)
+                signalled = vote(signals.received or stop_file.requested(step))
                 stop = signalled or step == t.max_steps
                 log_now = stop or step % t.log_every == 0
                 if log_now:
@@ -91,6 +93,10 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
         if ckpt is not None and not abandoned:
             ckpt.wait()  # committed: the closing line may name it
         reason = f"train.max_steps={t.max_steps}" if t.max_steps is not None and step >= t.max_steps else "stop signal"
+        if stop_file.seen and not signals.received and reason == "stop signal":
+            reason = f"stop request {stop_file.path}"
+        if not abandoned:
+            stop_file.consume(engine.is_main)  # the request was met at this checkpoint
     finally:
         batches.close()
         metrics.close()

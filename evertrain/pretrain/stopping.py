@@ -6,6 +6,11 @@ on the way out fits the stop's budget.
         saved, kept = save_within_budget(ckpt, step, extra, signals, signalled, budget_s, rank, saved)
 
 No host sync of its own: signals are host flags, and the saves are the checkpoint manager's.
+
+A stop can also be requested through a file, RUN/STOP, that any host may write (`evertrain forker
+--stop-main` does): StopFile looks for it only on the steps whose vote lands on a checkpoint step, so
+the run stops there, checkpointing as on SIGTERM, and removes the file. Looking is a stat() on the host:
+no collective and no device sync beyond the vote every step already makes.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from evertrain.pretrain.checkpoint.store import step_of
 
@@ -55,6 +61,34 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+STOP_FILE = "STOP"
+
+
+class StopFile:
+    """RUN/STOP, a stop request from another process or host (the module docstring).
+
+    StopVote (distributed.py) answers a vote one step later on more than one rank, so with
+    `vote_lag` 1 the file is looked at one step before each checkpoint step, and its vote is read
+    on the checkpoint step itself; alone (lag 0) on the checkpoint step."""
+
+    def __init__(self, run_dir: str | Path, every_steps: int, world_size: int):
+        self.path = Path(run_dir) / STOP_FILE
+        self.every = every_steps
+        self.lag = 1 if world_size > 1 else 0
+        self.seen = False
+
+    def requested(self, step: int) -> bool:
+        """True from the first look that found the file (only steps whose vote lands on a checkpoint)."""
+        if not self.seen and self.every and (step + self.lag) % self.every == 0:
+            self.seen = self.path.exists()
+        return self.seen
+
+    def consume(self, is_main: bool) -> None:
+        """The stop it asked for is checkpointed: remove the request (the main rank; a resume runs on)."""
+        if self.seen and is_main:
+            self.path.unlink(missing_ok=True)
 
 
 def save_within_budget(ckpt, step: int, extra: dict, signals: StopSignals, signalled: bool, budget_s: float,
