@@ -26,17 +26,15 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from evertrain import torch_compat
 from evertrain.pretrain.config import ModelConfig
 
 # Op-level selective checkpointing keeps the outputs of these (the expensive ops) and recomputes the
 # rest of a block (norms, RoPE, SwiGLU pointwise) in backward, as torchtitan's "op" policy does.
-_SAVE_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-}
+# The SDPA kernels are private aten ops: a torch build without one of them simply has nothing to save.
+_SAVE_OPS = torch_compat.aten_ops(["mm", "_scaled_dot_product_flash_attention",
+                                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                                   "_scaled_dot_product_flash_attention_for_cpu"])
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -256,9 +254,7 @@ class Transformer(nn.Module):
             full.normal_(0.0, std, generator=generator)
         local = p
         if isinstance(p, DTensor):
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            shape, offset = torch_compat.local_shape_and_offset(p.shape, p.device_mesh, p.placements)
             local = p.to_local()
             full = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
         local.copy_(full)
