@@ -157,7 +157,10 @@ def test_peak_tflops_by_device_name(monkeypatch):
     assert hardware.peak_tflops(torch.device("cpu")) is None
     assert hardware.peak_tflops(torch.device("cpu"), 123.0) == 123.0
     for name, expected in [("NVIDIA H200", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.0),
-                           ("NVIDIA A100-SXM4-80GB", 312.0), ("Some New GPU", None)]:
+                           ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),
+                           ("NVIDIA H800", 989.0), ("NVIDIA H800 PCIe", 756.0), ("NVIDIA H20", 148.0),
+                           ("NVIDIA B200", 2250.0), ("NVIDIA GB200", 2500.0), ("AMD Instinct MI300X", 1307.4),
+                           ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla V100-SXM2-32GB", None), ("Some New GPU", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert hardware.peak_tflops(torch.device("cuda", 0)) == expected, name
 

@@ -24,7 +24,7 @@ from evertrain.pretrain.console import closing_line, run_banner
 from evertrain.pretrain.distributed import StopVote
 from evertrain.pretrain.engines.base import Engine
 from evertrain.pretrain.evaluate import load_val_batches
-from evertrain.pretrain.hardware import peak_tflops
+from evertrain.pretrain.hardware import peak_tflops, use_tf32
 from evertrain.pretrain.metrics import Metrics
 from evertrain.pretrain.model import flops_per_token
 from evertrain.pretrain.nonfinite import NonFiniteWatch
@@ -50,6 +50,8 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
         started()
     metrics = Metrics(run_dir, engine.is_main, step, t.max_steps, cfg=cfg)
     metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
+    if use_tf32(engine.device) and t.dtype == "float32":
+        metrics.console.say("train.dtype=float32 on CUDA: matmuls run in TF32; train.dtype=bfloat16 is faster")
     window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops))
     vote = StopVote(engine.world_size)
     saved = None
