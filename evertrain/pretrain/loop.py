@@ -26,7 +26,7 @@ from evertrain.pretrain.engines.base import Engine
 from evertrain.pretrain.evaluate import load_val_batches
 from evertrain.pretrain.hardware import peak_tflops, use_tf32
 from evertrain.pretrain.metrics import Metrics
-from evertrain.pretrain.model import flops_per_token
+from evertrain.pretrain.model import flops_per_token, flops_per_token_torchtitan
 from evertrain.pretrain.nonfinite import NonFiniteWatch
 from evertrain.pretrain.prefetch import Prefetcher
 from evertrain.pretrain.records import LogWindow, eval_record
@@ -52,7 +52,8 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
     if use_tf32(engine.device) and t.dtype == "float32":
         metrics.console.say("train.dtype=float32 on CUDA: matmuls run in TF32; train.dtype=bfloat16 is faster")
-    window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops))
+    window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops),
+                       flops_per_token_torchtitan(cfg.model))
     vote = StopVote(engine.world_size)
     saved = None
     abandoned = False

@@ -58,6 +58,19 @@ def flops_per_token(cfg: ModelConfig) -> float:
     return 6.0 * matmul_weights + 6.0 * cfg.n_layers * cfg.seq_len * d
 
 
+def flops_per_token_torchtitan(cfg: ModelConfig) -> float:
+    """The same count by torchtitan's convention (get_nparams_and_flops), for comparing MFU figures:
+    6 per parameter except the embedding's (norm weights included; a tied head, being the embedding,
+    is left out) plus 12 * n_layers * seq_len * d_model for attention, *not* halved for the causal
+    mask. Ours is lower on attention and counts a tied head, so for one measured step the two MFUs
+    differ: report which one a number is."""
+    d, head_dim = cfg.d_model, cfg.d_model // cfg.n_heads
+    kv = (cfg.n_kv_heads or cfg.n_heads) * head_dim
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * ffn_hidden_size(cfg) + 2 * d  # + the two norm weights
+    non_embedding = cfg.n_layers * per_layer + d + (0 if cfg.tie_embeddings else cfg.vocab_size * d)
+    return 6.0 * non_embedding + 12.0 * cfg.n_layers * cfg.seq_len * d
+
+
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [seq_len, head_dim], computed in fp32 the way HF Llama does."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
