@@ -1,26 +1,38 @@
-"""One command that proves the GPU path: `make gpu-check` (one process, < 8 min on one H200).
+"""One command that proves the GPU path: `make gpu-check` (one process, < 8 min on one H100).
 
     python bench/gpu_check.py                            # CUDA: writes docs/gpu_check.md + docs/gpu_check.json
+    make gpu-check PY=python3                            # the same with the machine's own interpreter, no install
     python bench/gpu_check.py --cpu-smoke --out /tmp/gc  # the same code paths at toy sizes on CPU (in `make test`)
 
-Sections, each timed and recorded even when another fails (a GPU is lent rarely: one run must tell
-as much as it can):
+It first prints the versions it runs with (python, torch, CUDA, Triton, DeepSpeed or "absent", GPU);
+what a missing package prevents (DeepSpeed's rows) is skipped with one line. Sections, each timed and
+recorded even when another fails (a GPU is lent rarely: one run must tell as much as it can):
 1. adamw_match    our Triton AdamW vs torch.optim.AdamW (fp32) and vs our torch twin (bf16: both round
-                  to bf16 once per step), 200 steps, aligned tensors and unaligned views into one flat
-                  buffer (as ZeRO partitions are), with a grad scale: max |difference|.
+                  to bf16 once per step), 200 steps with a grad scale, on the layouts training hands it:
+                  aligned tensors (every size a multiple of 16: the kernel's 128-bit path, checked taken),
+                  unaligned views into one flat buffer, an FSDP2 last (shorter) shard, and a DeepSpeed flat
+                  partition at a nonzero offset: max |difference|.
 2. adamw_bench    ms/step, GB/s, % of the measured copy bandwidth and x torch fused, at 1e8 and 1e9
-                  parameters sized for the kernel's aligned (128-bit) path, plus one unaligned row.
+                  parameters sized for the aligned path, plus one unaligned row; and 50 steps back to back
+                  with the host's time to issue a step apart (the launch overhead).
 3. sdpa_backend   which SDPA kernel runs for bf16 GQA attention at the 1b and 8b head layouts (read from
                   the profiler's op names); the math kernel is a failure.
-4. no_host_sync   steady-state steps of the single engine on a ~1B model in bf16, the input pipeline
-                  included, under torch.cuda.set_sync_debug_mode("error") between log steps.
-5. throughput     step time, tokens/s and MFU of configs/1b.yaml on one GPU (FSDP2, world size 1), eager
-                  vs compiled, without and with activation checkpointing.
-6. checkpoint     the time the loop is blocked per asynchronous save vs a synchronous save (1b model).
+4. sync_audit     host syncs per phase (steady steps, a log step, an eval, a checkpoint save, the step
+                  after it) for the single, FSDP2 and DeepSpeed ZeRO-2/3 engines on a 2-layer 1b shape,
+                  the input pipeline included: value reads (.item() ...), explicit synchronize calls
+                  (torch.cuda / Stream / Event) and CUDA's sync debug mode; single and FSDP2 must have none
+                  in a steady step.
+5. throughput     step time, tokens/s and MFU (ours and torchtitan's convention) of configs/1b.yaml on one
+                  GPU (FSDP2, world size 1), eager vs compiled, without and with activation checkpointing;
+                  each engine freed before the next (checked).
+6. checkpoint     the time the loop is blocked per asynchronous save vs a synchronous save (1b model, or
+                  fewer layers if one checkpoint would not fit 15 GB or half the free disk; one checkpoint
+                  on disk at a time).
 
-The process exits 1 if any section failed or a check did not hold (the report is written first).
-On CPU (--cpu-smoke) Triton runs under its interpreter and CUDA-only measurements are skipped with a
-reason; the smoke run exists so this script cannot rot between the rare days a GPU is lent.
+The process exits 1 if any section failed or a check did not hold (the report is written first; the
+JSON writes a non-finite number as null). On CPU (--cpu-smoke) Triton runs under its interpreter and
+CUDA-only measurements are skipped with a reason; the smoke run exists so this script cannot rot
+between the rare days a GPU is lent.
 """
 from __future__ import annotations
 
@@ -48,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="where gpu_check.md/.json go (default: docs/)")
     p.add_argument("--only", default=None, help="comma-separated section names to run")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="bf16 dense peak for MFU (default: from the device name, H200/H100 989)")
+                   help="bf16 dense peak for MFU (default: from the device name, evertrain/pretrain/hardware.py)")
+    p.add_argument("--audit-child", nargs=3, metavar=("CASE", "DATA", "JSON"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -384,7 +397,7 @@ class SyncCounter:
 
     value        a tensor method that brings a value to the host (.item(), .tolist(), .cpu(), .to(cpu), ...)
     synchronize  an explicit wait: torch.cuda.synchronize, torch.cuda.Stream.synchronize,
-                 torch.cuda.Event.synchronize (and torch.accelerator/Stream/Event ones where torch has them)
+                 torch.cuda.Event.synchronize, torch.accelerator.synchronize (where torch has it)
     implicit     CUDA only: what torch.cuda.set_sync_debug_mode("warn") reports (a sync inside an op)
 
     Only calls made in the thread that opened the counter while a phase is set count (the Prefetcher's
@@ -426,9 +439,8 @@ class SyncCounter:
             self._patch(torch.Tensor, name, "value")
         self._patch(torch.Tensor, "to", "value", when=lambda a, k: _to_host(a[0], a[1:], k))
         explicit = [(torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize")]
-        for owner in ("accelerator", "Stream", "Event"):
-            if hasattr(torch, owner):
-                explicit.append((getattr(torch, owner), "synchronize"))
+        if hasattr(torch, "accelerator"):  # torch.Stream / torch.Event are C types: they cannot be patched
+            explicit.append((torch.accelerator, "synchronize"))
         for owner, name in explicit:
             self._patch(owner, name, "synchronize")
         return self
@@ -529,14 +541,54 @@ def audit_engine(cfg, device, work: Path, data: Path, steps: int) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+AUDIT_CASES = {"single": ["engine.name=single"], "fsdp": ["engine.name=fsdp"],
+               "deepspeed ZeRO-2": ["engine.name=deepspeed", "engine.zero_stage=2"],
+               "deepspeed ZeRO-3": ["engine.name=deepspeed", "engine.zero_stage=3"]}
+
+
+def audit_shape(smoke: bool) -> tuple[list[str], int]:
+    """The 1b shape, 2 layers at seq 1024: the same code paths, small enough for four engines in the
+    budget; and the number of counted steady steps."""
+    if smoke:
+        return [], 3
+    return ["model.n_layers=2", "model.seq_len=1024", "train.micro_batch_size=4", "train.grad_accum=2"], 10
+
+
+def audit_in_child(name: str, data: Path, work: Path, smoke: bool) -> dict:
+    import json
+    import subprocess
+
+    out = work / f"audit_{name.replace(' ', '_')}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--audit-child", name, str(data), str(out)]
+    if smoke:
+        cmd.append("--cpu-smoke")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"{name}: audit process exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    return json.loads(out.read_text())
+
+
+def audit_child(args) -> int:
+    """--audit-child CASE DATA JSON: one engine's audit in this process, written to JSON."""
+    import torch
+
+    from evertrain import safe_json
+
+    name, data, out = args.audit_child
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    shape, steps = audit_shape(args.cpu_smoke)
+    cfg = gpu_config("1b", args.cpu_smoke, shape + AUDIT_CASES[name])
+    with tempfile.TemporaryDirectory(prefix="gpu_check_audit_") as tmp, one_rank_process_group():
+        result = audit_engine(cfg, device, Path(tmp), Path(data), steps)
+    Path(out).write_text(safe_json.dumps(result))
+    return 0
+
+
 def sync_audit(report: Report, device, smoke: bool, work: Path) -> None:
     sec = report.section("sync_audit")
-    # the 1b shape, 2 layers at seq 1024: the same code paths, small enough for four engines in the budget
-    shape = [] if smoke else ["model.n_layers=2", "model.seq_len=1024", "train.micro_batch_size=4", "train.grad_accum=2"]
-    steps = 3 if smoke else 10
-    cases = [("single", ["engine.name=single"]), ("fsdp", ["engine.name=fsdp"])]
-    for stage in (2, 3):
-        cases.append((f"deepspeed ZeRO-{stage}", ["engine.name=deepspeed", f"engine.zero_stage={stage}"]))
+    shape, steps = audit_shape(smoke)
+    cases = list(AUDIT_CASES.items())
     probe = gpu_config("1b", smoke, shape)
     data = synthetic_data(work / "sync_data", probe.model.vocab_size, 200_000 if smoke else 20_000_000)
     phases = ("train step", "log step", "eval", "checkpoint save", "step after save")
@@ -549,9 +601,14 @@ def sync_audit(report: Report, device, smoke: bool, work: Path) -> None:
         if name.startswith("deepspeed") and not deepspeed_present():
             sec["rows"].append(f"| {name} | SKIPPED: deepspeed is not installed" + " |" * len(phases))
             continue
-        cfg = gpu_config("1b", smoke, shape + overrides)
-        with one_rank_process_group():
-            result = audit_engine(cfg, device, work, data, steps)
+        if name.startswith("deepspeed"):
+            # DeepSpeed keeps its process groups in module globals: a second engine in the same process
+            # finds the first one's (destroyed) groups. Each DeepSpeed case runs in a process of its own.
+            result = audit_in_child(name, data, work, smoke)
+        else:
+            cfg = gpu_config("1b", smoke, shape + overrides)
+            with one_rank_process_group():
+                result = audit_engine(cfg, device, work, data, steps)
         counts = result["counts"]
 
         def cell(phase):
@@ -642,17 +699,21 @@ def throughput(report: Report, device, smoke: bool, args) -> None:
     from evertrain.pretrain import engines
 
     from evertrain.pretrain.hardware import peak_tflops
-    from evertrain.pretrain.model import flops_per_token
+    from evertrain.pretrain.model import flops_per_token, flops_per_token_torchtitan
 
     sec = report.section("throughput")
     peak = peak_tflops(device, args.peak_tflops)
-    sec["rows"] += [f"configs/1b.yaml, FSDP2 world size 1, bf16; MFU against {peak or 'n/a'} TFLOP/s", "",
-                    "| variant | step s | tokens/s | MFU | peak memory GiB |", "|---|---:|---:|---:|---:|"]
+    sec["rows"] += [f"configs/1b.yaml, FSDP2 world size 1, bf16; MFU against {peak or 'n/a'} TFLOP/s dense bf16. "
+                    "MFU: ours (causal attention FLOPs halved, a tied head counted); torchtitan's (attention not "
+                    "halved, embedding and tied head left out). Each variant's engine is freed before the next; "
+                    "'left' is what stayed allocated after freeing it.", "",
+                    "| variant | step s | tokens/s | MFU (ours) | MFU (torchtitan) | peak memory GiB | left GiB |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
     warmup, timed = (1, 2) if smoke else (3, 8)
     for name, overrides in throughput_variants(config_fields()):
         if smoke and "train.compile=true" in overrides:
             # inductor takes minutes to compile on CPU; tests/test_scale.py covers compile there (aot_eager)
-            sec["rows"].append(f"| {name} | skipped on CPU | | | |")
+            sec["rows"].append(f"| {name} | skipped on CPU | | | | | |")
             continue
         cfg = gpu_config("1b", smoke, overrides + ["engine.name=fsdp"])
         with one_rank_process_group():
@@ -675,85 +736,186 @@ def throughput(report: Report, device, smoke: bool, args) -> None:
                 step_s = (time.perf_counter() - t0) / timed
                 tokens_per_s = windows * cfg.model.seq_len / step_s
                 n_params = engine.raw_model.num_params()
-                mfu = flops_per_token(cfg.model) * tokens_per_s / (peak * 1e12) if peak else None
+                loss = loss.item()
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-                sec["rows"].append(f"| {name} | {step_s:.3f} | {tokens_per_s:,.0f} | "
-                                   f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                                   f"{'n/a' if mem is None else f'{mem:.1f}'} |")
-                sec["raw"][name] = {"step_s": step_s, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_gib": mem,
-                                    "params": n_params, "loss": loss.item()}
-                report.check("throughput", math.isfinite(sec["raw"][name]["loss"]), f"{name}: finite loss")
             finally:
-                engine.close()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                left = free_engine(engine, device)
+                del engine
+        mfu = flops_per_token(cfg.model) * tokens_per_s / (peak * 1e12) if peak else None
+        mfu_tt = flops_per_token_torchtitan(cfg.model) * tokens_per_s / (peak * 1e12) if peak else None
+        sec["rows"].append(f"| {name} | {step_s:.3f} | {tokens_per_s:,.0f} | {percent(mfu)} | {percent(mfu_tt)} | "
+                           f"{'n/a' if mem is None else f'{mem:.1f}'} | {left:.2f} |")
+        sec["raw"][name] = {"step_s": step_s, "tokens_per_s": tokens_per_s, "mfu": mfu, "mfu_torchtitan": mfu_tt,
+                            "peak_gib": mem, "left_gib": left, "params": n_params, "loss": loss}
+        report.check("throughput", math.isfinite(loss), f"{name}: finite loss")
+        report.check("throughput", left < 1.0, f"{name}: engine freed ({left:.2f} GiB left allocated, goal < 1)")
+
+
+def percent(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 # -- 6. checkpoint: blocked per save ---------------------------------------------------------------------
 
 
-def checkpoint_cost(report: Report, device, smoke: bool, work: Path) -> None:
+CHECKPOINT_BUDGET = 15 * 10**9  # bytes the checkpoint section may have on disk at once
+
+
+def checkpoint_layers(n_params_of, layers: int, budget: int, free: int) -> tuple[int, int]:
+    """(layers, bytes of one checkpoint): the config's layer count, or fewer until one single-engine
+    checkpoint (fp32 weights and AdamW's two fp32 moments: 12 bytes a parameter) fits both the budget
+    and half the free disk. Only one checkpoint is on disk at a time: each is deleted once timed."""
+    limit = min(budget, free // 2)
+    for n in range(layers, 0, -1):
+        size = 12 * n_params_of(n)
+        if size <= limit:
+            return n, size
+    raise RuntimeError(f"checkpoint: not even one layer fits {limit / 1e9:.1f} GB "
+                       f"(budget {budget / 1e9:.0f} GB, {free / 1e9:.1f} GB free)")
+
+
+def disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def checkpoint_cost(report: Report, device, smoke: bool, work: Path, budget: int = CHECKPOINT_BUDGET) -> None:
+    import shutil
+
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
+    from evertrain.pretrain.checkpoint.store import step_dir_name
+    from evertrain.pretrain.plan import parameter_shapes
 
     sec = report.section("checkpoint")
-    cfg = gpu_config("1b", smoke, ["engine.name=single"])
+    full = gpu_config("1b", smoke)
+
+    def n_params_of(layers: int) -> int:
+        return sum(math.prod(s) for s in parameter_shapes(gpu_config("1b", smoke, [f"model.n_layers={layers}"]))
+                   .values())
+
+    layers, planned = checkpoint_layers(n_params_of, full.model.n_layers, budget, shutil.disk_usage(work).free)
+    cfg = gpu_config("1b", smoke, ["engine.name=single", f"model.n_layers={layers}"])
     engine = engines.create(cfg)
+    largest = 0
     try:
         rows = {}
         for mode in ("sync", "async"):
             cfg.checkpoint.async_save = mode == "async"
-            ckpt = CheckpointManager(work / f"ckpt_{mode}", cfg, engine)
+            run_dir = work / f"ckpt_{mode}"
+            ckpt = CheckpointManager(run_dir, cfg, engine)
             blocked = []
-            for step in (1, 2):
-                synchronize(device)
-                t0 = time.perf_counter()
-                ckpt.save(step, {"tokens": 0, "data": {}})
-                if mode == "sync":
-                    ckpt.wait()
-                blocked.append(time.perf_counter() - t0)
-                ckpt.wait()  # the next save's blocked time is its own, not the previous write's
-            ckpt.close()
+            try:
+                for step in (1, 2):
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    ckpt.save(step, {"tokens": 0, "data": {}})
+                    if mode == "sync":
+                        ckpt.wait()
+                    blocked.append(time.perf_counter() - t0)
+                    ckpt.wait()  # the next save's blocked time is its own, not the previous write's
+                    largest = max(largest, disk_bytes(run_dir))
+                    shutil.rmtree(ckpt.dir / step_dir_name(step))  # one checkpoint on disk at a time
+            finally:
+                ckpt.close()
+                shutil.rmtree(run_dir, ignore_errors=True)
             rows[mode] = min(blocked)
         ratio = rows["async"] / rows["sync"]
-        sec["rows"] += [f"{engine.raw_model.num_params() / 1e6:,.1f}M parameters, single engine, best of 2 saves", "",
-                        "| save | loop blocked (s) |", "|---|---:|",
-                        f"| synchronous | {rows['sync']:.3f} |", f"| asynchronous | {rows['async']:.3f} |",
-                        f"| ratio | {100 * ratio:.1f}% |"]
-        sec["raw"] = {"sync_s": rows["sync"], "async_s": rows["async"], "ratio": ratio}
-        if not smoke:
-            report.check("checkpoint", ratio <= 0.03, f"async blocks {100 * ratio:.1f}% of a sync save (goal <= 3%)")
+        n_params = engine.raw_model.num_params()
     finally:
-        engine.close()
+        free_engine(engine, device)
+        del engine
+    sec["rows"] += [f"{n_params / 1e6:,.1f}M parameters ({layers} of {full.model.n_layers} layers, so that one "
+                    f"checkpoint fits the {budget / 1e9:.0f} GB disk budget), single engine, best of 2 saves; "
+                    f"largest on disk {largest / 1e9:.2f} GB (planned {planned / 1e9:.2f}), deleted after each save",
+                    "", "| save | loop blocked (s) |", "|---|---:|",
+                    f"| synchronous | {rows['sync']:.3f} |", f"| asynchronous | {rows['async']:.3f} |",
+                    f"| ratio | {100 * ratio:.1f}% |"]
+    sec["raw"] = {"sync_s": rows["sync"], "async_s": rows["async"], "ratio": ratio, "layers": layers,
+                  "disk_bytes": largest, "planned_bytes": planned, "budget_bytes": budget}
+    report.check("checkpoint", largest <= budget, f"on disk at most {largest / 1e9:.2f} GB (budget {budget / 1e9:.0f})")
+    if not smoke:
+        report.check("checkpoint", ratio <= 0.03, f"async blocks {100 * ratio:.1f}% of a sync save (goal <= 3%)")
 
 
 # -- driver ------------------------------------------------------------------------------------------------
 
-SECTIONS = ("adamw_match", "adamw_bench", "sdpa_backend", "no_host_sync", "throughput", "checkpoint")
+SECTIONS = ("adamw_match", "adamw_bench", "sdpa_backend", "sync_audit", "throughput", "checkpoint")
+
+
+def version_of(module: str) -> str:
+    """A package's version without importing it (importing deepspeed takes seconds), or "absent"."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return "absent"
+    for dist in (module, f"pytorch-{module}"):  # CUDA torch may ship Triton as pytorch-triton
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "present (version unknown)"
+
+
+def versions(device) -> dict:
+    import platform
+
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda or ("ROCm " + torch.version.hip if torch.version.hip else "none"),
+            "triton": version_of("triton"), "deepspeed": version_of("deepspeed"),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU smoke run)"}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is first jitted
-    import torch
+    if args.audit_child:
+        return audit_child(args)
+    try:  # a machine without one of our dependencies gets one line, not a traceback
+        import torch
 
+        import evertrain.pretrain.config  # noqa: F401  (yaml and the rest of what every section needs)
+    except ImportError as exc:
+        print(f"gpu_check: cannot run: {exc} (install it, or run with the interpreter that has it: "
+              "make gpu-check PY=...)", file=sys.stderr)
+        return 2
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run with --cpu-smoke for the CPU smoke run", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    name = f"CPU ({torch.get_num_threads()} threads)" if args.cpu_smoke else torch.cuda.get_device_name(device)
-    report = Report(device=f"{name}, torch {torch.__version__}", smoke=args.cpu_smoke)
+    found = versions(device)
+    print("gpu_check: " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
+    if found["deepspeed"] == "absent":
+        print("gpu_check: deepspeed absent: its sync_audit rows are skipped (to add it offline: "
+              "scripts/gpu_wheels.sh DIR elsewhere, then pip install --no-index --find-links DIR deepspeed)",
+              flush=True)
+    if found["triton"] == "absent":
+        print("gpu_check: triton absent: the Triton AdamW sections will fail; the torch paths still run", flush=True)
+    if device.type == "cuda":
+        from evertrain.pretrain.hardware import use_tf32
+
+        use_tf32(device)  # as the training loop does: fp32 matmuls (none in a bf16 step) on TF32
+    name = f"CPU ({torch.get_num_threads()} threads)" if args.cpu_smoke else found["gpu"]
+    report = Report(device=f"{name}; " + ", ".join(f"{k} {v}" for k, v in found.items() if k != "gpu"),
+                    smoke=args.cpu_smoke)
     out = args.out or REPO / "docs"
     out.mkdir(parents=True, exist_ok=True)
     wanted = args.only.split(",") if args.only else SECTIONS
+    unknown = [w for w in wanted if w not in SECTIONS]
+    if unknown:
+        print(f"gpu_check: --only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}",
+              file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         runners = {"adamw_match": lambda: adamw_match(report, device, args.cpu_smoke),
                    "adamw_bench": lambda: adamw_bench(report, device, args.cpu_smoke),
                    "sdpa_backend": lambda: sdpa_backend(report, device, args.cpu_smoke),
-                   "no_host_sync": lambda: no_host_sync(report, device, args.cpu_smoke, work),
+                   "sync_audit": lambda: sync_audit(report, device, args.cpu_smoke, work),
                    "throughput": lambda: throughput(report, device, args.cpu_smoke, args),
                    "checkpoint": lambda: checkpoint_cost(report, device, args.cpu_smoke, work)}
         for section in wanted:
@@ -768,14 +930,22 @@ def main(argv=None) -> int:
             entry["seconds"] = time.perf_counter() - t0
             print(f"gpu_check: {section} done in {entry['seconds']:.1f} s"
                   + (" (FAILED)" if entry["error"] else ""), flush=True)
+    write_report(out, report, found, time.perf_counter() - t_start)
+    print(report.markdown())
+    return 1 if report.failures else 0
+
+
+def write_report(out: Path, report: Report, found: dict, seconds: float) -> None:
+    """gpu_check.md and gpu_check.json; a NaN loss or timing must not cost the report, so the JSON
+    writes non-finite numbers as null and lists where they were under "nonfinite"."""
+    from evertrain import safe_json
+
     (out / "gpu_check.md").write_text(report.markdown())
-    raw = {"device": report.device, "smoke": report.smoke, "seconds": time.perf_counter() - t_start,
+    raw = {"device": report.device, "versions": found, "smoke": report.smoke, "seconds": seconds,
            "failures": report.failures,
            "sections": {k: {"seconds": v["seconds"], "raw": v["raw"], "error": v["error"]}
                         for k, v in report.sections.items()}}
-    (out / "gpu_check.json").write_text(json.dumps(raw, indent=1, allow_nan=False, default=str))
-    print(report.markdown())
-    return 1 if report.failures else 0
+    (out / "gpu_check.json").write_text(safe_json.dumps(raw, indent=1, default=str))
 
 
 if __name__ == "__main__":
