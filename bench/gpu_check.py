@@ -700,20 +700,23 @@ def throughput(report: Report, device, smoke: bool, args) -> None:
 
     from evertrain.pretrain.hardware import peak_tflops
     from evertrain.pretrain.model import flops_per_token, flops_per_token_torchtitan
+    from evertrain.pretrain.plan import make_plan
 
     sec = report.section("throughput")
     peak = peak_tflops(device, args.peak_tflops)
     sec["rows"] += [f"configs/1b.yaml, FSDP2 world size 1, bf16; MFU against {peak or 'n/a'} TFLOP/s dense bf16. "
                     "MFU: ours (causal attention FLOPs halved, a tied head counted); torchtitan's (attention not "
                     "halved, embedding and tied head left out). Each variant's engine is freed before the next; "
-                    "'left' is what stayed allocated after freeing it.", "",
-                    "| variant | step s | tokens/s | MFU (ours) | MFU (torchtitan) | peak memory GiB | left GiB |",
-                    "|---|---:|---:|---:|---:|---:|---:|"]
+                    "'left' is what stayed allocated after freeing it; 'plan' is `evertrain plan`'s total for the "
+                    "run (tensors only: the reserve is not in it), 'reserved' the allocator's peak.", "",
+                    "| variant | step s | tokens/s | MFU (ours) | MFU (torchtitan) | peak memory GiB | reserved GiB "
+                    "| plan GiB | left GiB |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     warmup, timed = (1, 2) if smoke else (3, 8)
     for name, overrides in throughput_variants(config_fields()):
         if smoke and "train.compile=true" in overrides:
             # inductor takes minutes to compile on CPU; tests/test_scale.py covers compile there (aot_eager)
-            sec["rows"].append(f"| {name} | skipped on CPU | | | | | |")
+            sec["rows"].append(f"| {name} | skipped on CPU | | | | | | | |")
             continue
         cfg = gpu_config("1b", smoke, overrides + ["engine.name=fsdp"])
         with one_rank_process_group():
@@ -738,15 +741,20 @@ def throughput(report: Report, device, smoke: bool, args) -> None:
                 n_params = engine.raw_model.num_params()
                 loss = loss.item()
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                held = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+                accumulate = engine.accumulate  # as the engine resolved auto on this GPU
             finally:
                 left = free_engine(engine, device)
                 del engine
         mfu = flops_per_token(cfg.model) * tokens_per_s / (peak * 1e12) if peak else None
         mfu_tt = flops_per_token_torchtitan(cfg.model) * tokens_per_s / (peak * 1e12) if peak else None
+        planned = make_plan(cfg, 1, 1, engine="fsdp", accumulate=accumulate).total / 2**30
         sec["rows"].append(f"| {name} | {step_s:.3f} | {tokens_per_s:,.0f} | {percent(mfu)} | {percent(mfu_tt)} | "
-                           f"{'n/a' if mem is None else f'{mem:.1f}'} | {left:.2f} |")
+                           f"{'n/a' if mem is None else f'{mem:.1f}'} | {'n/a' if held is None else f'{held:.1f}'} | "
+                           f"{planned:.1f} | {left:.2f} |")
         sec["raw"][name] = {"step_s": step_s, "tokens_per_s": tokens_per_s, "mfu": mfu, "mfu_torchtitan": mfu_tt,
-                            "peak_gib": mem, "left_gib": left, "params": n_params, "loss": loss}
+                            "peak_gib": mem, "reserved_gib": held, "plan_gib": planned, "left_gib": left,
+                            "params": n_params, "loss": loss}
         report.check("throughput", math.isfinite(loss), f"{name}: finite loss")
         report.check("throughput", left < 1.0, f"{name}: engine freed ({left:.2f} GiB left allocated, goal < 1)")
 
