@@ -136,3 +136,12 @@ def test_match_layouts_are_the_shard_layouts_they_claim(layout):
         assert len(params) == 1 and params[0].storage_offset() == sizes[0] > 0
         assert sizes[0] * gpu_check.MATCH_WORLD >= sum(gpu_check.match_layouts(False)["unaligned"][0])
     assert math.prod(params[0].shape) == sizes[0]
+
+
+def test_a_missing_triton_skips_the_kernel_rows_in_one_line_each(tmp_path, monkeypatch):
+    real = gpu_check.version_of
+    monkeypatch.setattr(gpu_check, "version_of", lambda m: "absent" if m == "triton" else real(m))
+    assert gpu_check.main(["--cpu-smoke", "--only", "adamw_match", "--out", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert raw["versions"]["triton"] == "absent" and raw["failures"] == []
+    assert "SKIPPED: triton is not installed" in (tmp_path / "gpu_check.md").read_text()
