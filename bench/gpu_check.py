@@ -616,14 +616,8 @@ def sync_audit(report: Report, device, smoke: bool, work: Path) -> None:
             with one_rank_process_group():
                 result = audit_engine(cfg, device, work, data, steps)
         counts = result["counts"]
-
-        def cell(phase):
-            per = counts.get(phase, {})
-            scale = steps if phase == "train step" else 1
-            text = ", ".join(f"{k} {v / scale:g}" for k, v in sorted(per.items()))
-            return (text + (" /step" if scale > 1 else "")) if text else "0"
-
-        sec["rows"].append(f"| {name} | " + " | ".join(cell(p) for p in phases) + " |")
+        sec["rows"].append(f"| {name} | " + " | ".join(audit_cell(counts.get(p, {}), steps if p == "train step" else 1)
+                                                      for p in phases) + " |")
         sec["raw"][name] = result
         if not name.startswith("deepspeed"):
             steady = counts.get("train step", {})
@@ -634,6 +628,12 @@ def sync_audit(report: Report, device, smoke: bool, work: Path) -> None:
     if device.type != "cuda":
         sec["rows"].append("- on CPU: no implicit-sync column (set_sync_debug_mode needs CUDA), and DeepSpeed "
                            "skips its CUDA-only synchronize calls")
+
+
+def audit_cell(per: dict, steps: int) -> str:
+    """"value 3, synchronize 2 /step": one phase's counts by kind (per step when over several steps)."""
+    text = ", ".join(f"{k} {v / steps:g}" for k, v in sorted(per.items()))
+    return (text + (" /step" if steps > 1 else "")) if text else "0"
 
 
 def free_engine(engine, device) -> float:
