@@ -111,6 +111,7 @@ def test_report_json_survives_a_nan_loss(tmp_path):
 
 
 def test_versions_line_and_a_missing_deepspeed_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # main() would set it for the rest of this process
     real = gpu_check.version_of
     monkeypatch.setattr(gpu_check, "version_of", lambda m: "absent" if m == "deepspeed" else real(m))
     assert gpu_check.main(["--cpu-smoke", "--only", "sdpa_backend", "--out", str(tmp_path)]) == 0
@@ -139,6 +140,7 @@ def test_match_layouts_are_the_shard_layouts_they_claim(layout):
 
 
 def test_a_missing_triton_skips_the_kernel_rows_in_one_line_each(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     real = gpu_check.version_of
     monkeypatch.setattr(gpu_check, "version_of", lambda m: "absent" if m == "triton" else real(m))
     assert gpu_check.main(["--cpu-smoke", "--only", "adamw_match", "--out", str(tmp_path)]) == 0
