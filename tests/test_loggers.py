@@ -219,3 +219,12 @@ def test_mlflow_for_real_offline_in_the_run_dir(tmp_path, monkeypatch):
     run = client.get_run(sink.run_id)
     assert run.info.run_name == "run" and run.data.params["model.vocab_size"] == "4096"
     assert client.get_experiment(run.info.experiment_id).name == "real"
+
+
+def test_tf32_for_fp32_matmuls_on_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert hardware.use_tf32(torch.device("cpu")) is False and calls == []
+    assert hardware.use_tf32(torch.device("cuda", 0)) is True
+    assert calls == ["high"] and torch.backends.cudnn.allow_tf32 is True
