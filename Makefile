@@ -38,9 +38,14 @@ demo: setup data
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
 
-# On a CUDA machine (keep its CUDA torch: make gpu-check TORCH_SPEC=torch): the GPU path measured in one
-# process (< 8 min on one H200), written to docs/gpu_check.md and docs/gpu_check.json.
-gpu-check: setup
+# On a CUDA machine: the GPU path measured in one process (< 8 min on one H100), written to
+# docs/gpu_check.md and docs/gpu_check.json. Two ways:
+#   make gpu-check PY=python3      the given interpreter as it is: no venv, no pip, nothing installed
+#                                  (an offline GPU image; sections needing a missing package, e.g.
+#                                  DeepSpeed, are skipped with one line; scripts/gpu_wheels.sh makes the
+#                                  wheels to carry there)
+#   make gpu-check TORCH_SPEC=torch    our venv, keeping whatever CUDA torch pip finds (needs a network)
+gpu-check: $(if $(filter command line,$(origin PY)),,setup)
 	$(PY) bench/gpu_check.py
 
 clean-runs:

@@ -113,7 +113,7 @@ def block_saved_bytes(cfg, mode: str, tokens: int) -> int:
     return sum(seen.values()) + Outputs.total
 
 
-def activations(tokens: int) -> None:
+def activations(tokens: int, op_level: bool = True) -> None:
     from evertrain.pretrain.config import load_config
     from evertrain.pretrain.plan import block_activation_bytes
 
@@ -123,6 +123,9 @@ def activations(tokens: int) -> None:
           f"{'plan bf16 70b':>15}")
     shapes = {n: load_config(REPO / "configs" / f"{n}.yaml") for n in ("1b", "8b", "70b")}
     for mode, label in (("none", "none"), ("op", "selective (op-level)"), ("full", "full")):
+        if mode == "op" and not op_level:
+            print(f"{label:<22}skipped: this torch has no torch.utils._python_dispatch.TorchDispatchMode")
+            continue
         measured = block_saved_bytes(cfg, mode, tokens) / tokens
         planned = [block_activation_bytes(c, mode, 2) for c in shapes.values()]
         print(f"{label:<22}{measured:>14.0f}{block_activation_bytes(cfg, mode, 4):>11}"
@@ -138,8 +141,16 @@ def main() -> None:
     if args.child:
         build_child(args.child, args.world)
         return
-    construction(args.world)
-    activations(args.tokens)
+    # Both measurements lean on torch internals with no public equivalent (the fake process group is
+    # registered by a testing module; the op-level count needs a dispatch mode): a torch without them
+    # gets one line per measurement it cannot make, not a traceback.
+    from evertrain.torch_compat import _private
+
+    if _private("torch.testing._internal.distributed.fake_pg", "FakeStore") is None:
+        print("(a) skipped: this torch has no fake process group (torch.testing._internal.distributed.fake_pg)")
+    else:
+        construction(args.world)
+    activations(args.tokens, op_level=_private("torch.utils._python_dispatch", "TorchDispatchMode") is not None)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from evertrain.pretrain import engines, hardware, loop
 from evertrain.pretrain.config import ConfigError, load_config
 from evertrain.pretrain.data import TokenStream
 from evertrain.pretrain.loggers import scalars
-from evertrain.pretrain.model import Transformer, flops_per_token
+from evertrain.pretrain.model import Transformer, flops_per_token, flops_per_token_torchtitan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,6 +137,8 @@ def test_train_and_eval_records_carry_time_mfu_and_memory(tiny_data, tmp_path):
     for r in train:
         assert r["step_time_s"] > 0 and r["peak_mem_gib"] > 0.05  # CPU: the process's peak RSS
         assert r["mfu"] == pytest.approx(flops_per_token(cfg_model) * r["tokens_per_s"] / 0.5e12, rel=1e-9)
+        assert r["mfu_torchtitan"] == pytest.approx(flops_per_token_torchtitan(cfg_model) * r["tokens_per_s"] / 0.5e12,
+                                                    rel=1e-9)
     (evaluation,) = [r for r in records if r["kind"] == "eval"]
     assert evaluation["eval_s"] > 0 and evaluation["time"] > 1.7e9
     no_peak = train_run(tiny_data, tmp_path / "b", 1)
@@ -153,11 +155,26 @@ def test_flops_per_token_counts_every_matmul_weight(tie, n_kv):
     assert flops_per_token(cfg) == 6 * linear + 6 * 3 * 64 * 48
 
 
+@pytest.mark.parametrize("tie, n_kv", [(False, 2), (True, None)])
+def test_flops_per_token_torchtitan_is_their_formula_on_the_built_model(tie, n_kv):
+    cfg = load_config(None, ["model.vocab_size=300", "model.d_model=48", "model.n_layers=3", "model.n_heads=4",
+                             f"model.n_kv_heads={n_kv if n_kv else 'null'}", f"model.tie_embeddings={str(tie).lower()}",
+                             "model.seq_len=64"]).model
+    model = Transformer(cfg)
+    # torchtitan's get_nparams_and_flops: every parameter once, less nn.Embedding children's; 12*l*h*q*t
+    nparams = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for m in model.children() if isinstance(m, nn.Embedding) for p in m.parameters())
+    assert flops_per_token_torchtitan(cfg) == 6 * (nparams - embedding) + 12 * 3 * 4 * (48 // 4) * 64
+
+
 def test_peak_tflops_by_device_name(monkeypatch):
     assert hardware.peak_tflops(torch.device("cpu")) is None
     assert hardware.peak_tflops(torch.device("cpu"), 123.0) == 123.0
     for name, expected in [("NVIDIA H200", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.0),
-                           ("NVIDIA A100-SXM4-80GB", 312.0), ("Some New GPU", None)]:
+                           ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),
+                           ("NVIDIA H800", 989.0), ("NVIDIA H800 PCIe", 756.0), ("NVIDIA H20", 148.0),
+                           ("NVIDIA B200", 2250.0), ("NVIDIA GB200", 2500.0), ("AMD Instinct MI300X", 1307.4),
+                           ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla V100-SXM2-32GB", None), ("Some New GPU", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert hardware.peak_tflops(torch.device("cuda", 0)) == expected, name
 
@@ -202,3 +219,12 @@ def test_mlflow_for_real_offline_in_the_run_dir(tmp_path, monkeypatch):
     run = client.get_run(sink.run_id)
     assert run.info.run_name == "run" and run.data.params["model.vocab_size"] == "4096"
     assert client.get_experiment(run.info.experiment_id).name == "real"
+
+
+def test_tf32_for_fp32_matmuls_on_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert hardware.use_tf32(torch.device("cpu")) is False and calls == []
+    assert hardware.use_tf32(torch.device("cuda", 0)) is True
+    assert calls == ["high"] and torch.backends.cudnn.allow_tf32 is True

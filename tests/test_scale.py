@@ -5,6 +5,7 @@ checkpointing, chunked loss and per-block compile equal to eager, the memory pla
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -175,6 +176,22 @@ def test_70b_plan_fits_an_h200_with_the_default_knobs():
     assert not none.fits and none.device["activations"] > 10 * plan.device["activations"]
     # fewer ranks: larger shards; unsharded accumulation would add 4 bytes per parameter
     assert make_plan(cfg, 1, 8).device["optimizer"] == pytest.approx(8 * plan.device["optimizer"], rel=1e-3)
+
+
+def test_plan_keeps_a_reserve_and_counts_the_root_gradients_so_8b_on_h100_accumulates_sharded():
+    from evertrain.pretrain.plan import GPUS, RESERVE_FIXED, RESERVE_SHARE, parameter_shapes
+
+    cfg = load_config(REPO / "configs" / "8b.yaml")
+    plan = make_plan(cfg, 1, 8, engine="fsdp", gpu="h100")
+    assert plan.reserve == int(RESERVE_SHARE * GPUS["h100"]) + RESERVE_FIXED
+    assert plan.usable == GPUS["h100"] - plan.reserve and plan.fits
+    root = sum(math.prod(s) for n, s in parameter_shapes(cfg).items() if n.startswith(("embed_tokens.", "norm.",
+                                                                                         "lm_head.")))
+    assert plan.device["root gradients"] == (2 + 4) * root  # bf16 gradients + their fp32 reduce-scatter copy
+    # full fp32 gradients (29 GiB here) would fill the GPU to within the reserve: auto shards them
+    assert plan.accumulate == "sharded" and plan.total + 4 * plan.n_params > plan.usable
+    assert plan.total + 4 * plan.n_params <= 0.9 * GPUS["h100"]  # what the plan without a reserve allowed
+    assert make_plan(cfg, 1, 8, engine="fsdp", gpu="h200").accumulate == "unsharded"  # room to spare there
 
 
 def test_plan_command_prints_the_table_and_exit_codes():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from evertrain.pretrain.checkpoint import CheckpointError, CheckpointManager, load_consolidated, store
+from evertrain import torch_compat
 from evertrain.pretrain.checkpoint import staging
 from test_checkpoint import config, resume_error, toy_engine, train_step
 
@@ -25,12 +26,13 @@ def test_the_next_step_waits_for_the_copy_and_the_checkpoint_is_the_saved_step(t
     moments = {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(engine.optimizer.state.values())}
 
     gate, copying = threading.Event(), threading.Event()
-    copy = staging.StateDictStager.stage
+    stager_class = type(torch_compat.state_dict_stager(pin_memory=False))  # DCP's, or our fallback
+    copy = stager_class.stage
     def held_back(self, *args, **kwargs):
         copying.set()
         assert gate.wait(30)
         return copy(self, *args, **kwargs)
-    monkeypatch.setattr(staging.StateDictStager, "stage", held_back)
+    monkeypatch.setattr(stager_class, "stage", held_back)
 
     ckpt.save(2, {"tokens": 2})  # returns with the copy not made yet
     assert copying.wait(30) and not ckpt.state.stager.copy_done.done()

@@ -26,6 +26,7 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import DTensor
 
+from evertrain import torch_compat
 from evertrain.errors import EvertrainError
 
 try:
@@ -207,13 +208,13 @@ def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, weight_decays, *, lr, step
         if grad_scale is not None:
             # Out of place, so the caller's gradients stay as they were (as with the Triton kernel).
             # Not the op's own grad_scale: that one divides, and writes the result into the gradients.
-            gs32 = torch._foreach_mul(gs32, grad_scale.to(torch.float32).reshape(()))
-        torch._fused_adamw_(ps32, gs32, [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx], [],
-                            [step] * len(idx), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                            eps=eps, amsgrad=False, maximize=False,
-                            found_inf=None if found_inf is None else found_inf.to(torch.float32).reshape(()))
+            gs32 = torch_compat.foreach_mul(gs32, grad_scale.to(torch.float32).reshape(()))
+        torch_compat.fused_adamw_(ps32, gs32, [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx],
+                                  [step] * len(idx), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                                  eps=eps,
+                                  found_inf=None if found_inf is None else found_inf.to(torch.float32).reshape(()))
         if ps32 is not ps:
-            torch._foreach_copy_(ps, ps32)
+            torch_compat.foreach_copy_(ps, ps32)
 
 
 # -- the optimizer -----------------------------------------------------------------------------------------

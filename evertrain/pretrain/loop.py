@@ -24,9 +24,9 @@ from evertrain.pretrain.console import closing_line, run_banner
 from evertrain.pretrain.distributed import StopVote
 from evertrain.pretrain.engines.base import Engine
 from evertrain.pretrain.evaluate import load_val_batches
-from evertrain.pretrain.hardware import peak_tflops
+from evertrain.pretrain.hardware import peak_tflops, use_tf32
 from evertrain.pretrain.metrics import Metrics
-from evertrain.pretrain.model import flops_per_token
+from evertrain.pretrain.model import flops_per_token, flops_per_token_torchtitan
 from evertrain.pretrain.nonfinite import NonFiniteWatch
 from evertrain.pretrain.prefetch import Prefetcher
 from evertrain.pretrain.records import LogWindow, eval_record
@@ -50,7 +50,10 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
         started()
     metrics = Metrics(run_dir, engine.is_main, step, t.max_steps, cfg=cfg)
     metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
-    window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops))
+    if use_tf32(engine.device) and t.dtype == "float32":
+        metrics.console.say("train.dtype=float32 on CUDA: matmuls run in TF32; train.dtype=bfloat16 is faster")
+    window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops),
+                       flops_per_token_torchtitan(cfg.model))
     vote = StopVote(engine.world_size)
     stop_file = StopFile(run_dir, ckpt_every if ckpt is not None else 0, engine.world_size)
     saved = None

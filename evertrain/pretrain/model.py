@@ -26,17 +26,15 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from evertrain import torch_compat
 from evertrain.pretrain.config import ModelConfig
 
 # Op-level selective checkpointing keeps the outputs of these (the expensive ops) and recomputes the
 # rest of a block (norms, RoPE, SwiGLU pointwise) in backward, as torchtitan's "op" policy does.
-_SAVE_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-}
+# The SDPA kernels are private aten ops: a torch build without one of them simply has nothing to save.
+_SAVE_OPS = torch_compat.aten_ops(["mm", "_scaled_dot_product_flash_attention",
+                                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                                   "_scaled_dot_product_flash_attention_for_cpu"])
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -58,6 +56,19 @@ def flops_per_token(cfg: ModelConfig) -> float:
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * ffn_hidden_size(cfg)  # q, o; k, v; gate, up, down
     matmul_weights = cfg.n_layers * per_layer + cfg.vocab_size * d
     return 6.0 * matmul_weights + 6.0 * cfg.n_layers * cfg.seq_len * d
+
+
+def flops_per_token_torchtitan(cfg: ModelConfig) -> float:
+    """The same count by torchtitan's convention (get_nparams_and_flops), for comparing MFU figures:
+    6 per parameter except the embedding's (norm weights included; a tied head, being the embedding,
+    is left out) plus 12 * n_layers * seq_len * d_model for attention, *not* halved for the causal
+    mask. Ours is lower on attention and counts a tied head, so for one measured step the two MFUs
+    differ: report which one a number is."""
+    d, head_dim = cfg.d_model, cfg.d_model // cfg.n_heads
+    kv = (cfg.n_kv_heads or cfg.n_heads) * head_dim
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * ffn_hidden_size(cfg) + 2 * d  # + the two norm weights
+    non_embedding = cfg.n_layers * per_layer + d + (0 if cfg.tie_embeddings else cfg.vocab_size * d)
+    return 6.0 * non_embedding + 12.0 * cfg.n_layers * cfg.seq_len * d
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,9 +267,7 @@ class Transformer(nn.Module):
             full.normal_(0.0, std, generator=generator)
         local = p
         if isinstance(p, DTensor):
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            shape, offset = torch_compat.local_shape_and_offset(p.shape, p.device_mesh, p.placements)
             local = p.to_local()
             full = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
         local.copy_(full)

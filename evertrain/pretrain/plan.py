@@ -12,6 +12,8 @@ Per-rank device memory, FSDP2 (world W, `engine.replicate` R, shard group S = W 
   gathered parameters       the root (embeddings, final norm, head: not resharded after forward) and
                             two blocks (the running one and the prefetched one), in the compute dtype
   gradient buffers          two blocks' unsharded gradients, compute dtype + the fp32 reduce-scatter copy
+  root gradients            the root's unsharded gradients (it is not resharded after forward, so its
+                            embedding and head gradients are whole until reduce-scattered), likewise
   accumulation              `engine.accumulate=unsharded` only: every parameter's full fp32 gradient
                             between micro-batches (FSDP2's no-sync accumulation)
   activations               saved tensors of one micro-batch under model.activation_checkpointing,
@@ -19,6 +21,12 @@ Per-rank device memory, FSDP2 (world W, `engine.replicate` R, shard group S = W 
   logits                    one loss chunk: compute-dtype logits, their fp32 copy and its gradient
 Host memory per rank: the checkpoint staging buffers (a copy of the rank's fp32 parameter and
 optimizer-moment shards, kept between saves by checkpoint/dcp.py).
+
+What the plan counts is tensors. A GPU needs more: the CUDA context, cuBLAS/cuBLASLt and NCCL
+workspaces, the backward's transient tensors, and the caching allocator's fragmentation. The plan
+keeps a reserve for them, RESERVE_SHARE of the GPU + RESERVE_FIXED, and a plan fits (and
+`engine.accumulate=auto` picks unsharded accumulation) only within what is left. On CPU the peak
+resident set of a small run is 1.0-2.0x the plan's total (tests/test_plan_rss.py).
 """
 from __future__ import annotations
 
@@ -31,8 +39,12 @@ from evertrain.pretrain.config import Config
 GIB = 1024**3
 # Usable memory as nvidia-smi reports it (MiB), per GPU.
 GPUS = {"h100": 81559 * 2**20, "h200": 143771 * 2**20}
-# Share of a GPU a plan may fill: the rest is the CUDA context, NCCL buffers and allocator fragmentation.
-USABLE = 0.9
+# Kept free on every GPU (see the module docstring): 15% of it for the caching allocator's fragmentation
+# (FSDP2's all-gather and reduce-scatter buffers change size block to block) and the backward's transient
+# activation gradients, plus 2 GiB for the CUDA context and cuBLAS/NCCL workspaces. A judgment, not a
+# measurement: bench/gpu_check.py prints the plan beside the measured peak so a GPU run can correct it.
+RESERVE_SHARE = 0.15
+RESERVE_FIXED = 2 * GIB
 ROOT_PREFIXES = ("embed_tokens.", "norm.", "lm_head.")
 
 
@@ -60,8 +72,21 @@ class Plan:
         return sum(self.device.values())
 
     @property
+    def reserve(self) -> int:
+        return reserve_bytes(self.capacity)
+
+    @property
+    def usable(self) -> int:
+        return self.capacity - self.reserve
+
+    @property
     def fits(self) -> bool:
-        return self.total <= USABLE * self.capacity
+        return self.total <= self.usable
+
+
+def reserve_bytes(capacity: int) -> int:
+    """What a plan leaves free on a device of `capacity` bytes: RESERVE_SHARE of it + RESERVE_FIXED."""
+    return int(RESERVE_SHARE * capacity) + RESERVE_FIXED
 
 
 def parameter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -157,6 +182,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, engine: str | None = 
         device["optimizer"] = 8 * shard
         device["gathered parameters"] = b * (sum(math.prod(s) for s in root.values()) + 2 * block_numel)
         device["gradient buffers"] = (b + 4) * 2 * block_numel
+        device["root gradients"] = (b + 4) * sum(math.prod(s) for s in root.values())
         host_state = 12 * shard
     elif engine == "deepspeed":
         group, stage = world, cfg.engine.zero_stage
@@ -194,7 +220,7 @@ def choose_accumulate(plan: Plan, requested: str, n_params: int) -> str:
     fit next to everything else, else reduce-scatter after every micro-batch."""
     if requested != "auto":
         return requested
-    return "unsharded" if plan.total + 4 * n_params <= USABLE * plan.capacity else "sharded"
+    return "unsharded" if plan.total + 4 * n_params <= plan.usable else "sharded"
 
 
 def format_plan(plan: Plan, cfg: Config) -> str:
@@ -212,9 +238,10 @@ def format_plan(plan: Plan, cfg: Config) -> str:
              "", f"{'per-rank GPU memory':<28}{'GiB':>10}"]
     for name, value in plan.device.items():
         lines.append(f"  {name:<26}{value / GIB:>10.2f}")
-    budget = USABLE * plan.capacity
     lines += [f"  {'total':<26}{plan.total / GIB:>10.2f}",
-              f"  {'usable on ' + plan.gpu:<26}{budget / GIB:>10.2f}  ({USABLE:.0%} of {plan.capacity / GIB:.1f})",
+              f"  {'reserve':<26}{plan.reserve / GIB:>10.2f}  ({RESERVE_SHARE:.0%} + {RESERVE_FIXED / GIB:.0f} GiB: "
+              "workspaces, transients, fragmentation)",
+              f"  {'usable on ' + plan.gpu:<26}{plan.usable / GIB:>10.2f}  (of {plan.capacity / GIB:.1f})",
               f"fits: {'yes' if plan.fits else 'NO'}", "",
               f"{'per-rank host memory':<28}{'GiB':>10}"]
     for name, value in plan.host.items():

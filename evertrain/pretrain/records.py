@@ -25,11 +25,14 @@ class LogWindow:
     host sync: `loss` is the mean over the window's finite steps (all ranks; NaN when there were none),
     `lr` and `grad_norm` those of the log step, `tokens_per_s` and `step_time_s` the window's
     throughput, `mfu` the model FLOPs done per second over the peak of all devices (only when the
-    peak is known), `peak_mem_gib` this rank's peak memory (hardware.py)."""
+    peak is known; `mfu_torchtitan` the same by torchtitan's FLOP count, see model.py), `peak_mem_gib`
+    this rank's peak memory (hardware.py)."""
 
-    def __init__(self, engine: Engine, tokens: int, flops_per_token: float = 0.0, peak_tflops: float | None = None):
+    def __init__(self, engine: Engine, tokens: int, flops_per_token: float = 0.0, peak_tflops: float | None = None,
+                 torchtitan_flops_per_token: float = 0.0):
         self.engine = engine
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.torchtitan_flops_per_token = torchtitan_flops_per_token
         self.loss_sum = torch.zeros((), device=engine.device)
         self.finite_steps = torch.zeros((), device=engine.device)
         self.steps = 0
@@ -53,7 +56,10 @@ class LogWindow:
                   "peak_mem_gib": peak_memory_gib(self.engine.device), "time": time.time(),
                   "data_version": data_version}
         if self.peak_tflops:
-            record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.engine.world_size)
+            peak = self.peak_tflops * 1e12 * self.engine.world_size
+            record["mfu"] = self.flops_per_token * tokens_per_s / peak
+            if self.torchtitan_flops_per_token:
+                record["mfu_torchtitan"] = self.torchtitan_flops_per_token * tokens_per_s / peak
         return record
 
     def restart(self, tokens: int) -> None:

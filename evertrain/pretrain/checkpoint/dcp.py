@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from evertrain import torch_compat
 from evertrain.pretrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, first_line
 from evertrain.pretrain.checkpoint.staging import BackgroundStager
 from evertrain.pretrain.checkpoint.store import CheckpointError, HashingFile
@@ -150,7 +150,7 @@ def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's piece of a parameter and the global index of its first row (FSDP2 shards dim 0)."""
     if not isinstance(p, DTensor):
         return p, 0
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    shape, offset = torch_compat.local_shape_and_offset(p.shape, p.device_mesh, p.placements)
     return p.to_local(), offset[0] if shape[0] else 0
 
 

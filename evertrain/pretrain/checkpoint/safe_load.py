@@ -30,11 +30,11 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
+from evertrain import torch_compat
 from evertrain.pretrain.checkpoint.store import CheckpointError
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -48,13 +48,17 @@ _DCP_CLASSES = {
     if hasattr(dcp_metadata, name)
 }
 _DCP_CLASSES.update({
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
     ("torch", "Size"): torch.Size,
-    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
     ("pathlib", "PosixPath"): pathlib.PosixPath,
     ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
     ("pathlib", "Path"): pathlib.Path,
+})
+# private names a torch version's metadata pickles refer to: allowed where this torch has them
+_DCP_CLASSES.update({
+    (module.__name__, name): getattr(module, name)
+    for module, name in ((dcp_filesystem, "_StorageInfo"), (torch.serialization, "_get_layout"))
+    if hasattr(module, name)
 })
 
 
@@ -93,12 +97,12 @@ class SafeFileSystemReader(FileSystemReader):
 
     def __init__(self, path: str | Path, **kwargs):
         super().__init__(str(path), **kwargs)
-        self.metadata = read_dcp_metadata(self._get_metadata_path())
+        self.metadata = read_dcp_metadata(torch_compat.dcp_metadata_path(self))
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         # As FileSystemReader.read_metadata (torch 2.13), apart from the unpickler.
         rank = kwargs.get("rank")
-        metadata = self.metadata if rank is None else read_dcp_metadata(self._get_metadata_path(rank))
+        metadata = self.metadata if rank is None else read_dcp_metadata(torch_compat.dcp_metadata_path(self, rank))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -114,7 +118,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         except pickle.UnpicklingError as exc:
             raise CheckpointError(f"item '{read_item.dest_index.fqn}': refused: {first_line(exc)}") from None
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            torch_compat.set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
 

@@ -26,7 +26,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+from evertrain import torch_compat
 
 
 class BackgroundStager:
@@ -35,7 +36,7 @@ class BackgroundStager:
     def __init__(self, device: torch.device, optimizer: torch.optim.Optimizer):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.copier = StateDictStager(pin_memory=self.cuda, share_memory=False)
+        self.copier = torch_compat.state_dict_stager(pin_memory=self.cuda, share_memory=False)
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evertrain-stage")
         self.copy_done: Future | None = None  # CPU: the copy; CUDA: the host-side wait for the event
