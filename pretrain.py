@@ -73,6 +73,10 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     os.replace(tmp, path)
 
 
+def stop_committed(ckpt: CheckpointManager | None) -> bool:
+    return ckpt is not None and ckpt.stop_committed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     engine = ckpt = lock = None
@@ -105,15 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         rank = rank_and_world()[0]
         print(f"pretrain.py: error: {exc}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # during start-up; the loop itself turns signals into a clean stop
-        return 130
+    except KeyboardInterrupt:
+        # during start-up (the loop itself turns signals into a clean stop): 130. A second Ctrl-C once
+        # the stop's checkpoint is committed (while the run closes down) loses nothing: 0, as the first
+        return 0 if stop_committed(ckpt) else 130
     finally:
-        if ckpt is not None:
-            ckpt.close()
-        if engine is not None:
-            engine.close()
-        if lock is not None:
-            lock.release()
+        try:
+            if ckpt is not None:
+                ckpt.close()
+            if engine is not None:
+                engine.close()
+            if lock is not None:
+                lock.release()
+        except KeyboardInterrupt:
+            if not stop_committed(ckpt):
+                raise
         if ckpt is not None and ckpt.abandoned:
             # a stop abandoned a save (checkpoint.stop_budget_s): its writer thread may still be busy,
             # and a normal exit would join it, past the launcher's SIGKILL
