@@ -109,6 +109,9 @@ def test_eval_cmd_metrics_go_into_result_json_and_a_failing_hook_is_retried(main
     out = main_run / "cooldowns" / "from_000000002_linear_1"
     assert errors == [f"evertrain fork: error: --eval-cmd: exited with code 3; see {out / 'eval.log'}"]
     assert not (out / "result.json").exists() and (out / "checkpoints").is_dir()  # not done: rerun redoes the hook
+    assert cli_main(["report", "--run", str(main_run), "--out", str(tmp_path / "failed.png")]) == 0
+    shown = capsys.readouterr().out  # failed, with the reason, not "running" forever
+    assert f"failed: {out.name}: --eval-cmd: exited with code 3" in shown and "running" not in shown
 
     assert cli_main([*argv, "--eval-cmd", hook]) == 0
     result = json.loads((out / "result.json").read_text())
