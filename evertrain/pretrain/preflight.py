@@ -2,8 +2,8 @@
 naming the key or file, raised before any heavy work (torch process group, model, engine).
 
 pretrain.py calls `preflight` on every rank right after reading the config; a new check joins here.
-Today: the data dir can serve the config (it exists, its vocabulary fits model.vocab_size, it has
-the validation split that periodic eval reads).
+Today: the trackers `logging` asks for are installed, and the data dir can serve the config (it
+exists, its vocabulary fits model.vocab_size, it has the validation split that periodic eval reads).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from evertrain.pretrain.config import Config, ConfigError
 from evertrain.pretrain.data import MANIFEST, DataError, Manifest, load_manifest
 from evertrain.pretrain.datastamps import VerifiedStamps, stamp_file
+from evertrain.pretrain.loggers import check_installed
 
 
 def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Manifest:
@@ -22,6 +23,7 @@ def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Ma
         if not quiet:
             print(line, file=sys.stderr, flush=True)
 
+    check_installed(cfg)  # a tracker asked for but not installed: before the run dir is touched
     manifest = check_data(cfg, verify_checksums)
     check_vocab(cfg, manifest, warn)
     return manifest
