@@ -129,9 +129,9 @@ def read_metrics(name: str, out_json: Path, log: Path) -> dict:
 
 def run_hooks(hooks: EvalHooks, out: Path, final_dir: Path, cfg) -> dict:
     """Export final/ to out/hf, run every hook on it, return their merged metrics."""
-    from evertrain.launch.export import export_hf
+    from evertrain.launch.export import export_hf_checkpoint
     from evertrain.launch.export_cmd import tokenizer_from_manifest
-    from evertrain.pretrain.checkpoint import load_consolidated
+    from evertrain.pretrain.checkpoint import store
 
     # absolute: the hooks run in this process's working directory (where the user's own script lives,
     # e.g. `python score.py {hf_dir} {out_json}`), while `out` may be relative to it (`--run runs/t0`)
@@ -141,8 +141,8 @@ def run_hooks(hooks: EvalHooks, out: Path, final_dir: Path, cfg) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     tokenizer, bos_id, eos_id = tokenizer_from_manifest(cfg.data.path, out / "config.yaml")
-    export_hf(load_consolidated(final_dir, verify=False)["model"], cfg.model, tokenizer, hf_dir,
-              bos_id=bos_id, eos_id=eos_id)
+    export_hf_checkpoint(final_dir, store.read_meta(final_dir), cfg.model, tokenizer, hf_dir,
+                         bos_id=bos_id, eos_id=eos_id)  # weights only, a shard at a time
     evals: dict = {}
     for name, command, out_json in hook_commands(hooks, hf_dir, work):
         shown = command if isinstance(command, str) else shlex.join(command)
