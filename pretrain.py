@@ -25,7 +25,7 @@ from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_confi
 from evertrain.pretrain.data import DataError, TokenStream
 from evertrain.pretrain.distributed import adopt_scheduler_env, detect_launcher, rank_and_world
 from evertrain.pretrain.loop import train
-from evertrain.pretrain.preflight import preflight
+from evertrain.pretrain.preflight import preflight, resolve_auto
 from evertrain.pretrain.run_config import (CONFIG_FILE, changes, check_same_model, previous_config, resume_config,
                                            trained_on)
 from evertrain.pretrain.run_lock import RunLock
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
+        cfg = resolve_auto(cfg)  # model.vocab_size: auto -> the data's, before the model is compared or built
         rank, local_rank, _ = rank_and_world()
         check_same_model(run_dir, previous, cfg)  # on every rank, before any heavy start-up
         if previous is not None and rank == 0:
