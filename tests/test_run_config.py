@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from conftest import load_pretrain
 from evertrain.pretrain import metrics
 from evertrain.pretrain.config import ConfigError, load_config
@@ -43,8 +41,8 @@ def test_resume_by_run_dir_uses_its_config_yaml_and_allows_only_what_a_resume_ma
     assert pretrain.main(["--run-dir", str(run_dir), "--print-config", "checkpoint.keep_last=7"]) == 0
     assert "keep_last: 7" in capsys.readouterr().out
 
-    for override, message in [("model.d_model=128", "model.d_model: this run's checkpoints hold a model with "
-                                                     "model.d_model=64; a resume cannot change the model's shape"),
+    for override, message in [("model.d_model=128", ("model.d_model: this run's checkpoints hold a model with "
+                                                      "model.d_model=64; a resume cannot change the model's shape")),
                               ("optim.max_lr=0.5", "optim.max_lr: a resume by run dir keeps it"),
                               ("train.micro_batch_size=2", "train.micro_batch_size: a resume by run dir keeps it")]:
         assert pretrain.main(["--run", str(run_dir), override]) == 2
