@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import load_pretrain
 from evertrain.pretrain import metrics
 from evertrain.pretrain.config import ConfigError, load_config
@@ -96,3 +98,19 @@ def test_another_model_in_a_run_dir_is_refused_naming_the_fields(tiny_data, tmp_
     err = one_error_line(capsys)
     assert ("this run dir trains another model (model.d_model=64 there, 128 in this config; model.n_layers=2 "
             "there, 3 in this config); use another --run-dir") in err
+
+
+@pytest.mark.slow
+def test_resume_by_run_dir_under_torchrun(tiny_data, tmp_path):
+    """`torchrun ... pretrain.py --run-dir D k=v`: the run's own config on every rank, the diff said once."""
+    from conftest import launcher, run_ok
+
+    run_dir = tmp_path / "run"
+    run_ok([*launcher("fsdp", 2), "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+            f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.max_steps=2",
+            "eval.every_steps=0", "--engine", "fsdp"], timeout=600)
+    proc = run_ok([*launcher("fsdp", 2), "pretrain.py", "--run-dir", str(run_dir), "train.max_steps=4"], timeout=600)
+    assert proc.stdout.count(f"pretrain.py: resuming {run_dir}; changed since its config.yaml: "
+                             "train.max_steps: 2 -> 4") == 1
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step_000000004"
+    assert load_config(run_dir / "config.yaml").train.max_steps == 4
