@@ -2,9 +2,11 @@
 
 The engine follows the launcher (engine.name=auto): plain python trains in one process, `deepspeed`
 uses DeepSpeed ZeRO, `torchrun` uses FSDP2, and so do `srun` / `mpirun` with several tasks (ranks from
-the scheduler's variables; engine.name=deepspeed for DeepSpeed). Rerunning the same command on the same run dir resumes
-from its latest checkpoint. There is no fixed end: the run stops at train.max_steps if set, or on
-SIGTERM/SIGINT after finishing the step and writing a checkpoint.
+the scheduler's variables; engine.name=deepspeed for DeepSpeed). Rerunning on the same run dir resumes
+from its latest checkpoint: `pretrain.py --run-dir D [k.k=v ...]` with the run's own D/config.yaml
+(overrides only where a resume may change them: run_config.py), or the whole command again. There is
+no fixed end: the run stops at train.max_steps if set, or on SIGTERM/SIGINT after finishing the step
+and writing a checkpoint.
 """
 from __future__ import annotations
 
@@ -19,20 +21,24 @@ from evertrain.pretrain import engines
 from evertrain.pretrain.checkpoint import CheckpointManager
 from evertrain.pretrain.checkpoint.retention import is_pinned
 from evertrain.pretrain.checkpoint.store import latest_checkpoint, rewind
-from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config, model_hash
-from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config
+from evertrain.pretrain.data import DataError, TokenStream
 from evertrain.pretrain.distributed import adopt_scheduler_env, detect_launcher, rank_and_world
 from evertrain.pretrain.loop import train
-from evertrain.pretrain.preflight import preflight
+from evertrain.pretrain.preflight import preflight, resolve_auto
+from evertrain.pretrain.run_config import (CONFIG_FILE, changes, check_same_model, previous_config, resume_config,
+                                           trained_on)
 from evertrain.pretrain.run_lock import RunLock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("--config", help="YAML config, e.g. configs/tiny.yaml (default: resume --run-dir with "
+                                         "its own config.yaml)")
     # --run-dir under torchrun, whose own parser takes `--run` for an abbreviation of its --run-path
     parser.add_argument("--run", "--run-dir", dest="run_dir",
-                        help="where checkpoints and metrics go (default: runs/<config stem>)")
+                        help="where checkpoints and metrics go (default: runs/<config stem>); alone, resumes "
+                             "that run with its config.yaml")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides) as YAML and exit")
     parser.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
@@ -44,16 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "renamed *.abandoned-<time> (e.g. the latest is corrupt). Use once, not in a restart loop")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
-
-
-def check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """A run dir belongs to one model: resuming it with another shape is refused up front."""
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        existing, wanted = model_hash(load_config(config_path)), model_hash(cfg)
-        if existing != wanted:
-            raise ConfigError(f"{config_path}: this run dir trains model {existing}, but the config "
-                              f"describes model {wanted}; use another --run-dir")
 
 
 def engine_config(run_dir: Path, cfg: Config) -> Config:
@@ -73,19 +69,36 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     os.replace(tmp, path)
 
 
+def stop_committed(ckpt: CheckpointManager | None) -> bool:
+    return ckpt is not None and ckpt.stop_committed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     engine = ckpt = lock = None
+    hint = ""
     try:
         adopt_scheduler_env()  # srun / mpirun: ranks from the scheduler, before anything reads RANK
         overrides = list(args.overrides) + ([f"engine.name={args.engine}"] if args.engine else [])
-        cfg = load_config(args.config, overrides)
+        if args.config is None and args.run_dir is None:
+            raise ConfigError("give --config FILE to start a run, or --run-dir DIR to resume one")
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+        previous = previous_config(run_dir)
+        if args.config is None:
+            cfg = resume_config(run_dir, previous, overrides)
+        else:
+            cfg = load_config(args.config, overrides)
+        hint = trained_on(run_dir, previous, cfg)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
+        cfg = resolve_auto(cfg)  # model.vocab_size: auto -> the data's, before the model is compared or built
         rank, local_rank, _ = rank_and_world()
-        check_run_dir(run_dir, cfg)  # on every rank, before any heavy start-up
+        check_same_model(run_dir, previous, cfg)  # on every rank, before any heavy start-up
+        if previous is not None and rank == 0:
+            changed = changes(previous, cfg)
+            print(f"pretrain.py: resuming {run_dir}" + (f"; changed since its {CONFIG_FILE}: " + ", ".join(changed)
+                                                        if changed else f" with its {CONFIG_FILE}"), flush=True)
         # checksums once per node (shards may live on node-local disks); warnings once per run.
         # Read-only, so a refused start leaves no trace: not even the run dir.
         preflight(cfg, verify_checksums=local_rank == 0, quiet=rank != 0)
@@ -103,17 +116,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except EvertrainError as exc:
         rank = rank_and_world()[0]
-        print(f"pretrain.py: error: {exc}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
+        where = hint if isinstance(exc, DataError) else ""  # which data the run trained on, if not this
+        print(f"pretrain.py: error: {exc}{where}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # during start-up; the loop itself turns signals into a clean stop
-        return 130
+    except KeyboardInterrupt:
+        # during start-up (the loop itself turns signals into a clean stop): 130. A second Ctrl-C once
+        # the stop's checkpoint is committed (while the run closes down) loses nothing: 0, as the first
+        return 0 if stop_committed(ckpt) else 130
     finally:
-        if ckpt is not None:
-            ckpt.close()
-        if engine is not None:
-            engine.close()
-        if lock is not None:
-            lock.release()
+        try:
+            if ckpt is not None:
+                ckpt.close()
+            if engine is not None:
+                engine.close()
+            if lock is not None:
+                lock.release()
+        except KeyboardInterrupt:
+            if not stop_committed(ckpt):
+                raise
         if ckpt is not None and ckpt.abandoned:
             # a stop abandoned a save (checkpoint.stop_budget_s): its writer thread may still be busy,
             # and a normal exit would join it, past the launcher's SIGKILL

@@ -93,6 +93,13 @@ def check_pretrain(args: list[str], launcher: str = "python") -> None:
 
     parsed = pretrain.parse_args(args)
     overrides = list(parsed.overrides) + ([f"engine.name={parsed.engine}"] if parsed.engine else [])
+    if parsed.config is None:  # a resume by run dir: keys that exist and that a resume may change
+        from evertrain.pretrain.run_config import resumable
+
+        assert parsed.run_dir, "pretrain.py needs --config or --run"
+        assert all(resumable(item.split("=", 1)[0]) for item in overrides), overrides
+        load_config(None, overrides)
+        return
     cfg = load_config(REPO / parsed.config, overrides)
     if launcher in ENGINES_OF_LAUNCHER:
         assert cfg.engine.name in ENGINES_OF_LAUNCHER[launcher], (

@@ -1,6 +1,9 @@
 """`evertrain export hf`: the output loads in transformers and computes what our model computes."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -290,3 +293,94 @@ def test_only_the_special_token_templates_are_dropped():
     assert without_special_tokens({"type": "Sequence", "processors": [template]}) is None
     assert without_special_tokens(byte_level) == byte_level and without_special_tokens(None) is None
     assert without_special_tokens({"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0]}) is None
+
+
+# -- sharded output, weights only, memory bounded by a shard -----------------------------------------
+
+def test_a_sharded_export_loads_in_transformers_and_splits_as_hugging_face_does(tmp_path, sp_model):
+    cfg = model_cfg(tie_embeddings=False)
+    model = trained_looking_model(cfg).eval()
+    out = export_hf(model.state_dict(), cfg, sp_model, tmp_path / "hf", max_shard_size="100KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted({*index["weight_map"].values()})
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == files and not (out / "model.safetensors").exists()
+    stored = {name: t for f in files for name, t in load_file(out / f).items()}
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in stored.values())
+    assert set(stored) == set(index["weight_map"])
+    hub = pytest.importorskip("huggingface_hub")
+    split = hub.split_torch_state_dict_into_shards({n: t.to("meta") for n, t in stored.items()},
+                                                   max_shard_size=100_000)
+    assert sorted(split.filename_to_tensors) == files
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    windows = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    with torch.no_grad():
+        assert (model(windows) - hf(windows).logits).abs().max().item() <= 1e-4
+
+
+def test_export_reads_weights_only(tmp_path, run_dir, monkeypatch):
+    from evertrain.pretrain.checkpoint import slices
+
+    asked = []
+    read = slices.DcpReader.read
+
+    def recording_read(self, wanted):
+        asked.extend(s.key for s in wanted)
+        return read(self, wanted)
+
+    monkeypatch.setattr(slices.DcpReader, "read", recording_read)
+    argv = ["export", "hf", "--run", str(run_dir.dir), "--step", "4", "--out", str(tmp_path / "hf"),
+            "--max-shard-size", "50kB"]
+    assert cli.main(argv) == 0
+    assert asked and set(asked) == {"weight"}  # never an Adam moment
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+
+
+# The peak RSS once the weights are written, when the tokenizer's turn comes (transformers, imported
+# to convert the tokenizer, alone takes more memory than the weights of the model here). VmHWM, not
+# getrusage's ru_maxrss, which a process inherits across fork and exec from the (large) pytest process.
+EXPORT_AND_PEAK = """
+import re, sys
+from pathlib import Path
+from evertrain.launch import export
+from evertrain.launch.cli import main
+write_tokenizer = export.write_tokenizer
+def peak_then_write_tokenizer(*args, **kwargs):
+    print("peak_kib", re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+    return write_tokenizer(*args, **kwargs)
+export.write_tokenizer = peak_then_write_tokenizer
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def export_peak_bytes(run: Path, out: Path, *args: str) -> int:
+    """Peak RSS of `evertrain export hf` on the run's latest checkpoint up to its weights written, in a
+    process of its own. glibc's malloc, left to itself, keeps freed buffers of up to 32 MB for reuse;
+    a fixed mmap threshold returns each to the system when it is freed, so the peak is what the export
+    holds at once."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    proc = subprocess.run([sys.executable, "-c", EXPORT_AND_PEAK, "export", "hf", "--run", str(run), "--step",
+                           "latest", "--out", str(out), *args], capture_output=True, text=True, timeout=600, env=env,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split("peak_kib")[1].split()[0]) * 1024
+
+
+def test_export_memory_is_bounded_by_the_largest_shard_not_the_model(tmp_path, tiny_data):
+    """A 116 MB model (its checkpoint ~350 MB with both Adam moments) exported in 8 MB shards: the export's
+    peak RSS over that of the same export of a tiny model stays well under the model's size (reading
+    the whole checkpoint would add the weights and both moments, ~3x it)."""
+    from conftest import pretrain_tiny
+
+    shape = ["model.n_layers=4", "model.d_model=768", "model.n_heads=12", "model.n_kv_heads=12"]
+    base = [f"data.path={tiny_data}", "model.vocab_size=512", "model.seq_len=32", "train.micro_batch_size=1",
+            "train.max_steps=1", "eval.every_steps=0", "train.device=cpu", "--engine", "single"]
+    small, big = tmp_path / "small", tmp_path / "big"
+    assert pretrain_tiny(small, *base) == 0 and pretrain_tiny(big, *base, *shape) == 0
+    weights = Transformer(load_config(big / "config.yaml").model).num_params() * 4  # fp32 bytes
+    assert weights > 100e6
+    baseline = export_peak_bytes(small, tmp_path / "small_hf", "--max-shard-size", "8MB")
+    peak = export_peak_bytes(big, tmp_path / "big_hf", "--max-shard-size", "8MB")
+    files = list((tmp_path / "big_hf").glob("model-*.safetensors"))
+    assert len(files) >= 12 and max(f.stat().st_size for f in files) <= 8e6
+    assert peak - baseline < weights / 2, f"export added {(peak - baseline) / 1e6:.0f} MB for {weights / 1e6:.0f} MB"

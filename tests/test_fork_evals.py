@@ -109,6 +109,9 @@ def test_eval_cmd_metrics_go_into_result_json_and_a_failing_hook_is_retried(main
     out = main_run / "cooldowns" / "from_000000002_linear_1"
     assert errors == [f"evertrain fork: error: --eval-cmd: exited with code 3; see {out / 'eval.log'}"]
     assert not (out / "result.json").exists() and (out / "checkpoints").is_dir()  # not done: rerun redoes the hook
+    assert cli_main(["report", "--run", str(main_run), "--out", str(tmp_path / "failed.png")]) == 0
+    shown = capsys.readouterr().out  # failed, with the reason, not "running" forever
+    assert f"failed: {out.name}: --eval-cmd: exited with code 3" in shown and "running" not in shown
 
     assert cli_main([*argv, "--eval-cmd", hook]) == 0
     result = json.loads((out / "result.json").read_text())
@@ -126,6 +129,18 @@ def test_eval_cmd_metrics_go_into_result_json_and_a_failing_hook_is_retried(main
     assert cli_main(["report", "--run", str(main_run), "--out", str(tmp_path / "r.png")]) == 0
     table = capsys.readouterr().out
     assert "toy/hidden" in table and "toy/layers" in table
+
+
+def test_hooks_work_with_a_relative_run_dir_from_another_directory(main_run, tmp_path, monkeypatch):
+    """As the README writes it: `--run runs/t0` and `python score.py ...`, both relative to where the user is."""
+    (tmp_path / "score.py").write_text(HOOK)
+    monkeypatch.chdir(tmp_path)
+    run = os.path.relpath(main_run, tmp_path)
+    assert not Path(run).is_absolute()
+    assert cli_main(["fork", "--run", run, "--step", "2", "--cooldown-steps", "1", "--shape", "cosine",
+                     "--eval-batches", "1", "--eval-cmd", f"{shlex.quote(sys.executable)} score.py {{hf_dir}} {{out_json}}"]) == 0
+    out = main_run / "cooldowns" / "from_000000002_cosine_1"
+    assert json.loads((out / "result.json").read_text())["evals"] == {"toy": {"hidden": 32, "layers": 2}}
 
 
 # Stands in for `python -m evertrain.launch.fork` under the forker: records its argv, leaves result.json.
@@ -198,6 +213,12 @@ def test_lm_eval_runner_calls_the_harness_on_the_export(finished_fork, tmp_path,
     assert call["tasks"] == ["evertrain_tiny"] and call["limit"] == 3 and call["device"] == "cpu"
     assert call["task_manager"] == str(tasks)
     assert not (fork_dir / "hf").exists()  # the export is removed once the hooks are done
+
+    # a relative fork dir from another working directory: the runner is handed the export's absolute path
+    monkeypatch.chdir(tmp_path)
+    relative = Path(os.path.relpath(fork_dir, tmp_path))
+    assert run_lm_eval_hook(relative, tasks, limit=3) == {"evertrain_tiny": {"acc": 0.5}}
+    assert json.loads((tmp_path / "lm_eval_call.json").read_text())["model_args"]["pretrained"] == str(fork_dir / "hf")
 
 
     monkeypatch.syspath_prepend(str(tmp_path / "fake"))  # the runner in process, for its one-line errors

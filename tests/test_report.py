@@ -226,3 +226,24 @@ def test_report_bad_inputs(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1
     assert parse_cooldown_name("from_000001000_1-sqrt_200") == (1000, "1-sqrt", 200)
     assert parse_cooldown_name("from_x_linear_1") is None
+
+
+def test_a_fork_whose_eval_hook_failed_or_that_the_forker_gave_up_on_is_failed_not_running(tmp_path, capsys):
+    run_dir = synthetic_run(tmp_path / "run", fork_steps=(200, 400, 800))
+    for step, c in ((1000, 200), (1200, 240), (1400, 280)):  # each cooled down, with no result.json
+        write_jsonl(run_dir / "cooldowns" / f"from_{step:09d}_linear_{c}" / "metrics.jsonl",
+                    [{"kind": "train", "step": step + c, "tokens": (step + c) * TOKENS_PER_STEP, "loss": 3.0,
+                                                                     "lr": 0.0}])
+    hook_failed = run_dir / "cooldowns" / "from_000001000_linear_200"
+    (hook_failed / "failed.json").write_text(json.dumps({"error": "--eval-cmd: exited with code 3; see eval.log"}))
+    (run_dir / "forker").mkdir()
+    (run_dir / "forker" / "state.json").write_text(json.dumps({"jobs": [
+        {"name": "from_000001200_linear_240", "status": "failed", "error": "no result after 3 attempts"},
+        {"name": "from_000001400_linear_280", "status": "running"}]}))
+    assert cli_main(["report", "--run", str(run_dir), "--out", str(tmp_path / "r.png")]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 5}
+    assert "failed" in rows["1000"] and "failed" in rows["1200"] and "running" in rows["1400"]
+    assert "failed: from_000001000_linear_200: --eval-cmd: exited with code 3; see eval.log" in text
+    assert "failed: from_000001200_linear_240: no result after 3 attempts" in text
+    assert "fit (3 linear cooldowns)" in text  # the failed ones are no points of the fit

@@ -112,3 +112,26 @@ def test_shipped_configs_match_the_vocabulary_of_their_default_data():
         cfg = load_config(path)
         if cfg.data.path == data_dir:
             assert cfg.model.vocab_size == vocab, path
+
+
+def test_vocab_size_auto_is_the_default_and_reads_the_datas_manifest(tiny_data, tmp_path, capsys):
+    assert load_config(None).model.vocab_size == "auto"
+    assert load_config(None, ["model.vocab_size=auto"]).model.vocab_size == "auto"
+    with pytest.raises(ConfigError, match="model.vocab_size: expected an integer"):
+        load_config(None, ["model.vocab_size=big"])
+    # a config that does not name the vocabulary trains with the data's (512 here)
+    tree = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    del tree["model"]["vocab_size"]
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(tree))
+    run_dir = tmp_path / "run"
+    code, _, err = run_pretrain(["--config", str(tmp_path / "mine.yaml"), "--run", str(run_dir),
+                                 f"data.path={tiny_data}", "train.max_steps=1", "eval.every_steps=0",
+                                 "--engine", "single"], capsys)
+    assert code == 0 and "warning" not in err, err
+    assert load_config(run_dir / "config.yaml").model.vocab_size == 512  # the run's config holds the number
+    # as an override, and without data to read it from: one line
+    code, _, err = run_pretrain(["--config", "configs/tiny.yaml", "--run", str(tmp_path / "r2"),
+                                 "model.vocab_size=auto", f"data.path={tmp_path / 'none'}", "--engine", "single"],
+                                capsys)
+    assert code == 2 and err.count("\n") == 1 and "no manifest.json there" in err and "--vocab-size N" in err
+    assert not (tmp_path / "r2").exists()

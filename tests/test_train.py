@@ -324,3 +324,43 @@ def test_ctrl_c_stops_a_run_with_no_fixed_end_after_a_checkpoint(tiny_data, tmp_
     assert proc.returncode == 0, stderr[-3000:]
     last = records(run_dir, "train")[-1]["step"]
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == f"step_{last:09d}"
+
+
+@pytest.mark.parametrize("when", ["after the loop", "while the engine closes"])
+def test_a_second_ctrl_c_after_the_stop_checkpoint_is_committed_exits_0(tiny_data, tmp_path, monkeypatch, when):
+    """The first SIGINT stops the run with a checkpoint; a second one (a launcher's forward, an impatient
+    user) while the process closes down loses nothing, so it exits 0 as the first one would."""
+    pretrain, run_dir = load_pretrain(), tmp_path / "run"
+    create = pretrain.engines.create
+
+    def engine_that_is_interrupted(*args, **kwargs):
+        engine = create(*args, **kwargs)
+        step, close = engine.train_step, engine.close
+
+        def train_step(batches):
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a clean stop after this step
+            return step(batches)
+
+        def interrupted_close():
+            if when == "while the engine closes":
+                os.kill(os.getpid(), signal.SIGINT)  # the default handler again: KeyboardInterrupt here
+            close()
+
+        engine.train_step, engine.close = train_step, interrupted_close
+        return engine
+
+    def train_then_interrupted(*args, **kwargs):
+        last = train(*args, **kwargs)
+        if when == "after the loop":
+            os.kill(os.getpid(), signal.SIGINT)
+        return last
+
+    monkeypatch.setattr(pretrain.engines, "create", engine_that_is_interrupted)
+    monkeypatch.setattr(pretrain, "train", train_then_interrupted)
+    args = base_args(tiny_data, run_dir) + ["train.max_steps=null", "checkpoint.every_steps=0", "--engine", "single"]
+    try:
+        code = pretrain.main(args)
+    except KeyboardInterrupt:  # (not out of pytest: that would end the session)
+        code = "KeyboardInterrupt"
+    assert code == 0
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step_000000001"

@@ -2,7 +2,9 @@
 
 The output directory loads offline with `LlamaForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)`:
-  model.safetensors       our parameters under HF Llama names (model.py names them so; a rename only)
+  model.safetensors       our parameters under HF Llama names (model.py names them so; a rename only);
+                          over --max-shard-size, model-00001-of-0000N.safetensors ... and
+                          model.safetensors.index.json (Hugging Face's sharded layout and greedy split)
   config.json             LlamaConfig: GQA heads, RoPE theta, tied embeddings, RMSNorm eps, bos/eos ids
   generation_config.json  bos/eos ids
   tokenizer.model         our SentencePiece model, unchanged
@@ -12,14 +14,18 @@ or, for a data dir prepared with a Hugging Face tokenizer.json:
   tokenizer.json          that file, less a post-processor template that adds special tokens (Llama 3's
                           BOS): data prep encodes with add_special_tokens=False; unchanged when it has none
   tokenizer_config.json   PreTrainedTokenizerFast naming its bos/eos
-It is written into a temporary sibling directory and renamed into place when complete. The command
+It is written into a temporary sibling directory and renamed into place when complete. The weights
+are read and written one shard at a time (a checkpoint through checkpoint/slices.py: its fp32 weights
+only, never the Adam moments), so memory is bounded by the largest shard, not the model. The command
 itself (which checkpoint, which tokenizer) is export_cmd.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -50,25 +56,113 @@ def check_llama_expressible(model_cfg: ModelConfig) -> None:
             raise ExportError(f"model.{field.name}: has no Llama equivalent, so the model cannot be exported")
 
 
-def to_hf_state_dict(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig,
-                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Check every tensor against the config, then rename to HF Llama (hf_llama.hf_name)."""
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's default
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9 bytes, '500MiB', '1000000'; as Hugging Face reads --max-shard-size."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if unit not in SIZE_UNITS or not float(match.group(1)) > 0:
+        raise ExportError(f"--max-shard-size {text}: expected a size such as 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Hugging Face's split (huggingface_hub split_state_dict_into_shards_factory): tensors in order,
+    a new shard when the next would tip this one over `max_bytes`, a larger tensor alone."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, size in sizes.items():
+        if size > max_bytes:
+            shards.append([name])
+            continue
+        if current and used + size > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    return shards + ([current] if current else [])
+
+
+def shard_files(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], model_cfg: ModelConfig) -> list[str]:
+    """Check every tensor's shape against the config; the names to write (a tied head is the table)."""
     expected = expected_shapes(model_cfg)
-    state = dict(model_state)
     if model_cfg.tie_embeddings:  # HF ties lm_head to embed_tokens itself; store the table once
-        head = state.pop("lm_head.weight", None)
-        if head is not None and "embed_tokens.weight" in state and not torch.equal(head, state["embed_tokens.weight"]):
-            raise ExportError("lm_head.weight: differs from embed_tokens.weight but model.tie_embeddings is true")
         expected.pop("lm_head.weight")
-    for name, tensor in state.items():
+    names = [n for n in shapes if not (model_cfg.tie_embeddings and n == "lm_head.weight")]
+    for name in names:
         if name not in expected:
             raise ExportError(f"{name}: checkpoint tensor has no Llama equivalent")
-        if tuple(tensor.shape) != expected[name]:
-            raise ExportError(f"{name}: shape {tuple(tensor.shape)} does not match the config's {expected[name]}")
-    missing = sorted(set(expected) - set(state))
+        if tuple(shapes[name]) != expected[name]:
+            raise ExportError(f"{name}: shape {tuple(shapes[name])} does not match the config's {expected[name]}")
+    missing = sorted(set(expected) - set(names))
     if missing:
         raise ExportError(f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing)")
-    return {hf_name(name): tensor.detach().to("cpu", dtype).contiguous() for name, tensor in state.items()}
+    return names
+
+
+class StateReader:
+    """A model state dict in memory, read like a checkpoint (checkpoint/slices.py's SliceReader)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+        self.shapes = {name: tuple(t.shape) for name, t in state.items()}
+
+    def weights(self, names: list[str]) -> list[torch.Tensor]:
+        return [self.state[name].detach() for name in names]
+
+
+class CheckpointReader:
+    """A checkpoint's fp32 weights, whole tensors, only those asked for (no optimizer moments)."""
+
+    def __init__(self, step_dir: Path, meta: dict):
+        from evertrain.pretrain.checkpoint import dcp as _dcp  # noqa: F401  (silences DCP's no_dist warning)
+        from evertrain.pretrain.checkpoint.slices import open_reader
+
+        self.reader = open_reader(Path(step_dir), meta)
+        self.shapes = {name: tuple(shape) for name, shape in self.reader.shapes.items()}
+
+    def weights(self, names: list[str]) -> list[torch.Tensor]:
+        from evertrain.pretrain.checkpoint.slices import WEIGHT, Slice
+
+        flat = self.reader.read([Slice(name, WEIGHT, 0, math.prod(self.shapes[name])) for name in names])
+        return [t.view(self.shapes[name]) for name, t in zip(names, flat)]
+
+
+def write_weights(reader, model_cfg: ModelConfig, out_dir: Path, dtype: torch.dtype, max_bytes: int) -> None:
+    """The weights as safetensors shards (and their index when there are several), one shard in memory
+    at a time: each is read, renamed to HF Llama (hf_llama.hf_name), written and dropped."""
+    names = check_shapes(reader.shapes, model_cfg)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {name: math.prod(reader.shapes[name]) * itemsize for name in names}
+    shards = plan_shards(sizes, max_bytes)
+    tied_head = model_cfg.tie_embeddings and "lm_head.weight" in reader.shapes
+    weight_map = {}
+    for shard, filename in zip(shards, shard_files(len(shards))):
+        extra = ["lm_head.weight"] if tied_head and "embed_tokens.weight" in shard else []
+        tensors = dict(zip(shard + extra, reader.weights(shard + extra)))
+        if extra and not torch.equal(tensors.pop("lm_head.weight"), tensors["embed_tokens.weight"]):
+            raise ExportError("lm_head.weight: differs from embed_tokens.weight but model.tie_embeddings is true")
+        hf_state = {hf_name(name): t.to("cpu", dtype).contiguous() for name, t in tensors.items()}
+        del tensors
+        save_file(hf_state, str(out_dir / filename), metadata={"format": "pt"})
+        os.chmod(out_dir / filename, 0o644)  # safetensors creates it owner-only, unlike the rest
+        weight_map.update({name: filename for name in hf_state})
+        del hf_state
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def special_token_ids(sp: spm.SentencePieceProcessor) -> tuple[int | None, int | None]:
@@ -157,12 +251,29 @@ def write_json_tokenizer(path: Path, out_dir: Path, model_max_length: int, bos_i
 
 def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer_model_path: str | Path,
               out_dir: str | Path, *, bos_id: int | None = None, eos_id: int | None = None,
-              dtype: torch.dtype = torch.float32) -> Path:
-    """Write an HF Llama checkpoint of `model_state` to `out_dir` (which must not exist yet).
+              dtype: torch.dtype = torch.float32, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write an HF Llama checkpoint of `model_state` (in memory) to `out_dir` (which must not exist yet).
 
     bos_id/eos_id default to the tokenizer's own; pass the data manifest's when it names them.
     """
+    return write_hf(StateReader(model_state), model_cfg, tokenizer_model_path, out_dir, bos_id=bos_id,
+                    eos_id=eos_id, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def export_hf_checkpoint(step_dir: str | Path, meta: dict, model_cfg: ModelConfig, tokenizer_model_path: str | Path,
+                         out_dir: str | Path, *, bos_id: int | None = None, eos_id: int | None = None,
+                         dtype: torch.dtype = torch.float32,
+                         max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """The same for a checkpoint step dir of any engine and world size, read shard by shard: its weights
+    only, so memory is bounded by the largest shard, not by the model and its optimizer state."""
+    return write_hf(CheckpointReader(step_dir, meta), model_cfg, tokenizer_model_path, out_dir, bos_id=bos_id,
+                    eos_id=eos_id, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def write_hf(reader, model_cfg: ModelConfig, tokenizer_model_path: str | Path, out_dir: str | Path, *,
+             bos_id: int | None, eos_id: int | None, dtype: torch.dtype, max_shard_size: str | int) -> Path:
     out_dir, tokenizer_model_path = Path(out_dir), Path(tokenizer_model_path)
+    max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     if out_dir.exists():
         raise ExportError(f"--out {out_dir}: already exists; choose a new directory")
     if not tokenizer_model_path.is_file():
@@ -174,15 +285,14 @@ def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, toke
                           f"model.vocab_size={model_cfg.vocab_size}")
     bos_id = own_bos if bos_id is None else bos_id
     eos_id = own_eos if eos_id is None else eos_id
-    hf_state = to_hf_state_dict(model_state, model_cfg, dtype)
+    check_shapes(reader.shapes, model_cfg)  # before anything is written
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        os.chmod(tmp / "model.safetensors", 0o644)  # safetensors creates it owner-only, unlike the rest
+        write_weights(reader, model_cfg, tmp, dtype, max_bytes)
         config = llama_config(model_cfg, bos_id, eos_id, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"_from_model_config": True, "bos_token_id": bos_id, "eos_token_id": eos_id}

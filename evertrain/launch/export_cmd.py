@@ -63,9 +63,12 @@ def run_export(args: argparse.Namespace) -> int:
         tokenizer, bos_id, eos_id = tokenizer_from_manifest(cfg.data.path, config_path)
     import torch
 
-    from evertrain.launch.export import check_tokenizer, export_hf
+    from evertrain.launch.export import check_tokenizer, export_hf_checkpoint, parse_size
     from evertrain.pretrain import checkpoint
+    from evertrain.pretrain.checkpoint import store
 
+    max_shard = parse_size(args.max_shard_size)  # before reading anything
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     # a run checkpoint is pinned while it is read, so the live run's retention cannot delete it
     # under us (a finished cooldown's final/ is never pruned)
     holder = f"export.{socket.gethostname()}.{os.getpid()}"
@@ -74,12 +77,12 @@ def run_export(args: argparse.Namespace) -> int:
         meta = checkpoint.read_meta(step_dir)
         checkpoint.check_model(step_dir, meta, cfg)
         check_tokenizer(tokenizer, meta, step_dir)
-        state = checkpoint.load_consolidated(step_dir)["model"]
+        store.verify_files(step_dir, meta, mode=cfg.checkpoint.verify)  # streamed: no file is held in memory
+        out = export_hf_checkpoint(step_dir, meta, cfg.model, tokenizer, args.out, bos_id=bos_id, eos_id=eos_id,
+                                   dtype=dtype, max_shard_size=max_shard)
     finally:
         if lease is not None:
             checkpoint.unpin(lease)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    out = export_hf(state, cfg.model, tokenizer, args.out, bos_id=bos_id, eos_id=eos_id, dtype=dtype)
     print(f"exported {step_dir} -> {out}")
     return 0
 
@@ -96,6 +99,9 @@ def register(subparsers) -> None:
     source.add_argument("--average", help="checkpoint average directory (or its name under RUN/averages/)")
     hf.add_argument("--out", required=True, help="output directory (must not exist)")
     hf.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype to write")
+    hf.add_argument("--max-shard-size", default="5GB",
+                    help="largest safetensors file; more weights than this are split into shards with "
+                         "model.safetensors.index.json, as Hugging Face does (default 5GB; e.g. 500MB, 2GiB)")
     hf.add_argument("--tokenizer",
                     help="SentencePiece .model or tokenizer.json to ship (default: the run's data manifest's)")
     hf.set_defaults(func=run_export)

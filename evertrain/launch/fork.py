@@ -116,6 +116,9 @@ def resolve_checkpoint(run_dir: Path, step: str | int) -> tuple[int, Path]:
     raise ForkError(f"--step {step}: no checkpoint at this step (available: {shown})")
 
 
+FAILED = "failed.json"  # {"error": ...}: the eval hooks of this fork's last attempt failed (report.py shows it)
+
+
 def read_result(cooldown_dir: Path) -> dict | None:
     path = cooldown_dir / "result.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -245,6 +248,7 @@ def run_fork(args: argparse.Namespace) -> int:
         lock.acquire(timeout=0)
     except Timeout:
         raise ForkError(f"{out}: another fork is already running there") from None
+    (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's; this one is running
     lease = None
     try:
         lease = Lease(source, f"fork.{out.name}") if source is not None else None
@@ -359,8 +363,13 @@ def write_result(out: Path, result: dict, hooks: EvalHooks, cfg: Config | None =
     if hooks:
         cfg = cfg or load_config(out / "config.yaml")
         print(f"fork: running eval hooks on {out / 'final'} (log: {out / 'eval.log'})", flush=True)
-        result = {**result, "evals": run_hooks(hooks, out, out / "final", cfg)}
+        try:
+            result = {**result, "evals": run_hooks(hooks, out, out / "final", cfg)}
+        except EvertrainError as exc:  # not done, and not running either: `evertrain report` says so
+            store.atomic_write_text(out / FAILED, safe_json.dumps({"error": str(exc)}, indent=1))
+            raise
     store.atomic_write_text(out / "result.json", safe_json.dumps(result, indent=1))
+    (out / FAILED).unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     evals = f", evals {json.dumps(result['evals'])}" if "evals" in result else ""
     print(f"fork: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}) at {result['tokens']} tokens"

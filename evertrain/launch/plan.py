@@ -9,8 +9,9 @@ from evertrain.pretrain.config import load_config
 
 def run_plan(args) -> int:
     from evertrain.pretrain.plan import format_plan, make_plan
+    from evertrain.pretrain.preflight import resolve_auto
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_auto(load_config(args.config, args.overrides))  # vocab_size: auto needs the data's manifest
     plan = make_plan(cfg, args.nodes, args.gpus_per_node, engine=args.engine, gpu=args.gpu)
     print(format_plan(plan, cfg))
     return 0 if plan.fits else 1

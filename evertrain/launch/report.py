@@ -55,6 +55,7 @@ class Cooldown:
     curve: list[dict] = field(default_factory=list)  # its train records
     data: str = "run"  # the mix it cooled down on ("run": the run's own stream; else fork's --data label)
     prediction: dict | None = None  # prediction.json: the loss model's forecast, made before it ran
+    failure: str | None = None  # why its last attempt failed (an eval hook, or the forker gave up); None: not failed
 
     @property
     def final(self) -> bool:
@@ -168,6 +169,7 @@ def load_run(run_dir: Path) -> RunReport:
         checkpoints.append(Checkpoint(store.step_of(step_dir), tokens,
                                       [p["holder"] for p in active_pins(step_dir)]))
     cooldowns = []
+    gave_up = forker_failures(run_dir)
     for path in sorted((run_dir / "cooldowns").glob("from_*")):
         parsed = parse_cooldown_name(path.name)
         if parsed is None or not path.is_dir():
@@ -176,13 +178,34 @@ def load_run(run_dir: Path) -> RunReport:
         result = json.loads(result_path.read_text()) if result_path.is_file() else None
         curve = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
         step, shape, steps = parsed
+        failure = None if result is not None else (fork_failure(path) or gave_up.get(path.name))
         cooldowns.append(Cooldown(path.name, step, steps, shape, result=result, curve=curve,
-                                  data=data_label(path, result), prediction=read_prediction(path)))
+                                  data=data_label(path, result), prediction=read_prediction(path),
+                                  failure=failure))
     averages = load_averages(run_dir)
     if not metrics and not checkpoints and not cooldowns and not averages:
         raise ReportError(f"--run {run_dir}: nothing to report (no metrics.jsonl, checkpoints or cooldowns)")
     return RunReport(run_dir, [r for r in metrics if r.get("kind") == "train"],
                      [r for r in metrics if r.get("kind") == "eval"], checkpoints, cooldowns, averages)
+
+
+def fork_failure(cooldown_dir: Path) -> str | None:
+    """The error of a fork whose eval hooks failed (fork.py's failed.json; gone once it is rerun)."""
+    try:
+        return str(json.loads((cooldown_dir / "failed.json").read_text())["error"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return "failed (unreadable failed.json)"
+
+
+def forker_failures(run_dir: Path) -> dict[str, str]:
+    """Forks the forker gave up on after its retries (forker/state.json): name -> its error."""
+    try:
+        jobs = json.loads((run_dir / "forker" / "state.json").read_text())["jobs"]
+        return {j["name"]: j.get("error") or "failed" for j in jobs if j.get("status") == "failed"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # no forker, or a state file the forker itself will complain about
 
 
 def load_averages(run_dir: Path) -> list[dict]:
@@ -281,7 +304,7 @@ def tables(report: RunReport) -> list[Table]:
         cools.add_column(column, justify="left" if column in ("shape", "data") else "right")
     for c in sorted(report.cooldowns, key=lambda c: (c.from_step, c.shape, c.cooldown_steps, c.data)):
         r = c.result
-        status = "running" if c.curve else "queued"
+        status = "failed" if c.failure else "running" if c.curve else "queued"
         evals = c.evals
         cools.add_row(str(c.from_step) + (" final" if c.final else ""), c.shape, str(c.cooldown_steps), c.data,
                       fmt_tokens(r["tokens"] if r else (c.curve[-1]["tokens"] if c.curve else None)),
@@ -486,6 +509,9 @@ def run_report(args: argparse.Namespace) -> int:
         console.print(table)
     if (line := prediction_summary(report.cooldowns)) is not None:
         console.print(line, highlight=False)
+    for c in report.cooldowns:
+        if c.failure:
+            console.print(f"failed: {c.name}: {c.failure}", highlight=False, style="red", soft_wrap=True)
     result = fit_cooldowns(report.cooldowns)
     proj = run_projection(report, result, args.extra_tokens) if result.fit else None
     for line in summary(result.fit, proj) if result.fit else [result.why_not]:

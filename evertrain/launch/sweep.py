@@ -496,7 +496,9 @@ def model_size(config: str, overrides: tuple[str, ...]) -> tuple[int, int]:
     """(all parameters, of which the token embedding): tied, it is also the output head."""
     from evertrain.pretrain.model import Transformer
 
-    model = Transformer(load_config(config, overrides).model)
+    from evertrain.pretrain.preflight import resolve_auto
+
+    model = Transformer(resolve_auto(load_config(config, overrides)).model)
     return sum(p.numel() for p in model.parameters()), model.embed_tokens.weight.numel()
 
 

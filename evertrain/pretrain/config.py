@@ -24,9 +24,12 @@ class ConfigError(EvertrainError, ValueError):
     """A config problem; the message names the offending key."""
 
 
+AUTO = "auto"  # a key whose default is this may be set to it: resolved at start-up (preflight.resolve_auto)
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 4096
+    vocab_size: int | str = AUTO  # auto = the data dir's tokenizer vocabulary (its manifest.json)
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -204,7 +207,9 @@ def _build(cls, data: dict, prefix: str):
             continue
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if f.default == AUTO and data[f.name] == AUTO:
+            kwargs[f.name] = AUTO
+        elif dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, data[f.name], key + ".")
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, key)
@@ -263,8 +268,9 @@ def validate(cfg: Config) -> None:
             for v in value if isinstance(value, tuple) else (value,):
                 if isinstance(v, float) and not math.isfinite(v):
                     raise ConfigError(f"{section.name}.{f.name}: must be finite, got {v}")
-    for key, value in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
-                       ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+    vocab = [("model.vocab_size", m.vocab_size)] if m.vocab_size != AUTO else []  # auto: checked once resolved
+    for key, value in [*vocab, ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
+                       ("model.n_heads", m.n_heads),
                        ("model.seq_len", m.seq_len), ("model.multiple_of", m.multiple_of),
                        ("train.micro_batch_size", t.micro_batch_size),
                        ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),

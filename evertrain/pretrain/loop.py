@@ -38,17 +38,17 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
           started=None) -> int:
     """Train from the run's latest checkpoint (else `start`, else step 0) until `train.max_steps` or a
     SIGTERM/SIGINT, checkpointing on the way out. `ckpt` may be None (no checkpoints). `started()`,
-    if given, is called once the checkpoint and the data were loaded and checked, before the first
-    step. Returns the last step done."""
+    if given, is called once the checkpoint and the data were loaded and checked and the metric sinks
+    opened, before the first step. Returns the last step done."""
     t, eval_every, ckpt_every = cfg.train, cfg.eval.every_steps, cfg.checkpoint.every_steps
     step, tokens, nonfinite_before = resume(engine, stream, ckpt, start)
     watch = NonFiniteWatch(engine, t.on_nonfinite, nonfinite_before)
     global_windows = t.micro_batch_size * t.grad_accum * engine.world_size
     tokens_per_step = global_windows * cfg.model.seq_len
     val = load_val_batches(cfg, engine) if eval_every else []
-    if started is not None:
-        started()
     metrics = Metrics(run_dir, engine.is_main, step, t.max_steps, cfg=cfg)
+    if started is not None:  # after the trackers opened: a tracker that refuses is a refused start too
+        started()
     metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
     if use_tf32(engine.device) and t.dtype == "float32":
         metrics.console.say("train.dtype=float32 on CUDA: matmuls run in TF32; train.dtype=bfloat16 is faster")

@@ -1,18 +1,21 @@
 """Start-up checks of a training run that need more than the config itself: each problem is one line
 naming the key or file, raised before any heavy work (torch process group, model, engine).
 
-pretrain.py calls `preflight` on every rank right after reading the config; a new check joins here.
-Today: the data dir can serve the config (it exists, its vocabulary fits model.vocab_size, it has
-the validation split that periodic eval reads).
+pretrain.py calls `resolve_auto` and then `preflight` on every rank right after reading the config; a
+new check joins here.
+Today: the trackers `logging` asks for are installed, and the data dir can serve the config (it
+exists, its vocabulary fits model.vocab_size, it has the validation split that periodic eval reads).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
-from evertrain.pretrain.config import Config, ConfigError
+from evertrain.pretrain.config import AUTO, Config, ConfigError
 from evertrain.pretrain.data import MANIFEST, DataError, Manifest, load_manifest
 from evertrain.pretrain.datastamps import VerifiedStamps, stamp_file
+from evertrain.pretrain.loggers import check_installed
 
 
 def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Manifest:
@@ -22,17 +25,34 @@ def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Ma
         if not quiet:
             print(line, file=sys.stderr, flush=True)
 
+    check_installed(cfg)  # a tracker asked for but not installed: before the run dir is touched
     manifest = check_data(cfg, verify_checksums)
     check_vocab(cfg, manifest, warn)
     return manifest
 
 
-def check_data(cfg: Config, verify_checksums: bool) -> Manifest:
+def resolve_auto(cfg: Config) -> Config:
+    """`model.vocab_size: auto` (the default) as the data dir's tokenizer vocabulary, from its manifest;
+    an explicit value is left as it is (check_vocab warns about one that does not fit the data)."""
+    if cfg.model.vocab_size != AUTO:
+        return cfg
+    require_manifest(cfg)
+    vocab = load_manifest(cfg.data.path).vocab_size
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def require_manifest(cfg: Config) -> None:
     path = cfg.data.path
     if not (Path(path) / MANIFEST).is_file():  # e.g. configs/1b.yaml before its data is prepared
+        vocab = cfg.model.vocab_size if cfg.model.vocab_size != AUTO else "N"
         raise DataError(f"data.path={path}: no {MANIFEST} there; prepare it first with `evertrain data prepare "
-                        f"--input TEXT... --out {path} --vocab-size {cfg.model.vocab_size}` (docs/data.md), "
+                        f"--input TEXT... --out {path} --vocab-size {vocab}` (docs/data.md), "
                         "or point data.path at a prepared data dir")
+
+
+def check_data(cfg: Config, verify_checksums: bool) -> Manifest:
+    path = cfg.data.path
+    require_manifest(cfg)
     # hashes only shards this node has not verified unchanged before (datastamps.py): O(new shards)
     stamps = VerifiedStamps(stamp_file(path)) if verify_checksums else None
     manifest = load_manifest(path, verify_checksums=verify_checksums, stamps=stamps)

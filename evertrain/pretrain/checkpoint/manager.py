@@ -91,6 +91,7 @@ class CheckpointManager:
         self.timings = SaveTimings()  # of the last save
         self.bytes_read = 0  # checkpoint bytes this rank read in its last slice-wise load
         self.abandoned = False  # a save was given up at a stop: exit without waiting for its thread
+        self.stop_committed = False  # the stop's checkpoint is committed: a further signal loses nothing
         self.pin_watch = retention.PinWatch()  # lease expiry on this process's clock
 
     # -- saving ----------------------------------------------------------------------------------
@@ -220,9 +221,11 @@ class CheckpointManager:
         needed = last.copy + last.write + last.hash + last.commit  # the previous save's background time
         skip = int(needed > deadline - time.monotonic())
         if self.engine.min_max_over_ranks(skip)[1]:
-            return True  # the newest committed checkpoint is the one to resume from
+            self.stop_committed = True  # the newest committed checkpoint is the one to resume from
+            return True
         self.save(step, extra)
-        return self.wait(deadline)
+        self.stop_committed = self.wait(deadline)
+        return self.stop_committed
 
     def close(self) -> None:
         """Wait for the save in flight, except one abandoned at a stop (see pretrain.py)."""
