@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from evertrain.pretrain.config import Config, ConfigError
-from evertrain.pretrain.distributed import pick_device, rank_and_world, require_launcher
+from evertrain.pretrain.distributed import pick_device, pin_deepspeed_device, rank_and_world, require_launcher
 from evertrain.pretrain.engines.base import Engine, build_model, compute_dtype, initial_state
 from evertrain.pretrain.model import Transformer
 from evertrain.pretrain.optim import build_optimizer
@@ -125,7 +125,8 @@ class DeepSpeedEngine(Engine):
             raise ConfigError("train.on_nonfinite=skip: not supported by the deepspeed engine; use stop "
                               "(or the single/fsdp engines)")
         rank, local_rank, world_size = rank_and_world()
-        device = pick_device(cfg.train.device, local_rank)
+        device = pick_device(cfg.train.device, local_rank)  # local_rank % device_count, as the other engines
+        pin_deepspeed_device(device)
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed picks its accelerator
         import deepspeed
