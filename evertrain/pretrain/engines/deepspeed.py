@@ -1,4 +1,4 @@
-"""DeepSpeed (ZeRO stage 0-3) with our AdamW as the client optimizer; bf16 on GPU, gloo on CPU.
+"""DeepSpeed (ZeRO stage 0-3) with our AdamW as the client optimizer; bf16 when asked, nccl on GPU, gloo on CPU.
 
 Started by the `deepspeed` launcher. DeepSpeed does the gradient averaging, accumulation boundaries,
 ZeRO partitioning and clipping (`gradient_clipping`); we generate its config from ours and merge the
