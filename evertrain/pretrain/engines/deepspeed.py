@@ -114,6 +114,21 @@ def build_partitioned(cfg: Config, config: dict, device: torch.device, rank: int
     return model
 
 
+def undo_init_step(ds_optimizer, optimizer) -> None:
+    """ZeRO-0 with bf16 wraps our AdamW in DeepSpeed's FP16_UnfusedOptimizer, whose constructor
+    (runtime/fp16/unfused_optimizer.py, initialize_optimizer_states) runs one optimizer step on zero
+    gradients to create the state. For our AdamW that is a real step: the step counter (so the LR
+    schedule and the bias corrections) runs one ahead, and the fp32 masters are decayed once. Undo
+    both: the masters again equal the bf16 weights they were copied from, which that step left alone."""
+    if not (hasattr(ds_optimizer, "fp16_groups") and hasattr(ds_optimizer, "fp32_groups")):
+        return
+    with torch.no_grad():
+        for lps, hps in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups):
+            for lp, hp in zip(lps, hps):
+                hp.copy_(lp)
+    optimizer.set_step(0)
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -144,6 +159,7 @@ class DeepSpeedEngine(Engine):
             model = build_model(cfg, device)
         optimizer = build_optimizer(model, cfg.optim, schedule)
         self.ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        undo_init_step(self.ds_engine.optimizer, optimizer)
         super().__init__(model=self.ds_engine.module, raw_model=self.ds_engine.module, optimizer=optimizer,
                          device=device, rank=rank, world_size=world_size)
         # Without ZeRO or bf16, DeepSpeed clips with a helper that does not keep the norm: measure it
