@@ -10,6 +10,8 @@ those readers to them.
         for each stage S: a deepspeed engine of ZeRO stage (S + 1) % 4 (under torchrun: an FSDP2
         engine) loads ROOT/zeroS's checkpoint at STEP; its masters go to ROOT/captured/ENGINE_from_zeroS.pt,
         and one training step must give a finite loss
+    torchrun --nproc_per_node 2 tests/bf16_chain.py load ROOT STEP PRETRAIN_ARGS...
+        the same, then pretrain.py PRETRAIN_ARGS into ROOT/fsdp (FSDP2's bf16 loss curve)
 """
 import sys
 from pathlib import Path
@@ -72,7 +74,9 @@ def train(root: Path, pretrain_args: list[str]) -> None:
         assert code == 0, f"zero stage {stage}: pretrain.py exited {code}"
 
 
-def load(root: Path, step: int) -> None:
+def load(root: Path, step: int, pretrain_args: list[str]) -> None:
+    from conftest import load_pretrain
+
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
     from evertrain.pretrain.config import load_config
@@ -102,6 +106,9 @@ def load(root: Path, step: int) -> None:
         assert torch.isfinite(loss), (label, stage, loss)
         ckpt.close()
         engine.close()
+    if pretrain_args:
+        code = load_pretrain().main([*pretrain_args, "--run-dir", str(root / "fsdp")])
+        assert code == 0, f"fsdp: pretrain.py exited {code}"
     init_process_group(torch.device("cpu"))  # no-op: the group is up; end it once, at the very end
     torch.distributed.destroy_process_group()
 
@@ -112,4 +119,4 @@ if __name__ == "__main__":
     if mode == "train":
         train(root, args[2:])
     else:
-        load(root, int(args[2]))
+        load(root, int(args[2]), args[3:])

@@ -9,8 +9,8 @@ tests/bf16_chain.py through DeepSpeed's and FSDP2's own handles, not through our
 
 Three launches serve all four stages: one 2-rank DeepSpeed launch trains them one after another,
 one 1-rank DeepSpeed launch loads each into the next stage ((S + 1) % 4: every fill path, a world
-size of 1 instead of 2), one 2-rank torchrun launch loads each into FSDP2. A fourth (FSDP2 training)
-and an in-process single-engine run give the engines' bf16 loss curves.
+size of 1 instead of 2), one 2-rank torchrun launch loads each into FSDP2 and then trains FSDP2 in
+bf16. With single-engine runs in this process they give the engines' bf16 loss curves.
 """
 import json
 import shutil
@@ -43,7 +43,8 @@ def chain(tiny_data, tmp_path_factory) -> Path:
     run_ok([*launcher("deepspeed", 2), script, "train", str(root), *common_args(tiny_data),
             "train.micro_batch_size=4"], timeout=900)
     run_ok([*launcher("deepspeed", 1), script, "load", str(root), str(STEPS)], timeout=600)
-    run_ok([*launcher("fsdp", 2), script, "load", str(root), str(STEPS)], timeout=600)
+    run_ok([*launcher("fsdp", 2), script, "load", str(root), str(STEPS), *common_args(tiny_data),
+            "train.micro_batch_size=4", "checkpoint.every_steps=0", "--engine", "fsdp"], timeout=600)
     return root
 
 
@@ -138,10 +139,7 @@ def bf16_curves(chain, tiny_data, tmp_path_factory) -> dict[str, list[float]]:
     """20 steps of each engine in bf16, same global batch (8 windows) and seed; fp32 single for scale."""
     root = tmp_path_factory.mktemp("bf16_curves")
     args = [arg for arg in common_args(tiny_data) if not arg.startswith("--config") and arg != "configs/tiny.yaml"]
-    run_ok([*launcher("fsdp", 2), "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(root / "fsdp"),
-            *args, "train.micro_batch_size=4", "checkpoint.every_steps=0", "--engine", "fsdp"], timeout=600)
-    curves = {f"zero{stage}": train_losses(chain / f"zero{stage}") for stage in STAGES}
-    curves["fsdp"] = train_losses(root / "fsdp")
+    curves = {name: train_losses(chain / name) for name in [f"zero{stage}" for stage in STAGES] + ["fsdp"]}
     for dtype in ("bfloat16", "float32"):
         assert pretrain_tiny(root / dtype, *args, "train.micro_batch_size=8", "checkpoint.every_steps=0",
                              f"train.dtype={dtype}", "--engine", "single") == 0

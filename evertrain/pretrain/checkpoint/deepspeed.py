@@ -226,8 +226,10 @@ class DeepSpeedState:
         with bf16, DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py) gives it an
         fp32 master per parameter instead (`fp32_groups`, beside the bf16 `fp16_groups` the forward
         uses): the masters and the moments keyed by them are written, and the bf16 copies cast from them."""
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
         optimizer = self.ds.optimizer
-        if hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
+        if isinstance(optimizer, FP16_UnfusedOptimizer):
             masters = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
                        for lp, hp in zip(lps, hps)}
         else:

@@ -120,7 +120,9 @@ def undo_init_step(ds_optimizer, optimizer) -> None:
     gradients to create the state. For our AdamW that is a real step: the step counter (so the LR
     schedule and the bias corrections) runs one ahead, and the fp32 masters are decayed once. Undo
     both: the masters again equal the bf16 weights they were copied from, which that step left alone."""
-    if not (hasattr(ds_optimizer, "fp16_groups") and hasattr(ds_optimizer, "fp32_groups")):
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(ds_optimizer, FP16_UnfusedOptimizer):
         return
     with torch.no_grad():
         for lps, hps in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups):
