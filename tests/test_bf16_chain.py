@@ -14,7 +14,6 @@ bf16. With single-engine runs in this process they give the engines' bf16 loss c
 """
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
