@@ -104,6 +104,61 @@ def test_no_scheduler_ranks_where_none_apply(env):
 
 # -- the Slurm pool ----------------------------------------------------------------------------------
 
+class Reached(Exception):
+    """Raised by a stand-in for deepspeed.init_distributed: the engine got that far."""
+
+
+def test_deepspeed_engine_takes_its_gpu_as_local_rank_modulo_the_visible_gpus(monkeypatch):
+    """`srun --gpus-per-task=1`: local rank 3 sees one GPU. The engine picks cuda:0, as FSDP2 would,
+    and DeepSpeed (which reads LOCAL_RANK as a device ordinal) is handed 0 before it starts."""
+    import deepspeed
+    import torch
+
+    from evertrain.pretrain.config import from_dict
+    from evertrain.pretrain.engines.deepspeed import DeepSpeedEngine
+    from evertrain.pretrain.schedule import Schedule
+
+    for key, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "n1",
+                       "MASTER_PORT": "29500", "CROSS_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    picked = []
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+
+    def init_distributed(**kwargs):
+        raise Reached(os.environ["LOCAL_RANK"])
+
+    monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
+    cfg = from_dict({"train": {"device": "cuda"}, "engine": {"name": "deepspeed"}})
+    with pytest.raises(Reached) as reached:
+        DeepSpeedEngine(cfg, Schedule.from_config(cfg.optim))
+    assert picked == [torch.device("cuda", 0)] and str(reached.value) == "0"
+
+
+@pytest.mark.parametrize("env, hostname_ip, warned", [
+    ({"CROSS_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "10.0.0.5", ["MASTER_ADDR=127.0.0.1 is a loopback"]),
+    ({"SLURM_NNODES": "2", "MASTER_ADDR": "node1"}, "127.0.1.1", ["resolves to a loopback address"]),
+    ({"SLURM_NNODES": "2", "MASTER_ADDR": "node1", "GLOO_SOCKET_IFNAME": "eth0"}, "127.0.1.1", []),
+    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node1", "NCCL_SOCKET_IFNAME": "lo"},
+     "10.0.0.5", ["NCCL_SOCKET_IFNAME=lo binds to the loopback"]),
+    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node1", "NCCL_SOCKET_IFNAME": "^lo,docker"},
+     "10.0.0.5", []),
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1"}, "127.0.1.1", []),  # one node
+])
+def test_preflight_warns_of_loopback_addresses_on_several_nodes(monkeypatch, env, hostname_ip, warned):
+    import socket
+
+    from evertrain.pretrain.preflight import check_network
+
+    addresses = {"node1": "10.0.0.1", "127.0.0.1": "127.0.0.1", "this-host": hostname_ip}
+    monkeypatch.setattr(socket, "gethostname", lambda: "this-host")
+    monkeypatch.setattr(socket, "gethostbyname", addresses.__getitem__)
+    lines = []
+    check_network(env, lines.append)
+    assert len(lines) == len(warned) and all(w in line for w, line in zip(warned, lines)), lines
+
+
 def test_slurm_pool_builds_one_sbatch_job_per_fork(cluster, tmp_path):
     pool = parse_pool("slurm:2", slurm_args="--partition gpu --account proj --time 2:00:00 --nodes 2 "
                                             "--gres=gpu:h100:8")

@@ -90,6 +90,21 @@ def test_param_count_matches_the_formula():
     assert model.num_params(exclude_embeddings=True) == expected - 256 * d
 
 
+def test_param_count_and_decay_groups_of_zero3_placeholders():
+    """deepspeed.zero.Init replaces every parameter by an empty 1-D placeholder and keeps its real
+    shape in ds_shape / ds_numel (the optimizer is built then): counts and groups read those."""
+    from evertrain.pretrain.optim import param_groups
+
+    model = build(tie_embeddings=False)
+    counts = model.num_params(), model.num_params(exclude_embeddings=True)
+    groups = [[tuple(p.shape) for p in g["params"]] for g in param_groups(model, 0.1)]
+    for p in model.parameters():
+        p.ds_shape, p.ds_numel = p.shape, p.numel()
+        p.data = torch.empty(0)
+    assert (model.num_params(), model.num_params(exclude_embeddings=True)) == counts
+    assert [[tuple(p.ds_shape) for p in g["params"]] for g in param_groups(model, 0.1)] == groups
+
+
 def test_loss_at_init_is_log_vocab():
     model = build(vocab_size=512)
     loss = model.loss(torch.randint(0, 512, (4, 33)))

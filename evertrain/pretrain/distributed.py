@@ -187,6 +187,28 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def pin_deepspeed_device(device: torch.device, env=os.environ) -> None:
+    """DeepSpeed takes LOCAL_RANK as its CUDA device ordinal (engine._set_distributed_vars,
+    zero.Init's local_device, the device_id of its init_process_group), while the other engines use
+    `local_rank % device_count`. Under `srun --gpus-per-task=1` every task sees one GPU, ordinal 0,
+    whatever its local rank: DeepSpeed would fail with "invalid device ordinal". So LOCAL_RANK is
+    pointed at the device we picked (evertrain read the real local rank before this)."""
+    if device.type == "cuda":
+        env["LOCAL_RANK"] = str(device.index)
+
+
+def node_count(env: Mapping[str, str] = os.environ) -> int:
+    """How many nodes the launcher spread this run over (1 when it does not say)."""
+    for key in ("CROSS_SIZE", "SLURM_STEP_NUM_NODES", "SLURM_NNODES", "GROUP_WORLD_SIZE"):  # deepspeed, srun, torchrun
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    world = int(env.get("WORLD_SIZE", 1))
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if env.get(key, "").isdigit() and int(env[key]) > 0:
+            return -(-world // int(env[key]))
+    return 1
+
+
 def init_process_group(device: torch.device) -> None:
     """NCCL between GPUs, gloo between CPU processes; rendezvous from the launcher's env vars."""
     if dist.is_initialized():

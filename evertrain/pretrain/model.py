@@ -102,6 +102,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, expand_k
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1 and not expand_kv)
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's real shape. DeepSpeed ZeRO-3 replaces each parameter by an empty 1-D
+    placeholder (its rank's piece lives in `p.ds_tensor`) and keeps the real shape in `p.ds_shape`;
+    FSDP2's DTensors report their global shape themselves."""
+    return torch.Size(p.ds_shape) if hasattr(p, "ds_shape") else p.shape
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return full_shape(p).numel()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -303,7 +314,7 @@ class Transformer(nn.Module):
             block.forward = torch.compile(block.forward, fullgraph=True, backend=backend)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
+        n = sum(full_numel(p) for p in self.parameters())  # shared (tied) tensors count once
         if exclude_embeddings:
-            n -= self.embed_tokens.weight.numel()
+            n -= full_numel(self.embed_tokens.weight)
         return n

@@ -6,6 +6,9 @@ No decay on 1-D parameters (RMSNorm gains, biases): decay pulls a gain toward 0,
 decay shrinks every row at every step, so rare tokens' embeddings would decay toward 0 between
 occurrences. With tied embeddings the output head is that same tensor and is left undecayed too; an
 untied head is an ordinary matrix and is decayed.
+
+A parameter's rank is read from its real shape (model.full_shape): under DeepSpeed ZeRO-3 the
+optimizer is built after partitioning, when every parameter is an empty 1-D placeholder.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from torch import nn
 
 from evertrain.kernels.adamw import AdamW
 from evertrain.pretrain.config import OptimConfig
+from evertrain.pretrain.model import full_shape
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -22,7 +26,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():  # deduplicates tied parameters
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+        (decay if len(full_shape(p)) >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -3,18 +3,24 @@ naming the key or file, raised before any heavy work (torch process group, model
 
 pretrain.py calls `resolve_auto` and then `preflight` on every rank right after reading the config; a
 new check joins here.
-Today: the trackers `logging` asks for are installed, and the data dir can serve the config (it
-exists, its vocabulary fits model.vocab_size, it has the validation split that periodic eval reads).
+Today: the trackers `logging` asks for are installed, the data dir can serve the config (it exists,
+its vocabulary fits model.vocab_size, it has the validation split that periodic eval reads), and a run
+over several nodes does not rendezvous or bind its sockets on a loopback address.
 """
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
+import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from evertrain.pretrain.config import AUTO, Config, ConfigError
 from evertrain.pretrain.data import MANIFEST, DataError, Manifest, load_manifest
 from evertrain.pretrain.datastamps import VerifiedStamps, stamp_file
+from evertrain.pretrain.distributed import node_count
 from evertrain.pretrain.loggers import check_installed
 
 
@@ -28,6 +34,7 @@ def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Ma
     check_installed(cfg)  # a tracker asked for but not installed: before the run dir is touched
     manifest = check_data(cfg, verify_checksums)
     check_vocab(cfg, manifest, warn)
+    check_network(os.environ, warn)
     return manifest
 
 
@@ -75,3 +82,37 @@ def check_vocab(cfg: Config, manifest: Manifest, warn) -> None:
         warn(f"warning: model.vocab_size={model_vocab}, but data.path={cfg.data.path} has a {data_vocab}-token "
              f"vocabulary: {model_vocab - data_vocab} embedding rows will never see a token")
 
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) resolves to a loopback address; False if it does not resolve."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def check_network(env: Mapping[str, str], warn) -> None:
+    """On a run over several nodes, the addresses that would keep ranks on other nodes out:
+    - MASTER_ADDR on loopback: the other nodes' ranks cannot reach the rendezvous;
+    - gloo (the CPU backend, and our stop-vote group on GPU too) binds to GLOO_SOCKET_IFNAME, or when
+      unset to the address this host's name resolves to, which many images map to 127.0.1.1 in
+      /etc/hosts: the other nodes then connect to their own loopback and the first collective hangs;
+    - NCCL skips `lo` by itself, unless NCCL_SOCKET_IFNAME names it."""
+    nodes = node_count(env)
+    if nodes <= 1:
+        return
+    master = env.get("MASTER_ADDR")
+    if master and is_loopback(master):
+        warn(f"warning: MASTER_ADDR={master} is a loopback address, but this run spans {nodes} nodes: ranks "
+             "on the other nodes cannot reach it; set MASTER_ADDR to the first node's host name or address")
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        names = [name.strip() for name in env.get(var, "").lstrip("=").split(",")]
+        if not env.get(var, "").startswith("^") and any(name == "lo" or name.startswith("lo:") for name in names):
+            warn(f"warning: {var}={env[var]} binds to the loopback interface, but this run spans {nodes} nodes; "
+                 "name the nodes' network interface instead (e.g. eth0, ib0)")
+    host = socket.gethostname()
+    if not env.get("GLOO_SOCKET_IFNAME") and is_loopback(host):
+        warn(f"warning: this host's name {host} resolves to a loopback address, where gloo binds when "
+             f"GLOO_SOCKET_IFNAME is unset, but this run spans {nodes} nodes: set GLOO_SOCKET_IFNAME to the "
+             "nodes' network interface (e.g. eth0), or map the host name to its network address")

@@ -192,8 +192,13 @@ class DeepSpeedState:
                     safe_set_local_optimizer_state(p, piece, key)
 
     def _fill_stage12(self, reader, params) -> None:
-        optimizer = self.ds.optimizer  # DeepSpeedZeroOptimizer: our AdamW runs on its flat fp32 partitions
-        create_moments(optimizer.optimizer, optimizer.single_partition_of_fp32_groups)
+        # DeepSpeedZeroOptimizer, or with bf16 at stage 1 BF16_Optimizer: either way our AdamW runs on
+        # one flat fp32 partition per param group, under the name each of them gives it
+        optimizer = self.ds.optimizer
+        flat_groups = getattr(optimizer, "single_partition_of_fp32_groups", None)
+        if flat_groups is None:
+            flat_groups = optimizer.fp32_groups_flat_partition  # runtime/bf16_optimizer.py
+        create_moments(optimizer.optimizer, flat_groups)
         requests = [Slice(name, WEIGHT, 0, p.numel()) for name, p in params]  # every rank keeps whole weights
         fragments = []
         for name, p in params:
@@ -210,19 +215,35 @@ class DeepSpeedState:
         for p, fragment in fragments:
             address = fragment.lp_fragment_address
             fragment.hp_fragment.data.copy_(weights[p].narrow(0, address.start, address.numel))
-            flat = optimizer.single_partition_of_fp32_groups[fragment.param_group_index]
+            flat = flat_groups[fragment.param_group_index]
             state = optimizer.optimizer.state[flat]
             for key in MOMENTS:
                 hp = fragment.hp_fragment_address
                 state[key].narrow(0, hp.start, hp.numel).copy_(next(values))
 
     def _fill_whole(self, reader, params) -> None:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        """Stage 0: every rank holds everything. Our AdamW steps the parameters themselves in fp32;
+        with bf16, DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py) gives it an
+        fp32 master per parameter instead (`fp32_groups`, beside the bf16 `fp16_groups` the forward
+        uses): the masters and the moments keyed by them are written, and the bf16 copies cast from them."""
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-        get_optimizer_state_dict(self.ds.module, self.engine.optimizer)  # creates the state on a fresh optimizer
+        optimizer = self.ds.optimizer
+        if isinstance(optimizer, FP16_UnfusedOptimizer):
+            masters = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+                       for lp, hp in zip(lps, hps)}
+        else:
+            masters = {id(p): p for _, p in params}
+        create_moments(self.engine.optimizer, [masters[id(p)] for _, p in params])
         requests = [Slice(name, key, 0, p.numel()) for name, p in params for key in KEYS]
         values = iter(reader.read(requests))
         for _, p in params:
-            state = self.engine.optimizer.state[p]
+            master = masters[id(p)]
             for key in KEYS:
-                (p.data if key == WEIGHT else state[key]).copy_(next(values).view(p.shape))
+                value = next(values).view(p.shape)
+                if key == WEIGHT:
+                    master.data.copy_(value)
+                    if master is not p:
+                        p.data.copy_(value)
+                else:
+                    self.engine.optimizer.state[master][key].copy_(value)

@@ -17,7 +17,9 @@ of host memory and I/O, never the whole model and optimizer state.
   The layouts are DeepSpeed's (deepspeed/utils/zero_to_fp32.py): stage 3 splits every parameter
   into world_size equal padded pieces, concatenated per rank; stages 1/2 split each param group's
   flat vector and record each rank's fragments in `param_slice_mappings`; stage 0 keeps everything
-  whole in the model states file, with our AdamW's own state dict.
+  whole in the model states file, with our AdamW's own state dict. With bf16 the ZeRO files are
+  named `bf16_zero_pp_rank_*` (stage 1 then runs DeepSpeed's BF16_Optimizer, whose file has the
+  stage 1/2 keys), and stage 0 keeps fp32 masters beside the bf16 module: the masters are read.
 """
 from __future__ import annotations
 
@@ -210,11 +212,13 @@ class ZeroReader(SliceReader):
         return self.step_dir / MODEL_STATES
 
     def _optim_path(self, rank: int) -> Path:
-        plain = self.step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        if not plain.is_file() and (self.step_dir / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file():
-            raise CheckpointError(f"{self.step_dir}: DeepSpeed's bf16 optimizer layout (ZeRO stage 0 with bf16) "
-                                  "is not readable by parameter slice; resume it with the engine and world size that wrote it")
-        return plain
+        """DeepSpeed prefixes the ZeRO optimizer files with `bf16_` whenever bf16 is on (engine.py,
+        _get_zero_ckpt_prefix), whichever optimizer wrote them: the layout inside is the same."""
+        for prefix in ("zero_pp_rank", "bf16_zero_pp_rank"):
+            path = self.step_dir / f"{prefix}_{rank}_mp_rank_00_optim_states.pt"
+            if path.is_file():
+                return path
+        return self.step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"  # _load_mmap names it missing
 
     def _optim(self, rank: int) -> dict:
         return _load_mmap(self._optim_path(rank))["optimizer_state_dict"]
@@ -270,14 +274,23 @@ class ZeroReader(SliceReader):
         from evertrain.pretrain.optim import param_groups
 
         states = _load_mmap(self.step_dir / MODEL_STATES)
-        self.whole = {name: t for name, t in states["module"].items()}
         # our AdamW's state dict numbers the params in param_groups order: rebuild it on the meta device
         cfg = from_dict({"model": meta["model"]})
         with torch.device("meta"):
             model = build_model(cfg, torch.device("meta"))
         names = {id(p): name for name, p in model.named_parameters()}
         order = [names[id(p)] for group in param_groups(model, 0.1) for p in group["params"]]
-        optim_state = (states.get("optimizer") or {}).get("state", {})
+        optimizer = states.get("optimizer") or {}
+        if "fp32_groups" in optimizer:
+            # bf16: DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py) keeps an fp32
+            # master per parameter, in param_groups order, and wraps our AdamW's state dict; the
+            # module holds only the bf16 copies the forward runs on
+            masters = [t for group in optimizer["fp32_groups"] for t in group]
+            self.whole = dict(zip(order, masters))
+            optim_state = optimizer["optimizer_state_dict"].get("state", {})
+        else:
+            self.whole = dict(states["module"])
+            optim_state = optimizer.get("state", {})
         self.moments = {order[i]: s for i, s in optim_state.items()}
         self.shapes = {name: self.whole[name].shape for name in order}
         self.has_moments = all(m in self.moments.get(name, {}) for name in order for m in MOMENTS)

@@ -148,9 +148,11 @@ def initial_state(cfg: Config) -> dict[str, torch.Tensor] | None:
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The low-precision dtype to compute in, or None for float32. CPU runs always use float32."""
+    """The low-precision dtype to compute in, or None for float32. bfloat16 is honoured on CPU too
+    (torch autocast, FSDP2's mixed precision and DeepSpeed's CPU accelerator all run it there), so
+    CPU runs and tests take the same bf16 paths as a GPU run."""
     if cfg.train.dtype == "float16":
         raise ConfigError("train.dtype: float16 needs loss scaling, which evertrain does not do; use bfloat16")
-    if cfg.train.dtype == "bfloat16" and device.type == "cuda":
+    if cfg.train.dtype == "bfloat16":
         return torch.bfloat16
     return None

@@ -1,4 +1,4 @@
-"""DeepSpeed (ZeRO stage 0-3) with our AdamW as the client optimizer; bf16 on GPU, gloo on CPU.
+"""DeepSpeed (ZeRO stage 0-3) with our AdamW as the client optimizer; bf16 when asked, nccl on GPU, gloo on CPU.
 
 Started by the `deepspeed` launcher. DeepSpeed does the gradient averaging, accumulation boundaries,
 ZeRO partitioning and clipping (`gradient_clipping`); we generate its config from ours and merge the
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from evertrain.pretrain.config import Config, ConfigError
-from evertrain.pretrain.distributed import pick_device, rank_and_world, require_launcher
+from evertrain.pretrain.distributed import pick_device, pin_deepspeed_device, rank_and_world, require_launcher
 from evertrain.pretrain.engines.base import Engine, build_model, compute_dtype, initial_state
 from evertrain.pretrain.model import Transformer
 from evertrain.pretrain.optim import build_optimizer
@@ -114,6 +114,23 @@ def build_partitioned(cfg: Config, config: dict, device: torch.device, rank: int
     return model
 
 
+def undo_init_step(ds_optimizer, optimizer) -> None:
+    """ZeRO-0 with bf16 wraps our AdamW in DeepSpeed's FP16_UnfusedOptimizer, whose constructor
+    (runtime/fp16/unfused_optimizer.py, initialize_optimizer_states) runs one optimizer step on zero
+    gradients to create the state. For our AdamW that is a real step: the step counter (so the LR
+    schedule and the bias corrections) runs one ahead, and the fp32 masters are decayed once. Undo
+    both: the masters again equal the bf16 weights they were copied from, which that step left alone."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(ds_optimizer, FP16_UnfusedOptimizer):
+        return
+    with torch.no_grad():
+        for lps, hps in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups):
+            for lp, hp in zip(lps, hps):
+                hp.copy_(lp)
+    optimizer.set_step(0)
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -125,7 +142,8 @@ class DeepSpeedEngine(Engine):
             raise ConfigError("train.on_nonfinite=skip: not supported by the deepspeed engine; use stop "
                               "(or the single/fsdp engines)")
         rank, local_rank, world_size = rank_and_world()
-        device = pick_device(cfg.train.device, local_rank)
+        device = pick_device(cfg.train.device, local_rank)  # local_rank % device_count, as the other engines
+        pin_deepspeed_device(device)
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed picks its accelerator
         import deepspeed
@@ -143,6 +161,7 @@ class DeepSpeedEngine(Engine):
             model = build_model(cfg, device)
         optimizer = build_optimizer(model, cfg.optim, schedule)
         self.ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        undo_init_step(self.ds_engine.optimizer, optimizer)
         super().__init__(model=self.ds_engine.module, raw_model=self.ds_engine.module, optimizer=optimizer,
                          device=device, rank=rank, world_size=world_size)
         # Without ZeRO or bf16, DeepSpeed clips with a helper that does not keep the norm: measure it

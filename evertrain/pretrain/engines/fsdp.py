@@ -4,9 +4,9 @@ nccl on GPU; under torchrun.
 No rank ever holds the whole model: the model is built on the meta device, sharded, materialised
 with `to_empty` (each rank allocates only its shards) and initialised shard by shard
 (Transformer.init_weights: one full parameter at a time, sliced), so the weights equal the single
-engine's for any world size. Parameters, gradients and optimizer state are sharded DTensors. bf16 on
-GPU is FSDP2's mixed precision policy (bf16 compute, fp32 gradient reduction and master weights),
-not autocast.
+engine's for any world size. Parameters, gradients and optimizer state are sharded DTensors. With
+train.dtype=bfloat16 (GPU or CPU), bf16 is FSDP2's mixed precision policy (bf16 compute, fp32
+gradient reduction and master weights), not autocast.
 
 As torchtitan does: blocks reshard after forward except the last (its backward starts right away),
 the root (embeddings, final norm, head) keeps its gathered weights from forward to backward, and each

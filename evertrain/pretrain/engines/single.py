@@ -1,4 +1,4 @@
-"""One process, CPU or one GPU: plain autograd, bf16 autocast on GPU when train.dtype=bfloat16."""
+"""One process, CPU or one GPU: plain autograd, bf16 autocast when train.dtype=bfloat16."""
 from __future__ import annotations
 
 import torch
