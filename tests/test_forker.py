@@ -198,6 +198,20 @@ def test_forker_passes_the_cooldown_mix_to_every_fork(fake_fork, capsys):
     assert "--data-weights 'hq': expected SOURCE=SHARE" in capsys.readouterr().err
 
 
+def test_forker_on_a_mix_restarts_from_its_own_state(fake_fork):
+    """A forker with --data-weights names its jobs ...@mix-<hash>; a restarted one reads them back
+    (and launches nothing twice) instead of refusing its own state.json."""
+    run_dir = fake_fork
+    fake_checkpoints(run_dir, [20])
+    options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=20, once=True, poll_s=0.05,
+                            data_weights="hq=0.7,main=0.3")
+    for _ in range(2):
+        assert Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lambda _: None).run() == 0
+    [job] = state(run_dir).values()
+    assert "@mix-" in job["name"] and job["status"] == "done" and job["attempts"] == 1
+    assert len([e for e in events(run_dir) if e[0] == "start"]) == 1
+
+
 # `evertrain forker ...` as a process, launching the fake fork
 FORKER_WITH_FAKE_FORK = """
 import sys

@@ -125,7 +125,7 @@ def load_jobs(path: Path, run_dir: Path | None = None) -> dict[str, Job]:
     return {job.name: job for job in jobs}
 
 
-JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,200}$")  # @: a fork on another mix, from_..._<c>@mix-<hash>
 
 
 def check_job_paths(path: Path, job: Job, run_dir: Path) -> None:
