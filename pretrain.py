@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         check_run_dir(run_dir, cfg)  # on every rank, before any heavy start-up
         # checksums once per node (shards may live on node-local disks); warnings once per run.
         # Read-only, so a refused start leaves no trace: not even the run dir.
-        preflight(cfg, verify_checksums=local_rank == 0, quiet=rank != 0)
+        preflight(engine_config(run_dir, cfg), verify_checksums=local_rank == 0, quiet=rank != 0)
         if rank == 0:  # the trainer's rank 0 holds it; before anything is written
             lock = RunLock.acquire(run_dir)
         if args.resume_step is not None and lock is not None:  # rank 0, before the others can read

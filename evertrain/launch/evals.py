@@ -7,8 +7,8 @@ Face Llama directory (export.py) to COOLDOWN/hf/, and each hook runs on it in tu
   --lm-eval-tasks T1,T2                  lm-evaluation-harness on those tasks (lm_eval_runner.py, in
                                          its own process; `pip install evertrain[eval]`)
 Their metrics are merged into result.json under "evals" (a task/metric tree of numbers). Hooks run in
-the fork's rank-0 process after its engine is closed, so they have the device to themselves; their
-output goes to COOLDOWN/eval.log. A hook that fails stops the fork with one line before result.json
+the fork's rank-0 process after its engine is closed, so they have the device to themselves, in its
+working directory (the placeholders are absolute paths); their output goes to COOLDOWN/eval.log. A hook that fails stops the fork with one line before result.json
 is written: the fork is not done, and rerunning it (or the forker's retry) only redoes the hooks,
 since the fork's checkpoints are still there. COOLDOWN/hf/ is removed once the hooks succeeded
 (`evertrain export hf --cooldown` writes it again).
@@ -133,6 +133,9 @@ def run_hooks(hooks: EvalHooks, out: Path, final_dir: Path, cfg) -> dict:
     from evertrain.launch.export_cmd import tokenizer_from_manifest
     from evertrain.pretrain.checkpoint import load_consolidated
 
+    # absolute: the hooks run in this process's working directory (where the user's own script lives,
+    # e.g. `python score.py {hf_dir} {out_json}`), while `out` may be relative to it (`--run runs/t0`)
+    out, final_dir = out.resolve(), final_dir.resolve()
     hf_dir, work, log = out / "hf", out / "evals", out / "eval.log"
     shutil.rmtree(hf_dir, ignore_errors=True)  # a half-finished earlier attempt
     shutil.rmtree(work, ignore_errors=True)
@@ -147,7 +150,7 @@ def run_hooks(hooks: EvalHooks, out: Path, final_dir: Path, cfg) -> dict:
             f.write(f"=== evertrain fork: {name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {shown}\n")
             f.flush()
             code = subprocess.call(command, shell=isinstance(command, str), stdin=subprocess.DEVNULL,
-                                   stdout=f, stderr=subprocess.STDOUT, cwd=out, env={**os.environ})
+                                   stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
         if code != 0:
             raise EvalHookError(f"{name}: exited with code {code}; see {log}")
         metrics = read_metrics(name, out_json, log)

@@ -191,6 +191,33 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig
     return state
 
 
+def check_tokenizer(init_from: str, data_tokenizer: Path, data_path: str) -> None:
+    """The embedding's rows mean the tokens of the tokenizer the checkpoint was trained with: the run's
+    data must be tokenized with the same pieces at the same ids, or every row trains on the wrong token.
+    A checkpoint without its tokenizer cannot show that, so it is refused too."""
+    from evertrain.pretrain.tokenizer import pieces
+
+    hf_dir = parse_init_from(init_from)
+    files = [hf_dir / name for name in ("tokenizer.model", "tokenizer.json") if (hf_dir / name).is_file()]
+    if not files:
+        raise HFCheckpointError(f"model.init_from: {hf_dir} has no tokenizer.model or tokenizer.json, so nothing shows "
+                                f"that its embedding rows are the tokens of data.path={data_path}; copy the "
+                                "checkpoint's tokenizer into it")
+    ours = data_tokenizer.read_bytes()
+    if any(path.read_bytes() == ours for path in files):
+        return
+    wanted = pieces(ours, str(data_tokenizer))
+    for path in files:
+        theirs = pieces(path.read_bytes(), f"model.init_from: {path}")
+        if theirs == wanted:
+            return
+    differ = next((i for i, (a, b) in enumerate(zip(theirs, wanted)) if a != b), min(len(theirs), len(wanted)))
+    raise HFCheckpointError(f"model.init_from: {files[-1]} is not the tokenizer of data.path={data_path} "
+                            f"({len(theirs)} vs {len(wanted)} pieces, first difference at id {differ}): the "
+                            "embedding rows would train on the wrong tokens; use a data dir prepared with "
+                            "the checkpoint's tokenizer (evertrain data prepare --tokenizer)")
+
+
 def load_llama(init_from: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """`hf:PATH` -> our state dict (tensors in the checkpoint's dtype), after every check above."""
     hf_dir = parse_init_from(init_from)
