@@ -14,7 +14,7 @@ import torch
 from conftest import pretrain_tiny
 from evertrain.pretrain.checkpoint import CheckpointError, CheckpointManager, load_consolidated, store
 from evertrain.pretrain.checkpoint.safe_load import read_dcp_metadata, weights_only_loads
-from evertrain.pretrain.config import load_config
+from evertrain.pretrain.config import ConfigError, load_config
 
 
 # -- 1. no code runs from a run dir -----------------------------------------------------------------
@@ -155,6 +155,49 @@ def test_skip_drops_the_bad_update_and_counts_it(tiny_data, tmp_path, monkeypatc
     assert [(r["step"], r["nonfinite_steps"]) for r in rows] == [(2, 0), (4, 1)]
     assert rows[1]["loss"] is not None  # the window's mean is over its finite steps
     assert all(torch.isfinite(p).all() for p in engine.raw_model.parameters())
+
+
+@pytest.mark.parametrize("bad_every, stops", [(1, True), (2, False)])
+def test_skip_stops_after_max_nonfinite_steps_in_a_row(tiny_data, tmp_path, monkeypatch, bad_every, stops):
+    """Every step NaN: skip stops (exit 2 in pretrain.py) once train.max_nonfinite_steps come in a row,
+    before the checkpoint of that step; every other step NaN never makes a streak, so the run goes on."""
+    from evertrain.pretrain import engines
+    from evertrain.pretrain.checkpoint import CheckpointManager
+    from evertrain.pretrain.data import TokenStream
+    from evertrain.pretrain.loop import train
+    from evertrain.pretrain.nonfinite import NonFiniteError
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=2",
+                       "engine.name=single", "eval.every_steps=0", "train.max_steps=12", "train.log_every=4",
+                       "train.on_nonfinite=skip", "train.max_nonfinite_steps=3", "checkpoint.every_steps=2",
+                       "checkpoint.async_save=false"])
+    run = tmp_path / "run"
+    engine = engines.create(cfg)
+    stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+    calls = {"n": 0}
+    forward_loss = engine.forward_loss
+
+    def poisoned(windows):
+        calls["n"] += 1
+        loss = forward_loss(windows)
+        return loss * float("nan") if calls["n"] % bad_every == 0 else loss
+    monkeypatch.setattr(engine, "forward_loss", poisoned)
+    ckpt = CheckpointManager(run, cfg, engine)
+    try:
+        if stops:
+            with pytest.raises(NonFiniteError, match=r"train: 4 non-finite steps in a row \(consecutive, not in total\) "
+                                                     r"reached train.max_nonfinite_steps=3") as err:
+                train(cfg, run, engine, stream, ckpt)
+            assert "\n" not in str(err.value)
+            assert store.step_of(store.latest_checkpoint(run / "checkpoints")) == 2  # not the 4th step's
+        else:
+            assert train(cfg, run, engine, stream, ckpt) == 12
+    finally:
+        ckpt.close()
+        engine.close()
+    with pytest.raises(ConfigError, match="train.max_nonfinite_steps: must be > 0"):
+        load_config(None, ["train.max_nonfinite_steps=0"])
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
