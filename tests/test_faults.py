@@ -460,6 +460,36 @@ def test_enospc_mid_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path,
     assert store.step_of(store.latest_checkpoint(ckpts)) == 3
 
 
+def test_enospc_inside_dcp_is_one_line_and_leaves_no_tmp_dir(tmp_path, monkeypatch):
+    """DCP wraps the writer's OSError in a multi-line CheckpointException (a BaseException): the
+    manager still reports one line, LATEST stays, and the half-written .tmp- dir is removed."""
+    import errno
+
+    from evertrain.pretrain.checkpoint import dcp as dcp_module
+
+    cfg, step_dir = committed_checkpoint(tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    engine = toy_engine()
+    ckpt = CheckpointManager(tmp_path / "run", cfg, engine)
+    real_stream = dcp_module.HashingFileSystem.create_stream
+
+    def disk_full(self, path, mode):
+        if mode == "wb" and str(path).endswith(".distcp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_stream(self, path, mode)
+    monkeypatch.setattr(dcp_module.HashingFileSystem, "create_stream", disk_full)
+    ckpt.save(2, {"tokens": 2, "data": {}})
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: checkpoint write failed \(No space left on device\); "
+                                              "the previous checkpoint is intact") as err:
+        ckpt.wait()
+    assert "\n" not in str(err.value)
+    assert store.latest_checkpoint(ckpts) == step_dir and not [p for p in ckpts.iterdir() if store.TMP_TAG in p.name]
+    monkeypatch.setattr(dcp_module.HashingFileSystem, "create_stream", real_stream)
+    ckpt.save(3, {"tokens": 3, "data": {}})
+    ckpt.close()
+    assert store.step_of(store.latest_checkpoint(ckpts)) == 3
+
+
 # -- 6. duplicate appends ---------------------------------------------------------------------------
 
 def test_appending_bytes_the_data_dir_already_holds_is_refused(tiny_data, tmp_path, capsys):
