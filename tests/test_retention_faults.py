@@ -105,3 +105,23 @@ def test_lease_expiry_ignores_the_holders_clock(tmp_path, monkeypatch, holder_cl
     assert not is_pinned(step_dir, watch)  # 61 s without a new renewal: expired
     assert is_pinned(step_dir)  # a one-shot reader without a watch never judges expiry
     assert apply_retention(ckpt_dir, keep_last=1, keep_every=0, watch=watch) == [step_dir]
+
+
+@pytest.mark.parametrize("content", [
+    '{"holder": "x", "expires": 1e12, "ttl_s": "abc"}', '{"holder": "x", "expires": 1e12, "ttl_s": null}',
+    '{"holder": "x", "expires": 1e12, "created": "yesterday"}', '{"holder": "x", "expires": "soon"}',
+    '[1, 2]', '7', 'not json', '{"holder": "x"}',
+])
+def test_a_malformed_pin_counts_as_active_and_never_raises(tmp_path, content):
+    """Retention runs in the checkpoint writer: a pin it cannot read keeps its checkpoint (never delete
+    on doubt) and must not kill training at every save."""
+    ckpt_dir = tmp_path / "checkpoints"
+    make_checkpoints(ckpt_dir, [1, 2, 3])
+    (ckpt_dir / "step_000000001" / "pins").mkdir()
+    (ckpt_dir / "step_000000001" / "pins" / "bad.json").write_text(content)
+    (ckpt_dir / "step_000000002" / "pins").mkdir()
+    (ckpt_dir / "step_000000002" / "pins" / "dir.json").mkdir()  # unreadable as a file
+    watch = PinWatch()
+    for _ in range(2):  # first sight and a later save
+        assert apply_retention(ckpt_dir, keep_last=1, keep_every=0, watch=watch) == []
+    assert steps_on_disk(ckpt_dir) == [1, 2, 3] and is_pinned(ckpt_dir / "step_000000001", watch)
