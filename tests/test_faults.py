@@ -69,6 +69,58 @@ def test_crafted_dcp_metadata_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("where", ["../step_000000001/__0_0.distcp", "ABS", "sub/__0_0.distcp"])
+def test_dcp_metadata_paths_outside_the_step_dir_are_refused(tmp_path, where):
+    """A rewritten `.metadata` (meta.json fixed to match) must not load another checkpoint's tensors."""
+    import dataclasses
+
+    cfg, first = committed_checkpoint(tmp_path / "run")
+    ckpt = CheckpointManager(tmp_path / "run", cfg, toy_engine())
+    ckpt.save(2, {"tokens": 2, "data": {}})
+    ckpt.close()
+    step_dir = first.with_name(store.step_dir_name(2))
+    metadata = read_dcp_metadata(step_dir / ".metadata")
+    target = str(first / "__0_0.distcp") if where == "ABS" else where
+    metadata.storage_data = {k: dataclasses.replace(v, relative_path=target) for k, v in metadata.storage_data.items()}
+    replace_file(step_dir, ".metadata", pickle.dumps(metadata))
+    for load in (lambda: CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume(),
+                 lambda: load_consolidated(step_dir)):
+        with pytest.raises(CheckpointError, match=r"\.metadata: refused: data file .* inside") as err:
+            load()
+        assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_reads_only_its_own_real_directory(tmp_path):
+    """A step dir that is a symlink (another run's checkpoint), one whose name disagrees with its
+    meta.json's step, and a meta.json listing a file outside the dir are all refused, one line each."""
+    import shutil
+
+    cfg, theirs = committed_checkpoint(tmp_path / "other")
+    ours = tmp_path / "run" / "checkpoints"
+    ours.mkdir(parents=True)
+    (ours / "step_000000005").symlink_to(theirs)
+    with pytest.raises(CheckpointError, match="step_000000005: is a symbolic link"):
+        CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume()
+    (ours / "step_000000005").unlink()
+    shutil.copytree(theirs, ours / "step_000000005")
+    with pytest.raises(CheckpointError, match="meta.json: says step 1, but the directory is step_000000005"):
+        CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume()
+    for name in ("../../../other/checkpoints/step_000000001/__0_0.distcp", str(theirs / "__0_0.distcp")):
+        meta = json.loads((theirs / store.META).read_text())
+        meta["files"][name] = meta["files"]["__0_0.distcp"]
+        (theirs / store.META).write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match="meta.json: file .* is not a path inside") as err:
+            load_consolidated(theirs)
+        assert "\n" not in str(err.value)
+        del meta["files"][name]
+        (theirs / store.META).write_text(json.dumps(meta))
+    (theirs / "link.bin").symlink_to(tmp_path / "run" / "checkpoints" / "step_000000005" / "__0_0.distcp")
+    meta["files"]["link.bin"] = meta["files"]["__0_0.distcp"]
+    (theirs / store.META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="file 'link.bin' leads out of"):
+        load_consolidated(theirs)
+
+
 def test_crafted_torch_files_run_nothing_even_where_deepspeed_asks_for_a_full_unpickle(tmp_path):
     cfg, step_dir = committed_checkpoint(tmp_path / "run")
     marker = tmp_path / "ran"

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-from evertrain.pretrain.checkpoint.store import CheckpointError
+from evertrain.pretrain.checkpoint.store import CheckpointError, confined_path
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -85,6 +85,20 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     return metadata
 
 
+def check_storage_paths(step_dir: Path, metadata: Metadata) -> None:
+    """Every file the `.metadata` sends reads to lies in the step dir itself: a rewritten path
+    (`../step_.../__0_0.distcp`, an absolute one) would load another checkpoint's tensors."""
+    storage = getattr(metadata, "storage_data", None) or {}
+    if not isinstance(storage, dict):
+        raise CheckpointError(f"{step_dir / '.metadata'}: refused: storage_data is a {type(storage).__name__}")
+    for info in storage.values():
+        relative = getattr(info, "relative_path", None)
+        if not isinstance(relative, str) or "/" in relative or os.sep in relative:
+            raise CheckpointError(f"{step_dir / '.metadata'}: refused: data file {relative!r} is not a file "
+                                  f"name inside {step_dir}")
+        confined_path(step_dir, relative, f"{step_dir / '.metadata'}: refused: data file")
+
+
 class SafeFileSystemReader(FileSystemReader):
     """torch's FileSystemReader, with `read_metadata` going through the allow-listed unpickler.
 
@@ -94,6 +108,7 @@ class SafeFileSystemReader(FileSystemReader):
     def __init__(self, path: str | Path, **kwargs):
         super().__init__(str(path), **kwargs)
         self.metadata = read_dcp_metadata(self._get_metadata_path())
+        check_storage_paths(Path(path), self.metadata)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         # As FileSystemReader.read_metadata (torch 2.13), apart from the unpickler.
