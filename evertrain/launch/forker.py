@@ -16,7 +16,8 @@ disk before its process starts, its pid right after. A restarted forker adopts i
 whose process is still alive is followed (a launch whose pid was never recorded is found by its
 command line, or requeued), a finished one with result.json is done, anything else is retried up to
 --max-retries times and then reported failed. Forks run in their own sessions, so stopping the
-forker (Ctrl-C, SIGTERM) leaves them running for the next forker to adopt. A file lock keeps a second
+forker (Ctrl-C, SIGTERM) leaves them running for the next forker to adopt. A file lock (plus a lease
+on a network filesystem, lease.py) keeps a second
 forker off the same run.
 
 With `--average K` it also queues, for every committed checkpoint once K exist up to it, the uniform
@@ -52,6 +53,7 @@ from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError
 from evertrain.pretrain.config import COOLDOWN_SHAPES
+from evertrain.pretrain.lease import LeaseError, lease_if_shared
 
 FORK_MODULE = "evertrain.launch.fork"
 AVERAGE_MODULE = "evertrain.launch.average"
@@ -252,6 +254,11 @@ class Forker:
             except Timeout:
                 raise ForkerError(f"{lock.lock_file}: another forker is already running on {self.run_dir}") from None
             try:
+                lease = lease_if_shared(lock.lock_file)  # flock may not hold across hosts there
+            except LeaseError as exc:
+                lock.release()
+                raise ForkerError(f"another forker is already running on {self.run_dir} ({exc})") from None
+            try:
                 self.jobs = load_jobs(self.state_path, self.run_dir)
                 self.reap()  # adopt what a previous forker left running or finished
                 first = True
@@ -268,6 +275,8 @@ class Forker:
                     stop.wait(self.options.poll_s)
             finally:
                 self.save()
+                if lease is not None:
+                    lease.release()
                 lock.release()
         return self.summary()
 

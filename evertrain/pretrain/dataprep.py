@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from evertrain.pretrain import tokenizer as tok
+from evertrain.pretrain.lease import Lease, LeaseError, lease_if_shared
 from evertrain.pretrain.data import (DEFAULT_SOURCE, DTYPES, MANIFEST, SPLITS, DataError, Manifest, Shard,
                                      check_extends, load_manifest, shard_name)
 from evertrain.pretrain.sources import (TOKENS, Counts, Decoded, Input, Raw, ReadOptions, account, decode, documents,
@@ -52,6 +54,7 @@ from evertrain.pretrain.sources import (TOKENS, Counts, Decoded, Input, Raw, Rea
 
 TOKENIZER_FILE = tok.FILE_NAMES[tok.SENTENCEPIECE]  # a trained tokenizer's name in the data dir
 LOCK_FILE = ".lock"
+LEASE_POLL_S = 10.0  # how often a waiting append looks at another host's lease
 DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB of uint16: big enough for a good within-shard shuffle
 TOKENIZER_SAMPLE_BYTES = 1 << 30  # the tokenizer trains on an even sample of at most this much text
 SENTENCE_CHARS = 1 << 14  # training text is fed as paragraphs, split further when longer than this
@@ -491,7 +494,7 @@ def check_positive(**values: int) -> None:
 @contextlib.contextmanager
 def data_dir_lock(data_dir: Path) -> Iterator[None]:
     """One writer at a time per data dir (a lock file, so it holds across processes and machines
-    sharing the file system where flock works)."""
+    sharing the file system where flock works; on a network filesystem also a lease, lease.py)."""
     lock = FileLock(data_dir / LOCK_FILE)
     try:
         lock.acquire(timeout=0)
@@ -499,6 +502,22 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
         print(f"waiting for another append to {data_dir} to finish ...", file=sys.stderr)
         lock.acquire()
     try:
-        yield
+        lease = lease_when_free(data_dir / LOCK_FILE)
+        try:
+            yield
+        finally:
+            if lease is not None:
+                lease.release()
     finally:
         lock.release()
+
+
+def lease_when_free(lock_path: Path) -> Lease | None:
+    """The lease beside the data dir's lock (None on a local disk), waiting while an append on
+    another host holds it (its flock may be invisible from here)."""
+    while True:
+        try:
+            return lease_if_shared(lock_path)
+        except LeaseError as exc:
+            print(f"waiting for another append to {lock_path.parent} to finish ({exc}) ...", file=sys.stderr)
+            time.sleep(LEASE_POLL_S)
