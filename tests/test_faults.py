@@ -136,6 +136,49 @@ def test_crafted_torch_files_run_nothing_even_where_deepspeed_asks_for_a_full_un
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # the scope is restored
 
 
+class PlainClass:
+    """Not on any allow-list: torch refuses it as an unsupported GLOBAL."""
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (lambda marker: RunsCode(marker), "Unsupported global: GLOBAL getattr"),  # each as torch 2.13 words it
+    (lambda marker: (os.system, ("true",)), "GLOBAL posix.system"),
+    (lambda marker: PlainClass(), "PlainClass"),
+])
+def test_a_refusal_keeps_its_reason_and_never_advises_weights_only_false(tmp_path, payload, reason):
+    """torch 2.13 puts the reason after advice to re-run with weights_only=False (which would run the
+    file's code); the one-line refusal shows the reason and none of that advice."""
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": payload(tmp_path / "ran")}, evil)
+    with pytest.raises(CheckpointError) as err:
+        with weights_only_loads(evil):
+            torch.load(evil, weights_only=False)
+    message = str(err.value)
+    assert reason in message and "\n" not in message, message
+    assert "weights_only" not in message and "likely succeed" not in message, message
+    assert not (tmp_path / "ran").exists()
+
+
+def test_first_line_finds_the_reason_in_every_torch_wording():
+    from evertrain.pretrain.checkpoint.safe_load import first_line
+
+    unsafe = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+              "succeed, but it can result in arbitrary code execution.")
+    cases = {
+        f"{unsafe}\n\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\nCheck the "
+        "documentation of torch.load": "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.",
+        f"{unsafe}\nPlease file an issue with the following so that we can make `weights_only=True` compatible "
+        "with your use case: WeightsUnpickler error: \n\nUnsupported operand 149": "Unsupported operand 149",
+        "Weights only load failed. This file can still be loaded, to do so you have two options\n\t(1) "
+        f"{unsafe}\n\t(2) Alternatively ...\n\tWeightsUnpickler error: Unsupported global: GLOBAL a.B was not "
+        "an allowed global by default.": "Unsupported global: GLOBAL a.B was not an allowed global by default.",
+        "Weights only load failed. numpy must be >= 1.25 to load\n " + unsafe: "numpy must be >= 1.25 to load",
+        "plain error\nmore": "plain error",
+    }
+    for text, reason in cases.items():
+        assert first_line(pickle.UnpicklingError(text)) == reason
+
+
 # -- 2. non-finite training ----------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]

@@ -157,10 +157,31 @@ def weights_only_loads(source: str | Path, safe_globals: list | tuple = ()):
             os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
+TORCH_PREFIX = "Weights only load failed."
+REASON_TAG = "WeightsUnpickler error:"
+
+
 def first_line(exc: BaseException) -> str:
-    """The line of an error that says what went wrong (torch's weights_only errors put it last)."""
+    """The line of an error that says what went wrong. torch's weights_only errors wrap the reason
+    (wherever their wording puts it) in advice to load with weights_only=False, which would run the
+    file's code: that advice is never shown. DCP's CheckpointException is unwrapped to a rank's own error."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = failures[min(failures)]
+        exc = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        if isinstance(exc, CheckpointError):
+            return str(exc)
     text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    reason = [line for line in text if line.startswith("WeightsUnpickler error:")]
-    if reason:
-        return reason[0].removeprefix("WeightsUnpickler error:").strip()
-    return text[0] if text else exc.__class__.__name__
+    for line in text:  # "...: WeightsUnpickler error: <reason>" (the reason may also follow on the next lines)
+        reason = line.split(REASON_TAG, 1)[1].strip() if REASON_TAG in line else ""
+        if reason:
+            return reason
+    reasons = [line.removeprefix(TORCH_PREFIX).strip() for line in text if not torch_advice(line)]
+    reasons = [line for line in reasons if line]
+    return reasons[0] if reasons else exc.__class__.__name__
+
+
+def torch_advice(line: str) -> bool:
+    """A line of torch's weights_only boilerplate rather than the reason."""
+    return ("weights_only" in line or line.endswith(REASON_TAG)
+            or line.startswith(("Check the documentation", "Please file an issue", "(1)", "(2)")))
