@@ -175,3 +175,38 @@ def test_missing_files_and_tensors_are_refused(tmp_path):
         build_model(config_for(tmp_path / "nowhere"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="model.init_from: expected hf:PATH"):
         load_config(None, ["model.init_from=/some/dir"])
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _index(hf_dir: Path, weight_map) -> None:
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _retype(hf_dir: Path, dtype) -> None:
+    state = load_file(str(hf_dir / "model.safetensors"))
+    name = "model.layers.0.input_layernorm.weight"
+    state[name] = state[name].to(dtype)
+    save_file(state, str(hf_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json holds a JSON list, not an object"),
+    (lambda d: rewrite_config(d, rope_parameters=[1]), "rope_parameters is a JSON list, not an object"),
+    (lambda d: _cut(d / "model.safetensors"), "model.safetensors: not a readable safetensors file"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{not json}xxxxxx"),
+     "model.safetensors: not a readable safetensors file"),
+    (lambda d: _index(d, ["model-1.safetensors"]), "weight_map is not a table"),
+    (lambda d: _index(d, {"lm_head.weight": "../other/model.safetensors"}), "weight_map is not a table"),
+    (lambda d: _retype(d, torch.int8), "input_layernorm.weight has dtype int8, not floating point"),
+    (lambda d: _retype(d, torch.bool), "input_layernorm.weight has dtype bool, not floating point"),
+])
+def test_malformed_hf_files_are_one_line(tmp_path, damage, message):
+    hf_dir = save_llama(tmp_path / "llama")
+    damage(hf_dir)
+    with pytest.raises(HFCheckpointError, match=message) as err:
+        build_model(config_for(hf_dir), torch.device("cpu"))
+    assert "\n" not in str(err.value)
