@@ -121,6 +121,51 @@ def test_a_checkpoint_reads_only_its_own_real_directory(tmp_path):
         load_consolidated(theirs)
 
 
+def deepspeed_step_dir(step_dir: Path, files: dict[str, bytes], **meta) -> Path:
+    """A step dir whose meta.json says DeepSpeed, holding `files` (hashes fixed, as an attacker would)."""
+    step_dir.mkdir(parents=True)
+    for name, data in files.items():
+        (step_dir / name).write_bytes(data)
+    meta = {"step": 1, "engine": "deepspeed", "zero_stage": 1, "world_size": 1, "model_hash": "x", "extra": {},
+            "files": {name: store.file_digest(step_dir / name) for name in files}, **meta}
+    (step_dir / store.META).write_text(json.dumps(meta))
+    return step_dir
+
+
+@pytest.mark.parametrize("meta_text, message", [
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ('{"step": "1", "engine": "single", "world_size": 1, "model_hash": "x", "files": {}}', "'step' is not an integer"),
+    ('{"step": 1, "engine": "single", "world_size": 1, "model_hash": "x", "files": []}', "'files' not a table"),
+    ('{"step": 1, "engine": "single", "world_size": 1, "model_hash": "x", "files": {"a": 3}}', "'files' not a table"),
+    ('{"step": 1, "engine": "deepspeed", "zero_stage": "x", "world_size": 1, "model_hash": "x", "files": {}}',
+     "zero_stage 'x' is not a possible value"),
+    ('{"step": 1, "engine": "single", "world_size": 0, "model_hash": "x", "files": {}}', "world_size 0"),
+])
+def test_a_meta_json_of_the_wrong_shape_is_one_line(tmp_path, meta_text, message):
+    step_dir = tmp_path / "checkpoints" / "step_000000001"
+    step_dir.mkdir(parents=True)
+    (step_dir / store.META).write_text(meta_text)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_consolidated(step_dir)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("data, message", [
+    (pickle.dumps({"param_shapes": []}), "not a readable torch.save file"),  # a plain pickle, not torch.save's zip
+    (b"garbage", "not a readable torch.save file"),
+])
+def test_a_deepspeed_file_that_is_not_torch_save_is_one_line(tmp_path, data, message):
+    step_dir = deepspeed_step_dir(tmp_path / "step_000000001", {"mp_rank_00_model_states.pt": data})
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_consolidated(step_dir)
+    assert "\n" not in str(err.value)
+    layout = tmp_path / "layout.pt"
+    torch.save({"param_shapes": 7}, layout)  # readable, but not DeepSpeed's layout
+    other = deepspeed_step_dir(tmp_path / "other" / "step_000000001", {"mp_rank_00_model_states.pt": layout.read_bytes()})
+    with pytest.raises(CheckpointError, match="not the layout of a DeepSpeed checkpoint"):
+        load_consolidated(other)
+
+
 def test_crafted_torch_files_run_nothing_even_where_deepspeed_asks_for_a_full_unpickle(tmp_path):
     cfg, step_dir = committed_checkpoint(tmp_path / "run")
     marker = tmp_path / "ran"

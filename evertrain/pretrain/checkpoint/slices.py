@@ -77,7 +77,11 @@ class SliceReader:
 
 def open_reader(step_dir: Path, meta: dict) -> SliceReader:
     if meta["engine"] == "deepspeed":
-        return ZeroReader(step_dir, meta)
+        try:
+            return ZeroReader(step_dir, meta)
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:  # files of another layout
+            raise CheckpointError(f"{step_dir}: not the layout of a DeepSpeed checkpoint "
+                                  f"({type(exc).__name__}: {exc})") from None
     return DcpReader(step_dir)
 
 

@@ -206,6 +206,10 @@ def read_meta(step_dir: Path) -> dict:
     if not isinstance(meta["step"], int) or not isinstance(meta["files"], dict) or not all(
             isinstance(e, dict) and isinstance(e.get("size"), int) for e in meta["files"].values()):
         raise CheckpointError(f"{path}: 'step' is not an integer or 'files' not a table of {{name: {{size, hash}}}}")
+    if not isinstance(meta["world_size"], int) or meta["world_size"] < 1 or (
+            meta["engine"] == "deepspeed" and meta.get("zero_stage") not in (0, 1, 2, 3)):
+        raise CheckpointError(f"{path}: world_size {meta['world_size']!r} or zero_stage {meta.get('zero_stage')!r} "
+                              "is not a possible value")
     check_confined(Path(step_dir), meta)
     return meta
 
