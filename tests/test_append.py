@@ -53,6 +53,31 @@ def without_lock(digest: dict[str, str]) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- the stream
 
+@pytest.mark.parametrize("where", ["write_split", "write_manifest"])
+def test_a_full_disk_during_prepare_or_append_is_one_line_and_loses_nothing(data, new_text, tmp_path, monkeypatch,
+                                                                            where):
+    import errno
+
+    real = getattr(dataprep, where)
+
+    def disk_full(*args, **kwargs):
+        if where == "write_manifest" and args[1] != data:
+            return real(*args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "some.bin"))
+    before = tree_digest(data)
+    monkeypatch.setattr(dataprep, where, disk_full)
+    with pytest.raises(DataError, match=f"some.bin: No space left on device; {data} is unchanged "
+                                        r"\(still version 1\)") as err:
+        append(data, new_text[:1], shard_tokens=8000)
+    assert "\n" not in str(err.value) and without_lock(tree_digest(data)) == without_lock(before)
+    assert not list(data.glob(".append-*")) and not list(data.glob(".manifest*"))
+    if where == "write_split":
+        out = tmp_path / "new" / "data"
+        with pytest.raises(DataError, match=f"No space left on device; nothing was written to {out}"):
+            prepare(new_text[:1], out, tokenizer=data / "tokenizer.model")
+        assert not (tmp_path / "new").exists() or not list((tmp_path / "new").iterdir())
+
+
 def test_append_adds_shards_at_the_end(data, new_text):
     before = load_manifest(data)
     grown = append(data, new_text[:2], shard_tokens=8000)

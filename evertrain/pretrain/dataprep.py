@@ -277,11 +277,15 @@ def write_split(inputs: list[Input], enc: Encoding, directory: Path, split: str,
 def write_manifest(manifest: Manifest, directory: Path) -> None:
     """manifest.json replaced atomically: readers see the old or the new one, never a mix."""
     tmp = directory / f".{MANIFEST}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest.to_json(), indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(manifest.to_json(), indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written manifest beside the real one
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -352,6 +356,8 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
         if out.exists():
             out.rmdir()  # checked empty above
         os.rename(staging, out)
+    except OSError as exc:  # a full disk, a quota: one line; the staging dir goes, `out` was never made
+        raise DataError(f"{exc.filename or staging}: {exc.strerror or exc}; nothing was written to {out}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -406,6 +412,7 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
         for stale in data_dir.glob(".append-*"):  # left by a killed append; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         staging = data_dir / f".append-{os.getpid()}"
+        moved: list[Path] = []  # shards no manifest names yet
         try:
             staging.mkdir()
             added = {split: write_split(files[split], enc, staging, split, len(manifest.shards(split)), source, counts)
@@ -419,7 +426,13 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
             check_extends(manifest, grown)
             for shard in added["train"] + added["val"]:  # not listed yet: invisible until the manifest names them
                 os.replace(staging / shard.file, data_dir / shard.file)
+                moved.append(data_dir / shard.file)
             write_manifest(grown, data_dir)
+        except OSError as exc:  # a full disk: one line; the manifest (replaced atomically) is still the old one
+            for path in moved:  # we hold the lock: nobody else wrote them
+                path.unlink(missing_ok=True)
+            raise DataError(f"{exc.filename or staging}: {exc.strerror or exc}; {data_dir} is unchanged "
+                            f"(still version {manifest.version})") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return grown
