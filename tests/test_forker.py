@@ -68,6 +68,8 @@ def test_hostfile_parses_hosts_slots_and_comments(tmp_path):
     ("node1 slots=8\nnode2 slots\n", "hosts:2: expected 'HOST slots=N'"),
     ("node1 slots=8\nnode1 slots=4\n", "hosts:2: host 'node1' is listed twice"),
     ("node1 slots=0\n", "hosts:1: slots must be >= 1"),
+    ("node1 slots=100000000000000000000\n", "hosts:1: slots must be >= 1 and <= 1024"),
+    ("node1 slots=1e20\n", "hosts:1: expected 'HOST slots=N'"),
     ("# nothing\n\n", "lists no hosts"),
 ])
 def test_broken_hostfile_names_the_line(tmp_path, text, expected):

@@ -197,3 +197,17 @@ def test_report_bad_inputs(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1
     assert parse_cooldown_name("from_000001000_1-sqrt_200") == (1000, "1-sqrt", 200)
     assert parse_cooldown_name("from_x_linear_1") is None
+
+
+def test_a_half_written_result_json_is_one_line_and_the_report_stands(tmp_path, capsys):
+    from evertrain.launch.fork import read_result
+
+    run_dir = synthetic_run(tmp_path / "run", fork_steps=(200, 400, 800, 1600))
+    cut = run_dir / "cooldowns" / "from_000000400_linear_80"
+    text = (cut / "result.json").read_text()
+    (cut / "result.json").write_text(text[: len(text) // 2])
+    assert cli_main(["report", "--run", str(run_dir)]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == f"warning: {cut / 'result.json'}: not a cooldown result (half-written?); shown as unfinished"
+    assert [c.result is None for c in load_run(run_dir).cooldowns if c.name.startswith("from_000000400")] == [True]
+    assert read_result(cut) is None  # the forker and `fork` redo it instead of crashing on it

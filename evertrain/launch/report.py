@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,8 +166,7 @@ def load_run(run_dir: Path) -> RunReport:
         parsed = parse_cooldown_name(path.name)
         if parsed is None or not path.is_dir():
             continue
-        result_path = path / "result.json"
-        result = json.loads(result_path.read_text()) if result_path.is_file() else None
+        result = read_result_file(path / "result.json")
         curve = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
         step, shape, steps = parsed
         cooldowns.append(Cooldown(path.name, step, steps, shape, result=result, curve=curve,
@@ -176,6 +176,21 @@ def load_run(run_dir: Path) -> RunReport:
         raise ReportError(f"--run {run_dir}: nothing to report (no metrics.jsonl, checkpoints or cooldowns)")
     return RunReport(run_dir, [r for r in metrics if r.get("kind") == "train"],
                      [r for r in metrics if r.get("kind") == "eval"], checkpoints, cooldowns, averages)
+
+
+def read_result_file(path: Path) -> dict | None:
+    """A cooldown's result.json; None (with one line on stderr) when it is not one, e.g. cut short by
+    a copy: that cooldown shows as unfinished and the rest of the report stands."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        result = exc
+    if isinstance(result, dict) and isinstance(result.get("val_loss"), (int, float, type(None))):
+        return result
+    print(f"warning: {path}: not a cooldown result (half-written?); shown as unfinished", file=sys.stderr)
+    return None
 
 
 def load_averages(run_dir: Path) -> list[dict]:
