@@ -78,6 +78,19 @@ def test_a_full_disk_during_prepare_or_append_is_one_line_and_loses_nothing(data
         assert not (tmp_path / "new").exists() or not list((tmp_path / "new").iterdir())
 
 
+def test_inputs_without_documents_are_refused_not_a_new_empty_version(data, tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('\n\n{"text": ""}\n   \n')
+    before = tree_digest(data)
+    with pytest.raises(DataError, match=r"nothing to append: no documents in the inputs \(0 documents, 1 empty "
+                                        r"skipped\); .* is unchanged \(still version 1\)"):
+        append(data, [blank])
+    assert without_lock(tree_digest(data)) == without_lock(before) and load_manifest(data).version == 1
+    with pytest.raises(DataError, match="--input: no documents in the inputs .*nothing was written"):
+        prepare([blank], tmp_path / "out", tokenizer=data / "tokenizer.model")
+    assert not (tmp_path / "out").exists()
+
+
 def test_append_adds_shards_at_the_end(data, new_text):
     before = load_manifest(data)
     grown = append(data, new_text[:2], shard_tokens=8000)

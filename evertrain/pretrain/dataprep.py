@@ -346,6 +346,8 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
         (staging / tokenizer_file).write_bytes(spec.model)
         enc = Encoding(spec, vocab, token_dtype(vocab), workers, shard_tokens, options)
         shards = {split: write_split(files[split], enc, staging, split, 0, source, counts) for split in SPLITS}
+        if not shards["train"]:
+            raise DataError(f"--input: no documents in the inputs ({counts.summary()}); nothing was written to {out}")
         manifest = Manifest(
             out, version=1, tokenizer={"path": tokenizer_file, "sha256": hashlib.sha256(spec.model).hexdigest()},
             vocab_size=vocab, eos_id=spec.eos_id, bos_id=spec.bos_id, dtype=enc.dtype,
@@ -417,6 +419,9 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
             staging.mkdir()
             added = {split: write_split(files[split], enc, staging, split, len(manifest.shards(split)), source, counts)
                      for split in SPLITS}
+            if not added["train"] and not added["val"]:  # all blank: a new version of nothing says nothing
+                raise DataError(f"nothing to append: no documents in the inputs ({counts.summary()}); {data_dir} "
+                                f"is unchanged (still version {manifest.version})")
             version = manifest.version + 1
             counts_after = {split: len(manifest.shards(split)) + len(added[split]) for split in SPLITS}
             grown = dataclasses.replace(
