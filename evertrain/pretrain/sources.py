@@ -43,6 +43,7 @@ SUFFIXES = {".jsonl": JSONL, ".jsonl.gz": JSONL, ".jsonl.zst": JSONL, ".parquet"
 HF_STATE, HF_DICT = "state.json", "dataset_dict.json"
 ARROW_BATCH_ROWS = 1024  # rows read from a parquet file per step
 JSONL_BLOCK_BYTES = 1 << 20  # JSONL is read in blocks of whole lines of about this size
+MAX_RECORD_BYTES = 64 << 20  # a JSONL line longer than this is refused (decoding it would take ~50x in memory)
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,11 @@ def _jsonl_raw(path: Path, options: ReadOptions) -> Iterator[Raw]:
                 block = rest + block
                 end = block.rfind(b"\n") + 1
                 rest = block[end:]
+                if len(rest) > MAX_RECORD_BYTES:
+                    number = line + block.count(b"\n", 0, end)
+                    raise DataError(f"{path}:{number}: a record of more than {MAX_RECORD_BYTES:,} bytes (no "
+                                    "newline that long): too large a document to encode in memory, or not JSONL; "
+                                    "split it")
                 if end:
                     yield Raw(path, JSONL, line, block[:end], end)
                     line += block.count(b"\n", 0, end)
