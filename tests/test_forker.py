@@ -214,6 +214,22 @@ def test_forker_on_a_mix_restarts_from_its_own_state(fake_fork):
     assert len([e for e in events(run_dir) if e[0] == "start"]) == 1
 
 
+def test_average_of_more_checkpoints_than_the_run_keeps_is_refused_at_start(fake_fork, capsys):
+    from evertrain.pretrain.config import dump_yaml, load_config
+
+    run_dir = fake_fork
+    fake_checkpoints(run_dir, [10, 20])
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config(None, ["checkpoint.keep_last=2"])))
+    argv = ["forker", "--run", str(run_dir), "--average", "3", "--once"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--average 3: " in err and "keeps only its newest 2 checkpoint(s)" in err and len(err.splitlines()) == 1
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config(None, ["checkpoint.keep_last=2",
+                                                                      "checkpoint.keep_every=10"])))
+    options = ForkerOptions(run_dir, cooldown_fraction=None, average=3, once=True, poll_s=0.05)
+    assert Forker(options, parse_pool("local:1"), log=lambda _: None).run() == 0  # keep_every keeps more
+
+
 # `evertrain forker ...` as a process, launching the fake fork
 FORKER_WITH_FAKE_FORK = """
 import sys

@@ -151,6 +151,23 @@ def check_job_paths(path: Path, job: Job, run_dir: Path) -> None:
                               f"{checkpoints}; move the file away")
 
 
+def check_average_fits(run_dir: Path, k: int) -> None:
+    """--average K needs K checkpoints at once: a run that keeps fewer (checkpoint.keep_last, no
+    keep_every) would leave the forker idle without a word. Unknown until the run wrote config.yaml."""
+    from evertrain.pretrain.config import ConfigError, load_config
+
+    if k <= 1 or not (run_dir / "config.yaml").is_file():
+        return
+    try:
+        kept = load_config(run_dir / "config.yaml").checkpoint
+    except ConfigError:
+        return  # the trainer reports its own config
+    if kept.keep_every == 0 and kept.keep_last < k:
+        raise ForkerError(f"--average {k}: {run_dir} keeps only its newest {kept.keep_last} checkpoint(s) "
+                          f"(checkpoint.keep_last={kept.keep_last}), so {k} never exist at once; resume the run "
+                          f"with checkpoint.keep_last={k} or more, or average fewer")
+
+
 def job_log(run_dir: Path, kind: str, name: str) -> Path:
     """Where a job's output goes: its cooldown dir (a fork), or beside its average's dir (which
     appears only when complete, by a rename)."""
@@ -247,6 +264,7 @@ class Forker:
         with StopRequest() as stop:
             if not self.wait_for_run_dir(stop):
                 return 0
+            check_average_fits(self.run_dir, self.options.average)
             self.state_path.parent.mkdir(exist_ok=True)
             lock = FileLock(self.state_path.with_name("forker.lock"))
             try:
