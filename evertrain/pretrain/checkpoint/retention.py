@@ -117,6 +117,37 @@ def is_pinned(step_dir: Path, watch: PinWatch | None = None) -> bool:
     return bool(active_pins(step_dir, watch))
 
 
+def has_live_pins(step_dir: Path) -> bool:
+    """For a one-shot command that must not wait on the dead (pretrain.py --resume-step): pins that
+    may still have a reader. A pin is dead when it names this host and a pid that is gone, or when
+    its file was not renewed for twice its ttl_s (by the filesystem's mtime, so a holder's skewed clock
+    does not matter); unreadable pins count as live."""
+    for pin_path in sorted((Path(step_dir) / "pins").glob("*.json")):
+        try:
+            record = json.loads(pin_path.read_text())
+            ttl_s = pin_ttl(record)
+            age = time.time() - pin_path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+        if not (age > 2 * ttl_s or (record.get("host") == socket.gethostname() and not pid_alive(record.get("pid")))):
+            return True
+    return False
+
+
+def pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: assume a reader
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
     """The retention rule without the pins: the newest `keep_last` and multiples of `keep_every`."""
     keep = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set()
