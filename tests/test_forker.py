@@ -230,6 +230,24 @@ def test_average_of_more_checkpoints_than_the_run_keeps_is_refused_at_start(fake
     assert Forker(options, parse_pool("local:1"), log=lambda _: None).run() == 0  # keep_every keeps more
 
 
+def test_arguments_a_remote_shell_would_refuse_are_refused_at_start(fake_fork, tmp_path):
+    """An --eval-cmd with spaces cannot cross DeepSpeed's remote shell: a hostfile pool with a remote
+    host says so before anything is queued or pinned, not at every job's first launch."""
+    from evertrain.launch.evals import EvalHooks
+
+    run_dir = fake_fork
+    fake_checkpoints(run_dir, [10])
+    hostfile = tmp_path / "hosts"
+    hooks = EvalHooks(eval_cmd="python score.py {hf_dir} {out_json}")
+    options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=10, once=True, poll_s=0.05, hooks=hooks)
+    hostfile.write_text("node-1.cluster slots=1\n")
+    with pytest.raises(NodePoolError, match="argument 'python score.py .* would reach the remote shell"):
+        Forker(options, parse_pool(str(hostfile)), fork_module="fakefork", log=lambda _: None).run()
+    assert not (run_dir / "forker" / "state.json").exists() and not active_pins(run_dir / "checkpoints" / "step_000000010")
+    hostfile.write_text("localhost slots=1\n")  # no remote shell there: any argument goes
+    parse_pool(str(hostfile)).check_remote_arguments("fakefork", ["--eval-cmd", hooks.eval_cmd])
+
+
 # `evertrain forker ...` as a process, launching the fake fork
 FORKER_WITH_FAKE_FORK = """
 import sys

@@ -265,6 +265,8 @@ class Forker:
             if not self.wait_for_run_dir(stop):
                 return 0
             check_average_fits(self.run_dir, self.options.average)
+            if self.options.cooldown_fraction is not None:  # a remote shell refuses what it cannot pass: say so now
+                self.pool.check_remote_arguments(self.fork_module, self.fork_args(Job("check", 1, 1, self.options.shape)))
             self.state_path.parent.mkdir(exist_ok=True)
             lock = FileLock(self.state_path.with_name("forker.lock"))
             try:
@@ -478,6 +480,14 @@ class Forker:
             (self.run_dir / "averages").mkdir(exist_ok=True)
             self.spawn(job, slot, command, os.environ)
             return
+        args = self.fork_args(job)
+        command = self.pool.command(slot, self.fork_module, args, workdir=self.cooldown_dir(job),
+                                    log=Path(job.log))
+        self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
+        self.spawn(job, slot, command, self.pool.environment(os.environ))
+
+    def fork_args(self, job: Job) -> list[str]:
+        """The arguments of a fork job's `python -m evertrain.launch.fork`."""
         args = ["--run", str(self.run_dir), "--step", str(job.step), "--cooldown-steps", str(job.cooldown_steps),
                 "--shape", job.shape]
         if self.options.eval_batches is not None:
@@ -489,10 +499,7 @@ class Forker:
             args += ["--data", self.options.data]
         if self.options.data_weights is not None:
             args += ["--data-weights", self.options.data_weights]
-        command = self.pool.command(slot, self.fork_module, args, workdir=self.cooldown_dir(job),
-                                    log=Path(job.log))
-        self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
-        self.spawn(job, slot, command, self.pool.environment(os.environ))
+        return args
 
     def spawn(self, job: Job, slot: Slot, command: list[str], env: dict) -> None:
         # the launch is on disk before the process exists: a forker killed in between leaves a

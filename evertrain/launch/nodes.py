@@ -94,6 +94,14 @@ class Pool:
         self._check_shell_inert([slot.host], module, args)
         return [*launcher, "--module", module, *args]
 
+    def check_remote_arguments(self, module: str, args: list[str]) -> None:
+        """What `command` would refuse for a slot whose job goes through a remote shell, for every
+        such slot: at the forker's start, not at each job's first launch."""
+        for slot in self.slots if self.kind == "hostfile" else ():
+            hosts = [host for host, _ in slot.hosts] if len(slot.hosts) > 1 else [slot.host]
+            if len(slot.hosts) > 1 or slot.host not in LOCAL_HOSTS:
+                self._check_shell_inert(hosts, module, args)
+
     def _check_shell_inert(self, hosts: list[str], module: str, args: list[str]) -> None:
         # DeepSpeed's PDSH runner joins all this into one remote shell string, quoting only
         # arguments with spaces, and adds `cd <cwd>;`: every word must be shell-inert.
