@@ -528,6 +528,36 @@ def test_resume_step_goes_back_past_a_corrupt_latest_checkpoint(tiny_data, tmp_p
         store.latest_checkpoint(ckpts)
 
 
+def test_sigterm_during_export_is_one_line_and_leaves_no_temp_dir(tiny_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the weights are written: the model-sized hidden temp dir goes, the pin is released,
+    and the user reads why (not a silent exit 143)."""
+    import signal
+
+    from evertrain.launch import export as export_module
+    from evertrain.launch.cli import main as cli_main
+    from evertrain.pretrain.checkpoint import is_pinned
+
+    run = tmp_path / "run"
+    assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0
+    step_dir = run / "checkpoints" / "step_000000002"
+    real_save = export_module.save_file
+    pinned_then = []
+
+    def terminated_midway(state, path, **kw):
+        real_save(state, path, **kw)
+        pinned_then.append(is_pinned(step_dir))
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(export_module, "save_file", terminated_midway)
+    capsys.readouterr()
+    handler_before = signal.getsignal(signal.SIGTERM)
+    assert cli_main(["export", "hf", "--run", str(run), "--step", "2", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err == "evertrain export: error: stopped by SIGTERM; nothing was written to --out\n"
+    assert pinned_then == [True] and not is_pinned(step_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no hf/, no .hf.tmp-*
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # restored
+
+
 def test_export_pins_its_source_and_checks_the_tokenizer(tiny_data, tmp_path, monkeypatch):
     import argparse
 
