@@ -166,6 +166,18 @@ def test_a_deepspeed_file_that_is_not_torch_save_is_one_line(tmp_path, data, mes
         load_consolidated(other)
 
 
+def test_a_deepspeed_tensor_claiming_more_elements_than_its_bytes_is_refused(tmp_path):
+    """A stride of 0 lets 16 bytes claim 1e9 elements; read, they would fill memory."""
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"param_shapes": [{"w": [4]}], "x": torch.zeros(4).as_strided((10**9,), (0,))}, crafted)
+    step_dir = deepspeed_step_dir(tmp_path / "step_000000001", {"mp_rank_00_model_states.pt": crafted.read_bytes()})
+    with pytest.raises(CheckpointError, match=r"shape \(1000000000,\) and strides \(0,\) that its 16 bytes"):
+        load_consolidated(step_dir)
+    from evertrain.pretrain.checkpoint.slices import check_dense
+
+    check_dense({"t": torch.zeros(3, 4).t(), "view": torch.zeros(10)[2:5], "empty": torch.zeros(0)}, crafted)
+
+
 def test_crafted_torch_files_run_nothing_even_where_deepspeed_asks_for_a_full_unpickle(tmp_path):
     cfg, step_dir = committed_checkpoint(tmp_path / "run")
     marker = tmp_path / "ran"
