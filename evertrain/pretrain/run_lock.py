@@ -70,6 +70,9 @@ class RunLock:
             os.close(fd)
             raise RunLockError(f"{run_dir}: another trainer is using this run dir ({exc}); stop it first, "
                                f"or use another --run-dir") from None
+        except OSError as exc:
+            os.close(fd)
+            raise RunLockError(f"{path}.lease: cannot write the run's lease ({exc.strerror or exc})") from None
         body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, body.encode() + b"\n", 0)
