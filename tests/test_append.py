@@ -265,7 +265,7 @@ def test_a_failed_append_leaves_the_old_manifest_valid(data, new_text, tmp_path,
     def crash(manifest, directory):  # the last step: shards are in place, the manifest is not
         raise OSError("disk full")
     monkeypatch.setattr(dataprep, "write_manifest", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(DataError, match="disk full; .* is unchanged \\(still version 1\\)"):  # one line
         append(data, new_text[:1], shard_tokens=8000)
     monkeypatch.undo()
     assert load_manifest(data, verify_checksums=True).version == 1  # unlisted new files are invisible

@@ -359,7 +359,7 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
             out.rmdir()  # checked empty above
         os.rename(staging, out)
     except OSError as exc:  # a full disk, a quota: one line; the staging dir goes, `out` was never made
-        raise DataError(f"{exc.filename or staging}: {exc.strerror or exc}; nothing was written to {out}") from None
+        raise DataError(f"{exc.filename or out}: {exc.strerror or exc}; nothing was written to {out}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -436,7 +436,7 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
         except OSError as exc:  # a full disk: one line; the manifest (replaced atomically) is still the old one
             for path in moved:  # we hold the lock: nobody else wrote them
                 path.unlink(missing_ok=True)
-            raise DataError(f"{exc.filename or staging}: {exc.strerror or exc}; {data_dir} is unchanged "
+            raise DataError(f"{exc.filename or data_dir}: {exc.strerror or exc}; {data_dir} is unchanged "
                             f"(still version {manifest.version})") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
