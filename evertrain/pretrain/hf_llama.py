@@ -148,6 +148,7 @@ def check_llama_config(hf: dict, model_cfg: ModelConfig, source: Path) -> None:
 
 def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
@@ -171,7 +172,7 @@ def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
             raise HFCheckpointError(f"model.init_from: shard {path} is missing")
         try:
             state.update(load_file(str(path)))
-        except Exception as exc:  # safetensors' own SafetensorError: a cut file, a malformed header
+        except (SafetensorError, OSError) as exc:  # a cut file, a malformed header
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise HFCheckpointError(f"model.init_from: {path}: not a readable safetensors file ({reason})") from None
     return state

@@ -114,7 +114,7 @@ class Lease:
     _thread: threading.Thread | None = None
 
     @classmethod
-    def acquire(cls, path: str | Path, ttl_s: float = LEASE_TTL_S, heartbeat_s: float = HEARTBEAT_S) -> "Lease":
+    def acquire(cls, path: str | Path, ttl_s: float = LEASE_TTL_S, heartbeat_s: float = HEARTBEAT_S) -> Lease:
         """Create the lease, or take over a stale one; LeaseError naming a live holder."""
         path = Path(path)
         lease = cls(path, secrets.token_hex(8), ttl_s)
