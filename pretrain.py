@@ -19,7 +19,7 @@ from pathlib import Path
 from evertrain.errors import EvertrainError
 from evertrain.pretrain import engines
 from evertrain.pretrain.checkpoint import CheckpointManager
-from evertrain.pretrain.checkpoint.retention import is_pinned
+from evertrain.pretrain.checkpoint.retention import has_live_pins
 from evertrain.pretrain.checkpoint.store import latest_checkpoint, rewind
 from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config
 from evertrain.pretrain.data import DataError, TokenStream
@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                                                         if changed else f" with its {CONFIG_FILE}"), flush=True)
         # checksums once per node (shards may live on node-local disks); warnings once per run.
         # Read-only, so a refused start leaves no trace: not even the run dir.
-        preflight(cfg, verify_checksums=local_rank == 0, quiet=rank != 0)
+        preflight(engine_config(run_dir, cfg), verify_checksums=local_rank == 0, quiet=rank != 0)
         if rank == 0:  # the trainer's rank 0 holds it; before anything is written
             lock = RunLock.acquire(run_dir)
         if args.resume_step is not None and lock is not None:  # rank 0, before the others can read
-            rewind(run_dir / "checkpoints", args.resume_step, pinned=is_pinned)
+            rewind(run_dir / "checkpoints", args.resume_step, pinned=has_live_pins)  # a dead reader's pins do not count
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
         engine = engines.create(engine_config(run_dir, cfg), launcher=detect_launcher(os.environ, args.local_rank))
         ckpt = CheckpointManager(run_dir, cfg, engine)

@@ -53,6 +53,44 @@ def without_lock(digest: dict[str, str]) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- the stream
 
+@pytest.mark.parametrize("where", ["write_split", "write_manifest"])
+def test_a_full_disk_during_prepare_or_append_is_one_line_and_loses_nothing(data, new_text, tmp_path, monkeypatch,
+                                                                            where):
+    import errno
+
+    real = getattr(dataprep, where)
+
+    def disk_full(*args, **kwargs):
+        if where == "write_manifest" and args[1] != data:
+            return real(*args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "some.bin"))
+    before = tree_digest(data)
+    monkeypatch.setattr(dataprep, where, disk_full)
+    with pytest.raises(DataError, match=f"some.bin: No space left on device; {data} is unchanged "
+                                        r"\(still version 1\)") as err:
+        append(data, new_text[:1], shard_tokens=8000)
+    assert "\n" not in str(err.value) and without_lock(tree_digest(data)) == without_lock(before)
+    assert not list(data.glob(".append-*")) and not list(data.glob(".manifest*"))
+    if where == "write_split":
+        out = tmp_path / "new" / "data"
+        with pytest.raises(DataError, match=f"No space left on device; nothing was written to {out}"):
+            prepare(new_text[:1], out, tokenizer=data / "tokenizer.model")
+        assert not (tmp_path / "new").exists() or not list((tmp_path / "new").iterdir())
+
+
+def test_inputs_without_documents_are_refused_not_a_new_empty_version(data, tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('\n\n{"text": ""}\n   \n')
+    before = tree_digest(data)
+    with pytest.raises(DataError, match=r"nothing to append: no documents in the inputs \(0 documents, 1 empty "
+                                        r"skipped\); .* is unchanged \(still version 1\)"):
+        append(data, [blank])
+    assert without_lock(tree_digest(data)) == without_lock(before) and load_manifest(data).version == 1
+    with pytest.raises(DataError, match="--input: no documents in the inputs .*nothing was written"):
+        prepare([blank], tmp_path / "out", tokenizer=data / "tokenizer.model")
+    assert not (tmp_path / "out").exists()
+
+
 def test_append_adds_shards_at_the_end(data, new_text):
     before = load_manifest(data)
     grown = append(data, new_text[:2], shard_tokens=8000)
@@ -242,7 +280,7 @@ def test_a_failed_append_leaves_the_old_manifest_valid(data, new_text, tmp_path,
     def crash(manifest, directory):  # the last step: shards are in place, the manifest is not
         raise OSError("disk full")
     monkeypatch.setattr(dataprep, "write_manifest", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(DataError, match="disk full; .* is unchanged \\(still version 1\\)"):  # one line
         append(data, new_text[:1], shard_tokens=8000)
     monkeypatch.undo()
     assert load_manifest(data, verify_checksums=True).version == 1  # unlisted new files are invisible

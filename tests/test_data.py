@@ -187,6 +187,18 @@ def test_vocab_that_does_not_fit_the_dtype_is_refused(data_copy):
         load_manifest(data_copy)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["train"][0].update(source=7), r"'train\[0\].source' should be str, got 7"),
+    (lambda m: m.update(bos_id="x"), "'bos_id' 'x' is not null or an id"),
+    (lambda m: m.update(history={"a": 1}), "'history' should be list"),
+])
+def test_a_manifest_field_of_the_wrong_type_is_one_line(data_copy, edit, message):
+    edit_manifest(data_copy, edit)
+    with pytest.raises(DataError, match=message) as err:
+        TokenStream(data_copy, SEQ, seed=0)
+    assert "\n" not in str(err.value)
+
+
 def test_seq_len_longer_than_every_shard_is_named(tiny_data):
     with pytest.raises(DataError, match="seq_len 40000 needs documents/shards of >= 40001 tokens") as error:
         TokenStream(tiny_data, 40_000, seed=0)

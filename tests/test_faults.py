@@ -14,7 +14,7 @@ import torch
 from conftest import pretrain_tiny
 from evertrain.pretrain.checkpoint import CheckpointError, CheckpointManager, load_consolidated, store
 from evertrain.pretrain.checkpoint.safe_load import read_dcp_metadata, weights_only_loads
-from evertrain.pretrain.config import load_config
+from evertrain.pretrain.config import ConfigError, load_config
 
 
 # -- 1. no code runs from a run dir -----------------------------------------------------------------
@@ -92,6 +92,116 @@ def replace_metadata(tmp_path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
 
+
+@pytest.mark.parametrize("where", ["../step_000000001/__0_0.distcp", "ABS", "sub/__0_0.distcp"])
+def test_dcp_metadata_paths_outside_the_step_dir_are_refused(tmp_path, where):
+    """A rewritten `.metadata` (meta.json fixed to match) must not load another checkpoint's tensors."""
+    import dataclasses
+
+    cfg, first = committed_checkpoint(tmp_path / "run")
+    ckpt = CheckpointManager(tmp_path / "run", cfg, toy_engine())
+    ckpt.save(2, {"tokens": 2, "data": {}})
+    ckpt.close()
+    step_dir = first.with_name(store.step_dir_name(2))
+    metadata = read_dcp_metadata(step_dir / ".metadata")
+    target = str(first / "__0_0.distcp") if where == "ABS" else where
+    metadata.storage_data = {k: dataclasses.replace(v, relative_path=target) for k, v in metadata.storage_data.items()}
+    replace_file(step_dir, ".metadata", pickle.dumps(metadata))
+    for load in (lambda: CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume(),
+                 lambda: load_consolidated(step_dir)):
+        with pytest.raises(CheckpointError, match=r"\.metadata: refused: data file .* inside") as err:
+            load()
+        assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_reads_only_its_own_real_directory(tmp_path):
+    """A step dir that is a symlink (another run's checkpoint), one whose name disagrees with its
+    meta.json's step, and a meta.json listing a file outside the dir are all refused, one line each."""
+    import shutil
+
+    cfg, theirs = committed_checkpoint(tmp_path / "other")
+    ours = tmp_path / "run" / "checkpoints"
+    ours.mkdir(parents=True)
+    (ours / "step_000000005").symlink_to(theirs)
+    with pytest.raises(CheckpointError, match="step_000000005: is a symbolic link"):
+        CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume()
+    (ours / "step_000000005").unlink()
+    shutil.copytree(theirs, ours / "step_000000005")
+    with pytest.raises(CheckpointError, match="meta.json: says step 1, but the directory is step_000000005"):
+        CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume()
+    for name in ("../../../other/checkpoints/step_000000001/__0_0.distcp", str(theirs / "__0_0.distcp")):
+        meta = json.loads((theirs / store.META).read_text())
+        meta["files"][name] = meta["files"]["__0_0.distcp"]
+        (theirs / store.META).write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match="meta.json: file .* is not a path inside") as err:
+            load_consolidated(theirs)
+        assert "\n" not in str(err.value)
+        del meta["files"][name]
+        (theirs / store.META).write_text(json.dumps(meta))
+    (theirs / "link.bin").symlink_to(tmp_path / "run" / "checkpoints" / "step_000000005" / "__0_0.distcp")
+    meta["files"]["link.bin"] = meta["files"]["__0_0.distcp"]
+    (theirs / store.META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="file 'link.bin' leads out of"):
+        load_consolidated(theirs)
+
+
+def deepspeed_step_dir(step_dir: Path, files: dict[str, bytes], **meta) -> Path:
+    """A step dir whose meta.json says DeepSpeed, holding `files` (hashes fixed, as an attacker would)."""
+    step_dir.mkdir(parents=True)
+    for name, data in files.items():
+        (step_dir / name).write_bytes(data)
+    meta = {"step": 1, "engine": "deepspeed", "zero_stage": 1, "world_size": 1, "model_hash": "x", "extra": {},
+            "files": {name: store.file_digest(step_dir / name) for name in files}, **meta}
+    (step_dir / store.META).write_text(json.dumps(meta))
+    return step_dir
+
+
+@pytest.mark.parametrize("meta_text, message", [
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ('{"step": "1", "engine": "single", "world_size": 1, "model_hash": "x", "files": {}}', "'step' is not an integer"),
+    ('{"step": 1, "engine": "single", "world_size": 1, "model_hash": "x", "files": []}', "'files' not a table"),
+    ('{"step": 1, "engine": "single", "world_size": 1, "model_hash": "x", "files": {"a": 3}}', "'files' not a table"),
+    ('{"step": 1, "engine": "deepspeed", "zero_stage": "x", "world_size": 1, "model_hash": "x", "files": {}}',
+     "zero_stage 'x' is not a possible value"),
+    ('{"step": 1, "engine": "single", "world_size": 0, "model_hash": "x", "files": {}}', "world_size 0"),
+])
+def test_a_meta_json_of_the_wrong_shape_is_one_line(tmp_path, meta_text, message):
+    step_dir = tmp_path / "checkpoints" / "step_000000001"
+    step_dir.mkdir(parents=True)
+    (step_dir / store.META).write_text(meta_text)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_consolidated(step_dir)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("data, message", [
+    (pickle.dumps({"param_shapes": []}), "not a readable torch.save file"),  # a plain pickle, not torch.save's zip
+    (b"garbage", "not a readable torch.save file"),
+])
+def test_a_deepspeed_file_that_is_not_torch_save_is_one_line(tmp_path, data, message):
+    step_dir = deepspeed_step_dir(tmp_path / "step_000000001", {"mp_rank_00_model_states.pt": data})
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_consolidated(step_dir)
+    assert "\n" not in str(err.value)
+    layout = tmp_path / "layout.pt"
+    torch.save({"param_shapes": 7}, layout)  # readable, but not DeepSpeed's layout
+    other = deepspeed_step_dir(tmp_path / "other" / "step_000000001", {"mp_rank_00_model_states.pt": layout.read_bytes()})
+    with pytest.raises(CheckpointError, match="not the layout of a DeepSpeed checkpoint"):
+        load_consolidated(other)
+
+
+def test_a_deepspeed_tensor_claiming_more_elements_than_its_bytes_is_refused(tmp_path):
+    """A stride of 0 lets 16 bytes claim 1e9 elements; read, they would fill memory."""
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"param_shapes": [{"w": [4]}], "x": torch.zeros(4).as_strided((10**9,), (0,))}, crafted)
+    step_dir = deepspeed_step_dir(tmp_path / "step_000000001", {"mp_rank_00_model_states.pt": crafted.read_bytes()})
+    with pytest.raises(CheckpointError, match=r"shape \(1000000000,\) and strides \(0,\) that its 16 bytes"):
+        load_consolidated(step_dir)
+    from evertrain.pretrain.checkpoint.slices import check_dense
+
+    check_dense({"t": torch.zeros(3, 4).t(), "view": torch.zeros(10)[2:5], "empty": torch.zeros(0)}, crafted)
+
+
 def test_crafted_torch_files_run_nothing_even_where_deepspeed_asks_for_a_full_unpickle(tmp_path):
     cfg, step_dir = committed_checkpoint(tmp_path / "run")
     marker = tmp_path / "ran"
@@ -105,6 +215,49 @@ def test_crafted_torch_files_run_nothing_even_where_deepspeed_asks_for_a_full_un
         CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume()
     assert not marker.exists()
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # the scope is restored
+
+
+class PlainClass:
+    """Not on any allow-list: torch refuses it as an unsupported GLOBAL."""
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (lambda marker: RunsCode(marker), "Unsupported global: GLOBAL getattr"),  # each as torch 2.13 words it
+    (lambda marker: (os.system, ("true",)), "GLOBAL posix.system"),
+    (lambda marker: PlainClass(), "PlainClass"),
+])
+def test_a_refusal_keeps_its_reason_and_never_advises_weights_only_false(tmp_path, payload, reason):
+    """torch 2.13 puts the reason after advice to re-run with weights_only=False (which would run the
+    file's code); the one-line refusal shows the reason and none of that advice."""
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": payload(tmp_path / "ran")}, evil)
+    with pytest.raises(CheckpointError) as err:
+        with weights_only_loads(evil):
+            torch.load(evil, weights_only=False)
+    message = str(err.value)
+    assert reason in message and "\n" not in message, message
+    assert "weights_only" not in message and "likely succeed" not in message, message
+    assert not (tmp_path / "ran").exists()
+
+
+def test_first_line_finds_the_reason_in_every_torch_wording():
+    from evertrain.pretrain.checkpoint.safe_load import first_line
+
+    unsafe = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+              "succeed, but it can result in arbitrary code execution.")
+    cases = {
+        f"{unsafe}\n\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\nCheck the "
+        "documentation of torch.load": "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.",
+        f"{unsafe}\nPlease file an issue with the following so that we can make `weights_only=True` compatible "
+        "with your use case: WeightsUnpickler error: \n\nUnsupported operand 149": "Unsupported operand 149",
+        "Weights only load failed. This file can still be loaded, to do so you have two options\n\t(1) "
+        f"{unsafe}\n\t(2) Alternatively ...\n\tWeightsUnpickler error: Unsupported global: GLOBAL a.B was not "
+        "an allowed global by default.": "Unsupported global: GLOBAL a.B was not an allowed global by default.",
+        "Weights only load failed. numpy must be >= 1.25 to load\n " + unsafe: "numpy must be >= 1.25 to load",
+        "plain error\nmore": "plain error",
+    }
+    for text, reason in cases.items():
+        assert first_line(pickle.UnpicklingError(text)) == reason
 
 
 # -- 2. non-finite training ----------------------------------------------------------------------------
@@ -205,6 +358,50 @@ def test_skip_drops_a_nan_update_with_clipping_off_too(grad_clip, tiny_data):
             f"a NaN step changed weights or moments with optim.grad_clip={grad_clip}: the skip was not applied")
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("bad_every, stops", [(1, True), (2, False)])
+def test_skip_stops_after_max_nonfinite_steps_in_a_row(tiny_data, tmp_path, monkeypatch, bad_every, stops):
+    """Every step NaN: skip stops (exit 2 in pretrain.py) once train.max_nonfinite_steps come in a row,
+    before the checkpoint of that step; every other step NaN never makes a streak, so the run goes on."""
+    from evertrain.pretrain import engines
+    from evertrain.pretrain.checkpoint import CheckpointManager
+    from evertrain.pretrain.data import TokenStream
+    from evertrain.pretrain.loop import train
+    from evertrain.pretrain.nonfinite import NonFiniteError
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=2",
+                       "engine.name=single", "eval.every_steps=0", "train.max_steps=12", "train.log_every=4",
+                       "train.on_nonfinite=skip", "train.max_nonfinite_steps=3", "checkpoint.every_steps=2",
+                       "checkpoint.async_save=false"])
+    run = tmp_path / "run"
+    engine = engines.create(cfg)
+    stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
+    calls = {"n": 0}
+    forward_loss = engine.forward_loss
+
+    def poisoned(windows):
+        calls["n"] += 1
+        loss = forward_loss(windows)
+        return loss * float("nan") if calls["n"] % bad_every == 0 else loss
+    monkeypatch.setattr(engine, "forward_loss", poisoned)
+    ckpt = CheckpointManager(run, cfg, engine)
+    try:
+        if stops:
+            with pytest.raises(NonFiniteError, match=r"train: 4 non-finite steps in a row \(consecutive, not in total\) "
+                                                     r"reached train.max_nonfinite_steps=3") as err:
+                train(cfg, run, engine, stream, ckpt)
+            assert "\n" not in str(err.value)
+            assert store.step_of(store.latest_checkpoint(run / "checkpoints")) == 2  # not the 4th step's
+        else:
+            assert train(cfg, run, engine, stream, ckpt) == 12
+    finally:
+        ckpt.close()
+        engine.close()
+    with pytest.raises(ConfigError, match="train.max_nonfinite_steps: must be > 0"):
+        load_config(None, ["train.max_nonfinite_steps=0"])
+
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_adamw_found_inf_leaves_weights_and_moments_alone(impl, monkeypatch):
@@ -443,6 +640,36 @@ def test_resume_step_goes_back_past_a_corrupt_latest_checkpoint(tiny_data, tmp_p
         store.latest_checkpoint(ckpts)
 
 
+def test_sigterm_during_export_is_one_line_and_leaves_no_temp_dir(tiny_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the weights are written: the model-sized hidden temp dir goes, the pin is released,
+    and the user reads why (not a silent exit 143)."""
+    import signal
+
+    from evertrain.launch import export as export_module
+    from evertrain.launch.cli import main as cli_main
+    from evertrain.pretrain.checkpoint import is_pinned
+
+    run = tmp_path / "run"
+    assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0
+    step_dir = run / "checkpoints" / "step_000000002"
+    real_save = export_module.save_file
+    pinned_then = []
+
+    def terminated_midway(state, path, **kw):
+        real_save(state, path, **kw)
+        pinned_then.append(is_pinned(step_dir))
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(export_module, "save_file", terminated_midway)
+    capsys.readouterr()
+    handler_before = signal.getsignal(signal.SIGTERM)
+    assert cli_main(["export", "hf", "--run", str(run), "--step", "2", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err == "evertrain export: error: stopped by SIGTERM; nothing was written to --out\n"
+    assert pinned_then == [True] and not is_pinned(step_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no hf/, no .hf.tmp-*
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # restored
+
+
 def test_export_pins_its_source_and_checks_the_tokenizer(tiny_data, tmp_path, monkeypatch):
     import argparse
 
@@ -456,7 +683,8 @@ def test_export_pins_its_source_and_checks_the_tokenizer(tiny_data, tmp_path, mo
     assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0
     step_dir = run / "checkpoints" / "step_000000002"
     args = lambda **kw: argparse.Namespace(**{"run": str(run), "out": str(tmp_path / "hf"), "step": "2",
-                                              "cooldown": None, "average": None, "tokenizer": None, "dtype": "float32", **kw})
+                                              "cooldown": None, "average": None, "tokenizer": None, "dtype": "float32",
+                                              "max_shard_size": "5GB", **kw})
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("hello\n")
     with pytest.raises(ExportError, match="not a sentencepiece tokenizer model"):
@@ -511,6 +739,36 @@ def test_enospc_mid_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path,
     assert store.latest_checkpoint(ckpts) == step_dir and (ckpts / store.LATEST).read_text().strip() == step_dir.name
     monkeypatch.setattr(manager_module.store, "write_done_marker", real_marker)
     ckpt.save(3, {"tokens": 3, "data": {}})  # space again: the next save commits
+    ckpt.close()
+    assert store.step_of(store.latest_checkpoint(ckpts)) == 3
+
+
+def test_enospc_inside_dcp_is_one_line_and_leaves_no_tmp_dir(tmp_path, monkeypatch):
+    """DCP wraps the writer's OSError in a multi-line CheckpointException (a BaseException): the
+    manager still reports one line, LATEST stays, and the half-written .tmp- dir is removed."""
+    import errno
+
+    from evertrain.pretrain.checkpoint import dcp as dcp_module
+
+    cfg, step_dir = committed_checkpoint(tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    engine = toy_engine()
+    ckpt = CheckpointManager(tmp_path / "run", cfg, engine)
+    real_stream = dcp_module.HashingFileSystem.create_stream
+
+    def disk_full(self, path, mode):
+        if mode == "wb" and str(path).endswith(".distcp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_stream(self, path, mode)
+    monkeypatch.setattr(dcp_module.HashingFileSystem, "create_stream", disk_full)
+    ckpt.save(2, {"tokens": 2, "data": {}})
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: checkpoint write failed \(No space left on device\); "
+                                              "the previous checkpoint is intact") as err:
+        ckpt.wait()
+    assert "\n" not in str(err.value)
+    assert store.latest_checkpoint(ckpts) == step_dir and not [p for p in ckpts.iterdir() if store.TMP_TAG in p.name]
+    monkeypatch.setattr(dcp_module.HashingFileSystem, "create_stream", real_stream)
+    ckpt.save(3, {"tokens": 3, "data": {}})
     ckpt.close()
     assert store.step_of(store.latest_checkpoint(ckpts)) == 3
 

@@ -247,6 +247,11 @@ def test_hook_arguments_are_checked_and_become_commands(tmp_path):
     for kw, message in [({"eval_cmd": "run {hf_dir}"}, "must contain {out_json}"),
                         ({"eval_cmd": "run {hf_dir} {out_json} {model}"}, "unknown placeholder {model}"),
                         ({"eval_cmd": "run {hf_dir {out_json}"}, "--eval-cmd:"),
+                        ({"eval_cmd": 'run "{hf_dir}" {out_json}'}, "{hf_dir} is inside quotes"),
+                        ({"eval_cmd": "run '{hf_dir}' {out_json}"}, "{hf_dir} is inside quotes"),
+                        ({"eval_cmd": 'run {hf_dir} --out="x/{out_json}"'}, "{out_json} is inside quotes"),
+                        ({"eval_cmd": "run \\{hf_dir} {out_json}"}, "{hf_dir} is inside quotes or after a backslash"),
+                        ({"eval_cmd": "sh -c 'run {hf_dir} {out_json}'"}, "{hf_dir} is inside quotes"),
                         ({"lm_eval_tasks": " , "}, "--lm-eval-tasks: expected T1,T2"),
                         ({"lm_eval_limit": 5}, "only with --lm-eval-tasks"),
                         ({"lm_eval_tasks": "a", "lm_eval_limit": 0}, "--lm-eval-limit: must be > 0"),
@@ -255,6 +260,8 @@ def test_hook_arguments_are_checked_and_become_commands(tmp_path):
             hooks(**kw)
         assert "\n" not in str(err.value)
 
+    for fine in ['echo "a b" {hf_dir} \'c\' {out_json}', 'run \\" {hf_dir} {out_json} "\\""', "a\\'b {hf_dir} {out_json}"]:
+        assert hooks(eval_cmd=fine).eval_cmd == fine  # quotes that close before the placeholders
     h = hooks(eval_cmd="score {hf_dir} --json {out_json}", lm_eval_tasks="hellaswag, arc_easy",
               lm_eval_include=str(tmp_path), lm_eval_limit=10)
     assert h.argv() == ["--eval-cmd", "score {hf_dir} --json {out_json}", "--lm-eval-tasks", "hellaswag,arc_easy",

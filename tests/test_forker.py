@@ -68,6 +68,8 @@ def test_hostfile_parses_hosts_slots_and_comments(tmp_path):
     ("node1 slots=8\nnode2 slots\n", "hosts:2: expected 'HOST slots=N'"),
     ("node1 slots=8\nnode1 slots=4\n", "hosts:2: host 'node1' is listed twice"),
     ("node1 slots=0\n", "hosts:1: slots must be >= 1"),
+    ("node1 slots=100000000000000000000\n", "hosts:1: slots must be >= 1 and <= 1024"),
+    ("node1 slots=1e20\n", "hosts:1: expected 'HOST slots=N'"),
     ("# nothing\n\n", "lists no hosts"),
 ])
 def test_broken_hostfile_names_the_line(tmp_path, text, expected):
@@ -196,6 +198,54 @@ def test_forker_passes_the_cooldown_mix_to_every_fork(fake_fork, capsys):
     assert cli_main(["forker", "--run", str(run_dir), "--every", "20", "--cooldown-fraction", "0.5",
                      "--once", "--data-weights", "hq"]) == 2
     assert "--data-weights 'hq': expected SOURCE=SHARE" in capsys.readouterr().err
+
+
+def test_forker_on_a_mix_restarts_from_its_own_state(fake_fork):
+    """A forker with --data-weights names its jobs ...@mix-<hash>; a restarted one reads them back
+    (and launches nothing twice) instead of refusing its own state.json."""
+    run_dir = fake_fork
+    fake_checkpoints(run_dir, [20])
+    options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=20, once=True, poll_s=0.05,
+                            data_weights="hq=0.7,main=0.3")
+    for _ in range(2):
+        assert Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lambda _: None).run() == 0
+    [job] = state(run_dir).values()
+    assert "@mix-" in job["name"] and job["status"] == "done" and job["attempts"] == 1
+    assert len([e for e in events(run_dir) if e[0] == "start"]) == 1
+
+
+def test_average_of_more_checkpoints_than_the_run_keeps_is_refused_at_start(fake_fork, capsys):
+    from evertrain.pretrain.config import dump_yaml, load_config
+
+    run_dir = fake_fork
+    fake_checkpoints(run_dir, [10, 20])
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config(None, ["checkpoint.keep_last=2"])))
+    argv = ["forker", "--run", str(run_dir), "--average", "3", "--once"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--average 3: " in err and "keeps only its newest 2 checkpoint(s)" in err and len(err.splitlines()) == 1
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config(None, ["checkpoint.keep_last=2",
+                                                                      "checkpoint.keep_every=10"])))
+    options = ForkerOptions(run_dir, cooldown_fraction=None, average=3, once=True, poll_s=0.05)
+    assert Forker(options, parse_pool("local:1"), log=lambda _: None).run() == 0  # keep_every keeps more
+
+
+def test_arguments_a_remote_shell_would_refuse_are_refused_at_start(fake_fork, tmp_path):
+    """An --eval-cmd with spaces cannot cross DeepSpeed's remote shell: a hostfile pool with a remote
+    host says so before anything is queued or pinned, not at every job's first launch."""
+    from evertrain.launch.evals import EvalHooks
+
+    run_dir = fake_fork
+    fake_checkpoints(run_dir, [10])
+    hostfile = tmp_path / "hosts"
+    hooks = EvalHooks(eval_cmd="python score.py {hf_dir} {out_json}")
+    options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=10, once=True, poll_s=0.05, hooks=hooks)
+    hostfile.write_text("node-1.cluster slots=1\n")
+    with pytest.raises(NodePoolError, match="argument 'python score.py .* would reach the remote shell"):
+        Forker(options, parse_pool(str(hostfile)), fork_module="fakefork", log=lambda _: None).run()
+    assert not (run_dir / "forker" / "state.json").exists() and not active_pins(run_dir / "checkpoints" / "step_000000010")
+    hostfile.write_text("localhost slots=1\n")  # no remote shell there: any argument goes
+    parse_pool(str(hostfile)).check_remote_arguments("fakefork", ["--eval-cmd", hooks.eval_cmd])
 
 
 # `evertrain forker ...` as a process, launching the fake fork

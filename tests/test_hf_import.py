@@ -19,6 +19,7 @@ from evertrain.pretrain.config import ConfigError, load_config
 from evertrain.pretrain.data import TokenStream
 from evertrain.pretrain.engines.base import build_model
 from evertrain.pretrain.hf_llama import HFCheckpointError, load_llama
+from evertrain.pretrain.preflight import preflight
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,6 +86,7 @@ def test_export_import_export_is_bit_exact(tmp_path, tiny_data):
 
 def test_a_run_starts_from_the_checkpoint_trains_and_resumes_without_it(tmp_path, tiny_data):
     hf_dir = shutil.copytree(save_llama(tmp_path / "llama"), tmp_path / "llama_copy")
+    shutil.copyfile(tiny_data / "tokenizer.model", hf_dir / "tokenizer.model")  # trained with the data's tokenizer
     cfg = config_for(hf_dir, tiny_data)
     engine = engines.create(cfg)
     try:
@@ -111,6 +113,27 @@ def test_a_run_starts_from_the_checkpoint_trains_and_resumes_without_it(tmp_path
     assert pretrain.main([*argv, "train.max_steps=4"]) == 0
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path, tiny_data):
+    """The embedding rows are the tokens of the checkpoint's tokenizer: data tokenized with another one
+    (or a checkpoint that ships none) is refused before the run starts, with one line."""
+    import sentencepiece as spm
+
+    hf_dir = save_llama(tmp_path / "llama")
+    cfg = config_for(hf_dir, tiny_data, "eval.every_steps=0")
+    with pytest.raises(HFCheckpointError, match="has no tokenizer.model or tokenizer.json"):
+        preflight(cfg, verify_checksums=False)
+    text = tmp_path / "other.txt"
+    text.write_text("\n".join(f"another corpus line {i} with words {i * 7}" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "other"), vocab_size=100,
+                                   minloglevel=2)
+    shutil.copyfile(tmp_path / "other.model", hf_dir / "tokenizer.model")
+    with pytest.raises(HFCheckpointError, match="tokenizer.model is not the tokenizer of data.path=") as err:
+        preflight(cfg, verify_checksums=False)
+    assert "\n" not in str(err.value)
+    shutil.copyfile(tiny_data / "tokenizer.model", hf_dir / "tokenizer.model")
+    preflight(cfg, verify_checksums=False)  # its own tokenizer: fine
 
 
 def rewrite_config(hf_dir: Path, **changes) -> Path:
@@ -179,3 +202,38 @@ def test_missing_files_and_tensors_are_refused(tmp_path):
         build_model(config_for(tmp_path / "nowhere"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="model.init_from: expected hf:PATH"):
         load_config(None, ["model.init_from=/some/dir"])
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _index(hf_dir: Path, weight_map) -> None:
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _retype(hf_dir: Path, dtype) -> None:
+    state = load_file(str(hf_dir / "model.safetensors"))
+    name = "model.layers.0.input_layernorm.weight"
+    state[name] = state[name].to(dtype)
+    save_file(state, str(hf_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json holds a JSON list, not an object"),
+    (lambda d: rewrite_config(d, rope_parameters=[1]), "rope_parameters is a JSON list, not an object"),
+    (lambda d: _cut(d / "model.safetensors"), "model.safetensors: not a readable safetensors file"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{not json}xxxxxx"),
+     "model.safetensors: not a readable safetensors file"),
+    (lambda d: _index(d, ["model-1.safetensors"]), "weight_map is not a table"),
+    (lambda d: _index(d, {"lm_head.weight": "../other/model.safetensors"}), "weight_map is not a table"),
+    (lambda d: _retype(d, torch.int8), "input_layernorm.weight has dtype int8, not floating point"),
+    (lambda d: _retype(d, torch.bool), "input_layernorm.weight has dtype bool, not floating point"),
+])
+def test_malformed_hf_files_are_one_line(tmp_path, damage, message):
+    hf_dir = save_llama(tmp_path / "llama")
+    damage(hf_dir)
+    with pytest.raises(HFCheckpointError, match=message) as err:
+        build_model(config_for(hf_dir), torch.device("cpu"))
+    assert "\n" not in str(err.value)

@@ -247,3 +247,17 @@ def test_a_fork_whose_eval_hook_failed_or_that_the_forker_gave_up_on_is_failed_n
     assert "failed: from_000001000_linear_200: --eval-cmd: exited with code 3; see eval.log" in text
     assert "failed: from_000001200_linear_240: no result after 3 attempts" in text
     assert "fit (3 linear cooldowns)" in text  # the failed ones are no points of the fit
+
+
+def test_a_half_written_result_json_is_one_line_and_the_report_stands(tmp_path, capsys):
+    from evertrain.launch.fork import read_result
+
+    run_dir = synthetic_run(tmp_path / "run", fork_steps=(200, 400, 800, 1600))
+    cut = run_dir / "cooldowns" / "from_000000400_linear_80"
+    text = (cut / "result.json").read_text()
+    (cut / "result.json").write_text(text[: len(text) // 2])
+    assert cli_main(["report", "--run", str(run_dir)]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == f"warning: {cut / 'result.json'}: not a cooldown result (half-written?); shown as unfinished"
+    assert [c.result is None for c in load_run(run_dir).cooldowns if c.name.startswith("from_000000400")] == [True]
+    assert read_result(cut) is None  # the forker and `fork` redo it instead of crashing on it

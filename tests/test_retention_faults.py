@@ -105,3 +105,56 @@ def test_lease_expiry_ignores_the_holders_clock(tmp_path, monkeypatch, holder_cl
     assert not is_pinned(step_dir, watch)  # 61 s without a new renewal: expired
     assert is_pinned(step_dir)  # a one-shot reader without a watch never judges expiry
     assert apply_retention(ckpt_dir, keep_last=1, keep_every=0, watch=watch) == [step_dir]
+
+
+@pytest.mark.parametrize("content", [
+    '{"holder": "x", "expires": 1e12, "ttl_s": "abc"}', '{"holder": "x", "expires": 1e12, "ttl_s": null}',
+    '{"holder": "x", "expires": 1e12, "created": "yesterday"}', '{"holder": "x", "expires": "soon"}',
+    '[1, 2]', '7', 'not json', '{"holder": "x"}',
+])
+def test_a_malformed_pin_counts_as_active_and_never_raises(tmp_path, content):
+    """Retention runs in the checkpoint writer: a pin it cannot read keeps its checkpoint (never delete
+    on doubt) and must not kill training at every save."""
+    ckpt_dir = tmp_path / "checkpoints"
+    make_checkpoints(ckpt_dir, [1, 2, 3])
+    (ckpt_dir / "step_000000001" / "pins").mkdir()
+    (ckpt_dir / "step_000000001" / "pins" / "bad.json").write_text(content)
+    (ckpt_dir / "step_000000002" / "pins").mkdir()
+    (ckpt_dir / "step_000000002" / "pins" / "dir.json").mkdir()  # unreadable as a file
+    watch = PinWatch()
+    for _ in range(2):  # first sight and a later save
+        assert apply_retention(ckpt_dir, keep_last=1, keep_every=0, watch=watch) == []
+    assert steps_on_disk(ckpt_dir) == [1, 2, 3] and is_pinned(ckpt_dir / "step_000000001", watch)
+
+
+def test_resume_step_is_not_blocked_by_a_dead_readers_pins(tmp_path):
+    """--resume-step refuses to abandon a checkpoint a reader still uses, but a pin of a process that
+    died on this host, or one not renewed for twice its ttl, is no reader: it does not block forever."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from evertrain.pretrain.checkpoint.retention import has_live_pins
+
+    ckpt_dir = tmp_path / "checkpoints"
+    make_checkpoints(ckpt_dir, [1, 2, 3])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pins = ckpt_dir / "step_000000002" / "pins"
+    pins.mkdir()
+    record = {"holder": "fork", "ttl_s": 60, "renewal": "a", "created": 0, "expires": 60}
+    (pins / "dead.json").write_text(json.dumps({**record, "host": socket.gethostname(), "pid": dead.pid}))
+    old = pins / "silent.json"
+    old.write_text(json.dumps({**record, "host": "node-b", "pid": 1}))
+    os.utime(old, (old.stat().st_atime, old.stat().st_mtime - 121))
+    live = pin(ckpt_dir / "step_000000003", "export", ttl_s=60)  # this process: alive
+    with pytest.raises(store.CheckpointError, match="step_000000003 is pinned by a reader"):
+        store.rewind(ckpt_dir, 1, pinned=has_live_pins)
+    live.unlink()
+    assert [p.name for p in store.rewind(ckpt_dir, 1, pinned=has_live_pins)] == ["step_000000002", "step_000000003"]
+    (pins.parent.parent / store.LATEST).write_text("step_000000001\n")
+    assert not has_live_pins(ckpt_dir / "step_000000001")
+    (ckpt_dir / "step_000000001" / "pins").mkdir()
+    (ckpt_dir / "step_000000001" / "pins" / "fresh.json").write_text(json.dumps({**record, "host": "node-b", "pid": 1}))
+    assert has_live_pins(ckpt_dir / "step_000000001")  # another host's, renewed recently: a reader

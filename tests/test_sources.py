@@ -149,6 +149,19 @@ def test_bad_files_are_one_clear_error(tiny_data, corpus, tmp_path):
     refused([tmp_path / "broken.parquet"], "broken.parquet: not a readable Parquet file")
     (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip at all")
     refused([tmp_path / "broken.jsonl.gz"], "broken.jsonl.gz: cannot read it")
+    whole = zstandard.ZstdCompressor().compress(jsonl_bytes(RECORDS * 40))
+    (tmp_path / "two_frames.jsonl.zst").write_bytes(whole + whole)  # concatenated frames read on
+    assert prepare([tmp_path / "two_frames.jsonl.zst"], tmp_path / "zst", tokenizer=tiny_data / "tokenizer.model",
+                   counts=(zst := Counts())).version == 1 and zst.documents == 2 * 40 * len(RECORDS)
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[:len(whole) // 2])  # zstandard itself stops quietly here
+    (tmp_path / "huge.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "' + b"x" * 5000 + b'"}\n')
+    sources.MAX_RECORD_BYTES, limit = 1000, sources.MAX_RECORD_BYTES
+    try:  # a one-line record bigger than the limit: refused before it is held whole, naming its line
+        sources.JSONL_BLOCK_BYTES, block = 100, sources.JSONL_BLOCK_BYTES
+        refused([tmp_path / "huge.jsonl"], r"huge.jsonl:2: a record of more than 1,000 bytes")
+    finally:
+        sources.MAX_RECORD_BYTES, sources.JSONL_BLOCK_BYTES = limit, block
+    refused([tmp_path / "cut.jsonl.zst"], r"cut.jsonl.zst: cannot read it \(the file ends inside a zstd frame")
     refused([str(tmp_path / "none-*.jsonl")], r"--input .*none-\*.jsonl: no file matches")
     (tmp_path / "empty_dir").mkdir()
     refused([tmp_path / "empty_dir"], "empty_dir: no input files in this directory")

@@ -3,14 +3,16 @@
 After a fork has cooled down, evaluated and published final/, its weights are exported as a Hugging
 Face Llama directory (export.py) to COOLDOWN/hf/, and each hook runs on it in turn:
   --eval-cmd "CMD {hf_dir} {out_json}"   any command (run by the shell, placeholders substituted
-                                         shell-quoted); it must write a JSON object to {out_json}
+                                         shell-quoted, so they must stand outside quotes); it must
+                                         write a JSON object to {out_json}
   --lm-eval-tasks T1,T2                  lm-evaluation-harness on those tasks (lm_eval_runner.py, in
                                          its own process; `pip install evertrain[eval]`)
 Their metrics are merged into result.json under "evals" (a task/metric tree of numbers). Hooks run in
 the fork's rank-0 process after its engine is closed, so they have the device to themselves, in its
 working directory (the placeholders are absolute paths); their output goes to COOLDOWN/eval.log. A
 hook that fails stops the fork with one line before result.json is written: the fork is not done, and
-rerunning it (or the forker's retry) only redoes the hooks, since the fork's checkpoints are still there. COOLDOWN/hf/ is removed once the hooks succeeded
+rerunning it (or the forker's retry) only redoes the hooks, since the fork's
+checkpoints are still there. COOLDOWN/hf/ is removed once the hooks succeeded
 (`evertrain export hf --cooldown` writes it again).
 """
 from __future__ import annotations
@@ -70,7 +72,31 @@ def check_eval_cmd(cmd: str) -> str:
     missing = [name for name in PLACEHOLDERS if name not in names]
     if missing:
         raise EvalHookError(f"--eval-cmd: must contain {{{missing[0]}}}, e.g. \"CMD {{hf_dir}} {{out_json}}\"")
+    quoted = quoted_placeholder(cmd)
+    if quoted:
+        raise EvalHookError(f"--eval-cmd: {{{quoted}}} is inside quotes or after a backslash in {cmd!r}; write it "
+                            "bare: evertrain substitutes it shell-quoted (quoted again, a path holding $(...) "
+                            "or a quote would run as shell code)")
     return cmd
+
+
+def quoted_placeholder(cmd: str) -> str | None:
+    """The first placeholder that stands inside '...' or "..." or right after a backslash, else None.
+    The substitution is shlex.quote'd, which is a single word only where the shell is not quoting."""
+    state = ""  # "", "'" or '"': the quote the shell is inside
+    escaped = False
+    for literal, name, _, _ in string.Formatter().parse(cmd):
+        for char in literal:
+            if escaped:
+                escaped = False
+            elif char == "\\" and state != "'":
+                escaped = True
+            elif char in "'\"" and state in ("", char):
+                state = char if state == "" else ""
+        if name is not None and (state or escaped):
+            return name
+        escaped = False
+    return None
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:

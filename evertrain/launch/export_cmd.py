@@ -7,12 +7,16 @@ tokenizers) is imported once there is something to export.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from evertrain.errors import EvertrainError
 from evertrain.launch.fork import resolve_checkpoint
+from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.data import MANIFEST, load_manifest
 
@@ -56,6 +60,41 @@ def run_export(args: argparse.Namespace) -> int:
     if Path(args.out).exists():  # export_hf checks too; this is before reading gigabytes of weights
         raise ExportSourceError(f"--out {args.out}: already exists; choose a new directory")
     step_dir, config_path = resolve_source(run_dir, args.step, args.cooldown, args.average)
+    # a run checkpoint is pinned while it is read, so the live run's retention cannot delete it under
+    # us (a finished cooldown's final/ is never pruned): at once, before seconds of importing torch
+    # in which keep_last=1 could delete it
+    holder = f"export.{socket.gethostname()}.{os.getpid()}"
+    lease = pin(step_dir, holder, EXPORT_PIN_TTL_S) if args.step is not None else None
+    try:
+        with stopped_by_sigterm():
+            return export_pinned(args, step_dir, config_path)
+    finally:
+        if lease is not None:
+            unpin(lease)
+
+
+class ExportStopped(EvertrainError):
+    """SIGTERM during an export: the half-written directory is removed, the pin released."""
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm():
+    """SIGTERM raises ExportStopped, so the export's own cleanup runs (its temp dir is model-sized)
+    and the user reads one line instead of a silent exit 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise ExportStopped(f"stopped by {signal.Signals(signum).name}; nothing was written to --out")
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def export_pinned(args: argparse.Namespace, step_dir: Path, config_path: Path) -> int:
     cfg = load_config(config_path)
     if args.tokenizer:
         tokenizer, bos_id, eos_id = Path(args.tokenizer), None, None
@@ -69,20 +108,12 @@ def run_export(args: argparse.Namespace) -> int:
 
     max_shard = parse_size(args.max_shard_size)  # before reading anything
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    # a run checkpoint is pinned while it is read, so the live run's retention cannot delete it
-    # under us (a finished cooldown's final/ is never pruned)
-    holder = f"export.{socket.gethostname()}.{os.getpid()}"
-    lease = checkpoint.pin(step_dir, holder, EXPORT_PIN_TTL_S) if args.step is not None else None
-    try:
-        meta = checkpoint.read_meta(step_dir)
-        checkpoint.check_model(step_dir, meta, cfg)
-        check_tokenizer(tokenizer, meta, step_dir)
-        store.verify_files(step_dir, meta, mode=cfg.checkpoint.verify)  # streamed: no file is held in memory
-        out = export_hf_checkpoint(step_dir, meta, cfg.model, tokenizer, args.out, bos_id=bos_id, eos_id=eos_id,
-                                   dtype=dtype, max_shard_size=max_shard)
-    finally:
-        if lease is not None:
-            checkpoint.unpin(lease)
+    meta = checkpoint.read_meta(step_dir)
+    checkpoint.check_model(step_dir, meta, cfg)
+    check_tokenizer(tokenizer, meta, step_dir)
+    store.verify_files(step_dir, meta, mode=cfg.checkpoint.verify)  # streamed: no file is held in memory
+    out = export_hf_checkpoint(step_dir, meta, cfg.model, tokenizer, args.out, bos_id=bos_id, eos_id=eos_id,
+                               dtype=dtype, max_shard_size=max_shard)
     print(f"exported {step_dir} -> {out}")
     return 0
 

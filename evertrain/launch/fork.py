@@ -120,8 +120,14 @@ FAILED = "failed.json"  # {"error": ...}: the eval hooks of this fork's last att
 
 
 def read_result(cooldown_dir: Path) -> dict | None:
+    """result.json, or None while there is none; one that is not a result (cut short by a copy, edited)
+    counts as none too, so the fork is redone and rewrites it."""
     path = cooldown_dir / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        result = json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        result = None
+    return result if isinstance(result, dict) and "val_loss" in result else None
 
 
 class Lease:

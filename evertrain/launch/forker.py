@@ -16,7 +16,8 @@ disk before its process starts, its pid right after. A restarted forker adopts i
 whose process is still alive is followed (a launch whose pid was never recorded is found by its
 command line, or requeued), a finished one with result.json is done, anything else is retried up to
 --max-retries times and then reported failed. Forks run in their own sessions, so stopping the
-forker (Ctrl-C, SIGTERM) leaves them running for the next forker to adopt. A file lock keeps a second
+forker (Ctrl-C, SIGTERM) leaves them running for the next forker to adopt. A file lock (plus a lease
+on a network filesystem, lease.py) keeps a second
 forker off the same run.
 
 With `--average K` it also queues, for every committed checkpoint once K exist up to it, the uniform
@@ -60,6 +61,7 @@ from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError
 from evertrain.pretrain.config import COOLDOWN_SHAPES
+from evertrain.pretrain.lease import LeaseError, lease_if_shared
 
 FORK_MODULE = "evertrain.launch.fork"
 AVERAGE_MODULE = "evertrain.launch.average"
@@ -135,7 +137,7 @@ def load_jobs(path: Path, run_dir: Path | None = None) -> dict[str, Job]:
     return {job.name: job for job in jobs}
 
 
-JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,200}$")  # @: a fork on another mix, from_..._<c>@mix-<hash>
 
 
 def check_job_paths(path: Path, job: Job, run_dir: Path) -> None:
@@ -157,6 +159,23 @@ def check_job_paths(path: Path, job: Job, run_dir: Path) -> None:
                 and pin_path.parent.parent.parent == checkpoints):
             raise ForkerError(f"{path}: job {job.name}: pin {str(pin_path)!r} is not a pin file of a checkpoint in "
                               f"{checkpoints}; move the file away")
+
+
+def check_average_fits(run_dir: Path, k: int) -> None:
+    """--average K needs K checkpoints at once: a run that keeps fewer (checkpoint.keep_last, no
+    keep_every) would leave the forker idle without a word. Unknown until the run wrote config.yaml."""
+    from evertrain.pretrain.config import ConfigError, load_config
+
+    if k <= 1 or not (run_dir / "config.yaml").is_file():
+        return
+    try:
+        kept = load_config(run_dir / "config.yaml").checkpoint
+    except ConfigError:
+        return  # the trainer reports its own config
+    if kept.keep_every == 0 and kept.keep_last < k:
+        raise ForkerError(f"--average {k}: {run_dir} keeps only its newest {kept.keep_last} checkpoint(s) "
+                          f"(checkpoint.keep_last={kept.keep_last}), so {k} never exist at once; resume the run "
+                          f"with checkpoint.keep_last={k} or more, or average fewer")
 
 
 def job_log(run_dir: Path, kind: str, name: str) -> Path:
@@ -268,12 +287,20 @@ class Forker:
         with StopRequest() as stop:
             if not self.wait_for_run_dir(stop):
                 return 0
+            check_average_fits(self.run_dir, self.options.average)
+            if self.options.cooldown_fraction is not None:  # a remote shell refuses what it cannot pass: say so now
+                self.pool.check_remote_arguments(self.fork_module, self.fork_args(Job("check", 1, 1, self.options.shape)))
             self.state_path.parent.mkdir(exist_ok=True)
             lock = FileLock(self.state_path.with_name("forker.lock"))
             try:
                 lock.acquire(timeout=0)
             except Timeout:
                 raise ForkerError(f"{lock.lock_file}: another forker is already running on {self.run_dir}") from None
+            try:
+                lease = lease_if_shared(lock.lock_file)  # flock may not hold across hosts there
+            except LeaseError as exc:
+                lock.release()
+                raise ForkerError(f"another forker is already running on {self.run_dir} ({exc})") from None
             try:
                 self.jobs = load_jobs(self.state_path, self.run_dir)
                 if self.options.stop is not None:
@@ -294,6 +321,8 @@ class Forker:
                     stop.wait(self.options.poll_s)
             finally:
                 self.save()
+                if lease is not None:
+                    lease.release()
                 lock.release()
         return self.summary()
 
@@ -477,6 +506,16 @@ class Forker:
             (self.run_dir / "averages").mkdir(exist_ok=True)
             self.spawn(job, slot, command, os.environ)
             return
+        args = self.fork_args(job)
+        command = self.pool.command(slot, self.fork_module, args, workdir=self.cooldown_dir(job),
+                                    log=Path(job.log))
+        self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
+        if self.options.data is None and self.options.data_weights is None:
+            predict_fork(self.run_dir, self.cooldown_dir(job), job, self.log)
+        self.spawn(job, slot, command, self.pool.environment(os.environ))
+
+    def fork_args(self, job: Job) -> list[str]:
+        """The arguments of a fork job's `python -m evertrain.launch.fork`."""
         args = ["--run", str(self.run_dir), "--step", str(job.step), "--cooldown-steps", str(job.cooldown_steps),
                 "--shape", job.shape]
         if self.options.eval_batches is not None:
@@ -490,12 +529,7 @@ class Forker:
             args += ["--data-weights", self.options.data_weights]
         if job.final:
             args.append("--final")
-        command = self.pool.command(slot, self.fork_module, args, workdir=self.cooldown_dir(job),
-                                    log=Path(job.log))
-        self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
-        if self.options.data is None and self.options.data_weights is None:
-            predict_fork(self.run_dir, self.cooldown_dir(job), job, self.log)
-        self.spawn(job, slot, command, self.pool.environment(os.environ))
+        return args
 
     def spawn(self, job: Job, slot: Slot, command: list[str], env: dict) -> None:
         # the launch is on disk before the process exists: a forker killed in between leaves a

@@ -31,6 +31,7 @@ from evertrain.errors import EvertrainError
 # rendezvous ports of hostfile jobs: two forks sharing a host must not share a port
 FIRST_MASTER_PORT = 29610
 LOCAL_HOSTS = ("localhost", "127.0.0.1")
+MAX_SLOTS = 1024  # devices one host can have; more is a typo (and would be cut into that many slots)
 _HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")
 # RFC 1123 host names (IPv4 addresses match too): labels of letters, digits and inner hyphens
 _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -92,6 +93,14 @@ class Pool:
             return [*launcher, "--module", module, *args]
         self._check_shell_inert([slot.host], module, args)
         return [*launcher, "--module", module, *args]
+
+    def check_remote_arguments(self, module: str, args: list[str]) -> None:
+        """What `command` would refuse for a slot whose job goes through a remote shell, for every
+        such slot: at the forker's start, not at each job's first launch."""
+        for slot in self.slots if self.kind == "hostfile" else ():
+            hosts = [host for host, _ in slot.hosts] if len(slot.hosts) > 1 else [slot.host]
+            if len(slot.hosts) > 1 or slot.host not in LOCAL_HOSTS:
+                self._check_shell_inert(hosts, module, args)
 
     def _check_shell_inert(self, hosts: list[str], module: str, args: list[str]) -> None:
         # DeepSpeed's PDSH runner joins all this into one remote shell string, quoting only
@@ -159,8 +168,9 @@ def parse_hostfile(path: str | Path) -> dict[str, int]:
         if not HOST_RE.match(host):
             raise NodePoolError(f"{path}:{number}: {host!r} is not a host name (RFC 1123: letters, digits, "
                                 "inner hyphens, dot-separated)")
-        if slots < 1:
-            raise NodePoolError(f"{path}:{number}: slots must be >= 1, got {slots}")
+        if not 1 <= slots <= MAX_SLOTS:
+            raise NodePoolError(f"{path}:{number}: slots must be >= 1 and <= {MAX_SLOTS} (devices of one host), "
+                                f"got {slots}")
         if host in hosts:
             raise NodePoolError(f"{path}:{number}: host {host!r} is listed twice")
         hosts[host] = slots

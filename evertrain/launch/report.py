@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +175,7 @@ def load_run(run_dir: Path) -> RunReport:
         parsed = parse_cooldown_name(path.name)
         if parsed is None or not path.is_dir():
             continue
-        result_path = path / "result.json"
-        result = json.loads(result_path.read_text()) if result_path.is_file() else None
+        result = read_result_file(path / "result.json")
         curve = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
         step, shape, steps = parsed
         failure = None if result is not None else (fork_failure(path) or gave_up.get(path.name))
@@ -206,6 +206,21 @@ def forker_failures(run_dir: Path) -> dict[str, str]:
         return {j["name"]: j.get("error") or "failed" for j in jobs if j.get("status") == "failed"}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}  # no forker, or a state file the forker itself will complain about
+
+
+def read_result_file(path: Path) -> dict | None:
+    """A cooldown's result.json; None (with one line on stderr) when it is not one, e.g. cut short by
+    a copy: that cooldown shows as unfinished and the rest of the report stands."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        result = exc
+    if isinstance(result, dict) and isinstance(result.get("val_loss"), (int, float, type(None))):
+        return result
+    print(f"warning: {path}: not a cooldown result (half-written?); shown as unfinished", file=sys.stderr)
+    return None
 
 
 def load_averages(run_dir: Path) -> list[dict]:

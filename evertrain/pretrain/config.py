@@ -87,6 +87,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device, for MFU; None = by device name (hardware.py), none on CPU
     compile: bool = False  # torch.compile each transformer block
     on_nonfinite: str = "stop"  # stop | skip: a NaN/Inf loss or gradient stops the run, or drops that update
+    max_nonfinite_steps: int = 100  # with skip: this many non-finite steps in a row stop the run (exit 2)
 
 
 @dataclass
@@ -274,6 +275,7 @@ def validate(cfg: Config) -> None:
                        ("model.seq_len", m.seq_len), ("model.multiple_of", m.multiple_of),
                        ("train.micro_batch_size", t.micro_batch_size),
                        ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
+                       ("train.max_nonfinite_steps", t.max_nonfinite_steps),
                        ("eval.batches", e.batches)]:
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")

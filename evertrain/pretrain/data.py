@@ -154,6 +154,8 @@ def _parse(raw, data_dir: Path, path: Path) -> Manifest:
     if not 0 <= eos_id < vocab_size:
         raise DataError(f"{path}: 'eos_id' {eos_id} is outside the vocab of {vocab_size}")
     bos_id = raw.get("bos_id")
+    if bos_id is not None and not (isinstance(bos_id, int) and not isinstance(bos_id, bool) and 0 <= bos_id < vocab_size):
+        raise DataError(f"{path}: 'bos_id' {bos_id!r} is not null or an id of the vocab of {vocab_size}")
     tokenizer = get(raw, "tokenizer", dict)
     for key in ("path", "sha256"):
         get(tokenizer, key, str, "tokenizer.")
@@ -167,10 +169,14 @@ def _parse(raw, data_dir: Path, path: Path) -> Manifest:
         entries = get(raw, split, list)
         shards[split] = tuple(
             Shard(get(e, "file", str, f"{split}[{i}]."), get(e, "tokens", int, f"{split}[{i}]."),
-                  get(e, "sha256", str, f"{split}[{i}]."), e.get("source", DEFAULT_SOURCE))
+                  get(e, "sha256", str, f"{split}[{i}]."),
+                  get(e, "source", str, f"{split}[{i}].") if "source" in e else DEFAULT_SOURCE)
             for i, e in enumerate(entries))
     version = get(raw, "version", int)
-    history = tuple(raw.get("history") or [{"version": version, **{s: len(shards[s]) for s in SPLITS}}])
+    history = raw.get("history") or [{"version": version, **{s: len(shards[s]) for s in SPLITS}}]
+    if not isinstance(history, list):
+        raise DataError(f"{path}: 'history' should be list, got {history!r}")
+    history = tuple(history)
     for i, record in enumerate(history):
         for key in ("version", *SPLITS):
             get(record, key, int, f"history[{i}].")

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from evertrain.pretrain import tokenizer as tok
+from evertrain.pretrain.lease import Lease, LeaseError, lease_if_shared
 from evertrain.pretrain.data import (DEFAULT_SOURCE, DTYPES, MANIFEST, SPLITS, DataError, Manifest, Shard,
                                      check_extends, load_manifest, shard_name)
 from evertrain.pretrain.sources import (TOKENS, Counts, Decoded, Input, Raw, ReadOptions, account, decode, documents,
@@ -52,6 +54,7 @@ from evertrain.pretrain.sources import (TOKENS, Counts, Decoded, Input, Raw, Rea
 
 TOKENIZER_FILE = tok.FILE_NAMES[tok.SENTENCEPIECE]  # a trained tokenizer's name in the data dir
 LOCK_FILE = ".lock"
+LEASE_POLL_S = 10.0  # how often a waiting append looks at another host's lease
 DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB of uint16: big enough for a good within-shard shuffle
 TOKENIZER_SAMPLE_BYTES = 1 << 30  # the tokenizer trains on an even sample of at most this much text
 SENTENCE_CHARS = 1 << 14  # training text is fed as paragraphs, split further when longer than this
@@ -274,11 +277,15 @@ def write_split(inputs: list[Input], enc: Encoding, directory: Path, split: str,
 def write_manifest(manifest: Manifest, directory: Path) -> None:
     """manifest.json replaced atomically: readers see the old or the new one, never a mix."""
     tmp = directory / f".{MANIFEST}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest.to_json(), indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(manifest.to_json(), indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written manifest beside the real one
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -339,6 +346,8 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
         (staging / tokenizer_file).write_bytes(spec.model)
         enc = Encoding(spec, vocab, token_dtype(vocab), workers, shard_tokens, options)
         shards = {split: write_split(files[split], enc, staging, split, 0, source, counts) for split in SPLITS}
+        if not shards["train"]:
+            raise DataError(f"--input: no documents in the inputs ({counts.summary()}); nothing was written to {out}")
         manifest = Manifest(
             out, version=1, tokenizer={"path": tokenizer_file, "sha256": hashlib.sha256(spec.model).hexdigest()},
             vocab_size=vocab, eos_id=spec.eos_id, bos_id=spec.bos_id, dtype=enc.dtype,
@@ -349,6 +358,8 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
         if out.exists():
             out.rmdir()  # checked empty above
         os.rename(staging, out)
+    except OSError as exc:  # a full disk, a quota: one line; the staging dir goes, `out` was never made
+        raise DataError(f"{exc.filename or out}: {exc.strerror or exc}; nothing was written to {out}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -403,10 +414,14 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
         for stale in data_dir.glob(".append-*"):  # left by a killed append; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         staging = data_dir / f".append-{os.getpid()}"
+        moved: list[Path] = []  # shards no manifest names yet
         try:
             staging.mkdir()
             added = {split: write_split(files[split], enc, staging, split, len(manifest.shards(split)), source, counts)
                      for split in SPLITS}
+            if not added["train"] and not added["val"]:  # all blank: a new version of nothing says nothing
+                raise DataError(f"nothing to append: no documents in the inputs ({counts.summary()}); {data_dir} "
+                                f"is unchanged (still version {manifest.version})")
             version = manifest.version + 1
             counts_after = {split: len(manifest.shards(split)) + len(added[split]) for split in SPLITS}
             grown = dataclasses.replace(
@@ -416,7 +431,13 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
             check_extends(manifest, grown)
             for shard in added["train"] + added["val"]:  # not listed yet: invisible until the manifest names them
                 os.replace(staging / shard.file, data_dir / shard.file)
+                moved.append(data_dir / shard.file)
             write_manifest(grown, data_dir)
+        except OSError as exc:  # a full disk: one line; the manifest (replaced atomically) is still the old one
+            for path in moved:  # we hold the lock: nobody else wrote them
+                path.unlink(missing_ok=True)
+            raise DataError(f"{exc.filename or data_dir}: {exc.strerror or exc}; {data_dir} is unchanged "
+                            f"(still version {manifest.version})") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return grown
@@ -491,7 +512,7 @@ def check_positive(**values: int) -> None:
 @contextlib.contextmanager
 def data_dir_lock(data_dir: Path) -> Iterator[None]:
     """One writer at a time per data dir (a lock file, so it holds across processes and machines
-    sharing the file system where flock works)."""
+    sharing the file system where flock works; on a network filesystem also a lease, lease.py)."""
     lock = FileLock(data_dir / LOCK_FILE)
     try:
         lock.acquire(timeout=0)
@@ -499,6 +520,22 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
         print(f"waiting for another append to {data_dir} to finish ...", file=sys.stderr)
         lock.acquire()
     try:
-        yield
+        lease = lease_when_free(data_dir / LOCK_FILE)
+        try:
+            yield
+        finally:
+            if lease is not None:
+                lease.release()
     finally:
         lock.release()
+
+
+def lease_when_free(lock_path: Path) -> Lease | None:
+    """The lease beside the data dir's lock (None on a local disk), waiting while an append on
+    another host holds it (its flock may be invisible from here)."""
+    while True:
+        try:
+            return lease_if_shared(lock_path)
+        except LeaseError as exc:
+            print(f"waiting for another append to {lock_path.parent} to finish ({exc}) ...", file=sys.stderr)
+            time.sleep(LEASE_POLL_S)

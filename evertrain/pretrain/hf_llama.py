@@ -95,9 +95,12 @@ def read_llama_config(hf_dir: Path) -> dict:
     if not path.is_file():
         raise HFCheckpointError(f"model.init_from: {hf_dir} has no config.json (not a Hugging Face checkpoint)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise HFCheckpointError(f"model.init_from: {path} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise HFCheckpointError(f"model.init_from: {path} holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def _rope_theta(hf: dict) -> float:
@@ -110,6 +113,9 @@ def check_llama_config(hf: dict, model_cfg: ModelConfig, source: Path) -> None:
     where = f"model.init_from: {source / 'config.json'}"
     if hf.get("model_type") != "llama":
         raise HFCheckpointError(f"{where}: model_type {hf.get('model_type')!r} is not 'llama'")
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise HFCheckpointError(f"{where}: {key} is a JSON {type(hf[key]).__name__}, not an object")
     rope = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
@@ -142,6 +148,7 @@ def check_llama_config(hf: dict, model_cfg: ModelConfig, source: Path) -> None:
 
 def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
@@ -150,8 +157,12 @@ def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     elif index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise HFCheckpointError(f"model.init_from: {index} has no weight_map") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) and name and Path(name).name == name for name in weight_map.values()):
+            raise HFCheckpointError(f"model.init_from: {index}: weight_map is not a table of tensor -> shard "
+                                    "file name (in this directory)")
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
     else:
         raise HFCheckpointError(f"model.init_from: {hf_dir} has no model.safetensors (nor an index of shards)")
@@ -159,7 +170,11 @@ def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     for path in files:
         if not path.is_file():
             raise HFCheckpointError(f"model.init_from: shard {path} is missing")
-        state.update(load_file(str(path)))
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError) as exc:  # a cut file, a malformed header
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HFCheckpointError(f"model.init_from: {path}: not a readable safetensors file ({reason})") from None
     return state
 
 
@@ -173,6 +188,10 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig
             if name.endswith("rotary_emb.inv_freq"):  # old checkpoints stored the RoPE table; ours is derived
                 continue
             raise HFCheckpointError(f"model.init_from: {source}: tensor {name} has no counterpart in evertrain's model")
+        if not tensor.is_floating_point():  # a cast would silently turn codes or flags into weights
+            raise HFCheckpointError(f"model.init_from: {source}: {name} has dtype "
+                                    f"{str(tensor.dtype).removeprefix('torch.')}, not floating point (a quantized "
+                                    "checkpoint? export it unquantized)")
         if tuple(tensor.shape) != expected[ours]:
             raise HFCheckpointError(f"model.init_from: {source}: {name} has shape {tuple(tensor.shape)}, "
                                     f"the config needs {expected[ours]}")
@@ -189,6 +208,33 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig
         raise HFCheckpointError(f"model.init_from: {source}: {hf_name(missing[0])} is missing "
                                 f"({len(missing)} tensors missing)")
     return state
+
+
+def check_tokenizer(init_from: str, data_tokenizer: Path, data_path: str) -> None:
+    """The embedding's rows mean the tokens of the tokenizer the checkpoint was trained with: the run's
+    data must be tokenized with the same pieces at the same ids, or every row trains on the wrong token.
+    A checkpoint without its tokenizer cannot show that, so it is refused too."""
+    from evertrain.pretrain.tokenizer import pieces
+
+    hf_dir = parse_init_from(init_from)
+    files = [hf_dir / name for name in ("tokenizer.model", "tokenizer.json") if (hf_dir / name).is_file()]
+    if not files:
+        raise HFCheckpointError(f"model.init_from: {hf_dir} has no tokenizer.model or tokenizer.json, so nothing shows "
+                                f"that its embedding rows are the tokens of data.path={data_path}; copy the "
+                                "checkpoint's tokenizer into it")
+    ours = data_tokenizer.read_bytes()
+    if any(path.read_bytes() == ours for path in files):
+        return
+    wanted = pieces(ours, str(data_tokenizer))
+    for path in files:
+        theirs = pieces(path.read_bytes(), f"model.init_from: {path}")
+        if theirs == wanted:
+            return
+    differ = next((i for i, (a, b) in enumerate(zip(theirs, wanted)) if a != b), min(len(theirs), len(wanted)))
+    raise HFCheckpointError(f"model.init_from: {files[-1]} is not the tokenizer of data.path={data_path} "
+                            f"({len(theirs)} vs {len(wanted)} pieces, first difference at id {differ}): the "
+                            "embedding rows would train on the wrong tokens; use a data dir prepared with "
+                            "the checkpoint's tokenizer (evertrain data prepare --tokenizer)")
 
 
 def load_llama(init_from: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:

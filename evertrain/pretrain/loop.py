@@ -42,7 +42,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     opened, before the first step. Returns the last step done."""
     t, eval_every, ckpt_every = cfg.train, cfg.eval.every_steps, cfg.checkpoint.every_steps
     step, tokens, nonfinite_before = resume(engine, stream, ckpt, start)
-    watch = NonFiniteWatch(engine, t.on_nonfinite, nonfinite_before)
+    watch = NonFiniteWatch(engine, t.on_nonfinite, nonfinite_before, t.max_nonfinite_steps)
     global_windows = t.micro_batch_size * t.grad_accum * engine.world_size
     tokens_per_step = global_windows * cfg.model.seq_len
     val = load_val_batches(cfg, engine) if eval_every else []
@@ -81,7 +81,7 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                     metrics.write(eval_record(engine, val, step, tokens))  # SYNC
                 if ckpt is not None and (stop or (ckpt_every and step % ckpt_every == 0)):
                     nonfinite = watch.read()  # SYNC
-                    watch.enforce()  # never commit a checkpoint made after a non-finite step (stop mode)
+                    watch.enforce()  # never commit a checkpoint made after a non-finite step (stop mode), or a streak
                     refresh_data(batches, engine)  # SYNC; appended shards join after this step (prefetch.py)
                     extra = {"tokens": tokens, "data": batches.state_dict(), "nonfinite_steps": nonfinite}
                     saved, kept = save_within_budget(ckpt, step, extra, signals, signalled,  # SYNC (staging)

@@ -5,7 +5,9 @@ pretrain.py calls `resolve_auto` and then `preflight` on every rank right after 
 new check joins here.
 Today: the trackers `logging` asks for are installed, the data dir can serve the config (it exists,
 its vocabulary fits model.vocab_size, it has the validation split that periodic eval reads), and a run
-over several nodes does not rendezvous or bind its sockets on a loopback address.
+over several nodes does not rendezvous or bind its sockets on a loopback address, and a `model.init_from`
+checkpoint's tokenizer is the data's (pass the config as the engine will see it: init_from is dropped
+once the run has a checkpoint).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Ma
     manifest = check_data(cfg, verify_checksums)
     check_vocab(cfg, manifest, warn)
     check_network(os.environ, warn)
+    check_init_from(cfg, manifest)
     return manifest
 
 
@@ -116,3 +119,12 @@ def check_network(env: Mapping[str, str], warn) -> None:
         warn(f"warning: this host's name {host} resolves to a loopback address, where gloo binds when "
              f"GLOO_SOCKET_IFNAME is unset, but this run spans {nodes} nodes: set GLOO_SOCKET_IFNAME to the "
              "nodes' network interface (e.g. eth0), or map the host name to its network address")
+
+
+def check_init_from(cfg: Config, manifest: Manifest) -> None:
+    """A Hugging Face checkpoint's embedding rows belong to its tokenizer: the data's must be the same one."""
+    if cfg.model.init_from is None:
+        return
+    from evertrain.pretrain.hf_llama import check_tokenizer  # imports torch: only for runs that need it
+
+    check_tokenizer(cfg.model.init_from, Path(cfg.data.path) / manifest.tokenizer["path"], cfg.data.path)

@@ -13,7 +13,9 @@ flock is released by the kernel when its holder dies, however it dies, so a dead
 simply taken over: no pid probing, no stale-lock heuristics (and no race between two restarts: flock
 decides). The file's JSON body {host, pid, since} only serves the error message. On NFS, Linux maps
 flock to POSIX byte-range locks, which the server (NLM/NFSv4 leases) frees when the client host
-stops renewing them, so a crashed host's lock is taken over after the lease expires.
+stops renewing them, so a crashed host's lock is taken over after the lease expires. But NFS mounted
+with `local_lock=flock` or `nolock` keeps flock on each client, so there (and on other network
+filesystems) the lock also takes a lease, `.lock.lease`, that holds across hosts (lease.py).
 
 Readers (forks, exports, the report) never take it: they write nowhere in the run dir but pins.
 """
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evertrain.errors import EvertrainError
+from evertrain.pretrain.lease import Lease, LeaseError, lease_if_shared
 
 LOCK_FILE = ".lock"
 
@@ -40,6 +43,7 @@ class RunLockError(EvertrainError):
 class RunLock:
     path: Path
     fd: int
+    lease: Lease | None = None  # on a network filesystem (see the module docstring)
 
     @classmethod
     def acquire(cls, run_dir: str | Path) -> "RunLock":
@@ -60,14 +64,25 @@ class RunLock:
         except OSError as exc:
             os.close(fd)
             raise RunLockError(f"{path}: cannot lock ({exc.strerror}); does the filesystem support locks?") from None
+        try:
+            lease = lease_if_shared(path)
+        except LeaseError as exc:
+            os.close(fd)
+            raise RunLockError(f"{run_dir}: another trainer is using this run dir ({exc}); stop it first, "
+                               f"or use another --run-dir") from None
+        except OSError as exc:
+            os.close(fd)
+            raise RunLockError(f"{path}.lease: cannot write the run's lease ({exc.strerror or exc})") from None
         body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, body.encode() + b"\n", 0)
-        return cls(path, fd)
+        return cls(path, fd, lease)
 
     def release(self) -> None:
         if self.fd < 0:
             return
+        if self.lease is not None:
+            self.lease.release()
         try:
             os.ftruncate(self.fd, 0)  # the next holder's body, not ours, is what an error should show
         finally:

@@ -43,6 +43,7 @@ SUFFIXES = {".jsonl": JSONL, ".jsonl.gz": JSONL, ".jsonl.zst": JSONL, ".parquet"
 HF_STATE, HF_DICT = "state.json", "dataset_dict.json"
 ARROW_BATCH_ROWS = 1024  # rows read from a parquet file per step
 JSONL_BLOCK_BYTES = 1 << 20  # JSONL is read in blocks of whole lines of about this size
+MAX_RECORD_BYTES = 64 << 20  # a JSONL line longer than this is refused (decoding it would take ~50x in memory)
 
 
 @dataclass(frozen=True)
@@ -276,8 +277,46 @@ def _open_jsonl(path: Path) -> BinaryIO:
         except ImportError:
             raise DataError(f"{path}: reading .zst needs the `zstandard` package "
                             "(pip install 'evertrain[data]')") from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return ZstdFrames(path, zstandard.ZstdDecompressor())
     return open(path, "rb")
+
+
+class ZstdFrames:
+    """A .zst file's frames, decompressed one after another. zstandard's own stream reader ends
+    quietly inside a cut frame (a truncated download would give half the documents); this reader
+    raises EOFError there, as gzip does."""
+
+    CHUNK = 1 << 18  # compressed bytes per decompress call
+
+    def __init__(self, path: Path, decompressor):
+        self._file = open(path, "rb")
+        self._decompressor = decompressor
+        self._frame = None  # the frame being decompressed; None between frames
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            chunk = self._file.read(self.CHUNK)
+            if not chunk:
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstd frame (truncated?)")
+                return b""
+            out = []
+            while chunk:
+                self._frame = self._frame or self._decompressor.decompressobj()
+                out.append(self._frame.decompress(chunk))
+                chunk = self._frame.unused_data if self._frame.eof else b""
+                self._frame = None if self._frame.eof else self._frame
+            if any(out):
+                return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _jsonl_raw(path: Path, options: ReadOptions) -> Iterator[Raw]:
@@ -293,6 +332,11 @@ def _jsonl_raw(path: Path, options: ReadOptions) -> Iterator[Raw]:
                 block = rest + block
                 end = block.rfind(b"\n") + 1
                 rest = block[end:]
+                if len(rest) > MAX_RECORD_BYTES:
+                    number = line + block.count(b"\n", 0, end)
+                    raise DataError(f"{path}:{number}: a record of more than {MAX_RECORD_BYTES:,} bytes (no "
+                                    "newline that long): too large a document to encode in memory, or not JSONL; "
+                                    "split it")
                 if end:
                     yield Raw(path, JSONL, line, block[:end], end)
                     line += block.count(b"\n", 0, end)

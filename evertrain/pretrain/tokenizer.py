@@ -117,6 +117,16 @@ def hf_tokenizer(model: bytes, name: str):
         raise TokenizerError(f"{name}: not a valid tokenizer.json ({str(exc).splitlines()[0]})") from None
 
 
+def pieces(model: bytes, name: str) -> list[str]:
+    """The tokenizer's pieces in id order: two tokenizers with the same pieces give every text the same
+    ids (a sentencepiece model and its tokenizer.json conversion included)."""
+    if kind_of(model) == SENTENCEPIECE:
+        sp = _sentencepiece(model, name)
+        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = hf_tokenizer(model, name).get_vocab(with_added_tokens=True)
+    return sorted(vocab, key=vocab.__getitem__)
+
+
 class Tokenizer:
     """One tokenizer, encoding whole documents. `threads` > 1 lets the library use its own threads
     (only in the parent when there are no encoding processes)."""

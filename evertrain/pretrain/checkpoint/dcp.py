@@ -71,7 +71,15 @@ class DcpState:
         digests: dict[str, dict] = {}
         writer = FileSystemWriter(str(tmp_dir))  # one file per rank, one thread, fsynced: DCP's defaults
         writer.fs = HashingFileSystem(digests)
-        dcp.save(staged, storage_writer=writer, **self._dcp_args())
+        try:
+            dcp.save(staged, storage_writer=writer, **self._dcp_args())
+        except dcp.CheckpointException as exc:
+            # DCP wraps every rank's error (a full disk's OSError included) in one multi-line
+            # BaseException: hand the manager the OSError itself, which it reports in one line
+            cause = wrapped_error(exc)
+            if isinstance(cause, OSError):
+                raise cause from None
+            raise CheckpointError(f"{tmp_dir}: checkpoint write failed: {first_line(exc)}") from None
         return digests
 
     def own_files(self, tmp_dir: Path) -> list[str]:
@@ -122,6 +130,17 @@ class DcpState:
 
     def close(self) -> None:
         self.stager.close()
+
+
+def wrapped_error(exc: BaseException) -> BaseException:
+    """The first rank's own error inside DCP's CheckpointException (`failures`: {rank: (error,
+    stack)}), else `exc` itself."""
+    failures = getattr(exc, "failures", None) or {}
+    for rank in sorted(failures):
+        error = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        if isinstance(error, BaseException):
+            return error
+    return exc
 
 
 class HashingFileSystem(FileSystem):

@@ -35,7 +35,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from evertrain.pretrain.checkpoint.staging import BackgroundStager
-from evertrain.pretrain.checkpoint.safe_load import weights_only_loads
+from evertrain.pretrain.checkpoint.safe_load import first_line, weights_only_loads
 from evertrain.pretrain.checkpoint.slices import KEYS, MOMENTS, WEIGHT, Slice
 from evertrain.pretrain.checkpoint.store import CheckpointError, HashingFile
 
@@ -49,7 +49,10 @@ def load_trusted(path: str | Path, map_location=None, mmap: bool = False):
     """torch.load of a DeepSpeed checkpoint file, weights_only with DeepSpeed's few plain classes
     (mmap: tensors are paged in when read, see checkpoint/slices.py)."""
     with weights_only_loads(path, DEEPSPEED_SAFE_GLOBALS):
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except (RuntimeError, EOFError, ValueError, OSError) as exc:  # a plain pickle, a cut or garbage file
+            raise CheckpointError(f"{path}: not a readable torch.save file ({first_line(exc)})") from None
 
 
 class StagingCheckpointEngine(CheckpointEngine):

@@ -31,6 +31,7 @@ import os
 import pickle
 import random
 import secrets
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -158,6 +159,15 @@ class CheckpointManager:
     def _write_and_commit(self, tmp: Path, copy: Future, write, train_state: dict, meta: dict | None,
                           timings: SaveTimings) -> None:
         """Background thread: no collectives but DCP's own on its gloo group, only files."""
+        try:
+            self._write_and_commit_files(tmp, copy, write, train_state, meta, timings)
+        except OSError:
+            if self.engine.world_size == 1:  # no other rank writes there: free what a full disk needs
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise  # wait() reports it in one line; the previous checkpoint stays LATEST
+
+    def _write_and_commit_files(self, tmp: Path, copy: Future, write, train_state: dict, meta: dict | None,
+                                timings: SaveTimings) -> None:
         started = time.perf_counter()
         staged = copy.result()
         timings.copy, started = time.perf_counter() - started, time.perf_counter()

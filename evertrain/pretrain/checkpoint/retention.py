@@ -71,15 +71,23 @@ class PinWatch:
     def __init__(self):
         self.first_seen: dict[tuple[str, str], float] = {}
 
-    def expired(self, path: Path, record: dict) -> bool:
+    def expired(self, path: Path, record: dict, ttl_s: float) -> bool:
         now = time.monotonic()
         key = (pin_id(path), str(record.get("renewal", record.get("expires"))))
         seen = self.first_seen.setdefault(key, now)
-        return now - seen > float(record.get("ttl_s", record["expires"] - record.get("created", 0)))
+        return now - seen > ttl_s
 
     def forget_gone(self, live: set[str]) -> None:
         """Drop what belongs to pin files that no longer exist (keeps the memory small)."""
         self.first_seen = {k: v for k, v in self.first_seen.items() if k[0] in live}
+
+
+def pin_ttl(record) -> float:
+    """A pin's time to live; ValueError/TypeError/KeyError for a record that is not a pin's."""
+    if not isinstance(record, dict):
+        raise TypeError("not a JSON object")
+    expires = float(record["expires"])
+    return float(record["ttl_s"]) if "ttl_s" in record else expires - float(record.get("created", 0))
 
 
 def pin_id(path: Path) -> str:
@@ -94,19 +102,50 @@ def active_pins(step_dir: Path, watch: PinWatch | None = None) -> list[dict]:
     for path in sorted((Path(step_dir) / "pins").glob("*.json")):
         try:
             record = json.loads(path.read_text())
-            float(record["expires"])
+            ttl_s = pin_ttl(record)  # every field used below, checked here: a bad pin never raises later
         except FileNotFoundError:
             continue  # unpinned while we looked
-        except (ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable, not JSON, not a pin's fields
             active.append({"holder": path.stem, "expires": float("inf")})
             continue
-        if watch is None or not watch.expired(path, record):
+        if watch is None or not watch.expired(path, record, ttl_s):
             active.append(record)
     return active
 
 
 def is_pinned(step_dir: Path, watch: PinWatch | None = None) -> bool:
     return bool(active_pins(step_dir, watch))
+
+
+def has_live_pins(step_dir: Path) -> bool:
+    """For a one-shot command that must not wait on the dead (pretrain.py --resume-step): pins that
+    may still have a reader. A pin is dead when it names this host and a pid that is gone, or when
+    its file was not renewed for twice its ttl_s (by the filesystem's mtime, so a holder's skewed clock
+    does not matter); unreadable pins count as live."""
+    for pin_path in sorted((Path(step_dir) / "pins").glob("*.json")):
+        try:
+            record = json.loads(pin_path.read_text())
+            ttl_s = pin_ttl(record)
+            age = time.time() - pin_path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+        if not (age > 2 * ttl_s or (record.get("host") == socket.gethostname() and not pid_alive(record.get("pid")))):
+            return True
+    return False
+
+
+def pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: assume a reader
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]:

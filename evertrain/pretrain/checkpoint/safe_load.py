@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
 from evertrain import torch_compat
-from evertrain.pretrain.checkpoint.store import CheckpointError
+from evertrain.pretrain.checkpoint.store import CheckpointError, confined_path
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -89,6 +89,20 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     return metadata
 
 
+def check_storage_paths(step_dir: Path, metadata: Metadata) -> None:
+    """Every file the `.metadata` sends reads to lies in the step dir itself: a rewritten path
+    (`../step_.../__0_0.distcp`, an absolute one) would load another checkpoint's tensors."""
+    storage = getattr(metadata, "storage_data", None) or {}
+    if not isinstance(storage, dict):
+        raise CheckpointError(f"{step_dir / '.metadata'}: refused: storage_data is a {type(storage).__name__}")
+    for info in storage.values():
+        relative = getattr(info, "relative_path", None)
+        if not isinstance(relative, str) or "/" in relative or os.sep in relative:
+            raise CheckpointError(f"{step_dir / '.metadata'}: refused: data file {relative!r} is not a file "
+                                  f"name inside {step_dir}")
+        confined_path(step_dir, relative, f"{step_dir / '.metadata'}: refused: data file")
+
+
 class SafeFileSystemReader(FileSystemReader):
     """torch's FileSystemReader, with `read_metadata` going through the allow-listed unpickler.
 
@@ -98,6 +112,7 @@ class SafeFileSystemReader(FileSystemReader):
     def __init__(self, path: str | Path, **kwargs):
         super().__init__(str(path), **kwargs)
         self.metadata = read_dcp_metadata(torch_compat.dcp_metadata_path(self))
+        check_storage_paths(Path(path), self.metadata)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         # As FileSystemReader.read_metadata (torch 2.13), apart from the unpickler.
@@ -146,10 +161,31 @@ def weights_only_loads(source: str | Path, safe_globals: list | tuple = ()):
             os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
+TORCH_PREFIX = "Weights only load failed."
+REASON_TAG = "WeightsUnpickler error:"
+
+
 def first_line(exc: BaseException) -> str:
-    """The line of an error that says what went wrong (torch's weights_only errors put it last)."""
+    """The line of an error that says what went wrong. torch's weights_only errors wrap the reason
+    (wherever their wording puts it) in advice to load with weights_only=False, which would run the
+    file's code: that advice is never shown. DCP's CheckpointException is unwrapped to a rank's own error."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = failures[min(failures)]
+        exc = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        if isinstance(exc, CheckpointError):
+            return str(exc)
     text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    reason = [line for line in text if line.startswith("WeightsUnpickler error:")]
-    if reason:
-        return reason[0].removeprefix("WeightsUnpickler error:").strip()
-    return text[0] if text else exc.__class__.__name__
+    for line in text:  # "...: WeightsUnpickler error: <reason>" (the reason may also follow on the next lines)
+        reason = line.split(REASON_TAG, 1)[1].strip() if REASON_TAG in line else ""
+        if reason:
+            return reason
+    reasons = [line.removeprefix(TORCH_PREFIX).strip() for line in text if not torch_advice(line)]
+    reasons = [line for line in reasons if line]
+    return reasons[0] if reasons else exc.__class__.__name__
+
+
+def torch_advice(line: str) -> bool:
+    """A line of torch's weights_only boilerplate rather than the reason."""
+    return ("weights_only" in line or line.endswith(REASON_TAG)
+            or line.startswith(("Check the documentation", "Please file an issue", "(1)", "(2)")))

@@ -79,7 +79,11 @@ class SliceReader:
 
 def open_reader(step_dir: Path, meta: dict) -> SliceReader:
     if meta["engine"] == "deepspeed":
-        return ZeroReader(step_dir, meta)
+        try:
+            return ZeroReader(step_dir, meta)
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:  # files of another layout
+            raise CheckpointError(f"{step_dir}: not the layout of a DeepSpeed checkpoint "
+                                  f"({type(exc).__name__}: {exc})") from None
     return DcpReader(step_dir)
 
 
@@ -166,7 +170,26 @@ def _load_mmap(path: Path):
 
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a DeepSpeed checkpoint needs every rank's files)")
-    return load_trusted(path, map_location="cpu", mmap=True)
+    loaded = load_trusted(path, map_location="cpu", mmap=True)
+    check_dense(loaded, path)
+    return loaded
+
+
+def check_dense(obj, path: Path) -> None:
+    """Every tensor in a loaded file has no more elements than its storage holds and stays inside it:
+    a crafted stride of 0 would make a few bytes claim a billion elements, which a copy materializes."""
+    if isinstance(obj, torch.Tensor):
+        held = obj.untyped_storage().nbytes() // max(obj.element_size(), 1)
+        last = obj.storage_offset() + sum((n - 1) * abs(st) for n, st in zip(obj.shape, obj.stride()))
+        if obj.numel() and (obj.numel() > held or last >= held):
+            raise CheckpointError(f"{path}: holds a tensor of shape {tuple(obj.shape)} and strides {obj.stride()} "
+                                  f"that its {obj.untyped_storage().nbytes()} bytes of storage do not back")
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            check_dense(value, path)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            check_dense(value, path)
 
 
 class _Flat:

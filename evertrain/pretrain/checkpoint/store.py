@@ -198,10 +198,44 @@ def read_meta(step_dir: Path) -> dict:
         raise CheckpointError(f"{path}: missing; {step_dir} is not a complete checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(meta).__name__}, not an object")
     for key in ("step", "engine", "world_size", "model_hash", "files"):
         if key not in meta:
             raise CheckpointError(f"{path}: has no '{key}'")
+    if not isinstance(meta["step"], int) or not isinstance(meta["files"], dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) for e in meta["files"].values()):
+        raise CheckpointError(f"{path}: 'step' is not an integer or 'files' not a table of {{name: {{size, hash}}}}")
+    if not isinstance(meta["world_size"], int) or meta["world_size"] < 1 or (
+            meta["engine"] == "deepspeed" and meta.get("zero_stage") not in (0, 1, 2, 3)):
+        raise CheckpointError(f"{path}: world_size {meta['world_size']!r} or zero_stage {meta.get('zero_stage')!r} "
+                              "is not a possible value")
+    check_confined(Path(step_dir), meta)
     return meta
+
+
+def check_confined(step_dir: Path, meta: dict) -> None:
+    """A checkpoint reads only files of its own real directory: the step dir is not a symlink (to
+    another run's checkpoint, which would resume at its step), its name agrees with meta.json's step,
+    and every file meta.json lists lies inside it (no absolute path, no `..`, no symlink out)."""
+    if step_dir.is_symlink():
+        raise CheckpointError(f"{step_dir}: is a symbolic link (to {os.readlink(step_dir)}); a checkpoint is read "
+                              "only from its own directory (copy it instead)")
+    named = step_of(step_dir)
+    if named is not None and named != meta["step"]:
+        raise CheckpointError(f"{step_dir / META}: says step {meta['step']}, but the directory is {step_dir.name}")
+    for name in meta["files"]:
+        confined_path(step_dir, name, f"{step_dir / META}: file")
+
+
+def confined_path(step_dir: Path, name, what: str) -> Path:
+    """step_dir / name, refused unless it is a relative path that stays inside step_dir's real path."""
+    real = Path(step_dir).resolve()
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise CheckpointError(f"{what} {name!r} is not a path inside {step_dir}")
+    if not (real / name).resolve().is_relative_to(real):
+        raise CheckpointError(f"{what} {name!r} leads out of {step_dir} (a symbolic link?)")
+    return Path(step_dir) / name
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
