@@ -695,12 +695,12 @@ def test_export_pins_its_source_and_checks_the_tokenizer(tiny_data, tmp_path, mo
                                    minloglevel=2)
     with pytest.raises(ExportError, match="not the tokenizer .* trained with"):
         export_cmd.run_export(args(tokenizer=str(tmp_path / "other.model")))
-    import evertrain.pretrain.checkpoint as checkpoint_pkg
+    import evertrain.launch.export as export_module
 
-    seen = []
-    real = checkpoint_pkg.load_consolidated
-    monkeypatch.setattr(checkpoint_pkg, "load_consolidated",
-                        lambda path, **kw: (seen.append(is_pinned(step_dir)), real(path, **kw))[1])
+    seen = []  # the checkpoint is pinned while its weights are read
+    real = export_module.export_hf_checkpoint
+    monkeypatch.setattr(export_module, "export_hf_checkpoint",
+                        lambda path, *a, **kw: (seen.append(is_pinned(step_dir)), real(path, *a, **kw))[1])
     assert export_cmd.run_export(args()) == 0
     assert seen == [True] and not is_pinned(step_dir)
 
