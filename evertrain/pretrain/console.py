@@ -59,10 +59,14 @@ def run_banner(cfg, engine, run_dir, start_step: int, tokens_per_step: int, data
                         start_step=start_step, data_path=cfg.data.path, data_version=data_version, run_dir=run_dir)
 
 
-def closing_line(step: int, reason: str, saved_step: int | None, run_dir: str | Path) -> str:
-    """`saved_step`: the last checkpoint this process committed (None: it saved none)."""
+def closing_line(step: int, reason: str, saved_step: int | None, run_dir: str | Path,
+                 final_dir: str | Path | None = None) -> str:
+    """`saved_step`: the last checkpoint this process committed (None: it saved none). `final_dir`: where a
+    finished run's state goes instead of its checkpoints, which are then deleted (a fork's final/)."""
     saved = (f"last checkpoint: step {saved_step} in {Path(run_dir) / 'checkpoints'}" if saved_step is not None
              else "no checkpoint saved")
+    if final_dir is not None and saved_step == step:
+        saved = f"its final state goes to {final_dir} once evaluated"
     return f"evertrain: stopped at step {step} ({reason}); {saved}"
 
 
