@@ -43,7 +43,7 @@ echo "== evertrain demo: training $RUN ($CONFIG, $STEPS steps, DeepSpeed x$RANKS
 # get one thread each: they share the cores with the training ranks, and more threads than cores
 # slow everyone down (OpenMP spins).
 OMP_NUM_THREADS=1 "${EVERTRAIN[@]}" forker --run "$RUN" --at "$AT" --cooldown-fraction 0.2 --shape 1-sqrt \
-    --nodes local:1 --until-step "$STEPS" --poll-s "$POLL_S" > >(sed -u 's/^/[forker] /') 2>&1 &
+    --pool local:1 --until-step "$STEPS" --poll-s "$POLL_S" > >(sed -u 's/^/[forker] /') 2>&1 &
 FORKER=$!
 trap 'kill $FORKER 2>/dev/null || true' EXIT
 

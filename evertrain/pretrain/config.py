@@ -136,6 +136,9 @@ class Config:
 # Named here, not in schedule.py, so that commands can offer them without importing torch.
 DECAYS = ("rsqrt", "constant", "cosine", "linear")
 COOLDOWN_SHAPES = ("linear", "1-sqrt", "cosine")
+# every command's default: the shape measured in docs/horizon_sweep.md (its cooldowns end level with or below
+# a tuned cosine), and Hägele et al.'s best
+DEFAULT_COOLDOWN_SHAPE = "1-sqrt"
 
 _CHOICES = {
     "optim.decay": DECAYS,
