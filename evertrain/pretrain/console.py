@@ -4,7 +4,11 @@ On a terminal the progress is a tqdm bar with the latest loss and lr. Anywhere e
 CI: stderr is not a TTY) it is one plain line per log step, never a `\\r`, so a batch log reads and
 greps like a table:
 
-    step 20/600 | tokens 41K | loss 5.6981 | lr 2.25e-03 | grad_norm 0.912 | 7.3K tok/s | elapsed 0:00:06
+    step 20/600 | tokens 41K | loss 5.6981 | lr 2.25e-03 | grad_norm 0.912 | 7.3K tok/s | MFU 38.1% | elapsed 0:00:06
+
+MFU shows when the device's peak is known (train.peak_tflops, or hardware.py by device name; never on
+CPU); with train.on_nonfinite=skip, "skipped N" counts the updates dropped so far. The bar's postfix
+carries the same throughput figures.
 
 Only the main rank prints; on other ranks every method is a no-op. The numbers are the metrics
 records the loop already pulled to the host on log steps: printing adds no device sync.
@@ -32,17 +36,31 @@ def clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def step_line(record: dict, max_steps: int | None, elapsed_s: float) -> str:
+def throughput(record: dict, skipped: bool = False) -> dict[str, str]:
+    """Tokens/s, MFU (when the record has it) and, with `skipped`, the non-finite steps dropped so far."""
+    shown = {"tok/s": human(record["tokens_per_s"])}
+    if "mfu" in record:
+        shown["MFU"] = f"{100 * record['mfu']:.1f}%"
+    if skipped:
+        shown["skipped"] = str(record.get("nonfinite_steps", 0))
+    return shown
+
+
+def step_line(record: dict, max_steps: int | None, elapsed_s: float, skipped: bool = False) -> str:
     """One log step (a metrics.jsonl "train" record) as a plain line."""
     of = f"/{max_steps}" if max_steps is not None else ""
+    shown = throughput(record, skipped)
+    extra = "".join(f" | {key} {value}" for key, value in shown.items() if key != "tok/s")
     return (f"step {record['step']}{of} | tokens {human(record['tokens'])} | loss {record['loss']:.4f} | "
             f"lr {record['lr']:.3g} | grad_norm {record['grad_norm']:.3g} | "
-            f"{human(record['tokens_per_s'])} tok/s | elapsed {clock(elapsed_s)}")
+            f"{shown['tok/s']} tok/s{extra} | elapsed {clock(elapsed_s)}")
 
 
 def start_banner(*, params: int, tokens_per_step: int, engine: str, world_size: int, dtype: str, device: str,
-                 start_step: int, data_path: str, data_version: int, run_dir: str | Path) -> str:
-    start = f"resumed from step {start_step}" if start_step else "fresh start"
+                 start_step: int, data_path: str, data_version: int, run_dir: str | Path,
+                 init_from: str | None = None) -> str:
+    start = (f"resumed from step {start_step}" if start_step else
+             f"initialized from {init_from.removeprefix('hf:')}" if init_from else "fresh start")
     return (f"evertrain: {human(params)} parameters | {human(tokens_per_step)} tokens/step | {engine} x{world_size} | "
             f"{dtype} on {device} | {start} | data {data_path} v{data_version} | run {run_dir}")
 
@@ -56,7 +74,8 @@ def run_banner(cfg, engine, run_dir, start_step: int, tokens_per_step: int, data
         name = f"{name} ({engine.layout})"
     return start_banner(params=params, tokens_per_step=tokens_per_step, engine=name,
                         world_size=engine.world_size, dtype=cfg.train.dtype, device=engine.device.type,
-                        start_step=start_step, data_path=cfg.data.path, data_version=data_version, run_dir=run_dir)
+                        start_step=start_step, data_path=cfg.data.path, data_version=data_version, run_dir=run_dir,
+                        init_from=cfg.model.init_from)
 
 
 def closing_line(step: int, reason: str, saved_step: int | None, run_dir: str | Path,
@@ -73,8 +92,9 @@ def closing_line(step: int, reason: str, saved_step: int | None, run_dir: str | 
 class Console:
     """The run's console on the main rank; a bar on a terminal, plain lines elsewhere."""
 
-    def __init__(self, enabled: bool, start_step: int, max_steps: int | None, stream: TextIO | None = None):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, start_step: int, max_steps: int | None, stream: TextIO | None = None,
+                 skipped: bool = False):
+        self.enabled, self.skipped = enabled, skipped
         if not enabled:
             return
         self.stream = stream if stream is not None else sys.stderr
@@ -105,11 +125,13 @@ class Console:
             return
         if self.bar is None:
             if record["kind"] == "train":
-                self.say(step_line(record, self.max_steps, time.perf_counter() - self.start_time))
+                self.say(step_line(record, self.max_steps, time.perf_counter() - self.start_time, self.skipped))
             elif "val_loss" in record:
                 self.say(f"step {record['step']} | eval | val_loss {record['val_loss']:.4f}")
             return
         self.shown.update({k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "lr") if k in record})
+        if record["kind"] == "train":
+            self.shown.update(throughput(record, self.skipped))
         self.bar.set_postfix(self.shown, refresh=False)
 
     def close(self) -> None:
