@@ -62,7 +62,7 @@ class OptimConfig:
     max_lr: float = 1e-3
     warmup_steps: int = 100
     decay: str = "rsqrt"  # rsqrt | constant | cosine | linear
-    rsqrt_timescale: int | None = None  # tau; None = warmup_steps (the seed's max_lr*sqrt(w/step))
+    rsqrt_timescale: int | None = None  # tau; None = warmup_steps (max_lr*sqrt(w/step))
     horizon: int | None = None  # total steps, only for the fixed-horizon baselines cosine/linear
     min_lr_ratio: float = 0.0  # floor of the cosine/linear baselines, as a fraction of max_lr
     betas: tuple[float, float] = (0.9, 0.95)
