@@ -108,3 +108,14 @@ def test_a_run_started_from_a_hugging_face_checkpoint_says_so():
     assert "| initialized from hf/llama |" in banner and "fresh start" not in banner
     assert "| resumed from step 5 |" in start_banner(start_step=5, init_from="hf:hf/llama", **common)
     assert "| fresh start |" in start_banner(start_step=0, **common)
+
+
+def test_appended_data_joining_the_run_is_said_once():
+    plain = io.StringIO()
+    console = Console(True, 0, 40, stream=plain)
+    for step, version in ((10, 1), (20, 1), (30, 2), (40, 2)):
+        console.record({**RECORD, "step": step, "data_version": version})
+    lines = plain.getvalue().splitlines()
+    said = [line for line in lines if "data v" in line]
+    assert said == ["step 30 | data v2: the shards appended to the data dir joined the stream at the last checkpoint"]
+    assert lines.index(said[0]) == 2  # before the step line of the first record on the new data

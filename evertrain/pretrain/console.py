@@ -105,6 +105,7 @@ class Console:
         self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
                         file=self.stream) if self.tty else None
         self.shown: dict[str, str] = {}
+        self.data_version = None  # of the last train record: a change is said on a line of its own
 
     def say(self, line: str) -> None:
         """A line of its own (the banner, the closing line), also on a terminal with a bar."""
@@ -123,6 +124,11 @@ class Console:
         """Show a metrics record: a line per train record off a terminal, the bar's postfix on one."""
         if not self.enabled:
             return
+        if record["kind"] == "train" and record.get("data_version") is not None:
+            if self.data_version is not None and record["data_version"] != self.data_version:
+                self.say(f"step {record['step']} | data v{record['data_version']}: the shards appended to the data "
+                         "dir joined the stream at the last checkpoint")
+            self.data_version = record["data_version"]
         if self.bar is None:
             if record["kind"] == "train":
                 self.say(step_line(record, self.max_steps, time.perf_counter() - self.start_time, self.skipped))
