@@ -71,7 +71,7 @@ fi
 
 echo "== training $RUN ($CONFIG, $STEPS steps, DeepSpeed x$RANKS on CPU) with the forker beside it;"
 echo "   ${#APPENDS[@]} more files go into $DATA once the run has a checkpoint at step $APPEND_AT"
-echo "   (DeepSpeed builds its CPU communication op on its first start, once: ~1 min on 2 cores)"
+echo "   (on its first start DeepSpeed compiles its CPU communication op, once: ~1 CPU-minute, ~35 s on 2 cores)"
 # The forker starts before the trainer has made the run dir: it waits for it (--wait-s). Its forks
 # get one thread each: they share the cores with the training ranks, and more threads than cores
 # slow everyone down (OpenMP spins).
