@@ -290,3 +290,19 @@ def test_only_the_special_token_templates_are_dropped():
     assert without_special_tokens({"type": "Sequence", "processors": [template]}) is None
     assert without_special_tokens(byte_level) == byte_level and without_special_tokens(None) is None
     assert without_special_tokens({"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0]}) is None
+
+
+def test_export_in_a_fresh_process_shows_no_torch_distributed_warning(run_dir, tmp_path):
+    """Reading a checkpoint in one process is what export means to do: torch's "torch.distributed is
+    disabled ... assuming the intent is to load in a single process" is not shown to the user."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "evertrain.launch.cli", "export", "hf", "--run", str(run_dir.dir),
+                           "--step", "latest", "--out", str(tmp_path / "hf")],
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "UserWarning" not in proc.stderr and "torch.distributed is disabled" not in proc.stderr, proc.stderr
