@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, run_dir, engine, stream, ckpt, started=started)
         return 0
     except EvertrainError as exc:
-        rank = int(os.environ.get("RANK", 0))  # as rank_and_world() reads it, without importing torch
+        rank = int(os.environ.get("RANK", "0"))  # as rank_and_world() reads it, without importing torch
         print(f"pretrain.py: error: {exc}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # during start-up; the loop itself turns signals into a clean stop

@@ -102,8 +102,8 @@ def test_throughput_mfu_and_skipped_steps_on_lines_and_on_the_bar():
 
 
 def test_a_run_started_from_a_hugging_face_checkpoint_says_so():
-    common = dict(params=1000, tokens_per_step=128, engine="single", world_size=1, dtype="float32", device="cpu",
-                  data_path="data/x", data_version=1, run_dir="runs/ft")
+    common = {"params": 1000, "tokens_per_step": 128, "engine": "single", "world_size": 1, "dtype": "float32",
+              "device": "cpu", "data_path": "data/x", "data_version": 1, "run_dir": "runs/ft"}
     banner = start_banner(start_step=0, init_from="hf:hf/llama", **common)
     assert "| initialized from hf/llama |" in banner and "fresh start" not in banner
     assert "| resumed from step 5 |" in start_banner(start_step=5, init_from="hf:hf/llama", **common)

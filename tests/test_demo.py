@@ -30,7 +30,7 @@ def test_demo_trains_appends_forks_and_reports(tiny_data, corpus_files, tmp_path
         ["bash", "scripts/demo.sh", "--config", "configs/tiny.yaml", "--steps", "100", "--at", "20,60,100",
          "--append-at", "20", "--run", str(run_dir), "--data", str(data), "--bin", str(Path(sys.executable).parent),
          "--", "model.vocab_size=512", "eval.every_steps=0"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "[forker] forker: waiting up to" in output  # it really started before the run dir existed
@@ -52,6 +52,6 @@ def test_demo_trains_appends_forks_and_reports(tiny_data, corpus_files, tmp_path
     png = run_dir / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plot: " in proc.stdout
-    assert re.search(r"^== demo done in \d+m\d\ds wall", proc.stdout, re.M)
+    assert re.search(r"^== demo done in \d+m\d\ds wall", proc.stdout, re.MULTILINE)
     # what a user sees of DeepSpeed has none of the noise that does not apply to this run
     assert "untested optimizer" not in output and "FutureWarning" not in output

@@ -3,8 +3,7 @@ naming the key or file, raised before any heavy work (torch process group, model
 
 pretrain.py calls `preflight` on every rank right after reading the config; a new check joins here.
 Today: the data dir can serve the config (it exists, its vocabulary fits model.vocab_size, it has
-the validation split that periodic eval reads), and a `model.init_from` checkpoint's tokenizer is the
-data's (pass the config as the engine will see it: init_from is dropped once the run has a checkpoint).
+the validation split that periodic eval reads).
 """
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Ma
 
     manifest = check_data(cfg, verify_checksums)
     check_vocab(cfg, manifest, warn)
-    check_init_from(cfg, manifest)
     return manifest
 
 
@@ -57,12 +55,3 @@ def check_vocab(cfg: Config, manifest: Manifest, warn) -> None:
         warn(f"warning: model.vocab_size={model_vocab}, but data.path={cfg.data.path} has a {data_vocab}-token "
              f"vocabulary: {model_vocab - data_vocab} embedding rows will never see a token")
 
-
-
-def check_init_from(cfg: Config, manifest: Manifest) -> None:
-    """A Hugging Face checkpoint's embedding rows belong to its tokenizer: the data's must be the same one."""
-    if cfg.model.init_from is None:
-        return
-    from evertrain.pretrain.hf_llama import check_tokenizer  # imports torch: only for runs that need it
-
-    check_tokenizer(cfg.model.init_from, Path(cfg.data.path) / manifest.tokenizer["path"], cfg.data.path)
