@@ -300,7 +300,7 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
             if start is not None:
                 start = {**start, "data": stream.state_dict()}
         val = load_val_batches(cfg, engine)  # before the cooldown: a missing val split fails now, not after it
-        last = train(cfg, out, engine, stream, ckpt, start=start)
+        last = train(cfg, out, engine, stream, ckpt, start=start, final_dir=out / "final")  # see write_result
         if last < end_step:
             if engine.is_main:
                 print(f"fork: stopped at step {last} of {end_step}; rerun the same command to resume")
