@@ -1,4 +1,4 @@
-# evertrain: `make demo` (set up + train on the shipped corpus on CPU) and `make test`.
+# evertrain: `make demo` (set up, then scripts/demo.sh: train, append, fork, report on CPU) and `make test`.
 # A GPU machine keeps its own CUDA torch: make setup TORCH_SPEC="torch" (or any spec pip accepts).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -32,7 +32,8 @@ $(DATA)/manifest.json: corpus/.unpacked
 	$(VENV)/bin/evertrain data prepare --input corpus/train/*.txt --val corpus/val/*.txt \
 		--out $(DATA) --vocab-size 4096
 
-demo: setup data
+# scripts/demo.sh prepares its own data dir (data/demo) and prints its wall time at the end
+demo: setup
 	bash scripts/demo.sh
 
 test: setup

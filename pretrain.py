@@ -17,22 +17,19 @@ import sys
 from pathlib import Path
 
 from evertrain.errors import EvertrainError
-from evertrain.pretrain import engines
-from evertrain.pretrain.checkpoint import CheckpointManager
-from evertrain.pretrain.checkpoint.retention import has_live_pins
-from evertrain.pretrain.checkpoint.store import latest_checkpoint, rewind
+from evertrain.launch.helptext import HelpFormatter, examples_epilog
 from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config
-from evertrain.pretrain.data import DataError, TokenStream
-from evertrain.pretrain.distributed import adopt_scheduler_env, detect_launcher, rank_and_world
-from evertrain.pretrain.loop import train
-from evertrain.pretrain.preflight import preflight, resolve_auto
+from evertrain.pretrain.data import DataError
 from evertrain.pretrain.run_config import (CONFIG_FILE, changes, check_same_model, previous_config, resume_config,
                                            trained_on)
-from evertrain.pretrain.run_lock import RunLock
+
+# torch and everything that imports it are imported in main() once the arguments are parsed and the config
+# loaded, so `--help`, `--print-config` and a config error answer at once (tests/test_cli.py)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter,
+                                     epilog=examples_epilog("pretrain.py"))
     parser.add_argument("--config", help="YAML config, e.g. configs/tiny.yaml (default: resume --run-dir with "
                                          "its own config.yaml)")
     # --run-dir under torchrun, whose own parser takes `--run` for an abbreviation of its --run-path
@@ -40,21 +37,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where checkpoints and metrics go (default: runs/<config stem>); alone, resumes "
                              "that run with its config.yaml")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (file + overrides) as YAML and exit")
+                        help="print the resolved config (file + overrides) as YAML and exit (default: train)")
     parser.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
-                        help="shorthand for engine.name=...")
+                        help="shorthand for engine.name=... (default: the config's engine.name)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
     parser.add_argument("--resume-step", type=int, default=None, metavar="N",
                         help="resume from the checkpoint of step N instead of the latest; the later ones are "
-                             "renamed *.abandoned-<time> (e.g. the latest is corrupt). Use once, not in a restart loop")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return parser.parse_intermixed_args(argv)  # overrides may come before or after options
+                             "renamed *.abandoned-<time> (e.g. the latest is corrupt). Use once, not in a restart loop "
+                             "(default: the latest)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. train.max_steps=500 optim.max_lr=3e-3 (docs/config.md)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_intermixed_args(argv)  # overrides may come before or after options
 
 
 def engine_config(run_dir: Path, cfg: Config) -> Config:
     """model.init_from only seeds a new run: once the run has a checkpoint it resumes from that, and
     the Hugging Face directory is neither read again nor needed any more."""
+    from evertrain.pretrain.checkpoint.store import latest_checkpoint
+
     if cfg.model.init_from is None or latest_checkpoint(run_dir / "checkpoints") is None:
         return cfg
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
@@ -69,7 +74,7 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     os.replace(tmp, path)
 
 
-def stop_committed(ckpt: CheckpointManager | None) -> bool:
+def stop_committed(ckpt) -> bool:
     return ckpt is not None and ckpt.stop_committed
 
 
@@ -78,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     engine = ckpt = lock = None
     hint = ""
     try:
-        adopt_scheduler_env()  # srun / mpirun: ranks from the scheduler, before anything reads RANK
         overrides = list(args.overrides) + ([f"engine.name={args.engine}"] if args.engine else [])
         if args.config is None and args.run_dir is None:
             raise ConfigError("give --config FILE to start a run, or --run-dir DIR to resume one")
@@ -92,6 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
+        from evertrain.pretrain import engines
+        from evertrain.pretrain.checkpoint import CheckpointManager
+        from evertrain.pretrain.checkpoint.retention import has_live_pins
+        from evertrain.pretrain.checkpoint.store import rewind
+        from evertrain.pretrain.data import TokenStream
+        from evertrain.pretrain.distributed import adopt_scheduler_env, detect_launcher, rank_and_world
+        from evertrain.pretrain.loop import train
+        from evertrain.pretrain.preflight import preflight, resolve_auto
+        from evertrain.pretrain.run_lock import RunLock
+
+        adopt_scheduler_env()  # srun / mpirun: ranks from the scheduler, before anything reads RANK
         cfg = resolve_auto(cfg)  # model.vocab_size: auto -> the data's, before the model is compared or built
         rank, local_rank, _ = rank_and_world()
         check_same_model(run_dir, previous, cfg)  # on every rank, before any heavy start-up
@@ -115,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, run_dir, engine, stream, ckpt, started=started)
         return 0
     except EvertrainError as exc:
-        rank = rank_and_world()[0]
+        rank = int(os.environ.get("RANK", "0"))  # as rank_and_world() reads it, without importing torch
         where = hint if isinstance(exc, DataError) else ""  # which data the run trained on, if not this
         print(f"pretrain.py: error: {exc}{where}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2

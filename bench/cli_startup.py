@@ -1,4 +1,5 @@
-"""How fast the `evertrain` command answers: --help, --version and each command's --help, each in a
+"""How fast the `evertrain` command answers: --help, --version and each command's --help (and
+`pretrain.py --help` / `--print-config`), each in a
 fresh interpreter (what a user waits for), next to `python -c "import torch"` and an empty interpreter.
 
     python bench/cli_startup.py [--reps 7] [--baseline DIR]
@@ -20,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CASES = [["--help"], ["--version"], ["data", "prepare", "--help"], ["fork", "--help"], ["forker", "--help"],
          ["report", "--help"], ["export", "hf", "--help"], ["sweep", "--help"]]
+PRETRAIN_CASES = [["--help"], ["--config", "configs/tiny.yaml", "--print-config"]]  # python pretrain.py ...
 
 
 def wall_s(argv: list[str], tree: Path) -> float:
@@ -40,6 +42,8 @@ def main() -> None:
     for label in trees:
         for case in CASES:
             cases[("evertrain " + " ".join(case), label)] = [sys.executable, "-m", "evertrain.launch.cli", *case]
+        for case in PRETRAIN_CASES:
+            cases[("pretrain.py " + " ".join(case)[:22], label)] = [sys.executable, "pretrain.py", *case]
     times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
     keys = list(cases)
     for rep in range(args.reps):

@@ -173,7 +173,7 @@ def test_slurm_pool_builds_one_sbatch_job_per_fork(cluster, tmp_path):
     for args, message in (("--wrap 'x'", "must not hold --wrap"), ("--partition 'x", "--slurm-args")):
         with pytest.raises(NodePoolError, match=message):
             parse_pool("slurm", slurm_args=args)
-    with pytest.raises(NodePoolError, match="only for --nodes slurm"):
+    with pytest.raises(NodePoolError, match="only for --pool slurm"):
         parse_pool("local:1", slurm_args="--partition gpu")
 
 
@@ -192,7 +192,7 @@ def test_forker_on_slurm_runs_a_real_fork_on_two_srun_tasks(cluster, tiny_data, 
                                             "--ntasks-per-node 2")
     lines = []
     assert Forker(options, pool, log=lines.append).run() == 0, lines
-    out = run_dir / "cooldowns" / "from_000000004_linear_2"
+    out = run_dir / "cooldowns" / "from_000000004_1-sqrt_2"
     assert json.loads((out / "result.json").read_text())["from_step"] == 4
     meta = read_meta(out / "final")
     assert (meta["engine"], meta["world_size"]) == ("fsdp", 2)

@@ -85,3 +85,37 @@ def test_a_run_with_stderr_in_a_file_logs_one_line_per_log_step(tiny_data, tmp_p
     assert all(key in steps[0] for key in ("loss ", "lr ", "grad_norm ", "tok/s", "elapsed 0:00:"))
     assert lines[-1] == (f"evertrain: stopped at step 20 (train.max_steps=20); "
                          f"last checkpoint: step 20 in {run_dir / 'checkpoints'}")
+
+
+def test_throughput_mfu_and_skipped_steps_on_lines_and_on_the_bar():
+    record = {**RECORD, "mfu": 0.3812, "nonfinite_steps": 3}
+    assert step_line(record, 600, 6.0) == ("step 20/600 | tokens 41K | loss 5.6981 | lr 0.00225 | grad_norm 0.912 | "
+                                           "7.31K tok/s | MFU 38.1% | elapsed 0:00:06")
+    assert step_line(record, 600, 6.0, skipped=True).endswith("7.31K tok/s | MFU 38.1% | skipped 3 | elapsed 0:00:06")
+    assert "MFU" not in step_line(RECORD, 600, 6.0)  # no peak known (CPU): no MFU, rather than a made-up one
+    tty = Terminal()
+    console = Console(True, 0, 40, stream=tty, skipped=True)
+    console.advance()
+    console.record(record)
+    console.close()
+    assert "tok/s=7.31K" in tty.getvalue() and "MFU=38.1%" in tty.getvalue() and "skipped=3" in tty.getvalue()
+
+
+def test_a_run_started_from_a_hugging_face_checkpoint_says_so():
+    common = {"params": 1000, "tokens_per_step": 128, "engine": "single", "world_size": 1, "dtype": "float32",
+              "device": "cpu", "data_path": "data/x", "data_version": 1, "run_dir": "runs/ft"}
+    banner = start_banner(start_step=0, init_from="hf:hf/llama", **common)
+    assert "| initialized from hf/llama |" in banner and "fresh start" not in banner
+    assert "| resumed from step 5 |" in start_banner(start_step=5, init_from="hf:hf/llama", **common)
+    assert "| fresh start |" in start_banner(start_step=0, **common)
+
+
+def test_appended_data_joining_the_run_is_said_once():
+    plain = io.StringIO()
+    console = Console(True, 0, 40, stream=plain)
+    for step, version in ((10, 1), (20, 1), (30, 2), (40, 2)):
+        console.record({**RECORD, "step": step, "data_version": version})
+    lines = plain.getvalue().splitlines()
+    said = [line for line in lines if "data v" in line]
+    assert said == ["step 30 | data v2: the shards appended to the data dir joined the stream at the last checkpoint"]
+    assert lines.index(said[0]) == 2  # before the step line of the first record on the new data

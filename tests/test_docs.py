@@ -10,8 +10,12 @@ are skipped; shell variables (`$i`, `${N}`) stand for the value 1.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,3 +217,66 @@ def test_documented_command_parses(line, monkeypatch):
         pytest.fail(f"{line}\n  {exc}")
     except Exception as exc:  # e.g. a ConfigError naming a key the code no longer has
         pytest.fail(f"{line}\n  {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------- speaking to users
+
+INTERNAL = re.compile(r"\bissue ?#?\d+|\bthis issue\b|\bthis session\b|\bsession's\b|\bthe seed's\b|\bengineers'",
+                      re.IGNORECASE)
+
+
+def test_docs_and_messages_speak_to_users():
+    """No references a user cannot follow: the project's issue numbers, its work sessions, "the seed"."""
+    texts = [*DOCS, REPO / "pretrain.py", *sorted((REPO / "evertrain").rglob("*.py")), *sorted((REPO / "configs").glob("*")),
+             *sorted((REPO / "examples").rglob("*")), REPO / "scripts" / "demo.sh", REPO / "Makefile"]
+    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}" for path in texts if path.is_file()
+             for number, line in enumerate(path.read_text().splitlines(), 1) if INTERNAL.search(line)]
+    assert not found, "\n".join(found)
+
+
+def test_config_reference_is_current():
+    """docs/config.md is what `python -m evertrain.pretrain.config_reference` prints, with a meaning for
+    every key (regenerate it after changing a config dataclass)."""
+    from evertrain.pretrain import config_reference
+    from evertrain.pretrain.config import valid_keys
+
+    rows = config_reference.rows()
+    assert [key for _, key, *_ in rows] == valid_keys()
+    assert not [key for _, key, _, _, meaning in rows if not meaning], "keys without a meaning"
+    assert (REPO / "docs" / "config.md").read_text() == config_reference.render(), \
+        "docs/config.md is stale: python -m evertrain.pretrain.config_reference > docs/config.md"
+
+
+SBATCH = REPO / "examples" / "slurm" / "train.sbatch"
+
+
+def test_the_slurm_template_is_a_script_with_sbatch_options():
+    text = SBATCH.read_text()
+    assert subprocess.run(["bash", "-n", str(SBATCH)], check=False).returncode == 0
+    options = [line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH ")]
+    assert {"--nodes=2", "--ntasks-per-node=8", "--time=24:00:00"} <= set(options)
+    assert "srun" in text and "pretrain.py" in text and "forker" in text
+
+
+@pytest.mark.slow
+def test_the_slurm_template_trains_and_forks_under_a_fake_scheduler(tiny_data, tmp_path):
+    """examples/slurm/train.sbatch as sbatch runs it (tests/fakebin: the job and its srun tasks run here):
+    FSDP2 on two srun tasks trains the tiny model; the forker beside it submits the fork as a Slurm job
+    of its own; the report closes the job."""
+    run_dir = tmp_path / "runs" / "tiny"
+    fakebin = REPO / "tests" / "fakebin"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           "PATH": f"{fakebin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO), "CONFIG": "configs/tiny.yaml", "RUN": str(run_dir), "MAX_STEPS": "8",
+           "OVERRIDES": f"data.path={tiny_data} model.vocab_size=512 checkpoint.every_steps=8 eval.every_steps=0 "
+                        "train.micro_batch_size=2",
+           "FORK_EVERY": "8", "FORK_FRACTION": "0.25", "FORK_POOL": "slurm:1",
+           "FORK_SLURM_ARGS": "--time 10:00 --nodes 1 --ntasks-per-node 2"}
+    proc = subprocess.run(["sbatch", "--nodes", "1", "--ntasks-per-node", "2", "--wrap", f"bash {SBATCH}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:] + (run_dir / "forker.log").read_text()[-3000:]
+    result = json.loads((run_dir / "cooldowns" / "from_000000008_1-sqrt_2" / "result.json").read_text())
+    assert result["from_step"] == 8 and result["val_loss"] > 0
+    assert "plot: " in output

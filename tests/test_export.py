@@ -384,3 +384,19 @@ def test_export_memory_is_bounded_by_the_largest_shard_not_the_model(tmp_path, t
     files = list((tmp_path / "big_hf").glob("model-*.safetensors"))
     assert len(files) >= 12 and max(f.stat().st_size for f in files) <= 8e6
     assert peak - baseline < weights / 2, f"export added {(peak - baseline) / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
+
+
+def test_export_in_a_fresh_process_shows_no_torch_distributed_warning(run_dir, tmp_path):
+    """Reading a checkpoint in one process is what export means to do: torch's "torch.distributed is
+    disabled ... assuming the intent is to load in a single process" is not shown to the user."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "evertrain.launch.cli", "export", "hf", "--run", str(run_dir.dir),
+                           "--step", "latest", "--out", str(tmp_path / "hf")],
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "UserWarning" not in proc.stderr and "torch.distributed is disabled" not in proc.stderr, proc.stderr

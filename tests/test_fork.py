@@ -84,6 +84,10 @@ def test_fork_matches_a_run_with_the_cooldown_built_in(main_run, reference, caps
     before = fingerprint(main_run)
     assert cli_main(fork_argv(main_run)) == 0
     out = main_run / "cooldowns" / f"from_{FORK_STEP:09d}_linear_{COOLDOWN}"
+    # the closing line names where the result lives, not the checkpoints the fork deletes once done
+    closing = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evertrain: stopped")]
+    assert closing == [(f"evertrain: stopped at step {FORK_STEP + COOLDOWN} (train.max_steps={FORK_STEP + COOLDOWN}); "
+                        f"its final state goes to {out / 'final'} once evaluated")]
 
     main_losses, fork_losses = losses(main_run / "metrics.jsonl"), losses(out / "metrics.jsonl")
     assert sorted(fork_losses) == list(range(FORK_STEP + 1, FORK_STEP + COOLDOWN + 1))

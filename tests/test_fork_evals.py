@@ -106,7 +106,7 @@ def test_eval_cmd_metrics_go_into_result_json_and_a_failing_hook_is_retried(main
     failing = f"{shlex.quote(sys.executable)} -c 'import sys; sys.exit(3)' {{hf_dir}} {{out_json}}"
     assert cli_main([*argv, "--eval-cmd", failing]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (the rest: a progress bar)
-    out = main_run / "cooldowns" / "from_000000002_linear_1"
+    out = main_run / "cooldowns" / "from_000000002_1-sqrt_1"
     assert errors == [f"evertrain fork: error: --eval-cmd: exited with code 3; see {out / 'eval.log'}"]
     assert not (out / "result.json").exists() and (out / "checkpoints").is_dir()  # not done: rerun redoes the hook
     assert cli_main(["report", "--run", str(main_run), "--out", str(tmp_path / "failed.png")]) == 0
@@ -120,7 +120,7 @@ def test_eval_cmd_metrics_go_into_result_json_and_a_failing_hook_is_retried(main
     assert "toy hook ran on" in (out / "eval.log").read_text()
 
     # a fork done without hooks gets them when asked again; one done with them is left alone
-    plain = main_run / "cooldowns" / "from_000000004_linear_1"
+    plain = main_run / "cooldowns" / "from_000000004_1-sqrt_1"
     assert cli_main(["fork", "--run", str(main_run), "--step", "4", "--cooldown-steps", "1", "--eval-batches", "1"]) == 0
     assert "evals" not in json.loads((plain / "result.json").read_text())
     assert cli_main(["fork", "--run", str(main_run), "--step", "4", "--cooldown-steps", "1", "--eval-cmd", hook]) == 0
@@ -186,7 +186,7 @@ def test_forker_passes_the_hooks_to_every_fork(tmp_path, hook, monkeypatch):
     hooks = hooks_from_args(SimpleNamespace(eval_cmd=hook, lm_eval_tasks="hellaswag", lm_eval_limit=5))
     options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=2, once=True, poll_s=0.05, hooks=hooks)
     assert Forker(options, parse_pool("local:2"), fork_module="fakefork", log=lambda _: None).run() == 0
-    for name in ("from_000000002_linear_1", "from_000000004_linear_2"):
+    for name in ("from_000000002_1-sqrt_1", "from_000000004_1-sqrt_2"):
         argv = json.loads((run_dir / "cooldowns" / name / "argv.json").read_text())
         assert argv[-6:] == ["--eval-cmd", hook, "--lm-eval-tasks", "hellaswag", "--lm-eval-limit", "5"], argv
 

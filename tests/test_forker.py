@@ -149,14 +149,14 @@ def test_once_forks_each_eligible_checkpoint_once_at_most_one_per_slot(fake_fork
     options = ForkerOptions(run_dir, cooldown_fraction=0.25, every=20, at=(30,), once=True, poll_s=0.05)
     assert Forker(options, parse_pool("local:2"), fork_module="fakefork", log=lambda _: None).run() == 0
     jobs = state(run_dir)
-    assert sorted(jobs) == ["from_000000020_linear_5", "from_000000030_linear_8",
-                            "from_000000040_linear_10", "from_000000060_linear_15"]
+    assert sorted(jobs) == ["from_000000020_1-sqrt_5", "from_000000030_1-sqrt_8",
+                            "from_000000040_1-sqrt_10", "from_000000060_1-sqrt_15"]
     assert all(j["status"] == "done" and j["attempts"] == 1 for j in jobs.values())
     starts = [name for kind, name, _ in events(run_dir) if kind == "start"]
     assert sorted(starts) == sorted(jobs)
     assert max_concurrency(events(run_dir)) == 2
     assert not any(active_pins(p) for p in (run_dir / "checkpoints").iterdir())  # leases released
-    assert "attempt 1 on local:" in (run_dir / "cooldowns" / "from_000000020_linear_5" / "fork.log").read_text()
+    assert "attempt 1 on local:" in (run_dir / "cooldowns" / "from_000000020_1-sqrt_5" / "fork.log").read_text()
 
     # run again: nothing new to do, nothing launched twice
     assert Forker(options, parse_pool("local:2"), fork_module="fakefork", log=lambda _: None).run() == 0
@@ -171,10 +171,10 @@ def test_failing_fork_is_retried_then_reported(fake_fork, monkeypatch):
     lines = []
     options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=20, once=True, max_retries=1, poll_s=0.05)
     assert Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lines.append).run() == 1
-    job = state(run_dir)["from_000000020_linear_10"]
+    job = state(run_dir)["from_000000020_1-sqrt_10"]
     assert job["status"] == "failed" and job["attempts"] == 2 and job["exit_codes"] == [3, 3]
     assert len(events(run_dir)) == 2
-    assert any(line.startswith("forker: failed from_000000020_linear_10") for line in lines)
+    assert any(line.startswith("forker: failed from_000000020_1-sqrt_10") for line in lines)
     assert not active_pins(run_dir / "checkpoints" / "step_000000020")
 
 
@@ -190,11 +190,11 @@ def test_forker_passes_the_cooldown_mix_to_every_fork(fake_fork, capsys):
     for options in (plain, mixed):
         assert Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lambda _: None).run() == 0
     jobs = state(run_dir)
-    [tagged] = [name for name in jobs if name != "from_000000020_linear_10"]
-    assert tagged.startswith("from_000000020_linear_10@mix-") and all(j["status"] == "done" for j in jobs.values())
+    [tagged] = [name for name in jobs if name != "from_000000020_1-sqrt_10"]
+    assert tagged.startswith("from_000000020_1-sqrt_10@mix-") and all(j["status"] == "done" for j in jobs.values())
     assert jobs[tagged]["command"][-2:] == ["--data-weights", "hq=0.7,main=0.3"]
     labels = {c.name: c.data for c in report.load_run(run_dir).cooldowns}
-    assert labels == {"from_000000020_linear_10": "run", tagged: "hq=0.7,main=0.3"}
+    assert labels == {"from_000000020_1-sqrt_10": "run", tagged: "hq=0.7,main=0.3"}
     assert cli_main(["forker", "--run", str(run_dir), "--every", "20", "--cooldown-fraction", "0.5",
                      "--once", "--data-weights", "hq"]) == 2
     assert "--data-weights 'hq': expected SOURCE=SHARE" in capsys.readouterr().err
@@ -255,7 +255,7 @@ from evertrain.errors import EvertrainError
 from evertrain.launch import cli, forker, nodes
 args = cli.build_parser().parse_args(sys.argv[1:])
 try:
-    sys.exit(forker.Forker(forker.options_from_args(args), nodes.parse_pool(args.nodes), fork_module="fakefork",
+    sys.exit(forker.Forker(forker.options_from_args(args), nodes.parse_pool(args.pool), fork_module="fakefork",
                            log=lambda line: print(line, flush=True)).run())
 except EvertrainError as exc:
     sys.exit(f"error: {exc}")
@@ -264,7 +264,7 @@ except EvertrainError as exc:
 
 def forker_cli(run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-c", FORKER_WITH_FAKE_FORK, "forker", "--run", str(run_dir), "--every", "10",
-            "--cooldown-fraction", "0.5", "--nodes", "local:2", "--poll-s", "0.1", "--max-retries", "0", *extra]
+            "--cooldown-fraction", "0.5", "--pool", "local:2", "--poll-s", "0.1", "--max-retries", "0", *extra]
 
 
 def wait_for(condition, timeout_s: float, what: str):
@@ -313,7 +313,7 @@ def test_killed_forker_restarts_and_adopts_running_forks(fake_fork, monkeypatch)
     assert all(j["status"] == "done" and j["attempts"] == 1 for j in jobs.values())
     starts = sorted(name for kind, name, _ in events(run_dir) if kind == "start")
     assert starts == sorted(jobs) and len(starts) == 3
-    assert "launched from_000000030_linear_15" in stdout
+    assert "launched from_000000030_1-sqrt_15" in stdout
     assert not any(f"launched {j['name']}" in stdout for j in running)  # adopted, not relaunched
 
 
@@ -327,13 +327,13 @@ def test_launch_interrupted_before_its_pid_was_recorded(fake_fork, monkeypatch):
     pool = parse_pool("local:2")
     jobs = {}
     for step, slot in ((10, pool.slots[0]), (20, pool.slots[1])):
-        name = f"from_{step:09d}_linear_{step // 2}"
+        name = f"from_{step:09d}_1-sqrt_{step // 2}"
         (run_dir / "cooldowns" / name).mkdir(parents=True)
         command = pool.command(slot, "fakefork", ["--run", str(run_dir.resolve()), "--step", str(step),
-                                                  "--cooldown-steps", str(step // 2), "--shape", "linear"])
-        jobs[name] = Job(name, step, step // 2, "linear", status="running", attempts=1, slot=slot.name,
+                                                  "--cooldown-steps", str(step // 2), "--shape", "1-sqrt"])
+        jobs[name] = Job(name, step, step // 2, "1-sqrt", status="running", attempts=1, slot=slot.name,
                          command=command, log=str(run_dir / "cooldowns" / name / "fork.log"))
-    started = subprocess.Popen(jobs["from_000000010_linear_5"].command)  # this launch happened
+    started = subprocess.Popen(jobs["from_000000010_1-sqrt_5"].command)  # this launch happened
     (run_dir / "forker").mkdir()
     save_jobs(run_dir / "forker" / "state.json", jobs)
     lines = []
@@ -341,11 +341,11 @@ def test_launch_interrupted_before_its_pid_was_recorded(fake_fork, monkeypatch):
         assert Forker(options, pool, fork_module="fakefork", log=lines.append).run() == 0
     finally:
         started.wait()
-    assert f"adopted  from_000000010_linear_5 (pid {started.pid})" in lines
+    assert f"adopted  from_000000010_1-sqrt_5 (pid {started.pid})" in lines
     assert not any(line.startswith("launched from_000000010") for line in lines)
-    assert any(line.startswith("launched from_000000020_linear_10") for line in lines)
+    assert any(line.startswith("launched from_000000020_1-sqrt_10") for line in lines)
     assert {n: (j["status"], j["attempts"]) for n, j in state(run_dir).items()} == {
-        "from_000000010_linear_5": ("done", 1), "from_000000020_linear_10": ("done", 1)}
+        "from_000000010_1-sqrt_5": ("done", 1), "from_000000020_1-sqrt_10": ("done", 1)}
     assert sorted(name for kind, name, _ in events(run_dir) if kind == "start") == sorted(jobs)
 
 
@@ -354,7 +354,7 @@ def test_launch_interrupted_before_its_pid_was_recorded(fake_fork, monkeypatch):
     (["--cooldown-fraction", "0.2"], "give --every N and/or --at"),
     (["--every", "10"], "--cooldown-fraction: required to fork (--every/--at)"),
     (["--average", "-1"], "--average: must be >= 1 (0: no averages), got -1"),
-    (["--every", "10", "--cooldown-fraction", "0.2", "--nodes", "local:0"], "slot count"),
+    (["--every", "10", "--cooldown-fraction", "0.2", "--pool", "local:0"], "slot count"),
     (["--every", "10", "--cooldown-fraction", "0.2", "--max-retries", "-1"], "--max-retries"),
 ])
 def test_bad_forker_arguments(fake_fork, capsys, argv, message):
@@ -394,7 +394,7 @@ def test_forker_started_before_the_run_dir_exists_waits_for_it(fake_fork, tmp_pa
     finally:
         creator.join()
     assert lines[0].startswith("forker: waiting up to 60 s")
-    assert state(run_dir)["from_000000010_linear_5"]["status"] == "done"
+    assert state(run_dir)["from_000000010_1-sqrt_5"]["status"] == "done"
 
 
 def test_unreadable_state_file_is_an_error(fake_fork):
@@ -420,7 +420,7 @@ def test_forker_beside_a_live_run_restarted_midway_launches_each_fork_once(tiny_
          "checkpoint.keep_every=50", "engine.name=single"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     forker = [sys.executable, "-m", "evertrain.launch.cli", "forker", "--run", str(run_dir), "--every", "50",
-              "--cooldown-fraction", "0.1", "--nodes", "local:2", "--poll-s", "0.2", "--until-step", "200",
+              "--cooldown-fraction", "0.1", "--pool", "local:2", "--poll-s", "0.2", "--until-step", "200",
               "--eval-batches", "1", "--max-retries", "0"]
     try:
         # started at once, like scripts/demo.sh: it waits for the run dir to appear
@@ -440,7 +440,7 @@ def test_forker_beside_a_live_run_restarted_midway_launches_each_fork_once(tiny_
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
 
     jobs = state(run_dir)
-    assert sorted(jobs) == [f"from_{s:09d}_linear_{s // 10}" for s in (50, 100, 150, 200)]
+    assert sorted(jobs) == [f"from_{s:09d}_1-sqrt_{s // 10}" for s in (50, 100, 150, 200)]
     for name, job in jobs.items():
         assert job["status"] == "done" and job["attempts"] == 1, job
         log = (run_dir / "cooldowns" / name / "fork.log").read_text()

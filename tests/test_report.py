@@ -261,3 +261,22 @@ def test_a_half_written_result_json_is_one_line_and_the_report_stands(tmp_path, 
     assert err.strip() == f"warning: {cut / 'result.json'}: not a cooldown result (half-written?); shown as unfinished"
     assert [c.result is None for c in load_run(run_dir).cooldowns if c.name.startswith("from_000000400")] == [True]
     assert read_result(cut) is None  # the forker and `fork` redo it instead of crashing on it
+
+
+def test_report_marks_the_data_version_of_each_checkpoint_and_when_it_changed(tmp_path, capsys):
+    """Data appended while the run trained: the checkpoints table says which version each one trained
+    on, a line says from which step each version was read, and the plot marks the change."""
+    run_dir = synthetic_run(tmp_path / "run")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if r["kind"] == "train":
+            r["data_version"] = 1 if r["step"] <= 1850 else 2  # appended shards joined after step 1850
+    write_jsonl(run_dir / "metrics.jsonl", records)
+    assert cli_main(["report", "--run", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") == 5
+            and line.split("│")[1].strip() in ("1800", "1900", "2000")}
+    assert " v1 " in rows["1800"] and " v2 " in rows["1900"] and " v2 " in rows["2000"]
+    assert "data: v1 from step 10, v2 from step 1860" in out
+    fig = figure(load_run(run_dir), None, None)
+    assert any(t.get_text() == "data v2 (step 1860)" for t in fig.axes[0].texts)

@@ -135,3 +135,26 @@ def test_vocab_size_auto_is_the_default_and_reads_the_datas_manifest(tiny_data, 
                                 capsys)
     assert code == 2 and err.count("\n") == 1 and "no manifest.json there" in err and "--vocab-size N" in err
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("override", ["optim.lr=1e-3", "train.lr=1e-3", "optim.learning_rate=1e-3"])
+def test_a_learning_rate_under_another_name_suggests_max_lr(override):
+    with pytest.raises(ConfigError, match=re.escape("unknown key; did you mean optim.max_lr?")):
+        load_config(None, [override])
+
+
+def test_a_misspelt_section_is_offered_a_section_not_a_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("trainer:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"^trainer: unknown section; did you mean train\?$"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("zzz:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"^zzz: unknown section \(sections: model, data, "):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  d_model: 64\n n_layers: 2\n")  # one space short on line 3
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: not valid YAML: line 3, column 2: expected <block end>")

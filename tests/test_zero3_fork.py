@@ -48,7 +48,7 @@ def fork(zero3_run: Path, tmp_path: Path, prefix: list[str], engine: str) -> dic
     shutil.copytree(zero3_run, run_dir)
     run([*prefix, "evertrain.launch.fork", "--run-dir", str(run_dir), "--step", str(STEPS),
          "--cooldown-steps", str(COOLDOWN), "--engine", engine, "--eval-batches", "1"])
-    out = run_dir / "cooldowns" / f"from_{STEPS:09d}_linear_{COOLDOWN}"
+    out = run_dir / "cooldowns" / f"from_{STEPS:09d}_1-sqrt_{COOLDOWN}"
     assert json.loads((out / "result.json").read_text())["from_step"] == STEPS
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}

@@ -312,10 +312,10 @@ def run_average(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME (required)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--last", type=int, metavar="K", help="average the newest K checkpoints")
-    which.add_argument("--steps", type=parse_steps, metavar="S1,S2,...", help="average the checkpoints at these steps")
+    which.add_argument("--last", type=int, metavar="K", help="average the newest K checkpoints (this or --steps required)")
+    which.add_argument("--steps", type=parse_steps, metavar="S1,S2,...", help="average the checkpoints at these steps (this or --last required)")
     p.add_argument("--eval-batches", type=int, help="validation batches (default: the run's eval.batches)")
     p.add_argument("--weighting", default="uniform", metavar="uniform|tail|ema[:BETA]",
                    help="uniform (default); tail: weights 1..K, the newest most; ema: BETA^(K-1)..1 "

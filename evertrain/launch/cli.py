@@ -13,6 +13,7 @@ import sys
 
 import evertrain
 from evertrain.errors import EvertrainError
+from evertrain.launch.helptext import HelpFormatter, dress, examples_epilog
 
 # command -> (the module that registers it, its one-line help for `evertrain --help`)
 COMMANDS = {
@@ -35,7 +36,8 @@ def chosen_command(argv: list[str]) -> str | None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser of `command` (all of them when None); the others only list their help line."""
-    parser = argparse.ArgumentParser(prog="evertrain", description=evertrain.__doc__)
+    parser = argparse.ArgumentParser(prog="evertrain", description=evertrain.__doc__, formatter_class=HelpFormatter,
+                                     epilog=examples_epilog(""))
     parser.add_argument("--version", action="version", version=f"evertrain {evertrain.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_line) in COMMANDS.items():
@@ -49,6 +51,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+        dress(sub.choices[name], name)  # defaults in every option's help, examples at the end
     return parser
 
 

@@ -5,7 +5,7 @@ import argparse
 import os
 
 from evertrain.pretrain.data import DEFAULT_SOURCE, Manifest
-from evertrain.pretrain.dataprep import DEFAULT_SHARD_TOKENS, append, prepare
+from evertrain.pretrain.dataprep import DEFAULT_SHARD_TOKENS, TOKEN_FILE_DTYPES, append, prepare
 from evertrain.pretrain.sources import Counts
 
 
@@ -30,8 +30,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     counts = Counts()
     manifest = prepare(args.input, args.out, args.vocab_size, val=args.val, tokenizer=args.tokenizer,
                        workers=args.workers, shard_tokens=args.shard_tokens, source=args.source,
-                       part=args.part, counts=counts, **reading(args))
-    print(f"prepared {describe(manifest)}; read {counts.summary()}")
+                       part=args.part, token_dtype=args.token_dtype, eos_id=args.eos_id, counts=counts,
+                       **reading(args))
+    read = f"; read {counts.summary()}" if counts.documents or counts.empty or counts.bad else ""  # not for tokens only
+    print(f"prepared {describe(manifest)}{read}")
     return 0
 
 
@@ -39,7 +41,8 @@ def run_append(args: argparse.Namespace) -> int:
     counts = Counts()
     manifest = append(args.data, args.files, val=args.val, tokenizer=args.tokenizer, workers=args.workers,
                       shard_tokens=args.shard_tokens, source=args.source, weight=args.weight,
-                      allow_duplicate=args.allow_duplicate, counts=counts, **reading(args))
+                      allow_duplicate=args.allow_duplicate, token_dtype=args.token_dtype, counts=counts,
+                      **reading(args))
     read = f"; read {counts.summary()}" if counts.documents or counts.empty or counts.bad else ""  # not for .bin only
     print(f"appended to {describe(manifest)}{read}")
     return 0
@@ -54,10 +57,13 @@ def add_encoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", metavar="NAME",
                         help="the text of a JSONL record / Parquet, Arrow or HF dataset row (default: text)")
     parser.add_argument("--split-docs", metavar="REGEX",
-                        help="a text file holds many documents, separated by matches of REGEX (multiline)")
+                        help="a text file holds many documents, separated by matches of REGEX (multiline; default: one document per text file)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad records (invalid JSON, field missing or not text) and count them, "
-                             "instead of stopping at the first")
+                             "instead of stopping at the first (default: stop)")
+    parser.add_argument("--token-dtype", choices=TOKEN_FILE_DTYPES,
+                        help="dtype of the ids in .bin inputs (little-endian; documents joined by EOS); prepare "
+                             "needs it for a .bin, append defaults to the data dir's dtype. A .npy carries its own")
 
 
 def register(subparsers) -> None:
@@ -69,19 +75,24 @@ def register(subparsers) -> None:
         description="Train a sentencepiece BPE tokenizer (or reuse a .model or tokenizer.json) and write token "
                     "shards + manifest.json. Inputs: .txt (one document per file, or --split-docs), .jsonl, "
                     ".jsonl.gz, .jsonl.zst (one per record), .parquet, .arrow, Hugging Face save_to_disk "
-                    "directories, plain directories and globs. Each document is encoded whole; documents "
+                    "directories, plain directories and globs; already-tokenized .bin/.npy files with the "
+                    "--tokenizer that made them. Each document is encoded whole; documents "
                     "are joined by EOS.")
     prepare.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                         help="training inputs (files, directories, globs), in order")
-    prepare.add_argument("--val", nargs="+", default=[], metavar="PATH", help="validation inputs")
-    prepare.add_argument("--out", required=True, help="the data dir to create, e.g. data/NAME (must not exist)")
-    prepare.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size (required unless --tokenizer)")
-    prepare.add_argument("--tokenizer", metavar="FILE",
-                         help="use this sentencepiece .model or Hugging Face tokenizer.json instead of training one")
+                         help="training inputs (files, directories, globs), in order (required)")
+    prepare.add_argument("--val", nargs="+", default=[], metavar="PATH", help="validation inputs (default: none)")
+    prepare.add_argument("--out", required=True, help="the data dir to create, e.g. data/NAME (required; must not exist)")
+    prepare.add_argument("--vocab-size", type=int, help="train a tokenizer with this many pieces (required unless --tokenizer)")
+    prepare.add_argument("--tokenizer", metavar="PATH",
+                         help="use this sentencepiece .model or Hugging Face tokenizer.json (or a model dir holding "
+                              "one) instead of training one; required for .bin/.npy token inputs (default: train one)")
+    prepare.add_argument("--eos-id", type=int, metavar="ID",
+                         help="the id that ends each document, in token inputs and in what is encoded "
+                              "(default: the tokenizer's EOS)")
     prepare.add_argument("--part", metavar="I/N",
                          help="prepare only the I-th (from 0) of N contiguous slices of the --input files "
                               "(needs --tokenizer; --val goes to part 0); `evertrain data append` adds the "
-                              "other parts' shards in order")
+                              "other parts' shards in order (default: all of them)")
     prepare.add_argument("--source", default=DEFAULT_SOURCE, help=f"mixture source name (default: {DEFAULT_SOURCE})")
     add_encoding_options(prepare)
     prepare.set_defaults(func=run_prepare)
@@ -91,16 +102,16 @@ def register(subparsers) -> None:
         description="Encode inputs (as for prepare) with the data dir's tokenizer (or take already-tokenized .bin shard files) "
                     "and add them at the end of the train split (FILES) and/or the val split (--val). "
                     "Old shards never change; manifest.json is replaced atomically under a file lock.")
-    append.add_argument("--data", required=True, help="the data dir, e.g. data/NAME")
+    append.add_argument("--data", required=True, help="the data dir, e.g. data/NAME (required)")
     append.add_argument("files", nargs="*", metavar="FILES",
                         help="training inputs (as for prepare) or .bin token files, in order")
-    append.add_argument("--val", nargs="+", default=[], metavar="FILE", help="files for the validation split")
-    append.add_argument("--tokenizer", metavar="MODEL", help="refuse unless this is the data dir's tokenizer")
+    append.add_argument("--val", nargs="+", default=[], metavar="FILE", help="files for the validation split (default: none)")
+    append.add_argument("--tokenizer", metavar="MODEL", help="refuse unless this is the data dir's tokenizer (default: no check)")
     append.add_argument("--source", default=DEFAULT_SOURCE, help=f"mixture source name (default: {DEFAULT_SOURCE})")
     append.add_argument("--weight", type=float,
                         help="sampling weight of a new source: windows per epoch = weight x its windows (default 1)")
     append.add_argument("--allow-duplicate", action="store_true",
                         help="add a file even if the data dir already holds its bytes (an input taken by an "
-                             "earlier version, or one of its own shards)")
+                             "earlier version, or one of its own shards; default: refuse)")
     add_encoding_options(append)
     append.set_defaults(func=run_append)

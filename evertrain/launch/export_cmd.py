@@ -125,9 +125,10 @@ def register(subparsers) -> None:
                             description="A checkpoint or cooldown result as a standard Hugging Face Llama checkpoint.")
     hf.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory, e.g. runs/NAME")
     source = hf.add_mutually_exclusive_group(required=True)
-    source.add_argument("--step", help="checkpoint step of the run, or 'latest'")
-    source.add_argument("--cooldown", help="cooldown directory (or its name under RUN/cooldowns/)")
-    source.add_argument("--average", help="checkpoint average directory (or its name under RUN/averages/)")
+    source.add_argument("--step", help="checkpoint step of the run, or 'latest' (one of --step, --cooldown, --average required)")
+    source.add_argument("--cooldown", help="cooldown directory, or its name under RUN/cooldowns/ (one of --step, --cooldown, --average required)")
+    source.add_argument("--average", help="checkpoint average directory, or its name under RUN/averages/ (one of --step, --cooldown, --average "
+                             "required)")
     hf.add_argument("--out", required=True, help="output directory (must not exist)")
     hf.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype to write")
     hf.add_argument("--max-shard-size", default="5GB",

@@ -35,7 +35,7 @@ from evertrain.launch.evals import EvalHooks, hooks_from_args, run_hooks
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError
-from evertrain.pretrain.config import COOLDOWN_SHAPES, Config, dump_yaml, load_config
+from evertrain.pretrain.config import COOLDOWN_SHAPES, DEFAULT_COOLDOWN_SHAPE, Config, dump_yaml, load_config
 
 
 class ForkError(EvertrainError, ValueError):
@@ -314,7 +314,7 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
             if start is not None:
                 start = {**start, "data": stream.state_dict()}
         val = load_val_batches(cfg, engine)  # before the cooldown: a missing val split fails now, not after it
-        last = train(cfg, out, engine, stream, ckpt, start=start)
+        last = train(cfg, out, engine, stream, ckpt, start=start, final_dir=out / "final")  # see write_result
         if last < end_step:
             if engine.is_main:
                 print(f"fork: stopped at step {last} of {end_step}; rerun the same command to resume")
@@ -385,19 +385,19 @@ def write_result(out: Path, result: dict, hooks: EvalHooks, cfg: Config | None =
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # --run-dir: the same, for torchrun, whose parser takes `--run` for an abbreviation of its --run-path
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the main run's directory, e.g. runs/NAME")
-    p.add_argument("--step", required=True, help="checkpoint step to fork from, or 'latest'")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the main run's directory, e.g. runs/NAME (required)")
+    p.add_argument("--step", required=True, help="checkpoint step to fork from, or 'latest' (required)")
     length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--cooldown-steps", type=int, help="cooldown length C in steps")
-    length.add_argument("--cooldown-fraction", type=float, help="cooldown length as a fraction of the step (C = F * S)")
-    p.add_argument("--shape", choices=COOLDOWN_SHAPES, default="linear", help="cooldown shape (default linear)")
+    length.add_argument("--cooldown-steps", type=int, help="cooldown length C in steps (this or --cooldown-fraction required)")
+    length.add_argument("--cooldown-fraction", type=float, help="cooldown length as a fraction of the step, C = F * S (this or --cooldown-steps required)")
+    p.add_argument("--shape", choices=COOLDOWN_SHAPES, default=DEFAULT_COOLDOWN_SHAPE, help="cooldown shape")
     p.add_argument("--eval-batches", type=int, help="validation batches for the final eval (default: eval.batches)")
     p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
                    help="engine for the fork (default: the run's engine.name)")
     add_eval_arguments(p)
-    p.add_argument("--data", metavar="PATH", help="cool down on another data dir (same tokenizer as the run's)")
+    p.add_argument("--data", metavar="PATH", help="cool down on another data dir, with the run's tokenizer (default: the run's data.path)")
     p.add_argument("--data-weights", metavar="SRC=SHARE,...",
-                   help="cool down on this mix of sources (of the run's data dir, or of --data), e.g. hq=0.7,main=0.3")
+                   help="cool down on this mix of sources (of the run's data dir, or of --data), e.g. hq=0.7,main=0.3 (default: the run's mix)")
     p.add_argument("--final", action="store_true",
                    help="mark this cooldown final in result.json (the forker's stop rule launches it so)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -408,11 +408,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The post-fork evaluation hooks (evals.py); the forker passes them on to every fork."""
     p.add_argument("--eval-cmd", help='after the cooldown, run "CMD {hf_dir} {out_json}" on the fork exported to '
-                                      "Hugging Face format; the JSON object it writes goes into result.json evals")
+                                      "Hugging Face format; the JSON object it writes goes into result.json evals "
+                                      "(default: no hook)")
     p.add_argument("--lm-eval-tasks", help="after the cooldown, run lm-evaluation-harness on these tasks: T1,T2 "
-                                           "(needs `pip install evertrain[eval]`)")
-    p.add_argument("--lm-eval-include", help="directory of extra lm-eval task YAMLs (lm_eval --include_path)")
-    p.add_argument("--lm-eval-limit", type=int, help="lm-eval examples per task (a quick look)")
+                                           "(needs `pip install evertrain[eval]`; default: none)")
+    p.add_argument("--lm-eval-include", help="directory of extra lm-eval task YAMLs (lm_eval --include_path; default: none)")
+    p.add_argument("--lm-eval-limit", type=int, help="lm-eval examples per task, for a quick look (default: all)")
 
 
 def register(subparsers) -> None:

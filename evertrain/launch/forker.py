@@ -55,12 +55,13 @@ from evertrain.launch.evals import EvalHooks, hooks_from_args
 from evertrain.launch.fork import add_eval_arguments, cooldown_data, cooldown_dir_name, read_result
 from evertrain.launch.lossmodel.decision import Rule
 from evertrain.launch.lossmodel.predict import ensure_prediction
+from evertrain.launch.helptext import RenamedOption
 from evertrain.launch.nodes import Pool, Slot, parse_pool
 from evertrain.launch.stoprule import StopOptions, StopRule
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError
-from evertrain.pretrain.config import COOLDOWN_SHAPES
+from evertrain.pretrain.config import COOLDOWN_SHAPES, DEFAULT_COOLDOWN_SHAPE
 from evertrain.pretrain.lease import LeaseError, lease_if_shared
 
 FORK_MODULE = "evertrain.launch.fork"
@@ -103,7 +104,7 @@ class ForkerOptions:
     cooldown_fraction: float | None  # None: no forks (an --average-only forker)
     every: int = 0
     at: tuple[int, ...] = ()
-    shape: str = "linear"
+    shape: str = DEFAULT_COOLDOWN_SHAPE
     max_retries: int = 2
     poll_s: float = 5.0
     until_step: int | None = None
@@ -546,7 +547,7 @@ class Forker:
                                         start_new_session=True, env=env)
             except OSError as exc:
                 job.status, job.attempts = "queued", job.attempts - 1
-                raise ForkerError(f"--nodes: cannot start {command[0]!r} for {job.name}: {exc.strerror}") from None
+                raise ForkerError(f"--pool: cannot start {command[0]!r} for {job.name}: {exc.strerror}") from None
         self.children[job.name] = proc
         job.pid, job.pid_started = proc.pid, process_start_time(proc.pid)
         self.log(f"launched {job.name} on {slot.name} (pid {proc.pid}, attempt {job.attempts})")
@@ -697,7 +698,7 @@ def stop_options_from_args(args: argparse.Namespace) -> StopOptions | None:
 
 def run_command(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    pool = parse_pool(args.nodes, args.gpus_per_fork, args.hosts_per_fork, args.slurm_args)
+    pool = parse_pool(args.pool, args.gpus_per_fork, args.hosts_per_fork, args.slurm_args)
     print(f"forker: watching {options.run_dir / 'checkpoints'}; {len(pool.slots)} {pool.kind} slot(s)", flush=True)
     return Forker(options, pool, log=lambda line: print(line, flush=True)).run()
 
@@ -705,23 +706,25 @@ def run_command(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("forker", help="fork a cooldown from each new checkpoint of a live run",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the main run's directory, e.g. runs/NAME")
-    p.add_argument("--every", type=int, default=0, help="fork checkpoints whose step is a multiple of N")
-    p.add_argument("--at", type=parse_steps, default=(), help="also fork these steps: S1,S2,...")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the main run's directory, e.g. runs/NAME (required)")
+    p.add_argument("--every", type=int, default=0, help="fork checkpoints whose step is a multiple of N (default 0: none)")
+    p.add_argument("--at", type=parse_steps, default=(), help="also fork these steps: S1,S2,... (default: none)")
     p.add_argument("--cooldown-fraction", type=float,
-                   help="cooldown length as a fraction of the fork step (C = F * S); needed with --every/--at")
-    p.add_argument("--shape", choices=COOLDOWN_SHAPES, default="linear")
+                   help="cooldown length as a fraction of the fork step, C = F * S (required with --every/--at)")
+    p.add_argument("--shape", choices=COOLDOWN_SHAPES, default=DEFAULT_COOLDOWN_SHAPE, help="cooldown shape of every fork")
     p.add_argument("--average", type=int, default=0, metavar="K",
                    help="also write the average of the newest K checkpoints at every checkpoint (evertrain average; "
-                        "keep checkpoint.keep_last >= K)")
-    p.add_argument("--nodes", default="local:1", help="local:K | slurm[:K] | a DeepSpeed hostfile (default local:1)")
+                        "keep checkpoint.keep_last >= K; default 0: none)")
+    # not --nodes (its old name): `evertrain plan --nodes N` counts the nodes of a job
+    p.add_argument("--pool", "--nodes", dest="pool", action=RenamedOption, old=("--nodes",), default="local:1",
+                   help="where forks run: local:K (K at a time here) | slurm[:K] | a DeepSpeed hostfile")
     p.add_argument("--gpus-per-fork", type=int, default=0,
                    help="hostfile pools: devices per fork (default 0 = a whole host)")
     p.add_argument("--hosts-per-fork", type=int, default=1,
                    help="hostfile pools: whole hosts per fork (default 1); each fork gets its own hostfile")
     p.add_argument("--slurm-args", default="",
                    help="slurm pools: sbatch options of each fork job, e.g. \"--partition p --account a "
-                        "--time 2:00:00 --nodes 2 --gpus-per-node 8\"")
+                        "--time 2:00:00 --nodes 2 --gpus-per-node 8\" (default: none)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a fork that left no result")
     p.add_argument("--max-queued", type=int, default=4,
                    help="at most N forks wait, each pinning its checkpoint; newer checkpoints are deferred "
@@ -730,23 +733,23 @@ def register(subparsers) -> None:
     p.add_argument("--wait-s", type=float, default=600.0,
                    help="how long to wait for a run dir that does not exist yet, i.e. a forker started "
                         "beside a new run (default 600; 0 = it must exist)")
-    p.add_argument("--eval-batches", type=int, help="passed to each fork")
-    p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"), help="passed to each fork")
+    p.add_argument("--eval-batches", type=int, help="passed to each fork (default: the run's eval.batches)")
+    p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"), help="passed to each fork (default: the run's engine.name)")
     add_eval_arguments(p)  # passed to each fork
-    p.add_argument("--data", metavar="PATH", help="passed to each fork: cool down on another data dir")
-    p.add_argument("--data-weights", metavar="SRC=SHARE,...", help="passed to each fork: cool down on this mix")
+    p.add_argument("--data", metavar="PATH", help="passed to each fork: cool down on another data dir (default: the run's)")
+    p.add_argument("--data-weights", metavar="SRC=SHARE,...", help="passed to each fork: cool down on this mix (default: the run's)")
     rule = p.add_argument_group("stop rule", "when training on is no longer worth it: launch a final cooldown "
                                              "from the newest checkpoint (decisions in RUN/decisions.jsonl)")
     rule.add_argument("--min-gain-per-hour", type=float, metavar="G",
-                      help="stop once the projected gain of training on is below G nats per hour (95%% upper end)")
+                      help="stop once the projected gain of training on is below G nats per hour (95%% upper end; default: no such rule)")
     rule.add_argument("--budget-tokens", type=float, metavar="N",
-                      help="stop before training on and cooling down would pass N tokens")
+                      help="stop before training on and cooling down would pass N tokens (default: no token budget)")
     rule.add_argument("--budget-hours", type=float, metavar="H",
-                      help="stop before training on and cooling down would pass H hours at the measured tokens/s")
+                      help="stop before training on and cooling down would pass H hours at the measured tokens/s (default: no time budget)")
     rule.add_argument("--stop-main", action="store_true",
-                      help="on stop, also ask the main run to stop at its next checkpoint (RUN/STOP)")
+                      help="on stop, also ask the main run to stop at its next checkpoint (RUN/STOP; default: the main run goes on)")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--until-step", type=int, help="exit once the run has a checkpoint at or past S "
-                                                     "and every fork has finished")
-    stop.add_argument("--once", action="store_true", help="fork the checkpoints there now, wait, exit")
+                                                     "and every fork has finished (default: run until stopped)")
+    stop.add_argument("--once", action="store_true", help="fork the checkpoints there now, wait, exit (default: keep watching)")
     p.set_defaults(func=run_command)

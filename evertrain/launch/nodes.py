@@ -47,7 +47,7 @@ DEEPSPEED_EXPORT_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
 
 
 class NodePoolError(EvertrainError, ValueError):
-    """A bad `--nodes` value or hostfile; the message names it (and the line number)."""
+    """A bad `--pool` value or hostfile; the message names it (and the line number)."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Pool:
         for what, word in [*(("host", host) for host in hosts), ("working directory", os.getcwd()),
                            ("module", module), *(("argument", a) for a in args)]:
             if not SHELL_SAFE_RE.match(word):
-                raise NodePoolError(f"--nodes {self.hostfile}: {what} {word!r} would reach the remote shell of "
+                raise NodePoolError(f"--pool {self.hostfile}: {what} {word!r} would reach the remote shell of "
                                     "deepspeed --force_multi unquoted; use only letters, digits and _@%+=:,./-")
 
     def environment(self, environ) -> dict[str, str]:
@@ -155,7 +155,7 @@ def parse_hostfile(path: str | Path) -> dict[str, int]:
     """`host slots=N` per line (blank lines and `#` comments allowed) -> {host: N}, in file order."""
     path = Path(path)
     if not path.is_file():
-        raise NodePoolError(f"{path}: hostfile not found (--nodes takes local:K, slurm[:K] or a hostfile path)")
+        raise NodePoolError(f"{path}: hostfile not found (--pool takes local:K, slurm[:K] or a hostfile path)")
     hosts: dict[str, int] = {}
     for number, raw in enumerate(path.read_text().splitlines(), start=1):
         line = raw.strip()
@@ -181,7 +181,7 @@ def parse_hostfile(path: str | Path) -> dict[str, int]:
 
 def _count(spec: str, text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise NodePoolError(f"--nodes {spec}: the slot count must be an integer >= 1")
+        raise NodePoolError(f"--pool {spec}: the slot count must be an integer >= 1")
     return int(text)
 
 
@@ -191,14 +191,14 @@ def parse_pool(spec: str, gpus_per_job: int = 0, hosts_per_job: int = 1, slurm_a
     if hosts_per_job < 1:
         raise NodePoolError(f"--hosts-per-fork: must be >= 1, got {hosts_per_job}")
     if slurm_args and not (spec == "slurm" or spec.startswith("slurm:")):
-        raise NodePoolError(f"--slurm-args: only for --nodes slurm[:K], not {spec}")
+        raise NodePoolError(f"--slurm-args: only for --pool slurm[:K], not {spec}")
     if spec == "local" or spec.startswith("local:"):
         k = _count(spec, spec.partition(":")[2] or "1")
         return Pool("local", tuple(Slot(f"local:{i}") for i in range(k)))
     if spec == "slurm" or spec.startswith("slurm:"):
         k = _count(spec, spec.partition(":")[2] or "1")
         if shutil.which("sbatch") is None:
-            raise NodePoolError(f"--nodes {spec}: sbatch is not on PATH (use local:K or a hostfile)")
+            raise NodePoolError(f"--pool {spec}: sbatch is not on PATH (use local:K or a hostfile)")
         try:
             options = tuple(shlex.split(slurm_args))
             gpus_per_node(list(options))

@@ -21,10 +21,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="per-rank memory and FLOPs of a config on N nodes x G GPUs",
                               description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the training config (YAML)")
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--nodes", type=int, required=True, help="nodes in the job")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs on each node")
     p.add_argument("--engine", choices=("fsdp", "deepspeed", "single"),
                    help="default: the config's engine.name (auto plans fsdp)")
-    p.add_argument("--gpu", default="h200", choices=("h100", "h200"), help="default h200")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for pretrain.py")
+    p.add_argument("--gpu", default="h200", choices=("h100", "h200"), help="GPU model, for its memory and peak FLOPs (default h200)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for pretrain.py (default: none)")
     p.set_defaults(func=run_plan)

@@ -146,6 +146,22 @@ def main_run_at(train: list[dict], step: int) -> dict | None:
     return {key: lo[key] + w * (hi[key] - lo[key]) for key in ("tokens", "loss", "lr")}
 
 
+def data_versions(train: list[dict]) -> list[tuple[int, int, float]]:
+    """(version, first step, its tokens) of each data dir version the main run trained on, in order: the
+    run takes appended shards at a checkpoint, so a new version shows from the records after it."""
+    changes: list[tuple[int, int, float]] = []
+    for r in train:
+        version = r.get("data_version")
+        if version is not None and (not changes or changes[-1][0] != version):
+            changes.append((version, r["step"], r["tokens"]))
+    return changes
+
+
+def data_version_at(train: list[dict], step: int) -> int | None:
+    """The data version of the main run's last train record at or before `step`."""
+    return next((r.get("data_version") for r in reversed(train) if r["step"] <= step), None)
+
+
 def parse_cooldown_name(name: str) -> tuple[int, str, int] | None:
     """from_000001000_1-sqrt_200 -> (1000, "1-sqrt", 200); an @mix-<hash> suffix (another mix) is ignored."""
     name = name.partition("@")[0]
@@ -309,10 +325,12 @@ def eval_names(cooldowns: list[Cooldown]) -> list[str]:
 
 def tables(report: RunReport) -> list[Table]:
     ckpts = Table(title=f"checkpoints of {report.run_dir}")
-    for column in ("step", "tokens", "pinned"):
+    for column in ("step", "tokens", "data", "pinned"):
         ckpts.add_column(column, justify="right" if column != "pinned" else "left")
     for c in report.checkpoints:
-        ckpts.add_row(str(c.step), fmt_tokens(c.tokens), ", ".join(c.pinned_by) or "-")
+        version = data_version_at(report.train, c.step)
+        ckpts.add_row(str(c.step), fmt_tokens(c.tokens), f"v{version}" if version is not None else "-",
+                      ", ".join(c.pinned_by) or "-")
     cools = Table(title="cooldowns")
     names = eval_names(report.cooldowns)
     for column in ("from step", "shape", "C", "data", "tokens", "val loss", "ppl", *names):
@@ -467,6 +485,11 @@ def figure(report: RunReport, fit: PowerLawFit | None, proj: Projection | None):
                            f"at {fmt_tokens(proj.target)}")
         ax_loss.plot([proj.now_end], [proj.loss_now], "+", color="crimson", ms=9,
                      label=f"cool down now: {proj.loss_now:.4f} at {fmt_tokens(proj.now_end)}")
+    for version, step, tokens in data_versions(report.train)[1:]:  # where appended data joined the run
+        for ax in (ax_loss, ax_lr):
+            ax.axvline(tokens, color="teal", ls=":", lw=1)
+        ax_loss.annotate(f"data v{version} (step {step})", (tokens, 0.02), xycoords=("data", "axes fraction"),
+                         rotation=90, fontsize=7, color="teal", ha="right", va="bottom")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(f"{report.run_dir.name}: train loss, cooldown branches and their val loss")
     ax_loss.grid(alpha=0.3, which="both")
@@ -527,6 +550,9 @@ def run_report(args: argparse.Namespace) -> int:
     for c in report.cooldowns:
         if c.failure:
             console.print(f"failed: {c.name}: {c.failure}", highlight=False, style="red", soft_wrap=True)
+    versions = data_versions(report.train)
+    if len(versions) > 1:  # data appended while it trained
+        console.print("data: " + ", ".join(f"v{v} from step {s}" for v, s, _ in versions), highlight=False)
     result = fit_cooldowns(report.cooldowns)
     proj = run_projection(report, result, args.extra_tokens) if result.fit else None
     for line in summary(result.fit, proj) if result.fit else [result.why_not]:

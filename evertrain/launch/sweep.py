@@ -717,9 +717,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"average K checkpoints evenly over the cooldown window [T - c, T], 0 = no averaging "
                         f"row (default {FULL_AVERAGE_LAST}; --quick: {QUICK_AVERAGE_LAST})")
     p.add_argument("--skip-averages", action="store_true",
-                   help="run everything but the averages (a later run without it adds them)")
+                   help="run everything but the averages; a later run without it adds them (default: run them)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2, one thread each)")
-    p.add_argument("--quick", action="store_true", help="tiny model and tens of steps: checks the pipeline only")
+    p.add_argument("--quick", action="store_true", help="tiny model and tens of steps: checks the pipeline only (default: the full sweep)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
 
 

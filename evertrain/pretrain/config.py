@@ -65,7 +65,7 @@ class OptimConfig:
     max_lr: float = 1e-3
     warmup_steps: int = 100
     decay: str = "rsqrt"  # rsqrt | constant | cosine | linear
-    rsqrt_timescale: int | None = None  # tau; None = warmup_steps (the seed's max_lr*sqrt(w/step))
+    rsqrt_timescale: int | None = None  # tau; None = warmup_steps (max_lr*sqrt(w/step))
     horizon: int | None = None  # total steps, only for the fixed-horizon baselines cosine/linear
     min_lr_ratio: float = 0.0  # floor of the cosine/linear baselines, as a fraction of max_lr
     betas: tuple[float, float] = (0.9, 0.95)
@@ -140,6 +140,9 @@ class Config:
 # Named here, not in schedule.py, so that commands can offer them without importing torch.
 DECAYS = ("rsqrt", "constant", "cosine", "linear")
 COOLDOWN_SHAPES = ("linear", "1-sqrt", "cosine")
+# every command's default: the shape measured in docs/horizon_sweep.md (its cooldowns end level with or below
+# a tuned cosine), and Hägele et al.'s best
+DEFAULT_COOLDOWN_SHAPE = "1-sqrt"
 
 _CHOICES = {
     "optim.decay": DECAYS,
@@ -201,7 +204,8 @@ def _build(cls, data: dict, prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key{did_you_mean(f'{prefix}{key}')}")
+            hint = did_you_mean_section(key) if cls is Config else did_you_mean(f"{prefix}{key}")
+            raise ConfigError(f"{prefix}{key}: unknown {'section' if cls is Config else 'key'}{hint}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -224,11 +228,19 @@ def valid_keys() -> list[str]:
             for f in dataclasses.fields(hints[section.name])]
 
 
+# What people coming from other trainers type, and the key that means it here.
+ALIASES = {"lr": "optim.max_lr", "learning_rate": "optim.max_lr", "max_learning_rate": "optim.max_lr",
+           "warmup": "optim.warmup_steps", "batch_size": "train.micro_batch_size", "steps": "train.max_steps",
+           "clip_grad": "optim.grad_clip", "gradient_accumulation_steps": "train.grad_accum"}
+
+
 def did_you_mean(key: str) -> str:
     """'; did you mean optim.max_lr?' for a misspelt or misplaced key, else ''."""
     keys = valid_keys()
     section, _, name = key.rpartition(".")
     close = [k for k in keys if k.endswith(f".{name}")]  # the right key in the wrong section
+    if not close and name in ALIASES:
+        close = [ALIASES[name]]
     if not close:
         names = [k.split(".", 1)[1] for k in keys if k.startswith(f"{section}.")]
         if names:  # a real section: a typo in the key's own name (not matched against other sections)
@@ -236,6 +248,15 @@ def did_you_mean(key: str) -> str:
         else:  # a typo in the section's name
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
+
+
+def did_you_mean_section(name: str) -> str:
+    """'; did you mean train?' for a misspelt top-level section (a section is never offered a key)."""
+    if name in ALIASES:  # `lr: 0.01` at the top level
+        return f"; did you mean {ALIASES[name]}?"
+    sections = [f.name for f in dataclasses.fields(Config)]
+    close = difflib.get_close_matches(name, sections, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else f" (sections: {', '.join(sections)})"
 
 
 def _parse_override(item: str) -> tuple[list[str], object]:
@@ -350,6 +371,15 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is (line and column from 1), on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or exc.__class__.__name__
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read YAML at `path` (None = defaults), apply `a.b=value` overrides, validate."""
     tree: dict = {}
@@ -360,7 +390,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides:

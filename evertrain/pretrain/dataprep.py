@@ -1,8 +1,9 @@
 """Making and growing data dirs: tokenizer training, parallel encoding, shard writing, prepare, append.
 
     prepare: inputs (text, JSONL, Parquet, HF datasets: sources.py) -> a sentencepiece BPE tokenizer
-             trained on them, or a given .model / tokenizer.json -> token shards + manifest.json (version 1)
-    append:  inputs (the data dir's tokenizer) or token shard files -> new shards at the end, version + 1
+             trained on them, or a given .model / tokenizer.json -> token shards + manifest.json (version 1);
+             already-tokenized .bin/.npy inputs with the tokenizer that made them
+    append:  inputs (the data dir's tokenizer) or token files -> new shards at the end, version + 1
 
 Each document is encoded whole (tokenizer.py) and followed by EOS. This process only reads (raw
 pieces: file bytes, blocks of JSONL lines, column batches) and writes; decoding the records and
@@ -61,9 +62,10 @@ SENTENCE_CHARS = 1 << 14  # training text is fed as paragraphs, split further wh
 ENCODE_BATCH_BYTES = 1 << 20  # input handed to one encoding process per task (whole documents)
 PENDING_PER_WORKER = 3  # tasks in flight per process: enough to keep it busy, bounded memory
 COPY_TOKENS = 1 << 22  # tokens read per step when importing a token file
+TOKEN_FILE_DTYPES = ("uint16", "uint32", "int32", "int64")  # what a .bin input may hold (little-endian)
 
 
-def token_dtype(vocab_size: int) -> str:
+def dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
@@ -98,7 +100,8 @@ def train_tokenizer(inputs: list[Input], vocab_size: int, sample_bytes: int = TO
     a piece of its own, so decode(encode(text)) == text and verse keeps its lines. One thread:
     sentencepiece's multi-threaded trainer breaks ties differently from run to run."""
     stride = max(1, -(-sum(i.size for i in inputs) // sample_bytes))
-    every = (p for i in inputs for doc in documents(i, options, Counts()) for p in paragraphs(doc))
+    read = Counts()
+    every = (p for i in inputs for doc in documents(i, options, read) for p in paragraphs(doc))
     sample = (p for i, p in enumerate(every) if i % stride == 0)
     model = io.BytesIO()
     try:
@@ -110,6 +113,8 @@ def train_tokenizer(inputs: list[Input], vocab_size: int, sample_bytes: int = TO
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=4 * SENTENCE_CHARS,
             input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
     except RuntimeError as exc:
+        if not read.documents:  # sentencepiece would say "[!sentences_.empty()]"
+            raise DataError(f"--input: no text to train the tokenizer on (read {read.summary()})") from None
         reason = str(exc).strip().splitlines()[-1].split("] ", 1)[-1]  # drop "INTERNAL: file.cc(638) [check]"
         raise DataError(f"--vocab-size {vocab_size}: sentencepiece refused it: {reason}") from None
     return model.getvalue()
@@ -127,6 +132,7 @@ class Encoding:
     workers: int
     shard_tokens: int
     options: ReadOptions = ReadOptions()
+    token_dtype: str | None = None  # of .bin inputs; None = the data dir's dtype (a .npy holds its own)
 
 
 def work_items(inputs: list[Input], enc: Encoding, bar: tqdm) -> Iterator[list[Raw] | np.ndarray]:
@@ -210,18 +216,33 @@ def _result(item, finish) -> np.ndarray:
         raise DataError("an encoding process died (out of memory? try fewer --workers)") from None
 
 
-def token_file_chunks(path: Path, enc: Encoding) -> Iterator[np.ndarray]:
-    """An already-tokenized file (the data dir's dtype, documents joined by EOS), checked id by id."""
-    dtype = DTYPES[enc.dtype]
+def token_array(path: Path, dtype_name: str) -> np.ndarray:
+    """A token file's ids, memory-mapped: a .npy holds its own dtype and shape, a .bin is flat ids of `dtype_name`."""
+    if path.name.endswith(".npy"):
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{path}: not a NumPy .npy array ({exc})") from None
+        if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
+            raise DataError(f"{path}: expected a 1-D array of integer token ids, got {tokens.dtype} "
+                            f"of shape {tokens.shape}")
+        return tokens
+    dtype = np.dtype(dtype_name).newbyteorder("<")
     size = path.stat().st_size
     if size % dtype.itemsize:
-        raise DataError(f"{path}: {size} bytes is not a whole number of {enc.dtype} tokens")
-    tokens = np.memmap(path, dtype=dtype, mode="r")
+        raise DataError(f"{path}: {size} bytes is not a whole number of {dtype_name} tokens")
+    return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+
+
+def token_file_chunks(path: Path, enc: Encoding) -> Iterator[np.ndarray]:
+    """An already-tokenized file (documents joined by EOS), checked id by id."""
+    tokens = token_array(path, enc.token_dtype or enc.dtype)
     for start in range(0, tokens.size, COPY_TOKENS):
         chunk = np.array(tokens[start:start + COPY_TOKENS])  # a copy: the memmap closes when this ends
-        if chunk.max() >= enc.vocab_size:
-            raise DataError(f"{path}: token id {int(chunk.max())} is outside this data dir's vocab of "
-                            f"{enc.vocab_size} (tokenized with another tokenizer?)")
+        if chunk.min() < 0 or chunk.max() >= enc.vocab_size:
+            bad = int(chunk.min()) if chunk.min() < 0 else int(chunk.max())
+            raise DataError(f"{path}: token id {bad} is outside this data dir's vocab of "
+                            f"{enc.vocab_size} (tokenized with another tokenizer, or another dtype?)")
         yield chunk
 
 
@@ -305,8 +326,10 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
             val: Iterable[str | Path] = (), tokenizer: str | Path | None = None, workers: int = 1,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, source: str = DEFAULT_SOURCE, text_field: str = "text",
             split_docs: str | None = None, skip_bad: bool = False, part: str | None = None,
-            counts: Counts | None = None) -> Manifest:
+            token_dtype: str | None = None, eos_id: int | None = None, counts: Counts | None = None) -> Manifest:
     """Make data dir `out` from inputs (sources.py): train (or reuse) the tokenizer, encode, write shards.
+    Already-tokenized inputs (.bin of `token_dtype`, .npy) need the `tokenizer` that made them; `eos_id`
+    (default: the tokenizer's) is the id that ends each document in them, and in what is encoded.
     With `part` "i/N": only the i-th of N slices of the train inputs (val only in part 0), with a given
     tokenizer. `counts`, when given, receives what was read (documents, empty, skipped)."""
     out = Path(out)
@@ -319,9 +342,7 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
     files = {"train": expand_inputs(list(inputs), "--input"), "val": expand_inputs(list(val), "--val")}
     if not files["train"]:
         raise DataError("--input: no input files given")
-    for inp in files["train"] + files["val"]:
-        if inp.kind == TOKENS:
-            raise DataError(f"{inp.path}: prepare reads text; add token files with `evertrain data append`")
+    check_token_inputs(files, tokenizer, token_dtype)
     if part is not None:
         index, parts = parse_part(part)
         if tokenizer is None:
@@ -336,6 +357,10 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
     vocab = tok.Tokenizer(spec).vocab_size
     if vocab_size is not None and vocab_size != vocab:
         raise DataError(f"--vocab-size {vocab_size}: --tokenizer {tokenizer} has {vocab} pieces")
+    if eos_id is not None:
+        if not 0 <= eos_id < vocab:
+            raise DataError(f"--eos-id {eos_id}: not an id of the tokenizer's {vocab}-piece vocabulary")
+        spec = dataclasses.replace(spec, eos_id=eos_id)
 
     counts = Counts() if counts is None else counts
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -344,7 +369,7 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
         staging.mkdir()
         tokenizer_file = tok.FILE_NAMES[spec.kind]
         (staging / tokenizer_file).write_bytes(spec.model)
-        enc = Encoding(spec, vocab, token_dtype(vocab), workers, shard_tokens, options)
+        enc = Encoding(spec, vocab, dtype_for(vocab), workers, shard_tokens, options, token_dtype)
         shards = {split: write_split(files[split], enc, staging, split, 0, source, counts) for split in SPLITS}
         if not shards["train"]:
             raise DataError(f"--input: no documents in the inputs ({counts.summary()}); nothing was written to {out}")
@@ -365,6 +390,22 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, vocab_size: int | Non
     return manifest
 
 
+def check_token_inputs(files: dict[str, list[Input]], tokenizer, token_dtype: str | None) -> None:
+    """Token files come with the tokenizer that made their ids (the data dir keeps it, to encode what is
+    appended later), and a .bin with its dtype: flat bytes do not say whether they are 16 or 32 bits."""
+    if token_dtype is not None and token_dtype not in TOKEN_FILE_DTYPES:
+        raise DataError(f"--token-dtype {token_dtype}: must be one of {', '.join(TOKEN_FILE_DTYPES)}")
+    for inp in files["train"] + files["val"]:
+        if inp.kind != TOKENS:
+            continue
+        if tokenizer is None:
+            raise DataError(f"{inp.path}: already-tokenized ids need --tokenizer, the tokenizer that made them "
+                            "(the data dir keeps it); text inputs train one with --vocab-size")
+        if inp.path.name.endswith(".bin") and token_dtype is None:
+            raise DataError(f"{inp.path}: say the dtype of its ids with --token-dtype "
+                            f"({'|'.join(TOKEN_FILE_DTYPES)}); a .npy carries its own")
+
+
 def read_tokenizer_spec(path: str | Path, flag: str) -> tok.TokenizerSpec:
     try:
         return tok.read_spec(path, flag)
@@ -376,12 +417,15 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
            tokenizer: str | Path | None = None, workers: int = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS,
            source: str = DEFAULT_SOURCE, weight: float | None = None, text_field: str = "text",
            split_docs: str | None = None, skip_bad: bool = False, allow_duplicate: bool = False,
-           counts: Counts | None = None) -> Manifest:
+           token_dtype: str | None = None, counts: Counts | None = None) -> Manifest:
     """Add shards made from `inputs` (train) and `val` at the end of data dir's splits; version + 1.
+    A .bin input holds ids of `token_dtype` (default: the data dir's dtype, as its own shards).
     An input whose bytes the data dir already holds is refused unless `allow_duplicate`."""
     data_dir = Path(data_dir)
     check_positive(workers=workers, shard_tokens=shard_tokens)
     options = read_options(text_field, split_docs, skip_bad)
+    if token_dtype is not None and token_dtype not in TOKEN_FILE_DTYPES:
+        raise DataError(f"--token-dtype {token_dtype}: must be one of {', '.join(TOKEN_FILE_DTYPES)}")
     files = {"train": expand_inputs(list(inputs), "FILES"), "val": expand_inputs(list(val), "--val")}
     if not files["train"] and not files["val"]:
         raise DataError("nothing to append: give FILES and/or --val FILES")
@@ -396,9 +440,11 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
         if hashlib.sha256(model).hexdigest() != manifest.tokenizer["sha256"]:
             raise DataError(f"{tokenizer_path}: differs from the tokenizer {MANIFEST} was made with (sha256 mismatch)")
         if tokenizer is not None:
-            if not Path(tokenizer).is_file():
-                raise DataError(f"--tokenizer {tokenizer}: no such file")
-            if hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest() != manifest.tokenizer["sha256"]:
+            try:
+                given = tok.tokenizer_file(tokenizer, "--tokenizer")
+            except tok.TokenizerError as exc:
+                raise DataError(str(exc)) from None
+            if hashlib.sha256(given.read_bytes()).hexdigest() != manifest.tokenizer["sha256"]:
                 raise DataError(f"--tokenizer {tokenizer}: not the tokenizer of {data_dir} (sha256 differs); "
                                 "a data dir keeps one tokenizer")
         for inp in files["train"] + files["val"]:
@@ -410,7 +456,7 @@ def append(data_dir: str | Path, inputs: Iterable[str | Path] = (), *, val: Iter
         has_text = any(inp.kind != TOKENS for split in SPLITS for inp in files[split])
         # the manifest's EOS, not one looked up again: every document of the data dir ends with the same id
         spec = tok.TokenizerSpec(tok.kind_of(model), model, manifest.eos_id, manifest.bos_id) if has_text else None
-        enc = Encoding(spec, manifest.vocab_size, manifest.dtype, workers, shard_tokens, options)
+        enc = Encoding(spec, manifest.vocab_size, manifest.dtype, workers, shard_tokens, options, token_dtype)
         for stale in data_dir.glob(".append-*"):  # left by a killed append; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         staging = data_dir / f".append-{os.getpid()}"

@@ -35,11 +35,12 @@ from evertrain.pretrain.stopping import StopFile, StopSignals, save_within_budge
 
 
 def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, start: dict | None = None,
-          started=None) -> int:
+          started=None, final_dir: Path | None = None) -> int:
     """Train from the run's latest checkpoint (else `start`, else step 0) until `train.max_steps` or a
     SIGTERM/SIGINT, checkpointing on the way out. `ckpt` may be None (no checkpoints). `started()`,
     if given, is called once the checkpoint and the data were loaded and checked and the metric sinks
-    opened, before the first step. Returns the last step done."""
+    opened, before the first step. `final_dir`: where the caller publishes the state of a run that
+    reaches train.max_steps (its checkpoints then go), for the closing line. Returns the last step done."""
     t, eval_every, ckpt_every = cfg.train, cfg.eval.every_steps, cfg.checkpoint.every_steps
     step, tokens, nonfinite_before = resume(engine, stream, ckpt, start)
     watch = NonFiniteWatch(engine, t.on_nonfinite, nonfinite_before, t.max_nonfinite_steps)
@@ -103,5 +104,6 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
     finally:
         batches.close()
         metrics.close()
-    metrics.console.say(closing_line(step, reason, saved, run_dir))
+    finished = t.max_steps is not None and step >= t.max_steps
+    metrics.console.say(closing_line(step, reason, saved, run_dir, final_dir if finished else None))
     return step

@@ -59,7 +59,8 @@ class Metrics:
         self.enabled = enabled
         if cfg is not None:
             check_installed(cfg)  # on every rank, before the main rank opens anything
-        self.console = Console(enabled and progress, start_step, max_steps)  # banner, bar or lines
+        skip = cfg is not None and cfg.train.on_nonfinite == "skip"  # then the console counts the skipped steps
+        self.console = Console(enabled and progress, start_step, max_steps, skipped=skip)  # banner, bar or lines
         if not enabled:
             return
         run_dir = Path(run_dir)

@@ -10,7 +10,8 @@ Contract:
     .arrow                      one document per row (an Arrow stream or file, as Hugging Face
                                 `datasets` writes its cache and `save_to_disk` files)
     a dir with state.json       a Hugging Face `save_to_disk` dataset: its .arrow files in its order
-    .bin                        already-tokenized ids (only `append` takes them)
+    .bin .npy                   already-tokenized ids, documents joined by EOS (a .bin is flat ids of
+                                a stated dtype; a .npy a 1-D integer array)
   A plain directory expands to the files of those kinds under it (hidden ones skipped).
 - `documents(input, options, counts)` yields the input's documents as str, exactly as stored (no
   newline translation: a CRLF document keeps its "\\r\\n"). Empty documents are skipped and counted.
@@ -39,7 +40,8 @@ from evertrain.pretrain.data import DataError
 TEXT, JSONL, PARQUET, ARROW, TOKENS = "text", "jsonl", "parquet", "arrow", "tokens"
 ROWS = "rows"  # a piece of a Parquet or Arrow input: a batch of its text column
 SUFFIXES = {".jsonl": JSONL, ".jsonl.gz": JSONL, ".jsonl.zst": JSONL, ".parquet": PARQUET,
-            ".arrow": ARROW, ".bin": TOKENS, ".txt": TEXT}  # what a directory expands to
+            ".arrow": ARROW, ".bin": TOKENS, ".npy": TOKENS,
+            ".txt": TEXT}  # what a directory expands to
 HF_STATE, HF_DICT = "state.json", "dataset_dict.json"
 ARROW_BATCH_ROWS = 1024  # rows read from a parquet file per step
 JSONL_BLOCK_BYTES = 1 << 20  # JSONL is read in blocks of whole lines of about this size

@@ -49,11 +49,25 @@ def kind_of(model: bytes) -> str:
     return HF_JSON if model.lstrip()[:1] == b"{" else SENTENCEPIECE
 
 
-def read_spec(path: str | Path, flag: str) -> TokenizerSpec:
-    """The tokenizer at `path` (a .model or a tokenizer.json, which may sit with its tokenizer_config.json)."""
+def tokenizer_file(path: str | Path, flag: str) -> Path:
+    """`path` itself, or in a directory (a Hugging Face model dir, a data dir) its tokenizer.json, else its
+    tokenizer.model."""
     path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in (FILE_NAMES[HF_JSON], FILE_NAMES[SENTENCEPIECE]) if (path / name).is_file()]
+        if not found:
+            raise TokenizerError(f"{flag} {path}: a directory without {FILE_NAMES[HF_JSON]} or "
+                                 f"{FILE_NAMES[SENTENCEPIECE]}; give the tokenizer file itself")
+        return found[0]
     if not path.is_file():
         raise TokenizerError(f"{flag} {path}: no such file")
+    return path
+
+
+def read_spec(path: str | Path, flag: str) -> TokenizerSpec:
+    """The tokenizer at `path` (a .model or a tokenizer.json, which may sit with its tokenizer_config.json,
+    or a directory holding one)."""
+    path = tokenizer_file(path, flag)
     model = path.read_bytes()
     config = path.with_name(HF_CONFIG)
     return spec_from_bytes(model, f"{flag} {path}", config.read_bytes() if config.is_file() else None)

@@ -24,6 +24,7 @@ of host memory and I/O, never the whole model and optimizer state.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +155,9 @@ class DcpReader(SliceReader):
                     seen.add(key)
                     batch[key] = (first, buffer, i)
             planner = _RowBlockPlanner({key: (first, buffer) for key, (first, buffer, _) in batch.items()})
-            dcp.load({}, storage_reader=SafeFileSystemReader(self.step_dir), planner=planner, no_dist=True)
+            with warnings.catch_warnings():  # no_dist on purpose (this process reads alone); DCP warns every call
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+                dcp.load({}, storage_reader=SafeFileSystemReader(self.step_dir), planner=planner, no_dist=True)
             self.bytes_read += planner.bytes
             for first, buffer, i in batch.values():
                 offset, numel = cuts[i]
