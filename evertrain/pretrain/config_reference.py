@@ -18,7 +18,7 @@ from evertrain.pretrain import config
 
 # One line each for the fields whose comment in config.py is missing or only lists the choices.
 MEANINGS = {
-    "model.vocab_size": "embedding rows: at least the data's vocabulary (the data dir's manifest says it)",
+    "model.vocab_size": "embedding rows; auto: the data dir's vocabulary (its manifest says it), else a number at least that",
     "model.d_model": "width of the residual stream",
     "model.n_layers": "transformer blocks",
     "model.n_heads": "attention heads; must divide d_model, with an even head dim (RoPE)",

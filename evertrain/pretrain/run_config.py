@@ -22,7 +22,7 @@ CONFIG_FILE = "config.yaml"
 
 # What `pretrain.py --run D k=v` may change; `section.*` = every key of the section.
 RESUMABLE = ("train.max_steps", "train.log_every", "train.peak_tflops", "train.compile", "train.on_nonfinite",
-             "train.device", "data.path", "data.prefetch", "checkpoint.*", "eval.*", "logging.*", "engine.*",
+             "train.device", "train.max_nonfinite_steps", "data.path", "data.prefetch", "checkpoint.*", "eval.*", "logging.*", "engine.*",
              "optim.impl", *(f"model.{name}" for name in sorted(NOT_SHAPE - {"init_from"})))
 
 
