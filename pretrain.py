@@ -19,7 +19,6 @@ from pathlib import Path
 from evertrain.errors import EvertrainError
 from evertrain.launch.helptext import HelpFormatter, examples_epilog
 from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config
-from evertrain.pretrain.data import DataError
 from evertrain.pretrain.run_config import (CONFIG_FILE, changes, check_same_model, previous_config, resume_config,
                                            trained_on)
 
@@ -131,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except EvertrainError as exc:
         rank = int(os.environ.get("RANK", "0"))  # as rank_and_world() reads it, without importing torch
-        where = hint if isinstance(exc, DataError) else ""  # which data the run trained on, if not this
+        data = sys.modules.get("evertrain.pretrain.data")  # a DataError comes only once it was imported
+        where = hint if data is not None and isinstance(exc, data.DataError) else ""  # which data the run trained on, if not this
         print(f"pretrain.py: error: {exc}{where}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

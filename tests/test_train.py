@@ -330,8 +330,10 @@ def test_ctrl_c_stops_a_run_with_no_fixed_end_after_a_checkpoint(tiny_data, tmp_
 def test_a_second_ctrl_c_after_the_stop_checkpoint_is_committed_exits_0(tiny_data, tmp_path, monkeypatch, when):
     """The first SIGINT stops the run with a checkpoint; a second one (a launcher's forward, an impatient
     user) while the process closes down loses nothing, so it exits 0 as the first one would."""
+    from evertrain.pretrain import engines, loop
+
     pretrain, run_dir = load_pretrain(), tmp_path / "run"
-    create = pretrain.engines.create
+    create, train = engines.create, loop.train  # pretrain.py imports both in main(), after its arguments
 
     def engine_that_is_interrupted(*args, **kwargs):
         engine = create(*args, **kwargs)
@@ -355,8 +357,8 @@ def test_a_second_ctrl_c_after_the_stop_checkpoint_is_committed_exits_0(tiny_dat
             os.kill(os.getpid(), signal.SIGINT)
         return last
 
-    monkeypatch.setattr(pretrain.engines, "create", engine_that_is_interrupted)
-    monkeypatch.setattr(pretrain, "train", train_then_interrupted)
+    monkeypatch.setattr(engines, "create", engine_that_is_interrupted)
+    monkeypatch.setattr(loop, "train", train_then_interrupted)
     args = base_args(tiny_data, run_dir) + ["train.max_steps=null", "checkpoint.every_steps=0", "--engine", "single"]
     try:
         code = pretrain.main(args)

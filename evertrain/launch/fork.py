@@ -399,7 +399,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-weights", metavar="SRC=SHARE,...",
                    help="cool down on this mix of sources (of the run's data dir, or of --data), e.g. hq=0.7,main=0.3 (default: the run's mix)")
     p.add_argument("--final", action="store_true",
-                   help="mark this cooldown final in result.json (the forker's stop rule launches it so)")
+                   help="mark this cooldown final in result.json (the forker's stop rule launches it so; default: not final)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
     p.set_defaults(func=run_fork)

@@ -48,6 +48,10 @@ EXAMPLES = {
         "evertrain forker --run runs/1b --at 4000,8000 --cooldown-fraction 0.2 --pool slurm:4 "
         "--slurm-args \"--partition gpu --time 2:00:00\"",
     ],
+    "predict": [
+        "evertrain predict --run runs/tiny --step latest --cooldown-fraction 0.2",
+        "evertrain predict --run runs/tiny --cooldown-steps 400 --shape linear --at-tokens 5e7",
+    ],
     "average": [
         "evertrain average --run runs/tiny --last 5",
         "evertrain average --run runs/tiny --steps 800,900,1000",

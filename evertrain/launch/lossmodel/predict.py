@@ -115,15 +115,15 @@ def parse_step(text: str) -> int:
 
 
 def register(subparsers) -> None:
-    from evertrain.pretrain.config import COOLDOWN_SHAPES
+    from evertrain.pretrain.config import COOLDOWN_SHAPES, DEFAULT_COOLDOWN_SHAPE
 
     p = subparsers.add_parser("predict", help="predict a cooldown's final val loss before it runs",
                               description=__doc__.splitlines()[0])
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME")
     p.add_argument("--step", help="the fork step (default: the main run's newest logged step)")
     length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--cooldown-steps", type=int, help="cooldown length C in steps")
-    length.add_argument("--cooldown-fraction", type=float, help="cooldown length as a fraction of the step (C = F * S)")
-    p.add_argument("--shape", choices=COOLDOWN_SHAPES, default="linear", help="cooldown shape (default linear)")
-    p.add_argument("--at-tokens", type=float, help="fork after the main run has trained N more tokens than at --step")
+    length.add_argument("--cooldown-steps", type=int, help="cooldown length C in steps (this or --cooldown-fraction required)")
+    length.add_argument("--cooldown-fraction", type=float, help="cooldown length as a fraction of the step, C = F * S (this or --cooldown-steps required)")
+    p.add_argument("--shape", choices=COOLDOWN_SHAPES, default=DEFAULT_COOLDOWN_SHAPE, help="cooldown shape")
+    p.add_argument("--at-tokens", type=float, help="fork after the main run has trained N more tokens than at --step (default: fork at --step itself)")
     p.set_defaults(func=run_predict)
