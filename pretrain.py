@@ -19,7 +19,7 @@ from pathlib import Path
 from evertrain.errors import EvertrainError
 from evertrain.launch.helptext import HelpFormatter, examples_epilog
 from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config
-from evertrain.pretrain.run_config import (CONFIG_FILE, changes, check_same_model, previous_config, resume_config,
+from evertrain.pretrain.run.run_config import (CONFIG_FILE, changes, check_same_model, previous_config, resume_config,
                                            trained_on)
 
 # torch and everything that imports it are imported in main() once the arguments are parsed and the config
@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         from evertrain.pretrain.checkpoint import CheckpointManager
         from evertrain.pretrain.checkpoint.retention import has_live_pins
         from evertrain.pretrain.checkpoint.store import rewind
-        from evertrain.pretrain.data import TokenStream
+        from evertrain.pretrain.data.stream import TokenStream
         from evertrain.pretrain.distributed import adopt_scheduler_env, detect_launcher, rank_and_world
         from evertrain.pretrain.loop import train
-        from evertrain.pretrain.preflight import preflight, resolve_auto
-        from evertrain.pretrain.run_lock import RunLock
+        from evertrain.pretrain.run.preflight import preflight, resolve_auto
+        from evertrain.pretrain.run.lock import RunLock
 
         adopt_scheduler_env()  # srun / mpirun: ranks from the scheduler, before anything reads RANK
         cfg = resolve_auto(cfg)  # model.vocab_size: auto -> the data's, before the model is compared or built
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except EvertrainError as exc:
         rank = int(os.environ.get("RANK", "0"))  # as rank_and_world() reads it, without importing torch
-        data = sys.modules.get("evertrain.pretrain.data")  # a DataError comes only once it was imported
+        data = sys.modules.get("evertrain.pretrain.data.stream")  # a DataError comes only once it was imported
         where = hint if data is not None and isinstance(exc, data.DataError) else ""  # which data the run trained on, if not this
         print(f"pretrain.py: error: {exc}{where}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2

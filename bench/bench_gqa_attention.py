@@ -12,7 +12,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from evertrain.pretrain.model import causal_attention
+from evertrain.pretrain.model.transformer import causal_attention
 
 FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 

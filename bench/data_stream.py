@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evertrain.pretrain.data import Manifest, Shard, ShardReader, TokenStream, shard_name
-from evertrain.pretrain.dataprep import write_manifest
-from evertrain.pretrain.order import EpochOrder, Layout
+from evertrain.pretrain.data.stream import Manifest, Shard, ShardReader, TokenStream, shard_name
+from evertrain.pretrain.data.prepare import write_manifest
+from evertrain.pretrain.data.order import EpochOrder, Layout
 
 SHARD_TOKENS = 1 << 24
 SHARES = {"web": 0.5, "code": 0.3, "books": 0.2}

@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from evertrain.pretrain.dataprep import paragraphs, prepare, train_tokenizer
-from evertrain.pretrain.sources import expand_inputs
-from evertrain.pretrain.tokenizer import Tokenizer, read_spec, spec_from_bytes
+from evertrain.pretrain.data.prepare import paragraphs, prepare, train_tokenizer
+from evertrain.pretrain.data.sources import expand_inputs
+from evertrain.pretrain.data.tokenizer import Tokenizer, read_spec, spec_from_bytes
 
 DOCUMENT_CHARS = 4096
 

@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="where gpu_check.md/.json go (default: docs/)")
     p.add_argument("--only", default=None, help="comma-separated section names to run")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="bf16 dense peak for MFU (default: from the device name, evertrain/pretrain/hardware.py)")
+                   help="bf16 dense peak for MFU (default: from the device name, evertrain/pretrain/model/hardware.py)")
     p.add_argument("--audit-child", nargs=3, metavar=("CASE", "DATA", "JSON"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -297,7 +297,7 @@ def sdpa_backend_of(q, k, v) -> str:
     """The SDPA kernel model.causal_attention dispatches to, read from the profiler's op names."""
     import torch
 
-    from evertrain.pretrain.model import causal_attention
+    from evertrain.pretrain.model.transformer import causal_attention
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         causal_attention(q, k, v)
@@ -349,7 +349,7 @@ def synthetic_data(root: Path, vocab_size: int, tokens: int) -> Path:
     """A data dir of random tokens in the manifest format, so the real TokenStream feeds the steps."""
     import numpy as np
 
-    from evertrain.pretrain.data import MANIFEST, Manifest, Shard, file_sha256, shard_name
+    from evertrain.pretrain.data.stream import MANIFEST, Manifest, Shard, file_sha256, shard_name
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "tokenizer.model").write_bytes(b"synthetic: random token ids, no tokenizer")
@@ -497,9 +497,9 @@ def audit_engine(cfg, device, work: Path, data: Path, steps: int) -> dict:
 
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
-    from evertrain.pretrain.data import TokenStream
-    from evertrain.pretrain.evaluate import evaluate, load_val_batches
-    from evertrain.pretrain.prefetch import Prefetcher
+    from evertrain.pretrain.data.stream import TokenStream
+    from evertrain.pretrain.run.evaluate import evaluate, load_val_batches
+    from evertrain.pretrain.data.prefetch import Prefetcher
 
     cfg.data.path = str(data)
     cfg.eval.batches = 2
@@ -704,9 +704,9 @@ def throughput(report: Report, device, smoke: bool, args) -> None:
 
     from evertrain.pretrain import engines
 
-    from evertrain.pretrain.hardware import peak_tflops
-    from evertrain.pretrain.model import flops_per_token, flops_per_token_torchtitan
-    from evertrain.pretrain.plan import make_plan
+    from evertrain.pretrain.model.hardware import peak_tflops
+    from evertrain.pretrain.model.transformer import flops_per_token, flops_per_token_torchtitan
+    from evertrain.pretrain.model.plan import make_plan
 
     sec = report.section("throughput")
     peak = peak_tflops(device, args.peak_tflops)
@@ -798,7 +798,7 @@ def checkpoint_cost(report: Report, device, smoke: bool, work: Path, budget: int
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
     from evertrain.pretrain.checkpoint.store import step_dir_name
-    from evertrain.pretrain.plan import parameter_shapes
+    from evertrain.pretrain.model.plan import parameter_shapes
 
     sec = report.section("checkpoint")
     full = gpu_config("1b", smoke)
@@ -909,7 +909,7 @@ def main(argv=None) -> int:
     if found["triton"] == "absent":
         print("gpu_check: triton absent: the Triton AdamW rows are skipped; the torch paths still run", flush=True)
     if device.type == "cuda":
-        from evertrain.pretrain.hardware import use_tf32
+        from evertrain.pretrain.model.hardware import use_tf32
 
         use_tf32(device)  # as the training loop does: fp32 matmuls (none in a bf16 step) on TF32
     name = f"CPU ({torch.get_num_threads()} threads)" if args.cpu_smoke else found["gpu"]

@@ -6,7 +6,7 @@ markers, so the hand-written analysis around them survives a rerun).
     python bench/horizon_sweep.py --quick         # tiny model, tens of steps: the pipeline only
     python bench/horizon_sweep.py --horizons 300 600 1200 --out runs/sweep_long --doc docs/x.md
 
-Takes every `evertrain sweep` option (see evertrain/launch/sweep.py).
+Takes every `evertrain sweep` option (see evertrain/launch/sweep/plan.py).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evertrain.errors import EvertrainError  # noqa: E402
-from evertrain.launch import sweep  # noqa: E402
+from evertrain.launch.sweep import plan as sweep  # noqa: E402
 from evertrain.pretrain.checkpoint import store  # noqa: E402
 from evertrain.pretrain.config import load_config  # noqa: E402
 

@@ -30,8 +30,8 @@ import warnings
 import torch
 import torch.multiprocessing as mp
 
-from evertrain.pretrain.data import TokenStream
-from evertrain.pretrain.prefetch import Prefetcher
+from evertrain.pretrain.data.stream import TokenStream
+from evertrain.pretrain.data.prefetch import Prefetcher
 
 
 def parse_args() -> argparse.Namespace:

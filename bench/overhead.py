@@ -26,7 +26,7 @@ import torch
 
 from evertrain.pretrain import engines
 from evertrain.pretrain.config import load_config
-from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.data.stream import TokenStream
 from evertrain.pretrain.engines.base import build_model
 from evertrain.pretrain.loop import train
 from evertrain.pretrain.optim import build_optimizer

@@ -5,7 +5,7 @@
       bytes a full fp32 build per rank (what every rank did before) would have needed;
   (b) saved activation bytes per token per block under activation_checkpointing none / selective
       (op-level) / full, measured with saved-tensor hooks on one block of the 1B shape in fp32, next
-      to the plan's formula (evertrain/pretrain/plan.py) and what it gives in bf16 for 8B and 70B.
+      to the plan's formula (evertrain/pretrain/model/plan.py) and what it gives in bf16 for 8B and 70B.
 
     python bench/scale.py            # results go to docs/scaling.md by hand
 
@@ -71,7 +71,7 @@ def block_saved_bytes(cfg, mode: str, tokens: int) -> int:
     """Bytes one block keeps for backward, measured (see tests/test_scale.py for the same method)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from evertrain.pretrain.model import _SAVE_OPS, Transformer
+    from evertrain.pretrain.model.transformer import _SAVE_OPS, Transformer
 
     class Outputs(TorchDispatchMode):
         total = 0
@@ -90,7 +90,7 @@ def block_saved_bytes(cfg, mode: str, tokens: int) -> int:
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.02)
     block.checkpointing = mode
-    from evertrain.pretrain.model import rope_cos_sin
+    from evertrain.pretrain.model.transformer import rope_cos_sin
 
     cos, sin = rope_cos_sin(tokens, cfg.model.d_model // cfg.model.n_heads, cfg.model.rope_theta)
     owned = {p.untyped_storage().data_ptr() for p in block.parameters()} | {cos.untyped_storage().data_ptr(),
@@ -115,7 +115,7 @@ def block_saved_bytes(cfg, mode: str, tokens: int) -> int:
 
 def activations(tokens: int, op_level: bool = True) -> None:
     from evertrain.pretrain.config import load_config
-    from evertrain.pretrain.plan import block_activation_bytes
+    from evertrain.pretrain.model.plan import block_activation_bytes
 
     cfg = load_config(REPO / "configs" / "1b.yaml", [f"model.seq_len={tokens}"])
     print(f"\n(b) saved activation bytes per token per block; measured on one 1B-shape block, {tokens} tokens, fp32")

@@ -113,7 +113,7 @@ def tiny_data(tiny_slices, tmp_path_factory) -> Path:
     """A prepared data dir (vocab 512, uint16, several train shards) shared by the whole session.
     Tests must not modify it: copy it first (see test_append.py). EVERTRAIN_TEST_TINY_DATA names one
     prepared already (test_mutations.py hands its own to the pytest runs it starts)."""
-    from evertrain.pretrain.dataprep import prepare
+    from evertrain.pretrain.data.prepare import prepare
 
     if os.environ.get("EVERTRAIN_TEST_TINY_DATA"):
         return Path(os.environ["EVERTRAIN_TEST_TINY_DATA"])

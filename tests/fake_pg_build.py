@@ -23,8 +23,8 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.engines.base import meta_model
 from evertrain.pretrain.engines.fsdp import fsdp_mesh, shard_model
-from evertrain.pretrain.model import Transformer
-from evertrain.pretrain.plan import make_plan, shard_numel
+from evertrain.pretrain.model.transformer import Transformer
+from evertrain.pretrain.model.plan import make_plan, shard_numel
 
 
 def run_job(world: int, job: dict) -> dict:

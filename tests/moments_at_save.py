@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's ever
 from evertrain.pretrain import engines
 from evertrain.pretrain.checkpoint import CheckpointManager
 from evertrain.pretrain.config import load_config
-from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.data.stream import TokenStream
 
 REPO = Path(__file__).resolve().parents[1]
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -11,7 +11,7 @@ from torch import nn
 from evertrain.errors import EvertrainError
 from evertrain.kernels.adamw import AdamW, OptimizerError, adamw_torch, adamw_triton
 from evertrain.pretrain.config import ModelConfig, OptimConfig
-from evertrain.pretrain.model import Transformer
+from evertrain.pretrain.model.transformer import Transformer
 from evertrain.pretrain.optim import build_optimizer, param_groups
 from evertrain.pretrain.schedule import Cooldown, Schedule
 

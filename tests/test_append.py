@@ -19,9 +19,9 @@ from filelock import FileLock
 
 from conftest import wait_for
 from evertrain.launch import cli
-from evertrain.pretrain import dataprep
-from evertrain.pretrain.data import DataError, TokenStream, load_manifest, val_batches
-from evertrain.pretrain.dataprep import append, prepare
+from evertrain.pretrain.data import prepare as dataprep
+from evertrain.pretrain.data.stream import DataError, TokenStream, load_manifest, val_batches
+from evertrain.pretrain.data.prepare import append, prepare
 from test_data import SEQ, all_windows, read, rows, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,7 +330,7 @@ def test_cli_append(data, new_text, capsys, monkeypatch):
 # Recorded where the loop takes a batch, not where the stream reads it: batches are read ahead.
 RECORD_WINDOWS = """
 import hashlib, json, runpy, sys
-from evertrain.pretrain.prefetch import Prefetcher
+from evertrain.pretrain.data.prefetch import Prefetcher
 
 log = open(sys.argv[1], "a", buffering=1)
 log.write(json.dumps({"start": True}) + "\\n")

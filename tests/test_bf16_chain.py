@@ -75,7 +75,7 @@ def test_the_checkpoint_holds_the_fp32_masters_deepspeed_held(chain, stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_export_and_average_read_the_masters(chain, stage, tmp_path):
     from evertrain.pretrain.config import load_config
-    from evertrain.pretrain.hf_llama import load_llama
+    from evertrain.pretrain.model.hf_llama import load_llama
 
     run_dir = chain / f"zero{stage}"
     masters = {step: captured(chain, f"zero{stage}_step_{step:09d}") for step in (EVERY, STEPS)}

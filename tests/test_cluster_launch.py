@@ -149,7 +149,7 @@ def test_deepspeed_engine_takes_its_gpu_as_local_rank_modulo_the_visible_gpus(mo
 def test_preflight_warns_of_loopback_addresses_on_several_nodes(monkeypatch, env, hostname_ip, warned):
     import socket
 
-    from evertrain.pretrain.preflight import check_network
+    from evertrain.pretrain.run.preflight import check_network
 
     addresses = {"node1": "10.0.0.1", "127.0.0.1": "127.0.0.1", "this-host": hostname_ip}
     monkeypatch.setattr(socket, "gethostname", lambda: "this-host")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from evertrain.pretrain.console import Console, closing_line, human, start_banner, step_line
+from evertrain.pretrain.observe.console import Console, closing_line, human, start_banner, step_line
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD = {"kind": "train", "step": 20, "tokens": 40960, "loss": 5.69812, "lr": 0.00225, "grad_norm": 0.9123,

@@ -14,10 +14,10 @@ import torch
 
 from conftest import load_unpack
 from evertrain.launch import cli
-from evertrain.pretrain.data import (DataError, TokenStream, file_sha256, load_manifest, shard_name,
+from evertrain.pretrain.data.stream import (DataError, TokenStream, file_sha256, load_manifest, shard_name,
                                      val_batches)
-from evertrain.pretrain.dataprep import prepare, train_tokenizer
-from evertrain.pretrain.sources import expand_inputs
+from evertrain.pretrain.data.prepare import prepare, train_tokenizer
+from evertrain.pretrain.data.sources import expand_inputs
 
 SEQ = 32
 

@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from evertrain.pretrain import data as data_module
-from evertrain.pretrain.data import DataError, load_manifest
-from evertrain.pretrain.datastamps import VerifiedStamps, stamp_file
+from evertrain.pretrain.data import stream as data_module
+from evertrain.pretrain.data.stream import DataError, load_manifest
+from evertrain.pretrain.data.stamps import VerifiedStamps, stamp_file
 
 
 @pytest.fixture

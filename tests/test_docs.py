@@ -98,7 +98,7 @@ def check_pretrain(args: list[str], launcher: str = "python") -> None:
     parsed = pretrain.parse_args(args)
     overrides = list(parsed.overrides) + ([f"engine.name={parsed.engine}"] if parsed.engine else [])
     if parsed.config is None:  # a resume by run dir: keys that exist and that a resume may change
-        from evertrain.pretrain.run_config import resumable
+        from evertrain.pretrain.run.run_config import resumable
 
         assert parsed.run_dir, "pretrain.py needs --config or --run"
         assert all(resumable(item.split("=", 1)[0]) for item in overrides), overrides
@@ -235,16 +235,16 @@ def test_docs_and_messages_speak_to_users():
 
 
 def test_config_reference_is_current():
-    """docs/config.md is what `python -m evertrain.pretrain.config_reference` prints, with a meaning for
+    """docs/config.md is what `python -m evertrain.launch.config_reference` prints, with a meaning for
     every key (regenerate it after changing a config dataclass)."""
-    from evertrain.pretrain import config_reference
+    from evertrain.launch import config_reference
     from evertrain.pretrain.config import valid_keys
 
     rows = config_reference.rows()
     assert [key for _, key, *_ in rows] == valid_keys()
     assert not [key for _, key, _, _, meaning in rows if not meaning], "keys without a meaning"
     assert (REPO / "docs" / "config.md").read_text() == config_reference.render(), \
-        "docs/config.md is stale: python -m evertrain.pretrain.config_reference > docs/config.md"
+        "docs/config.md is stale: python -m evertrain.launch.config_reference > docs/config.md"
 
 
 SBATCH = REPO / "examples" / "slurm" / "train.sbatch"

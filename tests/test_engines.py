@@ -375,7 +375,7 @@ def test_fsdp2_reduce_scatters_per_step_as_its_accumulate_mode_says(accumulate, 
     from conftest import free_port
     from evertrain.pretrain import engines
     from evertrain.pretrain.config import load_config
-    from evertrain.pretrain.data import TokenStream
+    from evertrain.pretrain.data.stream import TokenStream
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}.items():

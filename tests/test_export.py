@@ -18,9 +18,9 @@ from evertrain.launch import cli
 from evertrain.launch.export import ExportError, export_hf, without_special_tokens
 from evertrain.pretrain.checkpoint import CheckpointManager, load_consolidated
 from evertrain.pretrain.config import ModelConfig, dump_yaml, load_config
-from evertrain.pretrain.data import load_manifest
-from evertrain.pretrain.dataprep import prepare
-from evertrain.pretrain.model import Transformer
+from evertrain.pretrain.data.stream import load_manifest
+from evertrain.pretrain.data.prepare import prepare
+from evertrain.pretrain.model.transformer import Transformer
 from test_tokenexact import hf_bpe  # noqa: F401 (a fixture: a byte-level BPE tokenizer.json adding a BOS)
 
 transformers = pytest.importorskip("transformers")

@@ -295,7 +295,7 @@ def test_a_diverging_run_stops_non_zero_with_a_finite_latest_and_valid_json(tiny
 
 def test_skip_drops_the_bad_update_and_counts_it(tiny_data, tmp_path, monkeypatch):
     from evertrain.pretrain import engines
-    from evertrain.pretrain.data import TokenStream
+    from evertrain.pretrain.data.stream import TokenStream
     from evertrain.pretrain.loop import train
 
     cfg = load_config(REPO / "configs" / "tiny.yaml",
@@ -338,7 +338,7 @@ def test_skip_drops_a_nan_update_with_clipping_off_too(grad_clip, tiny_data):
     """`on_nonfinite=skip` flags the step from the grad norm whether or not the norm is used to clip
     (optim.grad_clip=0 turns clipping off, not the skip)."""
     from evertrain.pretrain import engines
-    from evertrain.pretrain.data import TokenStream
+    from evertrain.pretrain.data.stream import TokenStream
 
     cfg = load_config(REPO / "configs" / "tiny.yaml",
                       [f"data.path={tiny_data}", "model.vocab_size=512", "engine.name=single",
@@ -366,9 +366,9 @@ def test_skip_stops_after_max_nonfinite_steps_in_a_row(tiny_data, tmp_path, monk
     before the checkpoint of that step; every other step NaN never makes a streak, so the run goes on."""
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
-    from evertrain.pretrain.data import TokenStream
+    from evertrain.pretrain.data.stream import TokenStream
     from evertrain.pretrain.loop import train
-    from evertrain.pretrain.nonfinite import NonFiniteError
+    from evertrain.pretrain.run.nonfinite import NonFiniteError
 
     cfg = load_config(REPO / "configs" / "tiny.yaml",
                       [f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=2",
@@ -442,7 +442,7 @@ def test_a_second_trainer_is_refused_at_once_and_a_dead_holders_lock_is_taken_ov
 
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom evertrain.pretrain.run_lock import RunLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom evertrain.pretrain.run.lock import RunLock\n"
          "RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(run)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -461,7 +461,7 @@ def test_a_second_trainer_is_refused_at_once_and_a_dead_holders_lock_is_taken_ov
 
 LOCK_CLIENT = """
 import sys
-from evertrain.pretrain.run_lock import RunLock, RunLockError
+from evertrain.pretrain.run.lock import RunLock, RunLockError
 lock = None
 for line in sys.stdin:
     if line.strip() == "acquire":
@@ -482,7 +482,7 @@ def test_a_released_run_lock_is_taken_by_another_process_and_back(tmp_path):
     import subprocess
     import sys
 
-    from evertrain.pretrain.run_lock import RunLock, RunLockError
+    from evertrain.pretrain.run.lock import RunLock, RunLockError
 
     run = tmp_path / "run"
     other = subprocess.Popen([sys.executable, "-c", LOCK_CLIENT, str(run)], stdin=subprocess.PIPE,
@@ -515,7 +515,7 @@ def swapped_copy(data: Path, out: Path, *, shard: bool = False, tokenizer: bool 
     manifest's sha256 updated to match (a consistent, different data dir)."""
     import shutil
 
-    from evertrain.pretrain.data import MANIFEST, file_sha256
+    from evertrain.pretrain.data.stream import MANIFEST, file_sha256
 
     shutil.copytree(data, out)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -707,7 +707,7 @@ def test_export_pins_its_source_and_checks_the_tokenizer(tiny_data, tmp_path, mo
 
 def test_stray_lines_in_metrics_are_skipped(tmp_path):
     from evertrain.launch.report import read_jsonl
-    from evertrain.pretrain.metrics import drop_records_after
+    from evertrain.pretrain.observe.metrics import drop_records_after
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "train", "step": 1}\n[1, 2]\n"text"\n{"kind": "train", "step": 5}\n')
@@ -779,8 +779,8 @@ def test_appending_bytes_the_data_dir_already_holds_is_refused(tiny_data, tmp_pa
     """An input taken before (by prepare or an append, under any name), one of the data dir's own shards,
     or a .bin appended twice is refused with one line naming the file and the version that took it."""
     from evertrain.launch import cli
-    from evertrain.pretrain.data import DataError, load_manifest
-    from evertrain.pretrain.dataprep import append, prepare
+    from evertrain.pretrain.data.stream import DataError, load_manifest
+    from evertrain.pretrain.data.prepare import append, prepare
 
     texts = []
     for i, line in enumerate(["to be, or not to be\n", "the rest is silence\n", "the readiness is all\n"]):

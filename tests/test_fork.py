@@ -22,7 +22,7 @@ from evertrain.pretrain import loop
 from evertrain.pretrain.checkpoint import load_consolidated
 from evertrain.pretrain.checkpoint.retention import active_pins, apply_retention
 from evertrain.pretrain.config import load_config
-from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.data.stream import TokenStream
 from evertrain.pretrain.schedule import Cooldown, Schedule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,10 +16,10 @@ from conftest import load_pretrain
 from evertrain.launch.export import export_hf
 from evertrain.pretrain import engines
 from evertrain.pretrain.config import ConfigError, load_config
-from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.data.stream import TokenStream
 from evertrain.pretrain.engines.base import build_model
-from evertrain.pretrain.hf_llama import HFCheckpointError, load_llama
-from evertrain.pretrain.preflight import preflight
+from evertrain.pretrain.model.hf_llama import HFCheckpointError, load_llama
+from evertrain.pretrain.run.preflight import preflight
 
 transformers = pytest.importorskip("transformers")
 

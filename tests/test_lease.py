@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from evertrain.pretrain import lease
-from evertrain.pretrain.lease import Lease, LeaseError, filesystem_type
+from evertrain.pretrain.run import lease
+from evertrain.pretrain.run.lease import Lease, LeaseError, filesystem_type
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,11 +57,11 @@ def test_a_lease_refuses_another_hosts_live_holder_and_takes_over_a_stale_one(tm
 HOLDER = """
 import fcntl, socket, sys, time
 fcntl.flock = lambda fd, op: None
-from evertrain.pretrain import lease
+from evertrain.pretrain.run import lease
 lease.network_filesystem = lambda path: "nfs"
 if sys.argv[2] != "-":
     socket.gethostname = lambda: sys.argv[2]
-from evertrain.pretrain.run_lock import RunLock, RunLockError
+from evertrain.pretrain.run.lock import RunLock, RunLockError
 try:
     lock = RunLock.acquire(sys.argv[1])
 except RunLockError as exc:
@@ -99,7 +99,7 @@ def test_two_trainers_whose_flock_always_succeeds_do_not_both_hold_the_run(tmp_p
 
 
 def test_locks_take_no_lease_on_a_local_disk(tmp_path):
-    from evertrain.pretrain.run_lock import RunLock
+    from evertrain.pretrain.run.lock import RunLock
 
     with RunLock.acquire(tmp_path / "run") as lock:
         assert (lock.lease is None) == (lease.network_filesystem(tmp_path) is None)
@@ -112,7 +112,7 @@ def test_the_forker_and_data_dir_locks_take_the_lease_too(tmp_path, monkeypatch,
 
     from evertrain.launch.forker import Forker, ForkerError, ForkerOptions
     from evertrain.launch.nodes import parse_pool
-    from evertrain.pretrain import dataprep
+    from evertrain.pretrain.data import prepare as dataprep
 
     monkeypatch.setattr(lease, "network_filesystem", lambda path: "nfs")
     foreign = {"host": "node-b", "pid": 4242, "token": "theirs", "heartbeat": time.time(), "ttl_s": 300.0}

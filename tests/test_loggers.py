@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from evertrain.pretrain import engines, hardware, loop
+from evertrain.pretrain import engines, loop
+from evertrain.pretrain.model import hardware
 from evertrain.pretrain.config import ConfigError, load_config
-from evertrain.pretrain.data import TokenStream
-from evertrain.pretrain.loggers import scalars
-from evertrain.pretrain.model import Transformer, flops_per_token, flops_per_token_torchtitan
+from evertrain.pretrain.data.stream import TokenStream
+from evertrain.pretrain.observe.loggers import scalars
+from evertrain.pretrain.model.transformer import Transformer, flops_per_token, flops_per_token_torchtitan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,7 +200,7 @@ def test_mlflow_for_real_offline_in_the_run_dir(tmp_path, monkeypatch):
     pytest.importorskip("sqlalchemy")
     from mlflow.tracking import MlflowClient
 
-    from evertrain.pretrain.loggers import MLflowSink
+    from evertrain.pretrain.observe.loggers import MLflowSink
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg, run_dir = load_config(None, ["logging.mlflow=enabled", "logging.project=real"]), tmp_path / "run"

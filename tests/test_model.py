@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evertrain.pretrain.config import ModelConfig, load_config
-from evertrain.pretrain.model import Transformer, causal_attention, ffn_hidden_size
+from evertrain.pretrain.model.transformer import Transformer, causal_attention, ffn_hidden_size
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from evertrain.pretrain.order import Blend, EpochOrder, Layout, permute
+from evertrain.pretrain.data.order import Blend, EpochOrder, Layout, permute
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4097])

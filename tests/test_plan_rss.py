@@ -1,4 +1,4 @@
-"""The plan (evertrain/pretrain/plan.py) against memory measured on CPU, where a run's memory is the
+"""The plan (evertrain/pretrain/model/plan.py) against memory measured on CPU, where a run's memory is the
 process's resident set: build a small model with the single engine, train a few steps, and compare the
 growth of the peak RSS with the plan's total for that run.
 
@@ -21,7 +21,7 @@ import json, resource, sys
 import torch
 from evertrain.pretrain import engines
 from evertrain.pretrain.config import load_config
-from evertrain.pretrain.plan import make_plan
+from evertrain.pretrain.model.plan import make_plan
 
 cfg = load_config(None, sys.argv[1:])
 plan = make_plan(cfg, 1, 1, engine="single")

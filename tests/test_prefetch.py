@@ -1,4 +1,4 @@
-"""The prefetching input pipeline (evertrain/pretrain/prefetch.py): the same batches as the stream, a
+"""The prefetching input pipeline (evertrain/pretrain/data/prefetch.py): the same batches as the stream, a
 consumed position that ignores what was read ahead, appends that join exactly at a refresh, worker
 errors that reach the training thread, and no read past the run's last step. The kill -9 with batches
 in flight is in test_resume.py; the loop's own use of it in test_train.py and test_append.py."""
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evertrain.pretrain.data import DataError, TokenStream
-from evertrain.pretrain.dataprep import append
-from evertrain.pretrain.prefetch import Prefetcher
+from evertrain.pretrain.data.stream import DataError, TokenStream
+from evertrain.pretrain.data.prepare import append
+from evertrain.pretrain.data.prefetch import Prefetcher
 from test_data import all_windows, rows
 
 SEQ, G = 256, 8

@@ -47,7 +47,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 # worker): how far the input pipeline has read ahead of the step being trained.
 LOG_READS = """
 import runpy, sys
-from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.data.stream import TokenStream
 
 reads = open(sys.argv[1], "a", buffering=1)
 sys.argv = sys.argv[2:]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_pretrain
-from evertrain.pretrain import metrics
+from evertrain.pretrain.observe import metrics
 from evertrain.pretrain.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]

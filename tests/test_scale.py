@@ -16,8 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from evertrain.pretrain.config import from_dict, load_config
-from evertrain.pretrain.model import _SAVE_OPS, Transformer
-from evertrain.pretrain.plan import GIB, block_activation_bytes, make_plan
+from evertrain.pretrain.model.transformer import _SAVE_OPS, Transformer
+from evertrain.pretrain.model.plan import GIB, block_activation_bytes, make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=250, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, seq_len=32, ffn_hidden=160)
@@ -179,7 +179,7 @@ def test_70b_plan_fits_an_h200_with_the_default_knobs():
 
 
 def test_plan_keeps_a_reserve_and_counts_the_root_gradients_so_8b_on_h100_accumulates_sharded():
-    from evertrain.pretrain.plan import GPUS, RESERVE_FIXED, RESERVE_SHARE, parameter_shapes
+    from evertrain.pretrain.model.plan import GPUS, RESERVE_FIXED, RESERVE_SHARE, parameter_shapes
 
     cfg = load_config(REPO / "configs" / "8b.yaml")
     plan = make_plan(cfg, 1, 8, engine="fsdp", gpu="h100")

@@ -12,10 +12,10 @@ import pytest
 import sentencepiece as spm
 
 from evertrain.launch import cli
-from evertrain.pretrain.data import DataError, load_manifest
-from evertrain.pretrain.dataprep import prepare
-from evertrain.pretrain import dataprep, sources
-from evertrain.pretrain.sources import (Counts, Input, ReadOptions, documents, expand_inputs, parse_part,
+from evertrain.pretrain.data.stream import DataError, load_manifest
+from evertrain.pretrain.data.prepare import prepare
+from evertrain.pretrain.data import prepare as dataprep, sources
+from evertrain.pretrain.data.sources import (Counts, Input, ReadOptions, documents, expand_inputs, parse_part,
                                         select_part)
 
 pa = pytest.importorskip("pyarrow")

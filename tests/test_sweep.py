@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from evertrain.launch import sweep
+from evertrain.launch.sweep import plan as sweep
 from evertrain.launch.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]

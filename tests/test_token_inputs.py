@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from evertrain.launch import cli
-from evertrain.pretrain.data import load_manifest
-from evertrain.pretrain.dataprep import append
+from evertrain.pretrain.data.stream import load_manifest
+from evertrain.pretrain.data.prepare import append
 
 
 def split_tokens(data_dir: Path, split: str) -> np.ndarray:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from evertrain.pretrain import dataprep
-from evertrain.pretrain.data import DataError, load_manifest
-from evertrain.pretrain.dataprep import append, prepare
+from evertrain.pretrain.data import prepare as dataprep
+from evertrain.pretrain.data.stream import DataError, load_manifest
+from evertrain.pretrain.data.prepare import append, prepare
 
 tokenizers = pytest.importorskip("tokenizers")
 

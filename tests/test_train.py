@@ -16,10 +16,10 @@ import torch
 from conftest import load_pretrain
 from evertrain.pretrain import engines
 from evertrain.pretrain.config import load_config
-from evertrain.pretrain.data import TokenStream
+from evertrain.pretrain.data.stream import TokenStream
 from evertrain.pretrain.loop import train
-from evertrain.pretrain.metrics import Metrics, drop_records_after
-from evertrain.pretrain.resume import refresh_data
+from evertrain.pretrain.observe.metrics import Metrics, drop_records_after
+from evertrain.pretrain.run.resume import refresh_data
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_gib", "time",

@@ -254,11 +254,11 @@ def evaluate_weights(cfg, weights: dict, batch_windows: int) -> dict:
     and their mean are those of evaluate.py on any world size: equal micro-batches, plain mean)."""
     import torch
 
-    from evertrain.pretrain.data import val_batches
+    from evertrain.pretrain.data.stream import val_batches
     from evertrain.pretrain.distributed import pick_device
     from evertrain.pretrain.engines.base import Engine, compute_dtype
-    from evertrain.pretrain.evaluate import evaluate
-    from evertrain.pretrain.model import Transformer
+    from evertrain.pretrain.run.evaluate import evaluate
+    from evertrain.pretrain.model.transformer import Transformer
 
     device = pick_device(cfg.train.device)
     with torch.device("meta"):

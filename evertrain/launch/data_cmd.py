@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from evertrain.pretrain.data import DEFAULT_SOURCE, Manifest
-from evertrain.pretrain.dataprep import DEFAULT_SHARD_TOKENS, TOKEN_FILE_DTYPES, append, prepare
-from evertrain.pretrain.sources import Counts
+from evertrain.pretrain.data.stream import DEFAULT_SOURCE, Manifest
+from evertrain.pretrain.data.prepare import DEFAULT_SHARD_TOKENS, TOKEN_FILE_DTYPES, append, prepare
+from evertrain.pretrain.data.sources import Counts
 
 
 def default_workers() -> int:

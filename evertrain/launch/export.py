@@ -34,10 +34,10 @@ import torch
 from safetensors.torch import save_file
 
 from evertrain.errors import EvertrainError
-from evertrain.pretrain import tokenizer as tok
+from evertrain.pretrain.data import tokenizer as tok
 from evertrain.pretrain.config import NOT_SHAPE, ModelConfig
-from evertrain.pretrain.data import file_sha256
-from evertrain.pretrain.hf_llama import expected_shapes, hf_name, llama_config
+from evertrain.pretrain.data.stream import file_sha256
+from evertrain.pretrain.model.hf_llama import expected_shapes, hf_name, llama_config
 
 
 class ExportError(EvertrainError, ValueError):

@@ -18,7 +18,7 @@ from evertrain.errors import EvertrainError
 from evertrain.launch.fork import resolve_checkpoint
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.config import load_config
-from evertrain.pretrain.data import MANIFEST, load_manifest
+from evertrain.pretrain.data.stream import MANIFEST, load_manifest
 
 
 EXPORT_PIN_TTL_S = 3600.0  # reading even an 8B checkpoint takes minutes; a crashed export's pin expires

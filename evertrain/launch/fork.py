@@ -51,7 +51,7 @@ def cooldown_data(path: str | None, weights: str | None) -> dict | None:
     """The cooldown's mix from --data / --data-weights, None for the run's own stream: {"path" (None:
     the run's data dir), "weights" ({source: share} or None: the data dir's own weights), "label" (for
     the report), "tag" (for the directory name: the same request, the same fork)}."""
-    from evertrain.pretrain.data import parse_mix  # light: numpy only
+    from evertrain.pretrain.data.stream import parse_mix  # light: numpy only
 
     if path is None and weights is None:
         return None
@@ -67,7 +67,7 @@ def cooldown_data(path: str | None, weights: str | None) -> dict | None:
 
 def check_cooldown_data(data: dict, run_data_path: str, seq_len: int) -> None:
     """Another data dir must use the run's tokenizer; the mix's sources must have windows."""
-    from evertrain.pretrain.data import TokenStream, load_manifest
+    from evertrain.pretrain.data.stream import TokenStream, load_manifest
 
     if data["path"] is not None:
         ours, theirs = load_manifest(run_data_path), load_manifest(data["path"])
@@ -287,9 +287,9 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
     evaluate, publish, run the eval hooks (rank 0, after the engine is closed), write result.json."""
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
-    from evertrain.pretrain.data import TokenStream
+    from evertrain.pretrain.data.stream import TokenStream
     from evertrain.pretrain.distributed import detect_launcher, rank_and_world
-    from evertrain.pretrain.evaluate import evaluate, load_val_batches
+    from evertrain.pretrain.run.evaluate import evaluate, load_val_batches
     from evertrain.pretrain.loop import train
     from evertrain.pretrain.schedule import Cooldown, Schedule
 

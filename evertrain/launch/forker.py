@@ -62,7 +62,7 @@ from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.checkpoint.store import CheckpointError
 from evertrain.pretrain.config import COOLDOWN_SHAPES, DEFAULT_COOLDOWN_SHAPE
-from evertrain.pretrain.lease import LeaseError, lease_if_shared
+from evertrain.pretrain.run.lease import LeaseError, lease_if_shared
 
 FORK_MODULE = "evertrain.launch.fork"
 AVERAGE_MODULE = "evertrain.launch.average"

@@ -1,6 +1,6 @@
 """`evertrain plan`: per-rank memory, whether it fits, FLOPs per token and tokens per step, for a config
 on a cluster shape, without a GPU (the model is built on the meta device). The formulas are in
-evertrain/pretrain/plan.py; docs/scaling.md explains each line and each knob's cost.
+evertrain/pretrain/model/plan.py; docs/scaling.md explains each line and each knob's cost.
 """
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from evertrain.pretrain.config import load_config
 
 
 def run_plan(args) -> int:
-    from evertrain.pretrain.plan import format_plan, make_plan
-    from evertrain.pretrain.preflight import resolve_auto
+    from evertrain.pretrain.model.plan import format_plan, make_plan
+    from evertrain.pretrain.run.preflight import resolve_auto
 
     cfg = resolve_auto(load_config(args.config, args.overrides))  # vocab_size: auto needs the data's manifest
     plan = make_plan(cfg, args.nodes, args.gpus_per_node, engine=args.engine, gpu=args.gpu)

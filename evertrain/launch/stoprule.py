@@ -26,7 +26,7 @@ from evertrain.launch.lossmodel.decision import Rule, evaluate
 from evertrain.launch.lossmodel.observations import LossModelError
 
 DECISIONS = "decisions.jsonl"
-STOP_FILE = "STOP"  # the trainer's request file (evertrain/pretrain/stopping.py StopFile)
+STOP_FILE = "STOP"  # the trainer's request file (evertrain/pretrain/run/stopping.py StopFile)
 THROUGHPUT_RECORDS = 20  # tokens/s: the median of the main run's last this many train records
 
 

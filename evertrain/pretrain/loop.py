@@ -20,18 +20,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from evertrain.pretrain.config import Config
-from evertrain.pretrain.console import closing_line, run_banner
+from evertrain.pretrain.observe.console import closing_line, run_banner
 from evertrain.pretrain.distributed import StopVote
 from evertrain.pretrain.engines.base import Engine
-from evertrain.pretrain.evaluate import load_val_batches
-from evertrain.pretrain.hardware import peak_tflops, use_tf32
-from evertrain.pretrain.metrics import Metrics
-from evertrain.pretrain.model import flops_per_token, flops_per_token_torchtitan
-from evertrain.pretrain.nonfinite import NonFiniteWatch
-from evertrain.pretrain.prefetch import Prefetcher
-from evertrain.pretrain.records import LogWindow, eval_record
-from evertrain.pretrain.resume import refresh_data, resume
-from evertrain.pretrain.stopping import StopFile, StopSignals, save_within_budget
+from evertrain.pretrain.run.evaluate import load_val_batches
+from evertrain.pretrain.model.hardware import peak_tflops, use_tf32
+from evertrain.pretrain.observe.metrics import Metrics
+from evertrain.pretrain.model.transformer import flops_per_token, flops_per_token_torchtitan
+from evertrain.pretrain.run.nonfinite import NonFiniteWatch
+from evertrain.pretrain.data.prefetch import Prefetcher
+from evertrain.pretrain.observe.records import LogWindow, eval_record
+from evertrain.pretrain.run.resume import refresh_data, resume
+from evertrain.pretrain.run.stopping import StopFile, StopSignals, save_within_budget
 
 
 def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, start: dict | None = None,

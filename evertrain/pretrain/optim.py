@@ -16,7 +16,7 @@ from torch import nn
 
 from evertrain.kernels.adamw import AdamW
 from evertrain.pretrain.config import OptimConfig
-from evertrain.pretrain.model import full_shape
+from evertrain.pretrain.model.transformer import full_shape
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -56,7 +56,7 @@ from evertrain.launch.fork import cooldown_dir_name, read_result
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.config import COOLDOWN_SHAPES, config_hash, load_config
 
-PRETRAIN = Path(__file__).resolve().parents[2] / "pretrain.py"
+PRETRAIN = Path(__file__).resolve().parents[3] / "pretrain.py"
 OPEN_ENDED = ("rsqrt", "constant")
 
 FULL_CONFIG = "configs/sweep.yaml"
@@ -494,9 +494,9 @@ def verdict_words(cells: dict) -> str:
 
 def model_size(config: str, overrides: tuple[str, ...]) -> tuple[int, int]:
     """(all parameters, of which the token embedding): tied, it is also the output head."""
-    from evertrain.pretrain.model import Transformer
+    from evertrain.pretrain.model.transformer import Transformer
 
-    from evertrain.pretrain.preflight import resolve_auto
+    from evertrain.pretrain.run.preflight import resolve_auto
 
     model = Transformer(resolve_auto(load_config(config, overrides)).model)
     return sum(p.numel() for p in model.parameters()), model.embed_tokens.weight.numel()
@@ -504,7 +504,7 @@ def model_size(config: str, overrides: tuple[str, ...]) -> tuple[int, int]:
 
 def regime(plan: SweepPlan) -> dict:
     """Tokens per parameter and epochs of the training split at each horizon."""
-    from evertrain.pretrain.data import load_manifest
+    from evertrain.pretrain.data.stream import load_manifest
 
     cfg = load_config(plan.config, plan.overrides)
     params, embedding = model_size(plan.config, plan.overrides)

@@ -46,11 +46,11 @@ import sentencepiece as spm
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from evertrain.pretrain import tokenizer as tok
-from evertrain.pretrain.lease import Lease, LeaseError, lease_if_shared
-from evertrain.pretrain.data import (DEFAULT_SOURCE, DTYPES, MANIFEST, SPLITS, DataError, Manifest, Shard,
+from evertrain.pretrain.data import tokenizer as tok
+from evertrain.pretrain.run.lease import Lease, LeaseError, lease_if_shared
+from evertrain.pretrain.data.stream import (DEFAULT_SOURCE, DTYPES, MANIFEST, SPLITS, DataError, Manifest, Shard,
                                      check_extends, load_manifest, shard_name)
-from evertrain.pretrain.sources import (TOKENS, Counts, Decoded, Input, Raw, ReadOptions, account, decode, documents,
+from evertrain.pretrain.data.sources import (TOKENS, Counts, Decoded, Input, Raw, ReadOptions, account, decode, documents,
                                         expand_inputs, parse_part, raw_pieces, select_part)
 
 TOKENIZER_FILE = tok.FILE_NAMES[tok.SENTENCEPIECE]  # a trained tokenizer's name in the data dir

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from evertrain.pretrain.data import DataError
+from evertrain.pretrain.data.stream import DataError
 
 TEXT, JSONL, PARQUET, ARROW, TOKENS = "text", "jsonl", "parquet", "arrow", "tokens"
 ROWS = "rows"  # a piece of a Parquet or Arrow input: a batch of its text column

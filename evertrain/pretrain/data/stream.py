@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from evertrain.errors import EvertrainError
-from evertrain.pretrain.order import EpochOrder, Layout
+from evertrain.pretrain.data.order import EpochOrder, Layout
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")

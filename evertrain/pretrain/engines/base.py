@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from evertrain.pretrain.config import Config, ConfigError
-from evertrain.pretrain.model import Transformer
+from evertrain.pretrain.model.transformer import Transformer
 
 
 class Engine:
@@ -142,7 +142,7 @@ def initial_state(cfg: Config) -> dict[str, torch.Tensor] | None:
     sharding, so each engine takes its own slices), else None (initialise from the seed)."""
     if cfg.model.init_from is None:
         return None
-    from evertrain.pretrain.hf_llama import load_llama
+    from evertrain.pretrain.model.hf_llama import load_llama
 
     return load_llama(cfg.model.init_from, cfg.model)
 

@@ -25,7 +25,7 @@ import torch
 from evertrain.pretrain.config import Config, ConfigError
 from evertrain.pretrain.distributed import pick_device, pin_deepspeed_device, rank_and_world, require_launcher
 from evertrain.pretrain.engines.base import Engine, build_model, compute_dtype, initial_state
-from evertrain.pretrain.model import Transformer
+from evertrain.pretrain.model.transformer import Transformer
 from evertrain.pretrain.optim import build_optimizer
 
 # Sections of a DeepSpeed config that would replace what evertrain owns.

@@ -16,7 +16,7 @@ block explicitly prefetches the next block's all-gather (previous block's, in ba
 Between micro-batches, gradients either stay as full fp32 tensors and are reduce-scattered once
 (`engine.accumulate=unsharded`, the least communication) or are reduce-scattered into the fp32
 shards after every micro-batch (`sharded`, the least memory); `auto` takes the first when the plan
-(evertrain/pretrain/plan.py) says it fits.
+(evertrain/pretrain/model/plan.py) says it fits.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from evertrain.pretrain.config import Config, ConfigError
 from evertrain.pretrain.distributed import init_process_group, pick_device, rank_and_world, require_launcher
 from evertrain.pretrain.engines.base import Engine, compute_dtype, initial_state, meta_model
-from evertrain.pretrain.model import Transformer
+from evertrain.pretrain.model.transformer import Transformer
 from evertrain.pretrain.optim import build_optimizer
 
 
@@ -72,7 +72,7 @@ def device_capacity(device: torch.device) -> int:
 
 def resolve_accumulate(cfg: Config, world_size: int, capacity: int) -> str:
     """engine.accumulate with auto decided by the memory plan on this machine's capacity."""
-    from evertrain.pretrain.plan import Plan, choose_accumulate, make_plan
+    from evertrain.pretrain.model.plan import Plan, choose_accumulate, make_plan
 
     if cfg.engine.accumulate != "auto" or cfg.train.grad_accum == 1:
         return cfg.engine.accumulate if cfg.engine.accumulate != "auto" else "unsharded"

@@ -18,7 +18,7 @@ import torch
 
 from evertrain.errors import EvertrainError
 from evertrain.pretrain.config import ModelConfig
-from evertrain.pretrain.model import Transformer, ffn_hidden_size
+from evertrain.pretrain.model.transformer import Transformer, ffn_hidden_size
 
 HF_SCHEME = "hf:"
 HF_PREFIX = "model."
@@ -214,7 +214,7 @@ def check_tokenizer(init_from: str, data_tokenizer: Path, data_path: str) -> Non
     """The embedding's rows mean the tokens of the tokenizer the checkpoint was trained with: the run's
     data must be tokenized with the same pieces at the same ids, or every row trains on the wrong token.
     A checkpoint without its tokenizer cannot show that, so it is refused too."""
-    from evertrain.pretrain.tokenizer import pieces
+    from evertrain.pretrain.data.tokenizer import pieces
 
     hf_dir = parse_init_from(init_from)
     files = [hf_dir / name for name in ("tokenizer.model", "tokenizer.json") if (hf_dir / name).is_file()]

@@ -93,7 +93,7 @@ def parameter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """name -> shape of every parameter (tied tensors once), from a meta-device model."""
     import torch
 
-    from evertrain.pretrain.model import Transformer
+    from evertrain.pretrain.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg.model, init=False)
@@ -117,7 +117,7 @@ def block_activation_bytes(cfg: Config, mode: str, dtype_bytes: int) -> int:
     m = cfg.model
     d, heads = m.d_model, m.n_heads
     kv = (m.n_kv_heads or heads) * (d // heads)
-    from evertrain.pretrain.model import ffn_hidden_size
+    from evertrain.pretrain.model.transformer import ffn_hidden_size
 
     f = ffn_hidden_size(m)
     if mode == "none":
@@ -132,7 +132,7 @@ def block_activation_bytes(cfg: Config, mode: str, dtype_bytes: int) -> int:
 def activation_bytes_per_token(cfg: Config, dtype_bytes: int) -> int:
     """All blocks' saved bytes per token under model.activation_checkpointing, plus the final norm's
     (input, output, inverse RMS) and the head's input."""
-    from evertrain.pretrain.model import block_checkpointing
+    from evertrain.pretrain.model.transformer import block_checkpointing
 
     m = cfg.model
     blocks = sum(block_activation_bytes(cfg, block_checkpointing(m.activation_checkpointing,
@@ -158,7 +158,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, engine: str | None = 
         raise PlanError(f"--engine: must be fsdp, deepspeed or single, got {engine!r}")
     shapes = parameter_shapes(cfg)
     b = 2 if cfg.train.dtype == "bfloat16" else 4
-    from evertrain.pretrain.model import flops_per_token
+    from evertrain.pretrain.model.transformer import flops_per_token
 
     t, m = cfg.train, cfg.model
     tokens = t.micro_batch_size * m.seq_len

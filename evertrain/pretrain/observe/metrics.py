@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from evertrain import safe_json
-from evertrain.pretrain.console import Console
-from evertrain.pretrain.loggers import check_installed, open_sinks
+from evertrain.pretrain.observe.console import Console
+from evertrain.pretrain.observe.loggers import check_installed, open_sinks
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -16,8 +16,8 @@ import time
 import torch
 
 from evertrain.pretrain.engines.base import Engine
-from evertrain.pretrain.evaluate import evaluate
-from evertrain.pretrain.hardware import peak_memory_gib
+from evertrain.pretrain.run.evaluate import evaluate
+from evertrain.pretrain.model.hardware import peak_memory_gib
 
 
 class LogWindow:

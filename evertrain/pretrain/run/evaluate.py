@@ -12,7 +12,7 @@ import math
 import torch
 
 from evertrain.pretrain.config import Config
-from evertrain.pretrain.data import val_batches
+from evertrain.pretrain.data.stream import val_batches
 from evertrain.pretrain.engines.base import Engine
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evertrain.errors import EvertrainError
-from evertrain.pretrain.lease import Lease, LeaseError, lease_if_shared
+from evertrain.pretrain.run.lease import Lease, LeaseError, lease_if_shared
 
 LOCK_FILE = ".lock"
 

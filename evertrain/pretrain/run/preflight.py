@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from evertrain.pretrain.config import AUTO, Config, ConfigError
-from evertrain.pretrain.data import MANIFEST, DataError, Manifest, load_manifest
-from evertrain.pretrain.datastamps import VerifiedStamps, stamp_file
+from evertrain.pretrain.data.stream import MANIFEST, DataError, Manifest, load_manifest
+from evertrain.pretrain.data.stamps import VerifiedStamps, stamp_file
 from evertrain.pretrain.distributed import node_count
-from evertrain.pretrain.loggers import check_installed
+from evertrain.pretrain.observe.loggers import check_installed
 
 
 def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Manifest:
@@ -125,6 +125,6 @@ def check_init_from(cfg: Config, manifest: Manifest) -> None:
     """A Hugging Face checkpoint's embedding rows belong to its tokenizer: the data's must be the same one."""
     if cfg.model.init_from is None:
         return
-    from evertrain.pretrain.hf_llama import check_tokenizer  # imports torch: only for runs that need it
+    from evertrain.pretrain.model.hf_llama import check_tokenizer  # imports torch: only for runs that need it
 
     check_tokenizer(cfg.model.init_from, Path(cfg.data.path) / manifest.tokenizer["path"], cfg.data.path)
