@@ -5,7 +5,7 @@ cooldown at zero training cost (Sanyal et al. 2023, "LAWA"; Hägele et al. 2024,
 steps s_1 < ... < s_K (the newest K committed checkpoints with --last K, or --steps):
 
     average_checkpoints(run_dir, steps) -> result dict
-      - pins every source checkpoint (fork.Lease) while it is read, so retention keeps it;
+      - pins every source checkpoint (runs.Lease) while it is read, so retention keeps it;
       - reads only their fp32 weights (checkpoint/slices.py: any engine, any world size, no moments),
         refusing non-finite weights and checkpoints of another model shape than the run's;
       - averages them elementwise in fp32: (w_1 + ... + w_K) / K;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -37,6 +36,7 @@ from filelock import FileLock, Timeout
 
 from evertrain import safe_json
 from evertrain.errors import EvertrainError
+from evertrain.launch.runs import Lease, read_result
 from evertrain.pretrain.checkpoint import store
 
 MAX_JOINED_STEPS = 64  # longer step lists are named by a hash in the directory name
@@ -124,11 +124,6 @@ def check_steps(run_dir: Path, steps: list[int]) -> dict[int, Path]:
     return {s: checkpoints[s] for s in sorted(steps)}
 
 
-def read_result(out: Path) -> dict | None:
-    path = out / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def average_checkpoints(run_dir: Path, steps: list[int], *, eval_batches: int | None = None,
                         weighting: str = "uniform") -> dict:
     """Average the weights of the run's checkpoints at `steps` (checkpoint_weights), evaluate, write
@@ -161,7 +156,6 @@ def average_checkpoints(run_dir: Path, steps: list[int], *, eval_batches: int | 
 
 def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batches: int | None,
                  weighting: str = "uniform") -> dict:
-    from evertrain.launch.fork import Lease
     from evertrain.pretrain.config import dump_yaml, load_config
 
     cfg = load_config(run_dir / "config.yaml", [] if eval_batches is None else [f"eval.batches={eval_batches}"])

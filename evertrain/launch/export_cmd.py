@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from evertrain.errors import EvertrainError
-from evertrain.launch.fork import resolve_checkpoint
+from evertrain.launch.runs import resolve_checkpoint
 from evertrain.pretrain.checkpoint.retention import pin, unpin
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.data.stream import MANIFEST, load_manifest

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -32,19 +31,13 @@ from filelock import FileLock, Timeout
 from evertrain import safe_json
 from evertrain.errors import EvertrainError
 from evertrain.launch.evals import EvalHooks, hooks_from_args, run_hooks
+from evertrain.launch.runs import Lease, cooldown_dir_name, read_result, resolve_checkpoint
 from evertrain.pretrain.checkpoint import store
-from evertrain.pretrain.checkpoint.retention import pin, unpin
-from evertrain.pretrain.checkpoint.store import CheckpointError
 from evertrain.pretrain.config import COOLDOWN_SHAPES, DEFAULT_COOLDOWN_SHAPE, Config, dump_yaml, load_config
 
 
 class ForkError(EvertrainError, ValueError):
     """A bad fork request: unknown step, no checkpoint there, bad cooldown length or shape."""
-
-
-def cooldown_dir_name(step: int, shape: str, cooldown_steps: int, data: dict | None = None) -> str:
-    """from_<step>_<shape>_<c>, plus @<tag> for a cooldown on another mix (cooldown_data)."""
-    return f"from_{step:09d}_{shape}_{cooldown_steps}" + (f"@{data['tag']}" if data else "")
 
 
 def cooldown_data(path: str | None, weights: str | None) -> dict | None:
@@ -93,65 +86,7 @@ def cooldown_length(step: int, cooldown_steps: int | None = None, fraction: floa
     return steps
 
 
-def resolve_checkpoint(run_dir: Path, step: str | int) -> tuple[int, Path]:
-    """`step` (an int or "latest") -> (step, step_dir), or a ForkError that says what exists."""
-    if not (run_dir / "config.yaml").is_file():
-        raise ForkError(f"--run {run_dir}: not a run directory (no config.yaml)")
-    checkpoints = {store.step_of(p): p for p in store.complete_checkpoints(run_dir / "checkpoints")}
-    if not checkpoints:
-        raise ForkError(f"--run {run_dir}: no checkpoints yet")
-    if step == "latest":
-        step_dir = store.latest_checkpoint(run_dir / "checkpoints")
-        return store.step_of(step_dir), step_dir
-    try:
-        step = int(step)
-    except ValueError:
-        raise ForkError(f"--step: expected a step number or 'latest', got {step!r}") from None
-    if step in checkpoints:
-        return step, checkpoints[step]
-    newest = max(checkpoints)
-    if step > newest or step <= 0:
-        raise ForkError(f"--step {step}: unknown step (the run's checkpoints go up to step {newest})")
-    shown = ", ".join(map(str, list(checkpoints)[-8:]))
-    raise ForkError(f"--step {step}: no checkpoint at this step (available: {shown})")
-
-
 FAILED = "failed.json"  # {"error": ...}: the eval hooks of this fork's last attempt failed (report.py shows it)
-
-
-def read_result(cooldown_dir: Path) -> dict | None:
-    """result.json, or None while there is none; one that is not a result (cut short by a copy, edited)
-    counts as none too, so the fork is redone and rewrites it."""
-    path = cooldown_dir / "result.json"
-    try:
-        result = json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        result = None
-    return result if isinstance(result, dict) and "val_loss" in result else None
-
-
-class Lease:
-    """A pin on the source checkpoint, renewed by a daemon thread while the fork runs, so retention
-    keeps it however long the fork takes and a crashed fork holds it for at most `ttl_s`."""
-
-    def __init__(self, step_dir: Path, holder: str, ttl_s: float = 120.0):
-        self.step_dir, self.holder, self.ttl_s = step_dir, holder, ttl_s
-        self.stopped = threading.Event()
-        self.path = pin(step_dir, holder, ttl_s)  # fails now if retention already deleted it
-        self.thread = threading.Thread(target=self._renew, name="evertrain-lease", daemon=True)
-        self.thread.start()
-
-    def _renew(self) -> None:
-        while not self.stopped.wait(self.ttl_s / 4):
-            try:
-                self.path = pin(self.step_dir, self.holder, self.ttl_s)
-            except CheckpointError:
-                return  # cannot happen while pinned; if it does, the fork already holds its weights
-
-    def release(self) -> None:
-        self.stopped.set()
-        self.thread.join()
-        unpin(self.path)
 
 
 def fork_spec(run_dir: Path, out: Path, step: int, cooldown_steps: int, shape: str, source: Path | None,

@@ -52,11 +52,12 @@ from filelock import FileLock, Timeout
 from evertrain.errors import EvertrainError
 from evertrain.launch.average import average_dir_name, parse_steps
 from evertrain.launch.evals import EvalHooks, hooks_from_args
-from evertrain.launch.fork import add_eval_arguments, cooldown_data, cooldown_dir_name, read_result
+from evertrain.launch.fork import add_eval_arguments, cooldown_data
 from evertrain.launch.lossmodel.decision import Rule
 from evertrain.launch.lossmodel.predict import ensure_prediction
 from evertrain.launch.helptext import RenamedOption
 from evertrain.launch.nodes import Pool, Slot, parse_pool
+from evertrain.launch.runs import cooldown_dir_name, read_result
 from evertrain.launch.stoprule import StopOptions, StopRule
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.retention import pin, unpin

@@ -52,7 +52,7 @@ from pathlib import Path
 
 from evertrain import safe_json
 from evertrain.errors import EvertrainError
-from evertrain.launch.fork import cooldown_dir_name, read_result
+from evertrain.launch.runs import cooldown_dir_name, read_result
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.config import COOLDOWN_SHAPES, config_hash, load_config
 
