@@ -30,29 +30,14 @@ import torch
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils.tensor_fragment import fragment_address
 
 from evertrain.pretrain.checkpoint.staging import BackgroundStager
-from evertrain.pretrain.checkpoint.safe_load import first_line, weights_only_loads
+from evertrain.pretrain.checkpoint.safe_load import deepspeed_safe_globals, load_trusted, weights_only_loads
 from evertrain.pretrain.checkpoint.slices import KEYS, MOMENTS, WEIGHT, Slice
 from evertrain.pretrain.checkpoint.store import CheckpointError, HashingFile
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
-# The non-tensor objects DeepSpeed pickles into its ZeRO files; allowed explicitly so that every
-# load stays weights_only=True, ours and DeepSpeed's own (through safe_load.weights_only_loads).
-DEEPSPEED_SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_trusted(path: str | Path, map_location=None, mmap: bool = False):
-    """torch.load of a DeepSpeed checkpoint file, weights_only with DeepSpeed's few plain classes
-    (mmap: tensors are paged in when read, see checkpoint/slices.py)."""
-    with weights_only_loads(path, DEEPSPEED_SAFE_GLOBALS):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-        except (RuntimeError, EOFError, ValueError, OSError) as exc:  # a plain pickle, a cut or garbage file
-            raise CheckpointError(f"{path}: not a readable torch.save file ({first_line(exc)})") from None
+DEEPSPEED_SAFE_GLOBALS = deepspeed_safe_globals()
 
 
 class StagingCheckpointEngine(CheckpointEngine):

@@ -161,6 +161,27 @@ def weights_only_loads(source: str | Path, safe_globals: list | tuple = ()):
             os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
+def deepspeed_safe_globals() -> list:
+    """The non-tensor objects DeepSpeed pickles into its ZeRO files; allowed explicitly so that every
+    load stays weights_only=True, ours and DeepSpeed's own (through weights_only_loads). Imported
+    here, when asked: reading a DCP checkpoint needs no DeepSpeed."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_trusted(path: str | Path, map_location=None, mmap: bool = False):
+    """torch.load of a DeepSpeed checkpoint file, weights_only with DeepSpeed's few plain classes
+    (mmap: tensors are paged in when read, see checkpoint/slices.py)."""
+    with weights_only_loads(path, deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except (RuntimeError, EOFError, ValueError, OSError) as exc:  # a plain pickle, a cut or garbage file
+            raise CheckpointError(f"{path}: not a readable torch.save file ({first_line(exc)})") from None
+
+
 TORCH_PREFIX = "Weights only load failed."
 REASON_TAG = "WeightsUnpickler error:"
 

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from evertrain.pretrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
+from evertrain.pretrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, load_trusted
 from evertrain.pretrain.checkpoint.store import CheckpointError
 
 WEIGHT = "weight"
@@ -169,8 +169,6 @@ class DcpReader(SliceReader):
 # -- DeepSpeed -----------------------------------------------------------------------------------
 
 def _load_mmap(path: Path):
-    from evertrain.pretrain.checkpoint.deepspeed import load_trusted
-
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a DeepSpeed checkpoint needs every rank's files)")
     loaded = load_trusted(path, map_location="cpu", mmap=True)
