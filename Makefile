@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 DATA := data/shakespeare
 
-.PHONY: setup demo test data clean-runs gpu-check
+.PHONY: setup demo test lint fmt data clean-runs gpu-check
 
 setup: $(VENV)/.installed corpus/.unpacked
 
@@ -36,8 +36,17 @@ $(DATA)/manifest.json: corpus/.unpacked
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
+test: setup lint
 	$(VENV)/bin/python -m pytest -q tests
+
+# The style CI holds (rules in pyproject.toml [tool.ruff]): checked by `make test`, applied by `make fmt`.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # On a CUDA machine: the GPU path measured in one process (< 8 min on one H100), written to
 # docs/gpu_check.md and docs/gpu_check.json. Two ways:
