@@ -95,7 +95,6 @@ def main() -> int:
             return run
 
         runs = {"bare loop": bare, "prepare, 1 process": prepared(1), "prepare, 2 processes": prepared(2)}
-        workers = {"bare loop": 1, "prepare, 1 process": 1, "prepare, 2 processes": 2}
         results = {name: [] for name in runs}
         names = list(runs)
         for rep in range(args.repeats):

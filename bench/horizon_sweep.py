@@ -2,7 +2,8 @@
 compute of both ways and one figure into docs/horizon_sweep.md (between the generated-section
 markers, so the hand-written analysis around them survives a rerun).
 
-    python bench/horizon_sweep.py --max-lrs 7.5e-3 1.5e-2 3e-2 6e-2 1.2e-1 --seeds 2 --shapes 1-sqrt   # the page's sweep (~1 h, 2 busy cores)
+    # the page's sweep (~1 h, 2 busy cores):
+    python bench/horizon_sweep.py --max-lrs 7.5e-3 1.5e-2 3e-2 6e-2 1.2e-1 --seeds 2 --shapes 1-sqrt
     python bench/horizon_sweep.py --quick         # tiny model, tens of steps: the pipeline only
     python bench/horizon_sweep.py --horizons 300 600 1200 --out runs/sweep_long --doc docs/x.md
 

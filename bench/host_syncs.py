@@ -115,7 +115,7 @@ def launch(engine: str, stage: int | None, ranks: int, steps: int) -> dict:
         cmd = [sys.executable, *me]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    line = next((l for l in proc.stdout.splitlines() if "HOST_SYNCS " in l), None)
+    line = next((text for text in proc.stdout.splitlines() if "HOST_SYNCS " in text), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{engine} stage {stage}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return json.loads(line.split("HOST_SYNCS ", 1)[1])

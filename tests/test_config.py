@@ -89,6 +89,6 @@ def test_pretrain_exits_2_with_one_line(tmp_path):
                            str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(tmp_path / "r"),
                            "model.n_heads=3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and "[WARNING]" not in l]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
     assert len(lines) == 1 and "model.n_heads" in lines[0], proc.stderr
     assert not (tmp_path / "r").exists()

@@ -1,6 +1,7 @@
 """Every command line in README.md and docs/*.md runs as written.
 
-Each line of a ```bash block (or a block without a language) that starts with a program below is parsed by the program it calls, without running it: `evertrain ...` by
+Each line of a ```bash block (or a block without a language) that starts with a program below is
+parsed by the program it calls, without running it: `evertrain ...` by
 the CLI's own parser; `pretrain.py ...` by pretrain.py's parser and then the config loader (so a config
 key or value the code no longer has fails here); `torchrun` and `deepspeed` by their own launcher
 parsers (so a flag the launcher would swallow, like torchrun taking `--run` for its `--run-path`, shows

@@ -70,7 +70,7 @@ def data(tiny_data, tmp_path) -> Path:
 def test_same_batches_and_the_consumed_position(tiny_data):
     plain, ahead = TokenStream(tiny_data, SEQ, seed=3), CountingStream(tiny_data, SEQ, seed=3)
     with prefetching(ahead, depth=3) as batches:
-        for step in range(1, 6):
+        for _ in range(5):
             batch = batches.next_batch()
             assert torch.equal(batch, plain.next_batch(G))
             assert batches.state_dict() == plain.state_dict()  # what was trained, not what was read
