@@ -17,10 +17,17 @@ import sys
 from pathlib import Path
 
 from evertrain.errors import EvertrainError
+from evertrain.files import atomic_write_text
 from evertrain.launch.helptext import HelpFormatter, examples_epilog
 from evertrain.pretrain.config import Config, ConfigError, dump_yaml, load_config
-from evertrain.pretrain.run.run_config import (CONFIG_FILE, changes, check_same_model, previous_config, resume_config,
-                                           trained_on)
+from evertrain.pretrain.run.run_config import (
+    CONFIG_FILE,
+    changes,
+    check_same_model,
+    previous_config,
+    resume_config,
+    trained_on,
+)
 
 # torch and everything that imports it are imported in main() once the arguments are parsed and the config
 # loaded, so `--help`, `--print-config` and a config error answer at once (tests/test_cli.py)
@@ -67,10 +74,7 @@ def engine_config(run_dir: Path, cfg: Config) -> Config:
 def write_config(run_dir: Path, cfg: Config) -> None:
     """The resolved config, replaced atomically (a resumed run may change e.g. train.max_steps)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    tmp = path.with_name(f"config.yaml.tmp-{os.getpid()}")
-    tmp.write_text(dump_yaml(cfg))
-    os.replace(tmp, path)
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
 
 def stop_committed(ckpt) -> bool:
@@ -102,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         from evertrain.pretrain.data.stream import TokenStream
         from evertrain.pretrain.distributed import adopt_scheduler_env, detect_launcher, rank_and_world
         from evertrain.pretrain.loop import train
-        from evertrain.pretrain.run.preflight import preflight, resolve_auto
         from evertrain.pretrain.run.lock import RunLock
+        from evertrain.pretrain.run.preflight import preflight, resolve_auto
 
         adopt_scheduler_env()  # srun / mpirun: ranks from the scheduler, before anything reads RANK
         cfg = resolve_auto(cfg)  # model.vocab_size: auto -> the data's, before the model is compared or built

@@ -23,8 +23,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evertrain.errors import EvertrainError  # noqa: E402
+from evertrain.files import atomic_write_text  # noqa: E402
 from evertrain.launch.sweep import plan as sweep  # noqa: E402
-from evertrain.pretrain.checkpoint import store  # noqa: E402
 from evertrain.pretrain.config import load_config  # noqa: E402
 
 BEGIN, END = "<!-- horizon_sweep.py: begin generated -->", "<!-- horizon_sweep.py: end generated -->"
@@ -188,7 +188,7 @@ def write_doc(doc: Path, section: str) -> None:
         raise EvertrainError(f"{doc}: expected exactly one '{BEGIN}' ... '{END}' section")
     head, rest = text.split(BEGIN)
     tail = rest.split(END)[1]
-    store.atomic_write_text(doc, head + section + tail)
+    atomic_write_text(doc, head + section + tail)
 
 
 def main(argv: list[str] | None = None) -> int:

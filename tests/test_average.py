@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import launcher, pretrain_tiny, run_ok
+from evertrain.files import atomic_write_text
 from evertrain.launch import average
 from evertrain.launch.average import AverageError, average_checkpoints, average_dir_name
 from evertrain.launch.cli import main as cli_main
@@ -139,7 +140,7 @@ def test_non_finite_and_mismatched_checkpoints_are_refused(run, tmp_path, capsys
     assert "parameter 'norm.weight' has NaN/Inf weights" in capsys.readouterr().err
     meta = store.read_meta(step_dir)
     meta["model_hash"], meta["model"]["d_model"] = "other", 32
-    store.atomic_write_text(step_dir / store.META, json.dumps(meta))
+    atomic_write_text(step_dir / store.META, json.dumps(meta))
     with pytest.raises(AverageError, match="mismatched configs: .*d_model 32 vs 64"):
         average_checkpoints(run_dir, [10, 20])
     assert not list((run_dir / "averages").glob("avg_*"))

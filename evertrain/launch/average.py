@@ -36,6 +36,7 @@ from filelock import FileLock, Timeout
 
 from evertrain import safe_json
 from evertrain.errors import EvertrainError
+from evertrain.files import atomic_write_text, fsync_dir
 from evertrain.launch.runs import Lease, read_result
 from evertrain.pretrain.checkpoint import store
 
@@ -195,10 +196,10 @@ def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batche
         tmp.mkdir()
         write_weights(tmp / "final", average, newest, list(sources))
         (tmp / "config.yaml").write_text(dump_yaml(cfg))
-        store.atomic_write_text(tmp / "result.json", safe_json.dumps(result, indent=1))
-        store.fsync_dir(tmp)
+        atomic_write_text(tmp / "result.json", safe_json.dumps(result, indent=1))
+        fsync_dir(tmp)
         os.rename(tmp, out)  # the directory appears complete or not at all
-        store.fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,7 +277,7 @@ def write_weights(final: Path, weights: dict, newest: dict, steps: list[int]) ->
     files = {p.name: store.file_digest(p) for p in sorted(final.iterdir()) if p.is_file()}
     meta = {**newest, "engine": "single", "world_size": 1, "zero_stage": None, "files": files,
             "hash": store.HASH, "created": time.time(), "averaged_steps": steps}
-    store.atomic_write_text(final / store.META, safe_json.dumps(meta, indent=1, sort_keys=True))
+    atomic_write_text(final / store.META, safe_json.dumps(meta, indent=1, sort_keys=True))
 
 
 # -- CLI -----------------------------------------------------------------------------------------

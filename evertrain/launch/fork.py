@@ -30,6 +30,7 @@ from filelock import FileLock, Timeout
 
 from evertrain import safe_json
 from evertrain.errors import EvertrainError
+from evertrain.files import atomic_write_text
 from evertrain.launch.evals import EvalHooks, hooks_from_args, run_hooks
 from evertrain.launch.runs import Lease, cooldown_dir_name, read_result, resolve_checkpoint
 from evertrain.pretrain.checkpoint import store
@@ -104,7 +105,7 @@ def fork_spec(run_dir: Path, out: Path, step: int, cooldown_steps: int, shape: s
             "global_windows": main.micro_batch_size * main.grad_accum * store.read_meta(source)["world_size"],
             "data": data}
     if is_main:
-        store.atomic_write_text(path, json.dumps(spec, indent=1))
+        atomic_write_text(path, json.dumps(spec, indent=1))
     return spec
 
 
@@ -174,7 +175,10 @@ def run_fork(args: argparse.Namespace) -> int:
             return write_result(out, result, hooks) if rank_and_world()[0] == 0 else 0
         print(f"fork: {out} is done already: val_loss {result['val_loss']:.4f}")
         return 0
-    from evertrain.pretrain.distributed import adopt_scheduler_env, rank_and_world  # torch: only once a fork runs
+    from evertrain.pretrain.distributed import (  # torch: only once a fork runs
+        adopt_scheduler_env,
+        rank_and_world,
+    )
 
     adopt_scheduler_env()  # under srun / mpirun (a Slurm fork job): ranks from the scheduler
     rank = rank_and_world()[0]
@@ -224,8 +228,8 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
     from evertrain.pretrain.checkpoint import CheckpointManager
     from evertrain.pretrain.data.stream import TokenStream
     from evertrain.pretrain.distributed import detect_launcher, rank_and_world
-    from evertrain.pretrain.run.evaluate import evaluate, load_val_batches
     from evertrain.pretrain.loop import train
+    from evertrain.pretrain.run.evaluate import evaluate, load_val_batches
     from evertrain.pretrain.schedule import Cooldown, Schedule
 
     end_step = step + cooldown_steps
@@ -237,7 +241,7 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
     ckpt = result = None
     try:
         if engine.is_main:
-            store.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+            atomic_write_text(out / "config.yaml", dump_yaml(cfg))
             print(f"fork: step {step} -> {end_step} ({args.shape} cooldown, {engine.name} x{engine.world_size}) "
                   f"into {out}", flush=True)
         ckpt = CheckpointManager(out, cfg, engine)
@@ -307,9 +311,9 @@ def write_result(out: Path, result: dict, hooks: EvalHooks, cfg: Config | None =
         try:
             result = {**result, "evals": run_hooks(hooks, out, out / "final", cfg)}
         except EvertrainError as exc:  # not done, and not running either: `evertrain report` says so
-            store.atomic_write_text(out / FAILED, safe_json.dumps({"error": str(exc)}, indent=1))
+            atomic_write_text(out / FAILED, safe_json.dumps({"error": str(exc)}, indent=1))
             raise
-    store.atomic_write_text(out / "result.json", safe_json.dumps(result, indent=1))
+    atomic_write_text(out / "result.json", safe_json.dumps(result, indent=1))
     (out / FAILED).unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     evals = f", evals {json.dumps(result['evals'])}" if "evals" in result else ""

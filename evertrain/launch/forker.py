@@ -50,6 +50,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from evertrain.errors import EvertrainError
+from evertrain.files import atomic_write_text
 from evertrain.launch.average import average_dir_name, parse_steps
 from evertrain.launch.evals import EvalHooks, hooks_from_args
 from evertrain.launch.fork import add_eval_arguments, cooldown_data
@@ -189,7 +190,7 @@ def job_log(run_dir: Path, kind: str, name: str) -> Path:
 def save_jobs(path: Path, jobs: dict[str, Job]) -> None:
     state = {"forker_pid": os.getpid(), "updated": time.time(),
              "jobs": [dataclasses.asdict(job) for job in sorted(jobs.values(), key=lambda j: (j.step, j.name))]}
-    store.atomic_write_text(path, json.dumps(state, indent=1))
+    atomic_write_text(path, json.dumps(state, indent=1))
 
 
 def predict_fork(run_dir: Path, out: Path, job: Job, log) -> None:

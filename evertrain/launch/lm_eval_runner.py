@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from evertrain.errors import EvertrainError
+from evertrain.files import atomic_write_text
 
 DEFAULT_FILTER = "none"
 NOT_METRICS = {"alias", "sample_len", "samples", "sample_count"}  # bookkeeping lm_eval keeps beside the metrics
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lm_eval_runner: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(metrics, indent=1) + "\n")
     print(f"lm_eval_runner: {json.dumps(metrics)} -> {out}")
     return 0
 

@@ -13,10 +13,8 @@ Only reads the run directory (the PNG goes where --out says, by default runs/NAM
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evertrain.errors import EvertrainError
+from evertrain.files import atomic_open
 from evertrain.launch.free_estimates import Recovery, recoveries
 from evertrain.launch.scaling import MIN_FIT_POINTS, PowerLawFit, Projection, fit_power_law, project
 from evertrain.pretrain.checkpoint import store
@@ -518,14 +517,11 @@ def plot(report: RunReport, fit: PowerLawFit | None, proj: Projection | None, ou
     import matplotlib.pyplot as plt
 
     fig = figure(report, fit, proj)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        with atomic_open(out, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise ReportError(f"--out {out}: cannot write ({exc.strerror})") from None
     finally:
         plt.close(fig)

@@ -52,6 +52,7 @@ from pathlib import Path
 
 from evertrain import safe_json
 from evertrain.errors import EvertrainError
+from evertrain.files import atomic_write_text
 from evertrain.launch.runs import cooldown_dir_name, read_result
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.config import COOLDOWN_SHAPES, config_hash, load_config
@@ -305,7 +306,7 @@ def claim_out_dir(plan: SweepPlan, out: Path) -> None:
                              f"({', '.join(changed).replace('config_hash', 'the config')}); use another --out")
         return
     out.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_text(path, json.dumps(wanted, indent=1))
+    atomic_write_text(path, json.dumps(wanted, indent=1))
 
 
 def run_jobs(plan: SweepPlan, out: Path, jobs, parallel: int = 2, poll_s: float = 1.0, echo=print,
@@ -561,7 +562,7 @@ def run_sweep(plan: SweepPlan, out: str | Path, parallel: int = 2, echo=print, a
                                 "load_1min": load}) + "\n")
     results = collect(plan, out, averages)
     text = safe_json.dumps(results, indent=1)
-    store.atomic_write_text(out / "results.json", text)
+    atomic_write_text(out / "results.json", text)
     return json.loads(text)  # as a reader of results.json sees it: horizons as string keys
 
 

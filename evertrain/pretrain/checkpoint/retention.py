@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from evertrain.files import atomic_write_text
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.checkpoint.store import CheckpointError
 
@@ -51,7 +52,7 @@ def pin(step_dir: Path, holder: str, ttl_s: float) -> Path:
               "expires": now + ttl_s, "host": socket.gethostname(), "pid": os.getpid()}
     try:
         pins.mkdir(exist_ok=True)  # no parents=True: a deleted checkpoint must not be recreated
-        store.atomic_write_text(path, json.dumps(record))
+        atomic_write_text(path, json.dumps(record))
     except FileNotFoundError:
         raise CheckpointError(f"{step_dir}: no such checkpoint (deleted by retention?)") from None
     if not (step_dir / store.META).is_file():

@@ -23,6 +23,7 @@ import xxhash
 
 from evertrain import safe_json
 from evertrain.errors import EvertrainError
+from evertrain.files import atomic_write_text, fsync_dir
 
 LATEST = "LATEST"
 META = "meta.json"
@@ -48,26 +49,6 @@ def step_of(path: Path) -> int | None:
 
 
 # -- small durable-file helpers ------------------------------------------------------------------
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
 
 def file_digest(path: Path, algorithm: str = HASH, chunk: int = 8 << 20) -> dict:
     """{"size", <algorithm>: hex} of a file. xxh3_128 runs ~7x faster than sha256 here, fast enough to

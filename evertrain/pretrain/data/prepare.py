@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -46,12 +45,36 @@ import sentencepiece as spm
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from evertrain.files import atomic_write_json
 from evertrain.pretrain.data import tokenizer as tok
+from evertrain.pretrain.data.sources import (
+    TOKENS,
+    Counts,
+    Decoded,
+    Input,
+    Raw,
+    ReadOptions,
+    account,
+    decode,
+    documents,
+    expand_inputs,
+    parse_part,
+    raw_pieces,
+    select_part,
+)
+from evertrain.pretrain.data.stream import (
+    DEFAULT_SOURCE,
+    DTYPES,
+    MANIFEST,
+    SPLITS,
+    DataError,
+    Manifest,
+    Shard,
+    check_extends,
+    load_manifest,
+    shard_name,
+)
 from evertrain.pretrain.run.lease import Lease, LeaseError, lease_if_shared
-from evertrain.pretrain.data.stream import (DEFAULT_SOURCE, DTYPES, MANIFEST, SPLITS, DataError, Manifest, Shard,
-                                     check_extends, load_manifest, shard_name)
-from evertrain.pretrain.data.sources import (TOKENS, Counts, Decoded, Input, Raw, ReadOptions, account, decode, documents,
-                                        expand_inputs, parse_part, raw_pieces, select_part)
 
 TOKENIZER_FILE = tok.FILE_NAMES[tok.SENTENCEPIECE]  # a trained tokenizer's name in the data dir
 LOCK_FILE = ".lock"
@@ -297,16 +320,7 @@ def write_split(inputs: list[Input], enc: Encoding, directory: Path, split: str,
 
 def write_manifest(manifest: Manifest, directory: Path) -> None:
     """manifest.json replaced atomically: readers see the old or the new one, never a mix."""
-    tmp = directory / f".{MANIFEST}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(manifest.to_json(), indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / MANIFEST)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written manifest beside the real one
-        raise
+    atomic_write_json(directory / MANIFEST, manifest.to_json(), indent=1)
 
 
 # ---------------------------------------------------------------------------------------------- commands

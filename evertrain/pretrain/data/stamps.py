@@ -19,6 +19,8 @@ import os
 import socket
 from pathlib import Path
 
+from evertrain.files import atomic_write_text
+
 
 def stamp_file(data_dir: str | Path) -> Path:
     cache = Path(os.environ.get("EVERTRAIN_CACHE") or Path.home() / ".cache" / "evertrain")
@@ -55,8 +57,6 @@ class VerifiedStamps:
         """Best effort: a cache that cannot be written only means hashing again next time."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(self.stamps, sort_keys=True))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(self.stamps, sort_keys=True))
         except OSError:
             pass

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from evertrain import safe_json
+from evertrain.files import atomic_write_text
 from evertrain.pretrain.observe.console import Console
 from evertrain.pretrain.observe.loggers import check_installed, open_sinks
 
@@ -28,9 +28,7 @@ def drop_records_after(path: Path, step: int) -> None:
             if (record := _parse(line)) is not None and record.get("step", 0) <= step]
     if kept == lines:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def _parse(line: str) -> dict | None:
