@@ -7,7 +7,7 @@ markers, so the hand-written analysis around them survives a rerun).
     python bench/horizon_sweep.py --quick         # tiny model, tens of steps: the pipeline only
     python bench/horizon_sweep.py --horizons 300 600 1200 --out runs/sweep_long --doc docs/x.md
 
-Takes every `evertrain sweep` option (see evertrain/launch/sweep/plan.py).
+Takes every `evertrain sweep` option (see evertrain/launch/sweep/).
 """
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from evertrain.errors import EvertrainError  # noqa: E402
 from evertrain.files import atomic_write_text  # noqa: E402
-from evertrain.launch.sweep import plan as sweep  # noqa: E402
+from evertrain.launch.sweep import command as sweep_command  # noqa: E402
+from evertrain.launch.sweep import execute as sweep_execute  # noqa: E402
+from evertrain.launch.sweep import plan as sweep_plan  # noqa: E402
+from evertrain.launch.sweep import tables as sweep_tables  # noqa: E402
 from evertrain.pretrain.config import load_config  # noqa: E402
 
 BEGIN, END = "<!-- horizon_sweep.py: begin generated -->", "<!-- horizon_sweep.py: end generated -->"
@@ -51,25 +54,25 @@ def style(row: dict) -> dict:
 def plot(results: dict, out: Path, png: Path) -> None:
     """Val loss curves of the first seed (each way at its best LR for the last T), val loss at T
     against T (mean and seed range at each row's best LR), and val loss against max_lr at the last T."""
-    plan = sweep.SweepPlan.from_dict(results["plan"])
+    plan = sweep_plan.SweepPlan.from_dict(results["plan"])
     last, first_seed = str(plan.horizons[-1]), plan.cells()[0].seed
     seed_label = first_seed if first_seed is not None else load_config(plan.config, plan.overrides).train.seed
     fig, (ax_loss, ax_t, ax_lr) = plt.subplots(1, 3, figsize=(18, 5.2))
 
     def cell_dir(lr: float) -> Path:
-        return out / sweep.Cell(lr if plan.max_lrs else None, first_seed).name
+        return out / sweep_plan.Cell(lr if plan.max_lrs else None, first_seed).name
 
     rows = {(row["schedule"], row["cooldown"]): row for row in results["rows"]}
     end_losses = []
     for t in plan.horizons:
         lr = rows["cosine", None]["cells"][str(t)]["lr"]
-        steps, losses = read_records(cell_dir(lr) / sweep.cosine_name(t), "eval", "val_loss")
+        steps, losses = read_records(cell_dir(lr) / sweep_plan.cosine_name(t), "eval", "val_loss")
         ax_loss.plot(steps, losses, color="black", lw=1, label="cosine to T (its best LR)" if t == plan.horizons[0] else None)
         end_losses.append(losses[-1])
     for decay in plan.schedules:
         lr = rows[decay, "none"]["cells"][last]["lr"]
         ax_loss.plot(*read_records(cell_dir(lr) / decay, "eval", "val_loss"), color=COLORS[decay], lw=1.5,
-                     label=f"{decay} at lr {sweep.lr_text(lr)}, no cooldown")
+                     label=f"{decay} at lr {sweep_tables.lr_text(lr)}, no cooldown")
         for (schedule, cooldown), row in rows.items():
             if schedule != decay or cooldown in (None, "none"):
                 continue
@@ -94,7 +97,7 @@ def plot(results: dict, out: Path, png: Path) -> None:
     ax_lr.set(title=f"val loss at T={last} against max_lr (bars = seed range)", xlabel="max_lr", ylabel="val loss",
               xscale="log")
     lrs = sorted({r["lr"] for r in results["records"]})
-    ax_lr.set_xticks(lrs, [sweep.lr_text(lr) for lr in lrs])
+    ax_lr.set_xticks(lrs, [sweep_tables.lr_text(lr) for lr in lrs])
     for ax in (ax_loss, ax_t, ax_lr):
         ax.minorticks_off()
         ax.grid(alpha=0.3)
@@ -135,7 +138,7 @@ def generated_section(results: dict, command: str, png: Path, doc: Path) -> str:
         "",
         f"Model d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, seq {cfg.model.seq_len}, "
         f"{cfg.train.micro_batch_size * cfg.train.grad_accum} x {cfg.model.seq_len} tokens per step, "
-        f"data `{cfg.data.path}`. Grid: max_lr {', '.join(sweep.lr_text(lr) for lr in lrs)} x seeds "
+        f"data `{cfg.data.path}`. Grid: max_lr {', '.join(sweep_tables.lr_text(lr) for lr in lrs)} x seeds "
         f"{', '.join(map(str, seeds))} ({len(lrs) * len(seeds)} cells). Every run: warmup {cfg.optim.warmup_steps}, "
         f"weight decay {cfg.optim.weight_decay:g}, clip {cfg.optim.grad_clip:g}; rsqrt timescale "
         f"{cfg.optim.rsqrt_timescale or cfg.optim.warmup_steps}; cosine to 0 at T. "
@@ -149,28 +152,28 @@ def generated_section(results: dict, command: str, png: Path, doc: Path) -> str:
         "Regime (parameters counted with the tied embedding, which is also the output head; the training "
         "stream repeats the corpus in a new order each epoch):",
         "",
-        *(f"- {line}" for line in sweep.regime_lines(results)),
+        *(f"- {line}" for line in sweep_tables.regime_lines(results)),
         "",
         f"Validation loss at each horizon T: mean over the {len(seeds)} seeds ± half their min-max range "
         f"(for two seeds, exactly the two values), at the row's own best max_lr (`@`; `edge` = the best is "
         f"the lowest or highest LR of the grid), gap of the means to cosine. The last column calls a row "
         f"lower/higher than cosine only where the two seed ranges do not overlap, else level:",
         "",
-        *markdown(*sweep.table_rows(results)),
+        *markdown(*sweep_tables.table_rows(results)),
         "",
         "Mean val loss at every max_lr of the grid, low to high (bold: the row's best):",
         "",
-        *markdown(*sweep.lr_table_rows(results)),
+        *markdown(*sweep_tables.lr_table_rows(results)),
         "",
         "Paired differences within one open-ended run (same LR and seed: the run's own noise cancels), "
         "over every (LR, seed) of the grid, in nats of val loss at T (positive: the first is worse):",
         "",
-        *markdown(*sweep.paired_rows(results)),
+        *markdown(*sweep_tables.paired_rows(results)),
         "",
         f"Compute per cell for all {len(plan['horizons'])} horizons, in optimizer steps: cosine way "
         f"{' + '.join(map(str, plan['horizons']))} = **{c['cosine_steps']}**; fork way "
         f"{c['main_run_steps']} (the open-ended run to the last fork point) + {c['cooldown_steps']} (cooldowns) = "
-        f"**{c['fork_steps_per_shape']}** per cooldown shape, **{sweep.saving_words(c['saving'])}**. "
+        f"**{c['fork_steps_per_shape']}** per cooldown shape, **{sweep_tables.saving_words(c['saving'])}**. "
         f"The no-cooldown and averaging rows need the open-ended run to the last T "
         f"({c['open_ended_to_last_t']} steps); the averages train nothing. The whole sweep trained "
         f"{c['sweep_steps']:,} steps ({n_shapes} cooldown shape(s), {len(plan['schedules'])} open-ended "
@@ -193,7 +196,7 @@ def write_doc(doc: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sweep.add_arguments(parser)
+    sweep_command.add_arguments(parser)
     parser.add_argument("--doc", help="markdown to write the results into (default docs/horizon_sweep.md; "
                                       "--quick: OUT/horizon_sweep.md); the PNG goes next to it")
     args = parser.parse_intermixed_args(argv)
@@ -203,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     png = doc.with_suffix(".png")
     doc.parent.mkdir(parents=True, exist_ok=True)
     try:
-        results = sweep.run_sweep(sweep.plan_from_args(args), args.out, parallel=args.parallel,
+        results = sweep_execute.run_sweep(sweep_command.plan_from_args(args), args.out, parallel=args.parallel,
                                   averages=not args.skip_averages)
-        sweep.print_results(results)
+        sweep_tables.print_results(results)
         plot(results, Path(args.out), png)
         command = "python bench/horizon_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_doc(doc, generated_section(results, command.strip(), png, doc))

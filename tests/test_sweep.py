@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from evertrain.launch.sweep import plan as sweep
+from evertrain.launch.sweep import command as sweep_command
+from evertrain.launch.sweep import execute as sweep_execute
+from evertrain.launch.sweep import plan as sweep_plan
+from evertrain.launch.sweep import results as sweep_results
+from evertrain.launch.sweep import tables as sweep_tables
 from evertrain.launch.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,46 +36,46 @@ def quick_args(out: Path, data: Path) -> list[str]:
 
 
 def test_plan_ends_cooldowns_at_the_horizons():
-    plan = sweep.SweepPlan(config="c.yaml", horizons=(200, 400, 800))
+    plan = sweep_plan.SweepPlan(config="c.yaml", horizons=(200, 400, 800))
     assert [plan.fork_step(t) for t in plan.horizons] == [160, 320, 640]
     assert [plan.cooldown_steps(t) for t in plan.horizons] == [40, 80, 160]
     assert plan.eval_every == 40 and plan.checkpoint_every == 160
-    jobs = sweep.jobs_of(plan)
+    jobs = sweep_plan.jobs_of(plan)
     names = [job.name for job in jobs]
     assert names[:2] == ["base/rsqrt", "base/constant"]  # the long runs start first
     assert sorted(n for n in names if "cosine" in n) == ["base/cosine_T200", "base/cosine_T400", "base/cosine_T800"]
-    forks = [job for job in jobs if isinstance(job, sweep.ForkJob)]
+    forks = [job for job in jobs if isinstance(job, sweep_plan.ForkJob)]
     assert len(forks) == 3 * 2 * 2
     assert {(f.step + f.cooldown_steps) for f in forks} == {200, 400, 800}
-    assert not any(isinstance(job, sweep.AverageJob) for job in jobs)  # average_last=0: no averaging row
-    assert sweep.saving_words(0.229) == "23% fewer" and sweep.saving_words(-0.2) == "20% more"
-    assert sweep.SweepPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert not any(isinstance(job, sweep_plan.AverageJob) for job in jobs)  # average_last=0: no averaging row
+    assert sweep_tables.saving_words(0.229) == "23% fewer" and sweep_tables.saving_words(-0.2) == "20% more"
+    assert sweep_plan.SweepPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     # the fork way needs the open-ended run only to the last fork point
-    c = sweep.compute_of(plan)
+    c = sweep_results.compute_of(plan)
     assert (c["main_run_steps"], c["cooldown_steps"], c["fork_steps_per_shape"]) == (640, 280, 920)
     assert c["cosine_steps"] == 1400 and c["sweep_steps"] == 1400 + 2 * (800 + 2 * 280)
 
 
 def test_grid_cells_and_averages():
-    plan = sweep.SweepPlan(config="c.yaml", horizons=(200, 400, 800), shapes=("1-sqrt",), schedules=("constant",),
+    plan = sweep_plan.SweepPlan(config="c.yaml", horizons=(200, 400, 800), shapes=("1-sqrt",), schedules=("constant",),
                            max_lrs=(1e-2, 2e-2), seeds=(7, 8), average_last=5)
     # averages: 5 checkpoints evenly over each cooldown window, so the run checkpoints every 10 steps
     assert plan.average_steps(200) == [160, 170, 180, 190, 200]
     assert plan.average_steps(800) == [640, 680, 720, 760, 800]
     assert plan.checkpoint_every == 10
     assert [c.name for c in plan.cells()] == ["lr0.01_seed7", "lr0.02_seed7", "lr0.01_seed8", "lr0.02_seed8"]
-    jobs = sweep.jobs_of(plan)
+    jobs = sweep_plan.jobs_of(plan)
     assert len(jobs) == 4 * (1 + 3 + 3 + 3)
     first = [job for job in jobs if job.name.startswith("lr0.02_seed8/")]
     main = next(job for job in first if job.name == "lr0.02_seed8/constant")
     assert {"optim.max_lr=0.02", "train.seed=8", "checkpoint.every_steps=10", "checkpoint.keep_every=10",
             "train.max_steps=800"} <= set(main.overrides)
-    averages = [job for job in first if isinstance(job, sweep.AverageJob)]
+    averages = [job for job in first if isinstance(job, sweep_plan.AverageJob)]
     assert [a.steps for a in averages] == [(160, 170, 180, 190, 200), (320, 340, 360, 380, 400),
                                            (640, 680, 720, 760, 800)]
     assert averages[0].command(plan, Path("/o"))[-4:] == ["--run", "/o/lr0.02_seed8/constant", "--steps",
                                                           "160,170,180,190,200"]
-    assert not any(isinstance(job, sweep.AverageJob) for job in sweep.jobs_of(plan, averages=False))
+    assert not any(isinstance(job, sweep_plan.AverageJob) for job in sweep_plan.jobs_of(plan, averages=False))
 
 
 def record(schedule, cooldown, lr, seed, horizon, loss):
@@ -96,8 +100,8 @@ def synthetic() -> list[dict]:
 
 
 def test_aggregate_reports_each_row_at_its_best_lr():
-    rows = {(r["schedule"], r["cooldown"]): r for r in sweep.aggregate(synthetic())}
-    assert [r["label"] for r in sweep.aggregate(synthetic())] == [
+    rows = {(r["schedule"], r["cooldown"]): r for r in sweep_results.aggregate(synthetic())}
+    assert [r["label"] for r in sweep_results.aggregate(synthetic())] == [
         "cosine (tuned to T)", "constant + 1-sqrt cooldown", "constant, no cooldown"]
     cosine, cooled, plain = rows["cosine", None], rows["constant", "1-sqrt"], rows["constant", "none"]
     assert [cosine["cells"][t]["lr"] for t in ("100", "200")] == [2e-2, 1e-2]
@@ -123,7 +127,7 @@ def test_best_lr_is_the_lowest_mean_over_seeds_not_the_luckiest_seed():
     assert cell["mean"] == pytest.approx(5.01) and cell["half_range"] == pytest.approx(0.01)
 
 def test_verdicts_need_the_difference_to_exceed_the_seed_ranges():
-    rows = {(r["schedule"], r["cooldown"]): r for r in sweep.aggregate(synthetic())}
+    rows = {(r["schedule"], r["cooldown"]): r for r in sweep_results.aggregate(synthetic())}
     cooled, plain = rows["constant", "1-sqrt"], rows["constant", "none"]
     # 4.91 +- 0.01 vs 5.01 +- 0.01: lower; 4.615 +- 0.015 vs 4.61 +- 0.01: level
     assert [cooled["cells"][t]["verdict"] for t in ("100", "200")] == ["lower", "level"]
@@ -133,9 +137,9 @@ def test_verdicts_need_the_difference_to_exceed_the_seed_ranges():
     assert plain["verdict"] == "level at T=100, higher at T=200"
     assert rows["cosine", None]["verdict"] is None
     ref = {"mean": 5.0, "half_range": 0.01, "seeds": 2}
-    assert sweep.verdict({"mean": 4.979, "half_range": 0.01, "seeds": 2}, ref) == "lower"
-    assert sweep.verdict({"mean": 4.981, "half_range": 0.01, "seeds": 2}, ref) == "level"
-    assert sweep.verdict({"mean": 5.021, "half_range": 0.01, "seeds": 2}, ref) == "higher"
+    assert sweep_results.verdict({"mean": 4.979, "half_range": 0.01, "seeds": 2}, ref) == "lower"
+    assert sweep_results.verdict({"mean": 4.981, "half_range": 0.01, "seeds": 2}, ref) == "level"
+    assert sweep_results.verdict({"mean": 5.021, "half_range": 0.01, "seeds": 2}, ref) == "higher"
 
 
 def test_paired_differences_stay_within_one_run():
@@ -145,35 +149,35 @@ def test_paired_differences_stay_within_one_run():
                        r["val_loss"] - (0.05 if (r["lr"], r["seed"], r["horizon"]) == (4e-2, 2, 100) else 0.01))
                 for r in synthetic() if r["cooldown"] == "1-sqrt"]
     results = {"plan": {"schedules": ["constant"], "horizons": [100, 200], "shapes": ["1-sqrt"]}, "records": records}
-    header, rows = sweep.paired_rows(results)
+    header, rows = sweep_tables.paired_rows(results)
     assert header == ["schedule", "T", "no cooldown - cooldown: min / mean / max", "average - cooldown: min / mean / max",
                       "no cooldown - average: min / mean / max", "runs"]
     # T=100, no cooldown - cooldown per (lr, seed): .20 .20 .065 .055 .20 .18
     assert rows[0][:3] == ["constant", "100", "+0.0550 / +0.1500 / +0.2000"]
     assert rows[0][3] == "-0.0500 / -0.0167 / -0.0100" and rows[0][5] == "6"
     without = [r for r in records if r["cooldown"] != "average"]
-    header, rows = sweep.paired_rows({**results, "records": without})
+    header, rows = sweep_tables.paired_rows({**results, "records": without})
     assert len(header) == 4 and rows[1][2] == "+0.0600 / +0.1150 / +0.1500"
 
 
 def test_one_seed_calls_nothing_and_one_lr_flags_no_edge():
     records = [r for r in synthetic() if r["seed"] == 1 and r["lr"] == 2e-2]
-    rows = sweep.aggregate(records)
+    rows = sweep_results.aggregate(records)
     assert all(cell["edge"] is None and cell["half_range"] == 0 for row in rows for cell in row["cells"].values())
     assert rows[1]["cells"]["100"]["verdict"] is None
     assert rows[1]["verdict"] == "not called (one seed) at T=100 200"
 
 
 def test_table_shows_the_winning_lr_the_edge_and_every_lr():
-    rows = sweep.aggregate(synthetic())
+    rows = sweep_results.aggregate(synthetic())
     results = {"plan": {"horizons": [100, 200]}, "rows": rows, "records": synthetic()}
-    header, table = sweep.table_rows(results)
+    header, table = sweep_tables.table_rows(results)
     assert header == ["schedule", "T=100", "T=200", "vs cosine (seed ranges)"]
     assert table[0] == ["cosine (tuned to T)", "5.0100 ±0.0100 @2e-2", "4.6100 ±0.0100 @1e-2 (edge: low)",
                         "(reference)"]
     assert table[1][1] == "4.9100 ±0.0100 @4e-2 (edge: high) (-2.00%)"
-    assert [sweep.lr_text(lr) for lr in (0.015, 0.03, 6e-2, 1e-3, 0.1)] == ["1.5e-2", "3e-2", "6e-2", "1e-3", "1e-1"]
-    header, table = sweep.lr_table_rows(results)
+    assert [sweep_tables.lr_text(lr) for lr in (0.015, 0.03, 6e-2, 1e-3, 0.1)] == ["1.5e-2", "3e-2", "6e-2", "1e-3", "1e-1"]
+    header, table = sweep_tables.lr_table_rows(results)
     assert header == ["schedule", "T=100: lr 1e-2 / 2e-2 / 4e-2", "T=200: lr 1e-2 / 2e-2 / 4e-2"]
     assert table[0] == ["cosine (tuned to T)", "5.1100 / **5.0100** / 5.0700", "**4.6100** / 4.7000 / 4.8200"]
 
@@ -191,8 +195,8 @@ def test_table_shows_the_winning_lr_the_edge_and_every_lr():
     ({"horizons": (200,), "average_last": 1}, "--average-last"),
 ])
 def test_bad_plans_name_the_argument(kwargs, message):
-    with pytest.raises(sweep.SweepError, match=message):
-        sweep.SweepPlan(config="c.yaml", **kwargs)
+    with pytest.raises(sweep_plan.SweepError, match=message):
+        sweep_plan.SweepPlan(config="c.yaml", **kwargs)
 
 
 def test_bad_override_fails_before_any_run(tmp_path, tiny_data, capsys):
@@ -209,14 +213,14 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path, tiny_data):
     out, doc = tmp_path / "sweep", tmp_path / "docs" / "horizon_sweep.md"
     doc.parent.mkdir()
     doc.write_text(f"# Horizon sweep\n\nhand-written intro\n\n{bench.BEGIN}\nstale table\n{bench.END}\n\nhand-written analysis\n")
-    plan = sweep.plan_from_args(parse_sweep_args(quick_args(out, tiny_data)))
+    plan = sweep_command.plan_from_args(parse_sweep_args(quick_args(out, tiny_data)))
     assert plan.average_last == 3 and plan.checkpoint_every == 1
     # first everything but the averages (the real sweep ran so before `evertrain average` existed) ...
-    skipped = sweep.run_sweep(plan, out, echo=lambda _: None, averages=False)
+    skipped = sweep_execute.run_sweep(plan, out, echo=lambda _: None, averages=False)
     assert [row["cooldown"] for row in skipped["rows"]] == [None, "linear", "none", "linear", "none"]
     # ... then the same command adds them from the kept checkpoints, and the page
     messages = []
-    sweep.run_jobs(plan, out, sweep.jobs_of(plan), echo=messages.append)
+    sweep_execute.run_jobs(plan, out, sweep_plan.jobs_of(plan), echo=messages.append)
     assert messages[0] == "sweep: 8 of 12 runs finished already"
     assert all("average" in m for m in messages[1:])
     assert bench.main([*quick_args(out, tiny_data), "--doc", str(doc)]) == 0
@@ -249,7 +253,7 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path, tiny_data):
     row = next(r for r in results["rows"] if r["label"] == "constant, average of 3 ckpts")
     assert row["cells"]["20"]["mean"] == average["val_loss"]
     # the cosine run to T ends with the same val batches as the no-cooldown eval at T
-    cosine = sweep.read_evals(out / "base" / "cosine_T20")
+    cosine = sweep_results.read_evals(out / "base" / "cosine_T20")
     assert sorted(cosine) == list(range(2, 21, 2))
 
     text = doc.read_text()
@@ -260,37 +264,37 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path, tiny_data):
 
     # a rerun finds every run done and launches nothing
     messages = []
-    sweep.run_jobs(plan, out, sweep.jobs_of(plan), echo=messages.append)
+    sweep_execute.run_jobs(plan, out, sweep_plan.jobs_of(plan), echo=messages.append)
     assert messages == ["sweep: 12 of 12 runs finished already"]
 
 
 def parse_sweep_args(argv: list[str]):
     parser = argparse.ArgumentParser()
-    sweep.add_arguments(parser)
+    sweep_command.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def test_other_settings_into_the_same_out_are_refused(tmp_path):
     config = str(REPO / "configs" / "tiny.yaml")
-    plan = sweep.SweepPlan(config=config, horizons=(200, 400))
-    sweep.claim_out_dir(plan, tmp_path)
-    sweep.claim_out_dir(plan, tmp_path)  # the same plan resumes
+    plan = sweep_plan.SweepPlan(config=config, horizons=(200, 400))
+    sweep_execute.claim_out_dir(plan, tmp_path)
+    sweep_execute.claim_out_dir(plan, tmp_path)  # the same plan resumes
     # the grid may grow: more LRs, seeds, schedules or shapes only add runs
-    sweep.claim_out_dir(dataclasses.replace(plan, max_lrs=(1e-3, 2e-3), seeds=(1, 2), shapes=("linear",),
+    sweep_execute.claim_out_dir(dataclasses.replace(plan, max_lrs=(1e-3, 2e-3), seeds=(1, 2), shapes=("linear",),
                                             schedules=("constant",)), tmp_path)
-    with pytest.raises(sweep.SweepError, match="horizons"):
-        sweep.claim_out_dir(sweep.SweepPlan(config=config, horizons=(200, 800)), tmp_path)
-    with pytest.raises(sweep.SweepError, match="average_last"):
-        sweep.claim_out_dir(dataclasses.replace(plan, average_last=5), tmp_path)
-    with pytest.raises(sweep.SweepError, match="the config"):
-        sweep.claim_out_dir(sweep.SweepPlan(config=config, horizons=(200, 400),
+    with pytest.raises(sweep_plan.SweepError, match="horizons"):
+        sweep_execute.claim_out_dir(sweep_plan.SweepPlan(config=config, horizons=(200, 800)), tmp_path)
+    with pytest.raises(sweep_plan.SweepError, match="average_last"):
+        sweep_execute.claim_out_dir(dataclasses.replace(plan, average_last=5), tmp_path)
+    with pytest.raises(sweep_plan.SweepError, match="the config"):
+        sweep_execute.claim_out_dir(sweep_plan.SweepPlan(config=config, horizons=(200, 400),
                                             overrides=("optim.max_lr=1e-2",)), tmp_path)
 
 
 def test_failed_run_names_its_log(tmp_path, tiny_data):
-    plan = sweep.SweepPlan(config=str(REPO / "configs" / "tiny.yaml"), horizons=(10,),
-                           overrides=(*sweep.QUICK_OVERRIDES, f"data.path={tmp_path / 'missing'}",
+    plan = sweep_plan.SweepPlan(config=str(REPO / "configs" / "tiny.yaml"), horizons=(10,),
+                           overrides=(*sweep_plan.QUICK_OVERRIDES, f"data.path={tmp_path / 'missing'}",
                                       "model.vocab_size=512"))
-    jobs = [job for job in sweep.jobs_of(plan) if job.name == "base/cosine_T10"]
-    with pytest.raises(sweep.SweepError, match=r"cosine_T10: exited with status 2 .*cosine_T10\.log"):
-        sweep.run_jobs(plan, tmp_path, jobs, parallel=1, echo=lambda _: None)
+    jobs = [job for job in sweep_plan.jobs_of(plan) if job.name == "base/cosine_T10"]
+    with pytest.raises(sweep_plan.SweepError, match=r"cosine_T10: exited with status 2 .*cosine_T10\.log"):
+        sweep_execute.run_jobs(plan, tmp_path, jobs, parallel=1, echo=lambda _: None)

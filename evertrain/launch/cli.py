@@ -24,7 +24,7 @@ COMMANDS = {
     "predict": ("evertrain.launch.lossmodel.predict", "predict a cooldown's final val loss before it runs"),
     "report": ("evertrain.launch.report", "checkpoints, cooldown results, plot and 'should we keep going?'"),
     "export": ("evertrain.launch.export_cmd", "export a checkpoint to another format"),
-    "sweep": ("evertrain.launch.sweep.plan", "rsqrt/constant + forked cooldowns vs cosine at several horizons"),
+    "sweep": ("evertrain.launch.sweep.command", "rsqrt/constant + forked cooldowns vs cosine at several horizons"),
     "plan": ("evertrain.launch.plan", "per-rank memory and FLOPs of a config on N nodes x G GPUs"),
 }
 

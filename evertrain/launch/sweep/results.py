@@ -1,0 +1,187 @@
+"""The sweep's numbers from its run dirs: each cell's val loss per row and horizon as flat records, the
+table (`aggregate`: per row and horizon the best max_lr by mean over seeds, the half range over seeds,
+the gap to cosine and the verdict), the regime (tokens per parameter, epochs) and the compute.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from evertrain.launch.runs import read_result
+from evertrain.launch.sweep.plan import AverageJob, Cell, ForkJob, SweepError, SweepPlan, cosine_name
+from evertrain.pretrain.config import load_config
+
+
+def read_evals(run_dir: Path) -> dict[int, float]:
+    """{step: val_loss} of a run's metrics.jsonl (the last record wins for a step)."""
+    evals = {}
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("kind") == "eval":
+                evals[record["step"]] = record["val_loss"]
+    return evals
+
+
+def row_label(schedule: str, cooldown: str | None, average_last: int = 0) -> str:
+    if cooldown is None:
+        return "cosine (tuned to T)"
+    if cooldown == "none":
+        return f"{schedule}, no cooldown"
+    if cooldown == "average":
+        return f"{schedule}, average of {average_last} ckpts"
+    return f"{schedule} + {cooldown} cooldown"
+
+
+def row_keys(plan: SweepPlan, averages: bool = True) -> list[tuple[str, str | None]]:
+    """(schedule, cooldown) of every row in table order; cooldown None = cosine, "none" = the
+    open-ended run itself at T, "average" = the average of its checkpoints."""
+    keys = [("cosine", None)]
+    for decay in plan.schedules:
+        keys += [(decay, shape) for shape in plan.shapes]
+        keys += [(decay, "average")] if averages and plan.average_last else []
+        keys.append((decay, "none"))
+    return keys
+
+
+def collect_cell(plan: SweepPlan, out: Path, cell: Cell, averages: bool = True) -> list[dict]:
+    """One cell's val loss per row and horizon, as flat records {schedule, cooldown, lr, seed,
+    horizon, val_loss} (lr/seed as run: the config's when the cell has none)."""
+    cfg = load_config(plan.config, (*plan.overrides, *cell.overrides))
+    c = cell.name
+
+    def at(run: str, step: int) -> float:
+        evals = read_evals(out / c / run)
+        if step not in evals:
+            raise SweepError(f"{out / c / run / 'metrics.jsonl'}: no eval at step {step}")
+        return evals[step]
+
+    def loss(schedule: str, cooldown: str | None, t: int) -> float:
+        if cooldown is None:
+            return at(cosine_name(t), t)
+        if cooldown == "none":
+            return at(schedule, t)
+        if cooldown == "average":
+            return json.loads(AverageJob(f"{c}/{schedule}", tuple(plan.average_steps(t)))
+                              .result_path(out).read_text())["val_loss"]
+        return read_result(ForkJob(f"{c}/{schedule}", plan.fork_step(t), plan.cooldown_steps(t), cooldown)
+                           .result_dir(out))["val_loss"]
+
+    return [{"schedule": schedule, "cooldown": cooldown, "lr": cfg.optim.max_lr, "seed": cfg.train.seed,
+             "horizon": t, "val_loss": loss(schedule, cooldown, t)}
+            for schedule, cooldown in row_keys(plan, averages) for t in plan.horizons]
+
+
+def aggregate(records: list[dict], average_last: int = 0) -> list[dict]:
+    """The table from flat records: per row (schedule, cooldown, in order of first appearance) and
+    horizon, the LR with the lowest mean val loss over the seeds, and at it the mean, the half range
+    over seeds, the mean at every LR, an edge flag, the gap to cosine and the verdict."""
+    lrs = sorted({r["lr"] for r in records})
+    horizons = sorted({r["horizon"] for r in records})
+    keys = list(dict.fromkeys((r["schedule"], r["cooldown"]) for r in records))
+    losses: dict = {}  # (schedule, cooldown, horizon, lr) -> [loss per seed]
+    for r in records:
+        losses.setdefault((r["schedule"], r["cooldown"], r["horizon"], r["lr"]), []).append(r["val_loss"])
+    rows = []
+    for schedule, cooldown in keys:
+        cells = {}
+        for t in horizons:
+            by_lr = [(lr, *mean_and_half_range(losses[schedule, cooldown, t, lr]))
+                     for lr in lrs if (schedule, cooldown, t, lr) in losses]
+            best = min(range(len(by_lr)), key=lambda i: by_lr[i][1])
+            lr, mean, half = by_lr[best]
+            edge = None
+            if len(lrs) > 1 and lr == lrs[0]:
+                edge = "low"
+            elif len(lrs) > 1 and lr == lrs[-1]:
+                edge = "high"
+            cells[str(t)] = {"lr": lr, "mean": mean, "half_range": half,
+                             "seeds": len(losses[schedule, cooldown, t, lr]),
+                             "by_lr": [{"lr": x, "mean": m, "half_range": h} for x, m, h in by_lr], "edge": edge}
+        rows.append({"label": row_label(schedule, cooldown, average_last), "schedule": schedule,
+                     "cooldown": cooldown, "cells": cells})
+    cosine = next((row for row in rows if row["cooldown"] is None), None)
+    for row in rows:
+        for t, cell in row["cells"].items():
+            if cosine is None:
+                cell["gap_pct"] = cell["verdict"] = None
+                continue
+            ref = cosine["cells"][t]
+            cell["gap_pct"] = 100.0 * (cell["mean"] - ref["mean"]) / ref["mean"]
+            cell["verdict"] = None if row is cosine else verdict(cell, ref)
+        row["verdict"] = None if row is cosine or cosine is None else verdict_words(row["cells"])
+    return rows
+
+
+def mean_and_half_range(values: list[float]) -> tuple[float, float]:
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def verdict(cell: dict, ref: dict) -> str | None:
+    """'lower'/'higher' than the reference only when the seed ranges do not overlap; 'level'
+    otherwise; None with one seed (no spread to compare against)."""
+    if min(cell["seeds"], ref["seeds"]) < 2:
+        return None
+    diff = cell["mean"] - ref["mean"]
+    if abs(diff) <= cell["half_range"] + ref["half_range"]:
+        return "level"
+    return "lower" if diff < 0 else "higher"
+
+
+def verdict_words(cells: dict) -> str:
+    """{'400': {'verdict': 'lower'}, ...} -> 'lower at T=400, level at T=800 1600'."""
+    groups: dict = {}
+    for t, cell in cells.items():
+        groups.setdefault(cell["verdict"] or "not called (one seed)", []).append(t)
+    return ", ".join(f"{v} at T={' '.join(ts)}" for v, ts in groups.items())
+
+
+def model_size(config: str, overrides: tuple[str, ...]) -> tuple[int, int]:
+    """(all parameters, of which the token embedding): tied, it is also the output head."""
+    from evertrain.pretrain.model.transformer import Transformer
+    from evertrain.pretrain.run.preflight import resolve_auto
+
+    model = Transformer(resolve_auto(load_config(config, overrides)).model)
+    return sum(p.numel() for p in model.parameters()), model.embed_tokens.weight.numel()
+
+
+def regime(plan: SweepPlan) -> dict:
+    """Tokens per parameter and epochs of the training split at each horizon."""
+    from evertrain.pretrain.data.stream import load_manifest
+
+    cfg = load_config(plan.config, plan.overrides)
+    params, embedding = model_size(plan.config, plan.overrides)
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len
+    train_tokens = sum(s.tokens for s in load_manifest(cfg.data.path).train)
+    return {"params": params, "embedding_params": embedding, "tokens_per_step": per_step,
+            "train_tokens": train_tokens,
+            "horizons": {str(t): {"tokens": t * per_step, "tokens_per_param": t * per_step / params,
+                                  "tokens_per_non_embedding_param": t * per_step / (params - embedding),
+                                  "epochs": t * per_step / train_tokens} for t in plan.horizons}}
+
+
+def compute_of(plan: SweepPlan) -> dict:
+    """Optimizer steps of the two ways for all horizons, in one cell. The fork way needs the
+    open-ended run only up to the last fork point; the no-cooldown and averaging rows need it to the
+    last T (the averages themselves train nothing)."""
+    cooldown_total = sum(plan.cooldown_steps(t) for t in plan.horizons)
+    main = plan.fork_step(plan.horizons[-1])
+    compute = {"cosine_steps": sum(plan.horizons), "main_run_steps": main, "cooldown_steps": cooldown_total,
+               "fork_steps_per_shape": main + cooldown_total, "open_ended_to_last_t": plan.horizons[-1]}
+    compute["saving"] = 1.0 - compute["fork_steps_per_shape"] / compute["cosine_steps"]
+    per_cell = (sum(plan.horizons) + len(plan.schedules) * (plan.horizons[-1] + len(plan.shapes) * cooldown_total))
+    compute["sweep_steps"] = per_cell * len(plan.cells())
+    return compute
+
+
+def collect(plan: SweepPlan, out: Path, averages: bool = True) -> dict:
+    """The sweep's numbers: every cell's records, the table, the regime and the compute."""
+    records = [r for cell in plan.cells() for r in collect_cell(plan, out, cell, averages)]
+    return {"plan": plan.to_dict(), "eval_every": plan.eval_every, "records": records,
+            "rows": aggregate(records, plan.average_last), "regime": regime(plan), "compute": compute_of(plan),
+            "invocations": read_invocations(out)}
+
+
+def read_invocations(out: Path) -> list[dict]:
+    path = out / "invocations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
