@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from evertrain.pretrain.data.stream import Manifest, Shard, ShardReader, TokenStream, shard_name
-from evertrain.pretrain.data.prepare import write_manifest
+from evertrain.pretrain.data.shards import write_manifest
 from evertrain.pretrain.data.order import EpochOrder, Layout
 
 SHARD_TOKENS = 1 << 24

@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from evertrain.pretrain.data.prepare import paragraphs, prepare, train_tokenizer
+from evertrain.pretrain.data.bpe import paragraphs, train_tokenizer
+from evertrain.pretrain.data.prepare import prepare
 from evertrain.pretrain.data.sources import expand_inputs
 from evertrain.pretrain.data.tokenizer import Tokenizer, read_spec, spec_from_bytes
 

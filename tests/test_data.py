@@ -16,7 +16,8 @@ from conftest import load_unpack
 from evertrain.launch import cli
 from evertrain.pretrain.data.stream import (DataError, TokenStream, file_sha256, load_manifest, shard_name,
                                      val_batches)
-from evertrain.pretrain.data.prepare import prepare, train_tokenizer
+from evertrain.pretrain.data.bpe import train_tokenizer
+from evertrain.pretrain.data.prepare import prepare
 from evertrain.pretrain.data.sources import expand_inputs
 
 SEQ = 32

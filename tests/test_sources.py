@@ -14,7 +14,7 @@ import sentencepiece as spm
 from evertrain.launch import cli
 from evertrain.pretrain.data.stream import DataError, load_manifest
 from evertrain.pretrain.data.prepare import prepare
-from evertrain.pretrain.data import prepare as dataprep, sources
+from evertrain.pretrain.data import encode, sources
 from evertrain.pretrain.data.sources import (Counts, Input, ReadOptions, documents, expand_inputs, parse_part,
                                         select_part)
 
@@ -123,7 +123,7 @@ def test_a_bad_record_names_file_and_line_or_is_counted(problem, tiny_data, tmp_
     good = tmp_path / "in" / "good.jsonl"  # in processes, with the bad line in a later block: still this error
     good.write_bytes(jsonl_bytes(RECORDS))
     monkeypatch.setattr(sources, "JSONL_BLOCK_BYTES", 10)
-    monkeypatch.setattr(dataprep, "ENCODE_BATCH_BYTES", 10)
+    monkeypatch.setattr(encode, "ENCODE_BATCH_BYTES", 10)
     with pytest.raises(DataError, match=message):
         prepare([good, bad], tmp_path / "out" / "data", tokenizer=tiny_data / "tokenizer.model", workers=2)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing half-written

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from evertrain.pretrain.data import prepare as dataprep
+from evertrain.pretrain.data import encode as data_encode
 from evertrain.pretrain.data.stream import DataError, load_manifest
 from evertrain.pretrain.data.prepare import append, prepare
 
@@ -97,7 +97,7 @@ def test_tokens_are_each_document_encoded_whole(kind, llama_sp, hf_bpe, tmp_path
     model = llama_sp if kind == "sentencepiece" else hf_bpe
     encode, decode = reference(kind, model)
     inputs = write_inputs(tmp_path / "in")
-    monkeypatch.setattr(dataprep, "ENCODE_BATCH_BYTES", 20_000)  # several batches, so order across processes counts
+    monkeypatch.setattr(data_encode, "ENCODE_BATCH_BYTES", 20_000)  # several batches, so order across processes counts
     one = prepare(inputs, tmp_path / "one", tokenizer=model, workers=1, shard_tokens=3_000)
     eos = one.eos_id
     expected = [t for doc in DOCUMENTS * 2 for t in (*encode(doc), eos)]

@@ -79,6 +79,17 @@ class Counts:
         return ", ".join(parts)
 
 
+def read_options(text_field: str = "text", split_docs: str | None = None, skip_bad: bool = False) -> ReadOptions:
+    if split_docs is not None:
+        try:
+            re.compile(split_docs, re.MULTILINE)
+        except re.error as exc:
+            raise DataError(f"--split-docs {split_docs!r}: not a regular expression ({exc})") from None
+    if not text_field:
+        raise DataError("--text-field: must not be empty")
+    return ReadOptions(text_field, split_docs, skip_bad)
+
+
 # ---------------------------------------------------------------------------------------------- expansion
 
 def kind_of(path: Path) -> str | None:

@@ -2,11 +2,12 @@
 
 A data dir (written by `evertrain data prepare|append`, see docs/data.md) holds flat little-endian token
 files `train-000000.bin`, `val-000000.bin`, ... and `manifest.json`, which lists them in append order
-with their token counts and sha256. The training stream is a fixed function of the manifest, the seed and the epoch: each shard is cut
-into non-overlapping seq_len+1 windows; within an epoch every source's windows are shuffled across all
-its shards and the sources are interleaved by weight at every position (order.py). One global window
-cursor is the whole position, so a run resumes on any world size without repeating or skipping a
-window; shards appended mid-epoch join the rest of the epoch, interleaved, as a new segment.
+with their token counts and sha256. The training stream is a fixed function of the manifest, the seed
+and the epoch: each shard is cut into non-overlapping seq_len+1 windows; within an epoch every source's
+windows are shuffled across all its shards and the sources are interleaved by weight at every position
+(order.py). One global window cursor is the whole position, so a run resumes on any world size without
+repeating or skipping a window; shards appended mid-epoch join the rest of the epoch, interleaved, as a
+new segment.
 """
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from evertrain.errors import EvertrainError
 from evertrain.pretrain.data.order import EpochOrder, Layout
+
+if TYPE_CHECKING:  # imported where batches are made: the manifest side needs no torch
+    import torch
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
