@@ -32,7 +32,7 @@ from evertrain import safe_json
 from evertrain.errors import EvertrainError
 from evertrain.files import atomic_write_text
 from evertrain.launch.evals import EvalHooks, hooks_from_args, run_hooks
-from evertrain.launch.runs import Lease, cooldown_dir_name, read_result, resolve_checkpoint
+from evertrain.launch.runs import Lease, RunError, cooldown_dir_name, read_result, resolve_checkpoint
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.config import COOLDOWN_SHAPES, DEFAULT_COOLDOWN_SHAPE, Config, dump_yaml, load_config
 
@@ -161,7 +161,7 @@ def run_fork(args: argparse.Namespace) -> int:
     hooks = hooks_from_args(args)
     try:
         step, source = resolve_checkpoint(run_dir, args.step)
-    except ForkError:
+    except RunError:
         step, source = resumable_without_source(run_dir, args) or (None, None)
         if step is None:
             raise
