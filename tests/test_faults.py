@@ -449,7 +449,7 @@ def test_a_second_trainer_is_refused_at_once_and_a_dead_holders_lock_is_taken_ov
         assert holder.stdout.readline().strip() == "held"
         assert pretrain(run, tiny_data, "train.max_steps=2") == 2
         err = capsys.readouterr().err
-        assert f"another trainer is using this run dir (host " in err and f"pid {holder.pid}, since " in err
+        assert "another trainer is using this run dir (host " in err and f"pid {holder.pid}, since " in err
         assert err.count("\n") == 1
         assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written: no config, metrics
     finally:

@@ -35,7 +35,8 @@ for a in ("--step", "--cooldown-steps", "--eval-batches"):
 a = p.parse_args()
 name, data = f"from_{a.step:09d}_{a.shape}_{a.cooldown_steps}", None
 if a.data or a.data_weights:  # imported only then: it imports torch, slow enough to skew the timings
-    from evertrain.launch.fork import cooldown_data, cooldown_dir_name
+    from evertrain.launch.fork import cooldown_data
+    from evertrain.launch.runs import cooldown_dir_name
     data = cooldown_data(a.data, a.data_weights)
     name = cooldown_dir_name(a.step, a.shape, a.cooldown_steps, data)
 events = Path(a.run) / "events.txt"

@@ -250,7 +250,7 @@ def test_a_fork_whose_eval_hook_failed_or_that_the_forker_gave_up_on_is_failed_n
 
 
 def test_a_half_written_result_json_is_one_line_and_the_report_stands(tmp_path, capsys):
-    from evertrain.launch.fork import read_result
+    from evertrain.launch.runs import read_result
 
     run_dir = synthetic_run(tmp_path / "run", fork_steps=(200, 400, 800, 1600))
     cut = run_dir / "cooldowns" / "from_000000400_linear_80"

@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from evertrain.pretrain.config import ConfigError, load_config
-from evertrain.pretrain.data.stream import DataError
 from evertrain.pretrain.run.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]

@@ -122,7 +122,7 @@ def test_best_lr_is_the_lowest_mean_over_seeds_not_the_luckiest_seed():
     """1e-2 has the single best run (4.90) but the worse mean (5.05 against 5.01): the row is at 2e-2."""
     records = [record("cosine", None, 1e-2, 1, 100, 4.90), record("cosine", None, 1e-2, 2, 100, 5.20),
                record("cosine", None, 2e-2, 1, 100, 5.00), record("cosine", None, 2e-2, 2, 100, 5.02)]
-    cell = sweep.aggregate(records)[0]["cells"]["100"]
+    cell = sweep_results.aggregate(records)[0]["cells"]["100"]
     assert cell["lr"] == 2e-2, f"the best LR was picked at {cell['lr']}, not by the lowest mean over seeds"
     assert cell["mean"] == pytest.approx(5.01) and cell["half_range"] == pytest.approx(0.01)
 

@@ -202,7 +202,7 @@ def mark_final(cooldown_dir: Path) -> None:
     """result.json of a finished cooldown gains `final: true`."""
     result = read_result(cooldown_dir)
     if result is not None and not result.get("final"):
-        store.atomic_write_text(cooldown_dir / "result.json", json.dumps({**result, "final": True}, indent=1))
+        atomic_write_text(cooldown_dir / "result.json", json.dumps({**result, "final": True}, indent=1))
 
 
 def open_private_log(path: Path):
