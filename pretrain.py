@@ -8,6 +8,7 @@ from its latest checkpoint: `pretrain.py --run-dir D [k.k=v ...]` with the run's
 no fixed end: the run stops at train.max_steps if set, or on SIGTERM/SIGINT after finishing the step
 and writing a checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,26 +35,51 @@ from evertrain.pretrain.run.run_config import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter,
-                                     epilog=examples_epilog("pretrain.py"))
-    parser.add_argument("--config", help="YAML config, e.g. configs/tiny.yaml (default: resume --run-dir with "
-                                         "its own config.yaml)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+        epilog=examples_epilog("pretrain.py"),
+    )
+    parser.add_argument(
+        "--config",
+        help="YAML config, e.g. configs/tiny.yaml (default: resume --run-dir with its own config.yaml)",
+    )
     # --run-dir under torchrun, whose own parser takes `--run` for an abbreviation of its --run-path
-    parser.add_argument("--run", "--run-dir", dest="run_dir",
-                        help="where checkpoints and metrics go (default: runs/<config stem>); alone, resumes "
-                             "that run with its config.yaml")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (file + overrides) as YAML and exit (default: train)")
-    parser.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
-                        help="shorthand for engine.name=... (default: the config's engine.name)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
-    parser.add_argument("--resume-step", type=int, default=None, metavar="N",
-                        help="resume from the checkpoint of step N instead of the latest; the later ones are "
-                             "renamed *.abandoned-<time> (e.g. the latest is corrupt). Use once, not in a restart loop "
-                             "(default: the latest)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="config overrides, e.g. train.max_steps=500 optim.max_lr=3e-3 (docs/config.md)")
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run_dir",
+        help="where checkpoints and metrics go (default: runs/<config stem>); alone, resumes "
+        "that run with its config.yaml",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file + overrides) as YAML and exit (default: train)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "single", "deepspeed", "fsdp"),
+        help="shorthand for engine.name=... (default: the config's engine.name)",
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the deepspeed launcher; env has it too
+    parser.add_argument(
+        "--resume-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="resume from the checkpoint of step N instead of the latest; the later ones are "
+        "renamed *.abandoned-<time> (e.g. the latest is corrupt). Use once, not in a restart loop "
+        "(default: the latest)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides, e.g. train.max_steps=500 optim.max_lr=3e-3 (docs/config.md)",
+    )
     return parser
 
 
@@ -115,17 +141,28 @@ def main(argv: list[str] | None = None) -> int:
         check_same_model(run_dir, previous, cfg)  # on every rank, before any heavy start-up
         if previous is not None and rank == 0:
             changed = changes(previous, cfg)
-            print(f"pretrain.py: resuming {run_dir}" + (f"; changed since its {CONFIG_FILE}: " + ", ".join(changed)
-                                                        if changed else f" with its {CONFIG_FILE}"), flush=True)
+            print(
+                f"pretrain.py: resuming {run_dir}"
+                + (
+                    f"; changed since its {CONFIG_FILE}: " + ", ".join(changed)
+                    if changed
+                    else f" with its {CONFIG_FILE}"
+                ),
+                flush=True,
+            )
         # checksums once per node (shards may live on node-local disks); warnings once per run.
         # Read-only, so a refused start leaves no trace: not even the run dir.
         preflight(engine_config(run_dir, cfg), verify_checksums=local_rank == 0, quiet=rank != 0)
         if rank == 0:  # the trainer's rank 0 holds it; before anything is written
             lock = RunLock.acquire(run_dir)
         if args.resume_step is not None and lock is not None:  # rank 0, before the others can read
-            rewind(run_dir / "checkpoints", args.resume_step, pinned=has_live_pins)  # a dead reader's pins do not count
+            rewind(
+                run_dir / "checkpoints", args.resume_step, pinned=has_live_pins
+            )  # a dead reader's pins do not count
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
-        engine = engines.create(engine_config(run_dir, cfg), launcher=detect_launcher(os.environ, args.local_rank))
+        engine = engines.create(
+            engine_config(run_dir, cfg), launcher=detect_launcher(os.environ, args.local_rank)
+        )
         ckpt = CheckpointManager(run_dir, cfg, engine)
         # config.yaml describes a run that started: written once the checkpoint and data checks passed,
         # so a refused start does not leave a config that then refuses the corrected one
@@ -134,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except EvertrainError as exc:
         rank = int(os.environ.get("RANK", "0"))  # as rank_and_world() reads it, without importing torch
-        data = sys.modules.get("evertrain.pretrain.data.stream")  # a DataError comes only once it was imported
-        where = hint if data is not None and isinstance(exc, data.DataError) else ""  # which data the run trained on, if not this
+        data = sys.modules.get(
+            "evertrain.pretrain.data.stream"
+        )  # a DataError comes only once it was imported
+        where = (
+            hint if data is not None and isinstance(exc, data.DataError) else ""
+        )  # which data the run trained on, if not this
         print(f"pretrain.py: error: {exc}{where}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from the schedule on the device at every step. Each repetition times every imple
 a rotating order, so drift on a shared machine hits all of them; the best time of each is reported
 (interference only ever adds time, so the minimum is the least disturbed measurement).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--min-params", type=float, default=1e6)
     p.add_argument("--max-params", type=float, default=None, help="default: 1e9 on CUDA, 5e7 on CPU")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per size (default: 20 CUDA, 10 CPU)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed steps per size (default: 20 CUDA, 10 CPU)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (Triton compiles here)")
     return p.parse_args()
 
@@ -58,7 +61,7 @@ def best_times(steps: dict, run, repeats: int, warmup: int) -> dict[str, float]:
     order = list(steps)
     times = {n: [] for n in order}
     for r in range(repeats):
-        for n in order[r % len(order):] + order[:r % len(order)]:
+        for n in order[r % len(order) :] + order[: r % len(order)]:
             times[n].append(run(steps[n]))
     return {n: min(t) for n, t in times.items()}
 
@@ -70,11 +73,14 @@ def make_optimizer(name: str, sizes: list[int], grads: list[torch.Tensor], devic
     kwargs = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     if name.startswith("ours"):
         return AdamW(params, Schedule(max_lr=3e-4, warmup_steps=1000), impl=name.split()[1], **kwargs)
-    return torch.optim.AdamW(params, lr=3e-4, fused=name == "torch fused", foreach=name == "torch foreach", **kwargs)
+    return torch.optim.AdamW(
+        params, lr=3e-4, fused=name == "torch fused", foreach=name == "torch foreach", **kwargs
+    )
 
 
 def timer(device: torch.device):
     """Seconds for fn(), measured on the device's clock for CUDA."""
+
     def run(fn) -> float:
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -86,13 +92,19 @@ def timer(device: torch.device):
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+
     return run
 
 
 def main() -> None:
     args = parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     cuda = device.type == "cuda"
     max_params = int(args.max_params or (1e9 if cuda else 5e7))
     repeats = args.repeats or (20 if cuda else 10)
@@ -117,8 +129,11 @@ def main() -> None:
         print(f"| {total:.0e} | copy (read + write) | {best['copy'] * 1e3:.2f} | {copy_gbs:.1f} | 100% | |")
         for n in names:
             gbs = BYTES_PER_PARAM * sum(split) / best[n] / 1e9
-            print(f"| {total:.0e} | {n} | {best[n] * 1e3:.2f} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f}% | "
-                  f"{best['torch fused'] / best[n]:.2f}x |", flush=True)
+            print(
+                f"| {total:.0e} | {n} | {best[n] * 1e3:.2f} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f}% | "
+                f"{best['torch fused'] / best[n]:.2f}x |",
+                flush=True,
+            )
         del steps, grads, src, dst
         if cuda:
             torch.cuda.empty_cache()

@@ -6,6 +6,7 @@ head layout: 32 query heads, 8 K/V heads, head_dim 128), their ratio, and the ke
 
     .venv/bin/python bench/bench_gqa_attention.py [--seq 512] [--batch 2] [--iters 5]
 """
+
 import argparse
 import time
 
@@ -29,6 +30,7 @@ def runs_fused(q, k, v, expand_kv: bool) -> bool:
 
 def time_paths(q, k, v, iters: int) -> tuple[float, float]:
     """Mean seconds of (expanded K/V, enable_gqa), interleaved so load drift hits both alike."""
+
     def step(expand_kv: bool) -> float:
         q.grad = k.grad = v.grad = None
         if q.is_cuda:
@@ -59,14 +61,19 @@ def main() -> None:
     print(f"B={args.batch} T={args.seq} heads 32/8 head_dim 128, forward+backward, mean of {args.iters}")
     print(f"{'device':<6} {'dtype':<9} {'expand K/V':>11} {'enable_gqa':>11} {'gqa/expand':>11}  gqa kernel")
     for device, dtype in setups:
+
         def make(heads):
-            return torch.randn(args.batch, heads, args.seq, 128, device=device, dtype=dtype, requires_grad=True)
+            return torch.randn(
+                args.batch, heads, args.seq, 128, device=device, dtype=dtype, requires_grad=True
+            )
 
         q, k, v = make(32), make(8), make(8)
         expanded, broadcast = time_paths(q, k, v, args.iters)
         kernel = "fused" if runs_fused(q, k, v, expand_kv=False) else "math"
-        print(f"{device:<6} {str(dtype).removeprefix('torch.'):<9} {expanded * 1e3:>9.1f}ms "
-              f"{broadcast * 1e3:>9.1f}ms {broadcast / expanded:>10.2f}x  {kernel}")
+        print(
+            f"{device:<6} {str(dtype).removeprefix('torch.'):<9} {expanded * 1e3:>9.1f}ms "
+            f"{broadcast * 1e3:>9.1f}ms {broadcast / expanded:>10.2f}x  {kernel}"
+        )
 
 
 if __name__ == "__main__":

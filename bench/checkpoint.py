@@ -16,6 +16,7 @@ Random tokens stand in for data (no data dir needed). Repetitions alternate the 
 compared variants (in (b): segments of --every-s seconds without and with a save, AB BA ...), so
 drift in the other load on a shared machine hits both sides.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,12 +51,30 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(args, config: str | None = None, device: str = "cpu"):
-    shape = [] if config else [
-        f"model.d_model={args.d_model}", f"model.n_layers={args.n_layers}", f"model.n_heads={args.d_model // 64}",
-        f"model.vocab_size={args.vocab_size}", "model.tie_embeddings=false"]
-    cfg = load_config(config, [*shape, f"model.seq_len={args.seq_len}", f"train.micro_batch_size={args.batch}",
-                               "train.grad_accum=1", f"train.device={device}", "engine.name=single",
-                               "checkpoint.keep_last=1", "optim.warmup_steps=10"])
+    shape = (
+        []
+        if config
+        else [
+            f"model.d_model={args.d_model}",
+            f"model.n_layers={args.n_layers}",
+            f"model.n_heads={args.d_model // 64}",
+            f"model.vocab_size={args.vocab_size}",
+            "model.tie_embeddings=false",
+        ]
+    )
+    cfg = load_config(
+        config,
+        [
+            *shape,
+            f"model.seq_len={args.seq_len}",
+            f"train.micro_batch_size={args.batch}",
+            "train.grad_accum=1",
+            f"train.device={device}",
+            "engine.name=single",
+            "checkpoint.keep_last=1",
+            "optim.warmup_steps=10",
+        ],
+    )
     engine = engines.create(cfg)
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(cfg.model.vocab_size, (args.batch, args.seq_len + 1), generator=gen)
@@ -106,12 +125,19 @@ def save_costs(cfg, engine, batch, root: Path, async_save: bool, reps: int, firs
         if not i % 2 and plain:
             plains.append(plain_write())
     ckpt.close()
-    costs = {key: [getattr(t, key) for t in timings[1:]] for key in ("blocked", "copy", "write", "hash", "write_cpu")}
+    costs = {
+        key: [getattr(t, key) for t in timings[1:]]
+        for key in ("blocked", "copy", "write", "hash", "write_cpu")
+    }
     costs.update(loop=loop[1:], total=total[1:])
     if plain:
-        costs.update({"plain": [p[0] for p in plains[1:]],
-                      "plain/write": [p[0] / t.write for p, t in zip(plains[1:], timings[1:])],
-                      "cpu plain/write": [p[1] / t.write_cpu for p, t in zip(plains[1:], timings[1:])]})
+        costs.update(
+            {
+                "plain": [p[0] for p in plains[1:]],
+                "plain/write": [p[0] / t.write for p, t in zip(plains[1:], timings[1:])],
+                "cpu plain/write": [p[1] / t.write_cpu for p, t in zip(plains[1:], timings[1:])],
+            }
+        )
     return costs
 
 
@@ -161,7 +187,9 @@ def segment(engine, batch, ckpt, seconds: float, save_step: int | None) -> tuple
     return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
 
 
-def throughput_with_saves(cfg, engine, batch, root: Path, pairs: int, every_s: float, first_step: int) -> dict:
+def throughput_with_saves(
+    cfg, engine, batch, root: Path, pairs: int, every_s: float, first_step: int
+) -> dict:
     """Segments of `every_s` seconds, alternately without a save and with one save at its start (so a
     save every `every_s` seconds by the clock, not by a step count sampled under a passing burst of
     load), `pairs` of each in the order AB BA AB ...: drift in the other load on a shared machine
@@ -172,15 +200,18 @@ def throughput_with_saves(cfg, engine, batch, root: Path, pairs: int, every_s: f
     ckpt.wait()
     rates = {False: [], True: []}
     for pair in range(pairs):
-        for saving in ((False, True) if pair % 2 == 0 else (True, False)):
+        for saving in (False, True) if pair % 2 == 0 else (True, False):
             first_step += 1000
             rates[saving].append(segment(engine, batch, ckpt, every_s, first_step if saving else None))
     ckpt.close()
     mean = {side: [statistics.mean(r[i] for r in rates[side]) for i in (0, 1)] for side in rates}
-    return {"plain": mean[False][0], "saving": mean[True][0],
-            "cost_per_save": every_s * (1 - mean[True][0] / mean[False][0]),
-            "cpu_ratio": mean[True][1] / mean[False][1],
-            "pair_ratios": sorted(w[0] / wo[0] for w, wo in zip(rates[True], rates[False]))}
+    return {
+        "plain": mean[False][0],
+        "saving": mean[True][0],
+        "cost_per_save": every_s * (1 - mean[True][0] / mean[False][0]),
+        "cpu_ratio": mean[True][1] / mean[False][1],
+        "pair_ratios": sorted(w[0] / wo[0] for w, wo in zip(rates[True], rates[False])),
+    }
 
 
 def alternated_costs(cfg, engine, batch, root: Path, reps: int, step: int, plain) -> tuple[dict, int]:
@@ -188,7 +219,9 @@ def alternated_costs(cfg, engine, batch, root: Path, reps: int, step: int, plain
     results = {True: {}, False: {}}
     for order in ((False, True), (True, False)):
         for mode in order:
-            for key, values in save_costs(cfg, engine, batch, root / f"a{step}", mode, reps, step, plain).items():
+            for key, values in save_costs(
+                cfg, engine, batch, root / f"a{step}", mode, reps, step, plain
+            ).items():
                 results[mode].setdefault(key, []).extend(values)
             step += 2 * (reps + 1)
     return results, step
@@ -207,9 +240,11 @@ def gpu_case(args, root: Path) -> None:
         train_steps(engine, batch, 3)
         results, _ = alternated_costs(cfg, engine, batch, root / "gpu", max(1, args.saves - 1), 1000, None)
         sync_loop, async_loop = median_of(results, False, "loop"), median_of(results, True, "loop")
-        print(f"(gpu) {params / 1e9:.2f}B parameters on {torch.cuda.get_device_name()}: loop blocked per save "
-              f"sync {sync_loop * 1e3:.0f} ms, staged async {async_loop * 1e3:.1f} ms -> "
-              f"{async_loop / sync_loop:.2%} of sync; the background copy took {median_of(results, True, 'copy'):.2f} s")
+        print(
+            f"(gpu) {params / 1e9:.2f}B parameters on {torch.cuda.get_device_name()}: loop blocked per save "
+            f"sync {sync_loop * 1e3:.0f} ms, staged async {async_loop * 1e3:.1f} ms -> "
+            f"{async_loop / sync_loop:.2%} of sync; the background copy took {median_of(results, True, 'copy'):.2f} s"
+        )
     finally:
         engine.close()
 
@@ -218,8 +253,10 @@ def main() -> None:
     args = parse_args()
     cfg, engine, batch = build(args)
     params = sum(p.numel() for p in engine.model.parameters())
-    print(f"model: {params / 1e6:.1f}M parameters, {batch.numel()} tokens/step, torch threads "
-          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, hash {HASH}")
+    print(
+        f"model: {params / 1e6:.1f}M parameters, {batch.numel()} tokens/step, torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, hash {HASH}"
+    )
     train_steps(engine, batch, 3)  # warm-up
     root = Path(tempfile.mkdtemp(prefix="evertrain-bench-ckpt-", dir=args.dir))
     step = 1000
@@ -229,32 +266,38 @@ def main() -> None:
         # (a) + (c): alternate which mode goes first
         results, step = alternated_costs(cfg, engine, batch, root, args.saves, step, plain)
         sync_loop, async_loop = median_of(results, False, "loop"), median_of(results, True, "loop")
-        print(f"(a) loop blocked per save: sync {sync_loop * 1e3:.0f} ms, async {async_loop * 1e3:.1f} ms "
-              f"(save() {median_of(results, True, 'blocked') * 1e3:.1f} ms + the next update's wait for the copy) "
-              f"-> {async_loop / sync_loop:.1%} of sync (goal <= 2-3%)")
+        print(
+            f"(a) loop blocked per save: sync {sync_loop * 1e3:.0f} ms, async {async_loop * 1e3:.1f} ms "
+            f"(save() {median_of(results, True, 'blocked') * 1e3:.1f} ms + the next update's wait for the copy) "
+            f"-> {async_loop / sync_loop:.1%} of sync (goal <= 2-3%)"
+        )
 
         # (c): each side under the same conditions, measured next to each other
         alone, alone_plain = median_of(results, False, "write"), median_of(results, False, "plain")
         beside, beside_plain = median_of(results, True, "write"), median_of(results, True, "plain")
         gbs = lambda s: f"{size / s / 1e9:.2f} GB/s"  # noqa: E731
-        print(f"(c) {size / 1e9:.2f} GB, the save's write vs a plain sequential write next to it (goal >= 80%; "
-              f"the median of the {len(results[False]['write'])} pairs' ratios): alone {gbs(alone)} vs {gbs(alone_plain)}"
-              f" -> {median_of(results, False, 'plain/write'):.0%}; beside a training step (async) {gbs(beside)} vs "
-              f"{gbs(beside_plain)} -> {median_of(results, True, 'plain/write'):.0%}; CPU time of the writing thread, plain / "
-              f"the save's: alone {median_of(results, False, 'cpu plain/write'):.0%}, beside a step "
-              f"{median_of(results, True, 'cpu plain/write'):.0%}. The whole synchronous save "
-              f"{gbs(median_of(results, False, 'total'))} = copy {median_of(results, False, 'copy'):.2f} s + write "
-              f"{alone:.2f} s + {HASH} {median_of(results, False, 'hash'):.2f} s + commit")
+        print(
+            f"(c) {size / 1e9:.2f} GB, the save's write vs a plain sequential write next to it (goal >= 80%; "
+            f"the median of the {len(results[False]['write'])} pairs' ratios): alone {gbs(alone)} vs {gbs(alone_plain)}"
+            f" -> {median_of(results, False, 'plain/write'):.0%}; beside a training step (async) {gbs(beside)} vs "
+            f"{gbs(beside_plain)} -> {median_of(results, True, 'plain/write'):.0%}; CPU time of the writing thread, plain / "
+            f"the save's: alone {median_of(results, False, 'cpu plain/write'):.0%}, beside a step "
+            f"{median_of(results, True, 'cpu plain/write'):.0%}. The whole synchronous save "
+            f"{gbs(median_of(results, False, 'total'))} = copy {median_of(results, False, 'copy'):.2f} s + write "
+            f"{alone:.2f} s + {HASH} {median_of(results, False, 'hash'):.2f} s + commit"
+        )
         print(f"load average {os.getloadavg()[0]:.1f}")
 
         # (b)
         b = throughput_with_saves(cfg, engine, batch, root / "b", args.pairs, args.every_s, step)
         ratios = b["pair_ratios"]
-        print(f"(b) tokens/s: without saves {b['plain']:.0f}, with a save every {args.every_s:.0f} s {b['saving']:.0f}"
-              f" -> {b['saving'] / b['plain']:.1%} (goal >= 95% here); over the {len(ratios)} pairs of {args.every_s:.0f} s"
-              f" segments: median {statistics.median(ratios):.1%}, range {ratios[0]:.1%}-{ratios[-1]:.1%}; a save "
-              f"costs {b['cost_per_save']:.2f} s of training; tokens per CPU-second of this process (other "
-              f"load does not enter): {b['cpu_ratio']:.1%} of without")
+        print(
+            f"(b) tokens/s: without saves {b['plain']:.0f}, with a save every {args.every_s:.0f} s {b['saving']:.0f}"
+            f" -> {b['saving'] / b['plain']:.1%} (goal >= 95% here); over the {len(ratios)} pairs of {args.every_s:.0f} s"
+            f" segments: median {statistics.median(ratios):.1%}, range {ratios[0]:.1%}-{ratios[-1]:.1%}; a save "
+            f"costs {b['cost_per_save']:.2f} s of training; tokens per CPU-second of this process (other "
+            f"load does not enter): {b['cpu_ratio']:.1%} of without"
+        )
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         engine.close()

@@ -12,6 +12,7 @@ Columns (windows/s, median of --repeats, each variant alternating with the other
   stream             TokenStream.next_batch on a real 4-shard data dir: order + reading
 and the ratio of each to `one shard`. Results: docs/performance.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evertrain.pretrain.data.stream import Manifest, Shard, ShardReader, TokenStream, shard_name
-from evertrain.pretrain.data.shards import write_manifest
 from evertrain.pretrain.data.order import EpochOrder, Layout
+from evertrain.pretrain.data.shards import write_manifest
+from evertrain.pretrain.data.stream import Manifest, Shard, ShardReader, TokenStream, shard_name
 
 SHARD_TOKENS = 1 << 24
 SHARES = {"web": 0.5, "code": 0.3, "books": 0.2}
@@ -37,7 +38,9 @@ def fake_order(windows: int, seq_len: int, seed: int = 0) -> EpochOrder:
     per_shard = SHARD_TOKENS // (seq_len + 1)
     shards = max(len(SHARES), round(windows / per_shard))
     names = [name for name, share in SHARES.items() for _ in range(max(1, round(share * shards)))]
-    grown = names + [name for name, share in SHARES.items() for _ in range(max(1, round(0.05 * share * shards)))]
+    grown = names + [
+        name for name, share in SHARES.items() for _ in range(max(1, round(0.05 * share * shards)))
+    ]
     first = Layout.of(names, [per_shard] * len(names), {})
     second = Layout.of(grown, [per_shard] * len(grown), {})
     return EpochOrder(seed, 0, [0, first.length // 3], [first, second])
@@ -60,12 +63,28 @@ def make_data_dir(root: Path, seq_len: int, shards: int, tokens: int) -> Path:
     for i in range(shards):
         data = rng.integers(0, 4096, tokens, dtype=np.uint16)
         data.tofile(root / shard_name("train", i))
-        entries.append(Shard(shard_name("train", i), tokens, hashlib.sha256(data.tobytes()).hexdigest(),
-                             "a" if i % 2 else "b"))
+        entries.append(
+            Shard(
+                shard_name("train", i),
+                tokens,
+                hashlib.sha256(data.tobytes()).hexdigest(),
+                "a" if i % 2 else "b",
+            )
+        )
     (root / "tokenizer.model").write_bytes(b"fake")
-    manifest = Manifest(root, 1, {"path": "tokenizer.model", "sha256": hashlib.sha256(b"fake").hexdigest()},
-                        4096, 2, 1, "uint16", tuple(entries), (), {"a": 1.0, "b": 1.0},
-                        ({"version": 1, "train": shards, "val": 0},))
+    manifest = Manifest(
+        root,
+        1,
+        {"path": "tokenizer.model", "sha256": hashlib.sha256(b"fake").hexdigest()},
+        4096,
+        2,
+        1,
+        "uint16",
+        tuple(entries),
+        (),
+        {"a": 1.0, "b": 1.0},
+        ({"version": 1, "train": shards, "val": 0},),
+    )
     write_manifest(manifest, root)
     return root
 
@@ -86,13 +105,14 @@ def main() -> None:
         reader = ShardReader(data_dir, "uint16", window)
         per_shard = manifest_shard.tokens // window
         stream = TokenStream(data_dir, args.seq_len, seed=0)
-        orders = {size: fake_order(size, args.seq_len) for size in (10 ** 6, 10 ** 9)}
+        orders = {size: fake_order(size, args.seq_len) for size in (10**6, 10**9)}
 
         def locate(order: EpochOrder):
             def run():
                 for _ in range(args.calls):
                     first = int(rng.integers(0, order.length - args.batch))
                     order.locate(np.arange(first, first + args.batch))
+
             return run
 
         def one_shard():
@@ -104,15 +124,19 @@ def main() -> None:
             for _ in range(args.calls):
                 stream.next_batch(args.batch)
 
-        variants = {"locate 1e6": locate(orders[10 ** 6]), "locate 1e9": locate(orders[10 ** 9]),
-                    "one shard": one_shard, "stream": next_batch}
+        variants = {
+            "locate 1e6": locate(orders[10**6]),
+            "locate 1e9": locate(orders[10**9]),
+            "one shard": one_shard,
+            "stream": next_batch,
+        }
         for name in variants:
             results[name] = []
         for r in range(args.repeats):  # interleaved, so drift on a shared machine hits every variant
-            for name, fn in (variants.items() if r % 2 == 0 else reversed(variants.items())):
+            for name, fn in variants.items() if r % 2 == 0 else reversed(variants.items()):
                 results[name].append(time_call(fn, args.calls * args.batch, 1))
     print(f"seq_len {args.seq_len}, {args.batch} windows per call, median of {args.repeats}")
-    print(f"epochs: 1e6 -> {orders[10 ** 6].length:,} windows, 1e9 -> {orders[10 ** 9].length:,} windows")
+    print(f"epochs: 1e6 -> {orders[10**6].length:,} windows, 1e9 -> {orders[10**9].length:,} windows")
     base = statistics.median(results["one shard"])
     print(f"{'variant':<12} {'windows/s':>12} {'vs one shard':>13}")
     for name, rates in results.items():

@@ -13,6 +13,7 @@ Per core is tokens per CPU-second: this process's CPU time plus that of the enco
 tokens/s and the 2-vs-1 wall speedup are printed too; they do depend on it. Each repetition runs the
 three back to back, rotating which goes first; the numbers are medians over repetitions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,9 @@ def measure(run) -> tuple[int, float, float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus", default="corpus/train", help="a directory of .txt files")
     parser.add_argument("--copies", type=int, default=2, help="times the corpus is repeated in the JSONL")
     parser.add_argument("--repeats", type=int, default=3)
@@ -93,20 +96,23 @@ def main() -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 manifest = prepare([jsonl], out, tokenizer=model_path, workers=workers)
                 return sum(s.tokens for s in manifest.train)
+
             return run
 
         runs = {"bare loop": bare, "prepare, 1 process": prepared(1), "prepare, 2 processes": prepared(2)}
         results = {name: [] for name in runs}
         names = list(runs)
         for rep in range(args.repeats):
-            for name in names[rep % 3:] + names[:rep % 3]:
+            for name in names[rep % 3 :] + names[: rep % 3]:
                 results[name].append(measure(runs[name]))
         tokens = {results[name][0][0] for name in names}
         assert len(tokens) == 1, f"token counts differ: {tokens}"
 
     size = sum(len(d.encode("utf-8")) for d in docs)
-    print(f"{len(docs):,} documents, {size / 1e6:.1f} MB of text, {tokens.pop():,} tokens, "
-          f"{spec.kind} vocab {tokenizer.vocab_size}; medians of {args.repeats} repetitions")
+    print(
+        f"{len(docs):,} documents, {size / 1e6:.1f} MB of text, {tokens.pop():,} tokens, "
+        f"{spec.kind} vocab {tokenizer.vocab_size}; medians of {args.repeats} repetitions"
+    )
     bare_per_core = statistics.median(t / cpu for t, _, cpu, _ in results["bare loop"])
     print(f"{'':22} {'tokens/s wall':>14} {'tokens/CPU-s':>13} {'per core vs bare':>17}")
     for name in names:
@@ -116,10 +122,14 @@ def main() -> int:
     one = statistics.median(w for _, w, _, _ in results["prepare, 1 process"])
     two = statistics.median(w for _, w, _, _ in results["prepare, 2 processes"])
     parent = statistics.median(own / cpu for _, _, cpu, own in results["prepare, 2 processes"])
-    print(f"with 2 processes the parent (reading, handing out batches, writing, starting the processes) used "
-          f"{parent:.1%} of the CPU time: "
-          f"it would be busy all the time at about {(1 - parent) / parent:.0f} encoding processes")
-    print(f"wall speedup 2 vs 1 process: {one / two:.2f}x (ideal 2.00x; limited by other load on a shared machine)")
+    print(
+        f"with 2 processes the parent (reading, handing out batches, writing, starting the processes) used "
+        f"{parent:.1%} of the CPU time: "
+        f"it would be busy all the time at about {(1 - parent) / parent:.0f} encoding processes"
+    )
+    print(
+        f"wall speedup 2 vs 1 process: {one / two:.2f}x (ideal 2.00x; limited by other load on a shared machine)"
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ Every way a device value reaches the host is counted in the training thread of r
 do not log (tests/test_train.py); what remains is the engine's own. On CPU the same Python calls are made
 as on a GPU, where each one waits for the device to drain its queue.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "to")
-CASES = (("single", None, 1), ("fsdp", None, 2), ("deepspeed", 0, 2), ("deepspeed", 1, 2), ("deepspeed", 2, 2),
-         ("deepspeed", 3, 2))
-TINY = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.seq_len=32", "train.micro_batch_size=2", "train.grad_accum=2", "train.device=cpu",
-        "train.dtype=float32"]
+CASES = (
+    ("single", None, 1),
+    ("fsdp", None, 2),
+    ("deepspeed", 0, 2),
+    ("deepspeed", 1, 2),
+    ("deepspeed", 2, 2),
+    ("deepspeed", 3, 2),
+)
+TINY = [
+    "model.vocab_size=512",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.grad_accum=2",
+    "train.device=cpu",
+    "train.dtype=float32",
+]
 
 
 def count_syncs(engine, cfg, steps: int, warmup: int = 2) -> collections.Counter:
@@ -36,8 +52,10 @@ def count_syncs(engine, cfg, steps: int, warmup: int = 2) -> collections.Counter
 
     t, m = cfg.train, cfg.model
     gen = torch.Generator().manual_seed(engine.rank)
-    batches = [torch.randint(0, m.vocab_size, (t.micro_batch_size * t.grad_accum, m.seq_len + 1), generator=gen)
-               for _ in range(warmup + steps)]
+    batches = [
+        torch.randint(0, m.vocab_size, (t.micro_batch_size * t.grad_accum, m.seq_len + 1), generator=gen)
+        for _ in range(warmup + steps)
+    ]
     inputs = {b.untyped_storage().data_ptr() for b in batches}
     counts, counting = collections.Counter(), {"on": False}
     main = threading.current_thread()
@@ -45,10 +63,15 @@ def count_syncs(engine, cfg, steps: int, warmup: int = 2) -> collections.Counter
 
     def wrap(name, original):
         def counted(self, *args, **kwargs):
-            if counting["on"] and threading.current_thread() is main and not _is_input(self, inputs) \
-                    and (name != "to" or _to_host(self, args, kwargs)):
+            if (
+                counting["on"]
+                and threading.current_thread() is main
+                and not _is_input(self, inputs)
+                and (name != "to" or _to_host(self, args, kwargs))
+            ):
                 counts[name] += 1
             return original(self, *args, **kwargs)
+
         return counted
 
     for name, original in originals.items():
@@ -76,7 +99,11 @@ def _to_host(tensor, args, kwargs) -> bool:
     target = kwargs.get("device", args[0] if args else None)
     if isinstance(target, torch.Tensor):
         target = target.device
-    return isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu" and tensor.device.type != "cpu"
+    return (
+        isinstance(target, (str, torch.device))
+        and torch.device(target).type == "cpu"
+        and tensor.device.type != "cpu"
+    )
 
 
 def child(args) -> None:
@@ -85,7 +112,11 @@ def child(args) -> None:
     from evertrain.pretrain import engines
     from evertrain.pretrain.config import load_config
 
-    overrides = TINY + [f"engine.name={args.engine}"] + ([f"engine.zero_stage={args.stage}"] if args.stage is not None else [])
+    overrides = (
+        TINY
+        + [f"engine.name={args.engine}"]
+        + ([f"engine.zero_stage={args.stage}"] if args.stage is not None else [])
+    )
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     engine = engines.create(cfg)
     try:

@@ -19,6 +19,7 @@ the input path (inside `next_batch()`) must be 0; the exit status is 1 otherwise
 
     python bench/input_pipeline.py [--data data/shakespeare] [--steps 5] [--repeats 24]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ import warnings
 import torch
 import torch.multiprocessing as mp
 
-from evertrain.pretrain.data.stream import TokenStream
 from evertrain.pretrain.data.prefetch import Prefetcher
+from evertrain.pretrain.data.stream import TokenStream
 
 
 def parse_args() -> argparse.Namespace:
@@ -102,10 +103,12 @@ def run_loops(args, compute) -> dict[str, list[float]]:
     worker = ctx.Process(target=process_worker, args=(args, queue), daemon=True)
     worker.start()
     staging = torch.empty(args.batch, args.seq_len + 1, dtype=torch.int64)
-    loops = {"compute only": compute,
-             "in the loop": lambda: (in_loop.next_batch(), compute()),
-             "thread": lambda: (thread.next_batch(), compute()),
-             "process": lambda: (staging.copy_(queue.get()[0]), compute())}
+    loops = {
+        "compute only": compute,
+        "in the loop": lambda: (in_loop.next_batch(), compute()),
+        "thread": lambda: (thread.next_batch(), compute()),
+        "process": lambda: (staging.copy_(queue.get()[0]), compute()),
+    }
     times: dict[str, list[float]] = {name: [] for name in loops}
     try:
         queue.get()  # the worker's start-up (spawn, imports) is not a step
@@ -113,7 +116,7 @@ def run_loops(args, compute) -> dict[str, list[float]]:
             step()
         names = list(loops)
         for rep in range(args.repeats):
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 times[name].append(timed(loops[name], args.steps))
     finally:
         thread.close()
@@ -127,8 +130,17 @@ def sync_check(args) -> int:
     from evertrain.pretrain import engines
     from evertrain.pretrain.config import load_config
 
-    cfg = load_config("configs/tiny.yaml", [f"data.path={args.data}", "train.device=cuda", "engine.name=single",
-                                            "model.vocab_size=4096", "train.micro_batch_size=8", "train.grad_accum=2"])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            f"data.path={args.data}",
+            "train.device=cuda",
+            "engine.name=single",
+            "model.vocab_size=4096",
+            "train.micro_batch_size=8",
+            "train.grad_accum=2",
+        ],
+    )
     engine = engines.create(cfg)
     stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
     batches = Prefetcher(stream, 16, depth=2, device=engine.device)
@@ -155,8 +167,10 @@ def sync_check(args) -> int:
         torch.cuda.synchronize()
     finally:
         batches.close()
-    print(f"CUDA sync debug over {steps} steady steps: input path {counts['input']} host syncs, "
-          f"train_step {counts['step']}")
+    print(
+        f"CUDA sync debug over {steps} steady steps: input path {counts['input']} host syncs, "
+        f"train_step {counts['step']}"
+    )
     for w in seen[:5]:
         print(f"  {w.filename}:{w.lineno}: {str(w.message)[:160]}")
     return 1 if counts["input"] else 0
@@ -169,8 +183,10 @@ def main() -> int:
     results = run_loops(args, compute)
     median = {name: statistics.median(values) for name, values in results.items()}
     floor = median["compute only"]
-    print(f"{args.batch} x {args.seq_len + 1} windows per batch, {args.read_ms:.0f} ms injected per read, "
-          f"~{args.compute_ms:.0f} ms compute, {args.repeats} blocks x {args.steps} steps per loop, rotated (median block)")
+    print(
+        f"{args.batch} x {args.seq_len + 1} windows per batch, {args.read_ms:.0f} ms injected per read, "
+        f"~{args.compute_ms:.0f} ms compute, {args.repeats} blocks x {args.steps} steps per loop, rotated (median block)"
+    )
     print(f"{'loop':<14} {'ms/step':>8} {'/ compute only':>15}")
     for name, seconds in median.items():
         print(f"{name:<14} {seconds * 1000:8.1f} {seconds / floor:15.3f}")

@@ -14,6 +14,7 @@ Each repetition runs the three back to back, rotating which goes first, so drift
 hits all of them; each timing covers `--steps` steps after `--warmup` untimed ones. The ratios are
 medians over repetitions of the per-repetition ratios, in wall time and in this process's CPU time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,14 @@ def time_ours(cfg, warmup: int, steps: int) -> tuple[float, float]:
         cfg.train.max_steps = warmup + steps
         synchronize(engine.device)
         start = clocks()
-        train(cfg, run_dir, engine, stream, None, start={"step": warmup, "tokens": tokens, "data": stream.state_dict()})
+        train(
+            cfg,
+            run_dir,
+            engine,
+            stream,
+            None,
+            start={"step": warmup, "tokens": tokens, "data": stream.state_dict()},
+        )
         synchronize(engine.device)
         return per_step(start, steps)
 
@@ -72,8 +80,9 @@ def time_bare(cfg, warmup: int, steps: int, our_adamw: bool = False) -> tuple[fl
     if our_adamw:
         optimizer = build_optimizer(model, o, Schedule.from_config(o))
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.max_lr, betas=o.betas, eps=o.eps,
-                                      weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=o.max_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
     stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
     bare_loop(model, optimizer, stream, cfg, warmup)
     synchronize(device)
@@ -117,35 +126,50 @@ def main() -> None:
     n_params = build_model(cfg, torch.device("cpu")).num_params()
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len
 
-    loops = {"ours": time_ours, "bare": time_bare,
-             "bare+ours": lambda c, w, s: time_bare(c, w, s, our_adamw=True)}
+    loops = {
+        "ours": time_ours,
+        "bare": time_bare,
+        "bare+ours": lambda c, w, s: time_bare(c, w, s, our_adamw=True),
+    }
     names = list(loops)
     wall, cpu = ({name: [] for name in loops} for _ in range(2))
     for rep in range(args.reps):
-        for name in names[rep % 3:] + names[:rep % 3]:
+        for name in names[rep % 3 :] + names[: rep % 3]:
             w, c = loops[name](load_config(args.config, overrides), args.warmup, args.steps)
             wall[name].append(w)
             cpu[name].append(c)
-        print(f"rep {rep} ms/step wall (cpu): "
-              + ", ".join(f"{n} {wall[n][-1] * 1e3:.1f} ({cpu[n][-1] * 1e3:.1f})" for n in names), flush=True)
+        print(
+            f"rep {rep} ms/step wall (cpu): "
+            + ", ".join(f"{n} {wall[n][-1] * 1e3:.1f} ({cpu[n][-1] * 1e3:.1f})" for n in names),
+            flush=True,
+        )
 
     def ratio(times: dict, a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
-    print(f"\n{Path(args.config).name}: {n_params / 1e6:.2f}M params, {tokens_per_step} tokens/step, "
-          f"{torch.get_num_threads()} threads, {args.reps} reps x {args.steps} steps, log_every={cfg.train.log_every}")
+    print(
+        f"\n{Path(args.config).name}: {n_params / 1e6:.2f}M params, {tokens_per_step} tokens/step, "
+        f"{torch.get_num_threads()} threads, {args.reps} reps x {args.steps} steps, log_every={cfg.train.log_every}"
+    )
     print("| loop | wall ms/step | CPU ms/step | tokens/s (wall) |")
     print("|---|---|---|---|")
-    for name, label in [("ours", "evertrain `train()`, our AdamW"), ("bare", "bare loop, torch.optim.AdamW"),
-                        ("bare+ours", "bare loop, our AdamW")]:
+    for name, label in [
+        ("ours", "evertrain `train()`, our AdamW"),
+        ("bare", "bare loop, torch.optim.AdamW"),
+        ("bare+ours", "bare loop, our AdamW"),
+    ]:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
         print(f"| {label} | {w * 1e3:.1f} | {c * 1e3:.1f} | {tokens_per_step / w:,.0f} |")
     print("\n| step-time ratio (median of per-repetition ratios) | wall | CPU |")
     print("|---|---|---|")
-    print(f"| ours / bare with torch.optim.AdamW (goal <= 1.03) | {ratio(wall, 'ours', 'bare'):.3f} "
-          f"| {ratio(cpu, 'ours', 'bare'):.3f} |")
-    print(f"| ours / bare with our AdamW (the loop alone) | {ratio(wall, 'ours', 'bare+ours'):.3f} "
-          f"| {ratio(cpu, 'ours', 'bare+ours'):.3f} |")
+    print(
+        f"| ours / bare with torch.optim.AdamW (goal <= 1.03) | {ratio(wall, 'ours', 'bare'):.3f} "
+        f"| {ratio(cpu, 'ours', 'bare'):.3f} |"
+    )
+    print(
+        f"| ours / bare with our AdamW (the loop alone) | {ratio(wall, 'ours', 'bare+ours'):.3f} "
+        f"| {ratio(cpu, 'ours', 'bare+ours'):.3f} |"
+    )
 
 
 if __name__ == "__main__":

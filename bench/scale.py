@@ -11,6 +11,7 @@
 
 Each build runs in its own process so that its peak RSS is its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,29 +43,53 @@ def build_child(config: str, world: int) -> None:
     start = time.perf_counter()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     model = meta_model(cfg)
-    shard_model(model, fsdp_mesh("cpu", world, 1), MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                                        reduce_dtype=torch.float32))
+    shard_model(
+        model,
+        fsdp_mesh("cpu", world, 1),
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+    )
     seconds = time.perf_counter() - start
     n_params = sum(p.numel() for p in model.parameters())
     shard = sum(p.to_local().numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     dist.destroy_process_group()
-    print(json.dumps({"seconds": seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "rss_after_import": before, "params": n_params, "shard": shard, "largest": largest}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "rss_after_import": before,
+                "params": n_params,
+                "shard": shard,
+                "largest": largest,
+            }
+        )
+    )
 
 
 def construction(world: int) -> None:
     print(f"(a) FSDP2 construction on the meta device, fake process group of {world} ranks (rank 0)")
-    print(f"{'config':<8}{'params':>9}{'build s':>9}{'peak RSS GiB':>14}{'RSS of torch import':>21}"
-          f"{'shard GiB (fp32)':>18}{'largest param GiB':>19}{'old full build GiB':>20}")
+    print(
+        f"{'config':<8}{'params':>9}{'build s':>9}{'peak RSS GiB':>14}{'RSS of torch import':>21}"
+        f"{'shard GiB (fp32)':>18}{'largest param GiB':>19}{'old full build GiB':>20}"
+    )
     for config in ("configs/8b.yaml", "configs/70b.yaml"):
-        proc = subprocess.run([sys.executable, __file__, "--child", config, "--world", str(world)],
-                              cwd=REPO, capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", config, "--world", str(world)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{Path(config).stem:<8}{r['params'] / 1e9:>8.2f}B{r['seconds']:>9.2f}{r['rss'] / GIB:>14.2f}"
-              f"{r['rss_after_import'] / GIB:>21.2f}{4 * r['shard'] / GIB:>18.2f}{4 * r['largest'] / GIB:>19.2f}"
-              f"{4 * r['params'] / GIB:>20.1f}")
-    print("   after to_empty a rank holds its fp32 shard; init draws one full parameter at a time (largest param).")
+        print(
+            f"{Path(config).stem:<8}{r['params'] / 1e9:>8.2f}B{r['seconds']:>9.2f}{r['rss'] / GIB:>14.2f}"
+            f"{r['rss_after_import'] / GIB:>21.2f}{4 * r['shard'] / GIB:>18.2f}{4 * r['largest'] / GIB:>19.2f}"
+            f"{4 * r['params'] / GIB:>20.1f}"
+        )
+    print(
+        "   after to_empty a rank holds its fp32 shard; init draws one full parameter at a time (largest param)."
+    )
 
 
 def block_saved_bytes(cfg, mode: str, tokens: int) -> int:
@@ -93,8 +118,10 @@ def block_saved_bytes(cfg, mode: str, tokens: int) -> int:
     from evertrain.pretrain.model.transformer import rope_cos_sin
 
     cos, sin = rope_cos_sin(tokens, cfg.model.d_model // cfg.model.n_heads, cfg.model.rope_theta)
-    owned = {p.untyped_storage().data_ptr() for p in block.parameters()} | {cos.untyped_storage().data_ptr(),
-                                                                            sin.untyped_storage().data_ptr()}
+    owned = {p.untyped_storage().data_ptr() for p in block.parameters()} | {
+        cos.untyped_storage().data_ptr(),
+        sin.untyped_storage().data_ptr(),
+    }
     seen = {}
 
     def pack(t):
@@ -118,9 +145,13 @@ def activations(tokens: int, op_level: bool = True) -> None:
     from evertrain.pretrain.model.plan import block_activation_bytes
 
     cfg = load_config(REPO / "configs" / "1b.yaml", [f"model.seq_len={tokens}"])
-    print(f"\n(b) saved activation bytes per token per block; measured on one 1B-shape block, {tokens} tokens, fp32")
-    print(f"{'checkpointing':<22}{'measured fp32':>14}{'plan fp32':>11}{'plan bf16 1b':>14}{'plan bf16 8b':>14}"
-          f"{'plan bf16 70b':>15}")
+    print(
+        f"\n(b) saved activation bytes per token per block; measured on one 1B-shape block, {tokens} tokens, fp32"
+    )
+    print(
+        f"{'checkpointing':<22}{'measured fp32':>14}{'plan fp32':>11}{'plan bf16 1b':>14}{'plan bf16 8b':>14}"
+        f"{'plan bf16 70b':>15}"
+    )
     shapes = {n: load_config(REPO / "configs" / f"{n}.yaml") for n in ("1b", "8b", "70b")}
     for mode, label in (("none", "none"), ("op", "selective (op-level)"), ("full", "full")):
         if mode == "op" and not op_level:
@@ -128,8 +159,10 @@ def activations(tokens: int, op_level: bool = True) -> None:
             continue
         measured = block_saved_bytes(cfg, mode, tokens) / tokens
         planned = [block_activation_bytes(c, mode, 2) for c in shapes.values()]
-        print(f"{label:<22}{measured:>14.0f}{block_activation_bytes(cfg, mode, 4):>11}"
-              + "".join(f"{p:>14}" if i < 2 else f"{p:>15}" for i, p in enumerate(planned)))
+        print(
+            f"{label:<22}{measured:>14.0f}{block_activation_bytes(cfg, mode, 4):>11}"
+            + "".join(f"{p:>14}" if i < 2 else f"{p:>15}" for i, p in enumerate(planned))
+        )
 
 
 def main() -> None:
@@ -147,10 +180,14 @@ def main() -> None:
     from evertrain.torch_compat import _private
 
     if _private("torch.testing._internal.distributed.fake_pg", "FakeStore") is None:
-        print("(a) skipped: this torch has no fake process group (torch.testing._internal.distributed.fake_pg)")
+        print(
+            "(a) skipped: this torch has no fake process group (torch.testing._internal.distributed.fake_pg)"
+        )
     else:
         construction(args.world)
-    activations(args.tokens, op_level=_private("torch.utils._python_dispatch", "TorchDispatchMode") is not None)
+    activations(
+        args.tokens, op_level=_private("torch.utils._python_dispatch", "TorchDispatchMode") is not None
+    )
 
 
 if __name__ == "__main__":

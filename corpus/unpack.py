@@ -7,6 +7,7 @@
 three whole plays, one per genre family, as the held-out validation split. Running it again rewrites
 only files whose text changed, so it is idempotent; each file is written to a temp name and renamed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,12 +76,16 @@ def unpack(out: str | Path) -> dict[str, list[Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="corpus", help="directory that gets train/ and val/ (default: corpus)")
+    parser.add_argument(
+        "--out", default="corpus", help="directory that gets train/ and val/ (default: corpus)"
+    )
     args = parser.parse_args(argv)
     paths = unpack(args.out)
     size = sum(p.stat().st_size for split in paths.values() for p in split)
-    print(f"unpacked {len(paths['train'])} train + {len(paths['val'])} val plays "
-          f"({size / 1e6:.1f} MB) into {args.out}/train and {args.out}/val")
+    print(
+        f"unpacked {len(paths['train'])} train + {len(paths['val'])} val plays "
+        f"({size / 1e6:.1f} MB) into {args.out}/train and {args.out}/val"
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ old one (os.replace: atomic on POSIX), and then the directory is fsynced so that
 survives a crash. Files private to a writer until a directory rename publishes them (a checkpoint's
 shards in its step_X.tmp-* dir) need only their own fsync and do not come here.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ of its top-level object, so the record stays valid and the fact is not lost:
 
     {"step": 40, "loss": null, "nonfinite": ["loss"]}
 """
+
 from __future__ import annotations
 
 import json

@@ -13,6 +13,7 @@ checks the fallback against it.
     FileSystemReader._get_metadata_path                              -> dcp_metadata_path
     torch.ops.aten._scaled_dot_product_*  (op overloads by name)     -> aten_ops (absent ones left out)
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,16 +52,31 @@ def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         d.copy_(s)
 
 
-def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, weight_decay, eps,
-                 found_inf=None) -> None:
+def fused_adamw_(
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, weight_decay, eps, found_inf=None
+) -> None:
     """torch's fused AdamW update (decoupled decay, bias correction, no amsgrad) of float32 tensors in
     place; `steps` are step-count tensors (not incremented here), `lr` a float or a device tensor,
     `found_inf` an optional float tensor: 1 skips the whole update. The fallback runs the same
     arithmetic with public tensor ops, one tensor at a time, and never reads a value on the host."""
     op = getattr(torch, "_fused_adamw_", None)
     if op is not None:
-        op(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-           weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False, found_inf=found_inf)
+        op(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
+            found_inf=found_inf,
+        )
         return
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step = step.to(torch.float32)
@@ -72,7 +88,9 @@ def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
         new_p = p * (1 - lr * weight_decay) - (lr / bias_correction1) * new_m / denom
         if found_inf is not None:  # a skipped step leaves p, m and v as they were
             keep = found_inf != 0
-            new_p, new_m, new_v = (torch.where(keep, old, new) for old, new in ((p, new_p), (m, new_m), (v, new_v)))
+            new_p, new_m, new_v = (
+                torch.where(keep, old, new) for old, new in ((p, new_p), (m, new_m), (v, new_v))
+            )
         p.copy_(new_p)
         m.copy_(new_m)
         v.copy_(new_v)
@@ -135,8 +153,9 @@ class CopyStager:
 
         if isinstance(obj, DTensor):
             local = self._copy(obj.to_local(), non_blocking)
-            return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
-                                      shape=obj.shape, stride=obj.stride())
+            return DTensor.from_local(
+                local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape, stride=obj.stride()
+            )
         if isinstance(obj, torch.Tensor):
             pin = self.pin_memory and obj.device.type != "cpu"
             out = torch.empty_like(obj.detach(), device="cpu", pin_memory=pin)

@@ -13,6 +13,7 @@ those readers to them.
     torchrun --nproc_per_node 2 tests/bf16_chain.py load ROOT STEP PRETRAIN_ARGS...
         the same, then pretrain.py PRETRAIN_ARGS into ROOT/fsdp (FSDP2's bf16 loss curve)
 """
+
 import sys
 from pathlib import Path
 
@@ -38,13 +39,18 @@ def masters(engine) -> dict[str, torch.Tensor]:
         return {name: safe_get_full_fp32_param(p).detach().float().cpu().clone() for name, p in params}
     optimizer = ds.optimizer  # stage 0 + bf16: FP16_UnfusedOptimizer's fp32 copies; fp32: the params
     if hasattr(optimizer, "fp32_groups"):
-        by_id = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups) for lp, hp in zip(lps, hps)}
+        by_id = {
+            id(lp): hp
+            for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+            for lp, hp in zip(lps, hps)
+        }
         return {name: by_id[id(p)].detach().clone() for name, p in params}
     return {name: p.detach().float().clone() for name, p in params}
 
 
 def keep_process_group(engine_class) -> None:
     """Several engines in one launch: closing one must not end the process group the next one uses."""
+
     def close(self):
         if self.ds_engine is not None:
             self.ds_engine.destroy()
@@ -53,16 +59,17 @@ def keep_process_group(engine_class) -> None:
 
 
 def train(root: Path, pretrain_args: list[str]) -> None:
-    from conftest import load_pretrain
-
     from evertrain.pretrain.checkpoint.deepspeed import DeepSpeedState
     from evertrain.pretrain.engines.base import Engine
+
+    from conftest import load_pretrain
 
     keep_process_group(Engine)
     captured = root / "captured"
     captured.mkdir(exist_ok=True)
     original = DeepSpeedState.stage
     for stage in STAGES:
+
         def stage_and_capture(self, tmp_dir, stage=stage):
             held = masters(self.engine)
             if self.engine.is_main:
@@ -70,18 +77,20 @@ def train(root: Path, pretrain_args: list[str]) -> None:
             return original(self, tmp_dir)
 
         DeepSpeedState.stage = stage_and_capture
-        code = load_pretrain().main([*pretrain_args, "--run-dir", str(root / f"zero{stage}"), f"engine.zero_stage={stage}"])
+        code = load_pretrain().main(
+            [*pretrain_args, "--run-dir", str(root / f"zero{stage}"), f"engine.zero_stage={stage}"]
+        )
         assert code == 0, f"zero stage {stage}: pretrain.py exited {code}"
 
 
 def load(root: Path, step: int, pretrain_args: list[str]) -> None:
-    from conftest import load_pretrain
-
     from evertrain.pretrain import engines
     from evertrain.pretrain.checkpoint import CheckpointManager
     from evertrain.pretrain.config import load_config
     from evertrain.pretrain.distributed import detect_launcher, init_process_group
     from evertrain.pretrain.engines.base import Engine
+
+    from conftest import load_pretrain
 
     keep_process_group(Engine)
     launcher = detect_launcher()
@@ -100,8 +109,12 @@ def load(root: Path, step: int, pretrain_args: list[str]) -> None:
         held = masters(engine)
         if engine.is_main:
             torch.save(held, root / "captured" / f"{label}_from_zero{stage}.pt")
-        windows = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
-                                generator=torch.Generator().manual_seed(engine.rank))
+        windows = torch.randint(
+            0,
+            cfg.model.vocab_size,
+            (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
+            generator=torch.Generator().manual_seed(engine.rank),
+        )
         loss, _ = engine.train_step([windows])
         assert torch.isfinite(loss), (label, stage, loss)
         ckpt.close()

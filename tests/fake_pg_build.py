@@ -9,6 +9,7 @@ job, this rank's local shard numel per parameter, the plan's, and the seconds ta
 process's peak RSS. A job small enough to materialise is also materialised and initialised shard by
 shard, and its shards are compared with the slices of a single-process model.
 """
+
 import json
 import resource
 import sys
@@ -23,8 +24,8 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.engines.base import meta_model
 from evertrain.pretrain.engines.fsdp import fsdp_mesh, shard_model
-from evertrain.pretrain.model.transformer import Transformer
 from evertrain.pretrain.model.plan import make_plan, shard_numel
+from evertrain.pretrain.model.transformer import Transformer
 
 
 def run_job(world: int, job: dict) -> dict:
@@ -32,13 +33,22 @@ def run_job(world: int, job: dict) -> dict:
     cfg = load_config(job["config"], [f"engine.replicate={replicate}", *job.get("overrides", [])])
     start = time.perf_counter()
     model = meta_model(cfg)
-    shard_model(model, fsdp_mesh("cpu", world, replicate),
-                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    shard_model(
+        model,
+        fsdp_mesh("cpu", world, replicate),
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+    )
     local = {name: p.to_local().numel() for name, p in model.named_parameters()}
     seconds = time.perf_counter() - start
     plan = make_plan(cfg, 1, world, engine="fsdp")
-    out = {"local": local, "seconds": seconds, "plan_parameters_bytes": plan.device["parameters"],
-           "planned": {name: shard_numel(tuple(p.shape), plan.shard_group) for name, p in model.named_parameters()}}
+    out = {
+        "local": local,
+        "seconds": seconds,
+        "plan_parameters_bytes": plan.device["parameters"],
+        "planned": {
+            name: shard_numel(tuple(p.shape), plan.shard_group) for name, p in model.named_parameters()
+        },
+    }
     if job.get("materialize"):
         model.to_empty(device="cpu")
         model.init_weights(cfg.train.seed)
@@ -57,7 +67,9 @@ def main(world: int, rank: int, jobs: list[dict]) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     results = [run_job(world, job) for job in jobs]
     dist.destroy_process_group()
-    print(json.dumps({"jobs": results, "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(
+        json.dumps({"jobs": results, "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    )
 
 
 if __name__ == "__main__":

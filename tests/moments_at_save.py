@@ -10,6 +10,7 @@ moments to OUT/LAYOUT/moments.pt for the test to compare with what the checkpoin
 Then each checkpoint is loaded into the next LAYOUT's engine (the last into the first's), and the
 moments that engine holds after the load go to OUT/LAYOUT/reloaded.pt.
 """
+
 import sys
 from pathlib import Path
 
@@ -42,16 +43,23 @@ def held_moments(engine) -> dict[str, dict[str, torch.Tensor]]:
             values = {key: safe_get_full_optimizer_state(p, key) for key in MOMENTS}
         else:
             state = engine.optimizer.state[p]
-            values = {key: state[key].full_tensor() if isinstance(state[key], DTensor) else state[key]
-                      for key in MOMENTS}
+            values = {
+                key: state[key].full_tensor() if isinstance(state[key], DTensor) else state[key]
+                for key in MOMENTS
+            }
         out[name] = {key: value.detach().float().cpu().reshape(-1).clone() for key, value in values.items()}
     return out
 
 
 def make_engine(layout: str, data: str):
     engine_name = "fsdp" if layout == "fsdp" else "deepspeed"
-    overrides = [f"data.path={data}", "model.vocab_size=512", f"engine.name={engine_name}",
-                 "train.micro_batch_size=2", "train.grad_accum=1"]
+    overrides = [
+        f"data.path={data}",
+        "model.vocab_size=512",
+        f"engine.name={engine_name}",
+        "train.micro_batch_size=2",
+        "train.grad_accum=1",
+    ]
     if layout != "fsdp":
         overrides.append(f"engine.zero_stage={int(layout.removeprefix('zero'))}")
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)

@@ -3,6 +3,7 @@
 The interpreter runs the kernel at ~0.5M elements/s, so sizes stay in the thousands; they include
 lengths that are not multiples of the block, several tensors per launch, and several chunks per tensor.
 """
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,7 +16,13 @@ from evertrain.pretrain.model.transformer import Transformer
 from evertrain.pretrain.optim import build_optimizer, param_groups
 from evertrain.pretrain.schedule import Cooldown, Schedule
 
-SHAPES = [(1500,), (3, 5), (33, 64), (1,), (0, 4)]  # 1500, 2112: not multiples of the 1024 block; an empty one
+SHAPES = [
+    (1500,),
+    (3, 5),
+    (33, 64),
+    (1,),
+    (0, 4),
+]  # 1500, 2112: not multiples of the 1024 block; an empty one
 BETAS, EPS = (0.9, 0.95), 1e-8
 SCHEDULE = Schedule(max_lr=1e-2, warmup_steps=10)  # warmup then rsqrt: the LR changes at every step
 
@@ -56,7 +63,12 @@ def two_groups(params):
 
 
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return torch.cat([(x.detach().float() - y.detach().float()).flatten() for x, y in zip(a, b)]).abs().max().item()
+    return (
+        torch.cat([(x.detach().float() - y.detach().float()).flatten() for x, y in zip(a, b)])
+        .abs()
+        .max()
+        .item()
+    )
 
 
 def test_matches_torch_adamw_over_20_steps_with_changing_lr_and_grad_scale(impl):
@@ -95,7 +107,11 @@ def test_matches_torch_adamw_where_eps_matters(path, scale, monkeypatch):
     ref = torch.optim.AdamW(theirs, lr=0.0, betas=BETAS, eps=EPS, weight_decay=0.1)
     zeros = [torch.zeros(s).flatten() for s in shapes]
     if path == "torch":
-        ours, ours_m, ours_v = [p.detach().flatten().clone() for p in params], zeros, [z.clone() for z in zeros]
+        ours, ours_m, ours_v = (
+            [p.detach().flatten().clone() for p in params],
+            zeros,
+            [z.clone() for z in zeros],
+        )
         update = adamw_torch
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -103,25 +119,40 @@ def test_matches_torch_adamw_where_eps_matters(path, scale, monkeypatch):
         ours = views_into_one_buffer(params, offset)
         ours_m, ours_v = views_into_one_buffer(zeros, offset), views_into_one_buffer(zeros, offset)
         cache = {}
+
         def update(*args, **kwargs):
             adamw_triton(*args, chunk=512, block=128, cache=cache, **kwargs)
+
     for step in range(1, 6):
         grads = [scale * g.flatten() for g in random_grads(params, step)]
         lr = 1e-2 * step / 5
-        update(ours, grads, ours_m, ours_v, [0.1] * len(shapes), lr=torch.tensor([lr]), step=torch.tensor(step),
-               beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
+        update(
+            ours,
+            grads,
+            ours_m,
+            ours_v,
+            [0.1] * len(shapes),
+            lr=torch.tensor([lr]),
+            step=torch.tensor(step),
+            beta1=BETAS[0],
+            beta2=BETAS[1],
+            eps=EPS,
+        )
         for q, g in zip(theirs, grads):
             q.grad = g.clone()
         ref.param_groups[0]["lr"] = lr
         ref.step()
     if path != "torch":
-        (_, tables), = cache.values()
+        ((_, tables),) = cache.values()
         assert tables[3] == (path == "aligned")  # the access path the test names
-    assert max_abs_diff(ours, theirs) <= 1e-6, f"the update differs from torch's AdamW at gradients of {scale:g}"
+    assert max_abs_diff(ours, theirs) <= 1e-6, (
+        f"the update differs from torch's AdamW at gradients of {scale:g}"
+    )
     for key, mine in (("exp_avg", ours_m), ("exp_avg_sq", ours_v)):
         reference = [ref.state[q][key] for q in theirs]
         size = max(t.abs().max().item() for t in reference)
         assert max_abs_diff(mine, reference) <= 1e-5 * size, key
+
 
 def views_into_one_buffer(tensors, offset: int) -> list[torch.Tensor]:
     """Copies of `tensors` living in one flat buffer from element `offset` on, like ZeRO's partitions."""
@@ -147,15 +178,16 @@ def test_kernel_spreads_tensors_over_several_chunks_in_one_launch(offset):
         kwargs = dict(lr=torch.tensor([3e-3 * step]), step=torch.tensor(step), beta1=0.8, beta2=0.99, eps=EPS)
         adamw_triton(ours, grads, ours_m, ours_v, decays, chunk=512, block=128, cache=cache, **kwargs)
         adamw_torch(theirs, grads, theirs_m, theirs_v, decays, **kwargs)
-    (key, tables), = cache.values()
+    ((key, tables),) = cache.values()
     assert tables[2].shape == (8, 2) and tables[3] == (offset == 0)  # 8 chunks; aligned unless offset
     assert max_abs_diff(ours, theirs) <= 1e-6
     assert max_abs_diff(ours_m + ours_v, theirs_m + theirs_v) <= 1e-6
     # unchanged tensors reuse the uploaded tables; a new gradient tensor rebuilds them
     adamw_triton(ours, grads, ours_m, ours_v, decays, chunk=512, block=128, cache=cache, **kwargs)
     assert next(iter(cache.values()))[1] is tables
-    adamw_triton(ours, [g.clone() for g in grads], ours_m, ours_v, decays, chunk=512, block=128, cache=cache,
-                 **kwargs)
+    adamw_triton(
+        ours, [g.clone() for g in grads], ours_m, ours_v, decays, chunk=512, block=128, cache=cache, **kwargs
+    )
     assert next(iter(cache.values()))[1] is not tables
 
 
@@ -168,13 +200,26 @@ def test_bf16_params_with_fp32_moments_are_updated_in_fp32_and_rounded_once(impl
         p.grad = g
     opt.step()
     m32, v32 = [torch.zeros_like(m) for m in master], [torch.zeros_like(m) for m in master]
-    adamw_torch(master, [g.float() for g in grads], m32, v32, [0.1, 0.0] * 2 + [0.1], lr=opt.lr,
-                step=opt.step_count, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
+    adamw_torch(
+        master,
+        [g.float() for g in grads],
+        m32,
+        v32,
+        [0.1, 0.0] * 2 + [0.1],
+        lr=opt.lr,
+        step=opt.step_count,
+        beta1=BETAS[0],
+        beta2=BETAS[1],
+        eps=EPS,
+    )
     for p, want in zip(params, master):
         assert p.dtype == torch.bfloat16
         # within one bf16 spacing (2^-7 relative) of the fp32 result: rounded once, not per op
         assert ((p.float() - want).abs() <= want.abs() * 2**-7 + 1e-30).all()
-        assert opt.state[p]["exp_avg"].dtype == torch.float32 and opt.state[p]["exp_avg_sq"].dtype == torch.float32
+        assert (
+            opt.state[p]["exp_avg"].dtype == torch.float32
+            and opt.state[p]["exp_avg_sq"].dtype == torch.float32
+        )
     assert max_abs_diff([opt.state[p]["exp_avg"] for p in params], m32) <= 1e-7
     assert max_abs_diff([opt.state[p]["exp_avg_sq"] for p in params], v32) <= 1e-7
 
@@ -194,17 +239,51 @@ def test_kernel_compiles_for_sm90_with_128_bit_accesses_when_aligned(monkeypatch
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = triton.jit(adamw_module._adamw_kernel)
-    pointers = dict(tensor_table="*i64", weight_decays="*fp32", chunk_table="*i64", lr_ptr="*fp32",
-                    step_ptr="*i64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32")
-    signature = {**pointers, "beta1": "fp32", "beta2": "fp32", "eps": "fp32",
-                 **{name: "constexpr" for name in ("PARAM_DTYPE", "GRAD_DTYPE", "HAS_GRAD_SCALE", "HAS_FOUND_INF",
-                                                   "ALIGNED", "CHUNK", "BLOCK")}}
-    aligned_args = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers))}  # as Triton's launcher does
+    pointers = dict(
+        tensor_table="*i64",
+        weight_decays="*fp32",
+        chunk_table="*i64",
+        lr_ptr="*fp32",
+        step_ptr="*i64",
+        grad_scale_ptr="*fp32",
+        found_inf_ptr="*fp32",
+    )
+    signature = {
+        **pointers,
+        "beta1": "fp32",
+        "beta2": "fp32",
+        "eps": "fp32",
+        **{
+            name: "constexpr"
+            for name in (
+                "PARAM_DTYPE",
+                "GRAD_DTYPE",
+                "HAS_GRAD_SCALE",
+                "HAS_FOUND_INF",
+                "ALIGNED",
+                "CHUNK",
+                "BLOCK",
+            )
+        },
+    }
+    aligned_args = {
+        (i,): [["tt.divisibility", 16]] for i in range(len(pointers))
+    }  # as Triton's launcher does
     for aligned in (True, False):
-        constants = dict(PARAM_DTYPE=getattr(tl, param_dtype), GRAD_DTYPE=getattr(tl, param_dtype),
-                         HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=aligned, CHUNK=adamw_module.CHUNK, BLOCK=adamw_module.BLOCK)
-        compiled = triton.compile(ASTSource(kernel, signature, constants, aligned_args),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        constants = dict(
+            PARAM_DTYPE=getattr(tl, param_dtype),
+            GRAD_DTYPE=getattr(tl, param_dtype),
+            HAS_GRAD_SCALE=True,
+            HAS_FOUND_INF=True,
+            ALIGNED=aligned,
+            CHUNK=adamw_module.CHUNK,
+            BLOCK=adamw_module.BLOCK,
+        )
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constants, aligned_args),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": 4},
+        )
         ptx = compiled.asm["ptx"]
         assert ("st.global.v4.b32" in ptx) == aligned
         assert ("ld.global.v4.b32" in ptx) == aligned
@@ -253,9 +332,17 @@ def test_deepspeed_zero2_client_optimizer(single_process_group, monkeypatch):
     ref = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
     ref.load_state_dict(model.state_dict())
     opt = AdamW(param_groups(model, 0.1), SCHEDULE, betas=BETAS)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
-        "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0, "steps_per_print": 10**9})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config={
+            "train_micro_batch_size_per_gpu": 4,
+            "zero_optimization": {"stage": 2},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0,
+            "steps_per_print": 10**9,
+        },
+    )
     ref_opt = torch.optim.AdamW(param_groups(ref, 0.1), lr=0.0, betas=BETAS)
     x = torch.randn(4, 8)
     for _ in range(4):
@@ -334,6 +421,7 @@ def test_no_host_sync_in_50_schedule_and_optimizer_steps(monkeypatch):
         def counting(self, *args, _name=name, _original=original, **kwargs):
             calls.append(_name)
             return _original(self, *args, **kwargs)
+
         monkeypatch.setattr(torch.Tensor, name, counting)
     torch.zeros(1).item()
     assert calls == ["item"]  # the counter sees host reads
@@ -341,8 +429,9 @@ def test_no_host_sync_in_50_schedule_and_optimizer_steps(monkeypatch):
     for step in range(50):
         for p, g in zip(params, grads[step % 2]):
             p.grad = g
-        opt.grad_scale = torch.clamp(1.0 / (torch.stack([g.norm() for g in grads[step % 2]]).norm() + 1e-6),
-                                     max=1.0).reshape(1)
+        opt.grad_scale = torch.clamp(
+            1.0 / (torch.stack([g.norm() for g in grads[step % 2]]).norm() + 1e-6), max=1.0
+        ).reshape(1)
         opt.step()
         opt.zero_grad(set_to_none=True)
     monkeypatch.undo()
@@ -367,18 +456,21 @@ class NanSchedule:
         return torch.full_like(step, float("nan"), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(betas=(1.0, 0.95)), r"betas\[0\]"),
-    (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
-    (dict(betas=(0.9, 1.5)), r"betas\[1\]"),
-    (dict(betas=(0.9,)), "betas"),
-    (dict(eps=0.0), "eps"),
-    (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(weight_decay=float("inf")), "weight_decay"),
-    (dict(impl="cuda"), "optim.impl"),
-    (dict(schedule=NanSchedule()), "max_lr"),
-    (dict(schedule=1e-3), "schedule"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(betas=(1.0, 0.95)), r"betas\[0\]"),
+        (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+        (dict(betas=(0.9, 1.5)), r"betas\[1\]"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(eps=0.0), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(weight_decay=float("inf")), "weight_decay"),
+        (dict(impl="cuda"), "optim.impl"),
+        (dict(schedule=NanSchedule()), "max_lr"),
+        (dict(schedule=1e-3), "schedule"),
+    ],
+)
 def test_bad_arguments_name_the_argument(kwargs, match):
     kwargs.setdefault("schedule", SCHEDULE)
     with pytest.raises(OptimizerError, match=match) as info:
@@ -404,7 +496,9 @@ def test_sparse_gradients_are_an_error_before_anything_is_written():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_build_optimizer_decays_matrices_but_not_norms_biases_or_embeddings(tie):
-    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, seq_len=8, tie_embeddings=tie))
+    model = Transformer(
+        ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, seq_len=8, tie_embeddings=tie)
+    )
     opt = build_optimizer(model, OptimConfig(max_lr=1e-3, weight_decay=0.1), SCHEDULE)
     decayed, undecayed = ({id(p) for p in g["params"]} for g in opt.param_groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]

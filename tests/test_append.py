@@ -1,6 +1,7 @@
 """Appending to a data dir: the stream extends exactly (live, and across a kill/resume of pretrain.py),
 old shards are never reordered, dropped or re-encoded with another tokenizer, a failed append leaves
 the old manifest valid, and concurrent appends queue on the file lock."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from filelock import FileLock
+from test_data import SEQ, all_windows, read, rows, tree_digest
 
-from conftest import wait_for
 from evertrain.launch import cli
 from evertrain.pretrain.data import prepare as dataprep
-from evertrain.pretrain.data.stream import DataError, TokenStream, load_manifest, val_batches
 from evertrain.pretrain.data.prepare import append, prepare
-from test_data import SEQ, all_windows, read, rows, tree_digest
+from evertrain.pretrain.data.stream import DataError, TokenStream, load_manifest, val_batches
+
+from conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -42,7 +44,7 @@ def new_text(corpus_files, tmp_path_factory) -> list[Path]:
     for source in corpus_files.train[-3:]:
         path = root / source.name
         text = source.read_text()[:20_000]
-        path.write_text(text[:text.rfind("\n") + 1])
+        path.write_text(text[: text.rfind("\n") + 1])
         paths.append(path)
     return paths
 
@@ -53,9 +55,11 @@ def without_lock(digest: dict[str, str]) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- the stream
 
+
 @pytest.mark.parametrize("where", ["write_split", "write_manifest"])
-def test_a_full_disk_during_prepare_or_append_is_one_line_and_loses_nothing(data, new_text, tmp_path, monkeypatch,
-                                                                            where):
+def test_a_full_disk_during_prepare_or_append_is_one_line_and_loses_nothing(
+    data, new_text, tmp_path, monkeypatch, where
+):
     import errno
 
     real = getattr(dataprep, where)
@@ -64,10 +68,14 @@ def test_a_full_disk_during_prepare_or_append_is_one_line_and_loses_nothing(data
         if where == "write_manifest" and args[1] != data:
             return real(*args, **kwargs)
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "some.bin"))
+
     before = tree_digest(data)
     monkeypatch.setattr(dataprep, where, disk_full)
-    with pytest.raises(DataError, match=f"some.bin: No space left on device; {data} is unchanged "
-                                        r"\(still version 1\)") as err:
+    with pytest.raises(
+        DataError,
+        match=f"some.bin: No space left on device; {data} is unchanged "
+        r"\(still version 1\)",
+    ) as err:
         append(data, new_text[:1], shard_tokens=8000)
     assert "\n" not in str(err.value) and without_lock(tree_digest(data)) == without_lock(before)
     assert not list(data.glob(".append-*")) and not list(data.glob(".manifest*"))
@@ -82,8 +90,11 @@ def test_inputs_without_documents_are_refused_not_a_new_empty_version(data, tmp_
     blank = tmp_path / "blank.jsonl"
     blank.write_text('\n\n{"text": ""}\n   \n')
     before = tree_digest(data)
-    with pytest.raises(DataError, match=r"nothing to append: no documents in the inputs \(0 documents, 1 empty "
-                                        r"skipped\); .* is unchanged \(still version 1\)"):
+    with pytest.raises(
+        DataError,
+        match=r"nothing to append: no documents in the inputs \(0 documents, 1 empty "
+        r"skipped\); .* is unchanged \(still version 1\)",
+    ):
         append(data, [blank])
     assert without_lock(tree_digest(data)) == without_lock(before) and load_manifest(data).version == 1
     with pytest.raises(DataError, match="--input: no documents in the inputs .*nothing was written"):
@@ -94,12 +105,16 @@ def test_inputs_without_documents_are_refused_not_a_new_empty_version(data, tmp_
 def test_append_adds_shards_at_the_end(data, new_text):
     before = load_manifest(data)
     grown = append(data, new_text[:2], shard_tokens=8000)
-    assert grown.version == 2 and grown.train[:len(before.train)] == before.train and grown.val == before.val
-    assert [s.file for s in grown.train[len(before.train):]] == [f"train-{i:06d}.bin" for i in range(6, 8 + 1)]
+    assert grown.version == 2 and grown.train[: len(before.train)] == before.train and grown.val == before.val
+    assert [s.file for s in grown.train[len(before.train) :]] == [
+        f"train-{i:06d}.bin" for i in range(6, 8 + 1)
+    ]
     *counts, inputs = grown.history[-1].items()
     assert dict(counts) == {"version": 2, "train": 9, "val": 2}
-    assert inputs == ("inputs", [{"split": "train", "path": str(p), "sha256": dataprep.file_sha256(p)}
-                                 for p in new_text[:2]])
+    assert inputs == (
+        "inputs",
+        [{"split": "train", "path": str(p), "sha256": dataprep.file_sha256(p)} for p in new_text[:2]],
+    )
     assert load_manifest(data, verify_checksums=True) == grown
 
 
@@ -115,13 +130,13 @@ def test_live_stream_takes_appended_shards_exactly(data, new_text):
     trained += read(live, epoch_length - 400, batch=64)
 
     assert trained[:400] == read(reference, 400)  # the past is unchanged
-    new_windows = all_windows(data, SEQ)[len(old_windows):]
+    new_windows = all_windows(data, SEQ)[len(old_windows) :]
     assert Counter(trained) == Counter(old_windows + new_windows)  # none twice, none skipped
     # the new shards join the rest of the epoch interleaved (issue 17; it used to put them at its end):
     # their share of each half of the rest is their share of the rest
     rest, new = trained[400:], set(new_windows)
     share = len(new_windows) / len(rest)
-    for half in (rest[:len(rest) // 2], rest[len(rest) // 2:]):
+    for half in (rest[: len(rest) // 2], rest[len(rest) // 2 :]):
         assert abs(sum(w in new for w in half) / len(half) - share) < 0.03
 
     resumed = TokenStream(data, SEQ, seed=9)  # a restart from the checkpoint taken before the append
@@ -135,7 +150,7 @@ def test_data_appended_at_the_exact_end_of_an_epoch_joins_that_epoch(data, new_t
     old = read(stream, stream.layout.length, batch=64)
     append(data, new_text[:1], shard_tokens=8000)
     stream.refresh()
-    new_windows = all_windows(data, SEQ)[len(old):]
+    new_windows = all_windows(data, SEQ)[len(old) :]
     assert Counter(read(stream, len(new_windows), batch=64)) == Counter(new_windows)
     assert stream.state_dict()["epoch"] == 0
     stream.next_batch(1)
@@ -161,12 +176,17 @@ def test_appends_mid_epoch_then_resume_on_another_world_size_read_each_window_on
     ranks = [TokenStream(data, SEQ, seed=7) for _ in range(4)]
     for rank in ranks:
         rank.load_state_dict(state)
-    resumed = [row for _ in range(rest // 40) for row in
-               [r for k, s in enumerate(ranks) for r in rows(s.next_batch(40, k, 4))]]
-    assert resumed == single[:len(resumed)]
+    resumed = [
+        row
+        for _ in range(rest // 40)
+        for row in [r for k, s in enumerate(ranks) for r in rows(s.next_batch(40, k, 4))]
+    ]
+    assert resumed == single[: len(resumed)]
     manifest = load_manifest(data)
     windows = all_windows(data, SEQ)
-    news = set(all_windows(data, SEQ)[-sum(s.tokens // (SEQ + 1) for s in manifest.train if s.source == "news"):])
+    news = set(
+        all_windows(data, SEQ)[-sum(s.tokens // (SEQ + 1) for s in manifest.train if s.source == "news") :]
+    )
     expected = Counter(windows) + Counter(w for w in windows if w in news)
     assert Counter(trained + single) == expected and stream.state_dict()["epoch"] == 0
 
@@ -209,6 +229,7 @@ def test_a_token_id_equal_to_the_vocab_size_is_refused(data, tmp_path):
         pytest.fail("a token id equal to the vocab size (512 of 512) was accepted")
     assert load_manifest(data).version == 2
 
+
 def test_mixture_sources_and_weights(data, new_text):
     grown = append(data, new_text[:1], source="extra", weight=0.5, shard_tokens=4000)
     assert grown.weights == {"main": 1.0, "extra": 0.5}
@@ -224,6 +245,7 @@ def test_mixture_sources_and_weights(data, new_text):
 
 # ---------------------------------------------------------------------------------------------- refusals
 
+
 def edit_manifest(data_dir: Path, edit) -> None:
     path = data_dir / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -231,12 +253,15 @@ def edit_manifest(data_dir: Path, edit) -> None:
     path.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m["train"].insert(1, m["train"].pop(2)), "train shard 1 is 'train-000002.bin'"),
-    (lambda m: m["train"].pop(3), "train shard 3 is 'train-000004.bin'"),
-    (lambda m: m["train"].pop(), "train shard 'train-000005.bin' is missing"),
-    (lambda m: m["val"].pop(), "val shard 'val-000001.bin' is missing"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["train"].insert(1, m["train"].pop(2)), "train shard 1 is 'train-000002.bin'"),
+        (lambda m: m["train"].pop(3), "train shard 3 is 'train-000004.bin'"),
+        (lambda m: m["train"].pop(), "train shard 'train-000005.bin' is missing"),
+        (lambda m: m["val"].pop(), "val shard 'val-000001.bin' is missing"),
+    ],
+)
 def test_hand_edited_manifest_that_reorders_or_drops_shards_is_refused(data, edit, message):
     stream = TokenStream(data, SEQ, seed=0)
     state = stream.state_dict()
@@ -264,7 +289,9 @@ def test_another_tokenizer_is_refused(data, tiny_slices, new_text, tmp_path):
         append(data, new_text, tokenizer=other.data_dir / "tokenizer.model")
     append(data, new_text[:1], tokenizer=data / "tokenizer.model")  # its own is fine
     shutil.copyfile(other.data_dir / "tokenizer.model", data / "tokenizer.model")
-    with pytest.raises(DataError, match="tokenizer.model: differs from the tokenizer manifest.json was made with"):
+    with pytest.raises(
+        DataError, match="tokenizer.model: differs from the tokenizer manifest.json was made with"
+    ):
         append(data, new_text[1:])
     assert load_manifest(data).version == 2 and set(before) <= set(tree_digest(data))
 
@@ -279,6 +306,7 @@ def test_a_failed_append_leaves_the_old_manifest_valid(data, new_text, tmp_path,
 
     def crash(manifest, directory):  # the last step: shards are in place, the manifest is not
         raise OSError("disk full")
+
     monkeypatch.setattr(dataprep, "write_manifest", crash)
     with pytest.raises(DataError, match="disk full; .* is unchanged \\(still version 1\\)"):  # one line
         append(data, new_text[:1], shard_tokens=8000)
@@ -295,9 +323,25 @@ def test_concurrent_appends_queue_on_the_lock(data, new_text):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     lock = FileLock(data / dataprep.LOCK_FILE)
     lock.acquire()
-    procs = [subprocess.Popen([str(VENV_BIN / "evertrain"), "data", "append", "--data", str(data), str(path),
-                               "--shard-tokens", "8000"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for path in new_text[:2]]
+    procs = [
+        subprocess.Popen(
+            [
+                str(VENV_BIN / "evertrain"),
+                "data",
+                "append",
+                "--data",
+                str(data),
+                str(path),
+                "--shard-tokens",
+                "8000",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for path in new_text[:2]
+    ]
     try:
         waiting = [proc.stderr.readline() for proc in procs]  # blocks until each reports the wait
         assert all("waiting for another append" in line for line in waiting), waiting
@@ -312,15 +356,33 @@ def test_concurrent_appends_queue_on_the_lock(data, new_text):
 
 
 def test_cli_append(data, new_text, capsys, monkeypatch):
-    assert cli.main(["data", "append", "--data", str(data), str(new_text[0]), "--val", str(new_text[1]),
-                     "--shard-tokens", "100000"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "append",
+                "--data",
+                str(data),
+                str(new_text[0]),
+                "--val",
+                str(new_text[1]),
+                "--shard-tokens",
+                "100000",
+            ]
+        )
+        == 0
+    )
     assert "version 2" in capsys.readouterr().out
     manifest = load_manifest(data)
     assert (len(manifest.train), len(manifest.val)) == (7, 3)
     assert cli.main(["data", "append", "--data", str(data)]) == 2
     assert cli.main(["data", "append", "--data", str(data.parent / "nowhere"), str(new_text[0])]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and "nothing to append" in errors[0] and "nowhere/manifest.json: no manifest" in errors[1]
+    assert (
+        len(errors) == 2
+        and "nothing to append" in errors[0]
+        and "nowhere/manifest.json: no manifest" in errors[1]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- with the trainer
@@ -350,10 +412,28 @@ GLOBAL_WINDOWS = 4  # train.micro_batch_size: one rank, no accumulation
 
 
 def pretrain(data: Path, run_dir: Path, record: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-c", RECORD_WINDOWS, str(record), "pretrain.py", "--config", "configs/tiny.yaml",
-            "--run-dir", str(run_dir), f"data.path={data}", "model.vocab_size=512", "model.seq_len=32",
-            f"train.micro_batch_size={GLOBAL_WINDOWS}", "train.log_every=1", "eval.every_steps=0",
-            "checkpoint.every_steps=2", "checkpoint.keep_last=100", "--engine", "single", *overrides]
+    return [
+        sys.executable,
+        "-c",
+        RECORD_WINDOWS,
+        str(record),
+        "pretrain.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        f"data.path={data}",
+        "model.vocab_size=512",
+        "model.seq_len=32",
+        f"train.micro_batch_size={GLOBAL_WINDOWS}",
+        "train.log_every=1",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=100",
+        "--engine",
+        "single",
+        *overrides,
+    ]
 
 
 def latest_step(run_dir: Path) -> int:
@@ -371,7 +451,9 @@ def small_data(tiny_data, tiny_slices, tmp_path) -> Path:
     a short run gets through the old shards and into the appended ones."""
     text = tmp_path / "small.txt"
     text.write_text(tiny_slices.train[0].read_text()[:5_000])
-    return prepare([text], tmp_path / "small", tokenizer=tiny_data / "tokenizer.model", shard_tokens=600).data_dir
+    return prepare(
+        [text], tmp_path / "small", tokenizer=tiny_data / "tokenizer.model", shard_tokens=600
+    ).data_dir
 
 
 def test_append_while_training_and_across_a_kill(small_data, new_text, tmp_path):
@@ -379,16 +461,30 @@ def test_append_while_training_and_across_a_kill(small_data, new_text, tmp_path)
     checkpoint and takes a second append made while it was down. The windows of the surviving
     trajectory are the old stream up to each refresh plus the continuation over old and new shards:
     none twice, none skipped, and each step's metrics name the manifest version it read."""
-    data, run_dir, record, log = small_data, tmp_path / "run", tmp_path / "windows.jsonl", tmp_path / "pretrain.log"
+    data, run_dir, record, log = (
+        small_data,
+        tmp_path / "run",
+        tmp_path / "windows.jsonl",
+        tmp_path / "pretrain.log",
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(pretrain(data, run_dir, record, "train.max_steps=null"), cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            pretrain(data, run_dir, record, "train.max_steps=null"),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
         wait_for(lambda: latest_step(run_dir) >= 2, proc, log, "the first checkpoint")
         append(data, [text_slice(new_text[0], 2_500)], shard_tokens=600)  # while the run is live
-        wait_for(lambda: checkpoint_data_state(run_dir, latest_step(run_dir))["manifest_version"] == 2,
-                 proc, log, "the checkpoint that refreshed the data")
+        wait_for(
+            lambda: checkpoint_data_state(run_dir, latest_step(run_dir))["manifest_version"] == 2,
+            proc,
+            log,
+            "the checkpoint that refreshed the data",
+        )
         refreshed_at = latest_step(run_dir)
         wait_for(lambda: latest_step(run_dir) > refreshed_at, proc, log, "a checkpoint that trained on it")
     finally:
@@ -397,20 +493,28 @@ def test_append_while_training_and_across_a_kill(small_data, new_text, tmp_path)
     killed_at = latest_step(run_dir)
     append(data, [text_slice(new_text[1], 2_500)], shard_tokens=600)  # while the run is down
     final_steps = TokenStream(data, SEQ, seed=0).layout.length // GLOBAL_WINDOWS  # to the end of epoch 0
-    resumed = subprocess.run(pretrain(data, run_dir, record, f"train.max_steps={final_steps}"), cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        pretrain(data, run_dir, record, f"train.max_steps={final_steps}"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     lines = [json.loads(line) for line in record.read_text().splitlines()]
     second_start = max(i for i, line in enumerate(lines) if "start" in line)
-    first_run, second_run = lines[1:second_start], lines[second_start + 1:]
+    first_run, second_run = lines[1:second_start], lines[second_start + 1 :]
     resume_cursor = killed_at * GLOBAL_WINDOWS
     # the surviving trajectory: the first run up to its last checkpoint, then the resumed run
     survived = [b for b in first_run if b["cursor"] < resume_cursor] + second_run
     assert [b["cursor"] for b in survived] == list(range(0, final_steps * GLOBAL_WINDOWS, GLOBAL_WINDOWS))
     versions = [b["version"] for b in survived]
     first_refresh = survived[versions.index(2)]["cursor"]
-    assert 0 < first_refresh < resume_cursor and first_refresh % (2 * GLOBAL_WINDOWS) == 0  # a checkpoint boundary
+    assert (
+        0 < first_refresh < resume_cursor and first_refresh % (2 * GLOBAL_WINDOWS) == 0
+    )  # a checkpoint boundary
     assert survived[versions.index(3)]["cursor"] == resume_cursor  # the second append joined on restart
 
     trained = [w for b in survived for w in b["windows"]]
@@ -421,9 +525,12 @@ def test_append_while_training_and_across_a_kill(small_data, new_text, tmp_path)
     replay = TokenStream(data, SEQ, seed=1234)
     replay.load_state_dict(checkpoint_data_state(run_dir, killed_at))
     replay.refresh()
-    assert [w for b in second_run for w in b["windows"]] == [sha1(w) for w in read(replay, len(trained) - resume_cursor,
-                                                                                     GLOBAL_WINDOWS)]
-    assert len(set(every_window) - set(trained)) == len(every_window) - len(trained) < GLOBAL_WINDOWS  # none skipped
+    assert [w for b in second_run for w in b["windows"]] == [
+        sha1(w) for w in read(replay, len(trained) - resume_cursor, GLOBAL_WINDOWS)
+    ]
+    assert (
+        len(set(every_window) - set(trained)) == len(every_window) - len(trained) < GLOBAL_WINDOWS
+    )  # none skipped
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     data_versions = {r["step"]: r["data_version"] for r in metrics if r["kind"] == "train"}
@@ -433,7 +540,7 @@ def test_append_while_training_and_across_a_kill(small_data, new_text, tmp_path)
 def text_slice(path: Path, chars: int) -> Path:
     out = path.with_name(f"{path.stem}-{chars}.txt")
     text = path.read_text()[:chars]
-    out.write_text(text[:text.rfind("\n") + 1])
+    out.write_text(text[: text.rfind("\n") + 1])
     return out
 
 

@@ -2,6 +2,7 @@
 checkpoint (weights and val loss as the run scored it), K checkpoints' is their elementwise mean,
 result.json says what it is, a rerun reads nothing, the sources are pinned while read, the result
 exports to Hugging Face format, and bad requests are one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher, pretrain_tiny, run_ok
 from evertrain.files import atomic_write_text
 from evertrain.launch import average
 from evertrain.launch.average import AverageError, average_checkpoints, average_dir_name
 from evertrain.launch.cli import main as cli_main
 from evertrain.pretrain.checkpoint import load_consolidated, store
 from evertrain.pretrain.checkpoint.retention import apply_retention
+
+from conftest import launcher, pretrain_tiny, run_ok
 
 STEPS, EVERY = 30, 10
 
@@ -26,10 +28,22 @@ STEPS, EVERY = 30, 10
 def run(tiny_data, tmp_path_factory) -> Path:
     """30 steps of the tiny model, a checkpoint and an eval every 10 steps, all checkpoints kept."""
     run_dir = tmp_path_factory.mktemp("average") / "main"
-    assert pretrain_tiny(run_dir, f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4",
-                         "train.device=cpu", "engine.name=single", f"train.max_steps={STEPS}",
-                         f"eval.every_steps={EVERY}", "eval.batches=2", f"checkpoint.every_steps={EVERY}",
-                         "checkpoint.keep_last=100") == 0
+    assert (
+        pretrain_tiny(
+            run_dir,
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=4",
+            "train.device=cpu",
+            "engine.name=single",
+            f"train.max_steps={STEPS}",
+            f"eval.every_steps={EVERY}",
+            "eval.batches=2",
+            f"checkpoint.every_steps={EVERY}",
+            "checkpoint.keep_last=100",
+        )
+        == 0
+    )
     return run_dir
 
 
@@ -114,13 +128,16 @@ def test_a_long_step_list_gets_a_short_name():
     assert name == average_dir_name(list(range(29000, 999, -1000)))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--last", "4"], "--last 4: the run has 3 checkpoint(s) (10, 20, 30); keep at least 4"),
-    (["--last", "0"], "--last: must be >= 1, got 0"),
-    (["--steps", "10,15"], "--steps: no checkpoint at step 15 (available: 10, 20, 30)"),
-    (["--steps", "10,10"], "--steps 10,10: a step is listed twice"),
-    (["--last", "2", "--eval-batches", "0"], "--eval-batches: must be > 0, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--last", "4"], "--last 4: the run has 3 checkpoint(s) (10, 20, 30); keep at least 4"),
+        (["--last", "0"], "--last: must be >= 1, got 0"),
+        (["--steps", "10,15"], "--steps: no checkpoint at step 15 (available: 10, 20, 30)"),
+        (["--steps", "10,10"], "--steps 10,10: a step is listed twice"),
+        (["--last", "2", "--eval-batches", "0"], "--eval-batches: must be > 0, got 0"),
+    ],
+)
 def test_bad_requests_are_one_line_errors(run, argv, message, capsys):
     assert cli_main(["average", "--run", str(run), *argv]) == 2
     err = capsys.readouterr().err
@@ -134,7 +151,9 @@ def test_non_finite_and_mismatched_checkpoints_are_refused(run, tmp_path, capsys
     meta = store.read_meta(step_dir)
     bad = weights(step_dir)
     bad["norm.weight"][3] = float("nan")
-    shutil.rmtree(step_dir)  # the same checkpoint with one NaN weight (weights only: the reader needs no more)
+    shutil.rmtree(
+        step_dir
+    )  # the same checkpoint with one NaN weight (weights only: the reader needs no more)
     average.write_weights(step_dir, bad, meta, [20])
     assert cli_main(["average", "--run", str(run_dir), "--last", "2"]) == 2
     assert "parameter 'norm.weight' has NaN/Inf weights" in capsys.readouterr().err
@@ -158,7 +177,8 @@ def test_forker_averages_every_checkpoint_once_k_exist(run, tmp_path):
     jobs = load_jobs(run_dir / "forker" / "state.json", run_dir)
     assert {n: (j.kind, j.steps, j.status, j.attempts) for n, j in jobs.items()} == {
         "avg_000000020_k2_10-20": ("average", [10, 20], "done", 1),
-        "avg_000000030_k2_20-30": ("average", [20, 30], "done", 0)}
+        "avg_000000030_k2_20-30": ("average", [20, 30], "done", 0),
+    }
     assert [line.split()[1] for line in lines if line.startswith("launched")] == ["avg_000000020_k2_10-20"]
     made = json.loads((run_dir / "averages" / "avg_000000020_k2_10-20" / "result.json").read_text())
     assert made["steps"] == [10, 20] and jobs["avg_000000020_k2_10-20"].val_loss == made["val_loss"]
@@ -176,18 +196,43 @@ def test_report_shows_averages_beside_the_cooldowns(run, tmp_path, capsys):
     first, second = average_checkpoints(run_dir, [10, 20]), average_checkpoints(run_dir, [20, 30])
     cooled = run_dir / "cooldowns" / "from_000000030_linear_6"  # a finished cooldown from the same step
     cooled.mkdir(parents=True)
-    (cooled / "result.json").write_text(json.dumps({"from_step": 30, "cooldown_steps": 6, "shape": "linear",
-                                                    "tokens": 9216, "val_loss": 6.125, "val_ppl": 457.1}))
+    (cooled / "result.json").write_text(
+        json.dumps(
+            {
+                "from_step": 30,
+                "cooldown_steps": 6,
+                "shape": "linear",
+                "tokens": 9216,
+                "val_loss": 6.125,
+                "val_ppl": 457.1,
+            }
+        )
+    )
     assert cli_main(["report", "--run", str(run_dir), "--out", str(tmp_path / "r.png")]) == 0
     text = capsys.readouterr().out
     assert "checkpoint averages (no training)" in text
-    rows = {cells[2]: cells for line in text.splitlines() if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 8}
-    assert rows["20,30"] == ["30", "2", "20,30", "7.68K", f"{second['val_loss']:.4f}", f"{second['val_ppl']:.2f}",
-                                   f"{evals(run_dir)[30]:.4f}", "6.1250 (linear, 6)"]
+    rows = {
+        cells[2]: cells
+        for line in text.splitlines()
+        if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 8
+    }
+    assert rows["20,30"] == [
+        "30",
+        "2",
+        "20,30",
+        "7.68K",
+        f"{second['val_loss']:.4f}",
+        f"{second['val_ppl']:.2f}",
+        f"{evals(run_dir)[30]:.4f}",
+        "6.1250 (linear, 6)",
+    ]
     assert rows["10,20"][-1] == "-"  # no cooldown from step 20
     report = load_run(run_dir)
-    marker = [line for line in figure(report, None, None).axes[0].get_lines()
-              if line.get_label().startswith("average of the last 2 checkpoints")]
+    marker = [
+        line
+        for line in figure(report, None, None).axes[0].get_lines()
+        if line.get_label().startswith("average of the last 2 checkpoints")
+    ]
     assert len(marker) == 1
     assert list(marker[0].get_xdata()) == [first["tokens"], second["tokens"]]
     assert list(marker[0].get_ydata()) == [first["val_loss"], second["val_loss"]]
@@ -215,9 +260,25 @@ def test_a_two_rank_zero3_run_averages_on_its_own_val_windows(tiny_data, tmp_pat
     ZeRO slice reader and evaluated in one process on the run's 8-window batches, so one checkpoint's
     average scores what the 2-rank run logged at that step; two checkpoints' is their mean."""
     run_dir = tmp_path / "zero3"
-    run_ok([*launcher("deepspeed", 2), "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-            f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.max_steps=4",
-            "checkpoint.every_steps=2", "eval.every_steps=2", "eval.batches=2", "engine.zero_stage=3"], timeout=600)
+    run_ok(
+        [
+            *launcher("deepspeed", 2),
+            "pretrain.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=4",
+            "train.max_steps=4",
+            "checkpoint.every_steps=2",
+            "eval.every_steps=2",
+            "eval.batches=2",
+            "engine.zero_stage=3",
+        ],
+        timeout=600,
+    )
     assert store.read_meta(run_dir / "checkpoints" / store.step_dir_name(4))["world_size"] == 2
     assert average_checkpoints(run_dir, [4])["val_loss"] == pytest.approx(evals(run_dir)[4], rel=1e-5)
     average_checkpoints(run_dir, [2, 4])

@@ -12,6 +12,7 @@ one 1-rank DeepSpeed launch loads each into the next stage ((S + 1) % 4: every f
 size of 1 instead of 2), one 2-rank torchrun launch loads each into FSDP2 and then trains FSDP2 in
 bf16. With single-engine runs in this process they give the engines' bf16 loss curves.
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -19,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher, pretrain_tiny, run_ok
 from evertrain.launch.average import average_checkpoints, average_dir_name
 from evertrain.launch.cli import main as cli_main
 from evertrain.pretrain.checkpoint import load_consolidated
+
+from conftest import launcher, pretrain_tiny, run_ok
 
 STAGES = (0, 1, 2, 3)
 STEPS, EVERY = 20, 10
@@ -30,20 +32,51 @@ pytestmark = pytest.mark.slow
 
 
 def common_args(tiny_data: Path) -> list[str]:
-    return ["--config", "configs/tiny.yaml", f"data.path={tiny_data}", "model.vocab_size=512",
-            f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "eval.every_steps=0", "eval.batches=1",
-            "train.log_every=1", "train.dtype=bfloat16"]
+    return [
+        "--config",
+        "configs/tiny.yaml",
+        f"data.path={tiny_data}",
+        "model.vocab_size=512",
+        f"train.max_steps={STEPS}",
+        f"checkpoint.every_steps={EVERY}",
+        "eval.every_steps=0",
+        "eval.batches=1",
+        "train.log_every=1",
+        "train.dtype=bfloat16",
+    ]
 
 
 @pytest.fixture(scope="module")
 def chain(tiny_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bf16_chain")
     script = "tests/bf16_chain.py"
-    run_ok([*launcher("deepspeed", 2), script, "train", str(root), *common_args(tiny_data),
-            "train.micro_batch_size=4"], timeout=900)
+    run_ok(
+        [
+            *launcher("deepspeed", 2),
+            script,
+            "train",
+            str(root),
+            *common_args(tiny_data),
+            "train.micro_batch_size=4",
+        ],
+        timeout=900,
+    )
     run_ok([*launcher("deepspeed", 1), script, "load", str(root), str(STEPS)], timeout=600)
-    run_ok([*launcher("fsdp", 2), script, "load", str(root), str(STEPS), *common_args(tiny_data),
-            "train.micro_batch_size=4", "checkpoint.every_steps=0", "--engine", "fsdp"], timeout=600)
+    run_ok(
+        [
+            *launcher("fsdp", 2),
+            script,
+            "load",
+            str(root),
+            str(STEPS),
+            *common_args(tiny_data),
+            "train.micro_batch_size=4",
+            "checkpoint.every_steps=0",
+            "--engine",
+            "fsdp",
+        ],
+        timeout=600,
+    )
     return root
 
 
@@ -81,12 +114,16 @@ def test_export_and_average_read_the_masters(chain, stage, tmp_path):
     masters = {step: captured(chain, f"zero{stage}_step_{step:09d}") for step in (EVERY, STEPS)}
     out = tmp_path / "hf"
     assert cli_main(["export", "hf", "--run", str(run_dir), "--step", str(STEPS), "--out", str(out)]) == 0
-    assert_equal(load_llama(f"hf:{out}", load_config(run_dir / "config.yaml", []).model), masters[STEPS], "export")
+    assert_equal(
+        load_llama(f"hf:{out}", load_config(run_dir / "config.yaml", []).model), masters[STEPS], "export"
+    )
     result = average_checkpoints(run_dir, [EVERY, STEPS])
     assert result["val_loss"] > 0
     averaged = load_consolidated(run_dir / "averages" / average_dir_name([EVERY, STEPS]) / "final")["model"]
     for name, tensor in averaged.items():
-        torch.testing.assert_close(tensor, (masters[EVERY][name] + masters[STEPS][name]) / 2, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            tensor, (masters[EVERY][name] + masters[STEPS][name]) / 2, rtol=0, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -94,13 +131,18 @@ def test_another_stage_on_another_world_size_loads_the_masters(chain, stage):
     """ZeRO-S on 2 ranks into ZeRO-(S+1)%4 on 1 rank: 0 -> BF16_Optimizer, 1 -> ZeRO-2's flat
     partitions, 2 -> stage 3's partitions, 3 -> stage 0's per-parameter fp32 copies."""
     target = (stage + 1) % len(STAGES)
-    assert_equal(captured(chain, f"zero{target}_from_zero{stage}"), captured(chain, f"zero{stage}_step_{STEPS:09d}"),
-                 (stage, target))
+    assert_equal(
+        captured(chain, f"zero{target}_from_zero{stage}"),
+        captured(chain, f"zero{stage}_step_{STEPS:09d}"),
+        (stage, target),
+    )
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_fsdp2_loads_the_masters(chain, stage):
-    assert_equal(captured(chain, f"fsdp_from_zero{stage}"), captured(chain, f"zero{stage}_step_{STEPS:09d}"), stage)
+    assert_equal(
+        captured(chain, f"fsdp_from_zero{stage}"), captured(chain, f"zero{stage}_step_{STEPS:09d}"), stage
+    )
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -121,8 +163,23 @@ def test_a_fork_onto_one_process_starts_from_the_masters(chain, stage, tmp_path,
         return extra
 
     monkeypatch.setattr(CheckpointManager, "load", load_and_capture)
-    assert fork.main(["--run", str(run_dir), "--step", str(STEPS), "--cooldown-steps", "1", "--engine", "single",
-                      "--eval-batches", "1"]) == 0
+    assert (
+        fork.main(
+            [
+                "--run",
+                str(run_dir),
+                "--step",
+                str(STEPS),
+                "--cooldown-steps",
+                "1",
+                "--engine",
+                "single",
+                "--eval-batches",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert_equal(loaded, captured(chain, f"zero{stage}_step_{STEPS:09d}"), stage)
     result = json.loads((run_dir / "cooldowns" / f"from_{STEPS:09d}_linear_1" / "result.json").read_text())
     assert result["from_step"] == STEPS and result["val_loss"] > 0
@@ -137,11 +194,23 @@ def train_losses(run_dir: Path) -> list[float]:
 def bf16_curves(chain, tiny_data, tmp_path_factory) -> dict[str, list[float]]:
     """20 steps of each engine in bf16, same global batch (8 windows) and seed; fp32 single for scale."""
     root = tmp_path_factory.mktemp("bf16_curves")
-    args = [arg for arg in common_args(tiny_data) if not arg.startswith("--config") and arg != "configs/tiny.yaml"]
+    args = [
+        arg for arg in common_args(tiny_data) if not arg.startswith("--config") and arg != "configs/tiny.yaml"
+    ]
     curves = {name: train_losses(chain / name) for name in [f"zero{stage}" for stage in STAGES] + ["fsdp"]}
     for dtype in ("bfloat16", "float32"):
-        assert pretrain_tiny(root / dtype, *args, "train.micro_batch_size=8", "checkpoint.every_steps=0",
-                             f"train.dtype={dtype}", "--engine", "single") == 0
+        assert (
+            pretrain_tiny(
+                root / dtype,
+                *args,
+                "train.micro_batch_size=8",
+                "checkpoint.every_steps=0",
+                f"train.dtype={dtype}",
+                "--engine",
+                "single",
+            )
+            == 0
+        )
     curves["single"], curves["single_fp32"] = train_losses(root / "bfloat16"), train_losses(root / "float32")
     assert all(len(curve) == STEPS for curve in curves.values()), {k: len(v) for k, v in curves.items()}
     return curves

@@ -3,6 +3,7 @@
 A small plain module and a minimal AdamW with our optimizer's contract stand in for an engine, so
 these run in seconds; tests/test_resume.py drives the real engines through pretrain.py.
 """
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,9 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from evertrain.pretrain.checkpoint import store
-from evertrain.pretrain.checkpoint import (CheckpointError, CheckpointManager, is_pinned, load_consolidated,
-                                           pin, unpin)
+from evertrain.pretrain.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    is_pinned,
+    load_consolidated,
+    pin,
+    store,
+    unpin,
+)
 from evertrain.pretrain.checkpoint.retention import steps_to_keep
 from evertrain.pretrain.config import load_config
 
@@ -40,8 +47,8 @@ class StepCountAdamW(torch.optim.Optimizer):
                 p.mul_(1 - lr * group["weight_decay"])
                 state["exp_avg"].lerp_(p.grad, 1 - b1)
                 state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+                denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
 
     def set_step(self, n: int) -> None:
         self.step_count.fill_(n)
@@ -51,8 +58,17 @@ def toy_engine(seed: int = 0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
     optimizer = StepCountAdamW(model.parameters())
-    return SimpleNamespace(name="single", rank=0, world_size=1, is_main=True, device=torch.device("cpu"),
-                           model=model, raw_model=model, optimizer=optimizer, barrier=lambda: None)
+    return SimpleNamespace(
+        name="single",
+        rank=0,
+        world_size=1,
+        is_main=True,
+        device=torch.device("cpu"),
+        model=model,
+        raw_model=model,
+        optimizer=optimizer,
+        barrier=lambda: None,
+    )
 
 
 def train_step(engine) -> float:
@@ -70,8 +86,11 @@ def config(*overrides):
 
 
 def snapshot(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -159,7 +178,9 @@ def test_crash_before_commit_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     monkeypatch.undo()
     ckpt_dir = tmp_path / "checkpoints"
     leftovers = [p.name for p in ckpt_dir.iterdir() if ".tmp-" in p.name]
-    assert leftovers == []  # a single process's failed save removes its own temp dir (a full disk needs the space)
+    assert (
+        leftovers == []
+    )  # a single process's failed save removes its own temp dir (a full disk needs the space)
     assert store.latest_checkpoint(ckpt_dir).name == "step_000000001"
     (ckpt_dir / "step_000000002.tmp-0123abcd").mkdir()  # what a crash (no chance to clean up) leaves
 
@@ -201,6 +222,7 @@ def test_extra_must_be_json(tmp_path):
 
 
 # -- retention and pins ----------------------------------------------------------------------------
+
 
 def test_steps_to_keep_rule():
     assert steps_to_keep([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], keep_last=2, keep_every=4) == {4, 8, 9, 10}
@@ -255,6 +277,7 @@ def test_unreadable_pin_counts_as_pinned(saved_run):
 
 # -- bad input: one clear error, nothing changed ---------------------------------------------------
 
+
 def resume_error(run: SimpleNamespace, cfg=None) -> str:
     before = snapshot(run.dir)
     ckpt = CheckpointManager(run.dir, cfg or run.cfg, toy_engine())
@@ -308,7 +331,9 @@ def test_retention_looks_again_after_moving_a_checkpoint_aside(saved_run, monkey
     step_dir = ckpt_dir / "step_000000002"
     pin(step_dir, "late-reader", ttl_s=60)
     real_is_pinned = retention.is_pinned
-    monkeypatch.setattr(retention, "is_pinned", lambda d, watch=None: d != step_dir and real_is_pinned(d, watch))
+    monkeypatch.setattr(
+        retention, "is_pinned", lambda d, watch=None: d != step_dir and real_is_pinned(d, watch)
+    )
     assert retention.apply_retention(ckpt_dir, keep_last=1, keep_every=0) == []
     assert (step_dir / "meta.json").is_file() and not list(ckpt_dir.glob("*.tmp-deleting"))
 
@@ -327,7 +352,11 @@ def test_deepspeed_staging_copies_tensors_into_reused_buffers():
     weight.grad = torch.full((3,), -1.0)
     optimizer.step()  # training goes on: its step waits for the copy
     (first,) = copy.result()["files"]
-    assert paths == ["a.pt"] and type(first["module"]) is OrderedDict and torch.equal(first["module"]["w"], torch.ones(3))
+    assert (
+        paths == ["a.pt"]
+        and type(first["module"]) is OrderedDict
+        and torch.equal(first["module"]["w"], torch.ones(3))
+    )
     assert first["shapes"] == [torch.Size([3])] and first["step"] == 7
     writer.save(state, "a.pt")  # the next save refills the same CPU buffer
     (second,) = writer.take_staged()[1].result()["files"]
@@ -356,10 +385,13 @@ def test_writer_skips_the_zip_crc_and_its_files_load_back_exactly(tmp_path, monk
 
         def write_and_look(staged):
             seen["writer"] = torch.serialization.get_crc32_options()
-            other = threading.Thread(target=lambda: seen.update(other=torch.serialization.get_crc32_options()))
+            other = threading.Thread(
+                target=lambda: seen.update(other=torch.serialization.get_crc32_options())
+            )
             other.start()
             other.join()
             return write(staged)
+
         return copy, write_and_look
 
     monkeypatch.setattr(DcpState, "stage", stage)
@@ -367,8 +399,10 @@ def test_writer_skips_the_zip_crc_and_its_files_load_back_exactly(tmp_path, monk
     for _ in range(2):
         train_step(engine)
     saved = {name: p.detach().clone() for name, p in engine.model.named_parameters()}
-    moments = {name: {k: v.clone() for k, v in engine.optimizer.state[p].items()}
-               for name, p in engine.model.named_parameters()}
+    moments = {
+        name: {k: v.clone() for k, v in engine.optimizer.state[p].items()}
+        for name, p in engine.model.named_parameters()
+    }
     ckpt = CheckpointManager(tmp_path, config(), engine)
     ckpt.save(2, {"tokens": 0})
     ckpt.wait()
@@ -379,7 +413,7 @@ def test_writer_skips_the_zip_crc_and_its_files_load_back_exactly(tmp_path, monk
     zips = [(step_dir / "train_state.0.pt").read_bytes()]
     for info in read_dcp_metadata(step_dir / ".metadata").storage_data.values():
         data = (step_dir / info.relative_path).read_bytes()
-        zips.append(data[info.offset:info.offset + info.length])
+        zips.append(data[info.offset : info.offset + info.length])
     crcs = [record.CRC for data in zips for record in zipfile.ZipFile(io.BytesIO(data)).infolist()]
     assert len(zips) == 1 + 3 * len(saved) and len(crcs) > len(zips) and set(crcs) == {0}
 
@@ -406,8 +440,10 @@ def moments_at_save(tiny_data, tmp_path_factory) -> Path:
     from conftest import launcher, run_ok
 
     out = tmp_path_factory.mktemp("moments")
-    run_ok([*launcher("fsdp", 2), "tests/moments_at_save.py", str(out), str(tiny_data), *MOMENT_LAYOUTS],
-           timeout=900)
+    run_ok(
+        [*launcher("fsdp", 2), "tests/moments_at_save.py", str(out), str(tiny_data), *MOMENT_LAYOUTS],
+        timeout=900,
+    )
     return out
 
 
@@ -437,4 +473,6 @@ def test_checkpointed_moments_are_those_the_engine_held_when_it_saved(moments_at
     reloaded = torch.load(moments_at_save / layout / "reloaded.pt", weights_only=True)
     for name, moments in held.items():
         for key, value in moments.items():
-            assert torch.equal(reloaded[name][key], value), f"{layout}: {name} {key} differs once loaded into an engine"
+            assert torch.equal(reloaded[name][key], value), (
+                f"{layout}: {name} {key} differs once loaded into an engine"
+            )

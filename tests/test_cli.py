@@ -1,5 +1,6 @@
 """The `evertrain` command's front door: --version, --help of every command without importing torch,
 the help lines shown for commands that are not loaded, and `--run`/`--run-dir` on every run command."""
+
 from __future__ import annotations
 
 import subprocess
@@ -25,19 +26,28 @@ RUN_COMMANDS = {  # argv that parses up to a run dir, per command that takes one
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])
-    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"evertrain {evertrain.__version__}"
+    assert (
+        exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"evertrain {evertrain.__version__}"
+    )
 
 
 def test_help_of_every_command_imports_no_torch():
     """In one fresh interpreter: --help, --version and each command's --help, then torch must still
     be unimported (importing it is most of a command's start-up time)."""
-    helps = [["--help"], ["--version"], *([name, "--help"] for name in cli.COMMANDS),
-             ["data", "prepare", "--help"], ["export", "hf", "--help"]]
-    code = ("import sys\nfrom evertrain.launch import cli\n"
-            f"for argv in {helps!r}:\n"
-            "    try:\n        cli.main(argv)\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
-            "heavy = [m for m in ('torch', 'deepspeed', 'matplotlib', 'safetensors') if m in sys.modules]\n"
-            "print('HEAVY', heavy)\n")
+    helps = [
+        ["--help"],
+        ["--version"],
+        *([name, "--help"] for name in cli.COMMANDS),
+        ["data", "prepare", "--help"],
+        ["export", "hf", "--help"],
+    ]
+    code = (
+        "import sys\nfrom evertrain.launch import cli\n"
+        f"for argv in {helps!r}:\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
+        "heavy = [m for m in ('torch', 'deepspeed', 'matplotlib', 'safetensors') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1] == "HEAVY []"
@@ -90,12 +100,15 @@ def test_every_option_of_every_command_says_its_default():
     for words, parser in all_parsers():
         formatter = parser._get_formatter()
         for action in parser._actions:
-            if action.help == argparse.SUPPRESS or isinstance(action, (argparse._HelpAction, argparse._VersionAction,
-                                                                       argparse._SubParsersAction)):
+            if action.help == argparse.SUPPRESS or isinstance(
+                action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+            ):
                 continue
             text = formatter._get_help_string(action) if action.help else ""
             if not text or (action.option_strings and "default" not in text and "required" not in text):
-                missing.append(f"{words or 'evertrain'} {'/'.join(action.option_strings) or action.dest}: {text!r}")
+                missing.append(
+                    f"{words or 'evertrain'} {'/'.join(action.option_strings) or action.dest}: {text!r}"
+                )
     assert not missing, "\n".join(missing)
 
 
@@ -113,7 +126,7 @@ def test_every_command_help_ends_with_examples_that_parse():
         for line in lines:
             argv = shlex.split(line, comments=True)
             if words == "pretrain.py":  # after the launcher and its own options
-                argv = argv[argv.index("pretrain.py") + 1:]
+                argv = argv[argv.index("pretrain.py") + 1 :]
                 assert pretrain.parse_args(argv).config, line
             else:
                 assert argv[0] == "evertrain", line
@@ -124,14 +137,17 @@ def test_every_command_help_ends_with_examples_that_parse():
 def test_pretrain_help_and_print_config_import_no_torch():
     """pretrain.py answers --help and --print-config before importing torch (what a user waits for:
     bench/cli_startup.py times it)."""
-    code = ("import sys\nsys.argv[0] = 'pretrain.py'\nimport pretrain\n"
-            "assert pretrain.main(['--config', 'configs/tiny.yaml', '--print-config', 'train.max_steps=5']) == 0\n"
-            "assert pretrain.main(['--config', 'configs/tiny.yaml', 'train.max_lr=1']) == 2\n"
-            "try:\n    pretrain.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-            "heavy = [m for m in ('torch', 'deepspeed', 'numpy') if m in sys.modules]\n"
-            "print('HEAVY', heavy)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=str(REPO), check=False)
+    code = (
+        "import sys\nsys.argv[0] = 'pretrain.py'\nimport pretrain\n"
+        "assert pretrain.main(['--config', 'configs/tiny.yaml', '--print-config', 'train.max_steps=5']) == 0\n"
+        "assert pretrain.main(['--config', 'configs/tiny.yaml', 'train.max_lr=1']) == 2\n"
+        "try:\n    pretrain.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "heavy = [m for m in ('torch', 'deepspeed', 'numpy') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(REPO), check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "max_steps: 5" in proc.stdout and "examples:" in proc.stdout
     assert "train.max_lr: unknown key; did you mean optim.max_lr?" in proc.stderr
@@ -145,7 +161,9 @@ def test_forker_nodes_is_the_old_spelling_of_pool_and_warns_once(capsys):
     assert capsys.readouterr().err == ""
     assert parser.parse_args([*base, "--nodes", "local:3", "--nodes", "local:4"]).pool == "local:4"
     assert capsys.readouterr().err == "warning: --nodes is now --pool (the old spelling will go)\n"
-    plan = cli.build_parser("plan").parse_args(["plan", "--config", "c.yaml", "--nodes", "4", "--gpus-per-node", "8"])
+    plan = cli.build_parser("plan").parse_args(
+        ["plan", "--config", "c.yaml", "--nodes", "4", "--gpus-per-node", "8"]
+    )
     assert plan.nodes == 4  # plan's --nodes counts nodes, and keeps its name
 
 

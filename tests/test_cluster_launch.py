@@ -3,6 +3,7 @@
 command here. Covered: ranks from srun/mpirun, Slurm node lists, the Slurm pool (a real fork on two
 srun tasks), `deepspeed --launcher slurm` (a real DeepSpeed run on two srun tasks) and multi-host
 hostfile forks (several at once, each with its own hostfile)."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from evertrain.launch.forker import Forker, ForkerOptions
 from evertrain.launch.nodes import NodePoolError, parse_pool
-from evertrain.pretrain.distributed import (LaunchError, detect_launcher, engine_for_launcher, expand_nodelist,
-                                            parse_nodelist, scheduler_env)
 from evertrain.pretrain.checkpoint.store import read_meta
+from evertrain.pretrain.distributed import (
+    LaunchError,
+    detect_launcher,
+    engine_for_launcher,
+    expand_nodelist,
+    parse_nodelist,
+    scheduler_env,
+)
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FAKEBIN = REPO / "tests" / "fakebin"
@@ -47,20 +55,30 @@ def recorded(log: Path) -> list[list[str]]:
 
 # -- node lists and ranks ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node1", ["node1"]),
-    ("gpu[01-03,7],login1", ["gpu01", "gpu02", "gpu03", "gpu7", "login1"]),
-    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
-    ("a[009-011]", ["a009", "a010", "a011"]),
-])
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[01-03,7],login1", ["gpu01", "gpu02", "gpu03", "gpu7", "login1"]),
+        ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+        ("a[009-011]", ["a009", "a010", "a011"]),
+    ],
+)
 def test_slurm_node_lists_expand(nodelist, hosts):
     assert parse_nodelist(nodelist) == hosts
 
 
-@pytest.mark.parametrize("nodelist, message", [
-    ("gpu[01-03", "unbalanced '['"), ("gpu01]", "unbalanced ']'"), ("gpu[3-1]", "runs backwards"),
-    ("gpu[a-b]", "bad range 'a-b'"), ("", "no hosts"),
-])
+@pytest.mark.parametrize(
+    "nodelist, message",
+    [
+        ("gpu[01-03", "unbalanced '['"),
+        ("gpu01]", "unbalanced ']'"),
+        ("gpu[3-1]", "runs backwards"),
+        ("gpu[a-b]", "bad range 'a-b'"),
+        ("", "no hosts"),
+    ],
+)
 def test_bad_slurm_node_lists_are_one_line_errors(nodelist, message):
     with pytest.raises(LaunchError, match=re.escape(message)):
         parse_nodelist(nodelist)
@@ -73,36 +91,74 @@ def test_node_list_uses_scontrol_when_there_is_one(tmp_path, monkeypatch):
     assert expand_nodelist("whatever[1-2]") == ["from-scontrol-1", "from-scontrol-2"]
 
 
-SRUN_TASK = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
-             "SLURM_STEP_NODELIST": "gpu[07-10]", "SLURM_NTASKS": "8"}
+SRUN_TASK = {
+    "SLURM_PROCID": "5",
+    "SLURM_STEP_NUM_TASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_NODELIST": "gpu[07-10]",
+    "SLURM_NTASKS": "8",
+}
 
 
-@pytest.mark.parametrize("env, expected, launcher", [
-    (SRUN_TASK, {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "29742"},
-     "slurm"),
-    # mpirun inside a Slurm allocation (deepspeed --launcher openmpi): MPI's ranks, not the allocation's
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]", "OMPI_COMM_WORLD_RANK": "3",
-      "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
-     {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}, "openmpi"),
-    ({"PMI_RANK": "2", "PMI_SIZE": "3", "MPI_LOCALRANKID": "2", "MASTER_ADDR": "head"},
-     {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2", "MASTER_PORT": "29500"}, "mpich"),
-])
+@pytest.mark.parametrize(
+    "env, expected, launcher",
+    [
+        (
+            SRUN_TASK,
+            {
+                "RANK": "5",
+                "WORLD_SIZE": "8",
+                "LOCAL_RANK": "1",
+                "MASTER_ADDR": "gpu07",
+                "MASTER_PORT": "29742",
+            },
+            "slurm",
+        ),
+        # mpirun inside a Slurm allocation (deepspeed --launcher openmpi): MPI's ranks, not the allocation's
+        (
+            {
+                "SLURM_PROCID": "0",
+                "SLURM_NTASKS": "4",
+                "SLURM_JOB_NODELIST": "n[1-2]",
+                "OMPI_COMM_WORLD_RANK": "3",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            },
+            {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
+            "openmpi",
+        ),
+        (
+            {"PMI_RANK": "2", "PMI_SIZE": "3", "MPI_LOCALRANKID": "2", "MASTER_ADDR": "head"},
+            {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2", "MASTER_PORT": "29500"},
+            "mpich",
+        ),
+    ],
+)
 def test_ranks_come_from_the_scheduler(env, expected, launcher):
     adopted = scheduler_env(env)
     assert {k: v for k, v in adopted.items() if k != "EVERTRAIN_LAUNCHED_BY"} == expected
     assert detect_launcher({**env, **adopted}) == launcher and engine_for_launcher(launcher) == "fsdp"
 
 
-@pytest.mark.parametrize("env", [
-    {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n[1-4]"},  # a batch script, not a task
-    {**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "1"},  # srun -n 1: trains alone
-    {**SRUN_TASK, "RANK": "0", "WORLD_SIZE": "8"},  # torchrun/deepspeed under srun: theirs win
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "4",
+            "SLURM_JOB_NODELIST": "n[1-4]",
+        },  # a batch script, not a task
+        {**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "1"},  # srun -n 1: trains alone
+        {**SRUN_TASK, "RANK": "0", "WORLD_SIZE": "8"},  # torchrun/deepspeed under srun: theirs win
+    ],
+)
 def test_no_scheduler_ranks_where_none_apply(env):
     assert scheduler_env(env) == {}
 
 
 # -- the Slurm pool ----------------------------------------------------------------------------------
+
 
 class Reached(Exception):
     """Raised by a stand-in for deepspeed.init_distributed: the engine got that far."""
@@ -118,8 +174,14 @@ def test_deepspeed_engine_takes_its_gpu_as_local_rank_modulo_the_visible_gpus(mo
     from evertrain.pretrain.engines.deepspeed import DeepSpeedEngine
     from evertrain.pretrain.schedule import Schedule
 
-    for key, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "n1",
-                       "MASTER_PORT": "29500", "CROSS_RANK": "0"}.items():
+    for key, value in {
+        "RANK": "3",
+        "LOCAL_RANK": "3",
+        "WORLD_SIZE": "8",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500",
+        "CROSS_RANK": "0",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -136,16 +198,38 @@ def test_deepspeed_engine_takes_its_gpu_as_local_rank_modulo_the_visible_gpus(mo
     assert picked == [torch.device("cuda", 0)] and str(reached.value) == "0"
 
 
-@pytest.mark.parametrize("env, hostname_ip, warned", [
-    ({"CROSS_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "10.0.0.5", ["MASTER_ADDR=127.0.0.1 is a loopback"]),
-    ({"SLURM_NNODES": "2", "MASTER_ADDR": "node1"}, "127.0.1.1", ["resolves to a loopback address"]),
-    ({"SLURM_NNODES": "2", "MASTER_ADDR": "node1", "GLOO_SOCKET_IFNAME": "eth0"}, "127.0.1.1", []),
-    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node1", "NCCL_SOCKET_IFNAME": "lo"},
-     "10.0.0.5", ["NCCL_SOCKET_IFNAME=lo binds to the loopback"]),
-    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node1", "NCCL_SOCKET_IFNAME": "^lo,docker"},
-     "10.0.0.5", []),
-    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1"}, "127.0.1.1", []),  # one node
-])
+@pytest.mark.parametrize(
+    "env, hostname_ip, warned",
+    [
+        (
+            {"CROSS_SIZE": "2", "MASTER_ADDR": "127.0.0.1"},
+            "10.0.0.5",
+            ["MASTER_ADDR=127.0.0.1 is a loopback"],
+        ),
+        ({"SLURM_NNODES": "2", "MASTER_ADDR": "node1"}, "127.0.1.1", ["resolves to a loopback address"]),
+        ({"SLURM_NNODES": "2", "MASTER_ADDR": "node1", "GLOO_SOCKET_IFNAME": "eth0"}, "127.0.1.1", []),
+        (
+            {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node1", "NCCL_SOCKET_IFNAME": "lo"},
+            "10.0.0.5",
+            ["NCCL_SOCKET_IFNAME=lo binds to the loopback"],
+        ),
+        (
+            {
+                "WORLD_SIZE": "16",
+                "LOCAL_WORLD_SIZE": "8",
+                "MASTER_ADDR": "node1",
+                "NCCL_SOCKET_IFNAME": "^lo,docker",
+            },
+            "10.0.0.5",
+            [],
+        ),
+        (
+            {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1"},
+            "127.0.1.1",
+            [],
+        ),  # one node
+    ],
+)
 def test_preflight_warns_of_loopback_addresses_on_several_nodes(monkeypatch, env, hostname_ip, warned):
     import socket
 
@@ -160,16 +244,24 @@ def test_preflight_warns_of_loopback_addresses_on_several_nodes(monkeypatch, env
 
 
 def test_slurm_pool_builds_one_sbatch_job_per_fork(cluster, tmp_path):
-    pool = parse_pool("slurm:2", slurm_args="--partition gpu --account proj --time 2:00:00 --nodes 2 "
-                                            "--gres=gpu:h100:8")
+    pool = parse_pool(
+        "slurm:2", slurm_args="--partition gpu --account proj --time 2:00:00 --nodes 2 --gres=gpu:h100:8"
+    )
     cmd = pool.command(pool.slots[1], "evertrain.launch.fork", ["--step", "5"], log=tmp_path / "fork.log")
     assert cmd[:3] == ["sbatch", "--wait", "--job-name=evertrain-slurm-1"]
     assert cmd[cmd.index("--partition") + 1] == "gpu" and "--ntasks-per-node=8" in cmd
     assert f"--output={tmp_path / 'fork.log'}" in cmd
     inner = shlex.split(cmd[cmd.index("--wrap") + 1])
-    assert inner[:2] == ["srun", "--kill-on-bad-exit=1"] and inner[-4:] == ["-m", "evertrain.launch.fork", "--step", "5"]
+    assert inner[:2] == ["srun", "--kill-on-bad-exit=1"] and inner[-4:] == [
+        "-m",
+        "evertrain.launch.fork",
+        "--step",
+        "5",
+    ]
     given = parse_pool("slurm", slurm_args="--gpus-per-node=4 --ntasks-per-node=2")
-    assert [o for o in given.command(given.slots[0], "m", []) if o.startswith("--ntasks")] == ["--ntasks-per-node=2"]
+    assert [o for o in given.command(given.slots[0], "m", []) if o.startswith("--ntasks")] == [
+        "--ntasks-per-node=2"
+    ]
     for args, message in (("--wrap 'x'", "must not hold --wrap"), ("--partition 'x", "--slurm-args")):
         with pytest.raises(NodePoolError, match=message):
             parse_pool("slurm", slurm_args=args)
@@ -182,14 +274,34 @@ def test_forker_on_slurm_runs_a_real_fork_on_two_srun_tasks(cluster, tiny_data, 
     """The forker submits the fork as a job; inside it srun starts 2 tasks that take their ranks from
     Slurm's variables and run FSDP2 (engine auto under srun) to result.json."""
     run_dir = tmp_path / "run"
-    subprocess.run([sys.executable, "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-                    f"data.path={tiny_data}", "model.vocab_size=512", "train.max_steps=4", "checkpoint.every_steps=4",
-                    "eval.every_steps=0", "train.micro_batch_size=4", "--engine", "single"],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)
-    options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=4, once=True, poll_s=0.2, eval_batches=1,
-                            engine="auto")
-    pool = parse_pool("slurm:1", slurm_args="--partition cpu --account proj --time 10:00 --nodes 1 "
-                                            "--ntasks-per-node 2")
+    subprocess.run(
+        [
+            sys.executable,
+            "pretrain.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.max_steps=4",
+            "checkpoint.every_steps=4",
+            "eval.every_steps=0",
+            "train.micro_batch_size=4",
+            "--engine",
+            "single",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    options = ForkerOptions(
+        run_dir, cooldown_fraction=0.5, every=4, once=True, poll_s=0.2, eval_batches=1, engine="auto"
+    )
+    pool = parse_pool(
+        "slurm:1", slurm_args="--partition cpu --account proj --time 10:00 --nodes 1 --ntasks-per-node 2"
+    )
     lines = []
     assert Forker(options, pool, log=lines.append).run() == 0, lines
     out = run_dir / "cooldowns" / "from_000000004_1-sqrt_2"
@@ -197,7 +309,7 @@ def test_forker_on_slurm_runs_a_real_fork_on_two_srun_tasks(cluster, tiny_data, 
     meta = read_meta(out / "final")
     assert (meta["engine"], meta["world_size"]) == ("fsdp", 2)
     sbatch, srun = recorded(cluster)
-    assert sbatch[0] == "sbatch" and ["--partition", "cpu"] == sbatch[sbatch.index("--partition"):][:2]
+    assert sbatch[0] == "sbatch" and ["--partition", "cpu"] == sbatch[sbatch.index("--partition") :][:2]
     assert srun[0] == "srun" and "evertrain.launch.fork" in srun
 
 
@@ -211,12 +323,34 @@ def test_deepspeed_launcher_slurm_gets_ranks_right(cluster, tiny_data, tmp_path)
     run_dir = tmp_path / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": port}
     # --force_multi: with one host in the hostfile DeepSpeed would otherwise start the ranks itself
-    proc = subprocess.run([str(VENV_BIN / "deepspeed"), "--force_multi", "--launcher", "slurm", "--hostfile", str(hostfile),
-                           "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-                           f"data.path={tiny_data}", "model.vocab_size=512", "train.max_steps=2",
-                           "checkpoint.every_steps=2", "eval.every_steps=0", "train.micro_batch_size=4",
-                           "engine.name=deepspeed", "engine.zero_stage=3"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            str(VENV_BIN / "deepspeed"),
+            "--force_multi",
+            "--launcher",
+            "slurm",
+            "--hostfile",
+            str(hostfile),
+            "pretrain.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.max_steps=2",
+            "checkpoint.every_steps=2",
+            "eval.every_steps=0",
+            "train.micro_batch_size=4",
+            "engine.name=deepspeed",
+            "engine.zero_stage=3",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_meta(run_dir / "checkpoints" / "step_000000002")
     assert (meta["engine"], meta["world_size"], meta["zero_stage"]) == ("deepspeed", 2, 3)
@@ -264,10 +398,16 @@ def test_multi_host_forks_get_their_own_hostfiles_and_run_at_once(cluster, tmp_p
         written[fork_hostfile.parent.name] = fork_hostfile.read_text()
         assert argv[argv.index("--master_addr") + 1] == fork_hostfile.read_text().split()[0]
     assert sorted(written.values()) == ["n1 slots=8\nn2 slots=8\n", "n3 slots=8\nn4 slots=8\n"]
-    starts = sorted(float(t) for kind, _, t in (line.split() for line in (run_dir / "events.txt").read_text().splitlines())
-                    if kind == "start")
-    ends = sorted(float(t) for kind, _, t in (line.split() for line in (run_dir / "events.txt").read_text().splitlines())
-                  if kind == "end")
+    starts = sorted(
+        float(t)
+        for kind, _, t in (line.split() for line in (run_dir / "events.txt").read_text().splitlines())
+        if kind == "start"
+    )
+    ends = sorted(
+        float(t)
+        for kind, _, t in (line.split() for line in (run_dir / "events.txt").read_text().splitlines())
+        if kind == "end"
+    )
     assert starts[1] < ends[0]  # both forks ran at the same time
     with pytest.raises(NodePoolError, match="fewer than --hosts-per-fork 6"):
         parse_pool(str(hostfile), hosts_per_job=6)

@@ -1,5 +1,6 @@
 """Data layer: corpus unpacking, deterministic prepare, the window stream (world size, resume, epochs,
 mixture weights), val batches, and one clear error for each kind of bad input with nothing damaged."""
+
 from __future__ import annotations
 
 import json
@@ -12,19 +13,28 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import load_unpack
 from evertrain.launch import cli
-from evertrain.pretrain.data.stream import (DataError, TokenStream, file_sha256, load_manifest, shard_name,
-                                     val_batches)
 from evertrain.pretrain.data.bpe import train_tokenizer
 from evertrain.pretrain.data.prepare import prepare
 from evertrain.pretrain.data.sources import expand_inputs
+from evertrain.pretrain.data.stream import (
+    DataError,
+    TokenStream,
+    file_sha256,
+    load_manifest,
+    shard_name,
+    val_batches,
+)
+
+from conftest import load_unpack
 
 SEQ = 32
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): file_sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): file_sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()
+    }
 
 
 def all_windows(data_dir: Path, seq_len: int, split: str = "train") -> list[bytes]:
@@ -34,7 +44,7 @@ def all_windows(data_dir: Path, seq_len: int, split: str = "train") -> list[byte
     for shard in manifest.shards(split):
         tokens = np.fromfile(data_dir / shard.file, dtype="<u2")
         n = shard.tokens // (seq_len + 1)
-        out += [row.astype(np.int64).tobytes() for row in tokens[:n * (seq_len + 1)].reshape(n, seq_len + 1)]
+        out += [row.astype(np.int64).tobytes() for row in tokens[: n * (seq_len + 1)].reshape(n, seq_len + 1)]
     return out
 
 
@@ -55,6 +65,7 @@ def data_copy(tiny_data, tmp_path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- corpus
 
+
 def test_unpack_strips_markdown_and_holds_out_whole_plays(corpus_files):
     unpack = load_unpack()
     assert sorted(p.stem for p in corpus_files.val) == sorted(unpack.VAL_PLAYS)
@@ -68,7 +79,10 @@ def test_unpack_strips_markdown_and_holds_out_whole_plays(corpus_files):
 
 def test_markdown_to_text():
     markdown = "# Play\n\n## ACT I\n\n_Enter A_\n\n**A**  \nWords,\\-- more:  \n__\\[Aside]_ &amp; c.\n"
-    assert load_unpack().markdown_to_text(markdown) == "Play\n\nACT I\n\nEnter A\n\nA\nWords,-- more:\n[Aside] & c.\n"
+    assert (
+        load_unpack().markdown_to_text(markdown)
+        == "Play\n\nACT I\n\nEnter A\n\nA\nWords,-- more:\n[Aside] & c.\n"
+    )
 
 
 def test_unpack_is_idempotent(tmp_path):
@@ -81,9 +95,11 @@ def test_unpack_is_idempotent(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- prepare
 
+
 def test_prepare_is_byte_for_byte_deterministic(tiny_data, tiny_slices, tmp_path):
-    again = prepare(tiny_slices.train, tmp_path / "again", 512, val=tiny_slices.val, shard_tokens=1 << 15,
-                    workers=1)  # the fixture used 2 encoding threads
+    again = prepare(
+        tiny_slices.train, tmp_path / "again", 512, val=tiny_slices.val, shard_tokens=1 << 15, workers=1
+    )  # the fixture used 2 encoding threads
     assert tree_digest(again.data_dir) == tree_digest(tiny_data)
     assert len(again.train) > 1 and all(s.tokens == 1 << 15 for s in again.train[:-1])
 
@@ -101,7 +117,9 @@ def test_prepared_tokens_are_the_documents_joined_by_eos(tiny_data, tiny_slices)
     sp = spm.SentencePieceProcessor(model_file=str(tiny_data / manifest.tokenizer["path"]))
     tokens = np.concatenate([np.fromfile(tiny_data / s.file, dtype="<u2") for s in manifest.train]).tolist()
     texts = [p.read_text() for p in tiny_slices.train]
-    assert split_on(tokens, manifest.eos_id) == [sp.encode(t) for t in texts]  # encoding in blocks changes nothing
+    assert split_on(tokens, manifest.eos_id) == [
+        sp.encode(t) for t in texts
+    ]  # encoding in blocks changes nothing
     assert [sp.decode(d) for d in split_on(tokens, manifest.eos_id)] == texts  # lossless, newlines included
 
 
@@ -135,8 +153,13 @@ def test_prepare_never_overwrites_a_data_dir(tiny_data, tiny_slices, data_copy):
 
 
 def test_reused_tokenizer_gives_the_same_tokens(tiny_data, tiny_slices, tmp_path):
-    reused = prepare(tiny_slices.train, tmp_path / "reused", tokenizer=tiny_data / "tokenizer.model",
-                     val=tiny_slices.val, shard_tokens=1 << 15)
+    reused = prepare(
+        tiny_slices.train,
+        tmp_path / "reused",
+        tokenizer=tiny_data / "tokenizer.model",
+        val=tiny_slices.val,
+        shard_tokens=1 << 15,
+    )
     assert tree_digest(reused.data_dir) == tree_digest(tiny_data)
     with pytest.raises(DataError, match="--vocab-size 1024: --tokenizer .* has 512"):
         prepare(tiny_slices.train, tmp_path / "other", 1024, tokenizer=tiny_data / "tokenizer.model")
@@ -144,19 +167,39 @@ def test_reused_tokenizer_gives_the_same_tokens(tiny_data, tiny_slices, tmp_path
 
 def test_cli_prepare_and_one_line_errors(tiny_slices, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli"
-    args = ["data", "prepare", "--input", *map(str, tiny_slices.train[:2]), "--val", str(tiny_slices.val[0]),
-            "--out", str(out), "--vocab-size", "400", "--shard-tokens", "20000", "--workers", "2"]
+    args = [
+        "data",
+        "prepare",
+        "--input",
+        *map(str, tiny_slices.train[:2]),
+        "--val",
+        str(tiny_slices.val[0]),
+        "--out",
+        str(out),
+        "--vocab-size",
+        "400",
+        "--shard-tokens",
+        "20000",
+        "--workers",
+        "2",
+    ]
     assert cli.main(args) == 0
     assert "version 1" in capsys.readouterr().out
     assert load_manifest(out, verify_checksums=True).vocab_size == 400
     assert cli.main(args) == 2  # again: the data dir exists
-    assert cli.main(args[:2] + ["--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x"),
-                                "--vocab-size", "400"]) == 2
+    assert (
+        cli.main(
+            args[:2]
+            + ["--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x"), "--vocab-size", "400"]
+        )
+        == 2
+    )
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "already a data dir" in errors[0] and "nope.txt: no such file" in errors[1]
 
 
 # ---------------------------------------------------------------------------------------------- manifest checks
+
 
 def edit_manifest(data_dir: Path, edit) -> None:
     path = data_dir / "manifest.json"
@@ -188,11 +231,14 @@ def test_vocab_that_does_not_fit_the_dtype_is_refused(data_copy):
         load_manifest(data_copy)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m["train"][0].update(source=7), r"'train\[0\].source' should be str, got 7"),
-    (lambda m: m.update(bos_id="x"), "'bos_id' 'x' is not null or an id"),
-    (lambda m: m.update(history={"a": 1}), "'history' should be list"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["train"][0].update(source=7), r"'train\[0\].source' should be str, got 7"),
+        (lambda m: m.update(bos_id="x"), "'bos_id' 'x' is not null or an id"),
+        (lambda m: m.update(history={"a": 1}), "'history' should be list"),
+    ],
+)
 def test_a_manifest_field_of_the_wrong_type_is_one_line(data_copy, edit, message):
     edit_manifest(data_copy, edit)
     with pytest.raises(DataError, match=message) as err:
@@ -209,6 +255,7 @@ def test_seq_len_longer_than_every_shard_is_named(tiny_data):
 
 
 # ---------------------------------------------------------------------------------------------- stream
+
 
 def test_world_size_one_and_two_see_the_same_windows(tiny_data):
     single = TokenStream(tiny_data, SEQ, seed=3)
@@ -239,16 +286,25 @@ def test_an_epoch_is_every_window_once_shuffled_across_shards(tiny_data):
     share of the windows is flat over the epoch, not a block at its start."""
     stream = TokenStream(tiny_data, SEQ, seed=5)
     windows = all_windows(tiny_data, SEQ)
-    first_shard = set(windows[:load_manifest(tiny_data).train[0].tokens // (SEQ + 1)])
+    first_shard = set(windows[: load_manifest(tiny_data).train[0].tokens // (SEQ + 1)])
     epoch = read(stream, len(windows), batch=64)
     assert Counter(epoch) == Counter(windows) and epoch != windows
     share = len(first_shard) / len(windows)
     quarter = len(epoch) // 4
     for k in range(4):  # no drift: the first files are spread over the whole epoch
-        part = epoch[k * quarter:(k + 1) * quarter]
+        part = epoch[k * quarter : (k + 1) * quarter]
         assert abs(sum(w in first_shard for w in part) / len(part) - share) < 0.04
-    assert stream.state_dict().items() >= {"cursor": len(windows), "epoch": 0, "epoch_start": 0,
-                                           "manifest_version": 1, "segments": [[0, 1]], "mix": None}.items()
+    assert (
+        stream.state_dict().items()
+        >= {
+            "cursor": len(windows),
+            "epoch": 0,
+            "epoch_start": 0,
+            "manifest_version": 1,
+            "segments": [[0, 1]],
+            "mix": None,
+        }.items()
+    )
     next_epoch = read(stream, len(windows), batch=64)
     assert Counter(next_epoch) == Counter(windows) and next_epoch != epoch
     assert stream.state_dict()["epoch"] == 1
@@ -261,22 +317,33 @@ def test_a_batch_across_the_epoch_end_takes_the_next_epoch(tiny_data):
     read(stream, n - 3, batch=64)
     crossing = rows(stream.next_batch(8))
     in_other_batches = TokenStream(tiny_data, SEQ, seed=5)
-    assert crossing == read(in_other_batches, n + 5, batch=64)[n - 3:]
-    assert stream.state_dict().items() >= {"cursor": n + 5, "epoch": 1, "epoch_start": n, "manifest_version": 1,
-                                           "segments": [[0, 1]], "mix": None}.items()
+    assert crossing == read(in_other_batches, n + 5, batch=64)[n - 3 :]
+    assert (
+        stream.state_dict().items()
+        >= {
+            "cursor": n + 5,
+            "epoch": 1,
+            "epoch_start": n,
+            "manifest_version": 1,
+            "segments": [[0, 1]],
+            "mix": None,
+        }.items()
+    )
 
 
 def test_mixture_weights_repeat_or_subsample_each_source_interleaved(data_copy):
     """Replaces the old block-per-shard mixture test (issue 17): the counts per epoch are the same
     (weight x windows per shard), but the sources are interleaved at every position."""
+
     def weigh(m):  # shards 0-2 are source "a" at 2x, 3-5 source "b" at 0.5x
         for i, shard in enumerate(m["train"]):
             shard["source"] = "a" if i < 3 else "b"
         m["weights"] = {"a": 2.0, "b": 0.5}
+
     edit_manifest(data_copy, weigh)
     windows = all_windows(data_copy, SEQ)
     per_shard = [s.tokens // (SEQ + 1) for s in load_manifest(data_copy).train]
-    a, b = windows[:sum(per_shard[:3])], windows[sum(per_shard[:3]):]
+    a, b = windows[: sum(per_shard[:3])], windows[sum(per_shard[:3]) :]
     expected_length = 2 * len(a) + sum(round(0.5 * n) for n in per_shard[3:])
     stream = TokenStream(data_copy, SEQ, seed=1)
     epoch = read(stream, expected_length, batch=64)
@@ -299,10 +366,11 @@ def test_a_cooldown_mix_samples_sources_by_share(data_copy):
     def sources(m):  # shards 0-1 "hq", 2-5 "main"
         for i, shard in enumerate(m["train"]):
             shard["source"] = "hq" if i < 2 else "main"
+
     edit_manifest(data_copy, sources)
     windows = all_windows(data_copy, SEQ)
     per_shard = [s.tokens // (SEQ + 1) for s in load_manifest(data_copy).train]
-    hq = set(windows[:sum(per_shard[:2])])
+    hq = set(windows[: sum(per_shard[:2])])
     stream = TokenStream(data_copy, SEQ, seed=4, mix={"hq": 0.7, "main": 0.3})
     epoch = read(stream, stream.layout.length, batch=64)
     assert len(set(epoch)) == len(epoch)  # a mix epoch reads no window twice
@@ -320,8 +388,9 @@ def test_a_cooldown_mix_samples_sources_by_share(data_copy):
 
 # ---------------------------------------------------------------------------------------------- val
 
+
 def test_val_batches_are_the_first_val_windows_split_over_ranks(tiny_data):
-    expected = all_windows(tiny_data, SEQ, "val")[:3 * 8]
+    expected = all_windows(tiny_data, SEQ, "val")[: 3 * 8]
     single = val_batches(tiny_data, SEQ, 3, 8)
     assert [r for batch in single for r in rows(batch)] == expected
     halves = [val_batches(tiny_data, SEQ, 3, 8, rank, 2) for rank in range(2)]

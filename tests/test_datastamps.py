@@ -1,12 +1,13 @@
 """Start-up verification hashes only new or changed shards, and still refuses a changed one."""
+
 import os
 import shutil
 
 import pytest
 
 from evertrain.pretrain.data import stream as data_module
-from evertrain.pretrain.data.stream import DataError, load_manifest
 from evertrain.pretrain.data.stamps import VerifiedStamps, stamp_file
+from evertrain.pretrain.data.stream import DataError, load_manifest
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ dir once it has a checkpoint at step 20, and the run takes it at a later checkpo
 20 steps leaves the append 60 steps to land); the forker started beside it waits for the run dir and
 forks cooldowns from steps 20, 60 and 100; the report marks the data versions and draws its PNG; the
 script prints its own wall time."""
+
 from __future__ import annotations
 
 import json
@@ -27,16 +28,42 @@ def test_demo_trains_appends_forks_and_reports(tiny_data, corpus_files, tmp_path
     more.write_text(corpus_files.train[-1].read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "POLL_S": "0.5", "APPEND": str(more)}
     proc = subprocess.run(
-        ["bash", "scripts/demo.sh", "--config", "configs/tiny.yaml", "--steps", "100", "--at", "20,60,100",
-         "--append-at", "20", "--run", str(run_dir), "--data", str(data), "--bin", str(Path(sys.executable).parent),
-         "--", "model.vocab_size=512", "eval.every_steps=0"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+        [
+            "bash",
+            "scripts/demo.sh",
+            "--config",
+            "configs/tiny.yaml",
+            "--steps",
+            "100",
+            "--at",
+            "20,60,100",
+            "--append-at",
+            "20",
+            "--run",
+            str(run_dir),
+            "--data",
+            str(data),
+            "--bin",
+            str(Path(sys.executable).parent),
+            "--",
+            "model.vocab_size=512",
+            "eval.every_steps=0",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "[forker] forker: waiting up to" in output  # it really started before the run dir existed
     assert f"[append] appended to {data}: version 2" in output
     for step in (20, 60, 100):
-        result = json.loads((run_dir / "cooldowns" / f"from_{step:09d}_1-sqrt_{step // 5}" / "result.json").read_text())
+        result = json.loads(
+            (run_dir / "cooldowns" / f"from_{step:09d}_1-sqrt_{step // 5}" / "result.json").read_text()
+        )
         assert result["from_step"] == step and result["cooldown_steps"] == step // 5
         assert result["val_loss"] > 0 and result["tokens"] > 0
 

@@ -9,6 +9,7 @@ as arguments missing from what the script receives); `make X` by the Makefile's 
 their existence. Synopses and placeholders (`...`, `<...>`, `[--opt X]`, `A|B`) are prose in code form and
 are skipped; shell variables (`$i`, `${N}`) stand for the value 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,7 +89,11 @@ def check_evertrain(args: list[str]) -> None:
         assert exc.code == 0 and ({"--help", "-h", "--version"} & set(args)), f"evertrain {' '.join(args)}"
 
 
-ENGINES_OF_LAUNCHER = {"python": ("auto", "single"), "torchrun": ("auto", "fsdp"), "deepspeed": ("auto", "deepspeed")}
+ENGINES_OF_LAUNCHER = {
+    "python": ("auto", "single"),
+    "torchrun": ("auto", "fsdp"),
+    "deepspeed": ("auto", "deepspeed"),
+}
 
 
 def check_pretrain(args: list[str], launcher: str = "python") -> None:
@@ -108,7 +113,8 @@ def check_pretrain(args: list[str], launcher: str = "python") -> None:
     cfg = load_config(REPO / parsed.config, overrides)
     if launcher in ENGINES_OF_LAUNCHER:
         assert cfg.engine.name in ENGINES_OF_LAUNCHER[launcher], (
-            f"{launcher} cannot start engine.name={cfg.engine.name} (from {parsed.config}); add --engine")
+            f"{launcher} cannot start engine.name={cfg.engine.name} (from {parsed.config}); add --engine"
+        )
 
 
 def check_script(script: str, args: list[str], launcher: str = "python") -> None:
@@ -139,14 +145,16 @@ def check_module_cli(module: str, args: list[str]) -> None:
 def check_torchrun(args: list[str]) -> None:
     from torch.distributed.run import get_args_parser
 
-    assert any(a.startswith(("--nproc_per_node", "--nproc-per-node")) for a in args), \
+    assert any(a.startswith(("--nproc_per_node", "--nproc-per-node")) for a in args), (
         "torchrun without --nproc_per_node starts one process per node"
+    )
     parsed = get_args_parser().parse_args(args)
     script_at = args.index(parsed.training_script)
-    given = args[script_at + 1:]
+    given = args[script_at + 1 :]
     assert parsed.training_script_args == given, (
         f"torchrun took some of the script's arguments for its own: the script gets "
-        f"{parsed.training_script_args}, the line gives {given}")
+        f"{parsed.training_script_args}, the line gives {given}"
+    )
     check_script(parsed.training_script, parsed.training_script_args, "torchrun")
 
 
@@ -155,7 +163,7 @@ def check_deepspeed(args: list[str]) -> None:
 
     parsed = parse_args(args)
     script_at = args.index(parsed.user_script)
-    assert parsed.user_args == args[script_at + 1:], (parsed.user_args, args[script_at + 1:])
+    assert parsed.user_args == args[script_at + 1 :], (parsed.user_args, args[script_at + 1 :])
     check_script(parsed.user_script, parsed.user_args, "deepspeed")
 
 
@@ -168,8 +176,10 @@ def check_make(args: list[str]) -> None:
 def check(line: Line) -> bool:
     """Checks one line; False when it is not a command this test knows how to parse."""
     tokens = words(line)
-    if not tokens or any(t == "..." or re.fullmatch(r"<[^>]*>", t) or t.startswith(("[", "(")) or
-                         re.search(r"\w\|\w", t) for t in tokens):
+    if not tokens or any(
+        t == "..." or re.fullmatch(r"<[^>]*>", t) or t.startswith(("[", "(")) or re.search(r"\w\|\w", t)
+        for t in tokens
+    ):
         return False  # a synopsis ([--opt X], A|B, (a | b)) or a placeholder, not a command
     tokens = [re.sub(r"\$\{?\w+\}?", "1", t) for t in tokens]  # shell variables: a value of any type
     program, args = Path(tokens[0]).name, tokens[1:]
@@ -191,7 +201,9 @@ def check(line: Line) -> bool:
     elif program == "bash" and args:
         assert (REPO / args[0]).is_file(), f"{args[0]}: no such script"
     elif program in ("srun", "sbatch", "mpirun", "salloc") and "pretrain.py" in args:
-        check_pretrain(args[args.index("pretrain.py") + 1:], launcher=None)  # the engine is the script's choice
+        check_pretrain(
+            args[args.index("pretrain.py") + 1 :], launcher=None
+        )  # the engine is the script's choice
     else:
         return False
     return True
@@ -201,8 +213,12 @@ LINES = command_lines()
 
 
 def test_the_docs_have_commands_to_check():
-    checked = [line for line in LINES if words(line) and Path(words(line)[0]).name in
-               ("evertrain", "python", "torchrun", "deepspeed", "make")]
+    checked = [
+        line
+        for line in LINES
+        if words(line)
+        and Path(words(line)[0]).name in ("evertrain", "python", "torchrun", "deepspeed", "make")
+    ]
     assert len(checked) >= 20, [str(line) for line in checked]
 
 
@@ -222,16 +238,29 @@ def test_documented_command_parses(line, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- speaking to users
 
-INTERNAL = re.compile(r"\bissue ?#?\d+|\bthis issue\b|\bthis session\b|\bsession's\b|\bthe seed's\b|\bengineers'",
-                      re.IGNORECASE)
+INTERNAL = re.compile(
+    r"\bissue ?#?\d+|\bthis issue\b|\bthis session\b|\bsession's\b|\bthe seed's\b|\bengineers'", re.IGNORECASE
+)
 
 
 def test_docs_and_messages_speak_to_users():
     """No references a user cannot follow: the project's issue numbers, its work sessions, "the seed"."""
-    texts = [*DOCS, REPO / "pretrain.py", *sorted((REPO / "evertrain").rglob("*.py")), *sorted((REPO / "configs").glob("*")),
-             *sorted((REPO / "examples").rglob("*")), REPO / "scripts" / "demo.sh", REPO / "Makefile"]
-    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}" for path in texts if path.is_file()
-             for number, line in enumerate(path.read_text().splitlines(), 1) if INTERNAL.search(line)]
+    texts = [
+        *DOCS,
+        REPO / "pretrain.py",
+        *sorted((REPO / "evertrain").rglob("*.py")),
+        *sorted((REPO / "configs").glob("*")),
+        *sorted((REPO / "examples").rglob("*")),
+        REPO / "scripts" / "demo.sh",
+        REPO / "Makefile",
+    ]
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in texts
+        if path.is_file()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if INTERNAL.search(line)
+    ]
     assert not found, "\n".join(found)
 
 
@@ -244,8 +273,9 @@ def test_config_reference_is_current():
     rows = config_reference.rows()
     assert [key for _, key, *_ in rows] == valid_keys()
     assert not [key for _, key, _, _, meaning in rows if not meaning], "keys without a meaning"
-    assert (REPO / "docs" / "config.md").read_text() == config_reference.render(), \
+    assert (REPO / "docs" / "config.md").read_text() == config_reference.render(), (
         "docs/config.md is stale: python -m evertrain.launch.config_reference > docs/config.md"
+    )
 
 
 SBATCH = REPO / "examples" / "slurm" / "train.sbatch"
@@ -266,16 +296,32 @@ def test_the_slurm_template_trains_and_forks_under_a_fake_scheduler(tiny_data, t
     of its own; the report closes the job."""
     run_dir = tmp_path / "runs" / "tiny"
     fakebin = REPO / "tests" / "fakebin"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
-           "PATH": f"{fakebin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "FAKE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-           "PYTHONPATH": str(REPO), "CONFIG": "configs/tiny.yaml", "RUN": str(run_dir), "MAX_STEPS": "8",
-           "OVERRIDES": f"data.path={tiny_data} model.vocab_size=512 checkpoint.every_steps=8 eval.every_steps=0 "
-                        "train.micro_batch_size=2",
-           "FORK_EVERY": "8", "FORK_FRACTION": "0.25", "FORK_POOL": "slurm:1",
-           "FORK_SLURM_ARGS": "--time 10:00 --nodes 1 --ntasks-per-node 2"}
-    proc = subprocess.run(["sbatch", "--nodes", "1", "--ntasks-per-node", "2", "--wrap", f"bash {SBATCH}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        "PATH": f"{fakebin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+        "CONFIG": "configs/tiny.yaml",
+        "RUN": str(run_dir),
+        "MAX_STEPS": "8",
+        "OVERRIDES": f"data.path={tiny_data} model.vocab_size=512 checkpoint.every_steps=8 eval.every_steps=0 "
+        "train.micro_batch_size=2",
+        "FORK_EVERY": "8",
+        "FORK_FRACTION": "0.25",
+        "FORK_POOL": "slurm:1",
+        "FORK_SLURM_ARGS": "--time 10:00 --nodes 1 --ntasks-per-node 2",
+    }
+    proc = subprocess.run(
+        ["sbatch", "--nodes", "1", "--ntasks-per-node", "2", "--wrap", f"bash {SBATCH}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:] + (run_dir / "forker.log").read_text()[-3000:]
     result = json.loads((run_dir / "cooldowns" / "from_000000008_1-sqrt_2" / "result.json").read_text())

@@ -4,6 +4,7 @@ training the same loss curve on the real corpus (single, DeepSpeed ZeRO-2 on 2 r
 The distributed runs are real `deepspeed` / `torchrun` launches of pretrain.py on CPU; each costs
 10-30 s of start-up here, so one run per engine serves several assertions.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher, launcher_env
 from evertrain.pretrain.config import ConfigError, from_dict
 from evertrain.pretrain.distributed import LaunchError, detect_launcher, engine_for_launcher, require_launcher
+
+from conftest import launcher, launcher_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -26,12 +28,21 @@ STEPS = 40
 
 # -- launcher detection ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("env, local_rank, launcher, engine", [
-    ({}, None, None, "single"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "CROSS_RANK": "0", "LOCAL_SIZE": "2"}, None, "deepspeed", "deepspeed"),
-    ({"RANK": "1", "WORLD_SIZE": "2"}, 1, "deepspeed", "deepspeed"),  # --local_rank=1 on the command line
-    ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}, None, "torchrun", "fsdp"),
-])
+
+@pytest.mark.parametrize(
+    "env, local_rank, launcher, engine",
+    [
+        ({}, None, None, "single"),
+        (
+            {"RANK": "0", "WORLD_SIZE": "2", "CROSS_RANK": "0", "LOCAL_SIZE": "2"},
+            None,
+            "deepspeed",
+            "deepspeed",
+        ),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, 1, "deepspeed", "deepspeed"),  # --local_rank=1 on the command line
+        ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}, None, "torchrun", "fsdp"),
+    ],
+)
 def test_launcher_detection(env, local_rank, launcher, engine):
     assert detect_launcher(env, local_rank) == launcher
     assert engine_for_launcher(launcher) == engine
@@ -54,6 +65,7 @@ def test_single_engine_refuses_a_multi_process_launch(monkeypatch):
 
 # -- DeepSpeed config ------------------------------------------------------------------------------
 
+
 def write_json(path: Path, data) -> str:
     path.write_text(json.dumps(data))
     return str(path)
@@ -62,13 +74,24 @@ def write_json(path: Path, data) -> str:
 def test_deepspeed_config_merges_ours_over_the_users_json(tmp_path):
     from evertrain.pretrain.engines.deepspeed import deepspeed_config
 
-    user = write_json(tmp_path / "ds.json", {"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": False})
-    cfg = from_dict({"train": {"micro_batch_size": 4, "grad_accum": 3}, "optim": {"grad_clip": 0.5},
-                     "engine": {"zero_stage": 3, "deepspeed_config": user}})
+    user = write_json(
+        tmp_path / "ds.json", {"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": False}
+    )
+    cfg = from_dict(
+        {
+            "train": {"micro_batch_size": 4, "grad_accum": 3},
+            "optim": {"grad_clip": 0.5},
+            "engine": {"zero_stage": 3, "deepspeed_config": user},
+        }
+    )
     ds = deepspeed_config(cfg, world_size=2, bf16=False)
     assert ds["zero_optimization"] == {"overlap_comm": True, "stage": 3}
     assert ds["wall_clock_breakdown"] is False
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    assert (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+    ) == (4, 3, 24)
     assert ds["gradient_clipping"] == 0.5 and ds["zero_allow_untested_optimizer"] is True
     assert ds["bf16"] == {"enabled": False}
 
@@ -83,21 +106,29 @@ def test_deepspeed_reporting_is_off_unless_the_users_json_asks(tmp_path):
     ds = deepspeed_config(from_dict({}), world_size=1, bf16=False)
     assert not get_timers_config(ds).enabled and ds["wall_clock_breakdown"] is False
     assert ds["steps_per_print"] > 10**12
-    user = write_json(tmp_path / "ds.json", {"timers": {"throughput": {"enabled": True}}, "steps_per_print": 10,
-                                            "wall_clock_breakdown": True})
+    user = write_json(
+        tmp_path / "ds.json",
+        {"timers": {"throughput": {"enabled": True}}, "steps_per_print": 10, "wall_clock_breakdown": True},
+    )
     ds = deepspeed_config(from_dict({"engine": {"deepspeed_config": user}}), world_size=1, bf16=False)
     timers = get_timers_config(ds)
     assert timers.enabled and timers.synchronized  # DeepSpeed's own default for what the user left out
     assert ds["steps_per_print"] == 10 and ds["wall_clock_breakdown"] is True
 
 
-@pytest.mark.parametrize("user, message", [
-    ({"zero_optimization": {"stage": 3}}, r"sets zero_optimization.stage=3, but the evertrain config gives 2"),
-    ({"optimizer": {"type": "Adam"}}, r"sets 'optimizer'"),
-    ({"scheduler": {"type": "WarmupLR"}}, r"sets 'scheduler'"),
-    ({"fp16": {"enabled": True}}, r"sets 'fp16'"),
-    ([1, 2], r"must hold a JSON object"),
-])
+@pytest.mark.parametrize(
+    "user, message",
+    [
+        (
+            {"zero_optimization": {"stage": 3}},
+            r"sets zero_optimization.stage=3, but the evertrain config gives 2",
+        ),
+        ({"optimizer": {"type": "Adam"}}, r"sets 'optimizer'"),
+        ({"scheduler": {"type": "WarmupLR"}}, r"sets 'scheduler'"),
+        ({"fp16": {"enabled": True}}, r"sets 'fp16'"),
+        ([1, 2], r"must hold a JSON object"),
+    ],
+)
 def test_deepspeed_config_conflicts_are_errors(tmp_path, user, message):
     from evertrain.pretrain.engines.deepspeed import deepspeed_config
 
@@ -110,13 +141,17 @@ def test_deepspeed_config_file_errors_name_the_file(tmp_path):
     from evertrain.pretrain.engines.deepspeed import deepspeed_config
 
     (tmp_path / "bad.json").write_text("{not json")
-    for path, message in [(tmp_path / "missing.json", "not found"), (tmp_path / "bad.json", "not valid JSON")]:
+    for path, message in [
+        (tmp_path / "missing.json", "not found"),
+        (tmp_path / "bad.json", "not valid JSON"),
+    ]:
         cfg = from_dict({"engine": {"deepspeed_config": str(path)}})
         with pytest.raises(ConfigError, match=f"{path.name}.*{message}|{message}.*{path.name}"):
             deepspeed_config(cfg, world_size=1, bf16=False)
 
 
 # -- clipping --------------------------------------------------------------------------------------
+
 
 class ScaleHolder:
     grad_scale = None
@@ -155,9 +190,13 @@ def test_single_engine_accumulation_matches_one_big_batch():
     from evertrain.pretrain.schedule import Schedule
 
     def engine(grad_accum):
-        cfg = from_dict({"model": {"vocab_size": 128, "d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 16},
-                         "optim": {"warmup_steps": 2, "grad_clip": 0.1},
-                         "train": {"micro_batch_size": 8 // grad_accum, "grad_accum": grad_accum, "device": "cpu"}})
+        cfg = from_dict(
+            {
+                "model": {"vocab_size": 128, "d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 16},
+                "optim": {"warmup_steps": 2, "grad_clip": 0.1},
+                "train": {"micro_batch_size": 8 // grad_accum, "grad_accum": grad_accum, "device": "cpu"},
+            }
+        )
         return SingleEngine(cfg, Schedule.from_config(cfg.optim))
 
     batch = torch.randint(0, 128, (8, 17), generator=torch.Generator().manual_seed(1))
@@ -173,11 +212,23 @@ def test_single_engine_accumulation_matches_one_big_batch():
 
 # -- the three engines on the real corpus ----------------------------------------------------------
 
+
 def pretrain_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return ["pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-            f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4",
-            "train.log_every=1", "eval.every_steps=20", "eval.batches=2", "checkpoint.every_steps=0",
-            *overrides]
+    return [
+        "pretrain.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        f"data.path={data}",
+        "model.vocab_size=512",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "eval.every_steps=20",
+        "eval.batches=2",
+        "checkpoint.every_steps=0",
+        *overrides,
+    ]
 
 
 def launch(engine: str, data: Path, run_dir: Path, *overrides: str) -> list[str]:
@@ -206,14 +257,23 @@ def engine_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for engine in ("deepspeed", "fsdp"):
         runs[engine] = root / engine
-        proc = subprocess.run(launch(engine, tiny_data, runs[engine], f"train.max_steps={STEPS}"),
-                              cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            launch(engine, tiny_data, runs[engine], f"train.max_steps={STEPS}"),
+            cwd=REPO,
+            env=launcher_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         (root / f"{engine}.stderr").write_text(proc.stderr)  # what a user sees
     runs["single"] = root / "single"
-    args = pretrain_args(tiny_data, runs["single"], "train.grad_accum=2", f"train.max_steps={STEPS}", "--engine", "single")
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=launcher_env(), capture_output=True, text=True,
-                          timeout=300)
+    args = pretrain_args(
+        tiny_data, runs["single"], "train.grad_accum=2", f"train.max_steps={STEPS}", "--engine", "single"
+    )
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs
 
@@ -239,12 +299,16 @@ def test_quiet_deepspeed_drops_only_the_two_messages():
     from evertrain.pretrain.engines.deepspeed import quiet_deepspeed
 
     def shown(message: str) -> bool:
-        return logger.filter(logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, message, None, None))
+        return logger.filter(
+            logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, message, None, None)
+        )
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_deepspeed()
-        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn(
+            "`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning
+        )
         warnings.warn("`torch.distributed.something_else` is deprecated.", FutureWarning)
     assert [str(w.message) for w in caught] == ["`torch.distributed.something_else` is deprecated."]
     assert not shown("**** You are using ZeRO with an untested optimizer, proceed with caution *****")
@@ -287,15 +351,22 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_with_a_checkpoint(
     import psutil
 
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(launch("fsdp", tiny_data, run_dir, "train.max_steps=null", "eval.every_steps=0"),
-                            cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        launch("fsdp", tiny_data, run_dir, "train.max_steps=null", "eval.every_steps=0"),
+        cwd=REPO,
+        env=launcher_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ((run_dir / "metrics.jsonl").is_file() and len(records(run_dir, "train")) >= 3):
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
-        rank1 = next(p for p in psutil.Process(proc.pid).children(recursive=True)
-                     if p.environ().get("RANK") == "1")
+        rank1 = next(
+            p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"
+        )
         rank1.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -319,16 +390,26 @@ def fsdp_layout_runs(tiny_data, tmp_path_factory) -> dict[str, tuple[Path, str]]
     root = tmp_path_factory.mktemp("fsdp_layouts")
     common = (f"train.max_steps={LAYOUT_STEPS}", "eval.every_steps=0")
     commands = {
-        "hsdp": launch("fsdp", tiny_data, root / "hsdp", *common, "engine.replicate=2", "engine.accumulate=unsharded"),
+        "hsdp": launch(
+            "fsdp", tiny_data, root / "hsdp", *common, "engine.replicate=2", "engine.accumulate=unsharded"
+        ),
         "sharded": launch("fsdp", tiny_data, root / "sharded", *common, "engine.accumulate=sharded"),
-        "single": [sys.executable, *pretrain_args(tiny_data, root / "single", "train.grad_accum=2", *common,
-                                                  "--engine", "single")],
+        "single": [
+            sys.executable,
+            *pretrain_args(tiny_data, root / "single", "train.grad_accum=2", *common, "--engine", "single"),
+        ],
     }
     runs = {}
     for name, command in commands.items():
-        proc = subprocess.run(command, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            command, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        banner = next(line for line in proc.stderr.splitlines() if line.startswith("evertrain: ") and "parameters" in line)
+        banner = next(
+            line
+            for line in proc.stderr.splitlines()
+            if line.startswith("evertrain: ") and "parameters" in line
+        )
         runs[name] = (root / name, banner)
     return runs
 
@@ -364,25 +445,41 @@ def test_sharded_accumulation_trains_like_unsharded(fsdp_layout_runs):
 
 
 @pytest.mark.parametrize("accumulate, reduced_after", [("unsharded", [2]), ("sharded", [0, 1, 2])])
-def test_fsdp2_reduce_scatters_per_step_as_its_accumulate_mode_says(accumulate, reduced_after, tiny_data,
-                                                                      monkeypatch):
+def test_fsdp2_reduce_scatters_per_step_as_its_accumulate_mode_says(
+    accumulate, reduced_after, tiny_data, monkeypatch
+):
     """Which micro-batches of a 3-micro-batch step are followed by the gradients' reduce-scatter (each
     FSDP group, the blocks and the root, reduces once at each): only the last one when unsharded, every
     one when sharded. A world of one, in this process: FSDP2 calls its reduction for one rank too (the
     collective itself is skipped), so the count is the engine's choice, not the world size's."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
-    from conftest import free_port
     from evertrain.pretrain import engines
     from evertrain.pretrain.config import load_config
     from evertrain.pretrain.data.stream import TokenStream
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}.items():
+    from conftest import free_port
+
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": free_port(),
+    }.items():
         monkeypatch.setenv(key, value)
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      [f"data.path={tiny_data}", "model.vocab_size=512", "engine.name=fsdp",
-                       f"engine.accumulate={accumulate}", "train.micro_batch_size=2", "train.grad_accum=3"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "engine.name=fsdp",
+            f"engine.accumulate={accumulate}",
+            "train.micro_batch_size=2",
+            "train.grad_accum=3",
+        ],
+    )
     engine = engines.create(cfg)
     try:
         assert engine.accumulate == accumulate
@@ -406,6 +503,7 @@ def test_fsdp2_reduce_scatters_per_step_as_its_accumulate_mode_says(accumulate, 
             engine.train_step(list(batch.split(2)))
             assert reduced == [i for i in reduced_after for _ in range(groups)], (
                 f"accumulate={accumulate}: reduce-scatters after micro-batches {reduced} of 0..2 "
-                f"({groups} groups), expected after {reduced_after}")
+                f"({groups} groups), expected after {reduced_after}"
+            )
     finally:
         engine.close()

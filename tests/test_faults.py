@@ -1,5 +1,6 @@
 """Faults and hostile input: crafted pickles, non-finite training, two trainers, swapped data,
 injection strings, kills and a full disk. Each test names the defect of issue 13 it guards."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import pretrain_tiny
 from evertrain.pretrain.checkpoint import CheckpointError, CheckpointManager, load_consolidated, store
 from evertrain.pretrain.checkpoint.safe_load import read_dcp_metadata, weights_only_loads
 from evertrain.pretrain.config import ConfigError, load_config
 
+from conftest import pretrain_tiny
 
 # -- 1. no code runs from a run dir -----------------------------------------------------------------
+
 
 class RunsCode:
     """A pickle that, if unpickled with plain pickle, creates `marker` (a stand-in for any command)."""
@@ -35,8 +37,17 @@ def toy_engine():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     optimizer.step_count = torch.zeros((), dtype=torch.int64)
     optimizer.set_step = lambda n: optimizer.step_count.fill_(n)
-    return SimpleNamespace(name="single", rank=0, world_size=1, is_main=True, device=torch.device("cpu"),
-                           model=model, raw_model=model, optimizer=optimizer, barrier=lambda: None)
+    return SimpleNamespace(
+        name="single",
+        rank=0,
+        world_size=1,
+        is_main=True,
+        device=torch.device("cpu"),
+        model=model,
+        raw_model=model,
+        optimizer=optimizer,
+        barrier=lambda: None,
+    )
 
 
 def committed_checkpoint(run_dir: Path):
@@ -61,13 +72,14 @@ def test_crafted_dcp_metadata_runs_nothing(tmp_path):
     assert read_dcp_metadata(step_dir / ".metadata").state_dict_metadata  # the real one reads
     marker = tmp_path / "ran"
     replace_file(step_dir, ".metadata", pickle.dumps(RunsCode(marker)))
-    for load in (lambda: CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume(),
-                 lambda: load_consolidated(step_dir)):
+    for load in (
+        lambda: CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume(),
+        lambda: load_consolidated(step_dir),
+    ):
         with pytest.raises(CheckpointError) as err:
             load()
         assert "\n" not in str(err.value) and ".metadata: refused" in str(err.value)
     assert not marker.exists()
-
 
 
 def test_crafted_dcp_metadata_may_use_torch_dtypes_but_no_other_torch_name(tmp_path):
@@ -79,7 +91,9 @@ def test_crafted_dcp_metadata_may_use_torch_dtypes_but_no_other_torch_name(tmp_p
     crafted = b"\x80\x02ctorch\nsave\n}X" + len(path).to_bytes(4, "little") + path + b"\x86R."
     with pytest.raises(CheckpointError) as err:
         read_dcp_metadata(replace_metadata(tmp_path, crafted))
-    assert not marker.exists(), "a crafted .metadata ran torch.save: the allow-list takes torch names other than dtypes"
+    assert not marker.exists(), (
+        "a crafted .metadata ran torch.save: the allow-list takes torch names other than dtypes"
+    )
     assert "refers to torch.save, which a checkpoint's metadata may not use" in str(err.value)
     float16 = b"\x80\x02ctorch\nfloat16\n."  # a dtype is fine (refused below only for not being Metadata)
     with pytest.raises(CheckpointError, match="holds a dtype, not DCP Metadata"):
@@ -105,10 +119,14 @@ def test_dcp_metadata_paths_outside_the_step_dir_are_refused(tmp_path, where):
     step_dir = first.with_name(store.step_dir_name(2))
     metadata = read_dcp_metadata(step_dir / ".metadata")
     target = str(first / "__0_0.distcp") if where == "ABS" else where
-    metadata.storage_data = {k: dataclasses.replace(v, relative_path=target) for k, v in metadata.storage_data.items()}
+    metadata.storage_data = {
+        k: dataclasses.replace(v, relative_path=target) for k, v in metadata.storage_data.items()
+    }
     replace_file(step_dir, ".metadata", pickle.dumps(metadata))
-    for load in (lambda: CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume(),
-                 lambda: load_consolidated(step_dir)):
+    for load in (
+        lambda: CheckpointManager(tmp_path / "run", cfg, toy_engine()).resume(),
+        lambda: load_consolidated(step_dir),
+    ):
         with pytest.raises(CheckpointError, match=r"\.metadata: refused: data file .* inside") as err:
             load()
         assert "\n" not in str(err.value)
@@ -150,21 +168,43 @@ def deepspeed_step_dir(step_dir: Path, files: dict[str, bytes], **meta) -> Path:
     step_dir.mkdir(parents=True)
     for name, data in files.items():
         (step_dir / name).write_bytes(data)
-    meta = {"step": 1, "engine": "deepspeed", "zero_stage": 1, "world_size": 1, "model_hash": "x", "extra": {},
-            "files": {name: store.file_digest(step_dir / name) for name in files}, **meta}
+    meta = {
+        "step": 1,
+        "engine": "deepspeed",
+        "zero_stage": 1,
+        "world_size": 1,
+        "model_hash": "x",
+        "extra": {},
+        "files": {name: store.file_digest(step_dir / name) for name in files},
+        **meta,
+    }
     (step_dir / store.META).write_text(json.dumps(meta))
     return step_dir
 
 
-@pytest.mark.parametrize("meta_text, message", [
-    ("[1, 2]", "holds a JSON list, not an object"),
-    ('{"step": "1", "engine": "single", "world_size": 1, "model_hash": "x", "files": {}}', "'step' is not an integer"),
-    ('{"step": 1, "engine": "single", "world_size": 1, "model_hash": "x", "files": []}', "'files' not a table"),
-    ('{"step": 1, "engine": "single", "world_size": 1, "model_hash": "x", "files": {"a": 3}}', "'files' not a table"),
-    ('{"step": 1, "engine": "deepspeed", "zero_stage": "x", "world_size": 1, "model_hash": "x", "files": {}}',
-     "zero_stage 'x' is not a possible value"),
-    ('{"step": 1, "engine": "single", "world_size": 0, "model_hash": "x", "files": {}}', "world_size 0"),
-])
+@pytest.mark.parametrize(
+    "meta_text, message",
+    [
+        ("[1, 2]", "holds a JSON list, not an object"),
+        (
+            '{"step": "1", "engine": "single", "world_size": 1, "model_hash": "x", "files": {}}',
+            "'step' is not an integer",
+        ),
+        (
+            '{"step": 1, "engine": "single", "world_size": 1, "model_hash": "x", "files": []}',
+            "'files' not a table",
+        ),
+        (
+            '{"step": 1, "engine": "single", "world_size": 1, "model_hash": "x", "files": {"a": 3}}',
+            "'files' not a table",
+        ),
+        (
+            '{"step": 1, "engine": "deepspeed", "zero_stage": "x", "world_size": 1, "model_hash": "x", "files": {}}',
+            "zero_stage 'x' is not a possible value",
+        ),
+        ('{"step": 1, "engine": "single", "world_size": 0, "model_hash": "x", "files": {}}', "world_size 0"),
+    ],
+)
 def test_a_meta_json_of_the_wrong_shape_is_one_line(tmp_path, meta_text, message):
     step_dir = tmp_path / "checkpoints" / "step_000000001"
     step_dir.mkdir(parents=True)
@@ -174,10 +214,16 @@ def test_a_meta_json_of_the_wrong_shape_is_one_line(tmp_path, meta_text, message
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("data, message", [
-    (pickle.dumps({"param_shapes": []}), "not a readable torch.save file"),  # a plain pickle, not torch.save's zip
-    (b"garbage", "not a readable torch.save file"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            pickle.dumps({"param_shapes": []}),
+            "not a readable torch.save file",
+        ),  # a plain pickle, not torch.save's zip
+        (b"garbage", "not a readable torch.save file"),
+    ],
+)
 def test_a_deepspeed_file_that_is_not_torch_save_is_one_line(tmp_path, data, message):
     step_dir = deepspeed_step_dir(tmp_path / "step_000000001", {"mp_rank_00_model_states.pt": data})
     with pytest.raises(CheckpointError, match=message) as err:
@@ -185,7 +231,9 @@ def test_a_deepspeed_file_that_is_not_torch_save_is_one_line(tmp_path, data, mes
     assert "\n" not in str(err.value)
     layout = tmp_path / "layout.pt"
     torch.save({"param_shapes": 7}, layout)  # readable, but not DeepSpeed's layout
-    other = deepspeed_step_dir(tmp_path / "other" / "step_000000001", {"mp_rank_00_model_states.pt": layout.read_bytes()})
+    other = deepspeed_step_dir(
+        tmp_path / "other" / "step_000000001", {"mp_rank_00_model_states.pt": layout.read_bytes()}
+    )
     with pytest.raises(CheckpointError, match="not the layout of a DeepSpeed checkpoint"):
         load_consolidated(other)
 
@@ -194,7 +242,9 @@ def test_a_deepspeed_tensor_claiming_more_elements_than_its_bytes_is_refused(tmp
     """A stride of 0 lets 16 bytes claim 1e9 elements; read, they would fill memory."""
     crafted = tmp_path / "crafted.pt"
     torch.save({"param_shapes": [{"w": [4]}], "x": torch.zeros(4).as_strided((10**9,), (0,))}, crafted)
-    step_dir = deepspeed_step_dir(tmp_path / "step_000000001", {"mp_rank_00_model_states.pt": crafted.read_bytes()})
+    step_dir = deepspeed_step_dir(
+        tmp_path / "step_000000001", {"mp_rank_00_model_states.pt": crafted.read_bytes()}
+    )
     with pytest.raises(CheckpointError, match=r"shape \(1000000000,\) and strides \(0,\) that its 16 bytes"):
         load_consolidated(step_dir)
     from evertrain.pretrain.checkpoint.slices import check_dense
@@ -221,11 +271,17 @@ class PlainClass:
     """Not on any allow-list: torch refuses it as an unsupported GLOBAL."""
 
 
-@pytest.mark.parametrize("payload, reason", [
-    (lambda marker: RunsCode(marker), "Unsupported global: GLOBAL getattr"),  # each as torch 2.13 words it
-    (lambda marker: (os.system, ("true",)), "GLOBAL posix.system"),
-    (lambda marker: PlainClass(), "PlainClass"),
-])
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (
+            lambda marker: RunsCode(marker),
+            "Unsupported global: GLOBAL getattr",
+        ),  # each as torch 2.13 words it
+        (lambda marker: (os.system, ("true",)), "GLOBAL posix.system"),
+        (lambda marker: PlainClass(), "PlainClass"),
+    ],
+)
 def test_a_refusal_keeps_its_reason_and_never_advises_weights_only_false(tmp_path, payload, reason):
     """torch 2.13 puts the reason after advice to re-run with weights_only=False (which would run the
     file's code); the one-line refusal shows the reason and none of that advice."""
@@ -243,8 +299,10 @@ def test_a_refusal_keeps_its_reason_and_never_advises_weights_only_false(tmp_pat
 def test_first_line_finds_the_reason_in_every_torch_wording():
     from evertrain.pretrain.checkpoint.safe_load import first_line
 
-    unsafe = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
-              "succeed, but it can result in arbitrary code execution.")
+    unsafe = (
+        "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+        "succeed, but it can result in arbitrary code execution."
+    )
     cases = {
         f"{unsafe}\n\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\nCheck the "
         "documentation of torch.load": "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.",
@@ -253,7 +311,8 @@ def test_first_line_finds_the_reason_in_every_torch_wording():
         "Weights only load failed. This file can still be loaded, to do so you have two options\n\t(1) "
         f"{unsafe}\n\t(2) Alternatively ...\n\tWeightsUnpickler error: Unsupported global: GLOBAL a.B was not "
         "an allowed global by default.": "Unsupported global: GLOBAL a.B was not an allowed global by default.",
-        "Weights only load failed. numpy must be >= 1.25 to load\n " + unsafe: "numpy must be >= 1.25 to load",
+        "Weights only load failed. numpy must be >= 1.25 to load\n "
+        + unsafe: "numpy must be >= 1.25 to load",
         "plain error\nmore": "plain error",
     }
     for text, reason in cases.items():
@@ -267,20 +326,37 @@ REPO = Path(__file__).resolve().parents[1]
 
 def strict_json(text: str):
     """json.loads that refuses NaN/Infinity, as most parsers outside Python do."""
+
     def refuse(name):
         raise ValueError(f"bare {name} in JSON")
+
     return json.loads(text, parse_constant=refuse)
 
 
 def pretrain(run_dir: Path, data: Path, *overrides: str) -> int:
-    return pretrain_tiny(run_dir, f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4",
-                         "engine.name=single", "eval.every_steps=0", *overrides)
+    return pretrain_tiny(
+        run_dir,
+        f"data.path={data}",
+        "model.vocab_size=512",
+        "train.micro_batch_size=4",
+        "engine.name=single",
+        "eval.every_steps=0",
+        *overrides,
+    )
 
 
 def test_a_diverging_run_stops_non_zero_with_a_finite_latest_and_valid_json(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    rc = pretrain(run, tiny_data, "optim.max_lr=1e3", "optim.warmup_steps=1", "train.max_steps=40",
-                  "train.log_every=5", "checkpoint.every_steps=5", "checkpoint.keep_last=1")
+    rc = pretrain(
+        run,
+        tiny_data,
+        "optim.max_lr=1e3",
+        "optim.warmup_steps=1",
+        "train.max_steps=40",
+        "train.log_every=5",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last=1",
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "not finite at step" in err and "Traceback" not in err
     rows = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -298,10 +374,19 @@ def test_skip_drops_the_bad_update_and_counts_it(tiny_data, tmp_path, monkeypatc
     from evertrain.pretrain.data.stream import TokenStream
     from evertrain.pretrain.loop import train
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      [f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4",
-                       "engine.name=single", "eval.every_steps=0", "train.max_steps=4", "train.log_every=2",
-                       "train.on_nonfinite=skip"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=4",
+            "engine.name=single",
+            "eval.every_steps=0",
+            "train.max_steps=4",
+            "train.log_every=2",
+            "train.on_nonfinite=skip",
+        ],
+    )
     engine = engines.create(cfg)
     stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
     calls, before = {"n": 0}, {}
@@ -312,18 +397,25 @@ def test_skip_drops_the_bad_update_and_counts_it(tiny_data, tmp_path, monkeypatc
         loss = forward_loss(windows)
         if calls["n"] == 3:
             before.update({k: v.detach().clone() for k, v in engine.raw_model.state_dict().items()})
-            before.update({f"m.{i}": s["exp_avg"].clone() for i, s in enumerate(engine.optimizer.state.values())})
+            before.update(
+                {f"m.{i}": s["exp_avg"].clone() for i, s in enumerate(engine.optimizer.state.values())}
+            )
             return loss * float("nan")
         return loss
+
     monkeypatch.setattr(engine, "forward_loss", poisoned_third_step)
     step_3 = {}
     step = engine.train_step
+
     def capture(batches):
         out = step(batches)
         if calls["n"] == 3:
             step_3.update({k: v.detach().clone() for k, v in engine.raw_model.state_dict().items()})
-            step_3.update({f"m.{i}": s["exp_avg"].clone() for i, s in enumerate(engine.optimizer.state.values())})
+            step_3.update(
+                {f"m.{i}": s["exp_avg"].clone() for i, s in enumerate(engine.optimizer.state.values())}
+            )
         return out
+
     monkeypatch.setattr(engine, "train_step", capture)
     assert train(cfg, tmp_path / "run", engine, stream, ckpt=None) == 4
     assert before and all(torch.equal(before[k], step_3[k]) for k in before)  # weights and moments untouched
@@ -340,22 +432,32 @@ def test_skip_drops_a_nan_update_with_clipping_off_too(grad_clip, tiny_data):
     from evertrain.pretrain import engines
     from evertrain.pretrain.data.stream import TokenStream
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      [f"data.path={tiny_data}", "model.vocab_size=512", "engine.name=single",
-                       f"optim.grad_clip={grad_clip}", "train.on_nonfinite=skip"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "engine.name=single",
+            f"optim.grad_clip={grad_clip}",
+            "train.on_nonfinite=skip",
+        ],
+    )
     engine = engines.create(cfg)
     try:
         batch = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed).next_batch(4)
         engine.train_step([batch])
-        state = lambda: [t.detach().clone() for t in engine.raw_model.state_dict().values()] + [
-            s[k].clone() for s in engine.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+        state = lambda: (
+            [t.detach().clone() for t in engine.raw_model.state_dict().values()]
+            + [s[k].clone() for s in engine.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+        )
         before = state()
         forward_loss = engine.forward_loss
         engine.forward_loss = lambda windows: forward_loss(windows) * float("nan")
         engine.train_step([batch])
         after = state()
         assert all(torch.equal(a, b) for a, b in zip(before, after)), (
-            f"a NaN step changed weights or moments with optim.grad_clip={grad_clip}: the skip was not applied")
+            f"a NaN step changed weights or moments with optim.grad_clip={grad_clip}: the skip was not applied"
+        )
     finally:
         engine.close()
 
@@ -370,11 +472,22 @@ def test_skip_stops_after_max_nonfinite_steps_in_a_row(tiny_data, tmp_path, monk
     from evertrain.pretrain.loop import train
     from evertrain.pretrain.run.nonfinite import NonFiniteError
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      [f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=2",
-                       "engine.name=single", "eval.every_steps=0", "train.max_steps=12", "train.log_every=4",
-                       "train.on_nonfinite=skip", "train.max_nonfinite_steps=3", "checkpoint.every_steps=2",
-                       "checkpoint.async_save=false"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=2",
+            "engine.name=single",
+            "eval.every_steps=0",
+            "train.max_steps=12",
+            "train.log_every=4",
+            "train.on_nonfinite=skip",
+            "train.max_nonfinite_steps=3",
+            "checkpoint.every_steps=2",
+            "checkpoint.async_save=false",
+        ],
+    )
     run = tmp_path / "run"
     engine = engines.create(cfg)
     stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
@@ -385,12 +498,16 @@ def test_skip_stops_after_max_nonfinite_steps_in_a_row(tiny_data, tmp_path, monk
         calls["n"] += 1
         loss = forward_loss(windows)
         return loss * float("nan") if calls["n"] % bad_every == 0 else loss
+
     monkeypatch.setattr(engine, "forward_loss", poisoned)
     ckpt = CheckpointManager(run, cfg, engine)
     try:
         if stops:
-            with pytest.raises(NonFiniteError, match=r"train: 4 non-finite steps in a row \(consecutive, not in total\) "
-                                                     r"reached train.max_nonfinite_steps=3") as err:
+            with pytest.raises(
+                NonFiniteError,
+                match=r"train: 4 non-finite steps in a row \(consecutive, not in total\) "
+                r"reached train.max_nonfinite_steps=3",
+            ) as err:
                 train(cfg, run, engine, stream, ckpt)
             assert "\n" not in str(err.value)
             assert store.step_of(store.latest_checkpoint(run / "checkpoints")) == 2  # not the 4th step's
@@ -406,8 +523,8 @@ def test_skip_stops_after_max_nonfinite_steps_in_a_row(tiny_data, tmp_path, monk
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_adamw_found_inf_leaves_weights_and_moments_alone(impl, monkeypatch):
     from evertrain.kernels.adamw import AdamW
-    from evertrain.pretrain.schedule import Schedule
     from evertrain.pretrain.config import OptimConfig
+    from evertrain.pretrain.schedule import Schedule
 
     if impl == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -435,16 +552,27 @@ def test_safe_json_writes_null_and_names_the_key():
 
 # -- 3. one trainer per run dir -------------------------------------------------------------------------
 
-def test_a_second_trainer_is_refused_at_once_and_a_dead_holders_lock_is_taken_over(tiny_data, tmp_path, capsys):
+
+def test_a_second_trainer_is_refused_at_once_and_a_dead_holders_lock_is_taken_over(
+    tiny_data, tmp_path, capsys
+):
     import signal
     import subprocess
     import sys
 
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom evertrain.pretrain.run.lock import RunLock\n"
-         "RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(run)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom evertrain.pretrain.run.lock import RunLock\n"
+            "RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert pretrain(run, tiny_data, "train.max_steps=2") == 2
@@ -485,8 +613,13 @@ def test_a_released_run_lock_is_taken_by_another_process_and_back(tmp_path):
     from evertrain.pretrain.run.lock import RunLock, RunLockError
 
     run = tmp_path / "run"
-    other = subprocess.Popen([sys.executable, "-c", LOCK_CLIENT, str(run)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    other = subprocess.Popen(
+        [sys.executable, "-c", LOCK_CLIENT, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
     def ask(command: str) -> str:
         other.stdin.write(command + "\n")
@@ -508,7 +641,9 @@ def test_a_released_run_lock_is_taken_by_another_process_and_back(tmp_path):
         other.kill()
         other.wait()
 
+
 # -- 4. data identity ---------------------------------------------------------------------------------------
+
 
 def swapped_copy(data: Path, out: Path, *, shard: bool = False, tokenizer: bool = False) -> Path:
     """A copy of a data dir with one train shard's tokens or the tokenizer file changed, and the
@@ -538,8 +673,10 @@ def test_resume_refuses_other_data_and_config_yaml_waits_for_the_checks(tiny_dat
     run = tmp_path / "run"
     assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0
     config_before = (run / "config.yaml").read_text()
-    for name, kwargs, expected in (("shards", {"shard": True}, "are not the"),
-                                   ("tok", {"tokenizer": True}, "tokenizer sha256")):
+    for name, kwargs, expected in (
+        ("shards", {"shard": True}, "are not the"),
+        ("tok", {"tokenizer": True}, "tokenizer sha256"),
+    ):
         other = swapped_copy(tiny_data, tmp_path / name, **kwargs)
         capsys.readouterr()
         assert pretrain(run, other, "train.max_steps=4") == 2
@@ -555,7 +692,16 @@ def test_resume_refuses_other_data_and_config_yaml_waits_for_the_checks(tiny_dat
 
 # -- 5. forker hardening ------------------------------------------------------------------------------------
 
-INJECTIONS = ["node1;touch/tmp/pwned", "node1;reboot", "$(touch /tmp/pwned)", "`id`", "a|b", "a&&b", "x>y", "-oProxyCommand=sh"]
+INJECTIONS = [
+    "node1;touch/tmp/pwned",
+    "node1;reboot",
+    "$(touch /tmp/pwned)",
+    "`id`",
+    "a|b",
+    "a&&b",
+    "x>y",
+    "-oProxyCommand=sh",
+]
 
 
 @pytest.mark.parametrize("host", [h for h in INJECTIONS if " " not in h] + ["node_1", "a" * 64, "-node"])
@@ -581,10 +727,19 @@ def test_remote_commands_refuse_shell_metacharacters_and_drop_secrets(tmp_path, 
         with pytest.raises(NodePoolError, match="remote shell"):
             pool.command(remote, "evertrain.launch.fork", ["--run", word])
         assert pool.command(local, "evertrain.launch.fork", ["--run", word])[-1] == word  # no shell locally
-    env = pool.environment({"MLFLOW_TRACKING_PASSWORD": "hunter2", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-                            "AWS_SECRET_ACCESS_KEY": "k", "PYTHONPATH": "/x;touch /tmp/pwned", "HOME": "/root"})
+    env = pool.environment(
+        {
+            "MLFLOW_TRACKING_PASSWORD": "hunter2",
+            "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+            "AWS_SECRET_ACCESS_KEY": "k",
+            "PYTHONPATH": "/x;touch /tmp/pwned",
+            "HOME": "/root",
+        }
+    )
     assert env == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HOME": "/root"}
-    assert parse_pool("local:1").environment({"HF_TOKEN": "t"}) == {"HF_TOKEN": "t"}  # nothing printed locally
+    assert parse_pool("local:1").environment({"HF_TOKEN": "t"}) == {
+        "HF_TOKEN": "t"
+    }  # nothing printed locally
 
 
 def test_state_json_paths_are_confined_to_the_run_dir_and_logs_are_private(tmp_path):
@@ -593,13 +748,23 @@ def test_state_json_paths_are_confined_to_the_run_dir_and_logs_are_private(tmp_p
     run = tmp_path / "run"
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
-    good = Job("from_10_linear_2", 10, 2, "linear", log=str(run / "cooldowns" / "from_10_linear_2" / "fork.log"),
-               pin=str(run / "checkpoints" / "step_000000010" / "pins" / "forker.from_10_linear_2.json"))
+    good = Job(
+        "from_10_linear_2",
+        10,
+        2,
+        "linear",
+        log=str(run / "cooldowns" / "from_10_linear_2" / "fork.log"),
+        pin=str(run / "checkpoints" / "step_000000010" / "pins" / "forker.from_10_linear_2.json"),
+    )
     state = tmp_path / "state.json"
     save_jobs(state, {good.name: good})
     assert load_jobs(state, run)[good.name] == good
-    for bad in ({"pin": str(victim)}, {"log": str(victim)}, {"name": "../.."},
-                {"pin": str(run / "checkpoints" / "step_1" / "pins" / ".." / ".." / ".." / "x.json")}):
+    for bad in (
+        {"pin": str(victim)},
+        {"log": str(victim)},
+        {"name": "../.."},
+        {"pin": str(run / "checkpoints" / "step_1" / "pins" / ".." / ".." / ".." / "x.json")},
+    ):
         save_jobs(state, {good.name: dataclasses_replace(good, **bad)})
         with pytest.raises(ForkerError, match="move the file away"):
             load_jobs(state, run)
@@ -620,9 +785,13 @@ def dataclasses_replace(obj, **changes):
 
 # -- 6. smaller items ----------------------------------------------------------------------------------
 
+
 def test_resume_step_goes_back_past_a_corrupt_latest_checkpoint(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert pretrain(run, tiny_data, "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5") == 0
+    assert (
+        pretrain(run, tiny_data, "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
+        == 0
+    )
     ckpts = run / "checkpoints"
     shard = next((ckpts / "step_000000004").glob("*.distcp"))
     shard.write_bytes(b"\0" * shard.stat().st_size)
@@ -631,7 +800,9 @@ def test_resume_step_goes_back_past_a_corrupt_latest_checkpoint(tiny_data, tmp_p
     assert "corrupt shard" in capsys.readouterr().err
     assert pretrain(run, tiny_data, "--resume-step", "3", "train.max_steps=6") == 2
     assert "--resume-step 3: no complete checkpoint at this step" in capsys.readouterr().err
-    assert pretrain(run, tiny_data, "--resume-step", "2", "train.max_steps=6", "checkpoint.every_steps=2") == 0
+    assert (
+        pretrain(run, tiny_data, "--resume-step", "2", "train.max_steps=6", "checkpoint.every_steps=2") == 0
+    )
     assert len(list(ckpts.glob("step_000000004.abandoned-*"))) == 1
     assert store.step_of(store.latest_checkpoint(ckpts)) == 6
     store.verify_files(ckpts / "step_000000006", store.read_meta(ckpts / "step_000000006"))
@@ -659,6 +830,7 @@ def test_sigterm_during_export_is_one_line_and_leaves_no_temp_dir(tiny_data, tmp
         real_save(state, path, **kw)
         pinned_then.append(is_pinned(step_dir))
         os.kill(os.getpid(), signal.SIGTERM)
+
     monkeypatch.setattr(export_module, "save_file", terminated_midway)
     capsys.readouterr()
     handler_before = signal.getsignal(signal.SIGTERM)
@@ -682,25 +854,39 @@ def test_export_pins_its_source_and_checks_the_tokenizer(tiny_data, tmp_path, mo
     run = tmp_path / "run"
     assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0
     step_dir = run / "checkpoints" / "step_000000002"
-    args = lambda **kw: argparse.Namespace(**{"run": str(run), "out": str(tmp_path / "hf"), "step": "2",
-                                              "cooldown": None, "average": None, "tokenizer": None, "dtype": "float32",
-                                              "max_shard_size": "5GB", **kw})
+    args = lambda **kw: argparse.Namespace(
+        **{
+            "run": str(run),
+            "out": str(tmp_path / "hf"),
+            "step": "2",
+            "cooldown": None,
+            "average": None,
+            "tokenizer": None,
+            "dtype": "float32",
+            "max_shard_size": "5GB",
+            **kw,
+        }
+    )
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("hello\n")
     with pytest.raises(ExportError, match="not a sentencepiece tokenizer model"):
         export_cmd.run_export(args(tokenizer=str(not_a_model)))
     text = tmp_path / "other.txt"
     text.write_text("\n".join(f"another corpus line {i} with words {i * 7}" for i in range(300)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "other"), vocab_size=100,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "other"), vocab_size=100, minloglevel=2
+    )
     with pytest.raises(ExportError, match="not the tokenizer .* trained with"):
         export_cmd.run_export(args(tokenizer=str(tmp_path / "other.model")))
     import evertrain.launch.export as export_module
 
     seen = []  # the checkpoint is pinned while its weights are read
     real = export_module.export_hf_checkpoint
-    monkeypatch.setattr(export_module, "export_hf_checkpoint",
-                        lambda path, *a, **kw: (seen.append(is_pinned(step_dir)), real(path, *a, **kw))[1])
+    monkeypatch.setattr(
+        export_module,
+        "export_hf_checkpoint",
+        lambda path, *a, **kw: (seen.append(is_pinned(step_dir)), real(path, *a, **kw))[1],
+    )
     assert export_cmd.run_export(args()) == 0
     assert seen == [True] and not is_pinned(step_dir)
 
@@ -718,6 +904,7 @@ def test_stray_lines_in_metrics_are_skipped(tmp_path):
 
 # -- 7. a full disk mid-save --------------------------------------------------------------------------------
 
+
 def test_enospc_mid_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
@@ -731,12 +918,18 @@ def test_enospc_mid_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path,
 
     def disk_full(path, *args, **kwargs):  # the shards are on disk; the marker write finds no space
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
     monkeypatch.setattr(manager_module.store, "write_done_marker", disk_full)
     ckpt.save(2, {"tokens": 2, "data": {}})
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact") as err:
+    with pytest.raises(
+        CheckpointError, match="No space left on device.*previous checkpoint is intact"
+    ) as err:
         ckpt.wait()
     assert "\n" not in str(err.value)
-    assert store.latest_checkpoint(ckpts) == step_dir and (ckpts / store.LATEST).read_text().strip() == step_dir.name
+    assert (
+        store.latest_checkpoint(ckpts) == step_dir
+        and (ckpts / store.LATEST).read_text().strip() == step_dir.name
+    )
     monkeypatch.setattr(manager_module.store, "write_done_marker", real_marker)
     ckpt.save(3, {"tokens": 3, "data": {}})  # space again: the next save commits
     ckpt.close()
@@ -760,13 +953,19 @@ def test_enospc_inside_dcp_is_one_line_and_leaves_no_tmp_dir(tmp_path, monkeypat
         if mode == "wb" and str(path).endswith(".distcp"):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_stream(self, path, mode)
+
     monkeypatch.setattr(dcp_module.HashingFileSystem, "create_stream", disk_full)
     ckpt.save(2, {"tokens": 2, "data": {}})
-    with pytest.raises(CheckpointError, match=r"__0_0.distcp: checkpoint write failed \(No space left on device\); "
-                                              "the previous checkpoint is intact") as err:
+    with pytest.raises(
+        CheckpointError,
+        match=r"__0_0.distcp: checkpoint write failed \(No space left on device\); "
+        "the previous checkpoint is intact",
+    ) as err:
         ckpt.wait()
     assert "\n" not in str(err.value)
-    assert store.latest_checkpoint(ckpts) == step_dir and not [p for p in ckpts.iterdir() if store.TMP_TAG in p.name]
+    assert store.latest_checkpoint(ckpts) == step_dir and not [
+        p for p in ckpts.iterdir() if store.TMP_TAG in p.name
+    ]
     monkeypatch.setattr(dcp_module.HashingFileSystem, "create_stream", real_stream)
     ckpt.save(3, {"tokens": 3, "data": {}})
     ckpt.close()
@@ -775,12 +974,13 @@ def test_enospc_inside_dcp_is_one_line_and_leaves_no_tmp_dir(tmp_path, monkeypat
 
 # -- 6. duplicate appends ---------------------------------------------------------------------------
 
+
 def test_appending_bytes_the_data_dir_already_holds_is_refused(tiny_data, tmp_path, capsys):
     """An input taken before (by prepare or an append, under any name), one of the data dir's own shards,
     or a .bin appended twice is refused with one line naming the file and the version that took it."""
     from evertrain.launch import cli
-    from evertrain.pretrain.data.stream import DataError, load_manifest
     from evertrain.pretrain.data.prepare import append, prepare
+    from evertrain.pretrain.data.stream import DataError, load_manifest
 
     texts = []
     for i, line in enumerate(["to be, or not to be\n", "the rest is silence\n", "the readiness is all\n"]):
@@ -825,6 +1025,7 @@ def test_appending_bytes_the_data_dir_already_holds_is_refused(tiny_data, tmp_pa
 
 # -- 7. a random kill -9 loop -----------------------------------------------------------------------
 
+
 def test_random_kill_9_loop_resumes_bitwise(tiny_data, tmp_path):
     """SIGKILL at 3 seeded-random logged steps (mid-step, mid-save, whatever the moment is), a resume each
     time, then on to the end: every logged loss and the final weights and moments equal an uninterrupted
@@ -832,9 +1033,11 @@ def test_random_kill_9_loop_resumes_bitwise(tiny_data, tmp_path):
     import random
     import time
 
-    from evertrain.pretrain.checkpoint.store import latest_checkpoint, step_of
-    from conftest import wait_for
     from test_resume import assert_same_state, command, latest, logged_step, losses, run, start, train_times
+
+    from evertrain.pretrain.checkpoint.store import latest_checkpoint, step_of
+
+    from conftest import wait_for
 
     def resumable() -> int:  # the step a start now resumes from (0: none yet)
         found = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
@@ -848,7 +1051,9 @@ def test_random_kill_9_loop_resumes_bitwise(tiny_data, tmp_path):
     uninterrupted = start(command("single", 1, tiny_data, reference_dir, *overrides), reference_log)
 
     try:
-        kill_at = sorted(random.Random(13).sample(range(2, steps - 1), 3))  # increasing: each kill is further on
+        kill_at = sorted(
+            random.Random(13).sample(range(2, steps - 1), 3)
+        )  # increasing: each kill is further on
         starts = []  # (when a run started, the step it must resume from)
         for i, target in enumerate(kill_at):
             log = tmp_path / f"stderr-{i}.txt"
@@ -871,12 +1076,15 @@ def test_random_kill_9_loop_resumes_bitwise(tiny_data, tmp_path):
     assert sorted(reference) == list(range(1, steps + 1))
 
     times = train_times(run_dir)  # each rerun resumed at its checkpoint, none started over
-    assert [next(step for step, t in times if t >= started) for started, _ in starts] == \
-        [resume_from + 1 for _, resume_from in starts]
+    assert [next(step for step, t in times if t >= started) for started, _ in starts] == [
+        resume_from + 1 for _, resume_from in starts
+    ]
     assert all(resume_from > 0 for _, resume_from in starts[1:]), starts
     logged = losses(run_dir)  # the killed runs' records (steps retrained after a resume appear twice)
     assert {step for step, _ in logged} == set(reference)
     for step, loss in logged:
         assert loss == reference[step], (step, loss, reference[step])
     assert latest(run_dir) == latest(reference_dir) == f"step_{steps:09d}"
-    assert_same_state(run_dir / "checkpoints" / latest(run_dir), reference_dir / "checkpoints" / latest(reference_dir))
+    assert_same_state(
+        run_dir / "checkpoints" / latest(run_dir), reference_dir / "checkpoints" / latest(reference_dir)
+    )

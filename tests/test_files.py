@@ -1,4 +1,5 @@
 """evertrain/files.py: a file another process may read is replaced whole or not at all, durably."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """`evertrain fork` on a real tiny run (single engine, in process): the fork is the same computation as a
 run whose schedule had the cooldown from step 0, it resumes when stopped, its lease keeps retention off
 its source checkpoint, it never writes into the main run, and bad requests are one-line errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,36 +15,49 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher, pretrain_tiny
 from evertrain.launch.cli import main as cli_main
 from evertrain.launch.fork import ForkError, batch_split
-from evertrain.pretrain import engines
-from evertrain.pretrain import loop
+from evertrain.pretrain import engines, loop
 from evertrain.pretrain.checkpoint import load_consolidated
 from evertrain.pretrain.checkpoint.retention import active_pins, apply_retention
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.data.stream import TokenStream
 from evertrain.pretrain.schedule import Cooldown, Schedule
 
+from conftest import launcher, pretrain_tiny
+
 REPO = Path(__file__).resolve().parents[1]
 MAIN_STEPS, FORK_STEP, COOLDOWN = 30, 20, 10
 
 
 def overrides(data: Path) -> list[str]:
-    return [f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.log_every=1",
-            "train.device=cpu", "engine.name=single", "eval.every_steps=0", "eval.batches=2",
-            "checkpoint.every_steps=5", "checkpoint.keep_last=100"]
+    return [
+        f"data.path={data}",
+        "model.vocab_size=512",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "train.device=cpu",
+        "engine.name=single",
+        "eval.every_steps=0",
+        "eval.batches=2",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last=100",
+    ]
 
 
 def losses(path: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"
+    }
 
 
 def fingerprint(run_dir: Path) -> dict[str, str]:
     """Every file of the main run outside cooldowns/ and pins/, with its content hash."""
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and "cooldowns" not in p.parts and "pins" not in p.parts}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and "cooldowns" not in p.parts and "pins" not in p.parts
+    }
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +72,9 @@ def main_run(tiny_data, tmp_path_factory):
 def reference(tiny_data, tmp_path_factory):
     """A run whose schedule has the cooldown from step FORK_STEP built in from step 0."""
     run_dir = tmp_path_factory.mktemp("fork") / "reference"
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      [*overrides(tiny_data), f"train.max_steps={FORK_STEP + COOLDOWN}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", [*overrides(tiny_data), f"train.max_steps={FORK_STEP + COOLDOWN}"]
+    )
     schedule = Schedule.from_config(cfg.optim, cooldown=Cooldown(FORK_STEP, COOLDOWN, "linear"))
     engine = engines.create(cfg, schedule)
     try:
@@ -70,8 +85,20 @@ def reference(tiny_data, tmp_path_factory):
 
 
 def fork_argv(run_dir: Path, *extra: str) -> list[str]:
-    return ["fork", "--run", str(run_dir), "--step", str(FORK_STEP), "--cooldown-steps", str(COOLDOWN),
-            "--shape", "linear", "--eval-batches", "2", *extra]
+    return [
+        "fork",
+        "--run",
+        str(run_dir),
+        "--step",
+        str(FORK_STEP),
+        "--cooldown-steps",
+        str(COOLDOWN),
+        "--shape",
+        "linear",
+        "--eval-batches",
+        "2",
+        *extra,
+    ]
 
 
 def copy_run(main_run: Path, tmp_path: Path) -> Path:
@@ -86,8 +113,12 @@ def test_fork_matches_a_run_with_the_cooldown_built_in(main_run, reference, caps
     out = main_run / "cooldowns" / f"from_{FORK_STEP:09d}_linear_{COOLDOWN}"
     # the closing line names where the result lives, not the checkpoints the fork deletes once done
     closing = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evertrain: stopped")]
-    assert closing == [(f"evertrain: stopped at step {FORK_STEP + COOLDOWN} (train.max_steps={FORK_STEP + COOLDOWN}); "
-                        f"its final state goes to {out / 'final'} once evaluated")]
+    assert closing == [
+        (
+            f"evertrain: stopped at step {FORK_STEP + COOLDOWN} (train.max_steps={FORK_STEP + COOLDOWN}); "
+            f"its final state goes to {out / 'final'} once evaluated"
+        )
+    ]
 
     main_losses, fork_losses = losses(main_run / "metrics.jsonl"), losses(out / "metrics.jsonl")
     assert sorted(fork_losses) == list(range(FORK_STEP + 1, FORK_STEP + COOLDOWN + 1))
@@ -98,12 +129,22 @@ def test_fork_matches_a_run_with_the_cooldown_built_in(main_run, reference, caps
     assert fork_losses[FORK_STEP + COOLDOWN] != pytest.approx(main_losses[FORK_STEP + COOLDOWN], abs=1e-4)
 
     result = json.loads((out / "result.json").read_text())
-    assert result["from_step"] == FORK_STEP and result["cooldown_steps"] == COOLDOWN and result["shape"] == "linear"
+    assert (
+        result["from_step"] == FORK_STEP
+        and result["cooldown_steps"] == COOLDOWN
+        and result["shape"] == "linear"
+    )
     assert result["tokens"] == (FORK_STEP + COOLDOWN) * 4 * 64
-    assert math.isfinite(result["val_loss"]) and result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]))
+    assert math.isfinite(result["val_loss"]) and result["val_ppl"] == pytest.approx(
+        math.exp(result["val_loss"])
+    )
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert evals == {"kind": "eval", "step": FORK_STEP + COOLDOWN, "tokens": result["tokens"],
-                     "val_loss": result["val_loss"]}
+    assert evals == {
+        "kind": "eval",
+        "step": FORK_STEP + COOLDOWN,
+        "tokens": result["tokens"],
+        "val_loss": result["val_loss"],
+    }
     final = load_consolidated(out / "final")
     assert final["step"] == FORK_STEP + COOLDOWN and final["model"]
     assert all(t.isfinite().all() for t in final["model"].values())
@@ -157,8 +198,24 @@ def test_retention_never_deletes_the_source_of_a_running_fork(main_run, tmp_path
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train", train_beside_retention)
-    assert cli_main(["fork", "--run", str(run_dir), "--step", "10", "--cooldown-fraction", "0.5",
-                     "--shape", "cosine", "--eval-batches", "1"]) == 0
+    assert (
+        cli_main(
+            [
+                "fork",
+                "--run",
+                str(run_dir),
+                "--step",
+                "10",
+                "--cooldown-fraction",
+                "0.5",
+                "--shape",
+                "cosine",
+                "--eval-batches",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert seen["during"] == ["step_000000010", f"step_{MAIN_STEPS:09d}"]  # pinned + the newest
     assert (run_dir / "cooldowns" / "from_000000010_cosine_5" / "result.json").is_file()
     apply_retention(ckpts, keep_last=1, keep_every=0)  # lease released: now it may go
@@ -191,26 +248,37 @@ def test_fork_cools_down_on_another_mix(main_run, mix_data, tmp_path, monkeypatc
         batch = next_batch(self, *args, **kwargs)
         read.append((self.data_dir, self.mix, batch))
         return batch
+
     monkeypatch.setattr(TokenStream, "next_batch", recorded)
     assert cli_main(fork_argv(run_dir, "--data", str(mix_data), "--data-weights", "hq=0.7,main=0.3")) == 0
     monkeypatch.undo()
     [out] = (run_dir / "cooldowns").iterdir()
     assert out.name.startswith(f"from_{FORK_STEP:09d}_linear_{COOLDOWN}@mix-")
     result = json.loads((out / "result.json").read_text())
-    assert result["data"] == {"path": str(mix_data.resolve()), "weights": {"hq": 0.7, "main": 0.3},
-                              "label": f"hq=0.7,main=0.3 of {mix_data}"}
-    assert len(read) == COOLDOWN and {(d, str(m)) for d, m, _ in read} == {(mix_data, str({"hq": 0.7, "main": 0.3}))}
+    assert result["data"] == {
+        "path": str(mix_data.resolve()),
+        "weights": {"hq": 0.7, "main": 0.3},
+        "label": f"hq=0.7,main=0.3 of {mix_data}",
+    }
+    assert len(read) == COOLDOWN and {(d, str(m)) for d, m, _ in read} == {
+        (mix_data, str({"hq": 0.7, "main": 0.3}))
+    }
     cfg = load_config(out / "config.yaml")
     assert cfg.data.path == load_config(run_dir / "config.yaml").data.path  # eval on the run's val split
     fresh = TokenStream(mix_data, cfg.model.seq_len, cfg.train.seed, mix={"hq": 0.7, "main": 0.3})
     assert all(torch.equal(batch, fresh.next_batch(4)) for _, _, batch in read)
     [branch] = report.load_run(run_dir).cooldowns
     assert (branch.data, branch.from_step, branch.result["val_loss"]) == (
-        f"hq=0.7,main=0.3 of {mix_data}", FORK_STEP, result["val_loss"])
+        f"hq=0.7,main=0.3 of {mix_data}",
+        FORK_STEP,
+        result["val_loss"],
+    )
 
 
 def test_bad_cooldown_mixes_are_one_line_errors(main_run, mix_data, capsys):
-    assert cli_main(fork_argv(main_run, "--data-weights", "hq=0.7,main=0.3")) == 2  # the run's dir has only "main"
+    assert (
+        cli_main(fork_argv(main_run, "--data-weights", "hq=0.7,main=0.3")) == 2
+    )  # the run's dir has only "main"
     assert "mix source 'hq' has no train windows" in capsys.readouterr().err
     assert cli_main(fork_argv(main_run, "--data-weights", "hq=0.7,main")) == 2
     assert "expected SOURCE=SHARE,..." in capsys.readouterr().err
@@ -230,8 +298,20 @@ def test_fork_on_two_ranks_is_the_same_computation(main_run, reference, tmp_path
     run_dir = copy_run(main_run, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = launcher("fsdp", 2)
-    fork = ["-m", "evertrain.launch.fork", "--run-dir", str(run_dir), "--step", str(FORK_STEP),
-            "--cooldown-steps", str(COOLDOWN), "--engine", "fsdp", "--eval-batches", "2"]
+    fork = [
+        "-m",
+        "evertrain.launch.fork",
+        "--run-dir",
+        str(run_dir),
+        "--step",
+        str(FORK_STEP),
+        "--cooldown-steps",
+        str(COOLDOWN),
+        "--engine",
+        "fsdp",
+        "--eval-batches",
+        "2",
+    ]
     proc = subprocess.run(torchrun + fork, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run_dir / "cooldowns" / f"from_{FORK_STEP:09d}_linear_{COOLDOWN}"
@@ -253,15 +333,27 @@ def test_batch_split_keeps_the_global_batch():
         batch_split(6, 4, 4)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--step", "99", "--cooldown-steps", "5"], "--step 99: unknown step (the run's checkpoints go up to step 30)"),
-    (["--step", "12", "--cooldown-steps", "5"], "--step 12: no checkpoint at this step (available: 5, 10, 15"),
-    (["--step", "abc", "--cooldown-steps", "5"], "--step: expected a step number or 'latest'"),
-    (["--step", "20", "--cooldown-steps", "0"], "--cooldown-steps: must be > 0, got 0"),
-    (["--step", "20", "--cooldown-fraction", "1.5"], "--cooldown-fraction: must be in (0, 1], got 1.5"),
-    (["--step", "20", "--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1], got 0.0"),
-    (["--step", "5", "--cooldown-fraction", "0.01"], "--cooldown-fraction: 0.01 of step 5 is 0 cooldown steps"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--step", "99", "--cooldown-steps", "5"],
+            "--step 99: unknown step (the run's checkpoints go up to step 30)",
+        ),
+        (
+            ["--step", "12", "--cooldown-steps", "5"],
+            "--step 12: no checkpoint at this step (available: 5, 10, 15",
+        ),
+        (["--step", "abc", "--cooldown-steps", "5"], "--step: expected a step number or 'latest'"),
+        (["--step", "20", "--cooldown-steps", "0"], "--cooldown-steps: must be > 0, got 0"),
+        (["--step", "20", "--cooldown-fraction", "1.5"], "--cooldown-fraction: must be in (0, 1], got 1.5"),
+        (["--step", "20", "--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1], got 0.0"),
+        (
+            ["--step", "5", "--cooldown-fraction", "0.01"],
+            "--cooldown-fraction: 0.01 of step 5 is 0 cooldown steps",
+        ),
+    ],
+)
 def test_bad_fork_requests_are_one_line_errors(main_run, capsys, argv, message):
     assert cli_main(["fork", "--run", str(main_run), *argv]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,5 +1,6 @@
 """The side launcher: node pools and hostfiles, the queue/state machine with a fake fork (fast), and the
 real thing beside a live tiny training run, restarted mid-way (each fork launched exactly once)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,20 +60,24 @@ with open(events, "a") as f:
 
 # -- node pools ----------------------------------------------------------------------------------
 
+
 def test_hostfile_parses_hosts_slots_and_comments(tmp_path):
     path = tmp_path / "hosts"
     path.write_text("# spare nodes\nnode1 slots=8\n\nnode2 slots=4  # half a node\n")
     assert parse_hostfile(path) == {"node1": 8, "node2": 4}
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("node1 slots=8\nnode2 slots\n", "hosts:2: expected 'HOST slots=N'"),
-    ("node1 slots=8\nnode1 slots=4\n", "hosts:2: host 'node1' is listed twice"),
-    ("node1 slots=0\n", "hosts:1: slots must be >= 1"),
-    ("node1 slots=100000000000000000000\n", "hosts:1: slots must be >= 1 and <= 1024"),
-    ("node1 slots=1e20\n", "hosts:1: expected 'HOST slots=N'"),
-    ("# nothing\n\n", "lists no hosts"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("node1 slots=8\nnode2 slots\n", "hosts:2: expected 'HOST slots=N'"),
+        ("node1 slots=8\nnode1 slots=4\n", "hosts:2: host 'node1' is listed twice"),
+        ("node1 slots=0\n", "hosts:1: slots must be >= 1"),
+        ("node1 slots=100000000000000000000\n", "hosts:1: slots must be >= 1 and <= 1024"),
+        ("node1 slots=1e20\n", "hosts:1: expected 'HOST slots=N'"),
+        ("# nothing\n\n", "lists no hosts"),
+    ],
+)
 def test_broken_hostfile_names_the_line(tmp_path, text, expected):
     path = tmp_path / "hosts"
     path.write_text(text)
@@ -108,6 +113,7 @@ def test_pool_commands(tmp_path, monkeypatch):
 
 
 # -- the queue with a fake fork -------------------------------------------------------------------
+
 
 def fake_checkpoints(run_dir: Path, steps) -> None:
     for step in steps:
@@ -150,14 +156,20 @@ def test_once_forks_each_eligible_checkpoint_once_at_most_one_per_slot(fake_fork
     options = ForkerOptions(run_dir, cooldown_fraction=0.25, every=20, at=(30,), once=True, poll_s=0.05)
     assert Forker(options, parse_pool("local:2"), fork_module="fakefork", log=lambda _: None).run() == 0
     jobs = state(run_dir)
-    assert sorted(jobs) == ["from_000000020_1-sqrt_5", "from_000000030_1-sqrt_8",
-                            "from_000000040_1-sqrt_10", "from_000000060_1-sqrt_15"]
+    assert sorted(jobs) == [
+        "from_000000020_1-sqrt_5",
+        "from_000000030_1-sqrt_8",
+        "from_000000040_1-sqrt_10",
+        "from_000000060_1-sqrt_15",
+    ]
     assert all(j["status"] == "done" and j["attempts"] == 1 for j in jobs.values())
     starts = [name for kind, name, _ in events(run_dir) if kind == "start"]
     assert sorted(starts) == sorted(jobs)
     assert max_concurrency(events(run_dir)) == 2
     assert not any(active_pins(p) for p in (run_dir / "checkpoints").iterdir())  # leases released
-    assert "attempt 1 on local:" in (run_dir / "cooldowns" / "from_000000020_1-sqrt_5" / "fork.log").read_text()
+    assert (
+        "attempt 1 on local:" in (run_dir / "cooldowns" / "from_000000020_1-sqrt_5" / "fork.log").read_text()
+    )
 
     # run again: nothing new to do, nothing launched twice
     assert Forker(options, parse_pool("local:2"), fork_module="fakefork", log=lambda _: None).run() == 0
@@ -192,12 +204,29 @@ def test_forker_passes_the_cooldown_mix_to_every_fork(fake_fork, capsys):
         assert Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lambda _: None).run() == 0
     jobs = state(run_dir)
     [tagged] = [name for name in jobs if name != "from_000000020_1-sqrt_10"]
-    assert tagged.startswith("from_000000020_1-sqrt_10@mix-") and all(j["status"] == "done" for j in jobs.values())
+    assert tagged.startswith("from_000000020_1-sqrt_10@mix-") and all(
+        j["status"] == "done" for j in jobs.values()
+    )
     assert jobs[tagged]["command"][-2:] == ["--data-weights", "hq=0.7,main=0.3"]
     labels = {c.name: c.data for c in report.load_run(run_dir).cooldowns}
     assert labels == {"from_000000020_1-sqrt_10": "run", tagged: "hq=0.7,main=0.3"}
-    assert cli_main(["forker", "--run", str(run_dir), "--every", "20", "--cooldown-fraction", "0.5",
-                     "--once", "--data-weights", "hq"]) == 2
+    assert (
+        cli_main(
+            [
+                "forker",
+                "--run",
+                str(run_dir),
+                "--every",
+                "20",
+                "--cooldown-fraction",
+                "0.5",
+                "--once",
+                "--data-weights",
+                "hq",
+            ]
+        )
+        == 2
+    )
     assert "--data-weights 'hq': expected SOURCE=SHARE" in capsys.readouterr().err
 
 
@@ -206,8 +235,9 @@ def test_forker_on_a_mix_restarts_from_its_own_state(fake_fork):
     (and launches nothing twice) instead of refusing its own state.json."""
     run_dir = fake_fork
     fake_checkpoints(run_dir, [20])
-    options = ForkerOptions(run_dir, cooldown_fraction=0.5, every=20, once=True, poll_s=0.05,
-                            data_weights="hq=0.7,main=0.3")
+    options = ForkerOptions(
+        run_dir, cooldown_fraction=0.5, every=20, once=True, poll_s=0.05, data_weights="hq=0.7,main=0.3"
+    )
     for _ in range(2):
         assert Forker(options, parse_pool("local:1"), fork_module="fakefork", log=lambda _: None).run() == 0
     [job] = state(run_dir).values()
@@ -224,9 +254,14 @@ def test_average_of_more_checkpoints_than_the_run_keeps_is_refused_at_start(fake
     argv = ["forker", "--run", str(run_dir), "--average", "3", "--once"]
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
-    assert "--average 3: " in err and "keeps only its newest 2 checkpoint(s)" in err and len(err.splitlines()) == 1
-    (run_dir / "config.yaml").write_text(dump_yaml(load_config(None, ["checkpoint.keep_last=2",
-                                                                      "checkpoint.keep_every=10"])))
+    assert (
+        "--average 3: " in err
+        and "keeps only its newest 2 checkpoint(s)" in err
+        and len(err.splitlines()) == 1
+    )
+    (run_dir / "config.yaml").write_text(
+        dump_yaml(load_config(None, ["checkpoint.keep_last=2", "checkpoint.keep_every=10"]))
+    )
     options = ForkerOptions(run_dir, cooldown_fraction=None, average=3, once=True, poll_s=0.05)
     assert Forker(options, parse_pool("local:1"), log=lambda _: None).run() == 0  # keep_every keeps more
 
@@ -244,7 +279,9 @@ def test_arguments_a_remote_shell_would_refuse_are_refused_at_start(fake_fork, t
     hostfile.write_text("node-1.cluster slots=1\n")
     with pytest.raises(NodePoolError, match="argument 'python score.py .* would reach the remote shell"):
         Forker(options, parse_pool(str(hostfile)), fork_module="fakefork", log=lambda _: None).run()
-    assert not (run_dir / "forker" / "state.json").exists() and not active_pins(run_dir / "checkpoints" / "step_000000010")
+    assert not (run_dir / "forker" / "state.json").exists() and not active_pins(
+        run_dir / "checkpoints" / "step_000000010"
+    )
     hostfile.write_text("localhost slots=1\n")  # no remote shell there: any argument goes
     parse_pool(str(hostfile)).check_remote_arguments("fakefork", ["--eval-cmd", hooks.eval_cmd])
 
@@ -264,8 +301,25 @@ except EvertrainError as exc:
 
 
 def forker_cli(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-c", FORKER_WITH_FAKE_FORK, "forker", "--run", str(run_dir), "--every", "10",
-            "--cooldown-fraction", "0.5", "--pool", "local:2", "--poll-s", "0.1", "--max-retries", "0", *extra]
+    return [
+        sys.executable,
+        "-c",
+        FORKER_WITH_FAKE_FORK,
+        "forker",
+        "--run",
+        str(run_dir),
+        "--every",
+        "10",
+        "--cooldown-fraction",
+        "0.5",
+        "--pool",
+        "local:2",
+        "--poll-s",
+        "0.1",
+        "--max-retries",
+        "0",
+        *extra,
+    ]
 
 
 def wait_for(condition, timeout_s: float, what: str):
@@ -285,6 +339,7 @@ def test_killed_forker_restarts_and_adopts_running_forks(fake_fork, monkeypatch)
     monkeypatch.setenv("FAKE_FORK_HOLD", "1")
     first = subprocess.Popen(forker_cli(run_dir, "--once"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+
         def both_slots_busy():
             jobs = state(run_dir).values() if (run_dir / "forker" / "state.json").is_file() else []
             running = [j for j in jobs if j["status"] == "running" and j["pid"] is not None]
@@ -299,12 +354,20 @@ def test_killed_forker_restarts_and_adopts_running_forks(fake_fork, monkeypatch)
         first.wait()
     assert all(process_start_time(j["pid"]) == j["pid_started"] for j in running)  # alive, orphaned
 
-    restarted = subprocess.Popen(forker_cli(run_dir, "--once"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
+    restarted = subprocess.Popen(
+        forker_cli(run_dir, "--once"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
-        wait_for(lambda: json.loads((run_dir / "forker" / "state.json").read_text())["forker_pid"] == restarted.pid,
-                 60, "the restarted forker")
-        assert {j["name"] for j in running} <= {n for n, j in state(run_dir).items() if j["status"] == "running"}
+        wait_for(
+            lambda: (
+                json.loads((run_dir / "forker" / "state.json").read_text())["forker_pid"] == restarted.pid
+            ),
+            60,
+            "the restarted forker",
+        )
+        assert {j["name"] for j in running} <= {
+            n for n, j in state(run_dir).items() if j["status"] == "running"
+        }
         (run_dir / "release").touch()
         stdout, stderr = restarted.communicate(timeout=120)
     finally:
@@ -330,10 +393,31 @@ def test_launch_interrupted_before_its_pid_was_recorded(fake_fork, monkeypatch):
     for step, slot in ((10, pool.slots[0]), (20, pool.slots[1])):
         name = f"from_{step:09d}_1-sqrt_{step // 2}"
         (run_dir / "cooldowns" / name).mkdir(parents=True)
-        command = pool.command(slot, "fakefork", ["--run", str(run_dir.resolve()), "--step", str(step),
-                                                  "--cooldown-steps", str(step // 2), "--shape", "1-sqrt"])
-        jobs[name] = Job(name, step, step // 2, "1-sqrt", status="running", attempts=1, slot=slot.name,
-                         command=command, log=str(run_dir / "cooldowns" / name / "fork.log"))
+        command = pool.command(
+            slot,
+            "fakefork",
+            [
+                "--run",
+                str(run_dir.resolve()),
+                "--step",
+                str(step),
+                "--cooldown-steps",
+                str(step // 2),
+                "--shape",
+                "1-sqrt",
+            ],
+        )
+        jobs[name] = Job(
+            name,
+            step,
+            step // 2,
+            "1-sqrt",
+            status="running",
+            attempts=1,
+            slot=slot.name,
+            command=command,
+            log=str(run_dir / "cooldowns" / name / "fork.log"),
+        )
     started = subprocess.Popen(jobs["from_000000010_1-sqrt_5"].command)  # this launch happened
     (run_dir / "forker").mkdir()
     save_jobs(run_dir / "forker" / "state.json", jobs)
@@ -346,18 +430,23 @@ def test_launch_interrupted_before_its_pid_was_recorded(fake_fork, monkeypatch):
     assert not any(line.startswith("launched from_000000010") for line in lines)
     assert any(line.startswith("launched from_000000020_1-sqrt_10") for line in lines)
     assert {n: (j["status"], j["attempts"]) for n, j in state(run_dir).items()} == {
-        "from_000000010_1-sqrt_5": ("done", 1), "from_000000020_1-sqrt_10": ("done", 1)}
+        "from_000000010_1-sqrt_5": ("done", 1),
+        "from_000000020_1-sqrt_10": ("done", 1),
+    }
     assert sorted(name for kind, name, _ in events(run_dir) if kind == "start") == sorted(jobs)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--every", "10", "--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1]"),
-    (["--cooldown-fraction", "0.2"], "give --every N and/or --at"),
-    (["--every", "10"], "--cooldown-fraction: required to fork (--every/--at)"),
-    (["--average", "-1"], "--average: must be >= 1 (0: no averages), got -1"),
-    (["--every", "10", "--cooldown-fraction", "0.2", "--pool", "local:0"], "slot count"),
-    (["--every", "10", "--cooldown-fraction", "0.2", "--max-retries", "-1"], "--max-retries"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--every", "10", "--cooldown-fraction", "0"], "--cooldown-fraction: must be in (0, 1]"),
+        (["--cooldown-fraction", "0.2"], "give --every N and/or --at"),
+        (["--every", "10"], "--cooldown-fraction: required to fork (--every/--at)"),
+        (["--average", "-1"], "--average: must be >= 1 (0: no averages), got -1"),
+        (["--every", "10", "--cooldown-fraction", "0.2", "--pool", "local:0"], "slot count"),
+        (["--every", "10", "--cooldown-fraction", "0.2", "--max-retries", "-1"], "--max-retries"),
+    ],
+)
 def test_bad_forker_arguments(fake_fork, capsys, argv, message):
     assert cli_main(["forker", "--run", str(fake_fork), *argv]) == 2
     err = capsys.readouterr().err
@@ -408,6 +497,7 @@ def test_unreadable_state_file_is_an_error(fake_fork):
 
 # -- the real thing ------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_forker_beside_a_live_run_restarted_midway_launches_each_fork_once(tiny_data, tmp_path):
     """pretrain.py trains 200 steps; the forker (local:2) forks every 50th checkpoint, is SIGKILLed once
@@ -415,21 +505,64 @@ def test_forker_beside_a_live_run_restarted_midway_launches_each_fork_once(tiny_
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     trainer = subprocess.Popen(
-        [sys.executable, "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-         f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.max_steps=200",
-         "train.log_every=10", "eval.every_steps=0", "checkpoint.every_steps=10", "checkpoint.keep_last=1",
-         "checkpoint.keep_every=50", "engine.name=single"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    forker = [sys.executable, "-m", "evertrain.launch.cli", "forker", "--run", str(run_dir), "--every", "50",
-              "--cooldown-fraction", "0.1", "--pool", "local:2", "--poll-s", "0.2", "--until-step", "200",
-              "--eval-batches", "1", "--max-retries", "0"]
+        [
+            sys.executable,
+            "pretrain.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=4",
+            "train.max_steps=200",
+            "train.log_every=10",
+            "eval.every_steps=0",
+            "checkpoint.every_steps=10",
+            "checkpoint.keep_last=1",
+            "checkpoint.keep_every=50",
+            "engine.name=single",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    forker = [
+        sys.executable,
+        "-m",
+        "evertrain.launch.cli",
+        "forker",
+        "--run",
+        str(run_dir),
+        "--every",
+        "50",
+        "--cooldown-fraction",
+        "0.1",
+        "--pool",
+        "local:2",
+        "--poll-s",
+        "0.2",
+        "--until-step",
+        "200",
+        "--eval-batches",
+        "1",
+        "--max-retries",
+        "0",
+    ]
     try:
         # started at once, like scripts/demo.sh: it waits for the run dir to appear
         first = subprocess.Popen(forker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            running = wait_for(lambda: (run_dir / "forker" / "state.json").is_file() and
-                               [n for n, j in state(run_dir).items() if j["status"] == "running" and j.get("pid")],
-                               120, "a running fork")
+            running = wait_for(
+                lambda: (
+                    (run_dir / "forker" / "state.json").is_file()
+                    and [n for n, j in state(run_dir).items() if j["status"] == "running" and j.get("pid")]
+                ),
+                120,
+                "a running fork",
+            )
         finally:
             first.kill()
             first.wait()
@@ -446,7 +579,10 @@ def test_forker_beside_a_live_run_restarted_midway_launches_each_fork_once(tiny_
         assert job["status"] == "done" and job["attempts"] == 1, job
         log = (run_dir / "cooldowns" / name / "fork.log").read_text()
         assert log.count("=== evertrain forker: attempt") == 1 and log.count("fork: step ") == 1, log
-        assert json.loads((run_dir / "cooldowns" / name / "result.json").read_text())["val_loss"] == job["val_loss"]
+        assert (
+            json.loads((run_dir / "cooldowns" / name / "result.json").read_text())["val_loss"]
+            == job["val_loss"]
+        )
     main_steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert main_steps == list(range(10, 201, 10))  # the main run went on untouched
     assert not any(active_pins(p) for p in (run_dir / "checkpoints").glob("step_*"))

@@ -1,5 +1,6 @@
 """bench/gpu_check.py must not rot between the rare days a GPU is lent: its CPU smoke run walks every
 section's code path at toy sizes (Triton under its interpreter) and must finish with no failure."""
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_check  # noqa: E402  (bench/ is not a package)
+
 SECTIONS = ("adamw_match", "adamw_bench", "sdpa_backend", "sync_audit", "throughput", "checkpoint")
 LAYOUTS = ("aligned", "unaligned", "fsdp_last_shard", "ds_partition")
 
 
 def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.startswith("gpu_check: python ") and ", deepspeed " in proc.stdout.splitlines()[0]
     raw = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -39,26 +47,45 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     assert all(n % 16 == 0 for n in match["float32/aligned"]["sizes"])
     assert raw["sections"]["adamw_match"]["raw"]["bfloat16/aligned"]["reference"] == "our torch twin"
     assert {"ours triton", "torch fused"} <= {k.split("/")[1] for k in raw["sections"]["adamw_bench"]["raw"]}
-    assert all(r["back_to_back_ms"] > 0 and r["host_issue_ms"] > 0 for r in raw["sections"]["adamw_bench"]["raw"].values())
+    assert all(
+        r["back_to_back_ms"] > 0 and r["host_issue_ms"] > 0
+        for r in raw["sections"]["adamw_bench"]["raw"].values()
+    )
     audit = raw["sections"]["sync_audit"]["raw"]
-    assert {"single", "fsdp", "deepspeed ZeRO-2", "deepspeed ZeRO-3"} == set(audit)  # deepspeed is in the venv
+    assert {"single", "fsdp", "deepspeed ZeRO-2", "deepspeed ZeRO-3"} == set(
+        audit
+    )  # deepspeed is in the venv
     for name in ("single", "fsdp"):
         assert audit[name]["counts"]["train step"] == {} and audit[name]["counts"]["log step"]["value"] >= 2
-    assert set(audit["deepspeed ZeRO-3"]["counts"]) == {"train step", "log step", "eval", "checkpoint save",
-                                                        "step after save"}
+    assert set(audit["deepspeed ZeRO-3"]["counts"]) == {
+        "train step",
+        "log step",
+        "eval",
+        "checkpoint save",
+        "step after save",
+    }
     assert raw["sections"]["sdpa_backend"]["raw"]["8b"] != "math"
     assert "eager" in raw["sections"]["throughput"]["raw"]
     assert raw["sections"]["checkpoint"]["raw"]["async_s"] > 0
-    assert 0 < raw["sections"]["checkpoint"]["raw"]["disk_bytes"] <= raw["sections"]["checkpoint"]["raw"]["budget_bytes"]
+    assert (
+        0
+        < raw["sections"]["checkpoint"]["raw"]["disk_bytes"]
+        <= raw["sections"]["checkpoint"]["raw"]["budget_bytes"]
+    )
     assert all(r["left_gib"] == 0.0 for r in raw["sections"]["throughput"]["raw"].values())
     report = (tmp_path / "gpu_check.md").read_text()
     assert "all checks held" in report and "CPU smoke run" in report
 
 
 def test_gpu_check_without_cuda_refuses_the_full_run(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path)],
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--cpu-smoke" in proc.stderr
     assert not (tmp_path / "gpu_check.md").exists()
 

@@ -3,6 +3,7 @@
 Every import counts, the ones inside functions too (they are how a command stays light at start-up,
 not a licence for a circle): a circle means two modules cannot be read, tested or moved apart.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,7 +31,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from .x import y
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             for alias in node.names:  # `from pkg import module` imports the module
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
@@ -80,4 +81,5 @@ def test_no_import_circle_in_evertrain():
     graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
     found = circles(graph)
     assert not found, "import circles (each: modules that reach each other):\n" + "\n".join(
-        " <-> ".join(c) for c in found)
+        " <-> ".join(c) for c in found
+    )

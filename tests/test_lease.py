@@ -1,6 +1,7 @@
 """Locks on shared filesystems: where flock does not reach other hosts (NFS with local_lock=flock or
 nolock), the run, forker and data-dir locks also hold a lease file that a second host is refused
 by, and that is taken over only once its holder is dead (lease.py)."""
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,12 @@ lock.release()
 
 
 def holder(run: Path, host: str, hold_s: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", HOLDER, str(run), host, str(hold_s)], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run), host, str(hold_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_two_trainers_whose_flock_always_succeeds_do_not_both_hold_the_run(tmp_path):
@@ -132,6 +137,7 @@ def test_the_forker_and_data_dir_locks_take_the_lease_too(tmp_path, monkeypatch,
     def append():
         with dataprep.data_dir_lock(data):
             entered.set()
+
     worker = threading.Thread(target=append)
     worker.start()
     time.sleep(0.5)

@@ -1,6 +1,7 @@
 """The loss model (evertrain/launch/lossmodel/): on a synthetic run whose every logged loss follows a
 known L = L0 + A * S1^-alpha - C * S2, the fit recovers the parameters and `evertrain predict` an unseen
 cooldown; the stop rule stops at the step a hand calculation gives; the trainer honours RUN/STOP."""
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,22 @@ def train_rows(lrs, peak, first, last, noise, rng):
     for end in range(first + LOG_EVERY, last + 1, LOG_EVERY):
         window = slice(end - LOG_EVERY, end)
         loss = float(np.mean(true_law(a.s1[window], a.s2[window]))) + rng.normal(0.0, noise)
-        rows.append({"kind": "train", "step": end, "tokens": end * TOKENS_PER_STEP, "loss": loss,
-                     "lr": float(lrs[end - 1]), "tokens_per_s": 1000.0})
+        rows.append(
+            {
+                "kind": "train",
+                "step": end,
+                "tokens": end * TOKENS_PER_STEP,
+                "loss": loss,
+                "lr": float(lrs[end - 1]),
+                "tokens_per_s": 1000.0,
+            }
+        )
     return rows
 
 
-def synthetic_run(run_dir: Path, last=400, forks=((100, 20), (200, 40), (300, 60)), noise=0.0, seed=0,
-                  overrides=()) -> Path:
+def synthetic_run(
+    run_dir: Path, last=400, forks=((100, 20), (200, 40), (300, 60)), noise=0.0, seed=0, overrides=()
+) -> Path:
     """A main run (tiny config's schedule) to `last` and linear cooldowns whose losses follow TRUE."""
     rng = np.random.default_rng(seed)
     cfg = load_config(REPO / "configs" / "tiny.yaml", list(overrides))
@@ -53,9 +63,15 @@ def synthetic_run(run_dir: Path, last=400, forks=((100, 20), (200, 40), (300, 60
     peak = cfg.optim.max_lr
     lrs = branch_lrs(cfg.optim, last)
     a = areas(lrs, peak)
-    evals = [{"kind": "eval", "step": s, "tokens": s * TOKENS_PER_STEP,
-              "val_loss": float(true_law(a.s1[s - 1], a.s2[s - 1])) + TRUE["delta"] + rng.normal(0.0, noise)}
-             for s in range(50, last + 1, 50)]
+    evals = [
+        {
+            "kind": "eval",
+            "step": s,
+            "tokens": s * TOKENS_PER_STEP,
+            "val_loss": float(true_law(a.s1[s - 1], a.s2[s - 1])) + TRUE["delta"] + rng.normal(0.0, noise),
+        }
+        for s in range(50, last + 1, 50)
+    ]
     write_jsonl(run_dir / "metrics.jsonl", train_rows(lrs, peak, 0, last, noise, rng) + evals)
     for step, c in forks:
         out = run_dir / "cooldowns" / f"from_{step:09d}_linear_{c}"
@@ -63,9 +79,18 @@ def synthetic_run(run_dir: Path, last=400, forks=((100, 20), (200, 40), (300, 60
         write_jsonl(out / "metrics.jsonl", train_rows(branch, peak, step, step + c, noise, rng))
         b = areas(branch, peak)
         val = float(true_law(b.s1[-1], b.s2[-1])) + TRUE["delta"] + rng.normal(0.0, noise)
-        (out / "result.json").write_text(json.dumps({"from_step": step, "cooldown_steps": c, "shape": "linear",
-                                                     "tokens": (step + c) * TOKENS_PER_STEP, "val_loss": val,
-                                                     "val_ppl": float(np.exp(val))}))
+        (out / "result.json").write_text(
+            json.dumps(
+                {
+                    "from_step": step,
+                    "cooldown_steps": c,
+                    "shape": "linear",
+                    "tokens": (step + c) * TOKENS_PER_STEP,
+                    "val_loss": val,
+                    "val_ppl": float(np.exp(val)),
+                }
+            )
+        )
     return run_dir
 
 
@@ -106,8 +131,22 @@ def test_noisy_fit_predicts_an_unseen_cooldown_within_its_interval(tmp_path, cap
     half = float(text.split("+- ")[-1].split()[0])
     assert abs(value - true_val(run_dir, 350, 70)) <= half and half < 0.1, text
     # --at-tokens: 50 steps of tokens later than step 300 is the same cooldown
-    assert cli_main(["predict", "--run", str(run_dir), "--step", "300", "--at-tokens", str(50 * TOKENS_PER_STEP),
-                     "--cooldown-steps", "70"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--run",
+                str(run_dir),
+                "--step",
+                "300",
+                "--at-tokens",
+                str(50 * TOKENS_PER_STEP),
+                "--cooldown-steps",
+                "70",
+            ]
+        )
+        == 0
+    )
     assert f"{value:.4f} +- {half:.4f}" in capsys.readouterr().out
 
 
@@ -131,13 +170,17 @@ def test_rule_stops_at_the_step_a_hand_calculation_gives(tmp_path):
     # = (c - 1) / 2 to S1. With C = 0, the loss of cooling down at s is L0 + A * (s + (c - 1)/2)^-alpha.
     TRUE["C"], saved = 0.0, TRUE["C"]
     try:
-        run_dir = synthetic_run(tmp_path / "run", forks=(), overrides=["optim.decay=constant", "optim.warmup_steps=0"])
+        run_dir = synthetic_run(
+            tmp_path / "run", forks=(), overrides=["optim.decay=constant", "optim.warmup_steps=0"]
+        )
         obs = load_observations(run_dir)
         tps, stride, f = 1000.0, 20, 0.1
 
         def hand(s):  # nats per hour of training `stride` more steps
             c0, c1 = round(f * s), round(f * (s + stride))
-            gain = TRUE["A"] * ((s + (c0 - 1) / 2) ** -TRUE["alpha"] - (s + stride + (c1 - 1) / 2) ** -TRUE["alpha"])
+            gain = TRUE["A"] * (
+                (s + (c0 - 1) / 2) ** -TRUE["alpha"] - (s + stride + (c1 - 1) / 2) ** -TRUE["alpha"]
+            )
             return gain / ((stride + c1 - c0) * TOKENS_PER_STEP / tps / 3600)
 
         steps = list(range(20, 2001, 20))
@@ -161,14 +204,22 @@ def test_rule_stops_at_the_step_a_hand_calculation_gives(tmp_path):
 
 # -- the real thing: trainer, forker, final cooldown ---------------------------------------------
 
+
 def test_trainer_stops_at_the_checkpoint_after_a_stop_request(tiny_data, tmp_path):
     from conftest import pretrain_tiny
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "STOP").write_text("stop\n")
-    common = [f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.log_every=5",
-              "eval.every_steps=0", "checkpoint.every_steps=10", "engine.name=single"]
+    common = [
+        f"data.path={tiny_data}",
+        "model.vocab_size=512",
+        "train.micro_batch_size=4",
+        "train.log_every=5",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=10",
+        "engine.name=single",
+    ]
     assert pretrain_tiny(run_dir, *common, "train.max_steps=200") == 0
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 10 and (run_dir / "checkpoints" / "step_000000010").is_dir()
@@ -192,15 +243,56 @@ def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(
     tps = 4 * 64  # tokens per step: micro_batch_size 4, seq_len 64
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     trainer = subprocess.Popen(
-        [sys.executable, "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-         f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.max_steps=5000",
-         "train.log_every=5", "eval.every_steps=20", "eval.batches=1", "checkpoint.every_steps=20",
-         "checkpoint.keep_last=2", "checkpoint.keep_every=100", "engine.name=single"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    forker = [sys.executable, "-m", "evertrain.launch.cli", "forker", "--run", str(run_dir), "--every", "100",
-              "--max-queued", "1",
-              "--cooldown-fraction", "0.1", "--nodes", "local:1", "--poll-s", "0.5", "--eval-batches", "1",
-              "--budget-tokens", str(BUDGET_STEPS * tps), "--stop-main", "--max-retries", "0"]
+        [
+            sys.executable,
+            "pretrain.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=4",
+            "train.max_steps=5000",
+            "train.log_every=5",
+            "eval.every_steps=20",
+            "eval.batches=1",
+            "checkpoint.every_steps=20",
+            "checkpoint.keep_last=2",
+            "checkpoint.keep_every=100",
+            "engine.name=single",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    forker = [
+        sys.executable,
+        "-m",
+        "evertrain.launch.cli",
+        "forker",
+        "--run",
+        str(run_dir),
+        "--every",
+        "100",
+        "--max-queued",
+        "1",
+        "--cooldown-fraction",
+        "0.1",
+        "--nodes",
+        "local:1",
+        "--poll-s",
+        "0.5",
+        "--eval-batches",
+        "1",
+        "--budget-tokens",
+        str(BUDGET_STEPS * tps),
+        "--stop-main",
+        "--max-retries",
+        "0",
+    ]
     try:
         first = subprocess.run(forker, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -235,24 +327,33 @@ def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(
 
 def test_report_tables_predicted_vs_actual_with_mae_and_coverage(tmp_path, capsys):
     run_dir = synthetic_run(tmp_path / "run")
-    for name, predicted, half in (("from_000000100_linear_20", None, 0.05), ("from_000000200_linear_40", None, 0.01)):
+    for name, predicted, half in (
+        ("from_000000100_linear_20", None, 0.05),
+        ("from_000000200_linear_40", None, 0.01),
+    ):
         out = run_dir / "cooldowns" / name
         actual = json.loads((out / "result.json").read_text())["val_loss"]
         offset = 0.03 if half == 0.05 else 0.02  # inside its interval; outside its interval
         (out / "prediction.json").write_text(json.dumps({"predicted": actual - offset, "interval": half}))
     result = json.loads((run_dir / "cooldowns" / "from_000000300_linear_60" / "result.json").read_text())
-    (run_dir / "cooldowns" / "from_000000300_linear_60" / "result.json").write_text(json.dumps({**result, "final": True}))
+    (run_dir / "cooldowns" / "from_000000300_linear_60" / "result.json").write_text(
+        json.dumps({**result, "final": True})
+    )
     assert cli_main(["report", "--run", str(run_dir), "--out", str(tmp_path / "r.png")]) == 0
     text = capsys.readouterr().out
     assert "predicted vs actual" in text and "300 final" in text
-    assert "prediction MAE: 0.0250 nats over 2 fork(s); 1 of 2 inside their 95% intervals" in " ".join(text.split())
+    assert "prediction MAE: 0.0250 nats over 2 fork(s); 1 of 2 inside their 95% intervals" in " ".join(
+        text.split()
+    )
 
 
 def test_gain_recovered_by_an_average_is_its_share_of_the_cooldowns_gain():
     from evertrain.launch.free_estimates import recoveries
 
-    averages = [{"step": 120, "steps": [40, 60, 80, 100, 120], "val_loss": 3.7, "weighting": "tail"},
-                {"step": 100, "steps": [100], "val_loss": 3.0}]
+    averages = [
+        {"step": 120, "steps": [40, 60, 80, 100, 120], "val_loss": 3.7, "weighting": "tail"},
+        {"step": 100, "steps": [100], "val_loss": 3.0},
+    ]
     rows = recoveries({120: 3.8, 100: 3.9}, [("from_000000100_linear_20", 120, 3.6)], averages)
     assert len(rows) == 1 and rows[0].weighting == "tail" and rows[0].k == 5
     assert rows[0].gain == pytest.approx(0.2) and rows[0].fraction == pytest.approx(0.5)
@@ -267,9 +368,24 @@ def test_two_ranks_stop_together_at_the_checkpoint_after_a_stop_request(tiny_dat
     run_dir = tmp_path / "ds"
     run_dir.mkdir()
     (run_dir / "STOP").write_text("stop\n")
-    run_ok([*launcher("deepspeed", 2), "pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-            f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=4", "train.max_steps=40",
-            "train.log_every=5", "eval.every_steps=0", "checkpoint.every_steps=10"], timeout=600)
+    run_ok(
+        [
+            *launcher("deepspeed", 2),
+            "pretrain.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=4",
+            "train.max_steps=40",
+            "train.log_every=5",
+            "eval.every_steps=0",
+            "checkpoint.every_steps=10",
+        ],
+        timeout=600,
+    )
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 10 and (run_dir / "checkpoints" / "step_000000010").is_dir()
     assert not (run_dir / "STOP").exists()

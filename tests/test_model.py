@@ -1,4 +1,5 @@
 """The Llama-style Transformer: shapes, causality, GQA, tying, init, and the shipped configs."""
+
 import json
 import math
 from pathlib import Path
@@ -67,7 +68,9 @@ def test_gqa_equals_mha_with_shared_kv_heads():
 def test_sdpa_gqa_broadcast_matches_expanded_kv():
     """SDPA's enable_gqa (CPU, CUDA half) groups heads like the expanded-K/V path (CUDA fp32)."""
     q, k, v = torch.randn(2, 8, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
-    torch.testing.assert_close(causal_attention(q, k, v, expand_kv=False), causal_attention(q, k, v, expand_kv=True))
+    torch.testing.assert_close(
+        causal_attention(q, k, v, expand_kv=False), causal_attention(q, k, v, expand_kv=True)
+    )
 
 
 def test_tied_and_untied_embeddings():
@@ -154,8 +157,10 @@ def test_init_is_deterministic_and_works_from_meta():
     assert torch.equal(reference.norm.weight, torch.ones(256))
 
 
-@pytest.mark.parametrize("name, low, high", [("tiny", 0.5e6, 0.9e6), ("small", 5e6, 10e6),
-                                             ("1b", 0.9e9, 1.3e9), ("8b", 7e9, 8.5e9)])
+@pytest.mark.parametrize(
+    "name, low, high",
+    [("tiny", 0.5e6, 0.9e6), ("small", 5e6, 10e6), ("1b", 0.9e9, 1.3e9), ("8b", 7e9, 8.5e9)],
+)
 def test_shipped_configs_load_and_have_their_size(name, low, high):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     with torch.device("meta"):  # no memory even for 8B

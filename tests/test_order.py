@@ -1,6 +1,7 @@
 """The epoch order on shard metadata alone (order.py): the Feistel shuffle is a bijection, the blend
 keeps every source at its share in every 1,000 consecutive windows, appends joining an epoch at any
 cursors still give every item exactly once, and a trillion-window epoch needs no per-window table."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -65,10 +66,12 @@ def test_appends_joining_anywhere_give_every_item_exactly_once():
     per unit of weight (weight 2: twice; 0.5: half of them, distinct), for joins at the start, in the
     middle, twice at one cursor and at the very end."""
     weights = {"a": 1.0, "b": 2.0, "c": 0.5}
-    versions = [[("a", 300), ("a", 120)],
-                [("a", 300), ("a", 120), ("b", 90)],
-                [("a", 300), ("a", 120), ("b", 90), ("a", 50), ("c", 80)],
-                [("a", 300), ("a", 120), ("b", 90), ("a", 50), ("c", 80), ("b", 33)]]
+    versions = [
+        [("a", 300), ("a", 120)],
+        [("a", 300), ("a", 120), ("b", 90)],
+        [("a", 300), ("a", 120), ("b", 90), ("a", 50), ("c", 80)],
+        [("a", 300), ("a", 120), ("b", 90), ("a", 50), ("c", 80), ("b", 33)],
+    ]
     layouts = [fake_layout(v, weights) for v in versions]
     for starts in ([0, 0, 0, 0], [0, 200, 201, 500], [0, 420, 420, 600], [0, 17, 300, layouts[2].length]):
         order = EpochOrder(seed=5, epoch=2, starts=starts, layouts=layouts)
@@ -88,7 +91,7 @@ def test_appends_joining_anywhere_give_every_item_exactly_once():
         for g in range(1, len(starts)):  # what was read before a join is what the earlier order read
             before = EpochOrder(seed=5, epoch=2, starts=starts[:g], layouts=layouts[:g])
             old = before.locate(np.arange(starts[g]))
-            assert (old[0] == shard[:starts[g]]).all() and (old[1] == window[:starts[g]]).all()
+            assert (old[0] == shard[: starts[g]]).all() and (old[1] == window[: starts[g]]).all()
 
 
 def test_the_order_is_a_fixed_function_of_seed_and_epoch():

@@ -7,6 +7,7 @@ counts memory a run does not use (a double count); the upper bound one that miss
 as everything it counts. What lies between is what the plan leaves to its reserve: the backward's
 transient activation gradients, the torch AdamW's scaled-gradient copy and the allocator's overhead
 (measured here: about 1.45x)."""
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,31 @@ print(json.dumps({"growth": after - before, "plan": plan.total, "n_params": plan
 """
 
 # 0.85M parameters; 4 blocks of saved activations at 4 x 1024 tokens dominate, as on a GPU
-SHAPE = ["model.vocab_size=512", "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
-         "model.ffn_hidden=384", "model.seq_len=1024", "train.micro_batch_size=4", "train.grad_accum=1",
-         "train.device=cpu", "train.dtype=float32", "optim.impl=torch"]
+SHAPE = [
+    "model.vocab_size=512",
+    "model.d_model=128",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=384",
+    "model.seq_len=1024",
+    "train.micro_batch_size=4",
+    "train.grad_accum=1",
+    "train.device=cpu",
+    "train.dtype=float32",
+    "optim.impl=torch",
+]
 
 
 def test_cpu_plan_accounts_for_the_measured_peak_rss_within_the_stated_tolerance():
-    proc = subprocess.run([sys.executable, "-c", CHILD, *SHAPE], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, *SHAPE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["n_params"] <= 1_000_000

@@ -2,6 +2,7 @@
 consumed position that ignores what was read ahead, appends that join exactly at a refresh, worker
 errors that reach the training thread, and no read past the run's last step. The kill -9 with batches
 in flight is in test_resume.py; the loop's own use of it in test_train.py and test_append.py."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from evertrain.pretrain.data.stream import DataError, TokenStream
-from evertrain.pretrain.data.prepare import append
-from evertrain.pretrain.data.prefetch import Prefetcher
 from test_data import all_windows, rows
+
+from evertrain.pretrain.data.prefetch import Prefetcher
+from evertrain.pretrain.data.prepare import append
+from evertrain.pretrain.data.stream import DataError, TokenStream
 
 SEQ, G = 256, 8
 
@@ -118,7 +119,9 @@ def test_an_append_joins_right_after_the_refresh_even_with_batches_in_flight(dat
     with prefetching(stream, depth=2) as batches:
         assert torch.equal(batches.next_batch(), plain.next_batch(G))  # the end of epoch 0
         wait_reads(stream, 3)  # two batches past the epoch end, read with manifest version 1
-        append(data, [tiny_slices.val[0]], shard_tokens=1 << 14, allow_duplicate=True)  # the val text, as train
+        append(
+            data, [tiny_slices.val[0]], shard_tokens=1 << 14, allow_duplicate=True
+        )  # the val text, as train
         assert batches.refresh() is True and plain.refresh() is True
         assert batches.manifest_version == plain.manifest_version == 2
         assert batches.state_dict() == plain.state_dict()

@@ -2,6 +2,7 @@
 degenerate-fit warnings, the one projection console and plot share, branches drawn from their fork
 point on a log token axis, the eval hook's metrics, and clear messages for too few points and bad
 arguments."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,15 @@ import numpy as np
 import pytest
 
 from evertrain.launch.cli import main as cli_main
-from evertrain.launch.report import (figure, fit_cooldowns, fit_power_law, load_run, main_run_at,
-                                     parse_cooldown_name, run_projection)
+from evertrain.launch.report import (
+    figure,
+    fit_cooldowns,
+    fit_power_law,
+    load_run,
+    main_run_at,
+    parse_cooldown_name,
+    run_projection,
+)
 from evertrain.pretrain.checkpoint.retention import pin
 
 TOKENS_PER_STEP = 1000
@@ -31,11 +39,26 @@ def write_jsonl(path: Path, rows) -> None:
 def synthetic_run(run_dir: Path, fork_steps=(200, 400, 800, 1600), last_step=2000, evals=None) -> Path:
     """A main run of `last_step` steps and linear cooldowns (C = 20% of S) whose val loss follows `law`."""
     tokens = [s * TOKENS_PER_STEP for s in range(10, last_step + 1, 10)]
-    write_jsonl(run_dir / "metrics.jsonl",
-                [{"kind": "train", "step": d // TOKENS_PER_STEP, "tokens": d, "loss": float(law(d)) + 0.3,
-                  "lr": 1e-3 / math.sqrt(d), "grad_norm": 1.0, "tokens_per_s": 1.0, "time": 0.0} for d in tokens]
-                + [{"kind": "eval", "step": d // TOKENS_PER_STEP, "tokens": d, "val_loss": float(law(d)) + 0.35}
-                   for d in tokens[9::10]])
+    write_jsonl(
+        run_dir / "metrics.jsonl",
+        [
+            {
+                "kind": "train",
+                "step": d // TOKENS_PER_STEP,
+                "tokens": d,
+                "loss": float(law(d)) + 0.3,
+                "lr": 1e-3 / math.sqrt(d),
+                "grad_norm": 1.0,
+                "tokens_per_s": 1.0,
+                "time": 0.0,
+            }
+            for d in tokens
+        ]
+        + [
+            {"kind": "eval", "step": d // TOKENS_PER_STEP, "tokens": d, "val_loss": float(law(d)) + 0.35}
+            for d in tokens[9::10]
+        ],
+    )
     for step in (1800, 1900, 2000):
         step_dir = run_dir / "checkpoints" / f"step_{step:09d}"
         step_dir.mkdir(parents=True)
@@ -46,12 +69,28 @@ def synthetic_run(run_dir: Path, fork_steps=(200, 400, 800, 1600), last_step=200
         out = run_dir / "cooldowns" / f"from_{s:09d}_linear_{c}"
         end = (s + c) * TOKENS_PER_STEP
         progress = [(t, (t - s) / c) for t in range(s + 5, s + c + 1, 5)]
-        write_jsonl(out / "metrics.jsonl", [{"kind": "train", "step": t, "tokens": t * TOKENS_PER_STEP,
-                                             "loss": float(law(end)) + 0.3 * (1 - x), "lr": 1e-4 * (1 - x)}
-                                            for t, x in progress])
+        write_jsonl(
+            out / "metrics.jsonl",
+            [
+                {
+                    "kind": "train",
+                    "step": t,
+                    "tokens": t * TOKENS_PER_STEP,
+                    "loss": float(law(end)) + 0.3 * (1 - x),
+                    "lr": 1e-4 * (1 - x),
+                }
+                for t, x in progress
+            ],
+        )
         val = float(law(end))
-        result = {"from_step": s, "cooldown_steps": c, "shape": "linear", "tokens": end, "val_loss": val,
-                  "val_ppl": math.exp(val)}
+        result = {
+            "from_step": s,
+            "cooldown_steps": c,
+            "shape": "linear",
+            "tokens": end,
+            "val_loss": val,
+            "val_ppl": math.exp(val),
+        }
         if evals is not None:
             result["evals"] = evals(s)
         (out / "result.json").write_text(json.dumps(result))
@@ -161,12 +200,17 @@ def test_band_is_students_t_times_the_standard_error_over_n_minus_p_dof():
         e, b, beta = params
         return e + b * np.power(d / fit.scale, -beta)
 
-    params = np.array([fit.E, fit.B * fit.scale ** -fit.beta, fit.beta])
+    params = np.array([fit.E, fit.B * fit.scale**-fit.beta, fit.beta])
     steps = 1e-6 * np.maximum(np.abs(params), 1.0)
 
     def jacobian(d):
-        return np.stack([(model(params + h, d) - model(params - h, d)) / (2 * h[i])
-                         for i, h in enumerate(np.diag(steps))], axis=1)
+        return np.stack(
+            [
+                (model(params + h, d) - model(params - h, d)) / (2 * h[i])
+                for i, h in enumerate(np.diag(steps))
+            ],
+            axis=1,
+        )
 
     sse = float(np.sum((model(params, tokens) - noisy) ** 2))
     jac = jacobian(tokens)
@@ -174,8 +218,10 @@ def test_band_is_students_t_times_the_standard_error_over_n_minus_p_dof():
     g = jacobian(np.array([target]))[0]
     expected = 3.182 * math.sqrt(g @ cov @ g)
     assert fit.band([target])[0] == pytest.approx(expected, rel=1e-3), (
-        "the band is not t(n-p) * sqrt(g^T cov g) with s^2 = SSE/(n-p)")
+        "the band is not t(n-p) * sqrt(g^T cov g) with s^2 = SSE/(n-p)"
+    )
     assert fit.param_stderr("beta") == pytest.approx(math.sqrt(cov[2, 2]), rel=1e-3)
+
 
 def test_degenerate_fits_warn(tmp_path, capsys):
     tokens = np.array([2.4e5, 9.6e5, 3.84e6])
@@ -217,10 +263,12 @@ def test_report_says_when_there_are_too_few_points(tmp_path, capsys):
 def test_report_bad_inputs(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for argv, message in [(["--run", str(tmp_path / "missing")], "no such run directory"),
-                          (["--run", str(empty)], "nothing to report"),
-                          (["--run", str(empty), "--out", "x.jpg"], "must be a .png"),
-                          (["--run", str(empty), "--extra-tokens", "0"], "--extra-tokens: must be > 0")]:
+    for argv, message in [
+        (["--run", str(tmp_path / "missing")], "no such run directory"),
+        (["--run", str(empty)], "nothing to report"),
+        (["--run", str(empty), "--out", "x.jpg"], "must be a .png"),
+        (["--run", str(empty), "--extra-tokens", "0"], "--extra-tokens: must be > 0"),
+    ]:
         assert cli_main(["report", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
@@ -231,15 +279,37 @@ def test_report_bad_inputs(tmp_path, capsys):
 def test_a_fork_whose_eval_hook_failed_or_that_the_forker_gave_up_on_is_failed_not_running(tmp_path, capsys):
     run_dir = synthetic_run(tmp_path / "run", fork_steps=(200, 400, 800))
     for step, c in ((1000, 200), (1200, 240), (1400, 280)):  # each cooled down, with no result.json
-        write_jsonl(run_dir / "cooldowns" / f"from_{step:09d}_linear_{c}" / "metrics.jsonl",
-                    [{"kind": "train", "step": step + c, "tokens": (step + c) * TOKENS_PER_STEP, "loss": 3.0,
-                                                                     "lr": 0.0}])
+        write_jsonl(
+            run_dir / "cooldowns" / f"from_{step:09d}_linear_{c}" / "metrics.jsonl",
+            [
+                {
+                    "kind": "train",
+                    "step": step + c,
+                    "tokens": (step + c) * TOKENS_PER_STEP,
+                    "loss": 3.0,
+                    "lr": 0.0,
+                }
+            ],
+        )
     hook_failed = run_dir / "cooldowns" / "from_000001000_linear_200"
-    (hook_failed / "failed.json").write_text(json.dumps({"error": "--eval-cmd: exited with code 3; see eval.log"}))
+    (hook_failed / "failed.json").write_text(
+        json.dumps({"error": "--eval-cmd: exited with code 3; see eval.log"})
+    )
     (run_dir / "forker").mkdir()
-    (run_dir / "forker" / "state.json").write_text(json.dumps({"jobs": [
-        {"name": "from_000001200_linear_240", "status": "failed", "error": "no result after 3 attempts"},
-        {"name": "from_000001400_linear_280", "status": "running"}]}))
+    (run_dir / "forker" / "state.json").write_text(
+        json.dumps(
+            {
+                "jobs": [
+                    {
+                        "name": "from_000001200_linear_240",
+                        "status": "failed",
+                        "error": "no result after 3 attempts",
+                    },
+                    {"name": "from_000001400_linear_280", "status": "running"},
+                ]
+            }
+        )
+    )
     assert cli_main(["report", "--run", str(run_dir), "--out", str(tmp_path / "r.png")]) == 0
     text = capsys.readouterr().out
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 5}
@@ -258,8 +328,13 @@ def test_a_half_written_result_json_is_one_line_and_the_report_stands(tmp_path, 
     (cut / "result.json").write_text(text[: len(text) // 2])
     assert cli_main(["report", "--run", str(run_dir)]) == 0
     err = capsys.readouterr().err
-    assert err.strip() == f"warning: {cut / 'result.json'}: not a cooldown result (half-written?); shown as unfinished"
-    assert [c.result is None for c in load_run(run_dir).cooldowns if c.name.startswith("from_000000400")] == [True]
+    assert (
+        err.strip()
+        == f"warning: {cut / 'result.json'}: not a cooldown result (half-written?); shown as unfinished"
+    )
+    assert [c.result is None for c in load_run(run_dir).cooldowns if c.name.startswith("from_000000400")] == [
+        True
+    ]
     assert read_result(cut) is None  # the forker and `fork` redo it instead of crashing on it
 
 
@@ -274,8 +349,11 @@ def test_report_marks_the_data_version_of_each_checkpoint_and_when_it_changed(tm
     write_jsonl(run_dir / "metrics.jsonl", records)
     assert cli_main(["report", "--run", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") == 5
-            and line.split("│")[1].strip() in ("1800", "1900", "2000")}
+    rows = {
+        line.split("│")[1].strip(): line
+        for line in out.splitlines()
+        if line.count("│") == 5 and line.split("│")[1].strip() in ("1800", "1900", "2000")
+    }
     assert " v1 " in rows["1800"] and " v2 " in rows["1900"] and " v2 " in rows["2000"]
     assert "data: v1 from step 10, v2 from step 1860" in out
     fig = figure(load_run(run_dir), None, None)

@@ -5,6 +5,7 @@ A resumed run must log the same loss at every later step as a run that was never
 bitwise for the single engine on CPU, within 1e-5 after a reshard (the reduction order changes).
 Runs with 2 ranks use the real launchers on CPU (gloo); each costs seconds, hence @slow.
 """
+
 import json
 import shutil
 import subprocess
@@ -64,14 +65,27 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def pretrain_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return ["pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), f"data.path={data}",
-            "model.vocab_size=512", "train.log_every=1", "eval.every_steps=0", "checkpoint.every_steps=4",
-            "checkpoint.keep_last=100", *overrides]
+    return [
+        "pretrain.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        f"data.path={data}",
+        "model.vocab_size=512",
+        "train.log_every=1",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=100",
+        *overrides,
+    ]
 
 
 def command(engine: str, ranks: int, data: Path, run_dir: Path, *overrides: str) -> list[str]:
     """pretrain.py under `engine`'s launcher; the global batch is 8 windows on any number of ranks."""
-    args = pretrain_args(data, run_dir, f"train.micro_batch_size={8 // ranks}", "engine.zero_stage=2", *overrides)
+    args = pretrain_args(
+        data, run_dir, f"train.micro_batch_size={8 // ranks}", "engine.zero_stage=2", *overrides
+    )
     if engine == "single":
         return [sys.executable, *args, "--engine", "single"]
     if engine == "deepspeed":
@@ -164,8 +178,10 @@ def assert_same_losses(run_dir: Path, reference: dict[int, float], after: int, t
 
 # -- single engine: SIGKILL, bitwise --------------------------------------------------------------
 
+
 class Reference(dict):
     """An uninterrupted single-engine run: the loss at every step, and its run dir (`.dir`)."""
+
     dir: Path
 
 
@@ -244,8 +260,14 @@ def test_sigkill_with_batches_in_flight_resumes_bitwise(tiny_data, tmp_path, ref
 
     victim = start([cmd[0], str(wrapper), str(reads), *cmd[1:]], log)
     try:  # past a checkpoint, with >= 2 batches read beyond the one being trained
-        wait_for(lambda: (run_dir / "checkpoints" / "LATEST").is_file() and read_batches() >= logged_step(run_dir) + 3,
-                 victim, log, "batches in flight after a checkpoint")
+        wait_for(
+            lambda: (
+                (run_dir / "checkpoints" / "LATEST").is_file() and read_batches() >= logged_step(run_dir) + 3
+            ),
+            victim,
+            log,
+            "batches in flight after a checkpoint",
+        )
     finally:
         victim.kill()
         victim.wait()
@@ -260,6 +282,7 @@ def test_sigkill_with_batches_in_flight_resumes_bitwise(tiny_data, tmp_path, ref
 
 
 # -- reshard 2 -> 1 -> 2 on each distributed engine, and across engines ----------------------------
+
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:

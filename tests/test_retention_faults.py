@@ -1,5 +1,6 @@
 """Retention on a shared filesystem: deletions that fail are reported and retried, never raised;
 lease expiry is judged on the observer's clock, whatever the holder's clock says."""
+
 import json
 from pathlib import Path
 
@@ -45,7 +46,11 @@ def test_a_delete_that_fails_is_reported_and_retried_at_the_next_save(tmp_path, 
     deleted = apply_retention(ckpt_dir, keep_last=1, keep_every=0)
     assert deleted == [ckpt_dir / "step_000000002"] and steps_on_disk(ckpt_dir) == [3]
     err = capsys.readouterr().err
-    assert "could not delete" in err and "step_000000001.tmp-deleting" in err and "retrying at the next save" in err
+    assert (
+        "could not delete" in err
+        and "step_000000001.tmp-deleting" in err
+        and "retrying at the next save" in err
+    )
     leftover = ckpt_dir / f"step_000000001{retention.DELETING_TAG}"
     assert leftover.is_dir()  # out of the way: never read as a checkpoint, never pinnable
 
@@ -107,11 +112,19 @@ def test_lease_expiry_ignores_the_holders_clock(tmp_path, monkeypatch, holder_cl
     assert apply_retention(ckpt_dir, keep_last=1, keep_every=0, watch=watch) == [step_dir]
 
 
-@pytest.mark.parametrize("content", [
-    '{"holder": "x", "expires": 1e12, "ttl_s": "abc"}', '{"holder": "x", "expires": 1e12, "ttl_s": null}',
-    '{"holder": "x", "expires": 1e12, "created": "yesterday"}', '{"holder": "x", "expires": "soon"}',
-    '[1, 2]', '7', 'not json', '{"holder": "x"}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"holder": "x", "expires": 1e12, "ttl_s": "abc"}',
+        '{"holder": "x", "expires": 1e12, "ttl_s": null}',
+        '{"holder": "x", "expires": 1e12, "created": "yesterday"}',
+        '{"holder": "x", "expires": "soon"}',
+        "[1, 2]",
+        "7",
+        "not json",
+        '{"holder": "x"}',
+    ],
+)
 def test_a_malformed_pin_counts_as_active_and_never_raises(tmp_path, content):
     """Retention runs in the checkpoint writer: a pin it cannot read keeps its checkpoint (never delete
     on doubt) and must not kill training at every save."""
@@ -152,9 +165,14 @@ def test_resume_step_is_not_blocked_by_a_dead_readers_pins(tmp_path):
     with pytest.raises(store.CheckpointError, match="step_000000003 is pinned by a reader"):
         store.rewind(ckpt_dir, 1, pinned=has_live_pins)
     live.unlink()
-    assert [p.name for p in store.rewind(ckpt_dir, 1, pinned=has_live_pins)] == ["step_000000002", "step_000000003"]
+    assert [p.name for p in store.rewind(ckpt_dir, 1, pinned=has_live_pins)] == [
+        "step_000000002",
+        "step_000000003",
+    ]
     (pins.parent.parent / store.LATEST).write_text("step_000000001\n")
     assert not has_live_pins(ckpt_dir / "step_000000001")
     (ckpt_dir / "step_000000001" / "pins").mkdir()
-    (ckpt_dir / "step_000000001" / "pins" / "fresh.json").write_text(json.dumps({**record, "host": "node-b", "pid": 1}))
+    (ckpt_dir / "step_000000001" / "pins" / "fresh.json").write_text(
+        json.dumps({**record, "host": "node-b", "pid": 1})
+    )
     assert has_live_pins(ckpt_dir / "step_000000001")  # another host's, renewed recently: a reader

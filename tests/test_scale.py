@@ -2,6 +2,7 @@
 checkpointing, chunked loss and per-block compile equal to eager, the memory plan against measurement,
 `evertrain plan`, and DeepSpeed ZeRO-3 built under zero.Init training like the single engine.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from evertrain.pretrain.config import from_dict, load_config
-from evertrain.pretrain.model.transformer import _SAVE_OPS, Transformer
 from evertrain.pretrain.model.plan import GIB, block_activation_bytes, make_plan
+from evertrain.pretrain.model.transformer import _SAVE_OPS, Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=250, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, seq_len=32, ffn_hidden=160)
@@ -39,12 +40,16 @@ WINDOWS = torch.randint(0, 250, (4, 33), generator=torch.Generator().manual_seed
 
 # -- checkpointing, chunked loss and compile match eager -------------------------------------------
 
-@pytest.mark.parametrize("model", [
-    {"activation_checkpointing": "full"},
-    {"activation_checkpointing": "selective"},  # op-level: matmul and attention outputs saved
-    {"activation_checkpointing": "selective", "activation_checkpointing_every": 2},
-    {"loss_chunk_tokens": 20},  # 128 positions in chunks of 20 (the last one short)
-])
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"activation_checkpointing": "full"},
+        {"activation_checkpointing": "selective"},  # op-level: matmul and attention outputs saved
+        {"activation_checkpointing": "selective", "activation_checkpointing_every": 2},
+        {"loss_chunk_tokens": 20},  # 128 positions in chunks of 20 (the last one short)
+    ],
+)
 def test_checkpointing_and_chunked_loss_give_eager_loss_and_gradients(model):
     reference = loss_and_grads(Transformer(tiny_cfg().model, seed=11), WINDOWS)
     changed = Transformer(tiny_cfg(**model).model, seed=11)
@@ -83,6 +88,7 @@ def test_compiled_blocks_have_no_graph_breaks_and_match_eager():
 
 
 # -- the plan against measurement ------------------------------------------------------------------
+
 
 class SavedOutputs(TorchDispatchMode):
     """Bytes of the outputs of the ops op-level checkpointing keeps."""
@@ -132,14 +138,22 @@ def test_planned_activation_bytes_equal_saved_tensor_measurement(mode):
     cfg = tiny_cfg()
     assert measured_block_bytes(mode) == 2 * 32 * block_activation_bytes(cfg, mode, dtype_bytes=4)
     if mode == "op":
-        assert block_activation_bytes(cfg, "full", 4) < block_activation_bytes(cfg, "op", 4) < \
-            block_activation_bytes(cfg, "none", 4)
+        assert (
+            block_activation_bytes(cfg, "full", 4)
+            < block_activation_bytes(cfg, "op", 4)
+            < block_activation_bytes(cfg, "none", 4)
+        )
 
 
 def run_fake_pg(world: int, rank: int, jobs: list[dict]) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fake_pg_build.py"), str(world), str(rank),
-                           json.dumps(jobs)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fake_pg_build.py"), str(world), str(rank), json.dumps(jobs)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -147,12 +161,20 @@ def run_fake_pg(world: int, rank: int, jobs: list[dict]) -> dict:
 def test_70b_and_8b_build_on_meta_under_64_fake_ranks_with_the_planned_shards():
     """Rank 63 of 64: 70B sharded 64 ways, 8B as HSDP 8 x 8, and a tiny tied model (uneven vocab rows)
     materialised, whose shards are exactly the slices of the single-process weights."""
-    result = run_fake_pg(64, 63, [
-        {"config": "configs/70b.yaml"},
-        {"config": "configs/8b.yaml", "replicate": 8},
-        {"config": "configs/tiny.yaml", "replicate": 8, "materialize": True,
-         "overrides": ["model.vocab_size=250", "model.tie_embeddings=true", "train.seed=5"]},
-    ])
+    result = run_fake_pg(
+        64,
+        63,
+        [
+            {"config": "configs/70b.yaml"},
+            {"config": "configs/8b.yaml", "replicate": 8},
+            {
+                "config": "configs/tiny.yaml",
+                "replicate": 8,
+                "materialize": True,
+                "overrides": ["model.vocab_size=250", "model.tie_embeddings=true", "train.seed=5"],
+            },
+        ],
+    )
     big, eight, tiny = result["jobs"]
     for job in (big, eight):
         assert job["local"] == job["planned"]
@@ -172,7 +194,9 @@ def test_70b_plan_fits_an_h200_with_the_default_knobs():
     assert plan.tokens_per_step == 1 * 8192 * 8 * 64
     assert 4.4e11 < plan.flops_per_token < 4.6e11  # 6 * (70B - embedding) + causal attention
     # without checkpointing, 80 blocks of activations at 8192 tokens do not fit
-    none = make_plan(load_config(REPO / "configs" / "70b.yaml", ["model.activation_checkpointing=none"]), 8, 8)
+    none = make_plan(
+        load_config(REPO / "configs" / "70b.yaml", ["model.activation_checkpointing=none"]), 8, 8
+    )
     assert not none.fits and none.device["activations"] > 10 * plan.device["activations"]
     # fewer ranks: larger shards; unsharded accumulation would add 4 bytes per parameter
     assert make_plan(cfg, 1, 8).device["optimizer"] == pytest.approx(8 * plan.device["optimizer"], rel=1e-3)
@@ -185,8 +209,11 @@ def test_plan_keeps_a_reserve_and_counts_the_root_gradients_so_8b_on_h100_accumu
     plan = make_plan(cfg, 1, 8, engine="fsdp", gpu="h100")
     assert plan.reserve == int(RESERVE_SHARE * GPUS["h100"]) + RESERVE_FIXED
     assert plan.usable == GPUS["h100"] - plan.reserve and plan.fits
-    root = sum(math.prod(s) for n, s in parameter_shapes(cfg).items() if n.startswith(("embed_tokens.", "norm.",
-                                                                                         "lm_head.")))
+    root = sum(
+        math.prod(s)
+        for n, s in parameter_shapes(cfg).items()
+        if n.startswith(("embed_tokens.", "norm.", "lm_head."))
+    )
     assert plan.device["root gradients"] == (2 + 4) * root  # bf16 gradients + their fp32 reduce-scatter copy
     # full fp32 gradients (29 GiB here) would fill the GPU to within the reserve: auto shards them
     assert plan.accumulate == "sharded" and plan.total + 4 * plan.n_params > plan.usable
@@ -200,7 +227,9 @@ def test_plan_command_prints_the_table_and_exit_codes():
     env_cfg = str(REPO / "configs" / "70b.yaml")
     assert main(["plan", "--config", env_cfg, "--nodes", "8", "--gpus-per-node", "8"]) == 0
     assert main(["plan", "--config", env_cfg, "--nodes", "1", "--gpus-per-node", "8", "--gpu", "h100"]) == 1
-    assert main(["plan", "--config", env_cfg, "--nodes", "8", "--gpus-per-node", "8", "engine.replicate=3"]) == 2
+    assert (
+        main(["plan", "--config", env_cfg, "--nodes", "8", "--gpus-per-node", "8", "engine.replicate=3"]) == 2
+    )
 
 
 def test_plan_command_output(capsys):
@@ -208,12 +237,22 @@ def test_plan_command_output(capsys):
 
     main(["plan", "--config", str(REPO / "configs" / "8b.yaml"), "--nodes", "1", "--gpus-per-node", "8"])
     out = capsys.readouterr().out
-    for line in ("parameters", "gradients", "optimizer", "activations", "logits", "checkpoint staging",
-                 "fits: yes", "model FLOPs per token", "tokens per step: 524,288"):
+    for line in (
+        "parameters",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "checkpoint staging",
+        "fits: yes",
+        "model FLOPs per token",
+        "tokens per step: 524,288",
+    ):
         assert line in out
 
 
 # -- DeepSpeed ----------------------------------------------------------------------------------------
+
 
 def test_deepspeed_bf16_accumulates_and_reduces_in_fp32():
     from deepspeed.runtime.config import get_communication_data_type
@@ -233,19 +272,41 @@ def test_deepspeed_bf16_accumulates_and_reduces_in_fp32():
 def test_zero3_built_under_zero_init_trains_like_the_single_engine(tiny_data, tmp_path):
     """Partitioned construction + gathered per-parameter init gives the single engine's weights:
     the first steps' losses agree (with checkpointed blocks and a chunked head under ZeRO-3's hooks)."""
-    from conftest import launcher_env, load_pretrain
     from test_engines import launch, pretrain_args, records
 
-    ds = subprocess.run([*launch("deepspeed", tiny_data, tmp_path / "ds", "train.max_steps=2",
-                                 "eval.every_steps=0", "model.activation_checkpointing=full",
-                                 "model.loss_chunk_tokens=100"),  # 256 positions per micro-batch
-                         "engine.zero_stage=3"], cwd=REPO, env=launcher_env(), capture_output=True, text=True,
-                        timeout=900)  # a 2-rank DeepSpeed start-up takes minutes on a loaded 2-core machine
+    from conftest import launcher_env, load_pretrain
+
+    ds = subprocess.run(
+        [
+            *launch(
+                "deepspeed",
+                tiny_data,
+                tmp_path / "ds",
+                "train.max_steps=2",
+                "eval.every_steps=0",
+                "model.activation_checkpointing=full",
+                "model.loss_chunk_tokens=100",
+            ),  # 256 positions per micro-batch
+            "engine.zero_stage=3",
+        ],
+        cwd=REPO,
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # a 2-rank DeepSpeed start-up takes minutes on a loaded 2-core machine
     assert ds.returncode == 0, ds.stderr[-3000:]
     # the single engine in this process (no process group): pretrain.py's main, without a launch
     pretrain = load_pretrain()
-    args = pretrain_args(tiny_data, tmp_path / "single", "train.grad_accum=2", "train.max_steps=2",
-                         "eval.every_steps=0", "--engine", "single")[1:]
+    args = pretrain_args(
+        tiny_data,
+        tmp_path / "single",
+        "train.grad_accum=2",
+        "train.max_steps=2",
+        "eval.every_steps=0",
+        "--engine",
+        "single",
+    )[1:]
     assert pretrain.main(args) == 0
     a = [r["loss"] for r in records(tmp_path / "ds", "train")]
     b = [r["loss"] for r in records(tmp_path / "single", "train")]

@@ -1,4 +1,5 @@
 """The on-device LR schedule against float64 closed forms written out here, independently of schedule.py."""
+
 import math
 
 import pytest
@@ -69,8 +70,14 @@ def test_fixed_horizon_baselines(decay, min_ratio):
     assert lr_at(schedule, [horizon, horizon + 1, 10**9]) == pytest.approx([min_lr] * 3, abs=1e-12)
 
 
-@pytest.mark.parametrize("shape,f", [("linear", lambda x: 1 - x), ("1-sqrt", lambda x: 1 - math.sqrt(x)),
-                                     ("cosine", lambda x: 0.5 * (1 + math.cos(math.pi * x)))])
+@pytest.mark.parametrize(
+    "shape,f",
+    [
+        ("linear", lambda x: 1 - x),
+        ("1-sqrt", lambda x: 1 - math.sqrt(x)),
+        ("cosine", lambda x: 0.5 * (1 + math.cos(math.pi * x))),
+    ],
+)
 @pytest.mark.parametrize("s0", [40, 1000])  # during the warmup, and on the rsqrt tail
 def test_cooldown_overlay(shape, f, s0):
     c = 300
@@ -101,35 +108,49 @@ def test_output_is_float32_on_the_steps_device_and_shape():
 def test_from_config_reads_the_optim_section():
     cfg = OptimConfig(max_lr=1e-2, warmup_steps=10, decay="cosine", horizon=50, min_lr_ratio=0.2)
     schedule = Schedule.from_config(cfg, cooldown=Cooldown(30, 5, "cosine"))
-    assert (schedule.max_lr, schedule.warmup_steps, schedule.decay, schedule.horizon) == (1e-2, 10, "cosine", 50)
+    assert (schedule.max_lr, schedule.warmup_steps, schedule.decay, schedule.horizon) == (
+        1e-2,
+        10,
+        "cosine",
+        50,
+    )
     assert schedule.cooldown == Cooldown(30, 5, "cosine")
     assert Schedule.from_config(OptimConfig(warmup_steps=7)).timescale == 7
 
 
-@pytest.mark.parametrize("kwargs,names", [
-    (dict(start_step=10, steps=0), "cooldown steps"),
-    (dict(start_step=10, steps=-5), "cooldown steps"),
-    (dict(start_step=10, steps=2.5), "cooldown steps"),
-    (dict(start_step=-1, steps=5), "cooldown start_step"),
-    (dict(start_step=10, steps=5, shape="exp"), "cooldown shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs,names",
+    [
+        (dict(start_step=10, steps=0), "cooldown steps"),
+        (dict(start_step=10, steps=-5), "cooldown steps"),
+        (dict(start_step=10, steps=2.5), "cooldown steps"),
+        (dict(start_step=-1, steps=5), "cooldown start_step"),
+        (dict(start_step=10, steps=5, shape="exp"), "cooldown shape"),
+    ],
+)
 def test_bad_cooldowns_name_the_argument(kwargs, names):
     with pytest.raises(ConfigError, match=names) as info:
         Cooldown(**kwargs)
     assert isinstance(info.value, EvertrainError) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs,key", [
-    (dict(max_lr=float("nan"), warmup_steps=10), "optim.max_lr"),
-    (dict(max_lr=float("inf"), warmup_steps=10), "optim.max_lr"),
-    (dict(max_lr=0.0, warmup_steps=10), "optim.max_lr"),
-    (dict(max_lr=1e-3, warmup_steps=-1), "optim.warmup_steps"),
-    (dict(max_lr=1e-3, warmup_steps=10, decay="exp"), "optim.decay"),
-    (dict(max_lr=1e-3, warmup_steps=0), "optim.rsqrt_timescale"),
-    (dict(max_lr=1e-3, warmup_steps=10, decay="cosine"), "optim.horizon"),
-    (dict(max_lr=1e-3, warmup_steps=10, decay="linear", horizon=10), "optim.horizon"),
-    (dict(max_lr=1e-3, warmup_steps=10, decay="linear", horizon=20, min_lr_ratio=2.0), "optim.min_lr_ratio"),
-])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(max_lr=float("nan"), warmup_steps=10), "optim.max_lr"),
+        (dict(max_lr=float("inf"), warmup_steps=10), "optim.max_lr"),
+        (dict(max_lr=0.0, warmup_steps=10), "optim.max_lr"),
+        (dict(max_lr=1e-3, warmup_steps=-1), "optim.warmup_steps"),
+        (dict(max_lr=1e-3, warmup_steps=10, decay="exp"), "optim.decay"),
+        (dict(max_lr=1e-3, warmup_steps=0), "optim.rsqrt_timescale"),
+        (dict(max_lr=1e-3, warmup_steps=10, decay="cosine"), "optim.horizon"),
+        (dict(max_lr=1e-3, warmup_steps=10, decay="linear", horizon=10), "optim.horizon"),
+        (
+            dict(max_lr=1e-3, warmup_steps=10, decay="linear", horizon=20, min_lr_ratio=2.0),
+            "optim.min_lr_ratio",
+        ),
+    ],
+)
 def test_bad_schedules_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         Schedule(**kwargs)

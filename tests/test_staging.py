@@ -4,17 +4,23 @@ The ordering proof: save() returns before the copy is made, the next step's forw
 and its optimizer step waits for the copy, so the checkpoint holds exactly the saved step's weights
 and moments. The copy is held back by a gate here, so the test does not depend on timing luck.
 """
+
 import hashlib
 import json
 import threading
 
 import pytest
 import torch
-
-from evertrain.pretrain.checkpoint import CheckpointError, CheckpointManager, load_consolidated, store
-from evertrain import torch_compat
-from evertrain.pretrain.checkpoint import staging
 from test_checkpoint import config, resume_error, toy_engine, train_step
+
+from evertrain import torch_compat
+from evertrain.pretrain.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_consolidated,
+    staging,
+    store,
+)
 
 
 def test_the_next_step_waits_for_the_copy_and_the_checkpoint_is_the_saved_step(tmp_path, monkeypatch):
@@ -28,10 +34,12 @@ def test_the_next_step_waits_for_the_copy_and_the_checkpoint_is_the_saved_step(t
     gate, copying = threading.Event(), threading.Event()
     stager_class = type(torch_compat.state_dict_stager(pin_memory=False))  # DCP's, or our fallback
     copy = stager_class.stage
+
     def held_back(self, *args, **kwargs):
         copying.set()
         assert gate.wait(30)
         return copy(self, *args, **kwargs)
+
     monkeypatch.setattr(stager_class, "stage", held_back)
 
     ckpt.save(2, {"tokens": 2})  # returns with the copy not made yet
@@ -40,11 +48,15 @@ def test_the_next_step_waits_for_the_copy_and_the_checkpoint_is_the_saved_step(t
     step3.start()
     step3.join(0.5)
     assert step3.is_alive()  # held at its optimizer step...
-    assert all(torch.equal(v, weights[k]) for k, v in engine.model.state_dict().items())  # ...before any write
+    assert all(
+        torch.equal(v, weights[k]) for k, v in engine.model.state_dict().items()
+    )  # ...before any write
     gate.set()
     step3.join(30)
     assert not step3.is_alive()
-    assert not all(torch.equal(v, weights[k]) for k, v in engine.model.state_dict().items())  # step 3 happened
+    assert not all(
+        torch.equal(v, weights[k]) for k, v in engine.model.state_dict().items()
+    )  # step 3 happened
     ckpt.close()
 
     full = load_consolidated(tmp_path / "checkpoints" / "step_000000002")
@@ -71,8 +83,10 @@ def sha256_checkpoint(step_dir) -> None:
     """Rewrite a checkpoint's meta.json as evertrain wrote it before xxh3: sha256 per file, no "hash"."""
     meta = json.loads((step_dir / "meta.json").read_text())
     meta.pop("hash")
-    meta["files"] = {name: {"size": e["size"], "sha256": hashlib.sha256((step_dir / name).read_bytes()).hexdigest()}
-                     for name, e in meta["files"].items()}
+    meta["files"] = {
+        name: {"size": e["size"], "sha256": hashlib.sha256((step_dir / name).read_bytes()).hexdigest()}
+        for name, e in meta["files"].items()
+    }
     (step_dir / "meta.json").write_text(json.dumps(meta))
 
 

@@ -1,6 +1,7 @@
 """What pretrain.py says before any heavy work: `--print-config`, the nearest valid key for a typo,
 and the preflight checks that the data dir can serve the config (one line each, exit 2, nothing
 written to the run dir)."""
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,15 @@ def run_pretrain(argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("override, suggestion", [
-    ("train.max_lr=1e-3", "optim.max_lr"),  # the right key in the wrong section
-    ("optim.max_rl=1e-3", "optim.max_lr"),  # a typo in the key
-    ("optimm.max_lr=1e-3", "optim.max_lr"),  # a typo in the section
-    ("model.vocab=512", "model.vocab_size"),
-])
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("train.max_lr=1e-3", "optim.max_lr"),  # the right key in the wrong section
+        ("optim.max_rl=1e-3", "optim.max_lr"),  # a typo in the key
+        ("optimm.max_lr=1e-3", "optim.max_lr"),  # a typo in the section
+        ("model.vocab=512", "model.vocab_size"),
+    ],
+)
 def test_unknown_key_suggests_the_nearest_valid_one(override, suggestion):
     with pytest.raises(ConfigError, match=re.escape(f"unknown key; did you mean {suggestion}?")):
         load_config(None, [override])
@@ -46,12 +50,27 @@ def test_unknown_key_without_a_near_one_suggests_nothing(tmp_path):
 
 def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code, out, err = run_pretrain(["--config", "configs/tiny.yaml", "--run", str(run_dir), "--print-config",
-                                   "optim.max_lr=0.01", "--engine", "single"], capsys)
+    code, out, err = run_pretrain(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--run",
+            str(run_dir),
+            "--print-config",
+            "optim.max_lr=0.01",
+            "--engine",
+            "single",
+        ],
+        capsys,
+    )
     assert code == 0 and err == ""
     printed = yaml.safe_load(out)
     assert printed["optim"]["max_lr"] == 0.01 and printed["engine"]["name"] == "single"
-    assert (printed["model"]["d_model"], printed["model"]["n_kv_heads"], printed["train"]["log_every"]) == (64, 2, 5)
+    assert (printed["model"]["d_model"], printed["model"]["n_kv_heads"], printed["train"]["log_every"]) == (
+        64,
+        2,
+        5,
+    )
     assert not run_dir.exists()
     code, _, err = run_pretrain(["--config", "configs/tiny.yaml", "--print-config", "train.max_lr=1"], capsys)
     assert code == 2 and err == "pretrain.py: error: train.max_lr: unknown key; did you mean optim.max_lr?\n"
@@ -59,22 +78,39 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
 
 def test_a_vocab_smaller_than_the_datas_is_one_line_before_any_work(tiny_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code, _, err = run_pretrain(["--config", "configs/tiny.yaml", "--run", str(run_dir), f"data.path={tiny_data}",
-                                 "model.vocab_size=500", "engine.name=single"], capsys)
+    code, _, err = run_pretrain(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--run",
+            str(run_dir),
+            f"data.path={tiny_data}",
+            "model.vocab_size=500",
+            "engine.name=single",
+        ],
+        capsys,
+    )
     assert code == 2
-    assert err == (f"pretrain.py: error: model.vocab_size=500 is smaller than the 512-token vocabulary of "
-                   f"data.path={tiny_data}; set model.vocab_size=512 (or more)\n")
+    assert err == (
+        f"pretrain.py: error: model.vocab_size=500 is smaller than the 512-token vocabulary of "
+        f"data.path={tiny_data}; set model.vocab_size=512 (or more)\n"
+    )
     assert not run_dir.exists()  # nothing started
 
 
 def test_a_vocab_far_larger_than_the_datas_is_a_warning(tiny_data, capsys):
     cfg = load_config("configs/tiny.yaml", [f"data.path={tiny_data}"])  # vocab 4096 on 512-token data
     assert preflight(cfg, verify_checksums=False).vocab_size == 512
-    assert capsys.readouterr().err == (f"warning: model.vocab_size=4096, but data.path={tiny_data} has a 512-token "
-                                       "vocabulary: 3584 embedding rows will never see a token\n")
+    assert capsys.readouterr().err == (
+        f"warning: model.vocab_size=4096, but data.path={tiny_data} has a 512-token "
+        "vocabulary: 3584 embedding rows will never see a token\n"
+    )
     preflight(cfg, verify_checksums=False, quiet=True)
     assert capsys.readouterr().err == ""
-    preflight(load_config("configs/tiny.yaml", [f"data.path={tiny_data}", "model.vocab_size=640"]), verify_checksums=False)
+    preflight(
+        load_config("configs/tiny.yaml", [f"data.path={tiny_data}", "model.vocab_size=640"]),
+        verify_checksums=False,
+    )
     assert capsys.readouterr().err == ""  # padding rows are fine
 
 
@@ -88,18 +124,24 @@ def test_periodic_eval_needs_a_validation_split(tiny_data, tmp_path):
     cfg = load_config("configs/tiny.yaml", [f"data.path={data}", "model.vocab_size=512"])
     with pytest.raises(ConfigError, match=r"eval.every_steps=20, but data.path=.* has no validation shards"):
         preflight(cfg, verify_checksums=True)
-    preflight(load_config("configs/tiny.yaml", [f"data.path={data}", "model.vocab_size=512", "eval.every_steps=0"]),
-              verify_checksums=True)
+    preflight(
+        load_config("configs/tiny.yaml", [f"data.path={data}", "model.vocab_size=512", "eval.every_steps=0"]),
+        verify_checksums=True,
+    )
 
 
 @pytest.mark.parametrize("config", ["1b", "8b"])
 def test_big_configs_without_their_data_say_how_to_prepare_it(config, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no data/ here, as on a fresh clone
     shutil.copytree(REPO / "configs", tmp_path / "configs")
-    code, _, err = run_pretrain(["--config", f"configs/{config}.yaml", "--run", str(tmp_path / "run")], capsys)
+    code, _, err = run_pretrain(
+        ["--config", f"configs/{config}.yaml", "--run", str(tmp_path / "run")], capsys
+    )
     assert code == 2 and len(err.splitlines()) == 1
-    assert "data.path=data/corpus_32k: no manifest.json there; prepare it first with `evertrain data prepare " \
-           "--input TEXT... --out data/corpus_32k --vocab-size 32000`" in err
+    assert (
+        "data.path=data/corpus_32k: no manifest.json there; prepare it first with `evertrain data prepare "
+        "--input TEXT... --out data/corpus_32k --vocab-size 32000`" in err
+    )
 
 
 def test_shipped_configs_match_the_vocabulary_of_their_default_data():
@@ -123,15 +165,36 @@ def test_vocab_size_auto_is_the_default_and_reads_the_datas_manifest(tiny_data, 
     del tree["model"]["vocab_size"]
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(tree))
     run_dir = tmp_path / "run"
-    code, _, err = run_pretrain(["--config", str(tmp_path / "mine.yaml"), "--run", str(run_dir),
-                                 f"data.path={tiny_data}", "train.max_steps=1", "eval.every_steps=0",
-                                 "--engine", "single"], capsys)
+    code, _, err = run_pretrain(
+        [
+            "--config",
+            str(tmp_path / "mine.yaml"),
+            "--run",
+            str(run_dir),
+            f"data.path={tiny_data}",
+            "train.max_steps=1",
+            "eval.every_steps=0",
+            "--engine",
+            "single",
+        ],
+        capsys,
+    )
     assert code == 0 and "warning" not in err, err
     assert load_config(run_dir / "config.yaml").model.vocab_size == 512  # the run's config holds the number
     # as an override, and without data to read it from: one line
-    code, _, err = run_pretrain(["--config", "configs/tiny.yaml", "--run", str(tmp_path / "r2"),
-                                 "model.vocab_size=auto", f"data.path={tmp_path / 'none'}", "--engine", "single"],
-                                capsys)
+    code, _, err = run_pretrain(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--run",
+            str(tmp_path / "r2"),
+            "model.vocab_size=auto",
+            f"data.path={tmp_path / 'none'}",
+            "--engine",
+            "single",
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1 and "no manifest.json there" in err and "--vocab-size N" in err
     assert not (tmp_path / "r2").exists()
 

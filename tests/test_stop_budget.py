@@ -8,6 +8,7 @@ and a rerun resumes from the last committed checkpoint (step 4) with the very sa
 The same when the SIGTERM comes while a routine save (step 12) is blocked waiting for the stuck
 write of step 8: that wait is held to the budget too.
 """
+
 import json
 import os
 import signal
@@ -73,9 +74,22 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def pretrain(data: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return ["pretrain.py", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), f"data.path={data}",
-            "model.vocab_size=512", "train.log_every=1", "eval.every_steps=0", "checkpoint.every_steps=4",
-            "checkpoint.keep_last=10", "--engine", "single", *overrides]
+    return [
+        "pretrain.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        f"data.path={data}",
+        "model.vocab_size=512",
+        "train.log_every=1",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=10",
+        "--engine",
+        "single",
+        *overrides,
+    ]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -83,13 +97,21 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
-@pytest.mark.parametrize("wrapper", [HANG_AND_TERM_IN_COMMIT, HANG_IN_COMMIT_TERM_IN_NEXT_SAVE],
-                         ids=["term-in-stuck-save", "term-while-routine-save-waits"])
+@pytest.mark.parametrize(
+    "wrapper",
+    [HANG_AND_TERM_IN_COMMIT, HANG_IN_COMMIT_TERM_IN_NEXT_SAVE],
+    ids=["term-in-stuck-save", "term-while-routine-save-waits"],
+)
 def test_sigterm_then_sigkill_leaves_a_resumable_run(tiny_data, tmp_path, wrapper):
     run_dir, flag = tmp_path / "run", tmp_path / "hanging"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-c", wrapper, str(flag),
-           *pretrain(tiny_data, run_dir, "checkpoint.stop_budget_s=2")]
+    cmd = [
+        sys.executable,
+        "-c",
+        wrapper,
+        str(flag),
+        *pretrain(tiny_data, run_dir, "checkpoint.stop_budget_s=2"),
+    ]
     with open(tmp_path / "stderr", "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
@@ -116,11 +138,20 @@ def test_sigterm_then_sigkill_leaves_a_resumable_run(tiny_data, tmp_path, wrappe
     if wrapper is HANG_IN_COMMIT_TERM_IN_NEXT_SAVE:
         assert stopped == 12  # stopped in the routine save of step 12, not after another step
     metrics = run_dir / "metrics.jsonl"  # tag the old records: a resumed run keeps those up to its step
-    metrics.write_text("".join(json.dumps({**json.loads(line), "old": True}) + "\n"
-                               for line in metrics.read_text().splitlines()))
+    metrics.write_text(
+        "".join(
+            json.dumps({**json.loads(line), "old": True}) + "\n" for line in metrics.read_text().splitlines()
+        )
+    )
 
-    subprocess.run([sys.executable, *pretrain(tiny_data, run_dir, f"train.max_steps={stopped}")],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, *pretrain(tiny_data, run_dir, f"train.max_steps={stopped}")],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train if r.get("old")] == [1, 2, 3, 4]  # resumed from step 4, not from 0

@@ -2,6 +2,7 @@
 whole, followed by EOS, for a Llama-style sentencepiece model (add_dummy_prefix, byte fallback) and a
 Hugging Face byte-level BPE tokenizer.json, for any number of encoding processes and across --part
 slices appended in order."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import pytest
 import sentencepiece as spm
 
 from evertrain.pretrain.data import encode as data_encode
-from evertrain.pretrain.data.stream import DataError, load_manifest
 from evertrain.pretrain.data.prepare import append, prepare
+from evertrain.pretrain.data.stream import DataError, load_manifest
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -40,10 +41,22 @@ def llama_sp(tiny_slices, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("llama_sp") / "tokenizer.model"
     with open(path, "wb") as f:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(training_text(tiny_slices).splitlines()), model_writer=f, vocab_size=400,
-            model_type="bpe", byte_fallback=True, add_dummy_prefix=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=1, minloglevel=2)
+            sentence_iterator=iter(training_text(tiny_slices).splitlines()),
+            model_writer=f,
+            vocab_size=400,
+            model_type="bpe",
+            byte_fallback=True,
+            add_dummy_prefix=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
     return path
 
 
@@ -55,12 +68,17 @@ def hf_bpe(tiny_slices, tmp_path_factory) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|begin_of_text|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|begin_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator([training_text(tiny_slices)], trainer)
     bos = tokenizer.token_to_id("<|begin_of_text|>")
-    tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                             special_tokens=[("<|begin_of_text|>", bos)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     path = tmp_path_factory.mktemp("hf_bpe") / "tokenizer.json"
     tokenizer.save(str(path))
     return path
@@ -89,7 +107,9 @@ def write_inputs(directory: Path) -> list[Path]:
 
 def train_tokens(data_dir: Path) -> list[int]:
     manifest = load_manifest(data_dir, verify_checksums=True)
-    return np.concatenate([np.fromfile(data_dir / s.file, dtype=manifest.dtype) for s in manifest.train]).tolist()
+    return np.concatenate(
+        [np.fromfile(data_dir / s.file, dtype=manifest.dtype) for s in manifest.train]
+    ).tolist()
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
@@ -97,7 +117,9 @@ def test_tokens_are_each_document_encoded_whole(kind, llama_sp, hf_bpe, tmp_path
     model = llama_sp if kind == "sentencepiece" else hf_bpe
     encode, decode = reference(kind, model)
     inputs = write_inputs(tmp_path / "in")
-    monkeypatch.setattr(data_encode, "ENCODE_BATCH_BYTES", 20_000)  # several batches, so order across processes counts
+    monkeypatch.setattr(
+        data_encode, "ENCODE_BATCH_BYTES", 20_000
+    )  # several batches, so order across processes counts
     one = prepare(inputs, tmp_path / "one", tokenizer=model, workers=1, shard_tokens=3_000)
     eos = one.eos_id
     expected = [t for doc in DOCUMENTS * 2 for t in (*encode(doc), eos)]
@@ -105,12 +127,16 @@ def test_tokens_are_each_document_encoded_whole(kind, llama_sp, hf_bpe, tmp_path
     assert len(one.train) > 1  # the stream is cut into shards, not the documents
 
     two = prepare(inputs, tmp_path / "two", tokenizer=model, workers=2, shard_tokens=3_000)
-    assert [(tmp_path / "two" / s.file).read_bytes() for s in two.train] == \
-        [(tmp_path / "one" / s.file).read_bytes() for s in one.train]  # byte-identical for any worker count
+    assert [(tmp_path / "two" / s.file).read_bytes() for s in two.train] == [
+        (tmp_path / "one" / s.file).read_bytes() for s in one.train
+    ]  # byte-identical for any worker count
 
     if kind == "tokenizer.json":
         hf = tokenizers.Tokenizer.from_file(str(model))
-        assert (one.eos_id, one.bos_id) == (hf.token_to_id("<|endoftext|>"), hf.token_to_id("<|begin_of_text|>"))
+        assert (one.eos_id, one.bos_id) == (
+            hf.token_to_id("<|endoftext|>"),
+            hf.token_to_id("<|begin_of_text|>"),
+        )
         assert (tmp_path / "one" / "tokenizer.json").read_bytes() == model.read_bytes()
         assert [decode(encode(doc)) for doc in DOCUMENTS] == DOCUMENTS  # byte-level BPE is lossless
         # append encodes with the data dir's own tokenizer.json and its recorded EOS
@@ -127,8 +153,10 @@ def test_parts_appended_in_order_give_the_whole_prepare(kind, llama_sp, hf_bpe, 
     model = llama_sp if kind == "sentencepiece" else hf_bpe
     inputs = write_inputs(tmp_path / "in")
     whole = prepare(inputs, tmp_path / "whole", tokenizer=model, shard_tokens=3_000)
-    parts = [prepare(inputs, tmp_path / f"part-{i:03d}", tokenizer=model, part=f"{i}/3", shard_tokens=3_000)
-             for i in range(3)]
+    parts = [
+        prepare(inputs, tmp_path / f"part-{i:03d}", tokenizer=model, part=f"{i}/3", shard_tokens=3_000)
+        for i in range(3)
+    ]
     shard_files = [p.data_dir / s.file for p in parts[1:] for s in p.train]
     # the inputs hold every document twice (the JSONL, then each .txt): part shards coincide byte for byte
     merged = append(parts[0].data_dir, shard_files, shard_tokens=3_000, allow_duplicate=True)
@@ -139,8 +167,12 @@ def test_parts_appended_in_order_give_the_whole_prepare(kind, llama_sp, hf_bpe, 
 def test_part_shards_made_with_another_tokenizer_are_refused(llama_sp, hf_bpe, tmp_path):
     inputs = write_inputs(tmp_path / "in")
     base = prepare(inputs[:2], tmp_path / "base", tokenizer=llama_sp)
-    other = prepare(inputs[2:], tmp_path / "other", tokenizer=hf_bpe)  # ids fit the vocab: only the origin tells
-    with pytest.raises(DataError, match="train-000000.bin: a shard of .*other, which was made with another tokenizer"):
+    other = prepare(
+        inputs[2:], tmp_path / "other", tokenizer=hf_bpe
+    )  # ids fit the vocab: only the origin tells
+    with pytest.raises(
+        DataError, match="train-000000.bin: a shard of .*other, which was made with another tokenizer"
+    ):
         append(base.data_dir, [other.data_dir / "train-000000.bin"])
     assert load_manifest(base.data_dir).version == 1
 
@@ -148,12 +180,16 @@ def test_part_shards_made_with_another_tokenizer_are_refused(llama_sp, hf_bpe, t
 def test_tokenizer_json_specials(hf_bpe, tmp_path):
     bare = tmp_path / "bare" / "tokenizer.json"  # the specials renamed to names nothing looks for
     bare.parent.mkdir()
-    bare.write_text(hf_bpe.read_text().replace("<|endoftext|>", "<|stop|>").replace("<|begin_of_text|>", "<|go|>"))
+    bare.write_text(
+        hf_bpe.read_text().replace("<|endoftext|>", "<|stop|>").replace("<|begin_of_text|>", "<|go|>")
+    )
     inputs = write_inputs(tmp_path / "in")[:1]
     with pytest.raises(DataError, match="tokenizer.json: no EOS token"):
         prepare(inputs, tmp_path / "out", tokenizer=bare)
     assert not (tmp_path / "out").exists()
-    (bare.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|stop|>", "bos_token": {"content": "<|go|>"}}))
+    (bare.parent / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|stop|>", "bos_token": {"content": "<|go|>"}})
+    )
     manifest = prepare(inputs, tmp_path / "out", tokenizer=bare)
     hf = tokenizers.Tokenizer.from_file(str(bare))
     assert (manifest.eos_id, manifest.bos_id) == (hf.token_to_id("<|stop|>"), hf.token_to_id("<|go|>"))

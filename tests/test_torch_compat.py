@@ -1,6 +1,7 @@
 """Each private torch API evertrain uses has a public fallback (evertrain/torch_compat.py): hide the
 private name, as a torch release without it would, and the fallback must give what the private one
 gives."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,20 @@ def _twin_steps(dtype, found_inf_at: int | None):
     for step in range(1, 5):
         grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
         found_inf = None if found_inf_at is None else torch.tensor(float(step == found_inf_at))
-        adamw_torch(params, grads, m, v, [0.1, 0.0], lr=torch.tensor(1e-2), step=torch.tensor(step),
-                    beta1=0.9, beta2=0.95, eps=1e-8, grad_scale=torch.tensor(0.5), found_inf=found_inf)
+        adamw_torch(
+            params,
+            grads,
+            m,
+            v,
+            [0.1, 0.0],
+            lr=torch.tensor(1e-2),
+            step=torch.tensor(step),
+            beta1=0.9,
+            beta2=0.95,
+            eps=1e-8,
+            grad_scale=torch.tensor(0.5),
+            found_inf=found_inf,
+        )
     return [t.clone() for t in params + m + v]
 
 
@@ -41,12 +54,15 @@ def test_adamw_twin_without_private_foreach_and_fused_ops(monkeypatch, dtype, fo
         monkeypatch.delattr(torch, name)
     got = _twin_steps(dtype, found_inf_at)
     for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6 if dtype == torch.float32 else 2 ** -8)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6 if dtype == torch.float32 else 2**-8)
 
 
 def test_state_dict_stager_without_dcp_stager(monkeypatch):
-    source = {"model": {"w": torch.randn(4, 6), "t": torch.randn(6, 4).t()}, "steps": [1, torch.tensor(3)],
-              "extra": ("a", 2.5)}
+    source = {
+        "model": {"w": torch.randn(4, 6), "t": torch.randn(6, 4).t()},
+        "steps": [1, torch.tensor(3)],
+        "extra": ("a", 2.5),
+    }
     expected = torch_compat.state_dict_stager(pin_memory=False).stage(source)
     monkeypatch.setitem(sys.modules, "torch.distributed.checkpoint._state_dict_stager", None)  # import fails
     stager = torch_compat.state_dict_stager(pin_memory=False)
@@ -77,8 +93,13 @@ def test_dcp_metadata_path_without_reader_method(monkeypatch, tmp_path, rank):
 
 
 def test_aten_ops_leaves_out_what_this_build_lacks():
-    ops = torch_compat.aten_ops(["mm", "_scaled_dot_product_flash_attention_for_cpu", "_no_such_attention_op"])
-    assert ops == {torch.ops.aten.mm.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+    ops = torch_compat.aten_ops(
+        ["mm", "_scaled_dot_product_flash_attention_for_cpu", "_no_such_attention_op"]
+    )
+    assert ops == {
+        torch.ops.aten.mm.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    }
 
 
 DTENSOR_CHILD = textwrap.dedent("""
@@ -110,8 +131,14 @@ DTENSOR_CHILD = textwrap.dedent("""
 def test_local_shape_and_offset_without_dtensor_utils():
     """Uneven and empty last shards, two placements on one dim: every rank of a fake 6-rank world."""
     for rank in (0, 4, 5):
-        proc = subprocess.run([sys.executable, "-c", DTENSOR_CHILD, str(rank)], cwd=REPO, capture_output=True,
-                              text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        proc = subprocess.run(
+            [sys.executable, "-c", DTENSOR_CHILD, str(rank)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         for private, public in json.loads(proc.stdout.strip().splitlines()[-1]):
             assert public == private, (rank, private, public)

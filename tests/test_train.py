@@ -1,5 +1,6 @@
 """The training loop (single engine, in process) and pretrain.py: metrics and eval records, no host sync
 on steady steps, checkpoint boundaries, stopping on a signal, resuming, and clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_pretrain
 from evertrain.pretrain import engines
 from evertrain.pretrain.config import load_config
 from evertrain.pretrain.data.stream import TokenStream
@@ -21,16 +21,38 @@ from evertrain.pretrain.loop import train
 from evertrain.pretrain.observe.metrics import Metrics, drop_records_after
 from evertrain.pretrain.run.resume import refresh_data
 
+from conftest import load_pretrain
+
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_KEYS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_gib", "time",
-              "data_version", "nonfinite_steps"}  # and "mfu" where the device's peak is known (not on CPU)
+TRAIN_KEYS = {
+    "kind",
+    "step",
+    "tokens",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "step_time_s",
+    "peak_mem_gib",
+    "time",
+    "data_version",
+    "nonfinite_steps",
+}  # and "mfu" where the device's peak is known (not on CPU)
 EVAL_KEYS = {"kind", "step", "tokens", "val_loss", "eval_s", "time"}
 
 
 def tiny_config(data: Path, *overrides: str):
-    return load_config(REPO / "configs" / "tiny.yaml",
-                       [f"data.path={data}", "model.vocab_size=512", "train.micro_batch_size=4",
-                        "train.device=cpu", "engine.name=single", *overrides])
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=4",
+            "train.device=cpu",
+            "engine.name=single",
+            *overrides,
+        ],
+    )
 
 
 def engine_and_stream(cfg):
@@ -51,7 +73,9 @@ class FakeCheckpoints:
     def resume(self):
         return self.resume_from
 
-    def save(self, step, extra, stop=None):  # `stop`: the budget of a routine save's wait (test_stop_budget.py)
+    def save(
+        self, step, extra, stop=None
+    ):  # `stop`: the budget of a routine save's wait (test_stop_budget.py)
         self.saves.append((step, json.loads(json.dumps(extra))))
         return True
 
@@ -70,7 +94,9 @@ class FakeCheckpoints:
 def forty_steps(tiny_data, tmp_path_factory):
     """One 40-step run shared by the record/eval/loss assertions."""
     run_dir = tmp_path_factory.mktemp("loop") / "run"
-    cfg = tiny_config(tiny_data, "train.max_steps=40", "train.log_every=5", "eval.every_steps=20", "eval.batches=2")
+    cfg = tiny_config(
+        tiny_data, "train.max_steps=40", "train.log_every=5", "eval.every_steps=20", "eval.batches=2"
+    )
     engine, stream = engine_and_stream(cfg)
     ckpt = FakeCheckpoints()
     last = train(cfg, run_dir, engine, stream, ckpt)
@@ -84,7 +110,10 @@ def test_train_records_follow_the_design(forty_steps):
     assert [r["step"] for r in train_rows] == list(range(5, 41, 5))
     assert all(set(r) == TRAIN_KEYS for r in train_rows)
     assert [r["tokens"] for r in train_rows] == [s * 4 * 64 for s in range(5, 41, 5)]
-    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and isinstance(r["data_version"], int) for r in train_rows)
+    assert all(
+        r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and isinstance(r["data_version"], int)
+        for r in train_rows
+    )
     max_lr, warmup = cfg.optim.max_lr, cfg.optim.warmup_steps  # tiny.yaml: 3e-3, 20 steps, rsqrt, tau = w
     assert (max_lr, warmup, cfg.optim.decay, cfg.optim.rsqrt_timescale) == (3e-3, 20, "rsqrt", None)
     for r in train_rows:  # the LR of the update that made the step, against the closed form
@@ -97,7 +126,9 @@ def test_eval_records_and_loss_falls_on_the_real_corpus(forty_steps):
     _, run_dir, _, _ = forty_steps
     evals = records(run_dir, "eval")
     assert [(set(r), r["step"], r["tokens"]) for r in evals] == [
-        (EVAL_KEYS, 20, 20 * 256), (EVAL_KEYS, 40, 40 * 256)]
+        (EVAL_KEYS, 20, 20 * 256),
+        (EVAL_KEYS, 40, 40 * 256),
+    ]
     assert evals[1]["val_loss"] < evals[0]["val_loss"]
     losses = [r["loss"] for r in records(run_dir, "train")]
     assert losses[-1] < losses[0] - 0.5, losses
@@ -119,8 +150,11 @@ def _to_host(tensor: torch.Tensor, args, kwargs) -> bool:
     target = kwargs.get("device", args[0] if args else None)
     if isinstance(target, torch.Tensor):
         target = target.device
-    return isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu" \
+    return (
+        isinstance(target, (str, torch.device))
+        and torch.device(target).type == "cpu"
         and tensor.device.type != "cpu"
+    )
 
 
 def test_no_host_sync_on_steps_that_do_not_log(tiny_data, tmp_path, monkeypatch):
@@ -129,34 +163,44 @@ def test_no_host_sync_on_steps_that_do_not_log(tiny_data, tmp_path, monkeypatch)
     excluded by storage: they are host data by design (prefetched and copied to the device)."""
     import threading
 
-    cfg = tiny_config(tiny_data, "train.max_steps=12", "train.log_every=4", "eval.every_steps=0",
-                      "checkpoint.every_steps=0")
+    cfg = tiny_config(
+        tiny_data, "train.max_steps=12", "train.log_every=4", "eval.every_steps=0", "checkpoint.every_steps=0"
+    )
     engine, stream = engine_and_stream(cfg)
     step = {"now": 0}
     syncs: dict[int, list[str]] = {}
     inputs: set[int] = set()  # storages of the batches the stream handed out
 
     next_batch = stream.next_batch
+
     def recording_next_batch(*args, **kwargs):
         batch = next_batch(*args, **kwargs)
         inputs.add(batch.untyped_storage().data_ptr())
         return batch
+
     monkeypatch.setattr(stream, "next_batch", recording_next_batch)
 
     train_step = engine.train_step
+
     def counting_train_step(*args, **kwargs):
         step["now"] += 1
         return train_step(*args, **kwargs)
+
     monkeypatch.setattr(engine, "train_step", counting_train_step)
 
     main = threading.current_thread()
     for name in SYNCING_METHODS:
         original = getattr(torch.Tensor, name)
+
         def counted(self, *args, _original=original, _name=name, **kwargs):
-            if threading.current_thread() is main and (_name != "to" or _to_host(self, args, kwargs)) \
-                    and self.untyped_storage().data_ptr() not in inputs:
+            if (
+                threading.current_thread() is main
+                and (_name != "to" or _to_host(self, args, kwargs))
+                and self.untyped_storage().data_ptr() not in inputs
+            ):
                 syncs.setdefault(step["now"], []).append(_name)
             return _original(self, *args, **kwargs)
+
         monkeypatch.setattr(torch.Tensor, name, counted)
 
     train(cfg, tmp_path / "run", engine, stream, ckpt=None)
@@ -167,15 +211,22 @@ def test_no_host_sync_on_steps_that_do_not_log(tiny_data, tmp_path, monkeypatch)
 
 
 def test_sigterm_finishes_the_step_and_checkpoints(tiny_data, tmp_path, monkeypatch):
-    cfg = tiny_config(tiny_data, "train.max_steps=null", "train.log_every=10", "eval.every_steps=0",
-                      "checkpoint.every_steps=0")
+    cfg = tiny_config(
+        tiny_data,
+        "train.max_steps=null",
+        "train.log_every=10",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=0",
+    )
     engine, stream = engine_and_stream(cfg)
     train_step, calls = engine.train_step, {"n": 0}
+
     def signalling_train_step(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of step 3
         return train_step(*args, **kwargs)
+
     monkeypatch.setattr(engine, "train_step", signalling_train_step)
     ckpt = FakeCheckpoints()
     previous_handler = signal.getsignal(signal.SIGTERM)
@@ -204,8 +255,9 @@ def test_checkpoint_boundaries_refresh_the_data_first(tiny_data, tmp_path, monke
 
 def test_resume_continues_the_stream_and_rewrites_later_records(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = tiny_config(tiny_data, "train.max_steps=10", "train.log_every=1", "checkpoint.every_steps=6",
-                      "eval.every_steps=0")
+    cfg = tiny_config(
+        tiny_data, "train.max_steps=10", "train.log_every=1", "checkpoint.every_steps=6", "eval.every_steps=0"
+    )
     first = FakeCheckpoints()
     train(cfg, run_dir, *engine_and_stream(cfg), first)
     extra_at_6 = {"step": 6, **first.saves[0][1]}
@@ -223,11 +275,23 @@ def test_a_fork_starts_where_it_is_told(tiny_data, tmp_path):
     engine, stream = engine_and_stream(cfg)
     source = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
     source.next_batch(5 * 4, 0, 1)
-    train(cfg, tmp_path / "fork", engine, stream, None, start={"step": 5, "tokens": 1280, "data": source.state_dict()})
-    assert [(r["step"], r["tokens"]) for r in records(tmp_path / "fork", "train")] == [(6, 1536), (7, 1792), (8, 2048)]
+    train(
+        cfg,
+        tmp_path / "fork",
+        engine,
+        stream,
+        None,
+        start={"step": 5, "tokens": 1280, "data": source.state_dict()},
+    )
+    assert [(r["step"], r["tokens"]) for r in records(tmp_path / "fork", "train")] == [
+        (6, 1536),
+        (7, 1792),
+        (8, 2048),
+    ]
 
 
 # -- metrics ---------------------------------------------------------------------------------------
+
 
 def test_drop_records_after_keeps_earlier_lines_and_drops_a_torn_one(tmp_path):
     path = tmp_path / "metrics.jsonl"
@@ -275,17 +339,29 @@ def test_ranks_behind_on_the_manifest_catch_up():
 
 # -- pretrain.py -----------------------------------------------------------------------------------
 
+
 def base_args(data: Path, run_dir: Path) -> list[str]:
-    return ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), f"data.path={data}",
-            "model.vocab_size=512", "train.max_steps=2", "eval.every_steps=0"]
+    return [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--run-dir",
+        str(run_dir),
+        f"data.path={data}",
+        "model.vocab_size=512",
+        "train.max_steps=2",
+        "eval.every_steps=0",
+    ]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["model.n_heads=3"], "model.n_heads: 3 does not divide model.d_model=64"),
-    (["model.seq_len=100000"], "seq_len"),
-    (["--engine", "deepspeed"], "deepspeed --num_gpus"),
-    (["--engine", "fsdp"], "torchrun --nproc_per_node"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["model.n_heads=3"], "model.n_heads: 3 does not divide model.d_model=64"),
+        (["model.seq_len=100000"], "seq_len"),
+        (["--engine", "deepspeed"], "deepspeed --num_gpus"),
+        (["--engine", "fsdp"], "torchrun --nproc_per_node"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tiny_data, tmp_path, capsys, extra, message):
     run_dir = tmp_path / "run"
     assert load_pretrain().main(base_args(tiny_data, run_dir) + extra) == 2
@@ -298,7 +374,9 @@ def test_config_is_written_and_another_model_is_refused(tiny_data, tmp_path, cap
     pretrain, run_dir = load_pretrain(), tmp_path / "run"
     assert pretrain.main(base_args(tiny_data, run_dir) + ["--engine", "single"]) == 0
     written = load_config(run_dir / "config.yaml")
-    assert written.model.vocab_size == 512 and written.train.max_steps == 2 and written.engine.name == "single"
+    assert (
+        written.model.vocab_size == 512 and written.train.max_steps == 2 and written.engine.name == "single"
+    )
     assert pretrain.main(base_args(tiny_data, run_dir) + ["model.d_model=128"]) == 2
     err = capsys.readouterr().err
     assert "config.yaml" in err and "use another --run-dir" in err
@@ -308,9 +386,18 @@ def test_config_is_written_and_another_model_is_refused(tiny_data, tmp_path, cap
 @pytest.mark.slow
 def test_ctrl_c_stops_a_run_with_no_fixed_end_after_a_checkpoint(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    args = base_args(tiny_data, run_dir) + ["train.max_steps=null", "train.log_every=1", "checkpoint.every_steps=0"]
-    proc = subprocess.Popen([sys.executable, "pretrain.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    args = base_args(tiny_data, run_dir) + [
+        "train.max_steps=null",
+        "train.log_every=1",
+        "checkpoint.every_steps=0",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "pretrain.py", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not ((run_dir / "metrics.jsonl").is_file() and len(records(run_dir)) >= 3):
@@ -327,7 +414,9 @@ def test_ctrl_c_stops_a_run_with_no_fixed_end_after_a_checkpoint(tiny_data, tmp_
 
 
 @pytest.mark.parametrize("when", ["after the loop", "while the engine closes"])
-def test_a_second_ctrl_c_after_the_stop_checkpoint_is_committed_exits_0(tiny_data, tmp_path, monkeypatch, when):
+def test_a_second_ctrl_c_after_the_stop_checkpoint_is_committed_exits_0(
+    tiny_data, tmp_path, monkeypatch, when
+):
     """The first SIGINT stops the run with a checkpoint; a second one (a launcher's forward, an impatient
     user) while the process closes down loses nothing, so it exits 0 as the first one would."""
     from evertrain.pretrain import engines, loop
@@ -359,7 +448,12 @@ def test_a_second_ctrl_c_after_the_stop_checkpoint_is_committed_exits_0(tiny_dat
 
     monkeypatch.setattr(engines, "create", engine_that_is_interrupted)
     monkeypatch.setattr(loop, "train", train_then_interrupted)
-    args = base_args(tiny_data, run_dir) + ["train.max_steps=null", "checkpoint.every_steps=0", "--engine", "single"]
+    args = base_args(tiny_data, run_dir) + [
+        "train.max_steps=null",
+        "checkpoint.every_steps=0",
+        "--engine",
+        "single",
+    ]
     try:
         code = pretrain.main(args)
     except KeyboardInterrupt:  # (not out of pytest: that would end the session)

@@ -7,6 +7,7 @@ onto FSDP2 (torchrun, 2 ranks) and onto one DeepSpeed ZeRO-3 rank: every fork fi
 result.json and all three compute the same cooldown (same losses within 1e-5). The slice readers
 are checked in-process: a rank of a 2-rank target reads about half the checkpoint, never all of it.
 """
+
 import json
 import math
 import shutil
@@ -16,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher, pretrain_tiny, run_ok
 from evertrain.pretrain.checkpoint import CheckpointManager, load_consolidated
 from evertrain.pretrain.checkpoint.slices import KEYS, Slice, open_reader
 from evertrain.pretrain.checkpoint.store import read_meta
+
+from conftest import launcher, pretrain_tiny, run_ok
 
 STEPS, COOLDOWN = 4, 2
 # a large weight decay at a large LR from step 1: 4 steps shrink every decayed matrix by ~3%
@@ -34,10 +36,25 @@ def run(cmd: list[str]) -> None:
 @pytest.fixture(scope="module")
 def zero3_run(tiny_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("zero3") / "run"
-    run([*launcher("deepspeed", 2), "pretrain.py",
-         "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), f"data.path={tiny_data}", "model.vocab_size=512",
-         "train.micro_batch_size=4", f"train.max_steps={STEPS}", f"checkpoint.every_steps={STEPS}",
-         "eval.every_steps=0", "train.log_every=1", "engine.zero_stage=3", *DECAY])
+    run(
+        [
+            *launcher("deepspeed", 2),
+            "pretrain.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=4",
+            f"train.max_steps={STEPS}",
+            f"checkpoint.every_steps={STEPS}",
+            "eval.every_steps=0",
+            "train.log_every=1",
+            "engine.zero_stage=3",
+            *DECAY,
+        ]
+    )
     assert read_meta(run_dir / "checkpoints" / f"step_{STEPS:09d}")["zero_stage"] == 3
     return run_dir
 
@@ -46,8 +63,22 @@ def fork(zero3_run: Path, tmp_path: Path, prefix: list[str], engine: str) -> dic
     """Fork the ZeRO-3 checkpoint (in a copy of the run) with `prefix`: a launcher ending in its module flag."""
     run_dir = tmp_path / "run"
     shutil.copytree(zero3_run, run_dir)
-    run([*prefix, "evertrain.launch.fork", "--run-dir", str(run_dir), "--step", str(STEPS),
-         "--cooldown-steps", str(COOLDOWN), "--engine", engine, "--eval-batches", "1"])
+    run(
+        [
+            *prefix,
+            "evertrain.launch.fork",
+            "--run-dir",
+            str(run_dir),
+            "--step",
+            str(STEPS),
+            "--cooldown-steps",
+            str(COOLDOWN),
+            "--engine",
+            engine,
+            "--eval-batches",
+            "1",
+        ]
+    )
     out = run_dir / "cooldowns" / f"from_{STEPS:09d}_1-sqrt_{COOLDOWN}"
     assert json.loads((out / "result.json").read_text())["from_step"] == STEPS
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -66,7 +97,9 @@ def test_zero3_decays_every_matrix_but_the_embedding(zero3_run):
     assert decays == [0.5, 0.0] and len(shapes) == 2
     decayed, undecayed = shapes
     assert all(len(shape) == 2 for shape in decayed.values()) and "embed_tokens.weight" not in decayed
-    assert set(undecayed) == {"embed_tokens.weight"} | {name for name, shape in undecayed.items() if len(shape) == 1}
+    assert set(undecayed) == {"embed_tokens.weight"} | {
+        name for name, shape in undecayed.items() if len(shape) == 1
+    }
     assert len(decayed) == 2 * 7 + 1  # per block q, k, v, o, gate, up, down; the untied head
 
 
@@ -75,9 +108,21 @@ def test_zero3_shrinks_the_weights_as_the_single_engine_does(zero3_run, tiny_dat
     engine's norm (fp32, only the reduction order differs: ~1e-6); without decay on ZeRO-3 the
     decayed matrices' norms come out ~3% larger."""
     single = tmp_path / "single"
-    assert pretrain_tiny(single, f"data.path={tiny_data}", "model.vocab_size=512", "train.micro_batch_size=8",
-                         f"train.max_steps={STEPS}", f"checkpoint.every_steps={STEPS}", "eval.every_steps=0",
-                         "--engine", "single", *DECAY) == 0
+    assert (
+        pretrain_tiny(
+            single,
+            f"data.path={tiny_data}",
+            "model.vocab_size=512",
+            "train.micro_batch_size=8",
+            f"train.max_steps={STEPS}",
+            f"checkpoint.every_steps={STEPS}",
+            "eval.every_steps=0",
+            "--engine",
+            "single",
+            *DECAY,
+        )
+        == 0
+    )
     ours = load_consolidated(zero3_run / "checkpoints" / f"step_{STEPS:09d}")["model"]
     reference = load_consolidated(single / "checkpoints" / f"step_{STEPS:09d}")["model"]
     assert set(ours) == set(reference)
@@ -109,7 +154,9 @@ def test_load_consolidated_has_the_moments_of_a_zero3_checkpoint(zero3_run):
 
     step_dir = zero3_run / "checkpoints" / f"step_{STEPS:09d}"
     full = load_consolidated(step_dir)
-    reference = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)  # DeepSpeed's own
+    reference = get_fp32_state_dict_from_zero_checkpoint(
+        str(step_dir.parent), tag=step_dir.name
+    )  # DeepSpeed's own
     assert set(reference) >= set(full["model"])
     assert all(torch.equal(full["model"][name], reference[name]) for name in full["model"])
     assert set(full["optim"]) == set(full["model"])

@@ -16,6 +16,7 @@ Two implementations of that one update, picked by `impl`:
 - `adamw_triton`: one Triton launch per (param dtype, grad dtype) over all tensors of the step.
 - `adamw_torch` (the twin): torch's own fused AdamW op, which takes the lr and step as tensors.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -56,10 +57,25 @@ class OptimizerError(EvertrainError, ValueError):
 # rebuilt and uploaded only when they do.
 
 
-def _adamw_kernel(tensor_table, weight_decays, chunk_table, lr_ptr, step_ptr, grad_scale_ptr, found_inf_ptr,
-                  beta1, beta2, eps,
-                  PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                  HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_kernel(
+    tensor_table,
+    weight_decays,
+    chunk_table,
+    lr_ptr,
+    step_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    beta1,
+    beta2,
+    eps,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_table + 2 * chunk)
     start = tl.multiple_of(tl.load(chunk_table + 2 * chunk + 1), BLOCK)  # chunks start at multiples of CHUNK
@@ -82,7 +98,9 @@ def _adamw_kernel(tensor_table, weight_decays, chunk_table, lr_ptr, step_ptr, gr
 
     lr = tl.load(lr_ptr)
     step = tl.load(step_ptr).to(tl.float32)
-    step_size = tl.div_rn(lr, 1.0 - tl.exp2(step * tl.log2(beta1)))  # beta^t as exp2(t log2 beta): no pow in tl
+    step_size = tl.div_rn(
+        lr, 1.0 - tl.exp2(step * tl.log2(beta1))
+    )  # beta^t as exp2(t log2 beta): no pow in tl
     bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * tl.log2(beta2)))
     decay = 1.0 - lr * tl.load(weight_decays + tensor)
     if HAS_GRAD_SCALE:
@@ -132,8 +150,24 @@ def _interpreting() -> bool:
 PARAM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, weight_decays, *, lr, step, beta1, beta2, eps,
-                 grad_scale=None, found_inf=None, cache=None, chunk=CHUNK, block=BLOCK):
+def adamw_triton(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    weight_decays,
+    *,
+    lr,
+    step,
+    beta1,
+    beta2,
+    eps,
+    grad_scale=None,
+    found_inf=None,
+    cache=None,
+    chunk=CHUNK,
+    block=BLOCK,
+):
     """One AdamW update of the given tensors (plain local tensors, contiguous) in one launch per
     (param dtype, grad dtype). `cache` (a dict the caller keeps) saves re-uploading unchanged tables."""
     if chunk % block:
@@ -144,19 +178,31 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, weight_decays, *, lr, ste
     for (param_dtype, grad_dtype), idx in by_dtype.items():
         tensors = [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]) for i in idx]
         cache_key = (param_dtype, grad_dtype, beta1, beta2, eps)
-        tensor_table, wd_table, chunk_table, aligned = _tables(tensors, [weight_decays[i] for i in idx], chunk,
-                                                              params[idx[0]].device, cache, cache_key)
+        tensor_table, wd_table, chunk_table, aligned = _tables(
+            tensors, [weight_decays[i] for i in idx], chunk, params[idx[0]].device, cache, cache_key
+        )
         if chunk_table.shape[0] == 0:
             continue  # only empty tensors (e.g. an FSDP2 rank's share of a small tensor)
         _kernel()[(chunk_table.shape[0],)](
-            tensor_table, wd_table, chunk_table, lr, step,
+            tensor_table,
+            wd_table,
+            chunk_table,
+            lr,
+            step,
             lr if grad_scale is None else grad_scale,  # any pointer when unused: HAS_GRAD_SCALE=False
             lr if found_inf is None else found_inf,
-            float(beta1), float(beta2), float(eps),
-            PARAM_DTYPE=getattr(tl, PARAM_DTYPES[param_dtype]), GRAD_DTYPE=getattr(tl, PARAM_DTYPES[grad_dtype]),
-            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
-            CHUNK=chunk, BLOCK=block,
-            enable_fp_fusion=True)  # FMA, as torch's CUDA kernels; explicit, so Triton 3.9 does not warn
+            float(beta1),
+            float(beta2),
+            float(eps),
+            PARAM_DTYPE=getattr(tl, PARAM_DTYPES[param_dtype]),
+            GRAD_DTYPE=getattr(tl, PARAM_DTYPES[grad_dtype]),
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=aligned,
+            CHUNK=chunk,
+            BLOCK=block,
+            enable_fp_fusion=True,
+        )  # FMA, as torch's CUDA kernels; explicit, so Triton 3.9 does not warn
 
 
 def _tables(tensors, weight_decays, chunk, device, cache, cache_key):
@@ -173,10 +219,17 @@ def _tables(tensors, weight_decays, chunk, device, cache, cache_key):
     tensor_of_chunk = torch.repeat_interleave(torch.arange(len(rows)), per_tensor)
     first_chunk = torch.cumsum(per_tensor, 0) - per_tensor
     start = (torch.arange(len(tensor_of_chunk)) - first_chunk[tensor_of_chunk]) * chunk
-    tables = tuple(_upload(t, device) for t in (torch.tensor(rows, dtype=torch.int64),
-                                                 torch.tensor(weight_decays, dtype=torch.float32),
-                                                 torch.stack([tensor_of_chunk, start], dim=1)))
-    tables += (all(ptr % 16 == 0 for row in rows for ptr in row[:4]) and all(row[4] % 16 == 0 for row in rows),)
+    tables = tuple(
+        _upload(t, device)
+        for t in (
+            torch.tensor(rows, dtype=torch.int64),
+            torch.tensor(weight_decays, dtype=torch.float32),
+            torch.stack([tensor_of_chunk, start], dim=1),
+        )
+    )
+    tables += (
+        all(ptr % 16 == 0 for row in rows for ptr in row[:4]) and all(row[4] % 16 == 0 for row in rows),
+    )
     if cache is not None:
         cache[cache_key] = (key, tables)
     return tables
@@ -192,8 +245,21 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 # -- the torch twin --------------------------------------------------------------------------------------
 
 
-def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, weight_decays, *, lr, step, beta1, beta2, eps,
-                grad_scale=None, found_inf=None):
+def adamw_torch(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    weight_decays,
+    *,
+    lr,
+    step,
+    beta1,
+    beta2,
+    eps,
+    grad_scale=None,
+    found_inf=None,
+):
     """The same update through torch's fused AdamW op (CPU, CUDA, MPS), which reads lr and the step
     from tensors. It wants one dtype across p, g, m, v, so bf16/fp16 params are updated through a
     float32 copy; and one weight decay per call."""
@@ -209,10 +275,19 @@ def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, weight_decays, *, lr, step
             # Out of place, so the caller's gradients stay as they were (as with the Triton kernel).
             # Not the op's own grad_scale: that one divides, and writes the result into the gradients.
             gs32 = torch_compat.foreach_mul(gs32, grad_scale.to(torch.float32).reshape(()))
-        torch_compat.fused_adamw_(ps32, gs32, [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx],
-                                  [step] * len(idx), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                                  eps=eps,
-                                  found_inf=None if found_inf is None else found_inf.to(torch.float32).reshape(()))
+        torch_compat.fused_adamw_(
+            ps32,
+            gs32,
+            [exp_avgs[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx],
+            [step] * len(idx),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            eps=eps,
+            found_inf=None if found_inf is None else found_inf.to(torch.float32).reshape(()),
+        )
         if ps32 is not ps:
             torch_compat.foreach_copy_(ps, ps32)
 
@@ -235,14 +310,17 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params, schedule, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, impl="auto"):
         max_lr = getattr(schedule, "max_lr", None)
         if not callable(schedule) or not isinstance(max_lr, (int, float)):
-            raise OptimizerError(f"AdamW schedule: expected a Schedule (callable, with a float max_lr), "
-                                 f"got {schedule!r}")
+            raise OptimizerError(
+                f"AdamW schedule: expected a Schedule (callable, with a float max_lr), got {schedule!r}"
+            )
         if not (math.isfinite(max_lr) and max_lr > 0):
             raise OptimizerError(f"AdamW schedule: max_lr must be a finite number > 0, got {max_lr}")
         super().__init__(params, dict(lr=float(max_lr), betas=betas, eps=eps, weight_decay=weight_decay))
         devices = {p.device for p in self._all_params()}
         if len(devices) != 1:
-            raise OptimizerError(f"AdamW params: all parameters must be on one device, got {sorted(map(str, devices))}")
+            raise OptimizerError(
+                f"AdamW params: all parameters must be on one device, got {sorted(map(str, devices))}"
+            )
         device = devices.pop()
         self.impl = resolve_impl(impl, device)
         self.schedule = schedule
@@ -269,7 +347,9 @@ class AdamW(torch.optim.Optimizer):
             raise OptimizerError(f"AdamW weight_decay: must be a finite number >= 0, got {wd!r}")
         for p in group["params"]:
             if not (p.is_floating_point() and p.dtype in PARAM_DTYPES):
-                raise OptimizerError(f"AdamW params: dtype {p.dtype} is not supported (float32, bfloat16, float16)")
+                raise OptimizerError(
+                    f"AdamW params: dtype {p.dtype} is not supported (float32, bfloat16, float16)"
+                )
             if not _local(p).is_contiguous():
                 raise OptimizerError(f"AdamW params: a parameter of shape {tuple(p.shape)} is not contiguous")
 
@@ -293,8 +373,10 @@ class AdamW(torch.optim.Optimizer):
         work = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         for _, p in work:  # checked before anything is written
             if p.grad.layout != torch.strided:
-                raise OptimizerError(f"AdamW: sparse gradients are not supported ({p.grad.layout} gradient of a "
-                                     f"parameter of shape {tuple(p.shape)}); use a dense nn.Embedding")
+                raise OptimizerError(
+                    f"AdamW: sparse gradients are not supported ({p.grad.layout} gradient of a "
+                    f"parameter of shape {tuple(p.shape)}); use a dense nn.Embedding"
+                )
         if not work:
             return loss
         # DeepSpeed's ZeRO calls step() once per param group (stage 1/2) or sub-group (stage 3) for one
@@ -318,18 +400,44 @@ class AdamW(torch.optim.Optimizer):
             bucket[4].append(float(group["weight_decay"]))
         for (beta1, beta2, eps), (ps, gs, ms, vs, wds) in buckets.items():
             if self.impl == "triton":
-                adamw_triton(ps, [g.contiguous() for g in gs], ms, vs, wds, lr=self.lr, step=self.step_count,
-                             beta1=beta1, beta2=beta2, eps=eps, grad_scale=self.grad_scale,
-                             found_inf=self.found_inf, cache=self._tables)
+                adamw_triton(
+                    ps,
+                    [g.contiguous() for g in gs],
+                    ms,
+                    vs,
+                    wds,
+                    lr=self.lr,
+                    step=self.step_count,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=eps,
+                    grad_scale=self.grad_scale,
+                    found_inf=self.found_inf,
+                    cache=self._tables,
+                )
             else:
-                adamw_torch(ps, gs, ms, vs, wds, lr=self.lr, step=self.step_count, beta1=beta1, beta2=beta2,
-                            eps=eps, grad_scale=self.grad_scale, found_inf=self.found_inf)
+                adamw_torch(
+                    ps,
+                    gs,
+                    ms,
+                    vs,
+                    wds,
+                    lr=self.lr,
+                    step=self.step_count,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=eps,
+                    grad_scale=self.grad_scale,
+                    found_inf=self.found_inf,
+                )
         return loss
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
         if p.device != self.step_count.device:
-            raise OptimizerError(f"AdamW: a parameter is on {p.device} but the optimizer runs on "
-                                 f"{self.step_count.device} (optimizer offload is not supported)")
+            raise OptimizerError(
+                f"AdamW: a parameter is on {p.device} but the optimizer runs on "
+                f"{self.step_count.device} (optimizer offload is not supported)"
+            )
         for key in STATE_KEYS:  # zeros_like keeps a DTensor's sharding
             state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
 
@@ -353,13 +461,19 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton is not None and not _interpreting() else "torch"
     if impl == "triton":
         if triton is None:
-            raise OptimizerError("optim.impl=triton: Triton is not installed (it ships for Linux); use auto or torch")
+            raise OptimizerError(
+                "optim.impl=triton: Triton is not installed (it ships for Linux); use auto or torch"
+            )
         if device.type == "cuda" and _interpreting():
-            raise OptimizerError("optim.impl=triton: TRITON_INTERPRET=1 runs kernels on the CPU, but the "
-                                 "parameters are on CUDA; unset it")
+            raise OptimizerError(
+                "optim.impl=triton: TRITON_INTERPRET=1 runs kernels on the CPU, but the "
+                "parameters are on CUDA; unset it"
+            )
         if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not _interpreting()):
-            raise OptimizerError(f"optim.impl=triton: needs a CUDA device, the parameters are on {device} "
-                                 f"(set TRITON_INTERPRET=1 to run the kernel in Triton's CPU interpreter)")
+            raise OptimizerError(
+                f"optim.impl=triton: needs a CUDA device, the parameters are on {device} "
+                f"(set TRITON_INTERPRET=1 to run the kernel in Triton's CPU interpreter)"
+            )
     return impl
 
 

@@ -22,6 +22,7 @@ steps s_1 < ... < s_K (the newest K committed checkpoints with --last K, or --st
 
 The retention rule must keep the K checkpoints (checkpoint.keep_last >= K, docs/forking.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,7 +98,11 @@ def available_checkpoints(run_dir: Path) -> dict[int, Path]:
     """{step: step_dir} of the run's committed checkpoints, oldest first; errors for a non-run."""
     if not (run_dir / "config.yaml").is_file():
         raise AverageError(f"--run {run_dir}: not a run directory (no config.yaml)")
-    return {store.step_of(p): p for p in store.complete_checkpoints(run_dir / "checkpoints") if store.step_of(p) > 0}
+    return {
+        store.step_of(p): p
+        for p in store.complete_checkpoints(run_dir / "checkpoints")
+        if store.step_of(p) > 0
+    }
 
 
 def last_steps(run_dir: Path, k: int) -> list[int]:
@@ -106,8 +111,10 @@ def last_steps(run_dir: Path, k: int) -> list[int]:
         raise AverageError(f"--last: must be >= 1, got {k}")
     steps = list(available_checkpoints(run_dir))
     if len(steps) < k:
-        raise AverageError(f"--last {k}: the run has {len(steps)} checkpoint(s) ({', '.join(map(str, steps)) or 'none'}); "
-                           f"keep at least {k} (checkpoint.keep_last >= {k})")
+        raise AverageError(
+            f"--last {k}: the run has {len(steps)} checkpoint(s) ({', '.join(map(str, steps)) or 'none'}); "
+            f"keep at least {k} (checkpoint.keep_last >= {k})"
+        )
     return steps[-k:]
 
 
@@ -125,8 +132,9 @@ def check_steps(run_dir: Path, steps: list[int]) -> dict[int, Path]:
     return {s: checkpoints[s] for s in sorted(steps)}
 
 
-def average_checkpoints(run_dir: Path, steps: list[int], *, eval_batches: int | None = None,
-                        weighting: str = "uniform") -> dict:
+def average_checkpoints(
+    run_dir: Path, steps: list[int], *, eval_batches: int | None = None, weighting: str = "uniform"
+) -> dict:
     """Average the weights of the run's checkpoints at `steps` (checkpoint_weights), evaluate, write
     averages/<name>/; returns result.json's content (the existing one when that average was made before)."""
     run_dir = Path(run_dir)
@@ -155,11 +163,14 @@ def average_checkpoints(run_dir: Path, steps: list[int], *, eval_batches: int | 
         lock.release()
 
 
-def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batches: int | None,
-                 weighting: str = "uniform") -> dict:
+def make_average(
+    run_dir: Path, out: Path, sources: dict[int, Path], eval_batches: int | None, weighting: str = "uniform"
+) -> dict:
     from evertrain.pretrain.config import dump_yaml, load_config
 
-    cfg = load_config(run_dir / "config.yaml", [] if eval_batches is None else [f"eval.batches={eval_batches}"])
+    cfg = load_config(
+        run_dir / "config.yaml", [] if eval_batches is None else [f"eval.batches={eval_batches}"]
+    )
     leases = []
     try:
         for step_dir in sources.values():
@@ -177,7 +188,9 @@ def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batche
                 total = weights
             else:
                 if weights.keys() != total.keys():
-                    raise AverageError(f"{step_dir}: holds other parameters than {next(iter(sources.values()))}")
+                    raise AverageError(
+                        f"{step_dir}: holds other parameters than {next(iter(sources.values()))}"
+                    )
                 for key, value in weights.items():
                     total[key].add_(value)
     finally:
@@ -188,9 +201,19 @@ def make_average(run_dir: Path, out: Path, sources: dict[int, Path], eval_batche
     started = time.perf_counter()
     scores = evaluate_weights(cfg, average, global_windows(cfg, newest))
     eval_s = time.perf_counter() - started
-    result = {"kind": "average", "name": out.name, "steps": list(sources), "step": max(sources),
-              "tokens": newest.get("tokens"), "val_loss": scores["val_loss"], "val_ppl": scores["val_ppl"],
-              "eval_batches": cfg.eval.batches, "eval_s": eval_s, "time": time.time(), "weighting": weighting}
+    result = {
+        "kind": "average",
+        "name": out.name,
+        "steps": list(sources),
+        "step": max(sources),
+        "tokens": newest.get("tokens"),
+        "val_loss": scores["val_loss"],
+        "val_ppl": scores["val_ppl"],
+        "eval_batches": cfg.eval.batches,
+        "eval_s": eval_s,
+        "time": time.time(),
+        "weighting": weighting,
+    }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir()
@@ -233,8 +256,10 @@ def read_weights(step_dir: Path, meta: dict, verify: str) -> dict:
     weights = {name: t.view(reader.shapes[name]).float() for name, t in zip(names, flat)}
     for name, tensor in weights.items():
         if not torch.isfinite(tensor).all():
-            raise AverageError(f"{step_dir}: parameter '{name}' has NaN/Inf weights; average only checkpoints "
-                               "from before the divergence (--steps)")
+            raise AverageError(
+                f"{step_dir}: parameter '{name}' has NaN/Inf weights; average only checkpoints "
+                "from before the divergence (--steps)"
+            )
     return weights
 
 
@@ -252,16 +277,17 @@ def evaluate_weights(cfg, weights: dict, batch_windows: int) -> dict:
     from evertrain.pretrain.data.stream import val_batches
     from evertrain.pretrain.distributed import pick_device
     from evertrain.pretrain.engines.base import Engine, compute_dtype
-    from evertrain.pretrain.run.evaluate import evaluate
     from evertrain.pretrain.model.transformer import Transformer
+    from evertrain.pretrain.run.evaluate import evaluate
 
     device = pick_device(cfg.train.device)
     with torch.device("meta"):
         model = Transformer(cfg.model, init=False)
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed, source=weights)  # copies every parameter from `weights`
-    engine = Engine(model=model, raw_model=model, optimizer=None, device=device,
-                    autocast_dtype=compute_dtype(cfg, device))
+    engine = Engine(
+        model=model, raw_model=model, optimizer=None, device=device, autocast_dtype=compute_dtype(cfg, device)
+    )
     batches = val_batches(cfg.data.path, cfg.model.seq_len, cfg.eval.batches, batch_windows)
     micro = [m for batch in batches for m in batch.split(cfg.train.micro_batch_size)]
     return evaluate(engine, micro)
@@ -275,12 +301,21 @@ def write_weights(final: Path, weights: dict, newest: dict, steps: list[int]) ->
     final.mkdir()
     dcp.save({"model": weights}, checkpoint_id=str(final), no_dist=True)
     files = {p.name: store.file_digest(p) for p in sorted(final.iterdir()) if p.is_file()}
-    meta = {**newest, "engine": "single", "world_size": 1, "zero_stage": None, "files": files,
-            "hash": store.HASH, "created": time.time(), "averaged_steps": steps}
+    meta = {
+        **newest,
+        "engine": "single",
+        "world_size": 1,
+        "zero_stage": None,
+        "files": files,
+        "hash": store.HASH,
+        "created": time.time(),
+        "averaged_steps": steps,
+    }
     atomic_write_text(final / store.META, safe_json.dumps(meta, indent=1, sort_keys=True))
 
 
 # -- CLI -----------------------------------------------------------------------------------------
+
 
 def parse_steps(text: str) -> tuple[int, ...]:
     """S1,S2,... for --steps here and the forker's --at."""
@@ -300,33 +335,53 @@ def run_average(args: argparse.Namespace) -> int:
     name = average_dir_name(check_steps(run_dir, steps), weighting)
     done = read_result(run_dir / "averages" / name) is not None
     result = average_checkpoints(run_dir, steps, eval_batches=args.eval_batches, weighting=weighting)
-    print(f"average: {name}{' (done already)' if done else ''}: steps {','.join(map(str, result['steps']))}: "
-          f"val_loss {result['val_loss']:.4f} at {result['tokens']} tokens -> {run_dir / 'averages' / name}",
-          flush=True)
+    print(
+        f"average: {name}{' (done already)' if done else ''}: steps {','.join(map(str, result['steps']))}: "
+        f"val_loss {result['val_loss']:.4f} at {result['tokens']} tokens -> {run_dir / 'averages' / name}",
+        flush=True,
+    )
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME (required)")
+    p.add_argument(
+        "--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME (required)"
+    )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--last", type=int, metavar="K", help="average the newest K checkpoints (this or --steps required)")
-    which.add_argument("--steps", type=parse_steps, metavar="S1,S2,...", help="average the checkpoints at these steps (this or --last required)")
+    which.add_argument(
+        "--last", type=int, metavar="K", help="average the newest K checkpoints (this or --steps required)"
+    )
+    which.add_argument(
+        "--steps",
+        type=parse_steps,
+        metavar="S1,S2,...",
+        help="average the checkpoints at these steps (this or --last required)",
+    )
     p.add_argument("--eval-batches", type=int, help="validation batches (default: the run's eval.batches)")
-    p.add_argument("--weighting", default="uniform", metavar="uniform|tail|ema[:BETA]",
-                   help="uniform (default); tail: weights 1..K, the newest most; ema: BETA^(K-1)..1 "
-                        f"(BETA default {EMA_DECAY})")
+    p.add_argument(
+        "--weighting",
+        default="uniform",
+        metavar="uniform|tail|ema[:BETA]",
+        help="uniform (default); tail: weights 1..K, the newest most; ema: BETA^(K-1)..1 "
+        f"(BETA default {EMA_DECAY})",
+    )
     p.set_defaults(func=run_average)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("average", help="evaluate the uniform average of a run's last K checkpoints",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "average",
+        help="evaluate the uniform average of a run's last K checkpoints",
+        description=__doc__.splitlines()[0],
+    )
     add_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m evertrain.launch.average ...`."""
-    parser = argparse.ArgumentParser(prog="python -m evertrain.launch.average", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m evertrain.launch.average", description=__doc__.splitlines()[0]
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -5,6 +5,7 @@ they do work that needs it, so `evertrain --help`, `evertrain --version` and `ev
 answer at once (bench/cli_startup.py measures it; docs/performance.md has the figure).
 Errors a user can cause (`EvertrainError`) print one line and exit 2; nothing else is caught.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,10 @@ COMMANDS = {
     "predict": ("evertrain.launch.lossmodel.predict", "predict a cooldown's final val loss before it runs"),
     "report": ("evertrain.launch.report", "checkpoints, cooldown results, plot and 'should we keep going?'"),
     "export": ("evertrain.launch.export_cmd", "export a checkpoint to another format"),
-    "sweep": ("evertrain.launch.sweep.command", "rsqrt/constant + forked cooldowns vs cosine at several horizons"),
+    "sweep": (
+        "evertrain.launch.sweep.command",
+        "rsqrt/constant + forked cooldowns vs cosine at several horizons",
+    ),
     "plan": ("evertrain.launch.plan", "per-rank memory and FLOPs of a config on N nodes x G GPUs"),
 }
 
@@ -36,8 +40,12 @@ def chosen_command(argv: list[str]) -> str | None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser of `command` (all of them when None); the others only list their help line."""
-    parser = argparse.ArgumentParser(prog="evertrain", description=evertrain.__doc__, formatter_class=HelpFormatter,
-                                     epilog=examples_epilog(""))
+    parser = argparse.ArgumentParser(
+        prog="evertrain",
+        description=evertrain.__doc__,
+        formatter_class=HelpFormatter,
+        epilog=examples_epilog(""),
+    )
     parser.add_argument("--version", action="version", version=f"evertrain {evertrain.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_line) in COMMANDS.items():

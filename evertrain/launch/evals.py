@@ -15,6 +15,7 @@ rerunning it (or the forker's retry) only redoes the hooks, since the fork's
 checkpoints are still there. COOLDOWN/hf/ is removed once the hooks succeeded
 (`evertrain export hf --cooldown` writes it again).
 """
+
 from __future__ import annotations
 
 import json
@@ -68,15 +69,19 @@ def check_eval_cmd(cmd: str) -> str:
         raise EvalHookError(f"--eval-cmd: {exc} in {cmd!r} (write a literal brace as {{{{ or }}}})") from None
     unknown = sorted(names - set(PLACEHOLDERS))
     if unknown:
-        raise EvalHookError(f"--eval-cmd: unknown placeholder {{{unknown[0]}}}; use {{hf_dir}} and {{out_json}}")
+        raise EvalHookError(
+            f"--eval-cmd: unknown placeholder {{{unknown[0]}}}; use {{hf_dir}} and {{out_json}}"
+        )
     missing = [name for name in PLACEHOLDERS if name not in names]
     if missing:
-        raise EvalHookError(f"--eval-cmd: must contain {{{missing[0]}}}, e.g. \"CMD {{hf_dir}} {{out_json}}\"")
+        raise EvalHookError(f'--eval-cmd: must contain {{{missing[0]}}}, e.g. "CMD {{hf_dir}} {{out_json}}"')
     quoted = quoted_placeholder(cmd)
     if quoted:
-        raise EvalHookError(f"--eval-cmd: {{{quoted}}} is inside quotes or after a backslash in {cmd!r}; write it "
-                            "bare: evertrain substitutes it shell-quoted (quoted again, a path holding $(...) "
-                            "or a quote would run as shell code)")
+        raise EvalHookError(
+            f"--eval-cmd: {{{quoted}}} is inside quotes or after a backslash in {cmd!r}; write it "
+            "bare: evertrain substitutes it shell-quoted (quoted again, a path holding $(...) "
+            "or a quote would run as shell code)"
+        )
     return cmd
 
 
@@ -117,9 +122,12 @@ def hooks_from_args(args) -> EvalHooks:
         raise EvalHookError(f"--lm-eval-include {include}: not a directory")
     if limit is not None and limit <= 0:
         raise EvalHookError(f"--lm-eval-limit: must be > 0, got {limit}")
-    return EvalHooks(eval_cmd=check_eval_cmd(cmd) if cmd else None,
-                     lm_eval_tasks=parse_tasks(tasks) if tasks else (),
-                     lm_eval_include=str(Path(include).resolve()) if include else None, lm_eval_limit=limit)
+    return EvalHooks(
+        eval_cmd=check_eval_cmd(cmd) if cmd else None,
+        lm_eval_tasks=parse_tasks(tasks) if tasks else (),
+        lm_eval_include=str(Path(include).resolve()) if include else None,
+        lm_eval_limit=limit,
+    )
 
 
 def hook_commands(hooks: EvalHooks, hf_dir: Path, out_dir: Path) -> list[tuple[str, list[str] | str, Path]]:
@@ -131,8 +139,17 @@ def hook_commands(hooks: EvalHooks, hf_dir: Path, out_dir: Path) -> list[tuple[s
         commands.append(("--eval-cmd", shell, out_json))
     if hooks.lm_eval_tasks:
         out_json = out_dir / "lm_eval.json"
-        argv = [sys.executable, "-m", LM_EVAL_MODULE, "--hf-dir", str(hf_dir), "--out", str(out_json),
-                "--tasks", ",".join(hooks.lm_eval_tasks)]
+        argv = [
+            sys.executable,
+            "-m",
+            LM_EVAL_MODULE,
+            "--hf-dir",
+            str(hf_dir),
+            "--out",
+            str(out_json),
+            "--tasks",
+            ",".join(hooks.lm_eval_tasks),
+        ]
         if hooks.lm_eval_include:
             argv += ["--include-path", hooks.lm_eval_include]
         if hooks.lm_eval_limit is not None:
@@ -149,7 +166,9 @@ def read_metrics(name: str, out_json: Path, log: Path) -> dict:
     except json.JSONDecodeError:
         raise EvalHookError(f"{name}: {out_json} is not valid JSON; see {log}") from None
     if not isinstance(metrics, dict):
-        raise EvalHookError(f"{name}: {out_json} holds a {type(metrics).__name__}, not a JSON object of metrics")
+        raise EvalHookError(
+            f"{name}: {out_json} holds a {type(metrics).__name__}, not a JSON object of metrics"
+        )
     return metrics
 
 
@@ -167,16 +186,23 @@ def run_hooks(hooks: EvalHooks, out: Path, final_dir: Path, cfg) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     tokenizer, bos_id, eos_id = tokenizer_from_manifest(cfg.data.path, out / "config.yaml")
-    export_hf_checkpoint(final_dir, store.read_meta(final_dir), cfg.model, tokenizer, hf_dir,
-                         bos_id=bos_id, eos_id=eos_id)  # weights only, a shard at a time
+    export_hf_checkpoint(
+        final_dir, store.read_meta(final_dir), cfg.model, tokenizer, hf_dir, bos_id=bos_id, eos_id=eos_id
+    )  # weights only, a shard at a time
     evals: dict = {}
     for name, command, out_json in hook_commands(hooks, hf_dir, work):
         shown = command if isinstance(command, str) else shlex.join(command)
         with open(log, "a") as f:
             f.write(f"=== evertrain fork: {name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {shown}\n")
             f.flush()
-            code = subprocess.call(command, shell=isinstance(command, str), stdin=subprocess.DEVNULL,
-                                   stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
+            code = subprocess.call(
+                command,
+                shell=isinstance(command, str),
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ},
+            )
         if code != 0:
             raise EvalHookError(f"{name}: exited with code {code}; see {log}")
         metrics = read_metrics(name, out_json, log)

@@ -19,6 +19,7 @@ are read and written one shard at a time (a checkpoint through checkpoint/slices
 only, never the Adam moments), so memory is bounded by the largest shard, not the model. The command
 itself (which checkpoint, which tokenizer) is export_cmd.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,8 @@ import torch
 from safetensors.torch import save_file
 
 from evertrain.errors import EvertrainError
-from evertrain.pretrain.data import tokenizer as tok
 from evertrain.pretrain.config import NOT_SHAPE, ModelConfig
+from evertrain.pretrain.data import tokenizer as tok
 from evertrain.pretrain.data.stream import file_sha256
 from evertrain.pretrain.model.hf_llama import expected_shapes, hf_name, llama_config
 
@@ -46,8 +47,20 @@ class ExportError(EvertrainError, ValueError):
 
 # Every ModelConfig field has a Llama equivalent. A field added later must be mapped here first,
 # so that a model Llama cannot express is refused instead of exported wrong.
-LLAMA_EXPRESSIBLE = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of",
-                     "seq_len", "rope_theta", "norm_eps", "tie_embeddings", "init_std"}
+LLAMA_EXPRESSIBLE = {
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "multiple_of",
+    "seq_len",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+    "init_std",
+}
 
 
 def check_llama_expressible(model_cfg: ModelConfig) -> None:
@@ -58,8 +71,18 @@ def check_llama_expressible(model_cfg: ModelConfig) -> None:
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's default
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -105,7 +128,9 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], model_cfg: ModelConfig) -> 
         if name not in expected:
             raise ExportError(f"{name}: checkpoint tensor has no Llama equivalent")
         if tuple(shapes[name]) != expected[name]:
-            raise ExportError(f"{name}: shape {tuple(shapes[name])} does not match the config's {expected[name]}")
+            raise ExportError(
+                f"{name}: shape {tuple(shapes[name])} does not match the config's {expected[name]}"
+            )
     missing = sorted(set(expected) - set(names))
     if missing:
         raise ExportError(f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing)")
@@ -153,7 +178,9 @@ def write_weights(reader, model_cfg: ModelConfig, out_dir: Path, dtype: torch.dt
         extra = ["lm_head.weight"] if tied_head and "embed_tokens.weight" in shard else []
         tensors = dict(zip(shard + extra, reader.weights(shard + extra)))
         if extra and not torch.equal(tensors.pop("lm_head.weight"), tensors["embed_tokens.weight"]):
-            raise ExportError("lm_head.weight: differs from embed_tokens.weight but model.tie_embeddings is true")
+            raise ExportError(
+                "lm_head.weight: differs from embed_tokens.weight but model.tie_embeddings is true"
+            )
         hf_state = {hf_name(name): t.to("cpu", dtype).contiguous() for name, t in tensors.items()}
         del tensors
         save_file(hf_state, str(out_dir / filename), metadata={"format": "pt"})
@@ -170,8 +197,13 @@ def special_token_ids(sp: spm.SentencePieceProcessor) -> tuple[int | None, int |
     return (sp.bos_id() if sp.bos_id() >= 0 else None), (sp.eos_id() if sp.eos_id() >= 0 else None)
 
 
-def write_tokenizer(tokenizer_model: Path, out_dir: Path, model_max_length: int,
-                    bos_id: int | None = None, eos_id: int | None = None) -> None:
+def write_tokenizer(
+    tokenizer_model: Path,
+    out_dir: Path,
+    model_max_length: int,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+) -> None:
     """The tokenizer files; bos_id/eos_id (those of config.json) name a tokenizer.json's specials."""
     if is_json_tokenizer(tokenizer_model):
         write_json_tokenizer(tokenizer_model, out_dir, model_max_length, bos_id, eos_id)
@@ -219,8 +251,9 @@ def without_special_tokens(processor: dict | None) -> dict | None:
     return processor
 
 
-def write_json_tokenizer(path: Path, out_dir: Path, model_max_length: int, bos_id: int | None,
-                         eos_id: int | None) -> None:
+def write_json_tokenizer(
+    path: Path, out_dir: Path, model_max_length: int, bos_id: int | None, eos_id: int | None
+) -> None:
     """The data dir's tokenizer.json, and a tokenizer_config.json that loads it as
     PreTrainedTokenizerFast. Our data has no BOS: data prep encodes with add_special_tokens=False. A
     template that adds special tokens (Llama 3's BOS) is dropped from the copy, because transformers
@@ -231,8 +264,10 @@ def write_json_tokenizer(path: Path, out_dir: Path, model_max_length: int, bos_i
     if processor == model.get("post_processor"):
         shutil.copyfile(path, out_dir / "tokenizer.json")
     else:
-        (out_dir / "tokenizer.json").write_text(json.dumps({**model, "post_processor": processor},
-                                                           ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (out_dir / "tokenizer.json").write_text(
+            json.dumps({**model, "post_processor": processor}, ensure_ascii=False, indent=2) + "\n",
+            encoding="utf-8",
+        )
 
     def token(token_id: int | None) -> str | None:
         return hf.id_to_token(token_id) if token_id is not None else None
@@ -249,29 +284,70 @@ def write_json_tokenizer(path: Path, out_dir: Path, model_max_length: int, bos_i
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def export_hf(model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer_model_path: str | Path,
-              out_dir: str | Path, *, bos_id: int | None = None, eos_id: int | None = None,
-              dtype: torch.dtype = torch.float32, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export_hf(
+    model_state: dict[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    tokenizer_model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write an HF Llama checkpoint of `model_state` (in memory) to `out_dir` (which must not exist yet).
 
     bos_id/eos_id default to the tokenizer's own; pass the data manifest's when it names them.
     """
-    return write_hf(StateReader(model_state), model_cfg, tokenizer_model_path, out_dir, bos_id=bos_id,
-                    eos_id=eos_id, dtype=dtype, max_shard_size=max_shard_size)
+    return write_hf(
+        StateReader(model_state),
+        model_cfg,
+        tokenizer_model_path,
+        out_dir,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+    )
 
 
-def export_hf_checkpoint(step_dir: str | Path, meta: dict, model_cfg: ModelConfig, tokenizer_model_path: str | Path,
-                         out_dir: str | Path, *, bos_id: int | None = None, eos_id: int | None = None,
-                         dtype: torch.dtype = torch.float32,
-                         max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export_hf_checkpoint(
+    step_dir: str | Path,
+    meta: dict,
+    model_cfg: ModelConfig,
+    tokenizer_model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """The same for a checkpoint step dir of any engine and world size, read shard by shard: its weights
     only, so memory is bounded by the largest shard, not by the model and its optimizer state."""
-    return write_hf(CheckpointReader(step_dir, meta), model_cfg, tokenizer_model_path, out_dir, bos_id=bos_id,
-                    eos_id=eos_id, dtype=dtype, max_shard_size=max_shard_size)
+    return write_hf(
+        CheckpointReader(step_dir, meta),
+        model_cfg,
+        tokenizer_model_path,
+        out_dir,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+    )
 
 
-def write_hf(reader, model_cfg: ModelConfig, tokenizer_model_path: str | Path, out_dir: str | Path, *,
-             bos_id: int | None, eos_id: int | None, dtype: torch.dtype, max_shard_size: str | int) -> Path:
+def write_hf(
+    reader,
+    model_cfg: ModelConfig,
+    tokenizer_model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    bos_id: int | None,
+    eos_id: int | None,
+    dtype: torch.dtype,
+    max_shard_size: str | int,
+) -> Path:
     out_dir, tokenizer_model_path = Path(out_dir), Path(tokenizer_model_path)
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     if out_dir.exists():
@@ -281,8 +357,9 @@ def write_hf(reader, model_cfg: ModelConfig, tokenizer_model_path: str | Path, o
     check_llama_expressible(model_cfg)
     vocab_size, own_bos, own_eos = tokenizer_facts(tokenizer_model_path)
     if vocab_size > model_cfg.vocab_size:
-        raise ExportError(f"{tokenizer_model_path}: {vocab_size} tokens do not fit "
-                          f"model.vocab_size={model_cfg.vocab_size}")
+        raise ExportError(
+            f"{tokenizer_model_path}: {vocab_size} tokens do not fit model.vocab_size={model_cfg.vocab_size}"
+        )
     bos_id = own_bos if bos_id is None else bos_id
     eos_id = own_eos if eos_id is None else eos_id
     check_shapes(reader.shapes, model_cfg)  # before anything is written
@@ -341,10 +418,10 @@ def tokenizer_facts(path: Path) -> tuple[int, int | None, int | None]:
 def check_tokenizer(tokenizer: Path, meta: dict, step_dir: Path) -> None:
     """The tokenizer must be the one the checkpoint trained with (checkpoints record its sha256):
     a tokenizer of another vocabulary would export a model that reads the wrong tokens."""
-    trained = ((meta.get("data") or {}).get("tokenizer_sha256") if isinstance(meta.get("data"), dict) else None)
+    trained = (meta.get("data") or {}).get("tokenizer_sha256") if isinstance(meta.get("data"), dict) else None
     tokenizer_facts(tokenizer)  # a sentencepiece model or a tokenizer.json, else one line
     if trained is not None and file_sha256(tokenizer) != trained:
-        raise ExportError(f"{tokenizer}: not the tokenizer {step_dir} trained with (sha256 {file_sha256(tokenizer)[:12]} "
-                          f"vs {trained[:12]}); pass that one, or omit --tokenizer to use the run's data dir")
-
-
+        raise ExportError(
+            f"{tokenizer}: not the tokenizer {step_dir} trained with (sha256 {file_sha256(tokenizer)[:12]} "
+            f"vs {trained[:12]}); pass that one, or omit --tokenizer to use the run's data dir"
+        )

@@ -16,6 +16,7 @@ On another mix (`--data-weights hq=0.7,main=0.3`: shares of sources of the run's
 its start instead of continuing the run's (the same windows for every fork on the mix, so branches
 compare), evaluates on the run's own val split, and result.json records the mix under `data`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,10 @@ def check_cooldown_data(data: dict, run_data_path: str, seq_len: int) -> None:
     if data["path"] is not None:
         ours, theirs = load_manifest(run_data_path), load_manifest(data["path"])
         if ours.tokenizer["sha256"] != theirs.tokenizer["sha256"]:
-            raise ForkError(f"--data {data['path']}: tokenized with another tokenizer than the run's "
-                            f"{run_data_path} (tokenizer sha256 differs)")
+            raise ForkError(
+                f"--data {data['path']}: tokenized with another tokenizer than the run's "
+                f"{run_data_path} (tokenizer sha256 differs)"
+            )
     TokenStream(data["path"] or run_data_path, seq_len, 0, mix=data["weights"])  # names a missing source
 
 
@@ -87,11 +90,21 @@ def cooldown_length(step: int, cooldown_steps: int | None = None, fraction: floa
     return steps
 
 
-FAILED = "failed.json"  # {"error": ...}: the eval hooks of this fork's last attempt failed (report.py shows it)
+FAILED = (
+    "failed.json"  # {"error": ...}: the eval hooks of this fork's last attempt failed (report.py shows it)
+)
 
 
-def fork_spec(run_dir: Path, out: Path, step: int, cooldown_steps: int, shape: str, source: Path | None,
-              is_main: bool, data: dict | None = None) -> dict:
+def fork_spec(
+    run_dir: Path,
+    out: Path,
+    step: int,
+    cooldown_steps: int,
+    shape: str,
+    source: Path | None,
+    is_main: bool,
+    data: dict | None = None,
+) -> dict:
     """What the fork is, fixed at its first start in out/fork.json: above all the main run's global
     batch (windows per step), which the fork keeps on any world size, so it is the same computation
     as the main run would have done, and a resumed fork needs neither the source nor its world size."""
@@ -101,9 +114,14 @@ def fork_spec(run_dir: Path, out: Path, step: int, cooldown_steps: int, shape: s
     if source is None:
         raise ForkError(f"{out}: has checkpoints but no fork.json; fork from an existing checkpoint instead")
     main = load_config(run_dir / "config.yaml").train
-    spec = {"from_step": step, "cooldown_steps": cooldown_steps, "shape": shape, "source": str(source),
-            "global_windows": main.micro_batch_size * main.grad_accum * store.read_meta(source)["world_size"],
-            "data": data}
+    spec = {
+        "from_step": step,
+        "cooldown_steps": cooldown_steps,
+        "shape": shape,
+        "source": str(source),
+        "global_windows": main.micro_batch_size * main.grad_accum * store.read_meta(source)["world_size"],
+        "data": data,
+    }
     if is_main:
         atomic_write_text(path, json.dumps(spec, indent=1))
     return spec
@@ -113,22 +131,31 @@ def batch_split(global_windows: int, micro_batch_size: int, world_size: int) -> 
     """(micro_batch_size, grad_accum) giving `global_windows` per step on `world_size` ranks, with the
     largest micro-batch that is not above the configured one."""
     if global_windows % world_size:
-        raise ForkError(f"the run's global batch of {global_windows} windows cannot be split over "
-                        f"{world_size} ranks; fork on a world size that divides it")
+        raise ForkError(
+            f"the run's global batch of {global_windows} windows cannot be split over "
+            f"{world_size} ranks; fork on a world size that divides it"
+        )
     per_rank = global_windows // world_size
     micro = max(m for m in range(1, min(micro_batch_size, per_rank) + 1) if per_rank % m == 0)
     return micro, per_rank // micro
 
 
-def fork_config(run_dir: Path, out: Path, end_step: int, global_windows: int, world_size: int,
-                args: argparse.Namespace) -> Config:
+def fork_config(
+    run_dir: Path, out: Path, end_step: int, global_windows: int, world_size: int, args: argparse.Namespace
+) -> Config:
     """The run's config (a resumed fork: its own) with the fork's stop step, the run's global batch
     split over this world size, no periodic eval (one eval at the end), only its newest checkpoint."""
     base = out / "config.yaml" if (out / "config.yaml").is_file() else run_dir / "config.yaml"
     micro, accum = batch_split(global_windows, load_config(base).train.micro_batch_size, world_size)
-    overrides = [f"train.max_steps={end_step}", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
-                 "eval.every_steps=0", "checkpoint.keep_last=1", "checkpoint.keep_every=0",
-                 "model.init_from=null"]  # the weights come from the checkpoint, never from the HF start
+    overrides = [
+        f"train.max_steps={end_step}",
+        f"train.micro_batch_size={micro}",
+        f"train.grad_accum={accum}",
+        "eval.every_steps=0",
+        "checkpoint.keep_last=1",
+        "checkpoint.keep_every=0",
+        "model.init_from=null",
+    ]  # the weights come from the checkpoint, never from the HF start
     if args.eval_batches is not None:
         overrides.append(f"eval.batches={args.eval_batches}")
     if args.engine is not None:
@@ -212,16 +239,31 @@ def resumable_without_source(run_dir: Path, args: argparse.Namespace) -> tuple[i
     """A fork whose source checkpoint is gone can still finish from its own checkpoints."""
     try:
         step = int(args.step)
-        out = run_dir / "cooldowns" / cooldown_dir_name(
-            step, args.shape, cooldown_length(step, args.cooldown_steps, args.cooldown_fraction),
-            cooldown_data(args.data, args.data_weights))
+        out = (
+            run_dir
+            / "cooldowns"
+            / cooldown_dir_name(
+                step,
+                args.shape,
+                cooldown_length(step, args.cooldown_steps, args.cooldown_fraction),
+                cooldown_data(args.data, args.data_weights),
+            )
+        )
     except (ValueError, ForkError):
         return None
     return (step, None) if store.complete_checkpoints(out / "checkpoints") else None
 
 
-def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, source: Path | None,
-              hooks: EvalHooks = EvalHooks(), data: dict | None = None) -> int:
+def cool_down(
+    args,
+    run_dir: Path,
+    out: Path,
+    step: int,
+    cooldown_steps: int,
+    source: Path | None,
+    hooks: EvalHooks = EvalHooks(),
+    data: dict | None = None,
+) -> int:
     """Train steps step+1 .. step+cooldown_steps under the cooldown overlay (on `data`'s mix if given),
     evaluate, publish, run the eval hooks (rank 0, after the engine is closed), write result.json."""
     from evertrain.pretrain import engines
@@ -242,17 +284,24 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
     try:
         if engine.is_main:
             atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-            print(f"fork: step {step} -> {end_step} ({args.shape} cooldown, {engine.name} x{engine.world_size}) "
-                  f"into {out}", flush=True)
+            print(
+                f"fork: step {step} -> {end_step} ({args.shape} cooldown, {engine.name} x{engine.world_size}) "
+                f"into {out}",
+                flush=True,
+            )
         ckpt = CheckpointManager(out, cfg, engine)
         start = ckpt.load(source) if ckpt.latest() is None else None  # else: resume the fork itself
         if data is None:
             stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
         else:  # another mix, read from its start; eval stays on the run's val split (cfg.data.path)
-            stream = TokenStream(data["path"] or cfg.data.path, cfg.model.seq_len, cfg.train.seed, mix=data["weights"])
+            stream = TokenStream(
+                data["path"] or cfg.data.path, cfg.model.seq_len, cfg.train.seed, mix=data["weights"]
+            )
             if start is not None:
                 start = {**start, "data": stream.state_dict()}
-        val = load_val_batches(cfg, engine)  # before the cooldown: a missing val split fails now, not after it
+        val = load_val_batches(
+            cfg, engine
+        )  # before the cooldown: a missing val split fails now, not after it
         last = train(cfg, out, engine, stream, ckpt, start=start, final_dir=out / "final")  # see write_result
         if last < end_step:
             if engine.is_main:
@@ -263,11 +312,21 @@ def cool_down(args, run_dir: Path, out: Path, step: int, cooldown_steps: int, so
             last_dir = ckpt.latest()
             tokens = store.read_meta(last_dir)["tokens"]
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(safe_json.dumps({"kind": "eval", "step": last, "tokens": tokens,
-                                    "val_loss": scores["val_loss"]}) + "\n")
+                f.write(
+                    safe_json.dumps(
+                        {"kind": "eval", "step": last, "tokens": tokens, "val_loss": scores["val_loss"]}
+                    )
+                    + "\n"
+                )
             publish_final(out, last_dir)
-            result = {"from_step": step, "cooldown_steps": cooldown_steps, "shape": args.shape, "tokens": tokens,
-                      "val_loss": scores["val_loss"], "val_ppl": scores["val_ppl"]}
+            result = {
+                "from_step": step,
+                "cooldown_steps": cooldown_steps,
+                "shape": args.shape,
+                "tokens": tokens,
+                "val_loss": scores["val_loss"],
+                "val_ppl": scores["val_ppl"],
+            }
             result.update(scored_prediction(out, result))
             if getattr(args, "final", False):
                 result["final"] = True  # the forker's stop rule chose this cooldown to end the run
@@ -317,53 +376,98 @@ def write_result(out: Path, result: dict, hooks: EvalHooks, cfg: Config | None =
     (out / FAILED).unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     evals = f", evals {json.dumps(result['evals'])}" if "evals" in result else ""
-    print(f"fork: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}) at {result['tokens']} tokens"
-          f"{evals} -> {out / 'result.json'}", flush=True)
+    print(
+        f"fork: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}) at {result['tokens']} tokens"
+        f"{evals} -> {out / 'result.json'}",
+        flush=True,
+    )
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # --run-dir: the same, for torchrun, whose parser takes `--run` for an abbreviation of its --run-path
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the main run's directory, e.g. runs/NAME (required)")
+    p.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="the main run's directory, e.g. runs/NAME (required)",
+    )
     p.add_argument("--step", required=True, help="checkpoint step to fork from, or 'latest' (required)")
     length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--cooldown-steps", type=int, help="cooldown length C in steps (this or --cooldown-fraction required)")
-    length.add_argument("--cooldown-fraction", type=float, help="cooldown length as a fraction of the step, C = F * S (this or --cooldown-steps required)")
+    length.add_argument(
+        "--cooldown-steps", type=int, help="cooldown length C in steps (this or --cooldown-fraction required)"
+    )
+    length.add_argument(
+        "--cooldown-fraction",
+        type=float,
+        help="cooldown length as a fraction of the step, C = F * S (this or --cooldown-steps required)",
+    )
     p.add_argument("--shape", choices=COOLDOWN_SHAPES, default=DEFAULT_COOLDOWN_SHAPE, help="cooldown shape")
-    p.add_argument("--eval-batches", type=int, help="validation batches for the final eval (default: eval.batches)")
-    p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"),
-                   help="engine for the fork (default: the run's engine.name)")
+    p.add_argument(
+        "--eval-batches", type=int, help="validation batches for the final eval (default: eval.batches)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=("auto", "single", "deepspeed", "fsdp"),
+        help="engine for the fork (default: the run's engine.name)",
+    )
     add_eval_arguments(p)
-    p.add_argument("--data", metavar="PATH", help="cool down on another data dir, with the run's tokenizer (default: the run's data.path)")
-    p.add_argument("--data-weights", metavar="SRC=SHARE,...",
-                   help="cool down on this mix of sources (of the run's data dir, or of --data), e.g. hq=0.7,main=0.3 (default: the run's mix)")
-    p.add_argument("--final", action="store_true",
-                   help="mark this cooldown final in result.json (the forker's stop rule launches it so; default: not final)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="cool down on another data dir, with the run's tokenizer (default: the run's data.path)",
+    )
+    p.add_argument(
+        "--data-weights",
+        metavar="SRC=SHARE,...",
+        help="cool down on this mix of sources (of the run's data dir, or of --data), e.g. hq=0.7,main=0.3 (default: the run's mix)",
+    )
+    p.add_argument(
+        "--final",
+        action="store_true",
+        help="mark this cooldown final in result.json (the forker's stop rule launches it so; default: not final)",
+    )
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the deepspeed launcher; env has it too
     p.set_defaults(func=run_fork)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The post-fork evaluation hooks (evals.py); the forker passes them on to every fork."""
-    p.add_argument("--eval-cmd", help='after the cooldown, run "CMD {hf_dir} {out_json}" on the fork exported to '
-                                      "Hugging Face format; the JSON object it writes goes into result.json evals "
-                                      "(default: no hook)")
-    p.add_argument("--lm-eval-tasks", help="after the cooldown, run lm-evaluation-harness on these tasks: T1,T2 "
-                                           "(needs `pip install evertrain[eval]`; default: none)")
-    p.add_argument("--lm-eval-include", help="directory of extra lm-eval task YAMLs (lm_eval --include_path; default: none)")
-    p.add_argument("--lm-eval-limit", type=int, help="lm-eval examples per task, for a quick look (default: all)")
+    p.add_argument(
+        "--eval-cmd",
+        help='after the cooldown, run "CMD {hf_dir} {out_json}" on the fork exported to '
+        "Hugging Face format; the JSON object it writes goes into result.json evals "
+        "(default: no hook)",
+    )
+    p.add_argument(
+        "--lm-eval-tasks",
+        help="after the cooldown, run lm-evaluation-harness on these tasks: T1,T2 "
+        "(needs `pip install evertrain[eval]`; default: none)",
+    )
+    p.add_argument(
+        "--lm-eval-include",
+        help="directory of extra lm-eval task YAMLs (lm_eval --include_path; default: none)",
+    )
+    p.add_argument(
+        "--lm-eval-limit", type=int, help="lm-eval examples per task, for a quick look (default: all)"
+    )
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("fork", help="cool a checkpoint down on the side and evaluate it",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "fork", help="cool a checkpoint down on the side and evaluate it", description=__doc__.splitlines()[0]
+    )
     add_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m evertrain.launch.fork ...`: how the forker and the launchers start a fork."""
-    parser = argparse.ArgumentParser(prog="python -m evertrain.launch.fork", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m evertrain.launch.fork", description=__doc__.splitlines()[0]
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -31,6 +31,7 @@ stop rule (--min-gain-per-hour, --budget-tokens, --budget-hours; stoprule.py) th
 after each new result, logs each verdict in runs/NAME/decisions.jsonl, and on `stop` queues the final
 cooldown first, forks nothing new, and with --stop-main writes runs/NAME/STOP for the trainer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,9 @@ from evertrain.files import atomic_write_text
 from evertrain.launch.average import average_dir_name, parse_steps
 from evertrain.launch.evals import EvalHooks, hooks_from_args
 from evertrain.launch.fork import add_eval_arguments, cooldown_data
+from evertrain.launch.helptext import RenamedOption
 from evertrain.launch.lossmodel.decision import Rule
 from evertrain.launch.lossmodel.predict import ensure_prediction
-from evertrain.launch.helptext import RenamedOption
 from evertrain.launch.nodes import Pool, Slot, parse_pool
 from evertrain.launch.runs import cooldown_dir_name, read_result
 from evertrain.launch.stoprule import StopOptions, StopRule
@@ -124,6 +125,7 @@ class ForkerOptions:
 
 # -- state.json ----------------------------------------------------------------------------------
 
+
 def load_jobs(path: Path, run_dir: Path | None = None) -> dict[str, Job]:
     """The queue in state.json. The forker deletes pins and appends to logs at the paths it reads
     here, so with `run_dir` every path must lie where the forker itself puts them (a crafted state
@@ -150,18 +152,27 @@ def check_job_paths(path: Path, job: Job, run_dir: Path) -> None:
     if not isinstance(job.name, str) or not JOB_NAME_RE.match(job.name) or job.name in (".", ".."):
         raise ForkerError(f"{path}: job name {job.name!r} is not a cooldown dir name; move the file away")
     if job.kind not in ("fork", "average") or not all(isinstance(p, str) for p in job.pins):
-        raise ForkerError(f"{path}: job {job.name}: kind {job.kind!r} is not fork|average; move the file away")
+        raise ForkerError(
+            f"{path}: job {job.name}: kind {job.kind!r} is not fork|average; move the file away"
+        )
     run_dir = run_dir.resolve()
     if job.log and Path(job.log).resolve() != job_log(run_dir, job.kind, job.name).resolve():
-        raise ForkerError(f"{path}: job {job.name}: log {job.log!r} is not its log {job_log(run_dir, job.kind, job.name)}; "
-                          "move the file away")
+        raise ForkerError(
+            f"{path}: job {job.name}: log {job.log!r} is not its log {job_log(run_dir, job.kind, job.name)}; "
+            "move the file away"
+        )
     for pin_path in [job.pin] * bool(job.pin) + job.pins:
         pin_path = Path(pin_path).resolve()
         checkpoints = (run_dir / "checkpoints").resolve()
-        if not (pin_path.suffix == ".json" and pin_path.parent.name == "pins"
-                and pin_path.parent.parent.parent == checkpoints):
-            raise ForkerError(f"{path}: job {job.name}: pin {str(pin_path)!r} is not a pin file of a checkpoint in "
-                              f"{checkpoints}; move the file away")
+        if not (
+            pin_path.suffix == ".json"
+            and pin_path.parent.name == "pins"
+            and pin_path.parent.parent.parent == checkpoints
+        ):
+            raise ForkerError(
+                f"{path}: job {job.name}: pin {str(pin_path)!r} is not a pin file of a checkpoint in "
+                f"{checkpoints}; move the file away"
+            )
 
 
 def check_average_fits(run_dir: Path, k: int) -> None:
@@ -176,20 +187,27 @@ def check_average_fits(run_dir: Path, k: int) -> None:
     except ConfigError:
         return  # the trainer reports its own config
     if kept.keep_every == 0 and kept.keep_last < k:
-        raise ForkerError(f"--average {k}: {run_dir} keeps only its newest {kept.keep_last} checkpoint(s) "
-                          f"(checkpoint.keep_last={kept.keep_last}), so {k} never exist at once; resume the run "
-                          f"with checkpoint.keep_last={k} or more, or average fewer")
+        raise ForkerError(
+            f"--average {k}: {run_dir} keeps only its newest {kept.keep_last} checkpoint(s) "
+            f"(checkpoint.keep_last={kept.keep_last}), so {k} never exist at once; resume the run "
+            f"with checkpoint.keep_last={k} or more, or average fewer"
+        )
 
 
 def job_log(run_dir: Path, kind: str, name: str) -> Path:
     """Where a job's output goes: its cooldown dir (a fork), or beside its average's dir (which
     appears only when complete, by a rename)."""
-    return run_dir / "cooldowns" / name / "fork.log" if kind == "fork" else run_dir / "averages" / f"{name}.log"
+    return (
+        run_dir / "cooldowns" / name / "fork.log" if kind == "fork" else run_dir / "averages" / f"{name}.log"
+    )
 
 
 def save_jobs(path: Path, jobs: dict[str, Job]) -> None:
-    state = {"forker_pid": os.getpid(), "updated": time.time(),
-             "jobs": [dataclasses.asdict(job) for job in sorted(jobs.values(), key=lambda j: (j.step, j.name))]}
+    state = {
+        "forker_pid": os.getpid(),
+        "updated": time.time(),
+        "jobs": [dataclasses.asdict(job) for job in sorted(jobs.values(), key=lambda j: (j.step, j.name))],
+    }
     atomic_write_text(path, json.dumps(state, indent=1))
 
 
@@ -215,6 +233,7 @@ def open_private_log(path: Path):
 
 # -- processes -----------------------------------------------------------------------------------
 
+
 def process_start_time(pid: int) -> int | None:
     """When `pid` started (clock ticks since boot, /proc/PID/stat field 22), None if it is gone
     or has exited and awaits reaping (a zombie of a dead forker is not a running job)."""
@@ -222,7 +241,7 @@ def process_start_time(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parens
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parens
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
@@ -239,7 +258,7 @@ def find_process(command: list[str]) -> int | None:
             argv = (proc / "cmdline").read_bytes().split(b"\0")[:-1]
         except OSError:
             continue
-        if tail and argv[-len(tail):] == tail and process_start_time(int(proc.name)) is not None:
+        if tail and argv[-len(tail) :] == tail and process_start_time(int(proc.name)) is not None:
             return int(proc.name)
     return None
 
@@ -251,7 +270,7 @@ class StopRequest:
         self.event = threading.Event()
         self.previous = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, lambda *_: self.event.set())
         return self
@@ -266,11 +285,18 @@ class StopRequest:
 
 # -- the launcher --------------------------------------------------------------------------------
 
+
 class Forker:
     """One forker process: the queue in memory, mirrored to state.json after every change."""
 
-    def __init__(self, options: ForkerOptions, pool: Pool, fork_module: str = FORK_MODULE, log=print,
-                 average_module: str = AVERAGE_MODULE):
+    def __init__(
+        self,
+        options: ForkerOptions,
+        pool: Pool,
+        fork_module: str = FORK_MODULE,
+        log=print,
+        average_module: str = AVERAGE_MODULE,
+    ):
         self.options = options
         self.pool = pool
         self.fork_module = fork_module  # tests substitute a fake fork
@@ -291,14 +317,20 @@ class Forker:
             if not self.wait_for_run_dir(stop):
                 return 0
             check_average_fits(self.run_dir, self.options.average)
-            if self.options.cooldown_fraction is not None:  # a remote shell refuses what it cannot pass: say so now
-                self.pool.check_remote_arguments(self.fork_module, self.fork_args(Job("check", 1, 1, self.options.shape)))
+            if (
+                self.options.cooldown_fraction is not None
+            ):  # a remote shell refuses what it cannot pass: say so now
+                self.pool.check_remote_arguments(
+                    self.fork_module, self.fork_args(Job("check", 1, 1, self.options.shape))
+                )
             self.state_path.parent.mkdir(exist_ok=True)
             lock = FileLock(self.state_path.with_name("forker.lock"))
             try:
                 lock.acquire(timeout=0)
             except Timeout:
-                raise ForkerError(f"{lock.lock_file}: another forker is already running on {self.run_dir}") from None
+                raise ForkerError(
+                    f"{lock.lock_file}: another forker is already running on {self.run_dir}"
+                ) from None
             try:
                 lease = lease_if_shared(lock.lock_file)  # flock may not hold across hosts there
             except LeaseError as exc:
@@ -336,14 +368,21 @@ class Forker:
             return True
         wait_s = self.options.wait_s
         if wait_s > 0:
-            self.log(f"forker: waiting up to {wait_s:g} s for the training run to create {self.run_dir} (--wait-s)")
+            self.log(
+                f"forker: waiting up to {wait_s:g} s for the training run to create {self.run_dir} (--wait-s)"
+            )
         deadline = time.monotonic() + wait_s
         while not self.run_dir.is_dir():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ForkerError(f"--run {self.options.run_dir}: no such directory"
-                                  + (f" after waiting {wait_s:g} s; is the training run starting? (--wait-s)"
-                                     if wait_s > 0 else ""))
+                raise ForkerError(
+                    f"--run {self.options.run_dir}: no such directory"
+                    + (
+                        f" after waiting {wait_s:g} s; is the training run starting? (--wait-s)"
+                        if wait_s > 0
+                        else ""
+                    )
+                )
             if stop.wait(min(self.options.poll_s, left)):
                 return False
         return True
@@ -356,7 +395,9 @@ class Forker:
         return self.run_dir / ("cooldowns" if job.kind == "fork" else "averages") / job.name
 
     def eligible(self, step: int) -> bool:
-        return step > 0 and ((self.options.every > 0 and step % self.options.every == 0) or step in self.options.at)
+        return step > 0 and (
+            (self.options.every > 0 and step % self.options.every == 0) or step in self.options.at
+        )
 
     def discover(self) -> int | None:
         """Queue (and pin) a fork for every eligible checkpoint not seen yet, up to --max-queued
@@ -378,15 +419,24 @@ class Forker:
             cooldown_steps = round(self.options.cooldown_fraction * step)
             if cooldown_steps <= 0:
                 continue
-            name = cooldown_dir_name(step, self.options.shape, cooldown_steps,
-                                     cooldown_data(self.options.data, self.options.data_weights))
+            name = cooldown_dir_name(
+                step,
+                self.options.shape,
+                cooldown_steps,
+                cooldown_data(self.options.data, self.options.data_weights),
+            )
             if name in self.jobs:
                 continue
             if self.options.max_queued and waiting >= self.options.max_queued:
                 self.deferred.add(step)
                 continue
-            job = Job(name, step, cooldown_steps, self.options.shape,
-                      log=str(self.run_dir / "cooldowns" / name / "fork.log"))
+            job = Job(
+                name,
+                step,
+                cooldown_steps,
+                self.options.shape,
+                log=str(self.run_dir / "cooldowns" / name / "fork.log"),
+            )
             try:
                 job.pin = str(pin(step_dir, f"forker.{name}", PIN_TTL_S))
             except CheckpointError:
@@ -399,8 +449,10 @@ class Forker:
                 waiting += 1
                 self.log(f"queued   {name}")
         if self.deferred - deferred:
-            self.log(f"deferred step(s) {', '.join(map(str, sorted(self.deferred - deferred)))}: "
-                     f"{waiting} fork(s) already wait (--max-queued {self.options.max_queued})")
+            self.log(
+                f"deferred step(s) {', '.join(map(str, sorted(self.deferred - deferred)))}: "
+                f"{waiting} fork(s) already wait (--max-queued {self.options.max_queued})"
+            )
         if self.options.average:
             self.discover_averages(checkpoints)
         return store.step_of(checkpoints[-1]) if checkpoints else None
@@ -418,11 +470,18 @@ class Forker:
                 continue
             if self.options.max_queued and waiting >= self.options.max_queued:
                 return
-            sources = checkpoints[i + 1 - k:i + 1]
+            sources = checkpoints[i + 1 - k : i + 1]
             steps = [store.step_of(p) for p in sources]
             name = average_dir_name(steps)
-            job = Job(name, step, 0, "", kind="average", steps=steps,
-                      log=str(job_log(self.run_dir, "average", name)))
+            job = Job(
+                name,
+                step,
+                0,
+                "",
+                kind="average",
+                steps=steps,
+                log=str(job_log(self.run_dir, "average", name)),
+            )
             try:
                 job.pins = [str(pin(p, f"forker.{name}", PIN_TTL_S)) for p in sources]
             except CheckpointError:  # retention deleted one after we listed it: look again next poll
@@ -474,12 +533,16 @@ class Forker:
             self.log(f"done     {job.name}: val_loss {job.val_loss:.4f}")
         elif job.attempts > self.options.max_retries:
             job.status = "failed"
-            job.error = f"no result after {job.attempts} attempts (exit codes {job.exit_codes}); see {job.log}"
+            job.error = (
+                f"no result after {job.attempts} attempts (exit codes {job.exit_codes}); see {job.log}"
+            )
             self.log(f"FAILED   {job.name}: {job.error}")
         else:
             job.status = "queued"
-            self.log(f"retry    {job.name}: attempt {job.attempts} ended without a result "
-                     f"(exit code {exit_code}); see {job.log}")
+            self.log(
+                f"retry    {job.name}: attempt {job.attempts} ended without a result "
+                f"(exit code {exit_code}); see {job.log}"
+            )
         if job.status != "queued":
             for path in [job.pin] * bool(job.pin) + job.pins:
                 unpin(Path(path))
@@ -487,7 +550,9 @@ class Forker:
 
     def launch(self) -> None:
         """Queued forks on free pool slots; queued averages one at a time beside the forker."""
-        queued = sorted(self.jobs_with("queued"), key=lambda j: (not j.final, j.step))  # the final cooldown first
+        queued = sorted(
+            self.jobs_with("queued"), key=lambda j: (not j.final, j.step)
+        )  # the final cooldown first
         if not any(job.kind == "average" for job in self.jobs_with("running")):
             for job in [job for job in queued if job.kind == "average"][:1]:
                 self.start(job, Slot(AVERAGE_SLOT))
@@ -502,16 +567,24 @@ class Forker:
 
     def start(self, job: Job, slot: Slot) -> None:
         if job.kind == "average":
-            command = [sys.executable, "-m", self.average_module, "--run", str(self.run_dir),
-                       "--steps", ",".join(map(str, job.steps))]
+            command = [
+                sys.executable,
+                "-m",
+                self.average_module,
+                "--run",
+                str(self.run_dir),
+                "--steps",
+                ",".join(map(str, job.steps)),
+            ]
             if self.options.eval_batches is not None:
                 command += ["--eval-batches", str(self.options.eval_batches)]
             (self.run_dir / "averages").mkdir(exist_ok=True)
             self.spawn(job, slot, command, os.environ)
             return
         args = self.fork_args(job)
-        command = self.pool.command(slot, self.fork_module, args, workdir=self.cooldown_dir(job),
-                                    log=Path(job.log))
+        command = self.pool.command(
+            slot, self.fork_module, args, workdir=self.cooldown_dir(job), log=Path(job.log)
+        )
         self.cooldown_dir(job).mkdir(parents=True, exist_ok=True)
         if self.options.data is None and self.options.data_weights is None:
             predict_fork(self.run_dir, self.cooldown_dir(job), job, self.log)
@@ -519,8 +592,16 @@ class Forker:
 
     def fork_args(self, job: Job) -> list[str]:
         """The arguments of a fork job's `python -m evertrain.launch.fork`."""
-        args = ["--run", str(self.run_dir), "--step", str(job.step), "--cooldown-steps", str(job.cooldown_steps),
-                "--shape", job.shape]
+        args = [
+            "--run",
+            str(self.run_dir),
+            "--step",
+            str(job.step),
+            "--cooldown-steps",
+            str(job.cooldown_steps),
+            "--shape",
+            job.shape,
+        ]
         if self.options.eval_batches is not None:
             args += ["--eval-batches", str(self.options.eval_batches)]
         if self.options.engine is not None:
@@ -537,19 +618,35 @@ class Forker:
     def spawn(self, job: Job, slot: Slot, command: list[str], env: dict) -> None:
         # the launch is on disk before the process exists: a forker killed in between leaves a
         # running job without a pid, which the next forker finds by its command line (or requeues)
-        job.status, job.slot, job.pid, job.pid_started, job.command = "running", slot.name, None, None, command
+        job.status, job.slot, job.pid, job.pid_started, job.command = (
+            "running",
+            slot.name,
+            None,
+            None,
+            command,
+        )
         job.attempts += 1
         self.save()
         with open_private_log(Path(job.log)) as log:
-            log.write(f"=== evertrain forker: attempt {job.attempts} on {slot.name} at "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
+            log.write(
+                f"=== evertrain forker: attempt {job.attempts} on {slot.name} at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n"
+            )
             log.flush()
             try:  # own session: a Ctrl-C meant for the forker does not reach the forks
-                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, env=env)
+                proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=env,
+                )
             except OSError as exc:
                 job.status, job.attempts = "queued", job.attempts - 1
-                raise ForkerError(f"--pool: cannot start {command[0]!r} for {job.name}: {exc.strerror}") from None
+                raise ForkerError(
+                    f"--pool: cannot start {command[0]!r} for {job.name}: {exc.strerror}"
+                ) from None
         self.children[job.name] = proc
         job.pid, job.pid_started = proc.pid, process_start_time(proc.pid)
         self.log(f"launched {job.name} on {slot.name} (pid {proc.pid}, attempt {job.attempts})")
@@ -563,8 +660,16 @@ class Forker:
             step_dir = self.run_dir / "checkpoints" / store.step_dir_name(job.step)
             try:
                 if job.kind == "average":
-                    job.pins = [str(pin(self.run_dir / "checkpoints" / store.step_dir_name(s), f"forker.{job.name}",
-                                        PIN_TTL_S)) for s in job.steps]
+                    job.pins = [
+                        str(
+                            pin(
+                                self.run_dir / "checkpoints" / store.step_dir_name(s),
+                                f"forker.{job.name}",
+                                PIN_TTL_S,
+                            )
+                        )
+                        for s in job.steps
+                    ]
                 else:
                     job.pin = str(pin(step_dir, f"forker.{job.name}", PIN_TTL_S))
                 self.pinned_at[job.name] = now
@@ -604,8 +709,14 @@ class Forker:
                 self.save()
             return
         step_dir = self.run_dir / "checkpoints" / store.step_dir_name(final["step"])
-        job = Job(name, final["step"], final["cooldown_steps"], final["shape"], final=True,
-                  log=str(job_log(self.run_dir, "fork", name)))
+        job = Job(
+            name,
+            final["step"],
+            final["cooldown_steps"],
+            final["shape"],
+            final=True,
+            log=str(job_log(self.run_dir, "fork", name)),
+        )
         try:
             job.pin = str(pin(step_dir, f"forker.{name}", PIN_TTL_S))
         except CheckpointError as exc:
@@ -645,6 +756,7 @@ class Forker:
 
 # -- CLI -----------------------------------------------------------------------------------------
 
+
 def options_from_args(args: argparse.Namespace) -> ForkerOptions:
     run_dir = Path(args.run)
     if run_dir.exists() and not run_dir.is_dir():
@@ -671,21 +783,40 @@ def options_from_args(args: argparse.Namespace) -> ForkerOptions:
         raise ForkerError(f"--max-queued: must be >= 0, got {args.max_queued}")
     cooldown_data(args.data, args.data_weights)  # a bad mix is refused now, not by every fork
     stop = stop_options_from_args(args)
-    return ForkerOptions(run_dir=run_dir, cooldown_fraction=args.cooldown_fraction, every=args.every,
-                         at=args.at, shape=args.shape, max_retries=args.max_retries, poll_s=args.poll_s,
-                         until_step=args.until_step, once=args.once, eval_batches=args.eval_batches,
-                         engine=args.engine, wait_s=args.wait_s, hooks=hooks_from_args(args),
-                         max_queued=args.max_queued, data=args.data, data_weights=args.data_weights,
-                         average=args.average, stop=stop)
+    return ForkerOptions(
+        run_dir=run_dir,
+        cooldown_fraction=args.cooldown_fraction,
+        every=args.every,
+        at=args.at,
+        shape=args.shape,
+        max_retries=args.max_retries,
+        poll_s=args.poll_s,
+        until_step=args.until_step,
+        once=args.once,
+        eval_batches=args.eval_batches,
+        engine=args.engine,
+        wait_s=args.wait_s,
+        hooks=hooks_from_args(args),
+        max_queued=args.max_queued,
+        data=args.data,
+        data_weights=args.data_weights,
+        average=args.average,
+        stop=stop,
+    )
 
 
 def stop_options_from_args(args: argparse.Namespace) -> StopOptions | None:
     """The stop rule from --min-gain-per-hour / --budget-tokens / --budget-hours / --stop-main."""
-    given = {name: getattr(args, name) for name in ("min_gain_per_hour", "budget_tokens", "budget_hours")
-             if getattr(args, name) is not None}
+    given = {
+        name: getattr(args, name)
+        for name in ("min_gain_per_hour", "budget_tokens", "budget_hours")
+        if getattr(args, name) is not None
+    }
     if not given:
         if args.stop_main:
-            raise ForkerError("--stop-main: give a stop rule (--min-gain-per-hour, --budget-tokens, --budget-hours)")
+            raise ForkerError(
+                "--stop-main: give a stop rule (--min-gain-per-hour, --budget-tokens, --budget-hours)"
+            )
         return None
     for name, value in given.items():
         if not value > 0:
@@ -693,65 +824,165 @@ def stop_options_from_args(args: argparse.Namespace) -> StopOptions | None:
     if args.cooldown_fraction is None:
         raise ForkerError("--cooldown-fraction: required by the stop rule (the cooldown a stop pays for)")
     if args.data is not None or args.data_weights is not None:
-        raise ForkerError("the stop rule's loss model describes the run's own data: not with --data/--data-weights")
-    return StopOptions(Rule(**given, cooldown_fraction=args.cooldown_fraction, shape=args.shape, stride=args.every),
-                       stop_main=args.stop_main)
+        raise ForkerError(
+            "the stop rule's loss model describes the run's own data: not with --data/--data-weights"
+        )
+    return StopOptions(
+        Rule(**given, cooldown_fraction=args.cooldown_fraction, shape=args.shape, stride=args.every),
+        stop_main=args.stop_main,
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     pool = parse_pool(args.pool, args.gpus_per_fork, args.hosts_per_fork, args.slurm_args)
-    print(f"forker: watching {options.run_dir / 'checkpoints'}; {len(pool.slots)} {pool.kind} slot(s)", flush=True)
+    print(
+        f"forker: watching {options.run_dir / 'checkpoints'}; {len(pool.slots)} {pool.kind} slot(s)",
+        flush=True,
+    )
     return Forker(options, pool, log=lambda line: print(line, flush=True)).run()
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("forker", help="fork a cooldown from each new checkpoint of a live run",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the main run's directory, e.g. runs/NAME (required)")
-    p.add_argument("--every", type=int, default=0, help="fork checkpoints whose step is a multiple of N (default 0: none)")
-    p.add_argument("--at", type=parse_steps, default=(), help="also fork these steps: S1,S2,... (default: none)")
-    p.add_argument("--cooldown-fraction", type=float,
-                   help="cooldown length as a fraction of the fork step, C = F * S (required with --every/--at)")
-    p.add_argument("--shape", choices=COOLDOWN_SHAPES, default=DEFAULT_COOLDOWN_SHAPE, help="cooldown shape of every fork")
-    p.add_argument("--average", type=int, default=0, metavar="K",
-                   help="also write the average of the newest K checkpoints at every checkpoint (evertrain average; "
-                        "keep checkpoint.keep_last >= K; default 0: none)")
+    p = subparsers.add_parser(
+        "forker",
+        help="fork a cooldown from each new checkpoint of a live run",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="the main run's directory, e.g. runs/NAME (required)",
+    )
+    p.add_argument(
+        "--every",
+        type=int,
+        default=0,
+        help="fork checkpoints whose step is a multiple of N (default 0: none)",
+    )
+    p.add_argument(
+        "--at", type=parse_steps, default=(), help="also fork these steps: S1,S2,... (default: none)"
+    )
+    p.add_argument(
+        "--cooldown-fraction",
+        type=float,
+        help="cooldown length as a fraction of the fork step, C = F * S (required with --every/--at)",
+    )
+    p.add_argument(
+        "--shape",
+        choices=COOLDOWN_SHAPES,
+        default=DEFAULT_COOLDOWN_SHAPE,
+        help="cooldown shape of every fork",
+    )
+    p.add_argument(
+        "--average",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also write the average of the newest K checkpoints at every checkpoint (evertrain average; "
+        "keep checkpoint.keep_last >= K; default 0: none)",
+    )
     # not --nodes (its old name): `evertrain plan --nodes N` counts the nodes of a job
-    p.add_argument("--pool", "--nodes", dest="pool", action=RenamedOption, old=("--nodes",), default="local:1",
-                   help="where forks run: local:K (K at a time here) | slurm[:K] | a DeepSpeed hostfile")
-    p.add_argument("--gpus-per-fork", type=int, default=0,
-                   help="hostfile pools: devices per fork (default 0 = a whole host)")
-    p.add_argument("--hosts-per-fork", type=int, default=1,
-                   help="hostfile pools: whole hosts per fork (default 1); each fork gets its own hostfile")
-    p.add_argument("--slurm-args", default="",
-                   help="slurm pools: sbatch options of each fork job, e.g. \"--partition p --account a "
-                        "--time 2:00:00 --nodes 2 --gpus-per-node 8\" (default: none)")
+    p.add_argument(
+        "--pool",
+        "--nodes",
+        dest="pool",
+        action=RenamedOption,
+        old=("--nodes",),
+        default="local:1",
+        help="where forks run: local:K (K at a time here) | slurm[:K] | a DeepSpeed hostfile",
+    )
+    p.add_argument(
+        "--gpus-per-fork",
+        type=int,
+        default=0,
+        help="hostfile pools: devices per fork (default 0 = a whole host)",
+    )
+    p.add_argument(
+        "--hosts-per-fork",
+        type=int,
+        default=1,
+        help="hostfile pools: whole hosts per fork (default 1); each fork gets its own hostfile",
+    )
+    p.add_argument(
+        "--slurm-args",
+        default="",
+        help='slurm pools: sbatch options of each fork job, e.g. "--partition p --account a '
+        '--time 2:00:00 --nodes 2 --gpus-per-node 8" (default: none)',
+    )
     p.add_argument("--max-retries", type=int, default=2, help="retries of a fork that left no result")
-    p.add_argument("--max-queued", type=int, default=4,
-                   help="at most N forks wait, each pinning its checkpoint; newer checkpoints are deferred "
-                        "(unpinned) until there is room (default 4; 0 = no bound)")
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        default=4,
+        help="at most N forks wait, each pinning its checkpoint; newer checkpoints are deferred "
+        "(unpinned) until there is room (default 4; 0 = no bound)",
+    )
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between looks at the checkpoints")
-    p.add_argument("--wait-s", type=float, default=600.0,
-                   help="how long to wait for a run dir that does not exist yet, i.e. a forker started "
-                        "beside a new run (default 600; 0 = it must exist)")
+    p.add_argument(
+        "--wait-s",
+        type=float,
+        default=600.0,
+        help="how long to wait for a run dir that does not exist yet, i.e. a forker started "
+        "beside a new run (default 600; 0 = it must exist)",
+    )
     p.add_argument("--eval-batches", type=int, help="passed to each fork (default: the run's eval.batches)")
-    p.add_argument("--engine", choices=("auto", "single", "deepspeed", "fsdp"), help="passed to each fork (default: the run's engine.name)")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "single", "deepspeed", "fsdp"),
+        help="passed to each fork (default: the run's engine.name)",
+    )
     add_eval_arguments(p)  # passed to each fork
-    p.add_argument("--data", metavar="PATH", help="passed to each fork: cool down on another data dir (default: the run's)")
-    p.add_argument("--data-weights", metavar="SRC=SHARE,...", help="passed to each fork: cool down on this mix (default: the run's)")
-    rule = p.add_argument_group("stop rule", "when training on is no longer worth it: launch a final cooldown "
-                                             "from the newest checkpoint (decisions in RUN/decisions.jsonl)")
-    rule.add_argument("--min-gain-per-hour", type=float, metavar="G",
-                      help="stop once the projected gain of training on is below G nats per hour (95%% upper end; default: no such rule)")
-    rule.add_argument("--budget-tokens", type=float, metavar="N",
-                      help="stop before training on and cooling down would pass N tokens (default: no token budget)")
-    rule.add_argument("--budget-hours", type=float, metavar="H",
-                      help="stop before training on and cooling down would pass H hours at the measured tokens/s (default: no time budget)")
-    rule.add_argument("--stop-main", action="store_true",
-                      help="on stop, also ask the main run to stop at its next checkpoint (RUN/STOP; default: the main run goes on)")
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="passed to each fork: cool down on another data dir (default: the run's)",
+    )
+    p.add_argument(
+        "--data-weights",
+        metavar="SRC=SHARE,...",
+        help="passed to each fork: cool down on this mix (default: the run's)",
+    )
+    rule = p.add_argument_group(
+        "stop rule",
+        "when training on is no longer worth it: launch a final cooldown "
+        "from the newest checkpoint (decisions in RUN/decisions.jsonl)",
+    )
+    rule.add_argument(
+        "--min-gain-per-hour",
+        type=float,
+        metavar="G",
+        help="stop once the projected gain of training on is below G nats per hour (95%% upper end; default: no such rule)",
+    )
+    rule.add_argument(
+        "--budget-tokens",
+        type=float,
+        metavar="N",
+        help="stop before training on and cooling down would pass N tokens (default: no token budget)",
+    )
+    rule.add_argument(
+        "--budget-hours",
+        type=float,
+        metavar="H",
+        help="stop before training on and cooling down would pass H hours at the measured tokens/s (default: no time budget)",
+    )
+    rule.add_argument(
+        "--stop-main",
+        action="store_true",
+        help="on stop, also ask the main run to stop at its next checkpoint (RUN/STOP; default: the main run goes on)",
+    )
     stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--until-step", type=int, help="exit once the run has a checkpoint at or past S "
-                                                     "and every fork has finished (default: run until stopped)")
-    stop.add_argument("--once", action="store_true", help="fork the checkpoints there now, wait, exit (default: keep watching)")
+    stop.add_argument(
+        "--until-step",
+        type=int,
+        help="exit once the run has a checkpoint at or past S "
+        "and every fork has finished (default: run until stopped)",
+    )
+    stop.add_argument(
+        "--once",
+        action="store_true",
+        help="fork the checkpoints there now, wait, exit (default: keep watching)",
+    )
     p.set_defaults(func=run_command)

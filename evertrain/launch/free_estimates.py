@@ -8,6 +8,7 @@ For a finished cooldown from step s over c steps, ending at e = s + c:
 Only cooldowns on the run's own data whose end step the main run evaluated count. `evertrain report`
 tables these per fork and weighting; bench/free_estimates.py makes the averages and prints the same.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ class Recovery:
         return (self.main_loss - self.average_loss) / self.gain if abs(self.gain) > 1e-9 else None
 
 
-def recoveries(main_val: dict[int, float], cooldowns: list[tuple[str, int, float]], averages: list[dict]) -> list[Recovery]:
+def recoveries(
+    main_val: dict[int, float], cooldowns: list[tuple[str, int, float]], averages: list[dict]
+) -> list[Recovery]:
     """`main_val`: {step: the main run's val loss}; `cooldowns`: (name, end step, val loss) on the run's
     own data; `averages`: their result.json. One Recovery per (cooldown, average ending at its end)."""
     out = []
@@ -43,6 +46,16 @@ def recoveries(main_val: dict[int, float], cooldowns: list[tuple[str, int, float
             continue
         for a in averages:
             if a["step"] == end:
-                out.append(Recovery(name, end, main_val[end], loss, a.get("name", ""), a.get("weighting", "uniform"),
-                                    len(a["steps"]), a["val_loss"]))
+                out.append(
+                    Recovery(
+                        name,
+                        end,
+                        main_val[end],
+                        loss,
+                        a.get("name", ""),
+                        a.get("weighting", "uniform"),
+                        len(a["steps"]),
+                        a["val_loss"],
+                    )
+                )
     return sorted(out, key=lambda r: (r.end_step, r.cooldown, r.weighting, r.k))

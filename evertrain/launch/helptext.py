@@ -4,6 +4,7 @@ examples at the end, and old option spellings that still work but say their new 
 Light on purpose (argparse only): `evertrain CMD --help` and `pretrain.py --help` import it before
 anything heavy. tests/test_cli.py walks every parser and holds each option and command to this.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,12 @@ EXAMPLES = {
     "fork": [
         "evertrain fork --run runs/tiny --step latest --cooldown-fraction 0.2",
         "evertrain fork --run runs/tiny --step 4000 --cooldown-steps 800 --shape linear --eval-cmd "
-        "\"python3 score.py {hf_dir} {out_json}\"",
+        '"python3 score.py {hf_dir} {out_json}"',
     ],
     "forker": [
         "evertrain forker --run runs/tiny --every 1000 --cooldown-fraction 0.2 --pool local:2",
         "evertrain forker --run runs/1b --at 4000,8000 --cooldown-fraction 0.2 --pool slurm:4 "
-        "--slurm-args \"--partition gpu --time 2:00:00\"",
+        '--slurm-args "--partition gpu --time 2:00:00"',
     ],
     "predict": [
         "evertrain predict --run runs/tiny --step latest --cooldown-fraction 0.2",
@@ -121,6 +122,8 @@ class RenamedOption(argparse._StoreAction):
     def __call__(self, parser, namespace, values, option_string=None):
         if option_string in self.old and not self.warned:
             self.warned = True
-            print(f"warning: {option_string} is now {self.option_strings[0]} (the old spelling will go)",
-                  file=sys.stderr)
+            print(
+                f"warning: {option_string} is now {self.option_strings[0]} (the old spelling will go)",
+                file=sys.stderr,
+            )
         super().__call__(parser, namespace, values, option_string)

@@ -8,6 +8,7 @@ each task without their stderr, named as lm_eval names them minus the default fi
 --include-path (lm_eval's include_path), e.g. a local multiple-choice task over a JSON file.
 Needs the optional extra: `pip install 'evertrain[eval]'`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,12 @@ from evertrain.errors import EvertrainError
 from evertrain.files import atomic_write_text
 
 DEFAULT_FILTER = "none"
-NOT_METRICS = {"alias", "sample_len", "samples", "sample_count"}  # bookkeeping lm_eval keeps beside the metrics
+NOT_METRICS = {
+    "alias",
+    "sample_len",
+    "samples",
+    "sample_count",
+}  # bookkeeping lm_eval keeps beside the metrics
 
 
 class LMEvalError(EvertrainError, ValueError):
@@ -34,8 +40,12 @@ def task_metrics(results: dict) -> dict[str, dict[str, float]]:
         metrics = {}
         for key, value in values.items():
             metric, _, filter_name = key.partition(",")
-            if metric in NOT_METRICS or metric.endswith("_stderr") or not isinstance(value, (int, float)) \
-                    or isinstance(value, bool):
+            if (
+                metric in NOT_METRICS
+                or metric.endswith("_stderr")
+                or not isinstance(value, (int, float))
+                or isinstance(value, bool)
+            ):
                 continue
             if not math.isfinite(value):
                 continue
@@ -45,33 +55,56 @@ def task_metrics(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate(hf_dir: Path, tasks: list[str], include_path: str | None, limit: int | None,
-             batch_size: int, device: str | None) -> dict:
+def evaluate(
+    hf_dir: Path,
+    tasks: list[str],
+    include_path: str | None,
+    limit: int | None,
+    batch_size: int,
+    device: str | None,
+) -> dict:
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise LMEvalError("lm_eval is not installed: pip install 'evertrain[eval]' (lm-evaluation-harness)") from None
+        raise LMEvalError(
+            "lm_eval is not installed: pip install 'evertrain[eval]' (lm-evaluation-harness)"
+        ) from None
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
-        raise LMEvalError(f"--tasks: lm_eval knows no task {unknown[0]!r}"
-                          + ("" if include_path else " (a task of your own needs --include-path)"))
+        raise LMEvalError(
+            f"--tasks: lm_eval knows no task {unknown[0]!r}"
+            + ("" if include_path else " (a task of your own needs --include-path)")
+        )
     results = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(hf_dir), "dtype": "bfloat16" if device.startswith("cuda") else "float32"},
-        tasks=tasks, batch_size=batch_size, device=device, limit=limit, task_manager=manager, log_samples=False)
+        model="hf",
+        model_args={
+            "pretrained": str(hf_dir),
+            "dtype": "bfloat16" if device.startswith("cuda") else "float32",
+        },
+        tasks=tasks,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+    )
     if results is None:  # lm_eval returns None on ranks other than 0
         return {}
     return task_metrics(results["results"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evertrain.launch.lm_eval_runner",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--hf-dir", required=True, help="a Hugging Face Llama directory (evertrain export hf)")
+    parser = argparse.ArgumentParser(
+        prog="python -m evertrain.launch.lm_eval_runner", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--hf-dir", required=True, help="a Hugging Face Llama directory (evertrain export hf)"
+    )
     parser.add_argument("--out", required=True, help="JSON file to write the metrics to")
     parser.add_argument("--tasks", required=True, help="comma-separated lm_eval task names")
     parser.add_argument("--include-path", help="directory of extra task YAMLs")

@@ -16,6 +16,7 @@ A pool is a list of slots; the forker runs at most one job per slot. Three kinds
 A fork's world size is its slot's device count: it need not match the main run's (fork.py keeps the
 run's global batch on any world size).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ HOST_RE = re.compile(rf"^(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*$")
 # What a POSIX shell reads as one plain word (shlex.quote leaves these unquoted)
 SHELL_SAFE_RE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
 # Environment variables a launcher must not print or put on a remote command line
-SECRET_NAME_RE = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY|AUTH",
-                            re.IGNORECASE)
+SECRET_NAME_RE = re.compile(
+    r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY|AUTH", re.IGNORECASE
+)
 # DeepSpeed's multi-node runner exports variables with these prefixes into the remote shell command,
 # unquoted, and logs that command (deepspeed/launcher/runner.py EXPORT_ENVS + the CUDA accelerator's)
 DEEPSPEED_EXPORT_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
@@ -66,8 +68,9 @@ class Pool:
     hostfile: Path | None = None
     slurm_args: tuple[str, ...] = ()
 
-    def command(self, slot: Slot, module: str, args: list[str], workdir: Path | None = None,
-                log: Path | None = None) -> list[str]:
+    def command(
+        self, slot: Slot, module: str, args: list[str], workdir: Path | None = None, log: Path | None = None
+    ) -> list[str]:
         """argv that runs `python -m module *args` on `slot`. `workdir` (the fork's dir) receives a
         multi-host slot's hostfile; `log` is where a Slurm job's output goes."""
         if self.kind == "local":
@@ -81,11 +84,30 @@ class Pool:
             hostfile = Path(workdir) / "hostfile"
             hostfile.parent.mkdir(parents=True, exist_ok=True)
             hostfile.write_text("".join(f"{host} slots={n}\n" for host, n in slot.hosts))
-            return ["deepspeed", "--hostfile", str(hostfile), "--master_addr", slot.host,
-                    "--master_port", str(slot.master_port), "--no_local_rank", "--module", module, *args]
+            return [
+                "deepspeed",
+                "--hostfile",
+                str(hostfile),
+                "--master_addr",
+                slot.host,
+                "--master_port",
+                str(slot.master_port),
+                "--no_local_rank",
+                "--module",
+                module,
+                *args,
+            ]
         include = f"{slot.host}:{','.join(map(str, slot.devices))}"
-        launcher = ["deepspeed", "--hostfile", str(self.hostfile), "--include", include,
-                    "--master_port", str(slot.master_port), "--no_local_rank"]
+        launcher = [
+            "deepspeed",
+            "--hostfile",
+            str(self.hostfile),
+            "--include",
+            include,
+            "--master_port",
+            str(slot.master_port),
+            "--no_local_rank",
+        ]
         if slot.host not in LOCAL_HOSTS:
             # one included host would otherwise take DeepSpeed's local path and run here, not there
             launcher += ["--force_multi", "--master_addr", slot.host]
@@ -105,11 +127,17 @@ class Pool:
     def _check_shell_inert(self, hosts: list[str], module: str, args: list[str]) -> None:
         # DeepSpeed's PDSH runner joins all this into one remote shell string, quoting only
         # arguments with spaces, and adds `cd <cwd>;`: every word must be shell-inert.
-        for what, word in [*(("host", host) for host in hosts), ("working directory", os.getcwd()),
-                           ("module", module), *(("argument", a) for a in args)]:
+        for what, word in [
+            *(("host", host) for host in hosts),
+            ("working directory", os.getcwd()),
+            ("module", module),
+            *(("argument", a) for a in args),
+        ]:
             if not SHELL_SAFE_RE.match(word):
-                raise NodePoolError(f"--pool {self.hostfile}: {what} {word!r} would reach the remote shell of "
-                                    "deepspeed --force_multi unquoted; use only letters, digits and _@%+=:,./-")
+                raise NodePoolError(
+                    f"--pool {self.hostfile}: {what} {word!r} would reach the remote shell of "
+                    "deepspeed --force_multi unquoted; use only letters, digits and _@%+=:,./-"
+                )
 
     def environment(self, environ) -> dict[str, str]:
         """The environment to launch a job with. Hostfile pools drop what DeepSpeed would print into
@@ -131,8 +159,15 @@ class Pool:
             options.append(f"--ntasks-per-node={gpus}")  # one task (rank) per GPU
         output = [f"--output={log}", "--open-mode=append"] if log is not None else []
         inner = ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", module, *args]
-        return ["sbatch", "--wait", f"--job-name=evertrain-{slot.name.replace(':', '-')}", *output, *options,
-                "--wrap", shlex.join(inner)]
+        return [
+            "sbatch",
+            "--wait",
+            f"--job-name=evertrain-{slot.name.replace(':', '-')}",
+            *output,
+            *options,
+            "--wrap",
+            shlex.join(inner),
+        ]
 
 
 def gpus_per_node(options: list[str]) -> int:
@@ -155,7 +190,9 @@ def parse_hostfile(path: str | Path) -> dict[str, int]:
     """`host slots=N` per line (blank lines and `#` comments allowed) -> {host: N}, in file order."""
     path = Path(path)
     if not path.is_file():
-        raise NodePoolError(f"{path}: hostfile not found (--pool takes local:K, slurm[:K] or a hostfile path)")
+        raise NodePoolError(
+            f"{path}: hostfile not found (--pool takes local:K, slurm[:K] or a hostfile path)"
+        )
     hosts: dict[str, int] = {}
     for number, raw in enumerate(path.read_text().splitlines(), start=1):
         line = raw.strip()
@@ -166,11 +203,14 @@ def parse_hostfile(path: str | Path) -> dict[str, int]:
             raise NodePoolError(f"{path}:{number}: expected 'HOST slots=N', got {line!r}")
         host, slots = match.group(1), int(match.group(2))
         if not HOST_RE.match(host):
-            raise NodePoolError(f"{path}:{number}: {host!r} is not a host name (RFC 1123: letters, digits, "
-                                "inner hyphens, dot-separated)")
+            raise NodePoolError(
+                f"{path}:{number}: {host!r} is not a host name (RFC 1123: letters, digits, "
+                "inner hyphens, dot-separated)"
+            )
         if not 1 <= slots <= MAX_SLOTS:
-            raise NodePoolError(f"{path}:{number}: slots must be >= 1 and <= {MAX_SLOTS} (devices of one host), "
-                                f"got {slots}")
+            raise NodePoolError(
+                f"{path}:{number}: slots must be >= 1 and <= {MAX_SLOTS} (devices of one host), got {slots}"
+            )
         if host in hosts:
             raise NodePoolError(f"{path}:{number}: host {host!r} is listed twice")
         hosts[host] = slots
@@ -226,12 +266,16 @@ def _multi_host_pool(spec: str, gpus_per_job: int, hosts_per_job: int) -> Pool:
     """Consecutive groups of `hosts_per_job` whole hosts; each group is one fork's slot."""
     hosts = list(parse_hostfile(spec).items())
     if gpus_per_job:
-        raise NodePoolError("--gpus-per-fork: a multi-host fork (--hosts-per-fork > 1) takes whole hosts; leave it 0")
+        raise NodePoolError(
+            "--gpus-per-fork: a multi-host fork (--hosts-per-fork > 1) takes whole hosts; leave it 0"
+        )
     if len(hosts) < hosts_per_job:
-        raise NodePoolError(f"{spec}: lists {len(hosts)} host(s), fewer than --hosts-per-fork {hosts_per_job}")
+        raise NodePoolError(
+            f"{spec}: lists {len(hosts)} host(s), fewer than --hosts-per-fork {hosts_per_job}"
+        )
     slots = []
     for i in range(len(hosts) // hosts_per_job):
-        group = tuple(hosts[i * hosts_per_job:(i + 1) * hosts_per_job])
+        group = tuple(hosts[i * hosts_per_job : (i + 1) * hosts_per_job])
         name = "+".join(host for host, _ in group)
         # every group has its own first host, so one rendezvous port serves them all
         slots.append(Slot(name, group[0][0], (), FIRST_MASTER_PORT, hosts=group))

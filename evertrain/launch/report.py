@@ -10,6 +10,7 @@ ends with one decision line: training D more tokens, then cooling down, reaches 
 nats, for h hours at the run's measured tokens/s. Console and plot show the same Projection.
 Only reads the run directory (the PNG goes where --out says, by default runs/NAME/report.png).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ class Cooldown:
     curve: list[dict] = field(default_factory=list)  # its train records
     data: str = "run"  # the mix it cooled down on ("run": the run's own stream; else fork's --data label)
     prediction: dict | None = None  # prediction.json: the loss model's forecast, made before it ran
-    failure: str | None = None  # why its last attempt failed (an eval hook, or the forker gave up); None: not failed
+    failure: str | None = (
+        None  # why its last attempt failed (an eval hook, or the forker gave up); None: not failed
+    )
 
     @property
     def final(self) -> bool:
@@ -105,6 +108,7 @@ class RunReport:
 
 
 # -- reading the run -----------------------------------------------------------------------------
+
 
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a metrics file; a line cut short by a crash (or being written right now), or one
@@ -182,8 +186,9 @@ def load_run(run_dir: Path) -> RunReport:
             tokens = json.loads((step_dir / store.META).read_text()).get("tokens")
         except (OSError, json.JSONDecodeError):
             continue  # deleted by retention while we looked
-        checkpoints.append(Checkpoint(store.step_of(step_dir), tokens,
-                                      [p["holder"] for p in active_pins(step_dir)]))
+        checkpoints.append(
+            Checkpoint(store.step_of(step_dir), tokens, [p["holder"] for p in active_pins(step_dir)])
+        )
     cooldowns = []
     gave_up = forker_failures(run_dir)
     for path in sorted((run_dir / "cooldowns").glob("from_*")):
@@ -194,14 +199,30 @@ def load_run(run_dir: Path) -> RunReport:
         curve = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
         step, shape, steps = parsed
         failure = None if result is not None else (fork_failure(path) or gave_up.get(path.name))
-        cooldowns.append(Cooldown(path.name, step, steps, shape, result=result, curve=curve,
-                                  data=data_label(path, result), prediction=read_prediction(path),
-                                  failure=failure))
+        cooldowns.append(
+            Cooldown(
+                path.name,
+                step,
+                steps,
+                shape,
+                result=result,
+                curve=curve,
+                data=data_label(path, result),
+                prediction=read_prediction(path),
+                failure=failure,
+            )
+        )
     averages = load_averages(run_dir)
     if not metrics and not checkpoints and not cooldowns and not averages:
         raise ReportError(f"--run {run_dir}: nothing to report (no metrics.jsonl, checkpoints or cooldowns)")
-    return RunReport(run_dir, [r for r in metrics if r.get("kind") == "train"],
-                     [r for r in metrics if r.get("kind") == "eval"], checkpoints, cooldowns, averages)
+    return RunReport(
+        run_dir,
+        [r for r in metrics if r.get("kind") == "train"],
+        [r for r in metrics if r.get("kind") == "eval"],
+        checkpoints,
+        cooldowns,
+        averages,
+    )
 
 
 def fork_failure(cooldown_dir: Path) -> str | None:
@@ -275,6 +296,7 @@ def data_label(cooldown_dir: Path, result: dict | None) -> str:
 
 # -- the scaling-law fit -------------------------------------------------------------------------
 
+
 @dataclass
 class FitResult:
     fit: PowerLawFit | None
@@ -286,13 +308,18 @@ def fit_cooldowns(cooldowns: list[Cooldown]) -> FitResult:
     """Fit the shape (on one data mix) with the most finished cooldowns."""
     done = [c for c in cooldowns if c.result is not None]
     if not done:
-        return FitResult(None, "no finished cooldowns yet: nothing to fit (run `evertrain fork` or the forker)")
+        return FitResult(
+            None, "no finished cooldowns yet: nothing to fit (run `evertrain fork` or the forker)"
+        )
     shape, _ = Counter(c.group for c in done).most_common(1)[0]
     fitted = [c for c in done if c.group == shape]
     points = sorted((c.result["tokens"], c.result["val_loss"]) for c in fitted)
     if len({t for t, _ in points}) < MIN_FIT_POINTS:
-        return FitResult(None, f"only {len({t for t, _ in points})} cooldown result(s) at distinct token counts "
-                               f"(shape {shape}): the fit of L(D) = E + B*D^-beta needs {MIN_FIT_POINTS}")
+        return FitResult(
+            None,
+            f"only {len({t for t, _ in points})} cooldown result(s) at distinct token counts "
+            f"(shape {shape}): the fit of L(D) = E + B*D^-beta needs {MIN_FIT_POINTS}",
+        )
     fit = fit_power_law([t for t, _ in points], [loss for _, loss in points], shape)
     if fit is None:
         return FitResult(None, f"the {shape} cooldown losses do not decrease with tokens: no projection")
@@ -308,6 +335,7 @@ def run_projection(report: RunReport, result: FitResult, extra_tokens: float | N
 
 
 # -- output --------------------------------------------------------------------------------------
+
 
 def fmt_tokens(n: float | None) -> str:
     if n is None:
@@ -328,8 +356,12 @@ def tables(report: RunReport) -> list[Table]:
         ckpts.add_column(column, justify="right" if column != "pinned" else "left")
     for c in report.checkpoints:
         version = data_version_at(report.train, c.step)
-        ckpts.add_row(str(c.step), fmt_tokens(c.tokens), f"v{version}" if version is not None else "-",
-                      ", ".join(c.pinned_by) or "-")
+        ckpts.add_row(
+            str(c.step),
+            fmt_tokens(c.tokens),
+            f"v{version}" if version is not None else "-",
+            ", ".join(c.pinned_by) or "-",
+        )
     cools = Table(title="cooldowns")
     names = eval_names(report.cooldowns)
     for column in ("from step", "shape", "C", "data", "tokens", "val loss", "ppl", *names):
@@ -338,20 +370,32 @@ def tables(report: RunReport) -> list[Table]:
         r = c.result
         status = "failed" if c.failure else "running" if c.curve else "queued"
         evals = c.evals
-        cools.add_row(str(c.from_step) + (" final" if c.final else ""), c.shape, str(c.cooldown_steps), c.data,
-                      fmt_tokens(r["tokens"] if r else (c.curve[-1]["tokens"] if c.curve else None)),
-                      f"{r['val_loss']:.4f}" if r else status, f"{r['val_ppl']:.2f}" if r else "-",
-                      *[f"{evals[n]:.4g}" if n in evals else "-" for n in names])
+        cools.add_row(
+            str(c.from_step) + (" final" if c.final else ""),
+            c.shape,
+            str(c.cooldown_steps),
+            c.data,
+            fmt_tokens(r["tokens"] if r else (c.curve[-1]["tokens"] if c.curve else None)),
+            f"{r['val_loss']:.4f}" if r else status,
+            f"{r['val_ppl']:.2f}" if r else "-",
+            *[f"{evals[n]:.4g}" if n in evals else "-" for n in names],
+        )
     predicted = [c for c in report.cooldowns if c.prediction]
     recovered = gain_recoveries(report)
-    return ([ckpts, cools] + ([predictions_table(predicted)] if predicted else [])
-            + ([averages_table(report)] if report.averages else [])
-            + ([recoveries_table(recovered)] if recovered else []))
+    return (
+        [ckpts, cools]
+        + ([predictions_table(predicted)] if predicted else [])
+        + ([averages_table(report)] if report.averages else [])
+        + ([recoveries_table(recovered)] if recovered else [])
+    )
 
 
 def gain_recoveries(report: RunReport) -> list[Recovery]:
-    ends = [(c.name, c.from_step + c.cooldown_steps, c.result["val_loss"]) for c in report.cooldowns
-            if c.result and c.data == "run"]
+    ends = [
+        (c.name, c.from_step + c.cooldown_steps, c.result["val_loss"])
+        for c in report.cooldowns
+        if c.result and c.data == "run"
+    ]
     return recoveries({r["step"]: r["val_loss"] for r in report.evals}, ends, report.averages)
 
 
@@ -361,9 +405,16 @@ def recoveries_table(rows: list[Recovery]) -> Table:
     for column in ("cooldown", "end step", "main run", "cooldown", "gain", "average", "avg loss", "fraction"):
         table.add_column(column, justify="left" if column in ("cooldown", "average") else "right")
     for r in rows:
-        table.add_row(r.cooldown, str(r.end_step), f"{r.main_loss:.4f}", f"{r.cooldown_loss:.4f}", f"{r.gain:+.4f}",
-                      f"{r.weighting} k{r.k}", f"{r.average_loss:.4f}",
-                      "-" if r.fraction is None else f"{r.fraction:.2f}")
+        table.add_row(
+            r.cooldown,
+            str(r.end_step),
+            f"{r.main_loss:.4f}",
+            f"{r.cooldown_loss:.4f}",
+            f"{r.gain:+.4f}",
+            f"{r.weighting} k{r.k}",
+            f"{r.average_loss:.4f}",
+            "-" if r.fraction is None else f"{r.fraction:.2f}",
+        )
     return table
 
 
@@ -375,22 +426,31 @@ def predictions_table(cooldowns: list[Cooldown]) -> Table:
     for c in sorted(cooldowns, key=lambda c: (c.from_step, c.cooldown_steps, c.name)):
         p, r = c.prediction, c.result
         error = r["val_loss"] - p["predicted"] if r else None
-        table.add_row(c.name + (" (final)" if c.final else ""), f"{p['predicted']:.4f} +- {p['interval']:.4f}",
-                      f"{r['val_loss']:.4f}" if r else ("running" if c.curve else "queued"),
-                      f"{error:+.4f}" if r else "-", ("yes" if abs(error) <= p["interval"] else "no") if r else "-")
+        table.add_row(
+            c.name + (" (final)" if c.final else ""),
+            f"{p['predicted']:.4f} +- {p['interval']:.4f}",
+            f"{r['val_loss']:.4f}" if r else ("running" if c.curve else "queued"),
+            f"{error:+.4f}" if r else "-",
+            ("yes" if abs(error) <= p["interval"] else "no") if r else "-",
+        )
     return table
 
 
 def prediction_summary(cooldowns: list[Cooldown]) -> str | None:
     """`prediction MAE: X nats over N forks; K of N inside their 95% intervals`, or None."""
-    scored = [(c.result["val_loss"] - c.prediction["predicted"], c.prediction["interval"])
-              for c in cooldowns if c.prediction and c.result]
+    scored = [
+        (c.result["val_loss"] - c.prediction["predicted"], c.prediction["interval"])
+        for c in cooldowns
+        if c.prediction and c.result
+    ]
     if not scored:
         return None
     mae = float(np.mean([abs(e) for e, _ in scored]))
     inside = sum(abs(e) <= half for e, half in scored)
-    return (f"prediction MAE: {mae:.4f} nats over {len(scored)} fork(s); {inside} of {len(scored)} inside their "
-            f"95% intervals")
+    return (
+        f"prediction MAE: {mae:.4f} nats over {len(scored)} fork(s); {inside} of {len(scored)} inside their "
+        f"95% intervals"
+    )
 
 
 def averages_table(report: RunReport) -> Table:
@@ -403,22 +463,34 @@ def averages_table(report: RunReport) -> Table:
     for a in report.averages:
         cooled = [c for c in report.cooldowns if c.result and c.from_step == a["step"]]
         best = min(cooled, key=lambda c: c.result["val_loss"], default=None)
-        k = str(len(a["steps"])) + ("" if a.get("weighting", "uniform") == "uniform" else f" {a['weighting']}")
-        table.add_row(str(a["step"]), k, ",".join(map(str, a["steps"])), fmt_tokens(a["tokens"]),
-                      f"{a['val_loss']:.4f}", f"{a['val_ppl']:.2f}",
-                      f"{run_val[a['step']]:.4f}" if a["step"] in run_val else "-",
-                      f"{best.result['val_loss']:.4f} ({best.shape}, {best.cooldown_steps})" if best else "-")
+        k = str(len(a["steps"])) + (
+            "" if a.get("weighting", "uniform") == "uniform" else f" {a['weighting']}"
+        )
+        table.add_row(
+            str(a["step"]),
+            k,
+            ",".join(map(str, a["steps"])),
+            fmt_tokens(a["tokens"]),
+            f"{a['val_loss']:.4f}",
+            f"{a['val_ppl']:.2f}",
+            f"{run_val[a['step']]:.4f}" if a["step"] in run_val else "-",
+            f"{best.result['val_loss']:.4f} ({best.shape}, {best.cooldown_steps})" if best else "-",
+        )
     return table
 
 
 def summary(fit: PowerLawFit, proj: Projection) -> list[str]:
     """The console's fit, warnings and decision lines."""
-    lines = [f"fit ({fit.points} {fit.shape} cooldowns): {fit.formula()} (rmse {fit.rmse:.2g}), "
-             f"D = tokens trained by the end of a cooldown"]
+    lines = [
+        f"fit ({fit.points} {fit.shape} cooldowns): {fit.formula()} (rmse {fit.rmse:.2g}), "
+        f"D = tokens trained by the end of a cooldown"
+    ]
     lines += [f"warning: degenerate fit: {w}" for w in fit.warnings]
-    lines.append(f"cooling down now (at {fmt_tokens(proj.now)} tokens, ending at {fmt_tokens(proj.now_end)}): "
-                 f"~{proj.loss_now:.4f}; after another {fmt_tokens(proj.extra)} (ending at "
-                 f"{fmt_tokens(proj.target)}): ~{proj.loss_text()} (95% band), asymptote E = {fit.E:.4f}")
+    lines.append(
+        f"cooling down now (at {fmt_tokens(proj.now)} tokens, ending at {fmt_tokens(proj.now_end)}): "
+        f"~{proj.loss_now:.4f}; after another {fmt_tokens(proj.extra)} (ending at "
+        f"{fmt_tokens(proj.target)}): ~{proj.loss_text()} (95% band), asymptote E = {fit.E:.4f}"
+    )
     lines.append("decision: " + proj.decision(fmt_tokens))
     return lines
 
@@ -432,15 +504,23 @@ def figure(report: RunReport, fit: PowerLawFit | None, proj: Projection | None):
 
     names = eval_names(report.cooldowns)
     ratios = (3, 1.3, 1.5) if names else (3, 1.3)
-    fig, axes = plt.subplots(len(ratios), 1, sharex=True, figsize=(9, 7 + 2 * bool(names)), height_ratios=ratios)
+    fig, axes = plt.subplots(
+        len(ratios), 1, sharex=True, figsize=(9, 7 + 2 * bool(names)), height_ratios=ratios
+    )
     ax_loss, ax_lr = axes[0], axes[1]
     if report.train:
         tokens = [r["tokens"] for r in report.train]
         ax_loss.plot(tokens, [r["loss"] for r in report.train], color="0.35", lw=1, label="main run (train)")
         ax_lr.plot(tokens, [r["lr"] for r in report.train], color="0.35", lw=1)
     if report.evals:
-        ax_loss.plot([r["tokens"] for r in report.evals], [r["val_loss"] for r in report.evals], "o",
-                     color="0.6", ms=3, label="main run (val)")
+        ax_loss.plot(
+            [r["tokens"] for r in report.evals],
+            [r["val_loss"] for r in report.evals],
+            "o",
+            color="0.6",
+            ms=3,
+            label="main run (val)",
+        )
     colors = plt.get_cmap("viridis")
     done = sorted((c for c in report.cooldowns if c.curve or c.result), key=lambda c: c.from_step)
     for i, c in enumerate(done):
@@ -454,41 +534,92 @@ def figure(report: RunReport, fit: PowerLawFit | None, proj: Projection | None):
             ax_loss.plot(tokens, [r["loss"] for r in branch], color=color, lw=1.2)
             ax_lr.plot(tokens, [r["lr"] for r in branch], color=color, lw=1.2)
         if c.result:
-            ax_loss.plot([c.result["tokens"]], [c.result["val_loss"]], "*", color=color, ms=11, mec="k", mew=0.5,
-                         label=f"cooldown from {c.from_step} ({c.shape}, {c.cooldown_steps}"
-                               f"{'' if c.data == 'run' else ', ' + c.data}): "
-                               f"{c.result['val_loss']:.3f}")
+            ax_loss.plot(
+                [c.result["tokens"]],
+                [c.result["val_loss"]],
+                "*",
+                color=color,
+                ms=11,
+                mec="k",
+                mew=0.5,
+                label=f"cooldown from {c.from_step} ({c.shape}, {c.cooldown_steps}"
+                f"{'' if c.data == 'run' else ', ' + c.data}): "
+                f"{c.result['val_loss']:.3f}",
+            )
     by_k: dict[tuple[int, str], list[dict]] = {}
     for a in report.averages:
         by_k.setdefault((len(a["steps"]), a.get("weighting", "uniform")), []).append(a)
-    for i, ((k, weighting), averages) in enumerate(sorted(by_k.items())):  # one legend entry per K and weighting
-        ax_loss.plot([a["tokens"] for a in averages], [a["val_loss"] for a in averages], "D:", ms=5, lw=0.8,
-                     color=("darkorange", "saddlebrown", "goldenrod", "firebrick")[i % 4], mec="k", mew=0.4,
-                     label=f"{'' if weighting == 'uniform' else weighting + ' '}average of the last {k} "
-                           "checkpoints (no training): "
-                           f"{averages[-1]['val_loss']:.3f} at step {averages[-1]['step']}")
+    for i, ((k, weighting), averages) in enumerate(
+        sorted(by_k.items())
+    ):  # one legend entry per K and weighting
+        ax_loss.plot(
+            [a["tokens"] for a in averages],
+            [a["val_loss"] for a in averages],
+            "D:",
+            ms=5,
+            lw=0.8,
+            color=("darkorange", "saddlebrown", "goldenrod", "firebrick")[i % 4],
+            mec="k",
+            mew=0.4,
+            label=f"{'' if weighting == 'uniform' else weighting + ' '}average of the last {k} "
+            "checkpoints (no training): "
+            f"{averages[-1]['val_loss']:.3f} at step {averages[-1]['step']}",
+        )
     if fit is not None and proj is not None:
         points = [c.result["tokens"] for c in report.cooldowns if c.result and c.group == fit.shape]
         grid = np.geomspace(min(points) * 0.8, proj.target * 1.15, 200)
-        ax_loss.plot(grid, fit(grid), "--", color="crimson", lw=1,
-                     label=f"fit {fit.formula()}" + (" (degenerate)" if fit.degenerate else ""))
+        ax_loss.plot(
+            grid,
+            fit(grid),
+            "--",
+            color="crimson",
+            lw=1,
+            label=f"fit {fit.formula()}" + (" (degenerate)" if fit.degenerate else ""),
+        )
         band = fit.band(grid)
         if np.all(np.isfinite(band)):
-            ax_loss.fill_between(grid, fit(grid) - band, fit(grid) + band, color="crimson", alpha=0.12, lw=0,
-                                 label="95% band")
+            ax_loss.fill_between(
+                grid, fit(grid) - band, fit(grid) + band, color="crimson", alpha=0.12, lw=0, label="95% band"
+            )
         if not math.isnan(proj.band):
-            ax_loss.errorbar([proj.target], [proj.loss], yerr=[[proj.band], [proj.band]], fmt="none",
-                             ecolor="crimson", capsize=3)
-        ax_loss.plot([proj.target], [proj.loss], "x", color="crimson", ms=8,
-                     label=f"train {fmt_tokens(proj.extra)} more, cool down: {proj.loss_text()} "
-                           f"at {fmt_tokens(proj.target)}")
-        ax_loss.plot([proj.now_end], [proj.loss_now], "+", color="crimson", ms=9,
-                     label=f"cool down now: {proj.loss_now:.4f} at {fmt_tokens(proj.now_end)}")
+            ax_loss.errorbar(
+                [proj.target],
+                [proj.loss],
+                yerr=[[proj.band], [proj.band]],
+                fmt="none",
+                ecolor="crimson",
+                capsize=3,
+            )
+        ax_loss.plot(
+            [proj.target],
+            [proj.loss],
+            "x",
+            color="crimson",
+            ms=8,
+            label=f"train {fmt_tokens(proj.extra)} more, cool down: {proj.loss_text()} "
+            f"at {fmt_tokens(proj.target)}",
+        )
+        ax_loss.plot(
+            [proj.now_end],
+            [proj.loss_now],
+            "+",
+            color="crimson",
+            ms=9,
+            label=f"cool down now: {proj.loss_now:.4f} at {fmt_tokens(proj.now_end)}",
+        )
     for version, step, tokens in data_versions(report.train)[1:]:  # where appended data joined the run
         for ax in (ax_loss, ax_lr):
             ax.axvline(tokens, color="teal", ls=":", lw=1)
-        ax_loss.annotate(f"data v{version} (step {step})", (tokens, 0.02), xycoords=("data", "axes fraction"),
-                         rotation=90, fontsize=7, color="teal", ha="right", va="bottom")
+        ax_loss.annotate(
+            f"data v{version} (step {step})",
+            (tokens, 0.02),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            fontsize=7,
+            color="teal",
+            ha="right",
+            va="bottom",
+        )
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(f"{report.run_dir.name}: train loss, cooldown branches and their val loss")
     ax_loss.grid(alpha=0.3, which="both")
@@ -500,8 +631,15 @@ def figure(report: RunReport, fit: PowerLawFit | None, proj: Projection | None):
         ax_ev = axes[2]
         for j, name in enumerate(names):
             pts = sorted((c.result["tokens"], c.evals[name]) for c in report.cooldowns if name in c.evals)
-            ax_ev.plot([t for t, _ in pts], [v for _, v in pts], "o-", ms=4, lw=1, label=name,
-                       color=plt.get_cmap("tab10")(j % 10))
+            ax_ev.plot(
+                [t for t, _ in pts],
+                [v for _, v in pts],
+                "o-",
+                ms=4,
+                lw=1,
+                label=name,
+                color=plt.get_cmap("tab10")(j % 10),
+            )
         ax_ev.set_ylabel("fork evals")
         ax_ev.grid(alpha=0.3, which="both")
         ax_ev.legend(fontsize=7, loc="best")
@@ -558,11 +696,19 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help="checkpoints, cooldown results, plot and 'should we keep going?'",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME")
+    p = subparsers.add_parser(
+        "report",
+        help="checkpoints, cooldown results, plot and 'should we keep going?'",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "--run", "--run-dir", dest="run", required=True, help="the run's directory, e.g. runs/NAME"
+    )
     p.add_argument("--out", help="PNG to write (default RUN/report.png)")
-    p.add_argument("--extra-tokens", type=float,
-                   help="project training this many more tokens before cooling down (default: the tokens so far, "
-                        "i.e. doubling)")
+    p.add_argument(
+        "--extra-tokens",
+        type=float,
+        help="project training this many more tokens before cooling down (default: the tokens so far, "
+        "i.e. doubling)",
+    )
     p.set_defaults(func=run_report)

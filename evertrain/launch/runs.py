@@ -4,6 +4,7 @@ result of a cooldown, and hold a checkpoint against retention while reading it.
 Below every command (fork, forker, average, export, report, sweep): it imports only checkpoint/store
 and retention, never another command, so the commands can use each other without a circle.
 """
+
 from __future__ import annotations
 
 import json

@@ -11,6 +11,7 @@ edge of its search range): the band then assumes that parameter is exact.
 `project` is the only place a projected loss is computed: the console line and the plot both show
 the Projection it returns, so they cannot disagree.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ def t95(dof: int) -> float:
 class PowerLawFit:
     """L(D) = E + B * D^-beta, with the covariance of its free parameters (internally D is scaled by
     `scale`, the largest D fitted, so D^-beta stays well conditioned: L = E + b * (D/scale)^-beta)."""
+
     E: float
     B: float
     beta: float
@@ -58,8 +60,12 @@ class PowerLawFit:
     def gradient(self, tokens) -> np.ndarray:
         """dL/d(free parameters) at each D: shape [len(D), len(free)]."""
         s = np.atleast_1d(np.asarray(tokens, dtype=np.float64)) / self.scale
-        b = self.B * self.scale ** -self.beta
-        columns = {"E": np.ones_like(s), "b": np.power(s, -self.beta), "beta": -b * np.power(s, -self.beta) * np.log(s)}
+        b = self.B * self.scale**-self.beta
+        columns = {
+            "E": np.ones_like(s),
+            "b": np.power(s, -self.beta),
+            "beta": -b * np.power(s, -self.beta) * np.log(s),
+        }
         return np.stack([columns[name] for name in self.free], axis=1)
 
     def band(self, tokens) -> np.ndarray:
@@ -82,6 +88,7 @@ class PowerLawFit:
         def pm(name: str) -> str:
             err = self.param_stderr(name)
             return "" if err == 0.0 else (" +- ?" if math.isnan(err) else f" +- {err:.2g}")
+
         return f"L(D) = {self.E:.4f}{pm('E')} + {self.B:.4g} * D^-({self.beta:.3f}{pm('beta')})"
 
 
@@ -111,8 +118,14 @@ def fit_power_law(tokens, losses, shape: str = "", beta_range=BETA_RANGE) -> Pow
         x = np.power(scaled, -beta0)
         (e0, b0), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), y, rcond=None)
         start = np.clip([e0, b0, beta0], [0.0, 1e-12, beta_range[0]], [np.inf, np.inf, beta_range[1]])
-        found = optimize.least_squares(residuals, start, jac=jacobian, method="trf", x_scale="jac",
-                                       bounds=([0.0, 0.0, beta_range[0]], [np.inf, np.inf, beta_range[1]]))
+        found = optimize.least_squares(
+            residuals,
+            start,
+            jac=jacobian,
+            method="trf",
+            x_scale="jac",
+            bounds=([0.0, 0.0, beta_range[0]], [np.inf, np.inf, beta_range[1]]),
+        )
         if best is None or found.cost < best.cost:
             best = found
     e, b, beta = (float(v) for v in best.x)
@@ -125,17 +138,33 @@ def fit_power_law(tokens, losses, shape: str = "", beta_range=BETA_RANGE) -> Pow
     warnings, free = [], ["E", "b", "beta"]
     if e_bound:
         free.remove("E")
-        warnings.append("E is at its bound 0 (the losses fall too steeply for a positive asymptote): "
-                        "the band treats E = 0 as exact")
+        warnings.append(
+            "E is at its bound 0 (the losses fall too steeply for a positive asymptote): "
+            "the band treats E = 0 as exact"
+        )
     if best.active_mask[2] != 0:
         free.remove("beta")
-        warnings.append(f"beta = {beta:.3f} is at the edge of its search range [{beta_range[0]:g}, "
-                        f"{beta_range[1]:g}]: the band treats it as exact")
-    fit = PowerLawFit(E=float(e), B=float(b * scale ** beta), beta=float(beta), rmse=math.sqrt(sse / len(d)),
-                      points=len(d), shape=shape, scale=scale, free=tuple(free), warnings=warnings)
+        warnings.append(
+            f"beta = {beta:.3f} is at the edge of its search range [{beta_range[0]:g}, "
+            f"{beta_range[1]:g}]: the band treats it as exact"
+        )
+    fit = PowerLawFit(
+        E=float(e),
+        B=float(b * scale**beta),
+        beta=float(beta),
+        rmse=math.sqrt(sse / len(d)),
+        points=len(d),
+        shape=shape,
+        scale=scale,
+        free=tuple(free),
+        warnings=warnings,
+    )
     if fit.dof <= 0:
-        warnings.insert(0, f"{len(d)} points for {len(free)} free parameters: the fit interpolates them, so its "
-                           "uncertainty is unknown; fork more checkpoints")
+        warnings.insert(
+            0,
+            f"{len(d)} points for {len(free)} free parameters: the fit interpolates them, so its "
+            "uncertainty is unknown; fork more checkpoints",
+        )
         return fit
     jac = fit.gradient(d)
     sigma2 = sse / fit.dof
@@ -150,6 +179,7 @@ class Projection:
     Every token count is the one the fit's D means (tokens at the end of the cooldown):
     `now_end` = cooling down now, `target` = training on first. `hours` is the compute from now to the
     end of that later cooldown at `tokens_per_s`."""
+
     now: float
     extra: float
     cooldown_fraction: float
@@ -174,17 +204,31 @@ class Projection:
         return f"{self.loss:.4f} +- {'?' if math.isnan(self.band) else f'{self.band:.4f}'}"
 
     def decision(self, fmt_tokens) -> str:
-        cost = (f"costing {self.hours:.3g} hours at this run's measured {self.tokens_per_s:.4g} tokens/s"
-                if self.hours is not None else "at an unknown cost (the run has logged no tokens/s)")
-        return (f"training {fmt_tokens(self.extra)} more tokens, then cooling down, is projected to reach "
-                f"{self.loss_text()} (gain {self.gain:.4f} nats), {cost}")
+        cost = (
+            f"costing {self.hours:.3g} hours at this run's measured {self.tokens_per_s:.4g} tokens/s"
+            if self.hours is not None
+            else "at an unknown cost (the run has logged no tokens/s)"
+        )
+        return (
+            f"training {fmt_tokens(self.extra)} more tokens, then cooling down, is projected to reach "
+            f"{self.loss_text()} (gain {self.gain:.4f} nats), {cost}"
+        )
 
 
-def project(fit: PowerLawFit, now: float, extra: float, cooldown_fraction: float,
-            tokens_per_s: float | None) -> Projection:
+def project(
+    fit: PowerLawFit, now: float, extra: float, cooldown_fraction: float, tokens_per_s: float | None
+) -> Projection:
     """The one projection: cooling down now vs after `extra` more tokens (same cooldown fraction)."""
     now_end = now * (1.0 + cooldown_fraction)
     target = (now + extra) * (1.0 + cooldown_fraction)
-    return Projection(now=now, extra=extra, cooldown_fraction=cooldown_fraction, now_end=now_end, target=target,
-                      loss_now=float(fit(now_end)), loss=float(fit(target)), band=float(fit.band([target])[0]),
-                      tokens_per_s=tokens_per_s)
+    return Projection(
+        now=now,
+        extra=extra,
+        cooldown_fraction=cooldown_fraction,
+        now_end=now_end,
+        target=target,
+        loss_now=float(fit(now_end)),
+        loss=float(fit(target)),
+        band=float(fit.band([target])[0]),
+        tokens_per_s=tokens_per_s,
+    )

@@ -11,6 +11,7 @@ On `stop`, in this order, each step safe to repeat:
 A restarted forker reads decisions.jsonl: a `stop` there is never decided again; its final cooldown is
 queued if state.json lacks it, and nothing new is forked.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -130,7 +131,12 @@ def describe(line: dict) -> str:
     parts += line["why"]
     if "final" in line:
         final = line["final"]
-        parts.append(f"final cooldown from step {final['step']} over {final['cooldown_steps']} steps"
-                     + (f", predicted {final['predicted']:.4f} +- {final['interval']:.4f}"
-                        if final.get("predicted") is not None else ""))
+        parts.append(
+            f"final cooldown from step {final['step']} over {final['cooldown_steps']} steps"
+            + (
+                f", predicted {final['predicted']:.4f} +- {final['interval']:.4f}"
+                if final.get("predicted") is not None
+                else ""
+            )
+        )
     return (": " + "; ".join(parts)) if parts else ""

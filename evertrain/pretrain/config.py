@@ -3,6 +3,7 @@
 Every section is a small dataclass. Unknown keys, wrong types and impossible values raise
 `ConfigError` with one line naming the key, so a typo never silently trains the wrong model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
-    init_from: str | None = None  # hf:PATH = start from a Hugging Face Llama checkpoint (not part of the shape)
+    init_from: str | None = (
+        None  # hf:PATH = start from a Hugging Face Llama checkpoint (not part of the shape)
+    )
     # Runtime knobs (same parameters, so not part of model_hash); costs in docs/scaling.md.
     activation_checkpointing: str = "none"  # none | full | selective
     activation_checkpointing_every: int = 0  # selective: fully checkpoint every k-th block; 0 = op-level
@@ -51,7 +54,9 @@ class ModelConfig:
 # ModelConfig fields that do not change the parameters' shapes: left out of model_hash, so a run
 # started from a Hugging Face checkpoint resumes and forks like any other, and a run may resume or
 # fork with other runtime knobs (checkpointing, loss chunking).
-NOT_SHAPE = frozenset({"init_from", "activation_checkpointing", "activation_checkpointing_every", "loss_chunk_tokens"})
+NOT_SHAPE = frozenset(
+    {"init_from", "activation_checkpointing", "activation_checkpointing_every", "loss_chunk_tokens"}
+)
 
 
 @dataclass
@@ -96,8 +101,12 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0  # also keep every k-th step forever; 0 = none
     async_save: bool = True
-    stop_budget_s: float = 25.0  # on SIGTERM: seconds to finish or abandon the last save (launchers SIGKILL at ~30)
-    verify: str = "full"  # on load: full = size + content hash of every file; size = sizes only (no read-back)
+    stop_budget_s: float = (
+        25.0  # on SIGTERM: seconds to finish or abandon the last save (launchers SIGKILL at ~30)
+    )
+    verify: str = (
+        "full"  # on load: full = size + content hash of every file; size = sizes only (no read-back)
+    )
 
 
 @dataclass
@@ -112,16 +121,23 @@ class EngineConfig:
     zero_stage: int = 2
     deepspeed_config: str | None = None  # optional JSON merged under our generated settings
     replicate: int = 1  # FSDP2: HSDP with this many replica groups, sharded within each (1 = plain FSDP)
-    accumulate: str = "auto"  # FSDP2 grads between micro-batches: auto | sharded | unsharded (see docs/scaling.md)
+    accumulate: str = (
+        "auto"  # FSDP2 grads between micro-batches: auto | sharded | unsharded (see docs/scaling.md)
+    )
 
 
 @dataclass
 class LoggingConfig:
     """Experiment trackers beside metrics.jsonl (loggers.py); both optional packages, both off by default."""
+
     # (not off/on: YAML reads those as booleans)
-    wandb: str = "disabled"  # disabled | online | offline (offline: files under RUN_DIR/wandb, `wandb sync` later)
+    wandb: str = (
+        "disabled"  # disabled | online | offline (offline: files under RUN_DIR/wandb, `wandb sync` later)
+    )
     mlflow: str = "disabled"  # disabled | enabled
-    mlflow_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else the SQLite store RUN_DIR/mlflow.db (offline)
+    mlflow_uri: str | None = (
+        None  # None = $MLFLOW_TRACKING_URI, else the SQLite store RUN_DIR/mlflow.db (offline)
+    )
     project: str = "evertrain"  # the W&B project / MLflow experiment
 
 
@@ -224,14 +240,24 @@ def _build(cls, data: dict, prefix: str):
 def valid_keys() -> list[str]:
     """Every `section.key` a config can set."""
     hints = typing.get_type_hints(Config)
-    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
-            for f in dataclasses.fields(hints[section.name])]
+    return [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(hints[section.name])
+    ]
 
 
 # What people coming from other trainers type, and the key that means it here.
-ALIASES = {"lr": "optim.max_lr", "learning_rate": "optim.max_lr", "max_learning_rate": "optim.max_lr",
-           "warmup": "optim.warmup_steps", "batch_size": "train.micro_batch_size", "steps": "train.max_steps",
-           "clip_grad": "optim.grad_clip", "gradient_accumulation_steps": "train.grad_accum"}
+ALIASES = {
+    "lr": "optim.max_lr",
+    "learning_rate": "optim.max_lr",
+    "max_learning_rate": "optim.max_lr",
+    "warmup": "optim.warmup_steps",
+    "batch_size": "train.micro_batch_size",
+    "steps": "train.max_steps",
+    "clip_grad": "optim.grad_clip",
+    "gradient_accumulation_steps": "train.grad_accum",
+}
 
 
 def did_you_mean(key: str) -> str:
@@ -290,14 +316,22 @@ def validate(cfg: Config) -> None:
             for v in value if isinstance(value, tuple) else (value,):
                 if isinstance(v, float) and not math.isfinite(v):
                     raise ConfigError(f"{section.name}.{f.name}: must be finite, got {v}")
-    vocab = [("model.vocab_size", m.vocab_size)] if m.vocab_size != AUTO else []  # auto: checked once resolved
-    for key, value in [*vocab, ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
-                       ("model.n_heads", m.n_heads),
-                       ("model.seq_len", m.seq_len), ("model.multiple_of", m.multiple_of),
-                       ("train.micro_batch_size", t.micro_batch_size),
-                       ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
-                       ("train.max_nonfinite_steps", t.max_nonfinite_steps),
-                       ("eval.batches", e.batches)]:
+    vocab = (
+        [("model.vocab_size", m.vocab_size)] if m.vocab_size != AUTO else []
+    )  # auto: checked once resolved
+    for key, value in [
+        *vocab,
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("model.seq_len", m.seq_len),
+        ("model.multiple_of", m.multiple_of),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("train.log_every", t.log_every),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+        ("eval.batches", e.batches),
+    ]:
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
     if m.d_model % m.n_heads:
@@ -305,11 +339,15 @@ def validate(cfg: Config) -> None:
     if (m.d_model // m.n_heads) % 2:
         raise ConfigError(f"model.n_heads: head dim {m.d_model // m.n_heads} must be even for RoPE")
     if m.n_kv_heads is not None and (m.n_kv_heads <= 0 or m.n_heads % m.n_kv_heads):
-        raise ConfigError(f"model.n_kv_heads: {m.n_kv_heads} must be > 0 and divide model.n_heads={m.n_heads}")
+        raise ConfigError(
+            f"model.n_kv_heads: {m.n_kv_heads} must be > 0 and divide model.n_heads={m.n_heads}"
+        )
     if m.ffn_hidden is not None and m.ffn_hidden <= 0:
         raise ConfigError(f"model.ffn_hidden: must be > 0, got {m.ffn_hidden}")
     if m.init_from is not None and not (m.init_from.startswith("hf:") and len(m.init_from) > 3):
-        raise ConfigError(f"model.init_from: expected hf:PATH (a Hugging Face Llama directory), got {m.init_from!r}")
+        raise ConfigError(
+            f"model.init_from: expected hf:PATH (a Hugging Face Llama directory), got {m.init_from!r}"
+        )
     if not (m.norm_eps > 0 and m.rope_theta > 0 and m.init_std > 0):
         raise ConfigError("model.norm_eps/rope_theta/init_std: must be > 0")
     if not (math.isfinite(o.max_lr) and o.max_lr > 0):
@@ -319,10 +357,14 @@ def validate(cfg: Config) -> None:
     if o.rsqrt_timescale is not None and o.rsqrt_timescale <= 0:
         raise ConfigError(f"optim.rsqrt_timescale: must be > 0, got {o.rsqrt_timescale}")
     if o.decay == "rsqrt" and o.warmup_steps == 0 and o.rsqrt_timescale is None:
-        raise ConfigError("optim.rsqrt_timescale: must be set when optim.warmup_steps is 0 (it defaults to the warmup)")
+        raise ConfigError(
+            "optim.rsqrt_timescale: must be set when optim.warmup_steps is 0 (it defaults to the warmup)"
+        )
     if o.decay in ("cosine", "linear"):
         if o.horizon is None or o.horizon <= o.warmup_steps:
-            raise ConfigError(f"optim.horizon: decay={o.decay} needs a horizon > optim.warmup_steps, got {o.horizon}")
+            raise ConfigError(
+                f"optim.horizon: decay={o.decay} needs a horizon > optim.warmup_steps, got {o.horizon}"
+            )
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     for i, b in enumerate(o.betas):
@@ -340,18 +382,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError("logging.project: must not be empty")
     if t.max_steps is not None and t.max_steps < 0:
         raise ConfigError(f"train.max_steps: must be >= 0, got {t.max_steps}")
-    for key, value in [("checkpoint.every_steps", c.every_steps), ("checkpoint.keep_every", c.keep_every),
-                       ("eval.every_steps", e.every_steps)]:
+    for key, value in [
+        ("checkpoint.every_steps", c.every_steps),
+        ("checkpoint.keep_every", c.keep_every),
+        ("eval.every_steps", e.every_steps),
+    ]:
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if cfg.data.prefetch < 0:
-        raise ConfigError(f"data.prefetch: must be >= 0 (0 reads in the training thread), got {cfg.data.prefetch}")
+        raise ConfigError(
+            f"data.prefetch: must be >= 0 (0 reads in the training thread), got {cfg.data.prefetch}"
+        )
     if not c.stop_budget_s > 0:
         raise ConfigError(f"checkpoint.stop_budget_s: must be > 0, got {c.stop_budget_s}")
     if c.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
-    for key, value in [("model.activation_checkpointing_every", m.activation_checkpointing_every),
-                       ("model.loss_chunk_tokens", m.loss_chunk_tokens)]:
+    for key, value in [
+        ("model.activation_checkpointing_every", m.activation_checkpointing_every),
+        ("model.loss_chunk_tokens", m.loss_chunk_tokens),
+    ]:
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if cfg.engine.replicate < 1:

@@ -13,6 +13,7 @@ Schedulers start every process themselves and leave their own variables instead:
 start-up, before anything reads them (DeepSpeed's own MPI discovery would come too late for us and
 needs mpi4py). A process started by none of these has no RANK / WORLD_SIZE and trains alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,9 @@ class LaunchError(EvertrainError):
 
 LAUNCH_HINTS = {
     "deepspeed": "launch it with `deepspeed --num_gpus N pretrain.py ...` "
-                 "(on CPU: `DS_ACCELERATOR=cpu deepspeed --num_gpus N pretrain.py ...`)",
+    "(on CPU: `DS_ACCELERATOR=cpu deepspeed --num_gpus N pretrain.py ...`)",
     "fsdp": "launch it with `torchrun --nproc_per_node N pretrain.py --engine fsdp ...` "
-            "(or `srun` / `mpirun` with N tasks)",
+    "(or `srun` / `mpirun` with N tasks)",
 }
 
 
@@ -86,8 +87,13 @@ def expand_nodelist(nodelist: str) -> list[str]:
     else our parser of the same syntax (`gpu[01-03,7],login1`, `rack[1-2]-n[1-2]`)."""
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout.split()
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.split()
             if out:
                 return out
         except (OSError, subprocess.SubprocessError):
@@ -167,8 +173,10 @@ def require_launcher(engine_name: str, env: Mapping[str, str] = os.environ) -> N
     """Distributed engines read their rank and rendezvous from the launcher's environment."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
     if missing:
-        raise LaunchError(f"engine.name={engine_name} needs a launcher ({', '.join(missing)} not set): "
-                          f"{LAUNCH_HINTS[engine_name]}")
+        raise LaunchError(
+            f"engine.name={engine_name} needs a launcher ({', '.join(missing)} not set): "
+            f"{LAUNCH_HINTS[engine_name]}"
+        )
 
 
 def rank_and_world(env: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
@@ -199,11 +207,21 @@ def pin_deepspeed_device(device: torch.device, env=os.environ) -> None:
 
 def node_count(env: Mapping[str, str] = os.environ) -> int:
     """How many nodes the launcher spread this run over (1 when it does not say)."""
-    for key in ("CROSS_SIZE", "SLURM_STEP_NUM_NODES", "SLURM_NNODES", "GROUP_WORLD_SIZE"):  # deepspeed, srun, torchrun
+    for key in (
+        "CROSS_SIZE",
+        "SLURM_STEP_NUM_NODES",
+        "SLURM_NNODES",
+        "GROUP_WORLD_SIZE",
+    ):  # deepspeed, srun, torchrun
         if env.get(key, "").isdigit():
             return int(env[key])
     world = int(env.get("WORLD_SIZE", 1))
-    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+    for key in (
+        "LOCAL_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MV2_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+    ):
         if env.get(key, "").isdigit() and int(env[key]) > 0:
             return -(-world // int(env[key]))
     return 1

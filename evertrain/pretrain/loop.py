@@ -15,27 +15,37 @@ The host syncs, each marked `# SYNC` below, happen only on these steps:
     eval step        eval_record() (the validation loss)
     checkpoint step  watch.read(), refresh_data() (manifest version over ranks), the save's staging
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from evertrain.pretrain.config import Config
-from evertrain.pretrain.observe.console import closing_line, run_banner
+from evertrain.pretrain.data.prefetch import Prefetcher
 from evertrain.pretrain.distributed import StopVote
 from evertrain.pretrain.engines.base import Engine
-from evertrain.pretrain.run.evaluate import load_val_batches
 from evertrain.pretrain.model.hardware import peak_tflops, use_tf32
-from evertrain.pretrain.observe.metrics import Metrics
 from evertrain.pretrain.model.transformer import flops_per_token, flops_per_token_torchtitan
-from evertrain.pretrain.run.nonfinite import NonFiniteWatch
-from evertrain.pretrain.data.prefetch import Prefetcher
+from evertrain.pretrain.observe.console import closing_line, run_banner
+from evertrain.pretrain.observe.metrics import Metrics
 from evertrain.pretrain.observe.records import LogWindow, eval_record
+from evertrain.pretrain.run.evaluate import load_val_batches
+from evertrain.pretrain.run.nonfinite import NonFiniteWatch
 from evertrain.pretrain.run.resume import refresh_data, resume
 from evertrain.pretrain.run.stopping import StopFile, StopSignals, save_within_budget
 
 
-def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, start: dict | None = None,
-          started=None, final_dir: Path | None = None) -> int:
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    engine: Engine,
+    stream,
+    ckpt,
+    *,
+    start: dict | None = None,
+    started=None,
+    final_dir: Path | None = None,
+) -> int:
     """Train from the run's latest checkpoint (else `start`, else step 0) until `train.max_steps` or a
     SIGTERM/SIGINT, checkpointing on the way out. `ckpt` may be None (no checkpoints). `started()`,
     if given, is called once the checkpoint and the data were loaded and checked and the metric sinks
@@ -52,15 +62,29 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
         started()
     metrics.console.say(run_banner(cfg, engine, run_dir, step, tokens_per_step, stream.manifest_version))
     if use_tf32(engine.device) and t.dtype == "float32":
-        metrics.console.say("train.dtype=float32 on CUDA: matmuls run in TF32; train.dtype=bfloat16 is faster")
-    window = LogWindow(engine, tokens, flops_per_token(cfg.model), peak_tflops(engine.device, t.peak_tflops),
-                       flops_per_token_torchtitan(cfg.model))
+        metrics.console.say(
+            "train.dtype=float32 on CUDA: matmuls run in TF32; train.dtype=bfloat16 is faster"
+        )
+    window = LogWindow(
+        engine,
+        tokens,
+        flops_per_token(cfg.model),
+        peak_tflops(engine.device, t.peak_tflops),
+        flops_per_token_torchtitan(cfg.model),
+    )
     vote = StopVote(engine.world_size)
     stop_file = StopFile(run_dir, ckpt_every if ckpt is not None else 0, engine.world_size)
     saved = None
     abandoned = False
-    batches = Prefetcher(stream, global_windows, engine.rank, engine.world_size, depth=cfg.data.prefetch,
-                         device=engine.device, limit=None if t.max_steps is None else max(t.max_steps - step, 0))
+    batches = Prefetcher(
+        stream,
+        global_windows,
+        engine.rank,
+        engine.world_size,
+        depth=cfg.data.prefetch,
+        device=engine.device,
+        limit=None if t.max_steps is None else max(t.max_steps - step, 0),
+    )
     try:
         with StopSignals() as signals:
             while t.max_steps is None or step < t.max_steps:
@@ -75,8 +99,12 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                 log_now = stop or step % t.log_every == 0
                 if log_now:
                     nonfinite = watch.read()  # SYNC
-                    metrics.write({**window.record(step, tokens, grad_norm, batches.manifest_version),  # SYNC
-                                   "nonfinite_steps": nonfinite})
+                    metrics.write(
+                        {
+                            **window.record(step, tokens, grad_norm, batches.manifest_version),  # SYNC
+                            "nonfinite_steps": nonfinite,
+                        }
+                    )
                     watch.enforce()  # after the record, so metrics.jsonl shows the divergence
                 if eval_every and step % eval_every == 0:
                     metrics.write(eval_record(engine, val, step, tokens))  # SYNC
@@ -85,8 +113,16 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
                     watch.enforce()  # never commit a checkpoint made after a non-finite step (stop mode), or a streak
                     refresh_data(batches, engine)  # SYNC; appended shards join after this step (prefetch.py)
                     extra = {"tokens": tokens, "data": batches.state_dict(), "nonfinite_steps": nonfinite}
-                    saved, kept = save_within_budget(ckpt, step, extra, signals, signalled,  # SYNC (staging)
-                                                     cfg.checkpoint.stop_budget_s, engine.rank, saved)
+                    saved, kept = save_within_budget(
+                        ckpt,
+                        step,
+                        extra,
+                        signals,
+                        signalled,  # SYNC (staging)
+                        cfg.checkpoint.stop_budget_s,
+                        engine.rank,
+                        saved,
+                    )
                     stop = stop or not kept
                     abandoned = not kept  # exit now; do not wait for the writer
                 if log_now:
@@ -96,7 +132,11 @@ def train(cfg: Config, run_dir: str | Path, engine: Engine, stream, ckpt, *, sta
         vote.close()
         if ckpt is not None and not abandoned:
             ckpt.wait()  # committed: the closing line may name it
-        reason = f"train.max_steps={t.max_steps}" if t.max_steps is not None and step >= t.max_steps else "stop signal"
+        reason = (
+            f"train.max_steps={t.max_steps}"
+            if t.max_steps is not None and step >= t.max_steps
+            else "stop signal"
+        )
         if stop_file.seen and not signals.received and reason == "stop signal":
             reason = f"stop request {stop_file.path}"
         if not abandoned:

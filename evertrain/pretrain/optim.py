@@ -10,6 +10,7 @@ untied head is an ordinary matrix and is decayed.
 A parameter's rank is read from its real shape (model.full_shape): under DeepSpeed ZeRO-3 the
 optimizer is built after partitioning, when every parameter is an empty 1-D placeholder.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -32,5 +33,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, schedule) -> AdamW:
-    return AdamW(param_groups(model, optim_cfg.weight_decay), schedule, betas=optim_cfg.betas,
-                 eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, impl=optim_cfg.impl)
+    return AdamW(
+        param_groups(model, optim_cfg.weight_decay),
+        schedule,
+        betas=optim_cfg.betas,
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+        impl=optim_cfg.impl,
+    )

@@ -9,6 +9,7 @@ over c steps.
 so reading the LR costs no host sync and a whole training step stays CUDA-graph capturable. Step s
 is the s-th optimizer update (1-based): the update that makes step s uses lr(s).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ class Cooldown:
         if not _is_int(self.steps) or self.steps <= 0:
             raise ConfigError(f"cooldown steps: must be an integer > 0, got {self.steps!r}")
         if self.shape not in COOLDOWN_SHAPES:
-            raise ConfigError(f"cooldown shape: must be one of {'|'.join(COOLDOWN_SHAPES)}, got {self.shape!r}")
+            raise ConfigError(
+                f"cooldown shape: must be one of {'|'.join(COOLDOWN_SHAPES)}, got {self.shape!r}"
+            )
 
     @property
     def end_step(self) -> int:
@@ -64,12 +67,16 @@ class Schedule:
         if self.decay not in DECAYS:
             raise ConfigError(f"optim.decay: must be one of {'|'.join(DECAYS)}, got {self.decay!r}")
         if self.decay == "rsqrt" and not (_is_int(self.timescale) and self.timescale > 0):
-            raise ConfigError(f"optim.rsqrt_timescale: must be an integer > 0 (defaults to optim.warmup_steps), "
-                              f"got {self.rsqrt_timescale!r}")
+            raise ConfigError(
+                f"optim.rsqrt_timescale: must be an integer > 0 (defaults to optim.warmup_steps), "
+                f"got {self.rsqrt_timescale!r}"
+            )
         if self.decay in ("cosine", "linear"):
             if not _is_int(self.horizon) or self.horizon <= self.warmup_steps:
-                raise ConfigError(f"optim.horizon: decay={self.decay} needs a horizon > optim.warmup_steps, "
-                                  f"got {self.horizon!r}")
+                raise ConfigError(
+                    f"optim.horizon: decay={self.decay} needs a horizon > optim.warmup_steps, "
+                    f"got {self.horizon!r}"
+                )
             if not 0.0 <= self.min_lr_ratio <= 1.0:
                 raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.cooldown is not None and not isinstance(self.cooldown, Cooldown):
@@ -81,9 +88,15 @@ class Schedule:
 
     @classmethod
     def from_config(cls, optim_cfg: OptimConfig, cooldown: Cooldown | None = None) -> Schedule:
-        return cls(max_lr=optim_cfg.max_lr, warmup_steps=optim_cfg.warmup_steps, decay=optim_cfg.decay,
-                   rsqrt_timescale=optim_cfg.rsqrt_timescale, horizon=optim_cfg.horizon,
-                   min_lr_ratio=optim_cfg.min_lr_ratio, cooldown=cooldown)
+        return cls(
+            max_lr=optim_cfg.max_lr,
+            warmup_steps=optim_cfg.warmup_steps,
+            decay=optim_cfg.decay,
+            rsqrt_timescale=optim_cfg.rsqrt_timescale,
+            horizon=optim_cfg.horizon,
+            min_lr_ratio=optim_cfg.min_lr_ratio,
+            cooldown=cooldown,
+        )
 
     @property
     def timescale(self) -> int | None:

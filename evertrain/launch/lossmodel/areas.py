@@ -11,6 +11,7 @@ areas of a cooldown that has not run are those it will have.
 The warmup's rises are no annealing, hence max(., 0). Both areas are in units of the peak LR (a step
 at max_lr adds 1 to S1), so the fitted parameters do not depend on the LR's magnitude.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -16,6 +16,7 @@ and the final cooldown starts at s, its length the shortest of the candidates (2
 the token budget while it leaves room for one) whose predicted loss is within the 95% band of the
 difference to the best one.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,14 @@ def final_cooldown(obs: Observations, fit: LossModelFit | None, rule: Rule, step
         else:  # decided too late (the run went on while forks ran): the best cooldown, as without a budget
             note = f"the token budget leaves {max(left, 0)} steps: the cooldown is chosen as without it"
     if fit is None:
-        return {"step": step, "cooldown_steps": int(min(cooldown_steps(rule, step), cap)), "shape": rule.shape,
-                "predicted": None, "interval": None, "note": note}
+        return {
+            "step": step,
+            "cooldown_steps": int(min(cooldown_steps(rule, step), cap)),
+            "shape": rule.shape,
+            "predicted": None,
+            "interval": None,
+            "note": note,
+        }
     lengths = sorted({int(min(max(round(f * step), 1), cap)) for f in CANDIDATE_FRACTIONS})
     branches = [(obs.areas_of(step + c, (step, c, rule.shape)), step + c) for c in lengths]
     losses = [fit.val_loss(a, end)[0] for a, end in branches]
@@ -81,25 +88,49 @@ def final_cooldown(obs: Observations, fit: LossModelFit | None, rule: Rule, step
 
     chosen = next(i for i in range(len(lengths)) if within_band(i))  # the best itself always is
     value, half = fit.val_loss(*branches[chosen])
-    return {"step": step, "cooldown_steps": lengths[chosen], "shape": rule.shape, "predicted": value,
-            "interval": half, "best_cooldown_steps": lengths[best], "best_predicted": losses[best], "note": note}
+    return {
+        "step": step,
+        "cooldown_steps": lengths[chosen],
+        "shape": rule.shape,
+        "predicted": value,
+        "interval": half,
+        "best_cooldown_steps": lengths[best],
+        "best_predicted": losses[best],
+        "note": note,
+    }
 
 
-def evaluate(obs: Observations, fit: LossModelFit | None, rule: Rule, step: int, tokens_per_s: float | None,
-             why_no_fit: str = "") -> dict:
+def evaluate(
+    obs: Observations,
+    fit: LossModelFit | None,
+    rule: Rule,
+    step: int,
+    tokens_per_s: float | None,
+    why_no_fit: str = "",
+) -> dict:
     """One decisions.jsonl line: the projection at `step` and the verdict of every rule given."""
     tps = obs.tokens_per_step
     later = step + rule.stride
     end_later = later + cooldown_steps(rule, later)
-    line = {"time": time.time(), "step": step, "tokens": step * tps, "rule": rule.given(),
-            "tokens_per_s": tokens_per_s, "verdict": "continue", "why": []}
+    line = {
+        "time": time.time(),
+        "step": step,
+        "tokens": step * tps,
+        "rule": rule.given(),
+        "tokens_per_s": tokens_per_s,
+        "verdict": "continue",
+        "why": [],
+    }
     if fit is not None:
         gain, band = projected_gain(obs, fit, rule, step)
         line.update(gain=gain, gain_band=[gain - band, gain + band])
         if tokens_per_s:
             hours = (end_later - step - cooldown_steps(rule, step)) * tps / tokens_per_s / 3600.0
-            line.update(hours=hours, gain_per_hour=gain / hours,
-                        gain_per_hour_band=[(gain - band) / hours, (gain + band) / hours])
+            line.update(
+                hours=hours,
+                gain_per_hour=gain / hours,
+                gain_per_hour_band=[(gain - band) / hours, (gain + band) / hours],
+            )
     else:
         line["why"].append(f"no fit: {why_no_fit}")
     stops = []
@@ -107,17 +138,23 @@ def evaluate(obs: Observations, fit: LossModelFit | None, rule: Rule, step: int,
         if "gain_per_hour" not in line:
             line["why"].append("min-gain-per-hour: no projection (no fit or no measured tokens/s)")
         elif line["gain_per_hour_band"][1] < rule.min_gain_per_hour:
-            stops.append(f"min-gain-per-hour: at most {line['gain_per_hour_band'][1]:.4g} nats/hour "
-                         f"(95%) < {rule.min_gain_per_hour:g}")
+            stops.append(
+                f"min-gain-per-hour: at most {line['gain_per_hour_band'][1]:.4g} nats/hour "
+                f"(95%) < {rule.min_gain_per_hour:g}"
+            )
     if rule.budget_tokens is not None and end_later * tps > rule.budget_tokens:
-        stops.append(f"budget-tokens: training on to step {later} and cooling down ends at "
-                     f"{end_later * tps:.4g} tokens > {rule.budget_tokens:.4g}")
+        stops.append(
+            f"budget-tokens: training on to step {later} and cooling down ends at "
+            f"{end_later * tps:.4g} tokens > {rule.budget_tokens:.4g}"
+        )
     if rule.budget_hours is not None:
         if not tokens_per_s:
             line["why"].append("budget-hours: the run has logged no tokens/s")
         elif end_later * tps / tokens_per_s / 3600.0 > rule.budget_hours:
-            stops.append(f"budget-hours: training on to step {later} and cooling down ends at "
-                         f"{end_later * tps / tokens_per_s / 3600.0:.4g} hours > {rule.budget_hours:g}")
+            stops.append(
+                f"budget-hours: training on to step {later} and cooling down ends at "
+                f"{end_later * tps / tokens_per_s / 3600.0:.4g} hours > {rule.budget_hours:g}"
+            )
     if stops:
         line["verdict"], line["why"] = "stop", line["why"] + stops
         line["final"] = final_cooldown(obs, fit, rule, step)

@@ -15,6 +15,7 @@ does), s^2 = SSE/(n - p). A predicted final val loss has the 95% interval
 t(n - p) * sqrt(g^T cov g + sigma_val^2), g = d(prediction)/d(parameters): the parameters' uncertainty
 plus the val points' own scatter around the law, since an actual result scatters as they did.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ LOWER = np.array([0.0, 1e-9, 0.01, 0.0, -np.inf])
 UPPER = np.array([np.inf, np.inf, 3.0, np.inf, np.inf])
 ALPHA_STARTS = (0.2, 0.5, 1.0)  # the fit is non-convex in alpha: the best of a few starts
 VAL_ONLY_POINTS = 10  # from this many val losses on, fit them alone (docs/decisions.md: the train curve's
-                      # shape drifts from the val curve's, and biases the forecasts)
+# shape drifts from the val curve's, and biases the forecasts)
 
 
 @dataclass
@@ -70,39 +71,54 @@ class LossModelFit:
         s1, s2 = np.array([at.s1[step - 1]]), np.array([at.s2[step - 1]])
         g = gradient(self.params, s1, s2, val=np.ones(1))[0]
         value = float(self.law(s1, s2)[0] + self["delta"])
-        return value, self.t95 * math.sqrt(max(g @ self.cov @ g, 0.0) + self.sigma_val ** 2)
+        return value, self.t95 * math.sqrt(max(g @ self.cov @ g, 0.0) + self.sigma_val**2)
 
     def difference(self, a: tuple[Areas, int], b: tuple[Areas, int]) -> tuple[float, float]:
         """(val loss at a - val loss at b, 95% half-width of that difference): the parameters'
         uncertainty only, correlated between the two (the val scatter and delta cancel)."""
-        ga, gb = (gradient(self.params, np.array([x.s1[s - 1]]), np.array([x.s2[s - 1]]), np.ones(1))[0]
-                  for x, s in (a, b))
+        ga, gb = (
+            gradient(self.params, np.array([x.s1[s - 1]]), np.array([x.s2[s - 1]]), np.ones(1))[0]
+            for x, s in (a, b)
+        )
         la, lb = (float(self.law(x.s1[s - 1], x.s2[s - 1])) for x, s in (a, b))
         g = ga - gb
         return la - lb, self.t95 * math.sqrt(max(g @ self.cov @ g, 0.0))
 
     def formula(self) -> str:
         if not self.train_curves:
-            return (f"L_val = {self['L0']:.3f} + {self['A']:.3g} * S1^-{self['alpha']:.3f} - {self['C']:.3g} * S2 "
-                    f"(+- {self.stderr('L0'):.2g}, {self.stderr('A'):.2g}, {self.stderr('alpha'):.2g}, "
-                    f"{self.stderr('C'):.2g}; val losses only)")
-        return (f"L = {self['L0']:.3f} + {self['A']:.3g} * S1^-{self['alpha']:.3f} - {self['C']:.3g} * S2 "
-                f"(val +{self['delta']:.3f}; +- {self.stderr('L0'):.2g}, {self.stderr('A'):.2g}, "
-                f"{self.stderr('alpha'):.2g}, {self.stderr('C'):.2g}, {self.stderr('delta'):.2g})")
+            return (
+                f"L_val = {self['L0']:.3f} + {self['A']:.3g} * S1^-{self['alpha']:.3f} - {self['C']:.3g} * S2 "
+                f"(+- {self.stderr('L0'):.2g}, {self.stderr('A'):.2g}, {self.stderr('alpha'):.2g}, "
+                f"{self.stderr('C'):.2g}; val losses only)"
+            )
+        return (
+            f"L = {self['L0']:.3f} + {self['A']:.3g} * S1^-{self['alpha']:.3f} - {self['C']:.3g} * S2 "
+            f"(val +{self['delta']:.3f}; +- {self.stderr('L0'):.2g}, {self.stderr('A'):.2g}, "
+            f"{self.stderr('alpha'):.2g}, {self.stderr('C'):.2g}, {self.stderr('delta'):.2g})"
+        )
 
 
 def gradient(params: np.ndarray, s1: np.ndarray, s2: np.ndarray, val: np.ndarray) -> np.ndarray:
     """d(law + delta * val)/d(params) at each (s1, s2): shape [len(s1), 5]."""
     _, a, alpha, _, _ = params
     power = np.power(s1, -alpha)
-    return np.stack([np.ones_like(s1), power, -a * power * np.log(s1), -np.asarray(s2, dtype=np.float64),
-                     np.asarray(val, dtype=np.float64)], axis=1)
+    return np.stack(
+        [
+            np.ones_like(s1),
+            power,
+            -a * power * np.log(s1),
+            -np.asarray(s2, dtype=np.float64),
+            np.asarray(val, dtype=np.float64),
+        ],
+        axis=1,
+    )
 
 
 @dataclass
 class Design:
     """Every observed point as the steps it averages: step k of the flattened arrays belongs to point
     `point[k]`; the point's prediction is the mean of the law over its steps (+ delta for a val loss)."""
+
     s1: np.ndarray
     s2: np.ndarray
     point: np.ndarray
@@ -118,8 +134,8 @@ def design(obs: Observations, train_curves: bool = True) -> Design:
         spans = [(a, b, loss, False) for a, b, loss in branch.train] * train_curves
         spans += [(s, s, loss, True) for s, loss in branch.val]
         for first, last, loss, val in spans:
-            s1.append(branch.areas.s1[first - 1:last])
-            s2.append(branch.areas.s2[first - 1:last])
+            s1.append(branch.areas.s1[first - 1 : last])
+            s2.append(branch.areas.s2[first - 1 : last])
             point.append(np.full(last - first + 1, len(y)))
             y.append(loss)
             is_val.append(val)
@@ -127,8 +143,15 @@ def design(obs: Observations, train_curves: bool = True) -> Design:
         raise LossModelError(f"{obs.run_dir}: no losses to fit")
     point = np.concatenate(point)
     is_val = np.array(is_val)
-    return Design(np.concatenate(s1), np.concatenate(s2), point, np.bincount(point).astype(np.float64),
-                  np.array(y), is_val, is_val.astype(np.float64) if train_curves else np.zeros(len(y)))
+    return Design(
+        np.concatenate(s1),
+        np.concatenate(s2),
+        point,
+        np.bincount(point).astype(np.float64),
+        np.array(y),
+        is_val,
+        is_val.astype(np.float64) if train_curves else np.zeros(len(y)),
+    )
 
 
 def predictions(params: np.ndarray, d: Design) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +160,9 @@ def predictions(params: np.ndarray, d: Design) -> tuple[np.ndarray, np.ndarray]:
     per_step = l0 + a * np.power(d.s1, -alpha) - c * d.s2
     grads = gradient(params, d.s1, d.s2, np.zeros_like(d.s1))
     mean = np.bincount(d.point, weights=per_step) / d.counts
-    jac = np.stack([np.bincount(d.point, weights=grads[:, j]) / d.counts for j in range(4)] + [d.offset], axis=1)
+    jac = np.stack(
+        [np.bincount(d.point, weights=grads[:, j]) / d.counts for j in range(4)] + [d.offset], axis=1
+    )
     return mean + delta * d.offset, jac
 
 
@@ -152,8 +177,9 @@ def solve(d: Design, weights: np.ndarray) -> optimize.OptimizeResult:
     best = None
     for alpha in ALPHA_STARTS:
         start = np.array([max(floor * 0.5, 0.0), max(floor * 0.5, 1e-3), alpha, 0.0, 0.0])
-        found = optimize.least_squares(residuals, start, jac=jacobian, bounds=(LOWER, UPPER), x_scale="jac",
-                                       method="trf", max_nfev=2000)
+        found = optimize.least_squares(
+            residuals, start, jac=jacobian, bounds=(LOWER, UPPER), x_scale="jac", method="trf", max_nfev=2000
+        )
         if best is None or found.cost < best.cost:
             best = found
     return best
@@ -165,14 +191,18 @@ def fit_loss_model(obs: Observations, train_curves: bool | None = None) -> LossM
     d = design(obs)
     n_val = int(d.is_val.sum())
     if n_val < 2:
-        raise LossModelError(f"{obs.run_dir}: {n_val} validation loss(es) to fit against; the model needs 2 "
-                             "(the run's periodic evals, eval.every_steps, or finished cooldowns)")
+        raise LossModelError(
+            f"{obs.run_dir}: {n_val} validation loss(es) to fit against; the model needs 2 "
+            "(the run's periodic evals, eval.every_steps, or finished cooldowns)"
+        )
     if train_curves is None:
         train_curves = n_val < VAL_ONLY_POINTS
     if not train_curves:
         d = design(obs, train_curves=False)
     if len(d.y) <= len(NAMES) + 1:
-        raise LossModelError(f"{obs.run_dir}: {len(d.y)} logged losses for {len(NAMES)} parameters; train longer")
+        raise LossModelError(
+            f"{obs.run_dir}: {len(d.y)} logged losses for {len(NAMES)} parameters; train longer"
+        )
     first = solve(d, np.ones(len(d.y)))
     sigma = scatter(first.fun, d.is_val)
     weights = np.where(d.is_val, 1.0 / sigma[1], 1.0 / sigma[0])
@@ -180,19 +210,31 @@ def fit_loss_model(obs: Observations, train_curves: bool | None = None) -> LossM
     raw = found.fun / weights
     sigma = scatter(raw, d.is_val)
     dof = max(len(d.y) - len(NAMES) + (not train_curves), 1)  # delta is no parameter without train windows
-    s2 = float(np.sum(found.fun ** 2)) / dof
+    s2 = float(np.sum(found.fun**2)) / dof
     cov = s2 * np.linalg.pinv(found.jac.T @ found.jac)
     warnings = []
     if found.x[NAMES.index("C")] <= 1e-9:
-        warnings.append("C = 0 (no annealing benefit fitted): the curves hold no annealing yet; finish a cooldown")
+        warnings.append(
+            "C = 0 (no annealing benefit fitted): the curves hold no annealing yet; finish a cooldown"
+        )
     if found.x[NAMES.index("alpha")] in (LOWER[2], UPPER[2]):
         warnings.append(f"alpha at the edge of [{LOWER[2]}, {UPPER[2]}]: the curve is not a power law here")
-    return LossModelFit(found.x, cov, sigma[0] if train_curves else math.nan, sigma[1], len(d.y), n_val, warnings,
-                        train_curves=train_curves)
+    return LossModelFit(
+        found.x,
+        cov,
+        sigma[0] if train_curves else math.nan,
+        sigma[1],
+        len(d.y),
+        n_val,
+        warnings,
+        train_curves=train_curves,
+    )
 
 
 def scatter(residuals: np.ndarray, is_val: np.ndarray) -> tuple[float, float]:
     """RMS residual of the train windows and of the val losses (a floor keeps weights finite)."""
+
     def rms(x):
-        return max(float(np.sqrt(np.mean(x ** 2))) if len(x) else 0.0, 1e-6)
+        return max(float(np.sqrt(np.mean(x**2))) if len(x) else 0.0, 1e-6)
+
     return rms(residuals[~is_val]), rms(residuals[is_val])

@@ -6,6 +6,7 @@ it is kept as a window (first step, last step, mean loss); a val loss is the los
 main run's first `skip_steps` steps (default: twice the warmup) are left out: the law describes the
 loss after the warmup, not the fall from the initial log(vocab).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,9 @@ def windows(records: list[dict], first_step: int) -> list[tuple[int, int, float]
     return out
 
 
-def load_observations(run_dir: Path, until_step: int | None = None, skip_steps: int | None = None) -> Observations:
+def load_observations(
+    run_dir: Path, until_step: int | None = None, skip_steps: int | None = None
+) -> Observations:
     """The run's branches as logged; with `until_step`, only what was known when the main run was at
     that step (its records up to it, the cooldowns that ended by then: a fork of c steps finishes about
     when the main run has done c more): for backtests."""
@@ -68,16 +71,24 @@ def load_observations(run_dir: Path, until_step: int | None = None, skip_steps: 
         raise LossModelError(f"--run {run_dir}: not a run directory (no config.yaml)")
     optim = load_config(run_dir / "config.yaml").optim
     skip = 2 * optim.warmup_steps if skip_steps is None else skip_steps
-    metrics = [r for r in read_jsonl(run_dir / "metrics.jsonl") if until_step is None or r["step"] <= until_step]
+    metrics = [
+        r for r in read_jsonl(run_dir / "metrics.jsonl") if until_step is None or r["step"] <= until_step
+    ]
     train = [r for r in metrics if r.get("kind") == "train"]
     if not train:
         raise LossModelError(f"--run {run_dir}: the main run has logged no train losses yet")
     last = train[-1]["step"]
     tokens_per_step = train[-1]["tokens"] / last
-    main = Branch("main", areas(branch_lrs(optim, last), optim.max_lr),
-                  train=[w for w in windows(train, 0) if w[0] > skip],
-                  val=[(r["step"], float(r["val_loss"])) for r in metrics
-                       if r.get("kind") == "eval" and r["step"] > skip and np.isfinite(r.get("val_loss", np.nan))])
+    main = Branch(
+        "main",
+        areas(branch_lrs(optim, last), optim.max_lr),
+        train=[w for w in windows(train, 0) if w[0] > skip],
+        val=[
+            (r["step"], float(r["val_loss"]))
+            for r in metrics
+            if r.get("kind") == "eval" and r["step"] > skip and np.isfinite(r.get("val_loss", np.nan))
+        ],
+    )
     branches, results = [main], []
     for path in sorted((run_dir / "cooldowns").glob("from_*/result.json")):
         parsed = parse_cooldown_name(path.parent.name)
@@ -89,8 +100,14 @@ def load_observations(run_dir: Path, until_step: int | None = None, skip_steps: 
             continue
         curve = [r for r in read_jsonl(path.parent / "metrics.jsonl") if r.get("kind") == "train"]
         end = step + steps
-        branches.append(Branch(path.parent.name, areas(branch_lrs(optim, end, (step, steps, shape)), optim.max_lr),
-                               train=windows(curve, step), val=[(end, float(result["val_loss"]))]))
+        branches.append(
+            Branch(
+                path.parent.name,
+                areas(branch_lrs(optim, end, (step, steps, shape)), optim.max_lr),
+                train=windows(curve, step),
+                val=[(end, float(result["val_loss"]))],
+            )
+        )
         results.append({**result, "name": path.parent.name})
     return Observations(run_dir, optim, branches, tokens_per_step, last, results)
 

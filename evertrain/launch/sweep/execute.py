@@ -2,6 +2,7 @@
 process (at most --parallel at once, each as soon as its checkpoint exists), log every invocation, and
 write OUT/results.json from results.collect.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,15 +41,24 @@ def claim_out_dir(plan: SweepPlan, out: Path) -> None:
         existing = json.loads(path.read_text())
         if existing != wanted:
             changed = sorted(k for k in wanted if existing.get(k) != wanted[k])
-            raise SweepError(f"{path}: this directory holds a sweep with other settings "
-                             f"({', '.join(changed).replace('config_hash', 'the config')}); use another --out")
+            raise SweepError(
+                f"{path}: this directory holds a sweep with other settings "
+                f"({', '.join(changed).replace('config_hash', 'the config')}); use another --out"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(wanted, indent=1))
 
 
-def run_jobs(plan: SweepPlan, out: Path, jobs, parallel: int = 2, poll_s: float = 1.0, echo=print,
-             load_samples: list | None = None) -> None:
+def run_jobs(
+    plan: SweepPlan,
+    out: Path,
+    jobs,
+    parallel: int = 2,
+    poll_s: float = 1.0,
+    echo=print,
+    load_samples: list | None = None,
+) -> None:
     """Run every unfinished job, at most `parallel` at once, each as soon as it is ready; the 1-min
     load average goes into `load_samples` about once a minute (the box is shared)."""
     if parallel < 1:
@@ -73,13 +83,15 @@ def run_jobs(plan: SweepPlan, out: Path, jobs, parallel: int = 2, poll_s: float 
                 log.close()
                 del running[proc]
                 if proc.returncode != 0 or not job.done(out):
-                    raise SweepError(f"{job.name}: exited with status {proc.returncode} "
-                                     f"({last_line(Path(log.name))}); see {log.name}")
+                    raise SweepError(
+                        f"{job.name}: exited with status {proc.returncode} "
+                        f"({last_line(Path(log.name))}); see {log.name}"
+                    )
                 echo(f"sweep: {job.name} done in {time.monotonic() - started:.0f} s")
             ready = [job for job in pending if job.ready(out)]
             if not running and pending and not ready:
                 raise SweepError(f"{pending[0].name}: waits for a checkpoint that no run will write")
-            for job in ready[:parallel - len(running)]:
+            for job in ready[: parallel - len(running)]:
                 pending.remove(job)
                 log_path = out / "logs" / f"{job.name}.log"
                 log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,9 +131,19 @@ def run_sweep(plan: SweepPlan, out: str | Path, parallel: int = 2, echo=print, a
         run_jobs(plan, out, jobs, parallel=parallel, echo=echo, load_samples=load)
     finally:  # the wall time and load of every invocation, finished or not, for the page
         with open(out / "invocations.jsonl", "a") as f:
-            f.write(json.dumps({"start": start_time, "wall_s": time.monotonic() - started, "parallel": parallel,
-                                "cells": [c.name for c in plan.cells()], "averages": averages,
-                                "load_1min": load}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "start": start_time,
+                        "wall_s": time.monotonic() - started,
+                        "parallel": parallel,
+                        "cells": [c.name for c in plan.cells()],
+                        "averages": averages,
+                        "load_1min": load,
+                    }
+                )
+                + "\n"
+            )
     results = collect(plan, out, averages)
     text = safe_json.dumps(results, indent=1)
     atomic_write_text(out / "results.json", text)

@@ -36,6 +36,7 @@ the open-ended runs' checkpoints, which are all kept, so a later run without it 
     OUT/invocations.jsonl    wall time and load average of every invocation
     OUT/results.json         the table's numbers, written when every run is done
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,9 +59,17 @@ FULL_AVERAGE_LAST = 5  # checkpoints at 0.80, 0.85, 0.90, 0.95, 1.00 T: the cool
 # --quick checks the pipeline, not the science: a one-layer model and tens of steps
 QUICK_HORIZONS = (10, 20, 40)
 QUICK_AVERAGE_LAST = 3
-QUICK_OVERRIDES = ("model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=2",
-                   "model.seq_len=32", "train.micro_batch_size=4", "eval.batches=2",
-                   "optim.warmup_steps=4", "optim.rsqrt_timescale=8")
+QUICK_OVERRIDES = (
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.n_kv_heads=2",
+    "model.seq_len=32",
+    "train.micro_batch_size=4",
+    "eval.batches=2",
+    "optim.warmup_steps=4",
+    "optim.rsqrt_timescale=8",
+)
 # the plan fields that only add runs (cells, open-ended runs, forks) and change none: they may grow
 # in one OUT, reusing what is done (the cosine runs serve every schedule and shape)
 GRID_FIELDS = ("max_lrs", "seeds", "schedules", "shapes")
@@ -90,8 +99,10 @@ class SweepPlan:
             raise SweepError(f"--cooldown-fraction: must be in (0, 1), got {self.cooldown_fraction}")
         for t in h:
             if not 0 < self.cooldown_steps(t) < t:
-                raise SweepError(f"--cooldown-fraction: {self.cooldown_fraction} of horizon {t} is "
-                                 f"{self.cooldown_steps(t)} cooldown steps; use longer horizons")
+                raise SweepError(
+                    f"--cooldown-fraction: {self.cooldown_fraction} of horizon {t} is "
+                    f"{self.cooldown_steps(t)} cooldown steps; use longer horizons"
+                )
         for shape in self.shapes:
             if shape not in COOLDOWN_SHAPES:
                 raise SweepError(f"--shapes: {shape!r} is not one of {'|'.join(COOLDOWN_SHAPES)}")
@@ -107,8 +118,10 @@ class SweepPlan:
             for t in h:
                 c = self.cooldown_steps(t)
                 if k < 2 or c % (k - 1):
-                    raise SweepError(f"--average-last: {k} checkpoints cannot split the {c}-step window "
-                                     f"before horizon {t} evenly (need K >= 2 and {c} divisible by K - 1)")
+                    raise SweepError(
+                        f"--average-last: {k} checkpoints cannot split the {c}-step window "
+                        f"before horizon {t} evenly (need K >= 2 and {c} divisible by K - 1)"
+                    )
 
     def cooldown_steps(self, horizon: int) -> int:
         return round(self.cooldown_fraction * horizon)
@@ -129,8 +142,10 @@ class SweepPlan:
     @property
     def checkpoint_every(self) -> int:
         """Checkpoints land on every fork point and every averaged step (and all of them are kept)."""
-        return math.gcd(*(self.fork_step(t) for t in self.horizons),
-                        *(s for t in self.horizons for s in self.average_steps(t)))
+        return math.gcd(
+            *(self.fork_step(t) for t in self.horizons),
+            *(s for t in self.horizons for s in self.average_steps(t)),
+        )
 
     def cells(self) -> list[Cell]:
         """One cell per (seed, max_lr), seed by seed."""
@@ -153,13 +168,22 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return "_".join([*([f"lr{self.lr:g}"] if self.lr is not None else []),
-                         *([f"seed{self.seed}"] if self.seed is not None else [])]) or "base"
+        return (
+            "_".join(
+                [
+                    *([f"lr{self.lr:g}"] if self.lr is not None else []),
+                    *([f"seed{self.seed}"] if self.seed is not None else []),
+                ]
+            )
+            or "base"
+        )
 
     @property
     def overrides(self) -> tuple[str, ...]:
-        return (*((f"optim.max_lr={self.lr!r}",) if self.lr is not None else ()),
-                *((f"train.seed={self.seed}",) if self.seed is not None else ()))
+        return (
+            *((f"optim.max_lr={self.lr!r}",) if self.lr is not None else ()),
+            *((f"train.seed={self.seed}",) if self.seed is not None else ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -178,8 +202,17 @@ class TrainJob:
         return True
 
     def command(self, plan: SweepPlan, out: Path) -> list[str]:
-        return [sys.executable, str(PRETRAIN), "--config", plan.config, "--run-dir", str(out / self.name),
-                "--engine", "single", *self.overrides]
+        return [
+            sys.executable,
+            str(PRETRAIN),
+            "--config",
+            plan.config,
+            "--run-dir",
+            str(out / self.name),
+            "--engine",
+            "single",
+            *self.overrides,
+        ]
 
 
 def checkpoint_ready(out: Path, run: str, step: int) -> bool:
@@ -210,9 +243,21 @@ class ForkJob:
         return checkpoint_ready(out, self.run, self.step)
 
     def command(self, plan: SweepPlan, out: Path) -> list[str]:
-        return [sys.executable, "-m", "evertrain.launch.fork", "--run", str(out / self.run),
-                "--step", str(self.step), "--cooldown-steps", str(self.cooldown_steps),
-                "--shape", self.shape, "--engine", "single"]
+        return [
+            sys.executable,
+            "-m",
+            "evertrain.launch.fork",
+            "--run",
+            str(out / self.run),
+            "--step",
+            str(self.step),
+            "--cooldown-steps",
+            str(self.cooldown_steps),
+            "--shape",
+            self.shape,
+            "--engine",
+            "single",
+        ]
 
 
 @dataclass(frozen=True)
@@ -238,8 +283,15 @@ class AverageJob:
         return all(checkpoint_ready(out, self.run, step) for step in self.steps)
 
     def command(self, plan: SweepPlan, out: Path) -> list[str]:
-        return [sys.executable, "-m", "evertrain.launch.average", "--run", str(out / self.run),
-                "--steps", ",".join(map(str, self.steps))]
+        return [
+            sys.executable,
+            "-m",
+            "evertrain.launch.average",
+            "--run",
+            str(out / self.run),
+            "--steps",
+            ",".join(map(str, self.steps)),
+        ]
 
 
 def cosine_name(horizon: int) -> str:
@@ -251,20 +303,51 @@ def cell_jobs(plan: SweepPlan, cell: Cell, averages: bool = True) -> list[TrainJ
     as a fork point is checkpointed, the cosine runs longest first, the averages last."""
     last, c = plan.horizons[-1], cell.name
     common = (*plan.overrides, *cell.overrides, f"eval.every_steps={plan.eval_every}")
-    open_ended = [TrainJob(f"{c}/{decay}", last,
-                           (*common, f"optim.decay={decay}", f"train.max_steps={last}",
-                            f"checkpoint.every_steps={plan.checkpoint_every}",
-                            f"checkpoint.keep_every={plan.checkpoint_every}"))
-                  for decay in plan.schedules]
-    forks = [ForkJob(f"{c}/{decay}", plan.fork_step(t), plan.cooldown_steps(t), shape)
-             for t in plan.horizons for decay in plan.schedules for shape in plan.shapes]
-    cosines = [TrainJob(f"{c}/{cosine_name(t)}", t,
-                        (*common, "optim.decay=cosine", f"optim.horizon={t}", f"train.max_steps={t}",
-                         f"checkpoint.every_steps={plan.eval_every}", "checkpoint.keep_last=1",
-                         "checkpoint.keep_every=0"))
-               for t in reversed(plan.horizons)]
-    averaged = [AverageJob(f"{c}/{decay}", tuple(plan.average_steps(t)))
-                for t in plan.horizons for decay in plan.schedules] if averages and plan.average_last else []
+    open_ended = [
+        TrainJob(
+            f"{c}/{decay}",
+            last,
+            (
+                *common,
+                f"optim.decay={decay}",
+                f"train.max_steps={last}",
+                f"checkpoint.every_steps={plan.checkpoint_every}",
+                f"checkpoint.keep_every={plan.checkpoint_every}",
+            ),
+        )
+        for decay in plan.schedules
+    ]
+    forks = [
+        ForkJob(f"{c}/{decay}", plan.fork_step(t), plan.cooldown_steps(t), shape)
+        for t in plan.horizons
+        for decay in plan.schedules
+        for shape in plan.shapes
+    ]
+    cosines = [
+        TrainJob(
+            f"{c}/{cosine_name(t)}",
+            t,
+            (
+                *common,
+                "optim.decay=cosine",
+                f"optim.horizon={t}",
+                f"train.max_steps={t}",
+                f"checkpoint.every_steps={plan.eval_every}",
+                "checkpoint.keep_last=1",
+                "checkpoint.keep_every=0",
+            ),
+        )
+        for t in reversed(plan.horizons)
+    ]
+    averaged = (
+        [
+            AverageJob(f"{c}/{decay}", tuple(plan.average_steps(t)))
+            for t in plan.horizons
+            for decay in plan.schedules
+        ]
+        if averages and plan.average_last
+        else []
+    )
     return [*open_ended, *forks, *cosines, *averaged]
 
 

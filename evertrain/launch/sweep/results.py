@@ -2,6 +2,7 @@
 table (`aggregate`: per row and horizon the best max_lr by mean over seeds, the half range over seeds,
 the gap to cosine and the verdict), the regime (tokens per parameter, epochs) and the compute.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,14 +63,25 @@ def collect_cell(plan: SweepPlan, out: Path, cell: Cell, averages: bool = True) 
         if cooldown == "none":
             return at(schedule, t)
         if cooldown == "average":
-            return json.loads(AverageJob(f"{c}/{schedule}", tuple(plan.average_steps(t)))
-                              .result_path(out).read_text())["val_loss"]
-        return read_result(ForkJob(f"{c}/{schedule}", plan.fork_step(t), plan.cooldown_steps(t), cooldown)
-                           .result_dir(out))["val_loss"]
+            return json.loads(
+                AverageJob(f"{c}/{schedule}", tuple(plan.average_steps(t))).result_path(out).read_text()
+            )["val_loss"]
+        return read_result(
+            ForkJob(f"{c}/{schedule}", plan.fork_step(t), plan.cooldown_steps(t), cooldown).result_dir(out)
+        )["val_loss"]
 
-    return [{"schedule": schedule, "cooldown": cooldown, "lr": cfg.optim.max_lr, "seed": cfg.train.seed,
-             "horizon": t, "val_loss": loss(schedule, cooldown, t)}
-            for schedule, cooldown in row_keys(plan, averages) for t in plan.horizons]
+    return [
+        {
+            "schedule": schedule,
+            "cooldown": cooldown,
+            "lr": cfg.optim.max_lr,
+            "seed": cfg.train.seed,
+            "horizon": t,
+            "val_loss": loss(schedule, cooldown, t),
+        }
+        for schedule, cooldown in row_keys(plan, averages)
+        for t in plan.horizons
+    ]
 
 
 def aggregate(records: list[dict], average_last: int = 0) -> list[dict]:
@@ -86,8 +98,11 @@ def aggregate(records: list[dict], average_last: int = 0) -> list[dict]:
     for schedule, cooldown in keys:
         cells = {}
         for t in horizons:
-            by_lr = [(lr, *mean_and_half_range(losses[schedule, cooldown, t, lr]))
-                     for lr in lrs if (schedule, cooldown, t, lr) in losses]
+            by_lr = [
+                (lr, *mean_and_half_range(losses[schedule, cooldown, t, lr]))
+                for lr in lrs
+                if (schedule, cooldown, t, lr) in losses
+            ]
             best = min(range(len(by_lr)), key=lambda i: by_lr[i][1])
             lr, mean, half = by_lr[best]
             edge = None
@@ -95,11 +110,22 @@ def aggregate(records: list[dict], average_last: int = 0) -> list[dict]:
                 edge = "low"
             elif len(lrs) > 1 and lr == lrs[-1]:
                 edge = "high"
-            cells[str(t)] = {"lr": lr, "mean": mean, "half_range": half,
-                             "seeds": len(losses[schedule, cooldown, t, lr]),
-                             "by_lr": [{"lr": x, "mean": m, "half_range": h} for x, m, h in by_lr], "edge": edge}
-        rows.append({"label": row_label(schedule, cooldown, average_last), "schedule": schedule,
-                     "cooldown": cooldown, "cells": cells})
+            cells[str(t)] = {
+                "lr": lr,
+                "mean": mean,
+                "half_range": half,
+                "seeds": len(losses[schedule, cooldown, t, lr]),
+                "by_lr": [{"lr": x, "mean": m, "half_range": h} for x, m, h in by_lr],
+                "edge": edge,
+            }
+        rows.append(
+            {
+                "label": row_label(schedule, cooldown, average_last),
+                "schedule": schedule,
+                "cooldown": cooldown,
+                "cells": cells,
+            }
+        )
     cosine = next((row for row in rows if row["cooldown"] is None), None)
     for row in rows:
         for t, cell in row["cells"].items():
@@ -153,11 +179,21 @@ def regime(plan: SweepPlan) -> dict:
     params, embedding = model_size(plan.config, plan.overrides)
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len
     train_tokens = sum(s.tokens for s in load_manifest(cfg.data.path).train)
-    return {"params": params, "embedding_params": embedding, "tokens_per_step": per_step,
-            "train_tokens": train_tokens,
-            "horizons": {str(t): {"tokens": t * per_step, "tokens_per_param": t * per_step / params,
-                                  "tokens_per_non_embedding_param": t * per_step / (params - embedding),
-                                  "epochs": t * per_step / train_tokens} for t in plan.horizons}}
+    return {
+        "params": params,
+        "embedding_params": embedding,
+        "tokens_per_step": per_step,
+        "train_tokens": train_tokens,
+        "horizons": {
+            str(t): {
+                "tokens": t * per_step,
+                "tokens_per_param": t * per_step / params,
+                "tokens_per_non_embedding_param": t * per_step / (params - embedding),
+                "epochs": t * per_step / train_tokens,
+            }
+            for t in plan.horizons
+        },
+    }
 
 
 def compute_of(plan: SweepPlan) -> dict:
@@ -166,10 +202,17 @@ def compute_of(plan: SweepPlan) -> dict:
     last T (the averages themselves train nothing)."""
     cooldown_total = sum(plan.cooldown_steps(t) for t in plan.horizons)
     main = plan.fork_step(plan.horizons[-1])
-    compute = {"cosine_steps": sum(plan.horizons), "main_run_steps": main, "cooldown_steps": cooldown_total,
-               "fork_steps_per_shape": main + cooldown_total, "open_ended_to_last_t": plan.horizons[-1]}
+    compute = {
+        "cosine_steps": sum(plan.horizons),
+        "main_run_steps": main,
+        "cooldown_steps": cooldown_total,
+        "fork_steps_per_shape": main + cooldown_total,
+        "open_ended_to_last_t": plan.horizons[-1],
+    }
     compute["saving"] = 1.0 - compute["fork_steps_per_shape"] / compute["cosine_steps"]
-    per_cell = (sum(plan.horizons) + len(plan.schedules) * (plan.horizons[-1] + len(plan.shapes) * cooldown_total))
+    per_cell = sum(plan.horizons) + len(plan.schedules) * (
+        plan.horizons[-1] + len(plan.shapes) * cooldown_total
+    )
     compute["sweep_steps"] = per_cell * len(plan.cells())
     return compute
 
@@ -177,9 +220,15 @@ def compute_of(plan: SweepPlan) -> dict:
 def collect(plan: SweepPlan, out: Path, averages: bool = True) -> dict:
     """The sweep's numbers: every cell's records, the table, the regime and the compute."""
     records = [r for cell in plan.cells() for r in collect_cell(plan, out, cell, averages)]
-    return {"plan": plan.to_dict(), "eval_every": plan.eval_every, "records": records,
-            "rows": aggregate(records, plan.average_last), "regime": regime(plan), "compute": compute_of(plan),
-            "invocations": read_invocations(out)}
+    return {
+        "plan": plan.to_dict(),
+        "eval_every": plan.eval_every,
+        "records": records,
+        "rows": aggregate(records, plan.average_last),
+        "regime": regime(plan),
+        "compute": compute_of(plan),
+        "invocations": read_invocations(out),
+    }
 
 
 def read_invocations(out: Path) -> list[dict]:

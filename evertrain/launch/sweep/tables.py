@@ -2,6 +2,7 @@
 one run, the regime lines (what `evertrain sweep` prints and bench/horizon_sweep.py writes into
 docs/horizon_sweep.md).
 """
+
 from __future__ import annotations
 
 
@@ -41,14 +42,23 @@ def lr_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         for t in results["plan"]["horizons"]:
             cell = row["cells"][str(t)]
             means = {entry["lr"]: entry["mean"] for entry in cell["by_lr"]}
-            cells.append(" / ".join((f"**{means[lr]:.4f}**" if lr == cell["lr"] else f"{means[lr]:.4f}")
-                                    if lr in means else "-" for lr in lrs))
+            cells.append(
+                " / ".join(
+                    (f"**{means[lr]:.4f}**" if lr == cell["lr"] else f"{means[lr]:.4f}")
+                    if lr in means
+                    else "-"
+                    for lr in lrs
+                )
+            )
         rows.append([row["label"], *cells])
     return header, rows
 
 
-PAIRS = (("none", "cooldown", "no cooldown - cooldown"), ("average", "cooldown", "average - cooldown"),
-         ("none", "average", "no cooldown - average"))
+PAIRS = (
+    ("none", "cooldown", "no cooldown - cooldown"),
+    ("average", "cooldown", "average - cooldown"),
+    ("none", "average", "no cooldown - average"),
+)
 
 
 def paired_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -57,9 +67,15 @@ def paired_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     pair, so these are sharper than the table's across-seed comparison to cosine. The first cooldown
     shape stands for "cooldown"."""
     plan = results["plan"]
-    loss = {(r["schedule"], r["cooldown"], r["lr"], r["seed"], r["horizon"]): r["val_loss"] for r in results["records"]}
-    pairs = [(a, b, label) for a, b, label in PAIRS
-             if "average" not in (a, b) or any(key[1] == "average" for key in loss)]
+    loss = {
+        (r["schedule"], r["cooldown"], r["lr"], r["seed"], r["horizon"]): r["val_loss"]
+        for r in results["records"]
+    }
+    pairs = [
+        (a, b, label)
+        for a, b, label in PAIRS
+        if "average" not in (a, b) or any(key[1] == "average" for key in loss)
+    ]
     header = ["schedule", "T", *(f"{label}: min / mean / max" for _, _, label in pairs), "runs"]
     rows = []
     for decay in plan["schedules"]:
@@ -67,23 +83,32 @@ def paired_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             cells, n = [], 0
             for a, b, _ in pairs:
                 a, b = (plan["shapes"][0] if x == "cooldown" else x for x in (a, b))
-                diffs = [loss[key] - loss[(decay, b, *key[2:])] for key in loss
-                         if key[:2] == (decay, a) and key[4] == t and (decay, b, *key[2:]) in loss]
+                diffs = [
+                    loss[key] - loss[(decay, b, *key[2:])]
+                    for key in loss
+                    if key[:2] == (decay, a) and key[4] == t and (decay, b, *key[2:]) in loss
+                ]
                 n = len(diffs)
-                cells.append(f"{min(diffs):+.4f} / {sum(diffs) / n:+.4f} / {max(diffs):+.4f}" if diffs else "-")
+                cells.append(
+                    f"{min(diffs):+.4f} / {sum(diffs) / n:+.4f} / {max(diffs):+.4f}" if diffs else "-"
+                )
             rows.append([decay, str(t), *cells, str(n)])
     return header, rows
 
 
 def regime_lines(results: dict) -> list[str]:
     r = results["regime"]
-    lines = [f"model {r['params']:,} parameters, of which {r['embedding_params']:,} the tied token embedding "
-             f"(also the output head; counted): {r['tokens_per_step']} tokens per step, "
-             f"training split {r['train_tokens']:,} tokens"]
+    lines = [
+        f"model {r['params']:,} parameters, of which {r['embedding_params']:,} the tied token embedding "
+        f"(also the output head; counted): {r['tokens_per_step']} tokens per step, "
+        f"training split {r['train_tokens']:,} tokens"
+    ]
     for t, h in r["horizons"].items():
-        lines.append(f"T={t}: {h['tokens']:,} tokens = {h['tokens_per_param']:.1f} per parameter "
-                     f"({h['tokens_per_non_embedding_param']:.0f} per non-embedding parameter), "
-                     f"{h['epochs']:.2f} epochs")
+        lines.append(
+            f"T={t}: {h['tokens']:,} tokens = {h['tokens_per_param']:.1f} per parameter "
+            f"({h['tokens_per_non_embedding_param']:.0f} per non-embedding parameter), "
+            f"{h['epochs']:.2f} epochs"
+        )
     return lines
 
 
@@ -93,7 +118,9 @@ def print_results(results: dict) -> None:
 
     console = Console()
     header, rows = table_rows(results)
-    table = Table(*header, title="val loss at each horizon: mean ±half range over seeds @best max_lr (gap to cosine)")
+    table = Table(
+        *header, title="val loss at each horizon: mean ±half range over seeds @best max_lr (gap to cosine)"
+    )
     for row in rows:
         table.add_row(*row)
     console.print(table)
@@ -105,9 +132,11 @@ def print_results(results: dict) -> None:
     for line in regime_lines(results):
         console.print(line)
     c = results["compute"]
-    console.print(f"compute per cell: cosine way {c['cosine_steps']} steps; fork way {c['fork_steps_per_shape']} "
-                  f"steps per cooldown shape (open-ended run to the last fork point; "
-                  f"{saving_words(c['saving'])})")
+    console.print(
+        f"compute per cell: cosine way {c['cosine_steps']} steps; fork way {c['fork_steps_per_shape']} "
+        f"steps per cooldown shape (open-ended run to the last fork point; "
+        f"{saving_words(c['saving'])})"
+    )
 
 
 def saving_words(saving: float) -> str:

@@ -10,6 +10,7 @@
 The manager's names are imported lazily, so light readers of the layout (the forker, the report,
 the CLI) do not import torch just to read a meta.json.
 """
+
 from __future__ import annotations
 
 _MANAGER_NAMES = ("CheckpointManager", "SaveTimings", "load_consolidated", "check_model")
@@ -22,7 +23,11 @@ __all__ = [*_MANAGER_NAMES, *_STORE_NAMES, *_RETENTION_NAMES]
 def __getattr__(name: str):
     import importlib
 
-    for module, names in (("manager", _MANAGER_NAMES), ("store", _STORE_NAMES), ("retention", _RETENTION_NAMES)):
+    for module, names in (
+        ("manager", _MANAGER_NAMES),
+        ("store", _STORE_NAMES),
+        ("retention", _RETENTION_NAMES),
+    ):
         if name in names:
             return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,22 +17,27 @@ save, so staging is a memcpy into warm memory rather than a fresh allocation. Wi
 coordinate over collectives, so they run on a gloo group of their own (created once, in the main
 thread): the training collectives never share a group with a background thread.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 from evertrain import torch_compat
@@ -62,8 +67,10 @@ class DcpState:
     def stage(self, tmp_dir: Path) -> tuple[Future, Callable[[dict], None]]:
         """Start copying this rank's state to host memory: (a Future of the copy, the function that
         writes it, for the writer thread)."""
-        state = {"model": get_model_state_dict(self.module),
-                 "optim": get_optimizer_state_dict(self.module, self.engine.optimizer)["state"]}
+        state = {
+            "model": get_model_state_dict(self.module),
+            "optim": get_optimizer_state_dict(self.module, self.engine.optimizer)["state"],
+        }
         return self.stager.stage(state), lambda staged: self._write(staged, tmp_dir)
 
     def _write(self, staged: dict, tmp_dir: Path) -> dict[str, dict]:
@@ -101,8 +108,11 @@ class DcpState:
             raise CheckpointError(f"{step_dir}: cannot load: {first_line(exc)}") from None
         set_model_state_dict(self.module, state["model"])
         # param_groups (hyperparameters) come from this run's config, never from the checkpoint
-        set_optimizer_state_dict(self.module, self.engine.optimizer,
-                                 {"state": state["optim"], "param_groups": optim_sd["param_groups"]})
+        set_optimizer_state_dict(
+            self.module,
+            self.engine.optimizer,
+            {"state": state["optim"], "param_groups": optim_sd["param_groups"]},
+        )
 
     def load_slices(self, reader, source: Path) -> None:
         """Fill this engine from another engine's checkpoint, reading only this rank's rows of each
@@ -110,7 +120,9 @@ class DcpState:
         from evertrain.pretrain.checkpoint.slices import KEYS, Slice
 
         if not reader.has_moments:
-            raise CheckpointError(f"{source}: has no optimizer moments; resume it with the engine that wrote it")
+            raise CheckpointError(
+                f"{source}: has no optimizer moments; resume it with the engine that wrote it"
+            )
         get_optimizer_state_dict(self.module, self.engine.optimizer)  # creates the state on a fresh optimizer
         targets, slices = [], []
         for name, p in self.module.named_parameters():
@@ -175,4 +187,3 @@ def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
-

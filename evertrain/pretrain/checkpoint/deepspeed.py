@@ -21,19 +21,23 @@ through that format, though: its loader reads every parameter whole on every ran
 path wants a per-parameter `step`. A different world size, ZeRO stage (0-3) or engine is loaded by
 `load_slices`: each rank reads only the pieces of each parameter that its partition holds.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import torch
-from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-from evertrain.pretrain.checkpoint.staging import BackgroundStager
 from evertrain.pretrain.checkpoint.safe_load import deepspeed_safe_globals, load_trusted, weights_only_loads
 from evertrain.pretrain.checkpoint.slices import KEYS, MOMENTS, WEIGHT, Slice
+from evertrain.pretrain.checkpoint.staging import BackgroundStager
 from evertrain.pretrain.checkpoint.store import CheckpointError, HashingFile
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
@@ -112,11 +116,17 @@ class DeepSpeedState:
         """Run DeepSpeed's save (collectives here, in the caller's thread) and start the host copy:
         (a Future of the copy, the function that writes it)."""
         universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-        self.ds.save_checkpoint(str(tmp_dir.parent), tag=tmp_dir.name, save_latest=False,
-                                client_state={UNIVERSAL_CHECKPOINT_INFO: universal_info})
+        self.ds.save_checkpoint(
+            str(tmp_dir.parent),
+            tag=tmp_dir.name,
+            save_latest=False,
+            client_state={UNIVERSAL_CHECKPOINT_INFO: universal_info},
+        )
         paths, copy = self.writer.take_staged()
         self.written = sorted(Path(path).name for path in paths)
-        if self.engine.is_main:  # DeepSpeed drops its recovery scripts into save_dir: keep them with the shards
+        if (
+            self.engine.is_main
+        ):  # DeepSpeed drops its recovery scripts into save_dir: keep them with the shards
             for script in RECOVERY_SCRIPTS:
                 if (tmp_dir.parent / script).is_file():
                     os.replace(tmp_dir.parent / script, tmp_dir / script)
@@ -131,8 +141,12 @@ class DeepSpeedState:
     def load(self, step_dir: Path) -> None:
         """Native load: same world size and ZeRO stage as the checkpoint."""
         with weights_only_loads(step_dir, DEEPSPEED_SAFE_GLOBALS):
-            path, _ = self.ds.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+            path, _ = self.ds.load_checkpoint(
+                str(step_dir.parent),
+                tag=step_dir.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
         if path is None:
             raise CheckpointError(f"{step_dir}: DeepSpeed found no checkpoint to load")
 
@@ -143,7 +157,9 @@ class DeepSpeedState:
         group (`param._hp_mapping`) plus the whole low-precision weights every rank keeps, stage 0
         everything."""
         if not reader.has_moments:
-            raise CheckpointError(f"{source}: has no optimizer moments; resume it with the engine that wrote it")
+            raise CheckpointError(
+                f"{source}: has no optimizer moments; resume it with the engine that wrote it"
+            )
         params = [(name, p) for name, p in self.ds.module.named_parameters() if p.requires_grad]
         for name, p in params:
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
@@ -172,7 +188,7 @@ class DeepSpeedState:
             for key in KEYS:
                 piece = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=p.ds_tensor.device)
                 data = next(values)
-                piece[:data.numel()] = data
+                piece[: data.numel()] = data
                 if key == WEIGHT:
                     safe_set_local_fp32_param(p, piece)  # the fp32 master partition
                     p.ds_tensor.data.copy_(piece)  # the (low-precision) partition the forward gathers
@@ -194,7 +210,9 @@ class DeepSpeedState:
             if fragment is not None:
                 start = fragment.lp_fragment_address.start
                 fragments.append((p, fragment))
-                requests += [Slice(name, key, start, start + fragment.lp_fragment_address.numel) for key in MOMENTS]
+                requests += [
+                    Slice(name, key, start, start + fragment.lp_fragment_address.numel) for key in MOMENTS
+                ]
         values = iter(reader.read(requests))
         weights = {}
         for _, p in params:
@@ -218,8 +236,11 @@ class DeepSpeedState:
 
         optimizer = self.ds.optimizer
         if isinstance(optimizer, FP16_UnfusedOptimizer):
-            masters = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
-                       for lp, hp in zip(lps, hps)}
+            masters = {
+                id(lp): hp
+                for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+                for lp, hp in zip(lps, hps)
+            }
         else:
             masters = {id(p): p for _, p in params}
         create_moments(self.engine.optimizer, [masters[id(p)] for _, p in params])

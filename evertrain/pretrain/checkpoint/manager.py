@@ -23,6 +23,7 @@ optimizer's device step. Loading picks the cheapest correct path:
   anything else (stage, world size or engine change) -> checkpoint/slices.py: every rank reads only
                                                         the slices of each parameter it will hold
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,27 +34,37 @@ import random
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import evertrain
-from evertrain.pretrain.checkpoint import retention
-from evertrain.pretrain.checkpoint import store
+from evertrain.pretrain.checkpoint import retention, store
 from evertrain.pretrain.checkpoint.retention import apply_retention, is_pinned, pin, unpin
 from evertrain.pretrain.checkpoint.safe_load import first_line
 from evertrain.pretrain.checkpoint.store import CheckpointError, latest_checkpoint, read_meta
 from evertrain.pretrain.config import Config, config_hash, model_hash, model_shape, to_dict
 
-__all__ = ["CheckpointManager", "CheckpointError", "SaveTimings", "load_consolidated", "check_model",
-           "latest_checkpoint", "read_meta", "pin", "unpin", "is_pinned", "apply_retention"]
+__all__ = [
+    "CheckpointManager",
+    "CheckpointError",
+    "SaveTimings",
+    "load_consolidated",
+    "check_model",
+    "latest_checkpoint",
+    "read_meta",
+    "pin",
+    "unpin",
+    "is_pinned",
+    "apply_retention",
+]
 
 DCP_ENGINES = ("single", "fsdp")
 STOP_POLL_S = 0.05  # how soon a save waiting for the previous one notices a stop
@@ -62,6 +73,7 @@ STOP_POLL_S = 0.05  # how soon a save waiting for the previous one notices a sto
 @dataclass
 class SaveTimings:
     """Where a save's seconds went; the background parts are complete once `wait()` returned."""
+
     blocked: float = 0.0  # save() held up the caller: waiting for the previous save, gathering the state
     copy: float = 0.0  # the writer waited for the host copy (which runs while training goes on)
     write: float = 0.0  # this rank's shards and train_state on disk, fsynced
@@ -119,12 +131,16 @@ class CheckpointManager:
         tmp = store.tmp_dir_for(self.dir, step, self.nonce)
         tmp.mkdir(parents=True, exist_ok=True)
         copy, write = self.state.stage(tmp)
-        train_state = {"step": step, "optimizer_step": int(self.engine.optimizer.step_count),
-                       "rng": rng_state()}
+        train_state = {
+            "step": step,
+            "optimizer_step": int(self.engine.optimizer.step_count),
+            "rng": rng_state(),
+        }
         meta = self._meta(step, extra) if self.engine.is_main else None
         self.timings = SaveTimings()
-        self._in_flight = self._writer.submit(self._write_and_commit, tmp, copy, write, train_state, meta,
-                                              self.timings)
+        self._in_flight = self._writer.submit(
+            self._write_and_commit, tmp, copy, write, train_state, meta, self.timings
+        )
         if not self.cfg.checkpoint.async_save:
             self.wait()
         self.timings.blocked = time.perf_counter() - started
@@ -149,15 +165,26 @@ class CheckpointManager:
 
     def _meta(self, step: int, extra: dict) -> dict:
         cfg = to_dict(self.cfg)
-        return {"step": step, "tokens": extra.get("tokens"), "data": extra.get("data"), "extra": extra,
-                "schedule": cfg["optim"], "model": cfg["model"], "engine": self.engine.name,
-                "world_size": self.engine.world_size,
-                "zero_stage": self.state.zero_stage if self.engine.name == "deepspeed" else None,
-                "config_hash": config_hash(self.cfg), "model_hash": model_hash(self.cfg), "hash": store.HASH,
-                "created": time.time(), "evertrain_version": evertrain.__version__}
+        return {
+            "step": step,
+            "tokens": extra.get("tokens"),
+            "data": extra.get("data"),
+            "extra": extra,
+            "schedule": cfg["optim"],
+            "model": cfg["model"],
+            "engine": self.engine.name,
+            "world_size": self.engine.world_size,
+            "zero_stage": self.state.zero_stage if self.engine.name == "deepspeed" else None,
+            "config_hash": config_hash(self.cfg),
+            "model_hash": model_hash(self.cfg),
+            "hash": store.HASH,
+            "created": time.time(),
+            "evertrain_version": evertrain.__version__,
+        }
 
-    def _write_and_commit(self, tmp: Path, copy: Future, write, train_state: dict, meta: dict | None,
-                          timings: SaveTimings) -> None:
+    def _write_and_commit(
+        self, tmp: Path, copy: Future, write, train_state: dict, meta: dict | None, timings: SaveTimings
+    ) -> None:
         """Background thread: no collectives but DCP's own on its gloo group, only files."""
         try:
             self._write_and_commit_files(tmp, copy, write, train_state, meta, timings)
@@ -166,8 +193,9 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise  # wait() reports it in one line; the previous checkpoint stays LATEST
 
-    def _write_and_commit_files(self, tmp: Path, copy: Future, write, train_state: dict, meta: dict | None,
-                                timings: SaveTimings) -> None:
+    def _write_and_commit_files(
+        self, tmp: Path, copy: Future, write, train_state: dict, meta: dict | None, timings: SaveTimings
+    ) -> None:
         started = time.perf_counter()
         staged = copy.result()
         timings.copy, started = time.perf_counter() - started, time.perf_counter()
@@ -213,8 +241,10 @@ class CheckpointManager:
             return False
         except OSError as exc:  # a full or failing disk: the previous checkpoint stays LATEST
             where = exc.filename or self.dir
-            raise CheckpointError(f"{where}: checkpoint write failed ({exc.strerror or exc}); the previous "
-                                  f"checkpoint is intact and stays LATEST") from None
+            raise CheckpointError(
+                f"{where}: checkpoint write failed ({exc.strerror or exc}); the previous "
+                f"checkpoint is intact and stays LATEST"
+            ) from None
         finally:
             if not self.abandoned:
                 self._in_flight = None
@@ -290,7 +320,7 @@ class CheckpointManager:
     def _verify(self, step_dir: Path, meta: dict) -> None:
         """Every file's size, and its content hash unless checkpoint.verify=size; the work split
         over the ranks; all ranks raise together."""
-        names = sorted(meta["files"])[self.engine.rank::self.engine.world_size]
+        names = sorted(meta["files"])[self.engine.rank :: self.engine.world_size]
         error = None
         try:
             store.verify_files(step_dir, meta, names, mode=self.cfg.checkpoint.verify)
@@ -307,7 +337,11 @@ class CheckpointManager:
         """The optimizer's step, and this rank's RNG streams when the world size is unchanged."""
         self.engine.optimizer.set_step(meta["step"])
         own = step_dir / f"train_state.{self.engine.rank}.pt"
-        if meta["world_size"] == self.engine.world_size and meta["engine"] == self.engine.name and own.is_file():
+        if (
+            meta["world_size"] == self.engine.world_size
+            and meta["engine"] == self.engine.name
+            and own.is_file()
+        ):
             try:
                 state = torch.load(own, weights_only=True)
             except pickle.UnpicklingError as exc:
@@ -356,8 +390,10 @@ def check_model(step_dir: Path, meta: dict, cfg: Config) -> None:
     ours = model_shape(cfg)
     theirs = meta.get("model", {})
     diffs = [f"{key} {theirs.get(key)} vs {ours[key]}" for key in ours if theirs.get(key) != ours[key]]
-    raise CheckpointError(f"{step_dir}: written for a different model: {', '.join(diffs) or 'model hash differs'} "
-                          "(checkpoint vs config)")
+    raise CheckpointError(
+        f"{step_dir}: written for a different model: {', '.join(diffs) or 'model hash differs'} "
+        "(checkpoint vs config)"
+    )
 
 
 def shared_nonce(world_size: int) -> str:
@@ -371,10 +407,18 @@ def shared_nonce(world_size: int) -> str:
 def rng_state() -> dict:
     """Every RNG a training step might draw from, in a form torch.load(weights_only=True) reads."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -383,4 +427,6 @@ def set_rng_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )

@@ -17,6 +17,7 @@ Deleting races with pinning (another process), so a deletion first renames the s
 way (atomic), then looks for pins once more, and puts the directory back if one appeared. A pin is
 written into the directory itself, so a pin taken after that rename fails instead of pinning nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,15 @@ def pin(step_dir: Path, holder: str, ttl_s: float) -> Path:
     path = pins / f"{holder}.json"
     now = time.time()
     # `expires` is for people reading the file; observers go by `renewal` and `ttl_s` (see PinWatch)
-    record = {"holder": holder, "ttl_s": ttl_s, "renewal": secrets.token_hex(8), "created": now,
-              "expires": now + ttl_s, "host": socket.gethostname(), "pid": os.getpid()}
+    record = {
+        "holder": holder,
+        "ttl_s": ttl_s,
+        "renewal": secrets.token_hex(8),
+        "created": now,
+        "expires": now + ttl_s,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
     try:
         pins.mkdir(exist_ok=True)  # no parents=True: a deleted checkpoint must not be recreated
         atomic_write_text(path, json.dumps(record))
@@ -132,7 +140,10 @@ def has_live_pins(step_dir: Path) -> bool:
             continue
         except (OSError, ValueError, KeyError, TypeError):
             return True
-        if not (age > 2 * ttl_s or (record.get("host") == socket.gethostname() and not pid_alive(record.get("pid")))):
+        if not (
+            age > 2 * ttl_s
+            or (record.get("host") == socket.gethostname() and not pid_alive(record.get("pid")))
+        ):
             return True
     return False
 
@@ -157,7 +168,9 @@ def steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]
     return keep
 
 
-def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int, watch: PinWatch | None = None) -> list[Path]:
+def apply_retention(
+    ckpt_dir: Path, keep_last: int, keep_every: int, watch: PinWatch | None = None
+) -> list[Path]:
     """Delete committed checkpoints that no rule keeps; returns the deleted directories. Never
     raises for a filesystem error: it is reported and the directory is retried at the next call."""
     ckpt_dir = Path(ckpt_dir)
@@ -199,8 +212,10 @@ def remove_tree(path: Path) -> bool:
     errors = []
     shutil.rmtree(path, onerror=lambda fn, p, info: errors.append(f"{p}: {info[1].__class__.__name__}"))
     if errors:
-        report(f"could not delete {path} ({errors[0]}{f' and {len(errors) - 1} more' if len(errors) > 1 else ''}); "
-               "retrying at the next save")
+        report(
+            f"could not delete {path} ({errors[0]}{f' and {len(errors) - 1} more' if len(errors) > 1 else ''}); "
+            "retrying at the next save"
+        )
     return not path.exists()
 
 

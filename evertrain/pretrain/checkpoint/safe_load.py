@@ -17,6 +17,7 @@ them along with the file. Three kinds of pickle reach us:
 
 A refused file is a one-line CheckpointError naming it; nothing from it has run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,23 +44,35 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 # a path or a constructor that only builds a value; none can reach a shell or the filesystem.
 _DCP_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
-    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                 "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
     if hasattr(dcp_metadata, name)
 }
-_DCP_CLASSES.update({
-    ("torch", "Size"): torch.Size,
-    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
-    ("pathlib", "PosixPath"): pathlib.PosixPath,
-    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
-    ("pathlib", "Path"): pathlib.Path,
-})
+_DCP_CLASSES.update(
+    {
+        ("torch", "Size"): torch.Size,
+        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+        ("pathlib", "PosixPath"): pathlib.PosixPath,
+        ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+        ("pathlib", "Path"): pathlib.Path,
+    }
+)
 # private names a torch version's metadata pickles refer to: allowed where this torch has them
-_DCP_CLASSES.update({
-    (module.__name__, name): getattr(module, name)
-    for module, name in ((dcp_filesystem, "_StorageInfo"), (torch.serialization, "_get_layout"))
-    if hasattr(module, name)
-})
+_DCP_CLASSES.update(
+    {
+        (module.__name__, name): getattr(module, name)
+        for module, name in ((dcp_filesystem, "_StorageInfo"), (torch.serialization, "_get_layout"))
+        if hasattr(module, name)
+    }
+)
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -94,12 +107,16 @@ def check_storage_paths(step_dir: Path, metadata: Metadata) -> None:
     (`../step_.../__0_0.distcp`, an absolute one) would load another checkpoint's tensors."""
     storage = getattr(metadata, "storage_data", None) or {}
     if not isinstance(storage, dict):
-        raise CheckpointError(f"{step_dir / '.metadata'}: refused: storage_data is a {type(storage).__name__}")
+        raise CheckpointError(
+            f"{step_dir / '.metadata'}: refused: storage_data is a {type(storage).__name__}"
+        )
     for info in storage.values():
         relative = getattr(info, "relative_path", None)
         if not isinstance(relative, str) or "/" in relative or os.sep in relative:
-            raise CheckpointError(f"{step_dir / '.metadata'}: refused: data file {relative!r} is not a file "
-                                  f"name inside {step_dir}")
+            raise CheckpointError(
+                f"{step_dir / '.metadata'}: refused: data file {relative!r} is not a file "
+                f"name inside {step_dir}"
+            )
         confined_path(step_dir, relative, f"{step_dir / '.metadata'}: refused: data file")
 
 
@@ -117,7 +134,9 @@ class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self, *args, **kwargs) -> Metadata:
         # As FileSystemReader.read_metadata (torch 2.13), apart from the unpickler.
         rank = kwargs.get("rank")
-        metadata = self.metadata if rank is None else read_dcp_metadata(torch_compat.dcp_metadata_path(self, rank))
+        metadata = (
+            self.metadata if rank is None else read_dcp_metadata(torch_compat.dcp_metadata_path(self, rank))
+        )
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -152,8 +171,9 @@ def weights_only_loads(source: str | Path, safe_globals: list | tuple = ()):
         with torch.serialization.safe_globals(missing):
             yield
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{source}: refused a file that is not plain tensors and data: "
-                              f"{first_line(exc)}") from None
+        raise CheckpointError(
+            f"{source}: refused a file that is not plain tensors and data: {first_line(exc)}"
+        ) from None
     finally:
         if previous is None:
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)
@@ -197,7 +217,9 @@ def first_line(exc: BaseException) -> str:
         if isinstance(exc, CheckpointError):
             return str(exc)
     text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    for line in text:  # "...: WeightsUnpickler error: <reason>" (the reason may also follow on the next lines)
+    for (
+        line
+    ) in text:  # "...: WeightsUnpickler error: <reason>" (the reason may also follow on the next lines)
         reason = line.split(REASON_TAG, 1)[1].strip() if REASON_TAG in line else ""
         if reason:
             return reason
@@ -208,5 +230,8 @@ def first_line(exc: BaseException) -> str:
 
 def torch_advice(line: str) -> bool:
     """A line of torch's weights_only boilerplate rather than the reason."""
-    return ("weights_only" in line or line.endswith(REASON_TAG)
-            or line.startswith(("Check the documentation", "Please file an issue", "(1)", "(2)")))
+    return (
+        "weights_only" in line
+        or line.endswith(REASON_TAG)
+        or line.startswith(("Check the documentation", "Please file an issue", "(1)", "(2)"))
+    )

@@ -21,6 +21,7 @@ of host memory and I/O, never the whole model and optimizer state.
   named `bf16_zero_pp_rank_*` (stage 1 then runs DeepSpeed's BF16_Optimizer, whose file has the
   stage 1/2 keys), and stage 0 keeps fp32 masters beside the bf16 module: the masters are read.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,12 +84,14 @@ def open_reader(step_dir: Path, meta: dict) -> SliceReader:
         try:
             return ZeroReader(step_dir, meta)
         except (KeyError, TypeError, IndexError, AttributeError) as exc:  # files of another layout
-            raise CheckpointError(f"{step_dir}: not the layout of a DeepSpeed checkpoint "
-                                  f"({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{step_dir}: not the layout of a DeepSpeed checkpoint ({type(exc).__name__}: {exc})"
+            ) from None
     return DcpReader(step_dir)
 
 
 # -- DCP -----------------------------------------------------------------------------------------
+
 
 class _RowBlockPlanner(SafeLoadPlanner):
     """Reads given row blocks of given tensors into given buffers (instead of whole state dict entries)."""
@@ -104,7 +107,9 @@ class _RowBlockPlanner(SafeLoadPlanner):
             offsets = torch.Size([row] + [0] * (buffer.ndim - 1))
             chunk = ChunkStorageMetadata(offsets=offsets, sizes=buffer.size())
             items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-        self.bytes = sum(math.prod(item.lengths) * self.blocks[item.dest_index.fqn][1].element_size() for item in items)
+        self.bytes = sum(
+            math.prod(item.lengths) * self.blocks[item.dest_index.fqn][1].element_size() for item in items
+        )
         return LoadPlan(items)
 
     def lookup_tensor(self, index) -> torch.Tensor:
@@ -155,9 +160,15 @@ class DcpReader(SliceReader):
                     seen.add(key)
                     batch[key] = (first, buffer, i)
             planner = _RowBlockPlanner({key: (first, buffer) for key, (first, buffer, _) in batch.items()})
-            with warnings.catch_warnings():  # no_dist on purpose (this process reads alone); DCP warns every call
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-                dcp.load({}, storage_reader=SafeFileSystemReader(self.step_dir), planner=planner, no_dist=True)
+            with (
+                warnings.catch_warnings()
+            ):  # no_dist on purpose (this process reads alone); DCP warns every call
+                warnings.filterwarnings(
+                    "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+                )
+                dcp.load(
+                    {}, storage_reader=SafeFileSystemReader(self.step_dir), planner=planner, no_dist=True
+                )
             self.bytes_read += planner.bytes
             for first, buffer, i in batch.values():
                 offset, numel = cuts[i]
@@ -167,6 +178,7 @@ class DcpReader(SliceReader):
 
 
 # -- DeepSpeed -----------------------------------------------------------------------------------
+
 
 def _load_mmap(path: Path):
     if not path.is_file():
@@ -183,8 +195,10 @@ def check_dense(obj, path: Path) -> None:
         held = obj.untyped_storage().nbytes() // max(obj.element_size(), 1)
         last = obj.storage_offset() + sum((n - 1) * abs(st) for n, st in zip(obj.shape, obj.stride()))
         if obj.numel() and (obj.numel() > held or last >= held):
-            raise CheckpointError(f"{path}: holds a tensor of shape {tuple(obj.shape)} and strides {obj.stride()} "
-                                  f"that its {obj.untyped_storage().nbytes()} bytes of storage do not back")
+            raise CheckpointError(
+                f"{path}: holds a tensor of shape {tuple(obj.shape)} and strides {obj.stride()} "
+                f"that its {obj.untyped_storage().nbytes()} bytes of storage do not back"
+            )
     elif isinstance(obj, dict):
         for value in obj.values():
             check_dense(value, path)
@@ -242,7 +256,9 @@ class ZeroReader(SliceReader):
             path = self.step_dir / f"{prefix}_{rank}_mp_rank_00_optim_states.pt"
             if path.is_file():
                 return path
-        return self.step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"  # _load_mmap names it missing
+        return (
+            self.step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        )  # _load_mmap names it missing
 
     def _optim(self, rank: int) -> dict:
         return _load_mmap(self._optim_path(rank))["optimizer_state_dict"]
@@ -256,7 +272,11 @@ class ZeroReader(SliceReader):
                 pieces = sd["fp32_flat_groups"] if key == WEIGHT else [state[i][key] for i in sorted(state)]
             else:
                 state = sd["base_optimizer_state"]["state"]
-                pieces = sd["single_partition_of_fp32_groups"] if key == WEIGHT else [state[i][key] for i in sorted(state)]
+                pieces = (
+                    sd["single_partition_of_fp32_groups"]
+                    if key == WEIGHT
+                    else [state[i][key] for i in sorted(state)]
+                )
             self._flats[(rank, key)] = _Flat(list(pieces))
         return self._flats[(rank, key)]
 
@@ -275,7 +295,9 @@ class ZeroReader(SliceReader):
         self.fragments: dict[str, list[tuple[int, int, int, int]]] = {name: [] for name in self.shapes}
         for rank in range(self.world_size):
             sd = self._optim(rank)
-            partition_starts = [0]  # this rank's partition of group g starts at flat index 0 of its piece list
+            partition_starts = [
+                0
+            ]  # this rank's partition of group g starts at flat index 0 of its piece list
             for g, piece in enumerate(sd["single_partition_of_fp32_groups"]):
                 partition_starts.append(partition_starts[-1] + piece.numel())
             for g, mapping in enumerate(sd["param_slice_mappings"]):
@@ -288,8 +310,10 @@ class ZeroReader(SliceReader):
                 placed.append((at, rank, flat_start, numel))
                 at += numel
             if at != self.shapes[name].numel():
-                raise CheckpointError(f"{self.step_dir}: the ZeRO fragments of '{name}' cover {at} of "
-                                      f"{self.shapes[name].numel()} elements")
+                raise CheckpointError(
+                    f"{self.step_dir}: the ZeRO fragments of '{name}' cover {at} of "
+                    f"{self.shapes[name].numel()} elements"
+                )
             self.fragments[name] = placed
 
     def _init_stage0(self, meta: dict) -> None:

@@ -20,6 +20,7 @@ The buffers are DCP's `StateDictStager` (kept between saves by storage, pinned o
 of FSDP2 and DeepSpeed's nested state dicts stage the same way. At most one staging is in flight: the
 manager waits for the previous save before it stages the next.
 """
+
 from __future__ import annotations
 
 import time
@@ -65,7 +66,9 @@ class BackgroundStager:
         """Called before the optimizer writes the state: order that write after the copy."""
         if self.cuda:
             if self.event is not None:
-                torch.cuda.current_stream(self.device).wait_event(self.event)  # the device waits, not the host
+                torch.cuda.current_stream(self.device).wait_event(
+                    self.event
+                )  # the device waits, not the host
                 self.event = None
         elif self.copy_done is not None:
             copy_done, self.copy_done = self.copy_done, None

@@ -9,6 +9,7 @@ are true only after the rename, so a crash at any moment leaves the old checkpoi
 `*.tmp-*` directory that nothing reads and the next run removes. No collectives here: rank 0 learns
 that the other ranks finished from their marker files, so this can run in a background thread.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,6 +50,7 @@ def step_of(path: Path) -> int | None:
 
 
 # -- small durable-file helpers ------------------------------------------------------------------
+
 
 def file_digest(path: Path, algorithm: str = HASH, chunk: int = 8 << 20) -> dict:
     """{"size", <algorithm>: hex} of a file. xxh3_128 runs ~7x faster than sha256 here, fast enough to
@@ -101,7 +103,7 @@ class HashingFile:
             self.raw.close()
             self.digests[self.path.name] = {"size": self.size, HASH: self.hash.hexdigest()}
 
-    def __enter__(self) -> "HashingFile":
+    def __enter__(self) -> HashingFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -117,6 +119,7 @@ def entry_algorithm(entry: dict) -> str:
 
 
 # -- writing: temp dir, markers, meta, commit -----------------------------------------------------
+
 
 def tmp_dir_for(ckpt_dir: Path, step: int, nonce: str) -> Path:
     return Path(ckpt_dir) / f"{step_dir_name(step)}{TMP_TAG}{nonce}"
@@ -139,8 +142,9 @@ def write_done_marker(tmp_dir: Path, rank: int, files: dict[str, dict]) -> None:
     atomic_write_text(Path(tmp_dir) / f"done.{rank}", json.dumps(files, sort_keys=True))
 
 
-def wait_for_done_markers(tmp_dir: Path, world_size: int, timeout_s: float = 3600.0,
-                          poll_s: float = 0.01) -> dict[str, dict]:
+def wait_for_done_markers(
+    tmp_dir: Path, world_size: int, timeout_s: float = 3600.0, poll_s: float = 0.01
+) -> dict[str, dict]:
     """Rank 0: block until every rank's marker exists; returns the union of their file lists."""
     deadline = time.monotonic() + timeout_s
     files: dict[str, dict] = {}
@@ -148,7 +152,9 @@ def wait_for_done_markers(tmp_dir: Path, world_size: int, timeout_s: float = 360
         marker = Path(tmp_dir) / f"done.{rank}"
         while not marker.exists():
             if time.monotonic() > deadline:
-                raise CheckpointError(f"{marker}: rank {rank} did not finish its shards within {timeout_s:.0f}s")
+                raise CheckpointError(
+                    f"{marker}: rank {rank} did not finish its shards within {timeout_s:.0f}s"
+                )
             time.sleep(poll_s)
         files.update(json.loads(marker.read_text()))
     return files
@@ -171,6 +177,7 @@ def commit(tmp_dir: Path, meta: dict) -> Path:
 
 # -- reading: which checkpoint, is it intact ------------------------------------------------------
 
+
 def read_meta(step_dir: Path) -> dict:
     path = Path(step_dir) / META
     try:
@@ -184,13 +191,23 @@ def read_meta(step_dir: Path) -> dict:
     for key in ("step", "engine", "world_size", "model_hash", "files"):
         if key not in meta:
             raise CheckpointError(f"{path}: has no '{key}'")
-    if not isinstance(meta["step"], int) or not isinstance(meta["files"], dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("size"), int) for e in meta["files"].values()):
-        raise CheckpointError(f"{path}: 'step' is not an integer or 'files' not a table of {{name: {{size, hash}}}}")
-    if not isinstance(meta["world_size"], int) or meta["world_size"] < 1 or (
-            meta["engine"] == "deepspeed" and meta.get("zero_stage") not in (0, 1, 2, 3)):
-        raise CheckpointError(f"{path}: world_size {meta['world_size']!r} or zero_stage {meta.get('zero_stage')!r} "
-                              "is not a possible value")
+    if (
+        not isinstance(meta["step"], int)
+        or not isinstance(meta["files"], dict)
+        or not all(isinstance(e, dict) and isinstance(e.get("size"), int) for e in meta["files"].values())
+    ):
+        raise CheckpointError(
+            f"{path}: 'step' is not an integer or 'files' not a table of {{name: {{size, hash}}}}"
+        )
+    if (
+        not isinstance(meta["world_size"], int)
+        or meta["world_size"] < 1
+        or (meta["engine"] == "deepspeed" and meta.get("zero_stage") not in (0, 1, 2, 3))
+    ):
+        raise CheckpointError(
+            f"{path}: world_size {meta['world_size']!r} or zero_stage {meta.get('zero_stage')!r} "
+            "is not a possible value"
+        )
     check_confined(Path(step_dir), meta)
     return meta
 
@@ -200,11 +217,15 @@ def check_confined(step_dir: Path, meta: dict) -> None:
     another run's checkpoint, which would resume at its step), its name agrees with meta.json's step,
     and every file meta.json lists lies inside it (no absolute path, no `..`, no symlink out)."""
     if step_dir.is_symlink():
-        raise CheckpointError(f"{step_dir}: is a symbolic link (to {os.readlink(step_dir)}); a checkpoint is read "
-                              "only from its own directory (copy it instead)")
+        raise CheckpointError(
+            f"{step_dir}: is a symbolic link (to {os.readlink(step_dir)}); a checkpoint is read "
+            "only from its own directory (copy it instead)"
+        )
     named = step_of(step_dir)
     if named is not None and named != meta["step"]:
-        raise CheckpointError(f"{step_dir / META}: says step {meta['step']}, but the directory is {step_dir.name}")
+        raise CheckpointError(
+            f"{step_dir / META}: says step {meta['step']}, but the directory is {step_dir.name}"
+        )
     for name in meta["files"]:
         confined_path(step_dir, name, f"{step_dir / META}: file")
 
@@ -223,8 +244,7 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Committed step dirs, oldest first (temp dirs and anything without meta.json are skipped)."""
     if not Path(ckpt_dir).is_dir():
         return []
-    found = [p for p in Path(ckpt_dir).iterdir()
-             if step_of(p) is not None and (p / META).is_file()]
+    found = [p for p in Path(ckpt_dir).iterdir() if step_of(p) is not None and (p / META).is_file()]
     return sorted(found, key=step_of)
 
 
@@ -241,8 +261,10 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
         try:
             name = latest_file.read_text().strip()
         except UnicodeDecodeError:
-            raise CheckpointError(f"{latest_file}: not a step dir name (binary garbage); delete it to resume "
-                                  "from the newest complete checkpoint") from None
+            raise CheckpointError(
+                f"{latest_file}: not a step dir name (binary garbage); delete it to resume "
+                "from the newest complete checkpoint"
+            ) from None
         named = ckpt_dir / name
         if step_of(named) is None or not (named / META).is_file():
             raise CheckpointError(f"{latest_file}: names '{name}', which is not a complete checkpoint")
@@ -261,13 +283,16 @@ def rewind(ckpt_dir: Path, step: int, pinned=lambda step_dir: False) -> list[Pat
     committed = {step_of(p): p for p in complete_checkpoints(ckpt_dir)}
     if step not in committed:
         shown = ", ".join(map(str, list(committed)[-8:])) or "none"
-        raise CheckpointError(f"--resume-step {step}: no complete checkpoint at this step in {ckpt_dir} "
-                              f"(available: {shown})")
+        raise CheckpointError(
+            f"--resume-step {step}: no complete checkpoint at this step in {ckpt_dir} (available: {shown})"
+        )
     later = [p for s, p in committed.items() if s > step]
     for step_dir in later:
         if pinned(step_dir):
-            raise CheckpointError(f"--resume-step {step}: {step_dir} is pinned by a reader (a fork or an "
-                                  "export); wait for it, or remove its pins/ entry")
+            raise CheckpointError(
+                f"--resume-step {step}: {step_dir} is pinned by a reader (a fork or an "
+                "export); wait for it, or remove its pins/ entry"
+            )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for step_dir in later:
         os.rename(step_dir, step_dir.with_name(f"{step_dir.name}.abandoned-{stamp}"))
@@ -296,7 +321,8 @@ def verify_files(step_dir: Path, meta: dict, names: list[str] | None = None, mod
         try:
             algorithm = entry_algorithm(expected)
         except KeyError:
-            raise CheckpointError(f"{step_dir / META}: entry of '{name}' has none of the hashes "
-                                  f"{'|'.join(HASHES)}") from None
+            raise CheckpointError(
+                f"{step_dir / META}: entry of '{name}' has none of the hashes {'|'.join(HASHES)}"
+            ) from None
         if file_digest(path, algorithm)[algorithm] != expected[algorithm]:
             raise CheckpointError(f"{path}: {algorithm} does not match meta.json (corrupt shard)")

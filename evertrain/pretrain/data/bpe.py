@@ -1,6 +1,7 @@
 """Documents to a tokenizer: a data dir's own byte-fallback BPE sentencepiece model, trained on an even
 sample of the documents' paragraphs (sources.py reads them); the same bytes every time.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,6 +14,8 @@ from evertrain.pretrain.data.stream import DataError
 
 SENTENCE_CHARS = 1 << 14  # training text is fed as paragraphs, split further when longer than this
 TOKENIZER_SAMPLE_BYTES = 1 << 30  # the tokenizer trains on an even sample of at most this much text
+
+
 def paragraphs(text: str) -> Iterator[str]:
     """Blank-line separated paragraphs with their newlines, cut at SENTENCE_CHARS (sentencepiece skips
     longer sentences)."""
@@ -34,8 +37,12 @@ def paragraphs(text: str) -> Iterator[str]:
         yield "".join(current)
 
 
-def train_tokenizer(inputs: list[Input], vocab_size: int, sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
-                    options: ReadOptions = ReadOptions()) -> bytes:
+def train_tokenizer(
+    inputs: list[Input],
+    vocab_size: int,
+    sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
+    options: ReadOptions = ReadOptions(),
+) -> bytes:
     """A byte-fallback BPE model (serialized) trained on the documents' paragraphs; the same bytes every time.
 
     Text is kept as is (identity normalization, no whitespace collapsing, no dummy prefix) and "\\n" is
@@ -48,12 +55,28 @@ def train_tokenizer(inputs: list[Input], vocab_size: int, sample_bytes: int = TO
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sample, model_writer=model, vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-            user_defined_symbols=["\n"], allow_whitespace_only_pieces=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=4 * SENTENCE_CHARS,
-            input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+            sentence_iterator=sample,
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            user_defined_symbols=["\n"],
+            allow_whitespace_only_pieces=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            max_sentence_length=4 * SENTENCE_CHARS,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            num_threads=1,
+            minloglevel=2,
+        )
     except RuntimeError as exc:
         if not read.documents:  # sentencepiece would say "[!sentences_.empty()]"
             raise DataError(f"--input: no text to train the tokenizer on (read {read.summary()})") from None

@@ -3,6 +3,7 @@ decoded into documents and encoded whole by the tokenizer (tokenizer.py), each f
 `workers` processes; results are taken back in submission order, so the tokens, and the first bad
 record reported, are the same for any worker count. Token files pass through, checked id by id.
 """
+
 from __future__ import annotations
 
 import collections
@@ -17,7 +18,17 @@ import numpy as np
 from tqdm import tqdm
 
 from evertrain.pretrain.data import tokenizer as tok
-from evertrain.pretrain.data.sources import TOKENS, Counts, Decoded, Input, Raw, ReadOptions, account, decode, raw_pieces
+from evertrain.pretrain.data.sources import (
+    TOKENS,
+    Counts,
+    Decoded,
+    Input,
+    Raw,
+    ReadOptions,
+    account,
+    decode,
+    raw_pieces,
+)
 from evertrain.pretrain.data.stream import DTYPES, DataError
 
 ENCODE_BATCH_BYTES = 1 << 20  # input handed to one encoding process per task (whole documents)
@@ -36,6 +47,7 @@ def dtype_for(vocab_size: int) -> str:
 class Encoding:
     """How inputs become a data dir's tokens: its tokenizer, vocab and dtype, processes, shard size and
     how records are read."""
+
     tokenizer: tok.TokenizerSpec | None  # None when only token files are appended
     vocab_size: int
     dtype: str
@@ -83,6 +95,7 @@ def encode_pieces(pieces: list[Raw], options: ReadOptions, encode=None) -> tuple
 def encoded(items: Iterator[list[Raw] | np.ndarray], enc: Encoding, counts: Counts) -> Iterator[np.ndarray]:
     """Every item's tokens, in the items' order: batches decoded and encoded in this process (workers=1)
     or in `workers` processes, token chunks as they are. Bad records are counted, or raised, in order."""
+
     def finish(result) -> np.ndarray:
         tokens, decoded, documents = result
         account(decoded, documents, enc.options, counts)
@@ -95,18 +108,25 @@ def encoded(items: Iterator[list[Raw] | np.ndarray], enc: Encoding, counts: Coun
             if isinstance(item, np.ndarray):
                 yield item
             else:
-                yield finish(encode_pieces(item, enc.options, lambda texts: local.encode_joined(texts, dtype)))
+                yield finish(
+                    encode_pieces(item, enc.options, lambda texts: local.encode_joined(texts, dtype))
+                )
         return
     methods = multiprocessing.get_all_start_methods()
     # fork starts in milliseconds and inherits the imports; spawn where there is no fork
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     pending: collections.deque = collections.deque()
-    with ProcessPoolExecutor(enc.workers, mp_context=context, initializer=tok.init_worker,
-                             initargs=(enc.tokenizer, DTYPES[enc.dtype])) as pool:
+    with ProcessPoolExecutor(
+        enc.workers,
+        mp_context=context,
+        initializer=tok.init_worker,
+        initargs=(enc.tokenizer, DTYPES[enc.dtype]),
+    ) as pool:
         try:
             for item in items:
-                pending.append(item if isinstance(item, np.ndarray) else
-                               pool.submit(encode_pieces, item, enc.options))
+                pending.append(
+                    item if isinstance(item, np.ndarray) else pool.submit(encode_pieces, item, enc.options)
+                )
                 while len(pending) > PENDING_PER_WORKER * enc.workers:
                     yield _result(pending.popleft(), finish)
             while pending:
@@ -134,8 +154,10 @@ def token_array(path: Path, dtype_name: str) -> np.ndarray:
         except (ValueError, OSError) as exc:
             raise DataError(f"{path}: not a NumPy .npy array ({exc})") from None
         if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
-            raise DataError(f"{path}: expected a 1-D array of integer token ids, got {tokens.dtype} "
-                            f"of shape {tokens.shape}")
+            raise DataError(
+                f"{path}: expected a 1-D array of integer token ids, got {tokens.dtype} "
+                f"of shape {tokens.shape}"
+            )
         return tokens
     dtype = np.dtype(dtype_name).newbyteorder("<")
     size = path.stat().st_size
@@ -148,9 +170,11 @@ def token_file_chunks(path: Path, enc: Encoding) -> Iterator[np.ndarray]:
     """An already-tokenized file (documents joined by EOS), checked id by id."""
     tokens = token_array(path, enc.token_dtype or enc.dtype)
     for start in range(0, tokens.size, COPY_TOKENS):
-        chunk = np.array(tokens[start:start + COPY_TOKENS])  # a copy: the memmap closes when this ends
+        chunk = np.array(tokens[start : start + COPY_TOKENS])  # a copy: the memmap closes when this ends
         if chunk.min() < 0 or chunk.max() >= enc.vocab_size:
             bad = int(chunk.min()) if chunk.min() < 0 else int(chunk.max())
-            raise DataError(f"{path}: token id {bad} is outside this data dir's vocab of "
-                            f"{enc.vocab_size} (tokenized with another tokenizer, or another dtype?)")
+            raise DataError(
+                f"{path}: token id {bad} is outside this data dir's vocab of "
+                f"{enc.vocab_size} (tokenized with another tokenizer, or another dtype?)"
+            )
         yield chunk

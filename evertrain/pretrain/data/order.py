@@ -14,6 +14,7 @@ window costs O(log sources + log shards) time and O(1) memory however big the co
 Everything is a fixed function of (seed, epoch, the segments' manifests, where they joined).
 docs/data.md states the rule; data.py's TokenStream holds the cursor and the segments.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -158,10 +159,14 @@ class Items:
     starts: np.ndarray  # cumulative counts, len(shards) + 1
 
     @classmethod
-    def of(cls, shards: list[int], windows: list[int], weight: float) -> "Items":
+    def of(cls, shards: list[int], windows: list[int], weight: float) -> Items:
         counts = np.array([round(weight * n) for n in windows], dtype=np.int64)
-        return cls(np.array(shards, dtype=np.int64), np.array(windows, dtype=np.int64), counts,
-                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        return cls(
+            np.array(shards, dtype=np.int64),
+            np.array(windows, dtype=np.int64),
+            counts,
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        )
 
     @property
     def total(self) -> int:
@@ -175,7 +180,9 @@ class Items:
         window = offset % n
         resampled = count != n  # weight != 1: which windows repeat or are left out is drawn per epoch
         if resampled.any():
-            shard_keys = mix64(np.uint64(key) ^ mix64(self.shards[j[resampled]].astype(np.uint64) + np.uint64(1)))
+            shard_keys = mix64(
+                np.uint64(key) ^ mix64(self.shards[j[resampled]].astype(np.uint64) + np.uint64(1))
+            )
             window[resampled] = permute(window[resampled], n[resampled], shard_keys)
         return self.shards[j], window
 
@@ -188,7 +195,7 @@ class Layout:
     items: tuple[Items, ...]
 
     @classmethod
-    def of(cls, shard_sources: list[str], shard_windows: list[int], weights: dict[str, float]) -> "Layout":
+    def of(cls, shard_sources: list[str], shard_windows: list[int], weights: dict[str, float]) -> Layout:
         names = sorted(set(shard_sources))
         sources, items = [], []
         for name in names:
@@ -252,8 +259,17 @@ class EpochOrder:
             added = {s: totals[s] - previous_total.get(s, 0) for s in layout.sources}
             live = [remaining[s] for s in layout.sources if remaining[s] > 0]
             keys = {s: key_of(seed, epoch, g, s) for s in layout.sources}
-            self.segments.append(Segment(start, layout, {s: taken.get(s, 0) for s in layout.sources}, remaining,
-                                         added, Blend(live) if live else None, keys))
+            self.segments.append(
+                Segment(
+                    start,
+                    layout,
+                    {s: taken.get(s, 0) for s in layout.sources},
+                    remaining,
+                    added,
+                    Blend(live) if live else None,
+                    keys,
+                )
+            )
         self.length = self.length_of(self.segments[-1])
         # which windows a weight != 1 repeats or leaves out is drawn per epoch, not per segment:
         # an item must be the same window whichever segment reads it
@@ -282,7 +298,9 @@ class EpochOrder:
             for k, name in enumerate(names):
                 mine = source == k
                 items = self._item(int(g), name, rank[mine])
-                sh[mine], wi[mine] = last.items[last.sources.index(name)].locate(items, self.window_keys[name])
+                sh[mine], wi[mine] = last.items[last.sources.index(name)].locate(
+                    items, self.window_keys[name]
+                )
             shard[here], window[here] = sh, wi
         return shard, window
 
@@ -297,6 +315,8 @@ class EpochOrder:
         out = np.empty_like(pooled)
         carried = pooled < old
         if carried.any():
-            out[carried] = self._item(g - 1, source, seg.taken[source] - prev.taken.get(source, 0) + pooled[carried])
+            out[carried] = self._item(
+                g - 1, source, seg.taken[source] - prev.taken.get(source, 0) + pooled[carried]
+            )
         out[~carried] = prev.layout.total(source) + pooled[~carried] - old
         return out

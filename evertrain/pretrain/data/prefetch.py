@@ -26,6 +26,7 @@ of its previous copy has completed (the worker waits for it, the training thread
 device batch is `record_stream`ed on the compute stream so the allocator does not hand its memory to
 the side stream while the step still reads it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,8 +47,17 @@ class Staged:
 class Prefetcher:
     """See the module docstring."""
 
-    def __init__(self, stream, global_windows: int, rank: int = 0, world_size: int = 1, *, depth: int = 2,
-                 device: torch.device | str = "cpu", limit: int | None = None):
+    def __init__(
+        self,
+        stream,
+        global_windows: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        depth: int = 2,
+        device: torch.device | str = "cpu",
+        limit: int | None = None,
+    ):
         if depth < 0:
             raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self.stream, self.depth, self.device = stream, depth, torch.device(device)
@@ -143,8 +153,9 @@ class Prefetcher:
             torch.cuda.set_device(self.device)
         while True:
             with self.cond:
-                while not self.closing and (self.paused or self.left == 0 or len(self.ready) >= self.depth
-                                            or self.error is not None):
+                while not self.closing and (
+                    self.paused or self.left == 0 or len(self.ready) >= self.depth or self.error is not None
+                ):
                     self.cond.wait()
                 if self.closing:
                     return

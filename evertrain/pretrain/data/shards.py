@@ -1,6 +1,7 @@
 """Tokens to a data dir's files: shards of exactly shard_tokens tokens (the last one shorter), each
 fsynced and hashed as it is written, and manifest.json (replaced atomically) naming them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,11 +17,14 @@ from evertrain.pretrain.data.encode import Encoding, encoded, work_items
 from evertrain.pretrain.data.sources import Counts, Input
 from evertrain.pretrain.data.stream import DTYPES, MANIFEST, Manifest, Shard, shard_name
 
+
 class ShardWriter:
     """Cuts a stream of tokens into shard files of exactly shard_tokens tokens (the last one shorter),
     named by position, each with its sha256."""
 
-    def __init__(self, directory: Path, split: str, first_index: int, shard_tokens: int, dtype: str, source: str):
+    def __init__(
+        self, directory: Path, split: str, first_index: int, shard_tokens: int, dtype: str, source: str
+    ):
         self.directory, self.split, self.index = directory, split, first_index
         self.shard_tokens, self.dtype, self.source = shard_tokens, DTYPES[dtype], source
         self.shards: list[Shard] = []
@@ -31,11 +35,11 @@ class ShardWriter:
             if self.file is None:
                 self.file = open(self.directory / shard_name(self.split, self.index), "wb")
                 self.filled, self.digest = 0, hashlib.sha256()
-            data = np.ascontiguousarray(tokens[:self.shard_tokens - self.filled], dtype=self.dtype)
+            data = np.ascontiguousarray(tokens[: self.shard_tokens - self.filled], dtype=self.dtype)
             self.file.write(data)  # the array's own buffer: no copy to bytes
             self.digest.update(data)
             self.filled += data.size
-            tokens = tokens[data.size:]
+            tokens = tokens[data.size :]
             if self.filled == self.shard_tokens:
                 self._finish()
 
@@ -43,7 +47,9 @@ class ShardWriter:
         self.file.flush()
         os.fsync(self.file.fileno())  # on disk before any manifest names it
         self.file.close()
-        self.shards.append(Shard(shard_name(self.split, self.index), self.filled, self.digest.hexdigest(), self.source))
+        self.shards.append(
+            Shard(shard_name(self.split, self.index), self.filled, self.digest.hexdigest(), self.source)
+        )
         self.file, self.index = None, self.index + 1
 
     def close(self) -> list[Shard]:
@@ -52,11 +58,24 @@ class ShardWriter:
         return self.shards
 
 
-def write_split(inputs: list[Input], enc: Encoding, directory: Path, split: str, first_index: int,
-                source: str, counts: Counts) -> list[Shard]:
+def write_split(
+    inputs: list[Input],
+    enc: Encoding,
+    directory: Path,
+    split: str,
+    first_index: int,
+    source: str,
+    counts: Counts,
+) -> list[Shard]:
     writer = ShardWriter(directory, split, first_index, enc.shard_tokens, enc.dtype, source)
-    with tqdm(total=sum(i.size for i in inputs), unit="B", unit_scale=True, desc=f"encoding {split}",
-              disable=None, file=sys.stderr) as bar:
+    with tqdm(
+        total=sum(i.size for i in inputs),
+        unit="B",
+        unit_scale=True,
+        desc=f"encoding {split}",
+        disable=None,
+        file=sys.stderr,
+    ) as bar:
         try:
             for tokens in encoded(work_items(inputs, enc, bar), enc, counts):
                 writer.write(tokens)

@@ -23,6 +23,7 @@ Contract:
 - `select_part(inputs, i, n)`: the i-th of n contiguous slices of the inputs, balanced by bytes, so
   that parts prepared on n machines and appended in order give the tokens of one whole prepare.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,21 +32,31 @@ import gzip
 import json
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from evertrain.pretrain.data.stream import DataError
 
 TEXT, JSONL, PARQUET, ARROW, TOKENS = "text", "jsonl", "parquet", "arrow", "tokens"
 ROWS = "rows"  # a piece of a Parquet or Arrow input: a batch of its text column
-SUFFIXES = {".jsonl": JSONL, ".jsonl.gz": JSONL, ".jsonl.zst": JSONL, ".parquet": PARQUET,
-            ".arrow": ARROW, ".bin": TOKENS, ".npy": TOKENS,
-            ".txt": TEXT}  # what a directory expands to
+SUFFIXES = {
+    ".jsonl": JSONL,
+    ".jsonl.gz": JSONL,
+    ".jsonl.zst": JSONL,
+    ".parquet": PARQUET,
+    ".arrow": ARROW,
+    ".bin": TOKENS,
+    ".npy": TOKENS,
+    ".txt": TEXT,
+}  # what a directory expands to
 HF_STATE, HF_DICT = "state.json", "dataset_dict.json"
 ARROW_BATCH_ROWS = 1024  # rows read from a parquet file per step
 JSONL_BLOCK_BYTES = 1 << 20  # JSONL is read in blocks of whole lines of about this size
-MAX_RECORD_BYTES = 64 << 20  # a JSONL line longer than this is refused (decoding it would take ~50x in memory)
+MAX_RECORD_BYTES = (
+    64 << 20
+)  # a JSONL line longer than this is refused (decoding it would take ~50x in memory)
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class ReadOptions:
 @dataclass
 class Counts:
     """What reading saw, for the summary line."""
+
     documents: int = 0
     empty: int = 0  # documents with no text, skipped
     bad: int = 0  # records skipped by --skip-bad
@@ -79,7 +91,9 @@ class Counts:
         return ", ".join(parts)
 
 
-def read_options(text_field: str = "text", split_docs: str | None = None, skip_bad: bool = False) -> ReadOptions:
+def read_options(
+    text_field: str = "text", split_docs: str | None = None, skip_bad: bool = False
+) -> ReadOptions:
     if split_docs is not None:
         try:
             re.compile(split_docs, re.MULTILINE)
@@ -91,6 +105,7 @@ def read_options(text_field: str = "text", split_docs: str | None = None, skip_b
 
 
 # ---------------------------------------------------------------------------------------------- expansion
+
 
 def kind_of(path: Path) -> str | None:
     name = path.name.lower()
@@ -118,8 +133,10 @@ def _expand_path(path: Path, flag: str, explicit: bool) -> list[Input]:
     if path.is_dir():
         if (path / HF_DICT).is_file():
             splits = json.loads((path / HF_DICT).read_text()).get("splits", [])
-            raise DataError(f"{flag} {path}: a Hugging Face DatasetDict; give one split's directory "
-                            f"({', '.join(str(path / s) for s in splits) or path / 'train'})")
+            raise DataError(
+                f"{flag} {path}: a Hugging Face DatasetDict; give one split's directory "
+                f"({', '.join(str(path / s) for s in splits) or path / 'train'})"
+            )
         if (path / HF_STATE).is_file():
             return hf_dataset_files(path, flag)
         found = []
@@ -129,8 +146,10 @@ def _expand_path(path: Path, flag: str, explicit: bool) -> list[Input]:
             if child.is_dir() or kind_of(child) is not None:
                 found += _expand_path(child, flag, explicit=False)
         if explicit and not found:
-            raise DataError(f"{flag} {path}: no input files in this directory "
-                            f"(looked for {', '.join(SUFFIXES)} and Hugging Face dataset directories)")
+            raise DataError(
+                f"{flag} {path}: no input files in this directory "
+                f"(looked for {', '.join(SUFFIXES)} and Hugging Face dataset directories)"
+            )
         return found
     if not path.is_file():
         raise DataError(f"{flag} {path}: not a file or directory")
@@ -167,8 +186,10 @@ def select_part(inputs: list[Input], index: int, parts: int) -> list[Input]:
     """Part `index` of `parts` contiguous slices, cut where the running byte count crosses k/parts of
     the total; every part gets at least one input."""
     if parts > len(inputs):
-        raise DataError(f"--part {index}/{parts}: only {len(inputs)} input files; a part is whole files, "
-                        f"so use at most {len(inputs)} parts")
+        raise DataError(
+            f"--part {index}/{parts}: only {len(inputs)} input files; a part is whole files, "
+            f"so use at most {len(inputs)} parts"
+        )
     total = sum(i.size for i in inputs)
     cuts, running, k = [0], 0, 1
     for position, inp in enumerate(inputs):
@@ -179,7 +200,7 @@ def select_part(inputs: list[Input], index: int, parts: int) -> list[Input]:
     cuts += [len(inputs)] * (parts + 1 - len(cuts))
     for k in range(1, parts):  # at least one file each: no cut before k files or after len - (parts - k)
         cuts[k] = min(max(cuts[k], cuts[k - 1] + 1), len(inputs) - (parts - k))
-    return inputs[cuts[index]:cuts[index + 1]]
+    return inputs[cuts[index] : cuts[index + 1]]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -190,9 +211,11 @@ def select_part(inputs: list[Input], index: int, parts: int) -> list[Input]:
 # encoded, in the encoding processes. `account` then turns bad records into the error or the count,
 # in input order, in the reading process.
 
+
 @dataclass(frozen=True)
 class Raw:
     """A piece of one input as read, not yet decoded into documents."""
+
     path: Path
     kind: str  # TEXT (data: the file's bytes), JSONL (bytes of whole lines), ROWS (a pyarrow string array)
     first: int  # number of the first line (JSONL, from 1) or row (ROWS, from 0)
@@ -204,6 +227,7 @@ class Raw:
 class Decoded:
     """The documents of one or more pieces: texts (non-empty), how many were empty, and the bad
     records in order as (where, why)."""
+
     texts: list[str]
     empty: int = 0
     bad: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -288,8 +312,9 @@ def _open_jsonl(path: Path) -> BinaryIO:
         try:
             import zstandard
         except ImportError:
-            raise DataError(f"{path}: reading .zst needs the `zstandard` package "
-                            "(pip install 'evertrain[data]')") from None
+            raise DataError(
+                f"{path}: reading .zst needs the `zstandard` package (pip install 'evertrain[data]')"
+            ) from None
         return ZstdFrames(path, zstandard.ZstdDecompressor())
     return open(path, "rb")
 
@@ -347,9 +372,11 @@ def _jsonl_raw(path: Path, options: ReadOptions) -> Iterator[Raw]:
                 rest = block[end:]
                 if len(rest) > MAX_RECORD_BYTES:
                     number = line + block.count(b"\n", 0, end)
-                    raise DataError(f"{path}:{number}: a record of more than {MAX_RECORD_BYTES:,} bytes (no "
-                                    "newline that long): too large a document to encode in memory, or not JSONL; "
-                                    "split it")
+                    raise DataError(
+                        f"{path}:{number}: a record of more than {MAX_RECORD_BYTES:,} bytes (no "
+                        "newline that long): too large a document to encode in memory, or not JSONL; "
+                        "split it"
+                    )
                 if end:
                     yield Raw(path, JSONL, line, block[:end], end)
                     line += block.count(b"\n", 0, end)
@@ -377,7 +404,9 @@ def _record_text(line: bytes, field: str) -> str | BadRecord:
         return BadRecord(f"no field '{field}' (it has: {keys}; choose one with --text-field)")
     text = record[field]
     if not isinstance(text, str):
-        return BadRecord(f"field '{field}' is {'null' if text is None else type(text).__name__}, not a string")
+        return BadRecord(
+            f"field '{field}' is {'null' if text is None else type(text).__name__}, not a string"
+        )
     return text
 
 
@@ -385,16 +414,19 @@ def _pyarrow(path: Path):
     try:
         import pyarrow
     except ImportError:
-        raise DataError(f"{path}: reading Parquet/Arrow needs the `pyarrow` package "
-                        "(pip install 'evertrain[data]')") from None
+        raise DataError(
+            f"{path}: reading Parquet/Arrow needs the `pyarrow` package (pip install 'evertrain[data]')"
+        ) from None
     return pyarrow
 
 
 def _text_column(path: Path, schema, field: str) -> None:
     pa = _pyarrow(path)
     if field not in schema.names:
-        raise DataError(f"{path}: no column '{field}' (it has: {', '.join(schema.names[:8])}; "
-                        "choose one with --text-field)")
+        raise DataError(
+            f"{path}: no column '{field}' (it has: {', '.join(schema.names[:8])}; "
+            "choose one with --text-field)"
+        )
     kind = schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
         raise DataError(f"{path}: column '{field}' is {kind}, not text")
@@ -415,8 +447,11 @@ def _parquet_raw(path: Path, options: ReadOptions) -> Iterator[Raw]:
     try:
         parquet = pq.ParquetFile(path)
         _text_column(path, parquet.schema_arrow, options.text_field)
-        yield from _column_pieces(path, parquet.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[options.text_field]),
-                                  options.text_field)
+        yield from _column_pieces(
+            path,
+            parquet.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[options.text_field]),
+            options.text_field,
+        )
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 

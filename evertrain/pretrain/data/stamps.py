@@ -11,6 +11,7 @@ The stamps live outside the data dir (which may be read-only or shared by nodes 
 copies): `$EVERTRAIN_CACHE` (default ~/.cache/evertrain)/verified/<host>-<data dir hash>.json, one
 file per node and data dir. Losing them only costs one full verification.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -9,6 +9,7 @@ windows are shuffled across all its shards and the sources are interleaved by we
 repeating or skipping a window; shards appended mid-epoch join the rest of the epoch, interleaved, as a
 new segment.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,22 +82,36 @@ class Manifest:
     def weight(self, source: str) -> float:
         return self.weights.get(source, 1.0)
 
-    def at_version(self, version: int) -> "Manifest":
+    def at_version(self, version: int) -> Manifest:
         """The manifest as it was at `version`: every split cut back to the shard counts of then."""
         if version == self.version:
             return self
         record = next((r for r in self.history if r["version"] == version), None)
         if record is None:
-            raise DataError(f"{self.data_dir / MANIFEST}: has no version {version} in its history "
-                            f"(it is at version {self.version}); is data.path the directory the run used?")
-        return dataclasses.replace(self, version=version, train=self.train[:record["train"]],
-                                   val=self.val[:record["val"]], history=self.history[:self.history.index(record) + 1])
+            raise DataError(
+                f"{self.data_dir / MANIFEST}: has no version {version} in its history "
+                f"(it is at version {self.version}); is data.path the directory the run used?"
+            )
+        return dataclasses.replace(
+            self,
+            version=version,
+            train=self.train[: record["train"]],
+            val=self.val[: record["val"]],
+            history=self.history[: self.history.index(record) + 1],
+        )
 
     def to_json(self) -> dict:
-        return {"version": self.version, "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id, "bos_id": self.bos_id, "dtype": self.dtype,
-                "weights": self.weights, "history": list(self.history),
-                **{split: [dataclasses.asdict(s) for s in self.shards(split)] for split in SPLITS}}
+        return {
+            "version": self.version,
+            "tokenizer": self.tokenizer,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "bos_id": self.bos_id,
+            "dtype": self.dtype,
+            "weights": self.weights,
+            "history": list(self.history),
+            **{split: [dataclasses.asdict(s) for s in self.shards(split)] for split in SPLITS},
+        }
 
 
 def load_manifest(data_dir: str | Path, verify_checksums: bool = False, stamps=None) -> Manifest:
@@ -119,9 +134,12 @@ def load_manifest(data_dir: str | Path, verify_checksums: bool = False, stamps=N
             _check_shard(data_dir, shard, manifest.dtype, verify_checksums, stamps)
     if verify_checksums:
         tokenizer_path = data_dir / manifest.tokenizer["path"]
-        if not tokenizer_path.is_file() or not _hash_matches(tokenizer_path, manifest.tokenizer["path"],
-                                                             manifest.tokenizer["sha256"], stamps):
-            raise DataError(f"{tokenizer_path}: missing or not the tokenizer manifest.json names (sha256 differs)")
+        if not tokenizer_path.is_file() or not _hash_matches(
+            tokenizer_path, manifest.tokenizer["path"], manifest.tokenizer["sha256"], stamps
+        ):
+            raise DataError(
+                f"{tokenizer_path}: missing or not the tokenizer manifest.json names (sha256 differs)"
+            )
         if stamps is not None:
             stamps.save()
     return manifest
@@ -153,30 +171,39 @@ def _parse(raw, data_dir: Path, path: Path) -> Manifest:
     vocab_size = get(raw, "vocab_size", int)
     capacity = 1 << (8 * DTYPES[dtype].itemsize)
     if vocab_size > capacity:
-        raise DataError(f"{path}: tokenizer vocab_size {vocab_size} does not fit token dtype {dtype} "
-                        f"(at most {capacity} ids); use uint32")
+        raise DataError(
+            f"{path}: tokenizer vocab_size {vocab_size} does not fit token dtype {dtype} "
+            f"(at most {capacity} ids); use uint32"
+        )
     eos_id = get(raw, "eos_id", int)
     if not 0 <= eos_id < vocab_size:
         raise DataError(f"{path}: 'eos_id' {eos_id} is outside the vocab of {vocab_size}")
     bos_id = raw.get("bos_id")
-    if bos_id is not None and not (isinstance(bos_id, int) and not isinstance(bos_id, bool) and 0 <= bos_id < vocab_size):
+    if bos_id is not None and not (
+        isinstance(bos_id, int) and not isinstance(bos_id, bool) and 0 <= bos_id < vocab_size
+    ):
         raise DataError(f"{path}: 'bos_id' {bos_id!r} is not null or an id of the vocab of {vocab_size}")
     tokenizer = get(raw, "tokenizer", dict)
     for key in ("path", "sha256"):
         get(tokenizer, key, str, "tokenizer.")
     weights = raw.get("weights", {})
     if not isinstance(weights, dict) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
-            for w in weights.values()):
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+        for w in weights.values()
+    ):
         raise DataError(f"{path}: 'weights' must map source names to finite numbers >= 0, got {weights!r}")
     shards = {}
     for split in SPLITS:
         entries = get(raw, split, list)
         shards[split] = tuple(
-            Shard(get(e, "file", str, f"{split}[{i}]."), get(e, "tokens", int, f"{split}[{i}]."),
-                  get(e, "sha256", str, f"{split}[{i}]."),
-                  get(e, "source", str, f"{split}[{i}].") if "source" in e else DEFAULT_SOURCE)
-            for i, e in enumerate(entries))
+            Shard(
+                get(e, "file", str, f"{split}[{i}]."),
+                get(e, "tokens", int, f"{split}[{i}]."),
+                get(e, "sha256", str, f"{split}[{i}]."),
+                get(e, "source", str, f"{split}[{i}].") if "source" in e else DEFAULT_SOURCE,
+            )
+            for i, e in enumerate(entries)
+        )
     version = get(raw, "version", int)
     history = raw.get("history") or [{"version": version, **{s: len(shards[s]) for s in SPLITS}}]
     if not isinstance(history, list):
@@ -185,8 +212,19 @@ def _parse(raw, data_dir: Path, path: Path) -> Manifest:
     for i, record in enumerate(history):
         for key in ("version", *SPLITS):
             get(record, key, int, f"history[{i}].")
-    return Manifest(data_dir, version, tokenizer, vocab_size, eos_id, bos_id, dtype, shards["train"],
-                    shards["val"], {k: float(v) for k, v in weights.items()}, history)
+    return Manifest(
+        data_dir,
+        version,
+        tokenizer,
+        vocab_size,
+        eos_id,
+        bos_id,
+        dtype,
+        shards["train"],
+        shards["val"],
+        {k: float(v) for k, v in weights.items()},
+        history,
+    )
 
 
 def _check_order(manifest: Manifest, split: str, path: Path) -> None:
@@ -194,18 +232,26 @@ def _check_order(manifest: Manifest, split: str, path: Path) -> None:
     shards = manifest.shards(split)
     for index, shard in enumerate(shards):
         if shard.file != shard_name(split, index):
-            raise DataError(f"{path}: {split} shard {index} is '{shard.file}' but should be "
-                            f"'{shard_name(split, index)}': shards cannot be reordered or dropped, only appended")
+            raise DataError(
+                f"{path}: {split} shard {index} is '{shard.file}' but should be "
+                f"'{shard_name(split, index)}': shards cannot be reordered or dropped, only appended"
+            )
     last = manifest.history[-1]
     if last["version"] != manifest.version:
-        raise DataError(f"{path}: 'history' ends at version {last['version']}, 'version' is {manifest.version}")
+        raise DataError(
+            f"{path}: 'history' ends at version {last['version']}, 'version' is {manifest.version}"
+        )
     recorded = last[split]
     if recorded > len(shards):
-        raise DataError(f"{path}: {split} shard '{shard_name(split, len(shards))}' is missing (version "
-                        f"{manifest.version} has {recorded} {split} shards): shards cannot be dropped")
+        raise DataError(
+            f"{path}: {split} shard '{shard_name(split, len(shards))}' is missing (version "
+            f"{manifest.version} has {recorded} {split} shards): shards cannot be dropped"
+        )
     if recorded < len(shards):
-        raise DataError(f"{path}: lists {len(shards)} {split} shards but its history records {recorded}; "
-                        "add shards with `evertrain data append`, not by hand")
+        raise DataError(
+            f"{path}: lists {len(shards)} {split} shards but its history records {recorded}; "
+            "add shards with `evertrain data append`, not by hand"
+        )
 
 
 def _check_shard(data_dir: Path, shard: Shard, dtype: str, verify_checksum: bool, stamps=None) -> None:
@@ -214,8 +260,10 @@ def _check_shard(data_dir: Path, shard: Shard, dtype: str, verify_checksum: bool
         raise DataError(f"{path}: shard listed in {MANIFEST} is missing")
     expected = shard.tokens * DTYPES[dtype].itemsize
     if path.stat().st_size != expected:
-        raise DataError(f"{path}: shard is {path.stat().st_size} bytes, {MANIFEST} says {shard.tokens} "
-                        f"{dtype} tokens = {expected} bytes (truncated or overwritten?)")
+        raise DataError(
+            f"{path}: shard is {path.stat().st_size} bytes, {MANIFEST} says {shard.tokens} "
+            f"{dtype} tokens = {expected} bytes (truncated or overwritten?)"
+        )
     if verify_checksum and not _hash_matches(path, shard.file, shard.sha256, stamps):
         raise DataError(f"{path}: shard sha256 does not match {MANIFEST} (corrupted or overwritten)")
 
@@ -227,20 +275,28 @@ def check_extends(old: Manifest, new: Manifest) -> None:
     if new.version < old.version:
         raise DataError(f"{path}: went back from version {old.version} to {new.version}")
     if (new.tokenizer["sha256"], new.dtype) != (old.tokenizer["sha256"], old.dtype):
-        raise DataError(f"{path}: tokenizer or dtype changed since version {old.version}; "
-                        "a data dir keeps one tokenizer (prepare a new one instead)")
+        raise DataError(
+            f"{path}: tokenizer or dtype changed since version {old.version}; "
+            "a data dir keeps one tokenizer (prepare a new one instead)"
+        )
     for split in SPLITS:
         before, after = old.shards(split), new.shards(split)
         for index, shard in enumerate(before):
             if index >= len(after):
-                raise DataError(f"{path}: {split} shard '{shard.file}' was dropped: shards can only be appended")
+                raise DataError(
+                    f"{path}: {split} shard '{shard.file}' was dropped: shards can only be appended"
+                )
             if after[index] != shard:
-                raise DataError(f"{path}: {split} shard '{shard.file}' changed since version {old.version} "
-                                f"(now {after[index]}): shards can only be appended")
+                raise DataError(
+                    f"{path}: {split} shard '{shard.file}' changed since version {old.version} "
+                    f"(now {after[index]}): shards can only be appended"
+                )
     for source in {s.source for split in SPLITS for s in old.shards(split)}:
         if new.weight(source) != old.weight(source):
-            raise DataError(f"{path}: weight of source '{source}' changed from {old.weight(source)} to "
-                            f"{new.weight(source)}; the stream already trained on it with the old weight")
+            raise DataError(
+                f"{path}: weight of source '{source}' changed from {old.weight(source)} to "
+                f"{new.weight(source)}; the stream already trained on it with the old weight"
+            )
 
 
 def shards_digest(shards) -> str:
@@ -251,8 +307,11 @@ def shards_digest(shards) -> str:
 
 def data_identity(manifest: Manifest, split: str) -> dict:
     """What a checkpoint records of the data it trained on: the tokenizer and the shard list."""
-    return {"tokenizer_sha256": manifest.tokenizer["sha256"], "shards_digest": shards_digest(manifest.shards(split)),
-            "shards": len(manifest.shards(split))}
+    return {
+        "tokenizer_sha256": manifest.tokenizer["sha256"],
+        "shards_digest": shards_digest(manifest.shards(split)),
+        "shards": len(manifest.shards(split)),
+    }
 
 
 def check_identity(state: dict, then: Manifest, split: str) -> None:
@@ -264,22 +323,30 @@ def check_identity(state: dict, then: Manifest, split: str) -> None:
     here = data_identity(then, split)
     path = then.data_dir / MANIFEST
     if state["tokenizer_sha256"] != here["tokenizer_sha256"]:
-        raise DataError(f"{path}: tokenizer sha256 {here['tokenizer_sha256'][:12]} is not the one the checkpoint "
-                        f"trained with ({state['tokenizer_sha256'][:12]}); is data.path the directory the run used?")
+        raise DataError(
+            f"{path}: tokenizer sha256 {here['tokenizer_sha256'][:12]} is not the one the checkpoint "
+            f"trained with ({state['tokenizer_sha256'][:12]}); is data.path the directory the run used?"
+        )
     if state.get("shards_digest") != here["shards_digest"]:
-        raise DataError(f"{path}: its first {here['shards']} {split} shards (digest {here['shards_digest'][:12]}) "
-                        f"are not the {state.get('shards')} the checkpoint trained on (digest "
-                        f"{str(state.get('shards_digest'))[:12]}); is data.path the directory the run used?")
+        raise DataError(
+            f"{path}: its first {here['shards']} {split} shards (digest {here['shards_digest'][:12]}) "
+            f"are not the {state.get('shards')} the checkpoint trained on (digest "
+            f"{str(state.get('shards_digest'))[:12]}); is data.path the directory the run used?"
+        )
 
 
 def no_windows_error(manifest: Manifest, split: str, seq_len: int) -> DataError:
     shards = manifest.shards(split)
     if not shards:
-        return DataError(f"{manifest.data_dir}: has no {split} shards (add some with "
-                         f"`evertrain data append --data {manifest.data_dir}{' --val' if split == 'val' else ''} FILES`)")
+        return DataError(
+            f"{manifest.data_dir}: has no {split} shards (add some with "
+            f"`evertrain data append --data {manifest.data_dir}{' --val' if split == 'val' else ''} FILES`)"
+        )
     longest = max(s.tokens for s in shards)
-    return DataError(f"{manifest.data_dir}: seq_len {seq_len} needs documents/shards of >= {seq_len + 1} tokens; "
-                     f"the longest {split} shard has {longest}")
+    return DataError(
+        f"{manifest.data_dir}: seq_len {seq_len} needs documents/shards of >= {seq_len + 1} tokens; "
+        f"the longest {split} shard has {longest}"
+    )
 
 
 class ShardReader:
@@ -300,7 +367,7 @@ class ShardReader:
 
     def read(self, shard: Shard, window_index: int) -> np.ndarray:
         start = window_index * self.window
-        return self.tokens(shard)[start:start + self.window]
+        return self.tokens(shard)[start : start + self.window]
 
 
 def mix_weights(manifest: Manifest, split: str, seq_len: int, mix: dict[str, float]) -> dict[str, float]:
@@ -316,8 +383,10 @@ def mix_weights(manifest: Manifest, split: str, seq_len: int, mix: dict[str, flo
     for source, share in mix.items():
         if share > 0 and not windows.get(source):
             have = ", ".join(f"{s} ({n} windows)" for s, n in sorted(windows.items())) or "none"
-            raise DataError(f"{manifest.data_dir}: mix source '{source}' has no {split} windows of seq_len "
-                            f"{seq_len} (sources: {have})")
+            raise DataError(
+                f"{manifest.data_dir}: mix source '{source}' has no {split} windows of seq_len "
+                f"{seq_len} (sources: {have})"
+            )
     length = min(windows[s] * total / share for s, share in mix.items() if share > 0)
     return {s: (mix.get(s, 0.0) / total) * length / windows[s] for s in windows if windows[s]}
 
@@ -332,8 +401,10 @@ def parse_mix(text: str) -> dict[str, float]:
         except ValueError:
             share = float("nan")
         if not sep or not name.strip() or not (math.isfinite(share) and share >= 0) or name.strip() in mix:
-            raise DataError(f"--data-weights {text!r}: expected SOURCE=SHARE,... with distinct sources and "
-                            "shares >= 0, e.g. hq=0.7,main=0.3")
+            raise DataError(
+                f"--data-weights {text!r}: expected SOURCE=SHARE,... with distinct sources and "
+                "shares >= 0, e.g. hq=0.7,main=0.3"
+            )
         mix[name.strip()] = share
     if not any(mix.values()):
         raise DataError(f"--data-weights {text!r}: at least one share must be > 0")
@@ -355,23 +426,37 @@ class TokenStream:
     cooldown mix); such a stream stays on the manifest version it started with.
     """
 
-    def __init__(self, data_dir: str | Path, seq_len: int, seed: int, split: str = "train",
-                 mix: dict[str, float] | None = None):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        seq_len: int,
+        seed: int,
+        split: str = "train",
+        mix: dict[str, float] | None = None,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if seed < 0:
             raise DataError(f"seed {seed}: the data order needs a seed >= 0")
         self.data_dir, self.seq_len, self.seed, self.split = Path(data_dir), seq_len, seed, split
         self.mix = dict(mix) if mix else None
-        self.cursor = self.epoch = self.epoch_start = 0  # global windows consumed; epoch number; its first window
+        self.cursor = self.epoch = self.epoch_start = (
+            0  # global windows consumed; epoch number; its first window
+        )
         self.orders: OrderedDict[tuple, EpochOrder] = OrderedDict()  # (epoch, segments) -> its order
         self._use(load_manifest(self.data_dir))
         self.segments = [(0, self.manifest.version)]  # (epoch offset, manifest version) read from there on
 
     def _layout(self, manifest: Manifest) -> Layout:
         shards = manifest.shards(self.split)
-        weights = manifest.weights if self.mix is None else mix_weights(manifest, self.split, self.seq_len, self.mix)
-        return Layout.of([s.source for s in shards], [s.tokens // (self.seq_len + 1) for s in shards], weights)
+        weights = (
+            manifest.weights
+            if self.mix is None
+            else mix_weights(manifest, self.split, self.seq_len, self.mix)
+        )
+        return Layout.of(
+            [s.source for s in shards], [s.tokens // (self.seq_len + 1) for s in shards], weights
+        )
 
     def _use(self, manifest: Manifest) -> None:
         self.manifest = manifest
@@ -387,7 +472,9 @@ class TokenStream:
 
     def next_batch(self, global_windows: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         if global_windows <= 0 or global_windows % world_size:
-            raise ValueError(f"global batch of {global_windows} windows does not split over {world_size} ranks")
+            raise ValueError(
+                f"global batch of {global_windows} windows does not split over {world_size} ranks"
+            )
         per_rank = global_windows // world_size
         first = self.cursor + rank * per_rank
         batch = self._windows(np.arange(first, first + per_rank, dtype=np.int64))
@@ -414,17 +501,25 @@ class TokenStream:
         segments = tuple(self.segments) if epoch == self.epoch else ((0, self.manifest_version),)
         key = (epoch, segments)
         if key not in self.orders:
-            layouts = [self.layout if v == self.manifest_version else self._layout(self.manifest.at_version(v))
-                       for _, v in segments]
+            layouts = [
+                self.layout if v == self.manifest_version else self._layout(self.manifest.at_version(v))
+                for _, v in segments
+            ]
             self.orders[key] = EpochOrder(self.seed, epoch, [start for start, _ in segments], layouts)
             if len(self.orders) > 4:
                 self.orders.popitem(last=False)
         return self.orders[key]
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch, "epoch_start": self.epoch_start,
-                "manifest_version": self.manifest_version, "segments": [list(s) for s in self.segments],
-                "mix": self.mix, **self.identity}
+        return {
+            "cursor": self.cursor,
+            "epoch": self.epoch,
+            "epoch_start": self.epoch_start,
+            "manifest_version": self.manifest_version,
+            "segments": [list(s) for s in self.segments],
+            "mix": self.mix,
+            **self.identity,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Go back to a saved position and to the manifest version it was read with; `refresh()`
@@ -434,21 +529,33 @@ class TokenStream:
                 raise DataError(f"data state: '{key}' should be an integer >= 0, got {state.get(key)!r}")
         segments = state.get("segments")
         if segments is None:
-            raise DataError("data state: no 'segments' (written by an evertrain before the interleaved stream, "
-                            "whose window order differs); finish that run with the evertrain that started it")
-        if (not isinstance(segments, list) or not segments
-                or not all(isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) for v in s)
-                           for s in segments)
-                or segments[0][0] != 0 or segments[-1][1] != state["manifest_version"]
-                or any(a[0] > b[0] or a[1] >= b[1] for a, b in zip(segments, segments[1:]))):
-            raise DataError(f"data state: 'segments' should be [[0, version], [offset, later version], ...] "
-                            f"ending at manifest_version {state['manifest_version']}, got {segments!r}")
+            raise DataError(
+                "data state: no 'segments' (written by an evertrain before the interleaved stream, "
+                "whose window order differs); finish that run with the evertrain that started it"
+            )
+        if (
+            not isinstance(segments, list)
+            or not segments
+            or not all(
+                isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) for v in s)
+                for s in segments
+            )
+            or segments[0][0] != 0
+            or segments[-1][1] != state["manifest_version"]
+            or any(a[0] > b[0] or a[1] >= b[1] for a, b in zip(segments, segments[1:]))
+        ):
+            raise DataError(
+                f"data state: 'segments' should be [[0, version], [offset, later version], ...] "
+                f"ending at manifest_version {state['manifest_version']}, got {segments!r}"
+            )
         if (state.get("mix") or None) != self.mix:
             raise DataError(f"data state: read with mix {state.get('mix')}, this stream has mix {self.mix}")
         current = load_manifest(self.data_dir)
         if state["manifest_version"] > current.version:
-            raise DataError(f"{self.data_dir / MANIFEST}: is at version {current.version} but the checkpoint "
-                            f"read version {state['manifest_version']}; is data.path the directory the run used?")
+            raise DataError(
+                f"{self.data_dir / MANIFEST}: is at version {current.version} but the checkpoint "
+                f"read version {state['manifest_version']}; is data.path the directory the run used?"
+            )
         then = current.at_version(state["manifest_version"])
         check_identity(state, then, self.split)
         for _, version in segments:
@@ -462,8 +569,10 @@ class TokenStream:
         except ValueError as exc:  # a segment that starts beyond its predecessor's epoch
             raise DataError(f"data state: {exc}") from None
         if not segments[-1][0] <= self.cursor - self.epoch_start <= length:
-            raise DataError(f"data state: cursor {state['cursor']} is outside epoch {state['epoch']} "
-                            f"({length} windows of seq_len {self.seq_len} from {self.data_dir})")
+            raise DataError(
+                f"data state: cursor {state['cursor']} is outside epoch {state['epoch']} "
+                f"({length} windows of seq_len {self.seq_len} from {self.data_dir})"
+            )
 
     def refresh(self) -> bool:
         """Re-read the manifest; if it grew, the rest of the epoch takes in the new shards (a new segment
@@ -482,8 +591,9 @@ class TokenStream:
         return True
 
 
-def val_batches(data_dir: str | Path, seq_len: int, n_batches: int, batch_windows: int,
-                rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+def val_batches(
+    data_dir: str | Path, seq_len: int, n_batches: int, batch_windows: int, rank: int = 0, world_size: int = 1
+) -> list[torch.Tensor]:
     """The first n_batches * batch_windows windows of the val split, in order (no shuffle, no weights),
     as n_batches global batches; rank gets its contiguous slice of each."""
     if batch_windows % world_size:
@@ -496,11 +606,13 @@ def val_batches(data_dir: str | Path, seq_len: int, n_batches: int, batch_window
     if not windows:
         raise no_windows_error(manifest, "val", seq_len)
     if len(windows) < wanted:
-        raise DataError(f"{data_dir}: the val split has {len(windows)} windows of seq_len {seq_len}, fewer than "
-                        f"the {n_batches} batches x {batch_windows} windows asked for; lower eval.batches or "
-                        "append val data")
+        raise DataError(
+            f"{data_dir}: the val split has {len(windows)} windows of seq_len {seq_len}, fewer than "
+            f"the {n_batches} batches x {batch_windows} windows asked for; lower eval.batches or "
+            "append val data"
+        )
     per_rank = batch_windows // world_size
     import torch
 
     batches = torch.from_numpy(np.stack(windows).astype(np.int64)).view(n_batches, batch_windows, seq_len + 1)
-    return [batch[rank * per_rank:(rank + 1) * per_rank].clone() for batch in batches]
+    return [batch[rank * per_rank : (rank + 1) * per_rank].clone() for batch in batches]

@@ -13,6 +13,7 @@ tokenizer; the caller joins documents with EOS. Ids of the specials:
 A tokenizer is built from its file's bytes (the bytes whose sha256 the manifest records), so an
 encoding process can rebuild the same one from what the parent read (init_worker).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ class TokenizerError(EvertrainError, ValueError):
 @dataclass(frozen=True)
 class TokenizerSpec:
     """What a worker needs to rebuild the tokenizer: its kind, file bytes and the special ids."""
+
     kind: str
     model: bytes
     eos_id: int
@@ -54,10 +56,16 @@ def tokenizer_file(path: str | Path, flag: str) -> Path:
     tokenizer.model."""
     path = Path(path)
     if path.is_dir():
-        found = [path / name for name in (FILE_NAMES[HF_JSON], FILE_NAMES[SENTENCEPIECE]) if (path / name).is_file()]
+        found = [
+            path / name
+            for name in (FILE_NAMES[HF_JSON], FILE_NAMES[SENTENCEPIECE])
+            if (path / name).is_file()
+        ]
         if not found:
-            raise TokenizerError(f"{flag} {path}: a directory without {FILE_NAMES[HF_JSON]} or "
-                                 f"{FILE_NAMES[SENTENCEPIECE]}; give the tokenizer file itself")
+            raise TokenizerError(
+                f"{flag} {path}: a directory without {FILE_NAMES[HF_JSON]} or "
+                f"{FILE_NAMES[SENTENCEPIECE]}; give the tokenizer file itself"
+            )
         return found[0]
     if not path.is_file():
         raise TokenizerError(f"{flag} {path}: no such file")
@@ -82,8 +90,10 @@ def spec_from_bytes(model: bytes, name: str, hf_config: bytes | None = None) -> 
     hf = hf_tokenizer(model, name)
     bos, eos = hf_special_ids(hf, hf_config, name)
     if eos is None:
-        raise TokenizerError(f"{name}: no EOS token (none in a {HF_CONFIG} next to it, and none of "
-                             f"{', '.join(EOS_NAMES)} in its vocab); documents are joined by EOS")
+        raise TokenizerError(
+            f"{name}: no EOS token (none in a {HF_CONFIG} next to it, and none of "
+            f"{', '.join(EOS_NAMES)} in its vocab); documents are joined by EOS"
+        )
     return TokenizerSpec(HF_JSON, model, eos, bos)
 
 
@@ -95,8 +105,10 @@ def hf_special_ids(hf, hf_config: bytes | None, name: str) -> tuple[int | None, 
             configured = json.loads(hf_config)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise TokenizerError(f"{name}: its {HF_CONFIG} is not valid JSON ({exc})") from None
-    return (_special_id(hf, configured.get("bos_token"), BOS_NAMES),
-            _special_id(hf, configured.get("eos_token"), EOS_NAMES))
+    return (
+        _special_id(hf, configured.get("bos_token"), BOS_NAMES),
+        _special_id(hf, configured.get("eos_token"), EOS_NAMES),
+    )
 
 
 def _special_id(hf, configured, names: tuple[str, ...]) -> int | None:
@@ -123,8 +135,9 @@ def hf_tokenizer(model: bytes, name: str):
     try:
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError:
-        raise TokenizerError(f"{name}: a tokenizer.json needs the `tokenizers` package "
-                             "(pip install 'evertrain[data]')") from None
+        raise TokenizerError(
+            f"{name}: a tokenizer.json needs the `tokenizers` package (pip install 'evertrain[data]')"
+        ) from None
     try:
         return HFTokenizer.from_str(model.decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
@@ -176,7 +189,7 @@ class Tokenizer:
         out = np.empty(sum(map(len, ids)) + len(ids), dtype=dtype)
         pos = 0
         for piece in ids:
-            out[pos:pos + len(piece)] = piece
+            out[pos : pos + len(piece)] = piece
             pos += len(piece)
             out[pos] = eos
             pos += 1

@@ -1,4 +1,5 @@
 """Engines: one small adapter per way of running the same training step (see base.py)."""
+
 from __future__ import annotations
 
 import os
@@ -7,13 +8,16 @@ from evertrain.pretrain.config import Config, ConfigError
 from evertrain.pretrain.distributed import detect_launcher, engine_for_launcher, rank_and_world
 from evertrain.pretrain.engines.base import Engine
 
+
 def resolve_name(cfg: Config, launcher: str | None) -> str:
     """`engine.name`, with auto resolved by the launcher that started this process."""
     name = cfg.engine.name if cfg.engine.name != "auto" else engine_for_launcher(launcher)
     world_size = rank_and_world()[2]
     if name == "single" and world_size > 1:
-        raise ConfigError(f"engine.name=single, but the launcher started {world_size} processes; "
-                          "use engine.name=deepspeed or fsdp (or auto)")
+        raise ConfigError(
+            f"engine.name=single, but the launcher started {world_size} processes; "
+            "use engine.name=deepspeed or fsdp (or auto)"
+        )
     return name
 
 

@@ -5,6 +5,7 @@ one optimizer step. It never touches files: checkpoint/ reads and writes its sta
 `model` / `raw_model` / `optimizer` / `ds_engine`. Everything it returns stays on the device, so the
 training loop decides when to pay for a host sync.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,17 @@ class Engine:
     name: str = "base"
     ds_engine = None  # DeepSpeed only
 
-    def __init__(self, *, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, rank: int = 0, world_size: int = 1,
-                 autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        raw_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         self.model = model  # what forward runs through (FSDP2: the fully_shard'ed module)
         self.raw_model = raw_model  # our Transformer
         self.optimizer = optimizer  # our AdamW (the inner one when DeepSpeed wraps it)
@@ -95,8 +104,9 @@ class Engine:
             dist.destroy_process_group()
 
 
-def clip_with_grad_scale(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
-                         skip_nonfinite: bool = False) -> torch.Tensor:
+def clip_with_grad_scale(
+    model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, skip_nonfinite: bool = False
+) -> torch.Tensor:
     """Global L2 grad norm, and the clip coefficient handed to the optimizer instead of rescaling the
     gradients in place: min(1, max_norm / (norm + 1e-6)), computed on device (no host sync).
     With `skip_nonfinite` the optimizer also gets found_inf = "the norm is NaN/Inf", so it drops this
@@ -152,7 +162,9 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     (torch autocast, FSDP2's mixed precision and DeepSpeed's CPU accelerator all run it there), so
     CPU runs and tests take the same bf16 paths as a GPU run."""
     if cfg.train.dtype == "float16":
-        raise ConfigError("train.dtype: float16 needs loss scaling, which evertrain does not do; use bfloat16")
+        raise ConfigError(
+            "train.dtype: float16 needs loss scaling, which evertrain does not do; use bfloat16"
+        )
     if cfg.train.dtype == "bfloat16":
         return torch.bfloat16
     return None

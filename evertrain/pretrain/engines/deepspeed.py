@@ -14,6 +14,7 @@ gradient accumulation (`data_types.grad_accum_dtype`, ZeRO stages 1-3; stage 0 h
 DeepSpeed) and fp32 reduction (`communication_data_type`), so the numerics match FSDP2's
 (fp32 reduce_dtype, fp32 sharded gradients) and do not drift with the number of micro-batches.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,10 @@ def _merge(user: dict, ours: dict, path: str, prefix: str) -> dict:
         if isinstance(value, dict):
             merged[key] = _merge(user.get(key) or {}, value, path, prefix=f"{name}.")
         elif key in user and user[key] != value:
-            raise ConfigError(f"engine.deepspeed_config: {path} sets {name}={user[key]!r}, "
-                              f"but the evertrain config gives {value!r}; set it in one place")
+            raise ConfigError(
+                f"engine.deepspeed_config: {path} sets {name}={user[key]!r}, "
+                f"but the evertrain config gives {value!r}; set it in one place"
+            )
         else:
             merged[key] = value
     return merged
@@ -146,8 +149,11 @@ def quiet_deepspeed() -> None:
 
     logger.addFilter(not_untested_optimizer)  # the same function object: adding it again is a no-op
     # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which torch 2.13 deprecates: not the user's to fix
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        category=FutureWarning,
+    )
 
 
 class DeepSpeedEngine(Engine):
@@ -158,8 +164,10 @@ class DeepSpeedEngine(Engine):
         if cfg.train.on_nonfinite == "skip":
             # ZeRO calls our optimizer per partition, after its own clipping: there is no global
             # "this step is bad" flag to hand it without a host sync, so a skip cannot be exact.
-            raise ConfigError("train.on_nonfinite=skip: not supported by the deepspeed engine; use stop "
-                              "(or the single/fsdp engines)")
+            raise ConfigError(
+                "train.on_nonfinite=skip: not supported by the deepspeed engine; use stop "
+                "(or the single/fsdp engines)"
+            )
         rank, local_rank, world_size = rank_and_world()
         device = pick_device(cfg.train.device, local_rank)  # local_rank % device_count, as the other engines
         pin_deepspeed_device(device)
@@ -174,19 +182,29 @@ class DeepSpeedEngine(Engine):
             if cfg.train.compile:
                 # ZeRO-3 gathers weights in hooks on every Linear inside a block, which a compiled
                 # block would have to trace; DeepSpeed has its own compiler for that (deepcompile).
-                raise ConfigError("train.compile: not supported with DeepSpeed ZeRO-3; use engine.name=fsdp "
-                                  "or engine.zero_stage<=2")
+                raise ConfigError(
+                    "train.compile: not supported with DeepSpeed ZeRO-3; use engine.name=fsdp "
+                    "or engine.zero_stage<=2"
+                )
             model = build_partitioned(cfg, config, device, rank)
         else:
             model = build_model(cfg, device)
         optimizer = build_optimizer(model, cfg.optim, schedule)
         self.ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         undo_init_step(self.ds_engine.optimizer, optimizer)
-        super().__init__(model=self.ds_engine.module, raw_model=self.ds_engine.module, optimizer=optimizer,
-                         device=device, rank=rank, world_size=world_size)
+        super().__init__(
+            model=self.ds_engine.module,
+            raw_model=self.ds_engine.module,
+            optimizer=optimizer,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+        )
         # Without ZeRO or bf16, DeepSpeed clips with a helper that does not keep the norm: measure it
         # ourselves once the boundary backward has all-reduced the gradients.
-        self.own_grad_norm = self.ds_engine.zero_optimization_stage() == 0 and not self.ds_engine.bfloat16_enabled()
+        self.own_grad_norm = (
+            self.ds_engine.zero_optimization_stage() == 0 and not self.ds_engine.bfloat16_enabled()
+        )
 
     def forward_loss(self, windows: torch.Tensor) -> torch.Tensor:
         # Through the DeepSpeed engine's forward: it arms the hooks that its backward relies on
@@ -203,7 +221,8 @@ class DeepSpeedEngine(Engine):
             total += loss.detach()
             if self.own_grad_norm and self.ds_engine.is_gradient_accumulation_boundary():
                 grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in self.model.parameters() if p.grad is not None])
+                    [p.grad for p in self.model.parameters() if p.grad is not None]
+                )
             self.ds_engine.step()  # a no-op until the accumulation boundary
         if grad_norm is None:
             grad_norm = torch.as_tensor(self.ds_engine.get_global_grad_norm(), device=self.device)

@@ -18,6 +18,7 @@ Between micro-batches, gradients either stay as full fp32 tensors and are reduce
 shards after every micro-batch (`sharded`, the least memory); `auto` takes the first when the plan
 (evertrain/pretrain/model/plan.py) says it fits.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,9 @@ def fsdp_mesh(device_type: str, world_size: int, replicate: int) -> DeviceMesh:
         raise ConfigError(f"engine.replicate: {replicate} does not divide the world size {world_size}")
     if replicate == 1:
         return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
-    return init_device_mesh(device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(
+        device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard")
+    )
 
 
 def shard_model(model: Transformer, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
@@ -53,7 +56,9 @@ def shard_model(model: Transformer, mesh: DeviceMesh, policy: MixedPrecisionPoli
         after.set_modules_to_backward_prefetch([before])
 
 
-def build_sharded(cfg: Config, mesh: DeviceMesh, device: torch.device, policy: MixedPrecisionPolicy) -> Transformer:
+def build_sharded(
+    cfg: Config, mesh: DeviceMesh, device: torch.device, policy: MixedPrecisionPolicy
+) -> Transformer:
     """Meta build -> fully_shard -> to_empty (this rank's shards only) -> seed-only init per shard."""
     model = meta_model(cfg)
     shard_model(model, mesh, policy)
@@ -94,8 +99,9 @@ class FSDPEngine(Engine):
         policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
         model = build_sharded(cfg, mesh, device, policy)
         optimizer = build_optimizer(model, cfg.optim, schedule)
-        super().__init__(model=model, raw_model=model, optimizer=optimizer, device=device,
-                         rank=rank, world_size=world_size)
+        super().__init__(
+            model=model, raw_model=model, optimizer=optimizer, device=device, rank=rank, world_size=world_size
+        )
         self.grad_clip = cfg.optim.grad_clip
         self.accumulate = resolve_accumulate(cfg, world_size, device_capacity(device))
         self.skip_nonfinite = cfg.train.on_nonfinite == "skip"

@@ -1,4 +1,5 @@
 """One process, CPU or one GPU: plain autograd, bf16 autocast when train.dtype=bfloat16."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,13 @@ class SingleEngine(Engine):
         device = pick_device(cfg.train.device)
         model = build_model(cfg, device)
         optimizer = build_optimizer(model, cfg.optim, schedule)
-        super().__init__(model=model, raw_model=model, optimizer=optimizer, device=device,
-                         autocast_dtype=compute_dtype(cfg, device))
+        super().__init__(
+            model=model,
+            raw_model=model,
+            optimizer=optimizer,
+            device=device,
+            autocast_dtype=compute_dtype(cfg, device),
+        )
         self.grad_clip = cfg.optim.grad_clip
         self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
 

@@ -1,6 +1,7 @@
 """What the device can do and what a run has used of it: the peak FLOP/s MFU is measured against, and
 peak memory. Host-side lookups only; nothing here touches the training step.
 """
+
 from __future__ import annotations
 
 import resource
@@ -19,12 +20,28 @@ import torch
 #   AMD Instinct datasheets: MI300X and MI325X 1,307.4; MI250X 383 (ROCm torch names the device
 #     "AMD Instinct MI300X" and reports it as a cuda device).
 # V100 has no bf16 tensor cores (bf16 runs emulated), so it has no entry: MFU there needs train.peak_tflops.
-PEAK_BF16_TFLOPS = (("H200 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0),
-                    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-                    ("H800 PCIe", 756.0), ("H800", 989.0), ("H20", 148.0),
-                    ("GB200", 2500.0), ("B200", 2250.0), ("B100", 1750.0),
-                    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0),
-                    ("MI325X", 1307.4), ("MI300X", 1307.4), ("MI250X", 383.0))
+PEAK_BF16_TFLOPS = (
+    ("H200 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H800 PCIe", 756.0),
+    ("H800", 989.0),
+    ("H20", 148.0),
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("B100", 1750.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+    ("MI325X", 1307.4),
+    ("MI300X", 1307.4),
+    ("MI250X", 383.0),
+)
 
 
 def peak_tflops(device: torch.device, configured: float | None = None) -> float | None:

@@ -9,6 +9,7 @@ Import refuses, with one line naming the key, any Llama that our model cannot co
 another activation, biases, RoPE scaling, a head_dim that is not hidden/heads, and any shape that
 disagrees with the run's `model` section (the config stays the description of the run's model).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def our_name(name: str) -> str | None:
     """HF Llama's tensor name -> ours, or None for a name that is not one of our parameters."""
     if name == HEAD:
         return name
-    return name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else None
+    return name[len(HF_PREFIX) :] if name.startswith(HF_PREFIX) else None
 
 
 def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -83,23 +84,30 @@ def llama_config(model_cfg: ModelConfig, bos_id: int | None, eos_id: int | None,
 
 # -- import --------------------------------------------------------------------------------------
 
+
 def parse_init_from(value: str) -> Path:
     """`hf:PATH` -> PATH (the only scheme so far)."""
     if not value.startswith(HF_SCHEME) or len(value) == len(HF_SCHEME):
-        raise HFCheckpointError(f"model.init_from: expected hf:PATH (a Hugging Face Llama directory), got {value!r}")
-    return Path(value[len(HF_SCHEME):]).expanduser()
+        raise HFCheckpointError(
+            f"model.init_from: expected hf:PATH (a Hugging Face Llama directory), got {value!r}"
+        )
+    return Path(value[len(HF_SCHEME) :]).expanduser()
 
 
 def read_llama_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not path.is_file():
-        raise HFCheckpointError(f"model.init_from: {hf_dir} has no config.json (not a Hugging Face checkpoint)")
+        raise HFCheckpointError(
+            f"model.init_from: {hf_dir} has no config.json (not a Hugging Face checkpoint)"
+        )
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HFCheckpointError(f"model.init_from: {path} is not valid JSON") from None
     if not isinstance(config, dict):
-        raise HFCheckpointError(f"model.init_from: {path} holds a JSON {type(config).__name__}, not an object")
+        raise HFCheckpointError(
+            f"model.init_from: {path} holds a JSON {type(config).__name__}, not an object"
+        )
     return config
 
 
@@ -131,19 +139,33 @@ def check_llama_config(hf: dict, model_cfg: ModelConfig, source: Path) -> None:
         unsupported.append(("head_dim", hf.get("head_dim") or hidden // heads, hidden // heads))
     for key, value, needed in unsupported:
         if value != needed:
-            raise HFCheckpointError(f"{where}: {key} {value!r} cannot be represented (evertrain models need {needed!r})")
+            raise HFCheckpointError(
+                f"{where}: {key} {value!r} cannot be represented (evertrain models need {needed!r})"
+            )
     n_kv = model_cfg.n_kv_heads or model_cfg.n_heads
-    pairs = [("vocab_size", "vocab_size", model_cfg.vocab_size), ("d_model", "hidden_size", model_cfg.d_model),
-             ("n_layers", "num_hidden_layers", model_cfg.n_layers), ("n_heads", "num_attention_heads", model_cfg.n_heads),
-             ("n_kv_heads", "num_key_value_heads", n_kv), ("ffn_hidden", "intermediate_size", ffn_hidden_size(model_cfg)),
-             ("rope_theta", "rope_theta", model_cfg.rope_theta), ("norm_eps", "rms_norm_eps", model_cfg.norm_eps),
-             ("tie_embeddings", "tie_word_embeddings", model_cfg.tie_embeddings)]
-    theirs = {**hf, "num_key_value_heads": hf.get("num_key_value_heads") or heads, "rope_theta": _rope_theta(hf),
-              "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
+    pairs = [
+        ("vocab_size", "vocab_size", model_cfg.vocab_size),
+        ("d_model", "hidden_size", model_cfg.d_model),
+        ("n_layers", "num_hidden_layers", model_cfg.n_layers),
+        ("n_heads", "num_attention_heads", model_cfg.n_heads),
+        ("n_kv_heads", "num_key_value_heads", n_kv),
+        ("ffn_hidden", "intermediate_size", ffn_hidden_size(model_cfg)),
+        ("rope_theta", "rope_theta", model_cfg.rope_theta),
+        ("norm_eps", "rms_norm_eps", model_cfg.norm_eps),
+        ("tie_embeddings", "tie_word_embeddings", model_cfg.tie_embeddings),
+    ]
+    theirs = {
+        **hf,
+        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+        "rope_theta": _rope_theta(hf),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
     for ours, key, value in pairs:
         if theirs.get(key) != value:
-            raise HFCheckpointError(f"{where}: {key}={theirs.get(key)!r} but the config has "
-                                    f"model.{ours}={value!r}; set model.{ours} to match")
+            raise HFCheckpointError(
+                f"{where}: {key}={theirs.get(key)!r} but the config has "
+                f"model.{ours}={value!r}; set model.{ours} to match"
+            )
 
 
 def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -160,12 +182,17 @@ def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise HFCheckpointError(f"model.init_from: {index} has no weight_map") from None
         if not isinstance(weight_map, dict) or not all(
-                isinstance(name, str) and name and Path(name).name == name for name in weight_map.values()):
-            raise HFCheckpointError(f"model.init_from: {index}: weight_map is not a table of tensor -> shard "
-                                    "file name (in this directory)")
+            isinstance(name, str) and name and Path(name).name == name for name in weight_map.values()
+        ):
+            raise HFCheckpointError(
+                f"model.init_from: {index}: weight_map is not a table of tensor -> shard "
+                "file name (in this directory)"
+            )
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
     else:
-        raise HFCheckpointError(f"model.init_from: {hf_dir} has no model.safetensors (nor an index of shards)")
+        raise HFCheckpointError(
+            f"model.init_from: {hf_dir} has no model.safetensors (nor an index of shards)"
+        )
     state = {}
     for path in files:
         if not path.is_file():
@@ -174,11 +201,15 @@ def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
             state.update(load_file(str(path)))
         except (SafetensorError, OSError) as exc:  # a cut file, a malformed header
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise HFCheckpointError(f"model.init_from: {path}: not a readable safetensors file ({reason})") from None
+            raise HFCheckpointError(
+                f"model.init_from: {path}: not a readable safetensors file ({reason})"
+            ) from None
     return state
 
 
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig, source: Path
+) -> dict[str, torch.Tensor]:
     """HF tensors -> our names, every one checked against the config's shapes; a tied head is re-added."""
     expected = expected_shapes(model_cfg)
     state = {}
@@ -187,26 +218,35 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig
         if ours is None or ours not in expected:
             if name.endswith("rotary_emb.inv_freq"):  # old checkpoints stored the RoPE table; ours is derived
                 continue
-            raise HFCheckpointError(f"model.init_from: {source}: tensor {name} has no counterpart in evertrain's model")
+            raise HFCheckpointError(
+                f"model.init_from: {source}: tensor {name} has no counterpart in evertrain's model"
+            )
         if not tensor.is_floating_point():  # a cast would silently turn codes or flags into weights
-            raise HFCheckpointError(f"model.init_from: {source}: {name} has dtype "
-                                    f"{str(tensor.dtype).removeprefix('torch.')}, not floating point (a quantized "
-                                    "checkpoint? export it unquantized)")
+            raise HFCheckpointError(
+                f"model.init_from: {source}: {name} has dtype "
+                f"{str(tensor.dtype).removeprefix('torch.')}, not floating point (a quantized "
+                "checkpoint? export it unquantized)"
+            )
         if tuple(tensor.shape) != expected[ours]:
-            raise HFCheckpointError(f"model.init_from: {source}: {name} has shape {tuple(tensor.shape)}, "
-                                    f"the config needs {expected[ours]}")
+            raise HFCheckpointError(
+                f"model.init_from: {source}: {name} has shape {tuple(tensor.shape)}, "
+                f"the config needs {expected[ours]}"
+            )
         state[ours] = tensor
     if model_cfg.tie_embeddings:
         head = state.pop(HEAD, None)
         if head is not None and EMBEDDING in state and not torch.equal(head, state[EMBEDDING]):
-            raise HFCheckpointError(f"model.init_from: {source}: lm_head.weight differs from the embedding, "
-                                    "but the checkpoint says its embeddings are tied")
+            raise HFCheckpointError(
+                f"model.init_from: {source}: lm_head.weight differs from the embedding, "
+                "but the checkpoint says its embeddings are tied"
+            )
         if EMBEDDING in state:
             state[HEAD] = state[EMBEDDING]
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise HFCheckpointError(f"model.init_from: {source}: {hf_name(missing[0])} is missing "
-                                f"({len(missing)} tensors missing)")
+        raise HFCheckpointError(
+            f"model.init_from: {source}: {hf_name(missing[0])} is missing ({len(missing)} tensors missing)"
+        )
     return state
 
 
@@ -219,9 +259,11 @@ def check_tokenizer(init_from: str, data_tokenizer: Path, data_path: str) -> Non
     hf_dir = parse_init_from(init_from)
     files = [hf_dir / name for name in ("tokenizer.model", "tokenizer.json") if (hf_dir / name).is_file()]
     if not files:
-        raise HFCheckpointError(f"model.init_from: {hf_dir} has no tokenizer.model or tokenizer.json, so nothing shows "
-                                f"that its embedding rows are the tokens of data.path={data_path}; copy the "
-                                "checkpoint's tokenizer into it")
+        raise HFCheckpointError(
+            f"model.init_from: {hf_dir} has no tokenizer.model or tokenizer.json, so nothing shows "
+            f"that its embedding rows are the tokens of data.path={data_path}; copy the "
+            "checkpoint's tokenizer into it"
+        )
     ours = data_tokenizer.read_bytes()
     if any(path.read_bytes() == ours for path in files):
         return
@@ -230,11 +272,15 @@ def check_tokenizer(init_from: str, data_tokenizer: Path, data_path: str) -> Non
         theirs = pieces(path.read_bytes(), f"model.init_from: {path}")
         if theirs == wanted:
             return
-    differ = next((i for i, (a, b) in enumerate(zip(theirs, wanted)) if a != b), min(len(theirs), len(wanted)))
-    raise HFCheckpointError(f"model.init_from: {files[-1]} is not the tokenizer of data.path={data_path} "
-                            f"({len(theirs)} vs {len(wanted)} pieces, first difference at id {differ}): the "
-                            "embedding rows would train on the wrong tokens; use a data dir prepared with "
-                            "the checkpoint's tokenizer (evertrain data prepare --tokenizer)")
+    differ = next(
+        (i for i, (a, b) in enumerate(zip(theirs, wanted)) if a != b), min(len(theirs), len(wanted))
+    )
+    raise HFCheckpointError(
+        f"model.init_from: {files[-1]} is not the tokenizer of data.path={data_path} "
+        f"({len(theirs)} vs {len(wanted)} pieces, first difference at id {differ}): the "
+        "embedding rows would train on the wrong tokens; use a data dir prepared with "
+        "the checkpoint's tokenizer (evertrain data prepare --tokenizer)"
+    )
 
 
 def load_llama(init_from: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:

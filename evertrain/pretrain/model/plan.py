@@ -28,6 +28,7 @@ keeps a reserve for them, RESERVE_SHARE of the GPU + RESERVE_FIXED, and a plan f
 `engine.accumulate=auto` picks unsharded accumulation) only within what is left. On CPU the peak
 resident set of a small run is 1.0-2.0x the plan's total (tests/test_plan_rss.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -135,14 +136,25 @@ def activation_bytes_per_token(cfg: Config, dtype_bytes: int) -> int:
     from evertrain.pretrain.model.transformer import block_checkpointing
 
     m = cfg.model
-    blocks = sum(block_activation_bytes(cfg, block_checkpointing(m.activation_checkpointing,
-                                                                 m.activation_checkpointing_every, i), dtype_bytes)
-                 for i in range(m.n_layers))
+    blocks = sum(
+        block_activation_bytes(
+            cfg,
+            block_checkpointing(m.activation_checkpointing, m.activation_checkpointing_every, i),
+            dtype_bytes,
+        )
+        for i in range(m.n_layers)
+    )
     return blocks + dtype_bytes * 2 * m.d_model + 4
 
 
-def make_plan(cfg: Config, nodes: int, gpus_per_node: int, engine: str | None = None, gpu: str = "h200",
-              accumulate: str | None = None) -> Plan:
+def make_plan(
+    cfg: Config,
+    nodes: int,
+    gpus_per_node: int,
+    engine: str | None = None,
+    gpu: str = "h200",
+    accumulate: str | None = None,
+) -> Plan:
     """The per-rank plan for `cfg` on nodes x gpus_per_node GPUs of kind `gpu`."""
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
@@ -204,10 +216,20 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, engine: str | None = 
         host_state = 12 * n_params
     device["activations"] = activations
     device["logits"] = chunk * m.vocab_size * (b + 4 + 4)
-    plan = Plan(engine=engine, world_size=world, shard_group=group, replicate=replicate, gpu=gpu,
-                capacity=GPUS[gpu], accumulate="sharded", device=device, host={"checkpoint staging": host_state},
-                n_params=n_params, flops_per_token=flops_per_token(cfg.model),
-                tokens_per_step=tokens * t.grad_accum * world)
+    plan = Plan(
+        engine=engine,
+        world_size=world,
+        shard_group=group,
+        replicate=replicate,
+        gpu=gpu,
+        capacity=GPUS[gpu],
+        accumulate="sharded",
+        device=device,
+        host={"checkpoint staging": host_state},
+        n_params=n_params,
+        flops_per_token=flops_per_token(cfg.model),
+        tokens_per_step=tokens * t.grad_accum * world,
+    )
     if engine == "fsdp" and t.grad_accum > 1:
         plan.accumulate = choose_accumulate(plan, accumulate or cfg.engine.accumulate, n_params)
         if plan.accumulate == "unsharded":
@@ -226,27 +248,41 @@ def choose_accumulate(plan: Plan, requested: str, n_params: int) -> str:
 def format_plan(plan: Plan, cfg: Config) -> str:
     """The table `evertrain plan` prints."""
     m = cfg.model
-    layout = (f"HSDP {plan.replicate} x {plan.shard_group}" if plan.replicate > 1
-              else f"sharded over {plan.shard_group}" if plan.engine != "single" else "one process")
+    layout = (
+        f"HSDP {plan.replicate} x {plan.shard_group}"
+        if plan.replicate > 1
+        else f"sharded over {plan.shard_group}"
+        if plan.engine != "single"
+        else "one process"
+    )
     if plan.engine == "deepspeed":
         layout = f"ZeRO-{cfg.engine.zero_stage} over {plan.world_size}"
-    lines = [f"model: {plan.n_params / 1e9:.2f}B parameters, {m.n_layers} layers, d_model {m.d_model}, "
-             f"vocab {m.vocab_size}, seq_len {m.seq_len}",
-             f"engine: {plan.engine} on {plan.world_size} x {plan.gpu} ({layout}), dtype {cfg.train.dtype}, "
-             f"activation_checkpointing {m.activation_checkpointing}, loss chunk {m.loss_chunk_tokens or 'off'}"
-             + (f", accumulate {plan.accumulate}" if plan.engine == "fsdp" else ""),
-             "", f"{'per-rank GPU memory':<28}{'GiB':>10}"]
+    lines = [
+        f"model: {plan.n_params / 1e9:.2f}B parameters, {m.n_layers} layers, d_model {m.d_model}, "
+        f"vocab {m.vocab_size}, seq_len {m.seq_len}",
+        f"engine: {plan.engine} on {plan.world_size} x {plan.gpu} ({layout}), dtype {cfg.train.dtype}, "
+        f"activation_checkpointing {m.activation_checkpointing}, loss chunk {m.loss_chunk_tokens or 'off'}"
+        + (f", accumulate {plan.accumulate}" if plan.engine == "fsdp" else ""),
+        "",
+        f"{'per-rank GPU memory':<28}{'GiB':>10}",
+    ]
     for name, value in plan.device.items():
         lines.append(f"  {name:<26}{value / GIB:>10.2f}")
-    lines += [f"  {'total':<26}{plan.total / GIB:>10.2f}",
-              f"  {'reserve':<26}{plan.reserve / GIB:>10.2f}  ({RESERVE_SHARE:.0%} + {RESERVE_FIXED / GIB:.0f} GiB: "
-              "workspaces, transients, fragmentation)",
-              f"  {'usable on ' + plan.gpu:<26}{plan.usable / GIB:>10.2f}  (of {plan.capacity / GIB:.1f})",
-              f"fits: {'yes' if plan.fits else 'NO'}", "",
-              f"{'per-rank host memory':<28}{'GiB':>10}"]
+    lines += [
+        f"  {'total':<26}{plan.total / GIB:>10.2f}",
+        f"  {'reserve':<26}{plan.reserve / GIB:>10.2f}  ({RESERVE_SHARE:.0%} + {RESERVE_FIXED / GIB:.0f} GiB: "
+        "workspaces, transients, fragmentation)",
+        f"  {'usable on ' + plan.gpu:<26}{plan.usable / GIB:>10.2f}  (of {plan.capacity / GIB:.1f})",
+        f"fits: {'yes' if plan.fits else 'NO'}",
+        "",
+        f"{'per-rank host memory':<28}{'GiB':>10}",
+    ]
     for name, value in plan.host.items():
         lines.append(f"  {name:<26}{value / GIB:>10.2f}")
-    lines += ["", f"model FLOPs per token: {plan.flops_per_token:.3e}",
-              f"tokens per step: {plan.tokens_per_step:,} ({cfg.train.micro_batch_size} x {m.seq_len} x "
-              f"{cfg.train.grad_accum} accumulation x {plan.world_size} ranks)"]
+    lines += [
+        "",
+        f"model FLOPs per token: {plan.flops_per_token:.3e}",
+        f"tokens per step: {plan.tokens_per_step:,} ({cfg.train.micro_batch_size} x {m.seq_len} x "
+        f"{cfg.train.grad_accum} accumulation x {plan.world_size} ranks)",
+    ]
     return "\n".join(lines)

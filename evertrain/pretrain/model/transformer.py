@@ -14,6 +14,7 @@ Scaling knobs that do not change the parameters (model.activation_checkpointing,
 - the loss runs the head and the cross entropy in chunks of positions, recomputed in backward, so
   the full [tokens, vocab] fp32 logits never exist at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,9 +33,15 @@ from evertrain.pretrain.config import ModelConfig
 # Op-level selective checkpointing keeps the outputs of these (the expensive ops) and recomputes the
 # rest of a block (norms, RoPE, SwiGLU pointwise) in backward, as torchtitan's "op" policy does.
 # The SDPA kernels are private aten ops: a torch build without one of them simply has nothing to save.
-_SAVE_OPS = torch_compat.aten_ops(["mm", "_scaled_dot_product_flash_attention",
-                                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-                                   "_scaled_dot_product_flash_attention_for_cpu"])
+_SAVE_OPS = torch_compat.aten_ops(
+    [
+        "mm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    ]
+)
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -73,7 +80,9 @@ def flops_per_token_torchtitan(cfg: ModelConfig) -> float:
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [seq_len, head_dim], computed in fp32 the way HF Llama does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    )
     freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
     angles = torch.cat([freqs, freqs], dim=-1)
     return angles.cos(), angles.sin()
@@ -89,7 +98,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, expand_kv: bool | None = None) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, expand_kv: bool | None = None
+) -> torch.Tensor:
     """Causal SDPA over [B, heads, T, head_dim]; query head h reads K/V head h // (q heads / kv heads)."""
     n_rep = q.shape[1] // k.shape[1]
     if expand_kv is None:
@@ -171,7 +182,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.checkpointing == "none" or not torch.is_grad_enabled():
             return self.compute(x, cos, sin)
-        context = partial(create_selective_checkpoint_contexts, _save_matmuls) if self.checkpointing == "op" else None
+        context = (
+            partial(create_selective_checkpoint_contexts, _save_matmuls)
+            if self.checkpointing == "op"
+            else None
+        )
         kwargs = {"context_fn": context} if context is not None else {}
         # non-reentrant: works with FSDP2, torch.compile and inputs that need no grad
         return checkpoint(self.compute, x, cos, sin, use_reentrant=False, **kwargs)
@@ -185,7 +200,9 @@ def _summed_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(head(h).float(), targets, reduction="sum")
 
 
-def chunked_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_cross_entropy(
+    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """Mean cross entropy of head(h) [N, vocab] against targets [N], `chunk` positions at a time.
 
     Each chunk's logits are dropped after its forward and recomputed in backward (checkpointed), so
@@ -199,7 +216,9 @@ def chunked_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tenso
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_summed_cross_entropy, head, h[part], targets[part], use_reentrant=False)
+            total = total + checkpoint(
+                _summed_cross_entropy, head, h[part], targets[part], use_reentrant=False
+            )
         else:
             total = total + _summed_cross_entropy(head, h[part], targets[part])
     return total / n
@@ -219,15 +238,23 @@ class Transformer(nn.Module):
         self.cfg = model_cfg
         self.embed_tokens = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
         self.layers = nn.ModuleList(
-            Block(model_cfg, block_checkpointing(model_cfg.activation_checkpointing,
-                                                 model_cfg.activation_checkpointing_every, i))
-            for i in range(model_cfg.n_layers))
+            Block(
+                model_cfg,
+                block_checkpointing(
+                    model_cfg.activation_checkpointing, model_cfg.activation_checkpointing_every, i
+                ),
+            )
+            for i in range(model_cfg.n_layers)
+        )
         self.norm = nn.RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps)
         self.lm_head = nn.Linear(model_cfg.d_model, model_cfg.vocab_size, bias=False)
         self.tie_weights()
         # Derived from the config, so kept out of the state_dict (and rebuilt by init_weights).
-        self.register_buffer("rope_cos", torch.empty(model_cfg.seq_len, model_cfg.d_model // model_cfg.n_heads),
-                             persistent=False)
+        self.register_buffer(
+            "rope_cos",
+            torch.empty(model_cfg.seq_len, model_cfg.d_model // model_cfg.n_heads),
+            persistent=False,
+        )
         self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
         if init:
             self.init_weights(seed)
@@ -250,12 +277,16 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_buffers(self) -> None:
         cfg = self.cfg
-        cos, sin = rope_cos_sin(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta, device=self.rope_cos.device)
+        cos, sin = rope_cos_sin(
+            cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta, device=self.rope_cos.device
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
     @torch.no_grad()
-    def init_parameter(self, name: str, p: torch.Tensor, seed: int, value: torch.Tensor | None = None) -> None:
+    def init_parameter(
+        self, name: str, p: torch.Tensor, seed: int, value: torch.Tensor | None = None
+    ) -> None:
         """Fill `p` (full, or a DTensor shard of it) with parameter `name`'s initial values.
 
         The full tensor is drawn on p's device from a generator seeded by (seed, name) and this rank
@@ -300,7 +331,9 @@ class Transformer(nn.Module):
         h = self.hidden(tokens)
         if targets is None:
             return self.lm_head(h).float()
-        return chunked_cross_entropy(self.lm_head, h.flatten(0, 1), targets.flatten(), self.cfg.loss_chunk_tokens)
+        return chunked_cross_entropy(
+            self.lm_head, h.flatten(0, 1), targets.flatten(), self.cfg.loss_chunk_tokens
+        )
 
     def loss(self, windows: torch.Tensor) -> torch.Tensor:
         """windows [B, T+1] -> mean next-token cross entropy over all B*T positions."""

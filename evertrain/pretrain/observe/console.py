@@ -13,6 +13,7 @@ carries the same throughput figures.
 Only the main rank prints; on other ranks every method is a no-op. The numbers are the metrics
 records the loop already pulled to the host on log steps: printing adds no device sync.
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,18 +52,38 @@ def step_line(record: dict, max_steps: int | None, elapsed_s: float, skipped: bo
     of = f"/{max_steps}" if max_steps is not None else ""
     shown = throughput(record, skipped)
     extra = "".join(f" | {key} {value}" for key, value in shown.items() if key != "tok/s")
-    return (f"step {record['step']}{of} | tokens {human(record['tokens'])} | loss {record['loss']:.4f} | "
-            f"lr {record['lr']:.3g} | grad_norm {record['grad_norm']:.3g} | "
-            f"{shown['tok/s']} tok/s{extra} | elapsed {clock(elapsed_s)}")
+    return (
+        f"step {record['step']}{of} | tokens {human(record['tokens'])} | loss {record['loss']:.4f} | "
+        f"lr {record['lr']:.3g} | grad_norm {record['grad_norm']:.3g} | "
+        f"{shown['tok/s']} tok/s{extra} | elapsed {clock(elapsed_s)}"
+    )
 
 
-def start_banner(*, params: int, tokens_per_step: int, engine: str, world_size: int, dtype: str, device: str,
-                 start_step: int, data_path: str, data_version: int, run_dir: str | Path,
-                 init_from: str | None = None) -> str:
-    start = (f"resumed from step {start_step}" if start_step else
-             f"initialized from {init_from.removeprefix('hf:')}" if init_from else "fresh start")
-    return (f"evertrain: {human(params)} parameters | {human(tokens_per_step)} tokens/step | {engine} x{world_size} | "
-            f"{dtype} on {device} | {start} | data {data_path} v{data_version} | run {run_dir}")
+def start_banner(
+    *,
+    params: int,
+    tokens_per_step: int,
+    engine: str,
+    world_size: int,
+    dtype: str,
+    device: str,
+    start_step: int,
+    data_path: str,
+    data_version: int,
+    run_dir: str | Path,
+    init_from: str | None = None,
+) -> str:
+    start = (
+        f"resumed from step {start_step}"
+        if start_step
+        else f"initialized from {init_from.removeprefix('hf:')}"
+        if init_from
+        else "fresh start"
+    )
+    return (
+        f"evertrain: {human(params)} parameters | {human(tokens_per_step)} tokens/step | {engine} x{world_size} | "
+        f"{dtype} on {device} | {start} | data {data_path} v{data_version} | run {run_dir}"
+    )
 
 
 def run_banner(cfg, engine, run_dir, start_step: int, tokens_per_step: int, data_version: int) -> str:
@@ -72,18 +93,31 @@ def run_banner(cfg, engine, run_dir, start_step: int, tokens_per_step: int, data
     name = f"{engine.name} ZeRO-{cfg.engine.zero_stage}" if engine.name == "deepspeed" else engine.name
     if engine.name == "fsdp":
         name = f"{name} ({engine.layout})"
-    return start_banner(params=params, tokens_per_step=tokens_per_step, engine=name,
-                        world_size=engine.world_size, dtype=cfg.train.dtype, device=engine.device.type,
-                        start_step=start_step, data_path=cfg.data.path, data_version=data_version, run_dir=run_dir,
-                        init_from=cfg.model.init_from)
+    return start_banner(
+        params=params,
+        tokens_per_step=tokens_per_step,
+        engine=name,
+        world_size=engine.world_size,
+        dtype=cfg.train.dtype,
+        device=engine.device.type,
+        start_step=start_step,
+        data_path=cfg.data.path,
+        data_version=data_version,
+        run_dir=run_dir,
+        init_from=cfg.model.init_from,
+    )
 
 
-def closing_line(step: int, reason: str, saved_step: int | None, run_dir: str | Path,
-                 final_dir: str | Path | None = None) -> str:
+def closing_line(
+    step: int, reason: str, saved_step: int | None, run_dir: str | Path, final_dir: str | Path | None = None
+) -> str:
     """`saved_step`: the last checkpoint this process committed (None: it saved none). `final_dir`: where a
     finished run's state goes instead of its checkpoints, which are then deleted (a fork's final/)."""
-    saved = (f"last checkpoint: step {saved_step} in {Path(run_dir) / 'checkpoints'}" if saved_step is not None
-             else "no checkpoint saved")
+    saved = (
+        f"last checkpoint: step {saved_step} in {Path(run_dir) / 'checkpoints'}"
+        if saved_step is not None
+        else "no checkpoint saved"
+    )
     if final_dir is not None and saved_step == step:
         saved = f"its final state goes to {final_dir} once evaluated"
     return f"evertrain: stopped at step {step} ({reason}); {saved}"
@@ -92,8 +126,14 @@ def closing_line(step: int, reason: str, saved_step: int | None, run_dir: str | 
 class Console:
     """The run's console on the main rank; a bar on a terminal, plain lines elsewhere."""
 
-    def __init__(self, enabled: bool, start_step: int, max_steps: int | None, stream: TextIO | None = None,
-                 skipped: bool = False):
+    def __init__(
+        self,
+        enabled: bool,
+        start_step: int,
+        max_steps: int | None,
+        stream: TextIO | None = None,
+        skipped: bool = False,
+    ):
         self.enabled, self.skipped = enabled, skipped
         if not enabled:
             return
@@ -102,8 +142,18 @@ class Console:
         self.start_time = time.perf_counter()
         self.tty = self.stream.isatty()
         # mininterval: the bar redraws at most once a second whatever the step rate
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
-                        file=self.stream) if self.tty else None
+        self.bar = (
+            tqdm(
+                total=max_steps,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+                file=self.stream,
+            )
+            if self.tty
+            else None
+        )
         self.shown: dict[str, str] = {}
         self.data_version = None  # of the last train record: a change is said on a line of its own
 
@@ -126,12 +176,16 @@ class Console:
             return
         if record["kind"] == "train" and record.get("data_version") is not None:
             if self.data_version is not None and record["data_version"] != self.data_version:
-                self.say(f"step {record['step']} | data v{record['data_version']}: the shards appended to the data "
-                         "dir joined the stream at the last checkpoint")
+                self.say(
+                    f"step {record['step']} | data v{record['data_version']}: the shards appended to the data "
+                    "dir joined the stream at the last checkpoint"
+                )
             self.data_version = record["data_version"]
         if self.bar is None:
             if record["kind"] == "train":
-                self.say(step_line(record, self.max_steps, time.perf_counter() - self.start_time, self.skipped))
+                self.say(
+                    step_line(record, self.max_steps, time.perf_counter() - self.start_time, self.skipped)
+                )
             elif "val_loss" in record:
                 self.say(f"step {record['step']} | eval | val_loss {record['val_loss']:.4f}")
             return

@@ -12,6 +12,7 @@ A record {"kind": "train", "step": 10, "loss": 5.1, ...} is logged as `train/los
 the names TensorBoard gets. Only the main rank opens trackers (metrics.py). A tracker asked for but not
 installed is a one-line config error at start, not a crash mid-run.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,8 +30,13 @@ MLFLOW_ID_FILE = "mlflow_run_id"
 def scalars(record: dict) -> dict[str, float]:
     """The numbers of a record under TensorBoard-style names: {"train/loss": 5.1, ...}."""
     kind = record["kind"]
-    return {f"{kind}/{key}": float(value) for key, value in record.items()
-            if key not in ("kind", "step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {
+        f"{kind}/{key}": float(value)
+        for key, value in record.items()
+        if key not in ("kind", "step", "time")
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    }
 
 
 def _require(module: str, key: str, package: str):
@@ -42,8 +48,11 @@ def _require(module: str, key: str, package: str):
 
 def _flat_config(cfg: Config) -> dict[str, str]:
     """The config as `section.key` -> string, the form MLflow params take."""
-    return {f"{section}.{key}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            for section, values in to_dict(cfg).items() for key, value in values.items()}
+    return {
+        f"{section}.{key}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        for section, values in to_dict(cfg).items()
+        for key, value in values.items()
+    }
 
 
 class WandbSink:
@@ -52,8 +61,15 @@ class WandbSink:
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=cfg.logging.project, name=run_dir.name, id=run_id, resume="allow",
-                              mode=cfg.logging.wandb, dir=str(run_dir), config=to_dict(cfg))
+        self.run = wandb.init(
+            project=cfg.logging.project,
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+            mode=cfg.logging.wandb,
+            dir=str(run_dir),
+            config=to_dict(cfg),
+        )
         if run_id is None:
             id_file.write_text(self.run.id + "\n")
 
@@ -69,17 +85,24 @@ class MLflowSink:
         tracking = _require("mlflow.tracking", "logging.mlflow", "mlflow")
         entities = _require("mlflow.entities", "logging.mlflow", "mlflow")
         self.Metric = entities.Metric
-        uri = (cfg.logging.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-               or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+        uri = (
+            cfg.logging.mlflow_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        )
         self.client = tracking.MlflowClient(tracking_uri=uri)
         id_file = run_dir / MLFLOW_ID_FILE
         if id_file.is_file():
             self.run_id = id_file.read_text().strip()
             return
         experiment = self.client.get_experiment_by_name(cfg.logging.project)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.logging.project)
+        experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(cfg.logging.project)
+        )
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-        params = [entities.Param(key, value[:500]) for key, value in _flat_config(cfg).items()]  # MLflow's limit
+        params = [
+            entities.Param(key, value[:500]) for key, value in _flat_config(cfg).items()
+        ]  # MLflow's limit
         self.client.log_batch(self.run_id, params=params)
         id_file.write_text(self.run_id + "\n")
 

@@ -4,6 +4,7 @@ W&B / MLflow trackers `logging` asks for (loggers.py).
 Only the main rank records anything; on other ranks every method is a no-op, so the loop can call
 them unconditionally. Records are plain dicts of host numbers: the loop decides when to sync.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,11 @@ def drop_records_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line.rstrip("\n") + "\n" for line in lines
-            if (record := _parse(line)) is not None and record.get("step", 0) <= step]
+    kept = [
+        line.rstrip("\n") + "\n"
+        for line in lines
+        if (record := _parse(line)) is not None and record.get("step", 0) <= step
+    ]
     if kept == lines:
         return
     atomic_write_text(path, "".join(kept))
@@ -52,13 +56,25 @@ def _tensorboard_writer(log_dir: Path, start_step: int):
 class Metrics:
     """The run's metric sinks; `enabled` only on the main rank."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int | None,
-                 tensorboard: bool = True, progress: bool = True, cfg=None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool,
+        start_step: int,
+        max_steps: int | None,
+        tensorboard: bool = True,
+        progress: bool = True,
+        cfg=None,
+    ):
         self.enabled = enabled
         if cfg is not None:
             check_installed(cfg)  # on every rank, before the main rank opens anything
-        skip = cfg is not None and cfg.train.on_nonfinite == "skip"  # then the console counts the skipped steps
-        self.console = Console(enabled and progress, start_step, max_steps, skipped=skip)  # banner, bar or lines
+        skip = (
+            cfg is not None and cfg.train.on_nonfinite == "skip"
+        )  # then the console counts the skipped steps
+        self.console = Console(
+            enabled and progress, start_step, max_steps, skipped=skip
+        )  # banner, bar or lines
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -80,8 +96,11 @@ class Metrics:
         self.file.write(safe_json.dumps(record) + "\n")  # NaN -> null + "nonfinite": [keys]
         self.file.flush()  # readers (report, forker) tail this file while the run goes on
         kind, step = record["kind"], record["step"]
-        numbers = {k: v for k, v in record.items()
-                   if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
+        numbers = {
+            k: v
+            for k, v in record.items()
+            if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and math.isfinite(v)
+        }
         if self.tb is not None:
             for key, value in numbers.items():
                 self.tb.add_scalar(f"{kind}/{key}", value, global_step=step)

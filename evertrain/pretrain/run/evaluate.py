@@ -5,6 +5,7 @@ grad_accum * world_size windows), so changing how a batch is spread over ranks a
 does not change which windows are scored. Each rank scores its slice in micro-batches, so evaluation
 needs no more memory than training.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ from evertrain.pretrain.engines.base import Engine
 def load_val_batches(cfg: Config, engine: Engine) -> list[torch.Tensor]:
     t = cfg.train
     global_windows = t.micro_batch_size * t.grad_accum * engine.world_size
-    batches = val_batches(cfg.data.path, cfg.model.seq_len, cfg.eval.batches, global_windows,
-                          engine.rank, engine.world_size)
+    batches = val_batches(
+        cfg.data.path, cfg.model.seq_len, cfg.eval.batches, global_windows, engine.rank, engine.world_size
+    )
     return [micro for batch in batches for micro in batch.split(t.micro_batch_size)]
 
 

@@ -17,6 +17,7 @@ hosts' wall clocks, so they must agree to within LEASE_TTL_S (minutes; NTP gives
 Taking over renames the stale file away first (only one contender's rename finds it), checks that
 the file it moved is the stale one it judged, then creates its own with O_EXCL.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,24 @@ from evertrain.errors import EvertrainError
 LEASE_TTL_S = 300.0  # a heartbeat older than this is a dead holder's (clocks must agree to well within it)
 HEARTBEAT_S = 30.0
 # Filesystems whose flock may not reach other clients (NFS with local_lock, SMB, FUSE network mounts).
-NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "fuse.sshfs", "fuse.glusterfs",
-                        "glusterfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.juicefs"})
+NETWORK_FS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "afs",
+        "fuse.sshfs",
+        "fuse.glusterfs",
+        "glusterfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.rclone",
+        "fuse.juicefs",
+    }
+)
 
 
 class LeaseError(EvertrainError):
@@ -134,15 +151,26 @@ class Lease:
                 f.write(lease.body())
                 f.flush()
                 os.fsync(f.fileno())
-            lease._thread = threading.Thread(target=lease._beat, args=(heartbeat_s,), daemon=True,
-                                             name=f"lease {path.name}")
+            lease._thread = threading.Thread(
+                target=lease._beat, args=(heartbeat_s,), daemon=True, name=f"lease {path.name}"
+            )
             lease._thread.start()
             return lease
         raise LeaseError(f"{path}: other processes keep taking this lease; try again")
 
     def body(self) -> str:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                           "heartbeat": time.time(), "ttl_s": self.ttl_s}) + "\n"
+        return (
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "token": self.token,
+                    "heartbeat": time.time(),
+                    "ttl_s": self.ttl_s,
+                }
+            )
+            + "\n"
+        )
 
     def renew(self) -> bool:
         """Rewrite the heartbeat if the lease is still ours; False (and `lost` says why) if not."""
@@ -162,12 +190,18 @@ class Lease:
         while not self._stop.wait(every_s):
             try:
                 if not self.renew():
-                    print(f"warning: {self.lost}; another process may be using what it guards",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"warning: {self.lost}; another process may be using what it guards",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return
             except OSError as exc:  # a filesystem hiccup: the next beat retries, well within the ttl
-                print(f"warning: {self.path}: lease renewal failed ({exc.strerror or exc})", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"warning: {self.path}: lease renewal failed ({exc.strerror or exc})",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def release(self) -> None:
         self._stop.set()

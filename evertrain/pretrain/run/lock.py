@@ -19,6 +19,7 @@ filesystems) the lock also takes a lease, `.lock.lease`, that holds across hosts
 
 Readers (forks, exports, the report) never take it: they write nowhere in the run dir but pins.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -46,7 +47,7 @@ class RunLock:
     lease: Lease | None = None  # on a network filesystem (see the module docstring)
 
     @classmethod
-    def acquire(cls, run_dir: str | Path) -> "RunLock":
+    def acquire(cls, run_dir: str | Path) -> RunLock:
         run_dir = Path(run_dir)
         path = run_dir / LOCK_FILE
         try:
@@ -59,20 +60,28 @@ class RunLock:
         except BlockingIOError:
             holder = describe_holder(fd)
             os.close(fd)
-            raise RunLockError(f"{run_dir}: another trainer is using this run dir ({holder}); stop it first, "
-                               f"or use another --run-dir") from None
+            raise RunLockError(
+                f"{run_dir}: another trainer is using this run dir ({holder}); stop it first, "
+                f"or use another --run-dir"
+            ) from None
         except OSError as exc:
             os.close(fd)
-            raise RunLockError(f"{path}: cannot lock ({exc.strerror}); does the filesystem support locks?") from None
+            raise RunLockError(
+                f"{path}: cannot lock ({exc.strerror}); does the filesystem support locks?"
+            ) from None
         try:
             lease = lease_if_shared(path)
         except LeaseError as exc:
             os.close(fd)
-            raise RunLockError(f"{run_dir}: another trainer is using this run dir ({exc}); stop it first, "
-                               f"or use another --run-dir") from None
+            raise RunLockError(
+                f"{run_dir}: another trainer is using this run dir ({exc}); stop it first, "
+                f"or use another --run-dir"
+            ) from None
         except OSError as exc:
             os.close(fd)
-            raise RunLockError(f"{path}.lease: cannot write the run's lease ({exc.strerror or exc})") from None
+            raise RunLockError(
+                f"{path}.lease: cannot write the run's lease ({exc.strerror or exc})"
+            ) from None
         body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, body.encode() + b"\n", 0)
@@ -89,7 +98,7 @@ class RunLock:
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = -1
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:

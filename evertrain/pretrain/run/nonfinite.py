@@ -17,6 +17,7 @@ total: isolated spikes over a long run are what `skip` is for, and a total bound
 run of many months. The longest streak is kept on the device too (still no host sync per step);
 a streak that a resume interrupts starts again from zero.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,7 +48,9 @@ class NonFiniteWatch:
 
     def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """Record step `step`'s loss (this rank's) and global grad norm; returns the device flag."""
-        bad = ~(torch.isfinite(loss.detach().float()) & torch.isfinite(grad_norm.detach().float())).reshape(())
+        bad = ~(torch.isfinite(loss.detach().float()) & torch.isfinite(grad_norm.detach().float())).reshape(
+            ()
+        )
         self.count += bad
         self.first.copy_(torch.where((self.first == 0) & bad, step, self.first))
         self.streak.add_(bad).mul_(bad)  # +1 on a bad step, back to 0 on a good one
@@ -68,11 +71,15 @@ class NonFiniteWatch:
         """In `stop` mode, raise NonFiniteError if the last `read` saw a non-finite step; in `skip`
         mode, if it saw `max_in_a_row` of them in a row."""
         if self.mode == "skip" and self.longest_seen >= self.max_in_a_row:
-            raise NonFiniteError(f"train: {self.longest_seen} non-finite steps in a row (consecutive, not in total) "
-                                 f"reached train.max_nonfinite_steps={self.max_in_a_row} with train.on_nonfinite=skip: "
-                                 "each of their updates was dropped; resume from an earlier checkpoint "
-                                 "(--resume-step) with a lower optim.max_lr")
+            raise NonFiniteError(
+                f"train: {self.longest_seen} non-finite steps in a row (consecutive, not in total) "
+                f"reached train.max_nonfinite_steps={self.max_in_a_row} with train.on_nonfinite=skip: "
+                "each of their updates was dropped; resume from an earlier checkpoint "
+                "(--resume-step) with a lower optim.max_lr"
+            )
         if self.seen and self.mode == "stop":
-            raise NonFiniteError(f"train: loss or gradient not finite at step {self.first_seen} "
-                                 f"(train.on_nonfinite=stop); no checkpoint after it was committed. "
-                                 f"Lower optim.max_lr, or resume with train.on_nonfinite=skip")
+            raise NonFiniteError(
+                f"train: loss or gradient not finite at step {self.first_seen} "
+                f"(train.on_nonfinite=stop); no checkpoint after it was committed. "
+                f"Lower optim.max_lr, or resume with train.on_nonfinite=skip"
+            )

@@ -9,6 +9,7 @@ over several nodes does not rendezvous or bind its sockets on a loopback address
 checkpoint's tokenizer is the data's (pass the config as the engine will see it: init_from is dropped
 once the run has a checkpoint).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from evertrain.pretrain.config import AUTO, Config, ConfigError
-from evertrain.pretrain.data.stream import MANIFEST, DataError, Manifest, load_manifest
 from evertrain.pretrain.data.stamps import VerifiedStamps, stamp_file
+from evertrain.pretrain.data.stream import MANIFEST, DataError, Manifest, load_manifest
 from evertrain.pretrain.distributed import node_count
 from evertrain.pretrain.observe.loggers import check_installed
 
@@ -29,6 +30,7 @@ from evertrain.pretrain.observe.loggers import check_installed
 def preflight(cfg: Config, *, verify_checksums: bool, quiet: bool = False) -> Manifest:
     """Check that the run can start; returns the data manifest. `verify_checksums`: hash every shard
     (once per node is enough). Warnings (worth saying, not fatal) go to stderr unless `quiet`."""
+
     def warn(line: str) -> None:
         if not quiet:
             print(line, file=sys.stderr, flush=True)
@@ -55,9 +57,11 @@ def require_manifest(cfg: Config) -> None:
     path = cfg.data.path
     if not (Path(path) / MANIFEST).is_file():  # e.g. configs/1b.yaml before its data is prepared
         vocab = cfg.model.vocab_size if cfg.model.vocab_size != AUTO else "N"
-        raise DataError(f"data.path={path}: no {MANIFEST} there; prepare it first with `evertrain data prepare "
-                        f"--input TEXT... --out {path} --vocab-size {vocab}` (docs/data.md), "
-                        "or point data.path at a prepared data dir")
+        raise DataError(
+            f"data.path={path}: no {MANIFEST} there; prepare it first with `evertrain data prepare "
+            f"--input TEXT... --out {path} --vocab-size {vocab}` (docs/data.md), "
+            "or point data.path at a prepared data dir"
+        )
 
 
 def check_data(cfg: Config, verify_checksums: bool) -> Manifest:
@@ -67,9 +71,11 @@ def check_data(cfg: Config, verify_checksums: bool) -> Manifest:
     stamps = VerifiedStamps(stamp_file(path)) if verify_checksums else None
     manifest = load_manifest(path, verify_checksums=verify_checksums, stamps=stamps)
     if cfg.eval.every_steps and not manifest.val:
-        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps}, but data.path={cfg.data.path} has no "
-                          "validation shards; append some with `evertrain data append --val FILE...` "
-                          "or set eval.every_steps=0")
+        raise ConfigError(
+            f"eval.every_steps={cfg.eval.every_steps}, but data.path={cfg.data.path} has no "
+            "validation shards; append some with `evertrain data append --val FILE...` "
+            "or set eval.every_steps=0"
+        )
     return manifest
 
 
@@ -79,12 +85,15 @@ def check_vocab(cfg: Config, manifest: Manifest, warn) -> None:
     the tokenizer's are never trained: most likely the config is paired with the wrong data dir."""
     model_vocab, data_vocab = cfg.model.vocab_size, manifest.vocab_size
     if model_vocab < data_vocab:
-        raise ConfigError(f"model.vocab_size={model_vocab} is smaller than the {data_vocab}-token vocabulary of "
-                          f"data.path={cfg.data.path}; set model.vocab_size={data_vocab} (or more)")
+        raise ConfigError(
+            f"model.vocab_size={model_vocab} is smaller than the {data_vocab}-token vocabulary of "
+            f"data.path={cfg.data.path}; set model.vocab_size={data_vocab} (or more)"
+        )
     if model_vocab > 2 * data_vocab:
-        warn(f"warning: model.vocab_size={model_vocab}, but data.path={cfg.data.path} has a {data_vocab}-token "
-             f"vocabulary: {model_vocab - data_vocab} embedding rows will never see a token")
-
+        warn(
+            f"warning: model.vocab_size={model_vocab}, but data.path={cfg.data.path} has a {data_vocab}-token "
+            f"vocabulary: {model_vocab - data_vocab} embedding rows will never see a token"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -107,18 +116,26 @@ def check_network(env: Mapping[str, str], warn) -> None:
         return
     master = env.get("MASTER_ADDR")
     if master and is_loopback(master):
-        warn(f"warning: MASTER_ADDR={master} is a loopback address, but this run spans {nodes} nodes: ranks "
-             "on the other nodes cannot reach it; set MASTER_ADDR to the first node's host name or address")
+        warn(
+            f"warning: MASTER_ADDR={master} is a loopback address, but this run spans {nodes} nodes: ranks "
+            "on the other nodes cannot reach it; set MASTER_ADDR to the first node's host name or address"
+        )
     for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         names = [name.strip() for name in env.get(var, "").lstrip("=").split(",")]
-        if not env.get(var, "").startswith("^") and any(name == "lo" or name.startswith("lo:") for name in names):
-            warn(f"warning: {var}={env[var]} binds to the loopback interface, but this run spans {nodes} nodes; "
-                 "name the nodes' network interface instead (e.g. eth0, ib0)")
+        if not env.get(var, "").startswith("^") and any(
+            name == "lo" or name.startswith("lo:") for name in names
+        ):
+            warn(
+                f"warning: {var}={env[var]} binds to the loopback interface, but this run spans {nodes} nodes; "
+                "name the nodes' network interface instead (e.g. eth0, ib0)"
+            )
     host = socket.gethostname()
     if not env.get("GLOO_SOCKET_IFNAME") and is_loopback(host):
-        warn(f"warning: this host's name {host} resolves to a loopback address, where gloo binds when "
-             f"GLOO_SOCKET_IFNAME is unset, but this run spans {nodes} nodes: set GLOO_SOCKET_IFNAME to the "
-             "nodes' network interface (e.g. eth0), or map the host name to its network address")
+        warn(
+            f"warning: this host's name {host} resolves to a loopback address, where gloo binds when "
+            f"GLOO_SOCKET_IFNAME is unset, but this run spans {nodes} nodes: set GLOO_SOCKET_IFNAME to the "
+            "nodes' network interface (e.g. eth0), or map the host name to its network address"
+        )
 
 
 def check_init_from(cfg: Config, manifest: Manifest) -> None:

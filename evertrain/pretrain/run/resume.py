@@ -6,6 +6,7 @@ of the run's latest checkpoint (or of a fork's branch point), and shards appende
 
 Every rank resumes from the same checkpoint and agrees on the manifest version before going on.
 """
+
 from __future__ import annotations
 
 from evertrain.errors import EvertrainError
@@ -39,5 +40,7 @@ def refresh_data(stream, engine: Engine, attempts: int = 10) -> None:
             return
         if stream.manifest_version < newest:
             stream.refresh()
-    raise EvertrainError(f"data.path: ranks disagree on the manifest version after {attempts} re-reads "
-                         f"(saw {oldest}..{newest}); is the manifest being rewritten?")
+    raise EvertrainError(
+        f"data.path: ranks disagree on the manifest version after {attempts} re-reads "
+        f"(saw {oldest}..{newest}); is the manifest being rewritten?"
+    )

@@ -11,6 +11,7 @@ runtime knobs that leave the parameters as they are. The model's shape never cha
 whichever way the run is resumed; a change of anything else (the optimizer, the schedule, the batch)
 is a deliberate new config, stated with --config.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -21,9 +22,23 @@ from evertrain.pretrain.config import NOT_SHAPE, Config, ConfigError, load_confi
 CONFIG_FILE = "config.yaml"
 
 # What `pretrain.py --run D k=v` may change; `section.*` = every key of the section.
-RESUMABLE = ("train.max_steps", "train.log_every", "train.peak_tflops", "train.compile", "train.on_nonfinite",
-             "train.device", "train.max_nonfinite_steps", "data.path", "data.prefetch", "checkpoint.*", "eval.*", "logging.*", "engine.*",
-             "optim.impl", *(f"model.{name}" for name in sorted(NOT_SHAPE - {"init_from"})))
+RESUMABLE = (
+    "train.max_steps",
+    "train.log_every",
+    "train.peak_tflops",
+    "train.compile",
+    "train.on_nonfinite",
+    "train.device",
+    "train.max_nonfinite_steps",
+    "data.path",
+    "data.prefetch",
+    "checkpoint.*",
+    "eval.*",
+    "logging.*",
+    "engine.*",
+    "optim.impl",
+    *(f"model.{name}" for name in sorted(NOT_SHAPE - {"init_from"})),
+)
 
 
 def resumable(key: str) -> bool:
@@ -39,27 +54,37 @@ def previous_config(run_dir: Path) -> Config | None:
 def resume_config(run_dir: Path, previous: Config | None, overrides: list[str]) -> Config:
     """`pretrain.py --run D [k=v ...]`: the run's own config with the overrides a resume may make."""
     if previous is None:
-        raise ConfigError(f"--run {run_dir}: no {CONFIG_FILE} there, so nothing to resume; a new run needs "
-                          f"--config, e.g. --config configs/tiny.yaml --run {run_dir}")
+        raise ConfigError(
+            f"--run {run_dir}: no {CONFIG_FILE} there, so nothing to resume; a new run needs "
+            f"--config, e.g. --config configs/tiny.yaml --run {run_dir}"
+        )
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if resumable(key):
             continue
         section, _, name = key.partition(".")
         if section == "model" and name in model_shape(previous):
-            raise ConfigError(f"{key}: this run's checkpoints hold a model with {key}="
-                              f"{to_dict(previous)['model'][name]}; a resume cannot change the model's shape "
-                              "(start a new run in another --run-dir)")
-        raise ConfigError(f"{key}: a resume by run dir keeps it (it may change {', '.join(RESUMABLE[:9])}, ...); "
-                          "to change it on purpose, restate the whole config with --config")
+            raise ConfigError(
+                f"{key}: this run's checkpoints hold a model with {key}="
+                f"{to_dict(previous)['model'][name]}; a resume cannot change the model's shape "
+                "(start a new run in another --run-dir)"
+            )
+        raise ConfigError(
+            f"{key}: a resume by run dir keeps it (it may change {', '.join(RESUMABLE[:9])}, ...); "
+            "to change it on purpose, restate the whole config with --config"
+        )
     return load_config(run_dir / CONFIG_FILE, overrides)
 
 
 def changes(old: Config, new: Config) -> list[str]:
     """'section.key: old -> new' for every key whose value differs."""
     a, b = to_dict(old), to_dict(new)
-    return [f"{section}.{key}: {a[section].get(key)!r} -> {value!r}"
-            for section, values in b.items() for key, value in values.items() if a[section].get(key) != value]
+    return [
+        f"{section}.{key}: {a[section].get(key)!r} -> {value!r}"
+        for section, values in b.items()
+        for key, value in values.items()
+        if a[section].get(key) != value
+    ]
 
 
 def check_same_model(run_dir: Path, previous: Config | None, cfg: Config) -> None:
@@ -69,9 +94,11 @@ def check_same_model(run_dir: Path, previous: Config | None, cfg: Config) -> Non
     old, new = model_shape(previous), model_shape(cfg)
     differ = [f"model.{k}={old[k]} there, {new[k]} in this config" for k in new if old.get(k) != new[k]]
     if differ:
-        raise ConfigError(f"{run_dir / CONFIG_FILE}: this run dir trains another model ({'; '.join(differ)}); "
-                          "use another --run-dir, or resume this run with `pretrain.py --run "
-                          f"{run_dir}`")
+        raise ConfigError(
+            f"{run_dir / CONFIG_FILE}: this run dir trains another model ({'; '.join(differ)}); "
+            "use another --run-dir, or resume this run with `pretrain.py --run "
+            f"{run_dir}`"
+        )
 
 
 def trained_on(run_dir: Path, previous: Config | None, cfg: Config) -> str:

@@ -12,6 +12,7 @@ A stop can also be requested through a file, RUN/STOP, that any host may write (
 the run stops there, checkpointing as on SIGTERM, and removes the file. Looking is a stat() on the host:
 no collective and no device sync beyond the vote every step already makes.
 """
+
 from __future__ import annotations
 
 import signal
@@ -51,7 +52,7 @@ class StopSignals:
         """When the stop must be over; a rank stopped by the others' vote counts from now."""
         return (self.received_at if self.received_at is not None else time.monotonic()) + budget_s
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return self  # Python delivers signals to the main thread only: nothing to listen for
         for sig in self.SIGNALS:
@@ -91,8 +92,16 @@ class StopFile:
             self.path.unlink(missing_ok=True)
 
 
-def save_within_budget(ckpt, step: int, extra: dict, signals: StopSignals, signalled: bool, budget_s: float,
-                       rank: int, saved: int | None) -> tuple[int | None, bool]:
+def save_within_budget(
+    ckpt,
+    step: int,
+    extra: dict,
+    signals: StopSignals,
+    signalled: bool,
+    budget_s: float,
+    rank: int,
+    saved: int | None,
+) -> tuple[int | None, bool]:
     """Save `step` (every rank calls it); returns (the last step this process committed, kept).
 
     Not stopping for a signal: an ordinary save, but a signal that comes while it waits for the save
@@ -108,7 +117,10 @@ def save_within_budget(ckpt, step: int, extra: dict, signals: StopSignals, signa
         latest = ckpt.latest()  # the stop step, or the last one committed
         saved = step_of(latest) if latest is not None else None
     if not kept:
-        print(f"checkpoint: the stop budget of {budget_s:g}s ran out; abandoned the save in "
-              f"flight (rank {rank}); the last committed checkpoint is {latest}",
-              file=sys.stderr, flush=True)
+        print(
+            f"checkpoint: the stop budget of {budget_s:g}s ran out; abandoned the save in "
+            f"flight (rank {rank}); the last committed checkpoint is {latest}",
+            file=sys.stderr,
+            flush=True,
+        )
     return saved, kept
