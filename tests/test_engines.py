@@ -307,9 +307,11 @@ def test_quiet_deepspeed_drops_only_the_two_messages():
         warnings.simplefilter("always")
         quiet_deepspeed()
         warnings.warn(
-            "`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning
+            "`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...",
+            FutureWarning,
+            stacklevel=1,
         )
-        warnings.warn("`torch.distributed.something_else` is deprecated.", FutureWarning)
+        warnings.warn("`torch.distributed.something_else` is deprecated.", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["`torch.distributed.something_else` is deprecated."]
     assert not shown("**** You are using ZeRO with an untested optimizer, proceed with caution *****")
     assert shown("some other DeepSpeed warning")

@@ -446,10 +446,12 @@ def test_skip_drops_a_nan_update_with_clipping_off_too(grad_clip, tiny_data):
     try:
         batch = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed).next_batch(4)
         engine.train_step([batch])
-        state = lambda: (
-            [t.detach().clone() for t in engine.raw_model.state_dict().values()]
-            + [s[k].clone() for s in engine.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
-        )
+
+        def state():
+            return [t.detach().clone() for t in engine.raw_model.state_dict().values()] + [
+                s[k].clone() for s in engine.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")
+            ]
+
         before = state()
         forward_loss = engine.forward_loss
         engine.forward_loss = lambda windows: forward_loss(windows) * float("nan")
@@ -854,19 +856,12 @@ def test_export_pins_its_source_and_checks_the_tokenizer(tiny_data, tmp_path, mo
     run = tmp_path / "run"
     assert pretrain(run, tiny_data, "train.max_steps=2", "checkpoint.every_steps=2") == 0
     step_dir = run / "checkpoints" / "step_000000002"
-    args = lambda **kw: argparse.Namespace(
-        **{
-            "run": str(run),
-            "out": str(tmp_path / "hf"),
-            "step": "2",
-            "cooldown": None,
-            "average": None,
-            "tokenizer": None,
-            "dtype": "float32",
-            "max_shard_size": "5GB",
-            **kw,
-        }
-    )
+
+    def args(**kw):
+        given = {"run": str(run), "out": str(tmp_path / "hf"), "step": "2", "cooldown": None, "average": None}
+        given |= {"tokenizer": None, "dtype": "float32", "max_shard_size": "5GB"}
+        return argparse.Namespace(**(given | kw))
+
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("hello\n")
     with pytest.raises(ExportError, match="not a sentencepiece tokenizer model"):

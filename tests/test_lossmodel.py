@@ -327,7 +327,7 @@ def test_forker_decides_once_launches_the_final_cooldown_and_stops_the_main_run(
 
 def test_report_tables_predicted_vs_actual_with_mae_and_coverage(tmp_path, capsys):
     run_dir = synthetic_run(tmp_path / "run")
-    for name, predicted, half in (
+    for name, _predicted, half in (
         ("from_000000100_linear_20", None, 0.05),
         ("from_000000200_linear_40", None, 0.01),
     ):

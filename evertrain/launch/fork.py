@@ -421,7 +421,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-weights",
         metavar="SRC=SHARE,...",
-        help="cool down on this mix of sources (of the run's data dir, or of --data), e.g. hq=0.7,main=0.3 (default: the run's mix)",
+        help="cool down on this mix of sources (of the run's data dir, or of --data), e.g. hq=0.7,main=0.3 "
+        "(default: the run's mix)",
     )
     p.add_argument(
         "--final",

@@ -170,7 +170,7 @@ class DcpReader(SliceReader):
                     {}, storage_reader=SafeFileSystemReader(self.step_dir), planner=planner, no_dist=True
                 )
             self.bytes_read += planner.bytes
-            for first, buffer, i in batch.values():
+            for _first, buffer, i in batch.values():
                 offset, numel = cuts[i]
                 out[i] = buffer.reshape(-1).narrow(0, offset, numel).float()
             pending = rest
@@ -295,10 +295,9 @@ class ZeroReader(SliceReader):
         self.fragments: dict[str, list[tuple[int, int, int, int]]] = {name: [] for name in self.shapes}
         for rank in range(self.world_size):
             sd = self._optim(rank)
-            partition_starts = [
-                0
-            ]  # this rank's partition of group g starts at flat index 0 of its piece list
-            for g, piece in enumerate(sd["single_partition_of_fp32_groups"]):
+            # this rank's partition of group g starts at flat index 0 of its piece list
+            partition_starts = [0]
+            for piece in sd["single_partition_of_fp32_groups"]:
                 partition_starts.append(partition_starts[-1] + piece.numel())
             for g, mapping in enumerate(sd["param_slice_mappings"]):
                 for name, address in mapping.items():
