@@ -127,7 +127,7 @@ MUTATIONS = (
     ),
     Mutation(
         "M10: the sweep's best LR is the one with the best single seed, not the best mean",
-        "evertrain/launch/sweep/plan.py",
+        "evertrain/launch/sweep/results.py",
         "            best = min(range(len(by_lr)), key=lambda i: by_lr[i][1])\n",
         "            best = min(range(len(by_lr)), key=lambda i: min(losses[schedule, cooldown, t, by_lr[i][0]]))\n",
         ("tests/test_sweep.py::test_best_lr_is_the_lowest_mean_over_seeds_not_the_luckiest_seed",),
@@ -135,9 +135,9 @@ MUTATIONS = (
     ),
     Mutation(
         "M11: a token file's id equal to the vocab size is accepted",
-        "evertrain/pretrain/data/prepare.py",
-        "        if chunk.max() >= enc.vocab_size:\n",
-        "        if chunk.max() > enc.vocab_size:\n",
+        "evertrain/pretrain/data/encode.py",
+        "        if chunk.min() < 0 or chunk.max() >= enc.vocab_size:\n",
+        "        if chunk.min() < 0 or chunk.max() > enc.vocab_size:\n",
         ("tests/test_append.py::test_a_token_id_equal_to_the_vocab_size_is_refused",),
         "a token id equal to the vocab size (512 of 512) was accepted",
     ),
