@@ -17,8 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-CHILD = """
-import json, resource, sys
+CHILD = r"""
+import json, re, sys
 import torch
 from evertrain.pretrain import engines
 from evertrain.pretrain.config import load_config
@@ -30,11 +30,15 @@ t, m = cfg.train, cfg.model
 gen = torch.Generator().manual_seed(0)
 batches = [torch.randint(0, m.vocab_size, (t.micro_batch_size * t.grad_accum, m.seq_len + 1), generator=gen)
            for _ in range(3)]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def peak_rss():  # VmHWM, this process's own peak: getrusage's ru_maxrss carries the (large) pytest parent's over exec
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+before = peak_rss()
 engine = engines.create(cfg)
 for batch in batches:
     engine.train_step(list(batch.split(t.micro_batch_size)))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after = peak_rss()
 print(json.dumps({"growth": after - before, "plan": plan.total, "n_params": plan.n_params}))
 """
 

@@ -689,12 +689,23 @@ class Forker:
     def apply_stop_rule(self) -> None:
         if self.stop_rule is None:
             return
+        results = len(self.jobs_with("done"))
         checkpoints = store.complete_checkpoints(self.run_dir / "checkpoints")
-        newest = store.step_of(checkpoints[-1]) if checkpoints else None
-        final = self.stop_rule.poll(len(self.jobs_with("done")), newest)
-        if final is not None:
-            self.deferred.clear()  # nothing new is forked after a stop
-            self.queue_final(final)
+        if not checkpoints or (self.stop_rule.decided is None and results <= self.stop_rule.evaluated):
+            return  # nothing new to weigh
+        # a decision fits the loss model (seconds), while the run goes on and its retention prunes: the
+        # newest checkpoint, where a final cooldown would start, is pinned until that cooldown holds its own pin
+        try:
+            hold = pin(checkpoints[-1], "forker.decision", PIN_TTL_S)
+        except CheckpointError:
+            return  # pruned just now: weigh again at the next poll, from the checkpoint after it
+        try:
+            final = self.stop_rule.poll(results, store.step_of(checkpoints[-1]))
+            if final is not None:
+                self.deferred.clear()  # nothing new is forked after a stop
+                self.queue_final(final)
+        finally:
+            unpin(hold)
 
     def queue_final(self, final: dict) -> None:
         """The final cooldown as a fork job marked final (once: a restarted forker finds it in state.json,
