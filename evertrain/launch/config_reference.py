@@ -69,7 +69,11 @@ SECTIONS = {
 
 def comments(cls) -> dict[str, str]:
     """The trailing comment of each field in the dataclass's source."""
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    source = inspect.getsource(cls)
+    found = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M))
+    # a long one the formatter wrapped: `name: type = (\n    default  # comment\n)`
+    found.update(re.findall(r"^\s+(\w+):[^#\n]*= \(\n\s+[^#\n]*#\s*(.*)$", source, re.M))
+    return found
 
 
 def type_name(tp, key: str) -> str:

@@ -33,7 +33,14 @@ from evertrain import safe_json
 from evertrain.errors import EvertrainError
 from evertrain.files import atomic_write_text
 from evertrain.launch.evals import EvalHooks, hooks_from_args, run_hooks
-from evertrain.launch.runs import Lease, RunError, cooldown_dir_name, read_result, resolve_checkpoint
+from evertrain.launch.runs import (
+    Lease,
+    RunError,
+    cooldown_dir_name,
+    cooldown_length,
+    read_result,
+    resolve_checkpoint,
+)
 from evertrain.pretrain.checkpoint import store
 from evertrain.pretrain.config import COOLDOWN_SHAPES, DEFAULT_COOLDOWN_SHAPE, Config, dump_yaml, load_config
 
@@ -74,25 +81,8 @@ def check_cooldown_data(data: dict, run_data_path: str, seq_len: int) -> None:
     TokenStream(data["path"] or run_data_path, seq_len, 0, mix=data["weights"])  # names a missing source
 
 
-def cooldown_length(step: int, cooldown_steps: int | None = None, fraction: float | None = None) -> int:
-    """Cooldown steps c: given, or `fraction` of the fork step (c = round(F * s0))."""
-    if cooldown_steps is not None:
-        if cooldown_steps <= 0:
-            raise ForkError(f"--cooldown-steps: must be > 0, got {cooldown_steps}")
-        return cooldown_steps
-    if fraction is None:
-        raise ForkError("give --cooldown-steps C or --cooldown-fraction F")
-    if not 0.0 < fraction <= 1.0:
-        raise ForkError(f"--cooldown-fraction: must be in (0, 1], got {fraction}")
-    steps = round(fraction * step)
-    if steps <= 0:
-        raise ForkError(f"--cooldown-fraction: {fraction} of step {step} is 0 cooldown steps")
-    return steps
-
-
-FAILED = (
-    "failed.json"  # {"error": ...}: the eval hooks of this fork's last attempt failed (report.py shows it)
-)
+# {"error": ...}: the eval hooks of this fork's last attempt failed (report.py shows it)
+FAILED = "failed.json"
 
 
 def fork_spec(

@@ -26,6 +26,22 @@ def cooldown_dir_name(step: int, shape: str, cooldown_steps: int, data: dict | N
     return f"from_{step:09d}_{shape}_{cooldown_steps}" + (f"@{data['tag']}" if data else "")
 
 
+def cooldown_length(step: int, cooldown_steps: int | None = None, fraction: float | None = None) -> int:
+    """Cooldown steps c: given, or `fraction` of the fork step (c = round(F * s0))."""
+    if cooldown_steps is not None:
+        if cooldown_steps <= 0:
+            raise RunError(f"--cooldown-steps: must be > 0, got {cooldown_steps}")
+        return cooldown_steps
+    if fraction is None:
+        raise RunError("give --cooldown-steps C or --cooldown-fraction F")
+    if not 0.0 < fraction <= 1.0:
+        raise RunError(f"--cooldown-fraction: must be in (0, 1], got {fraction}")
+    steps = round(fraction * step)
+    if steps <= 0:
+        raise RunError(f"--cooldown-fraction: {fraction} of step {step} is 0 cooldown steps")
+    return steps
+
+
 def resolve_checkpoint(run_dir: Path, step: str | int) -> tuple[int, Path]:
     """`step` (an int or "latest") -> (step, step_dir), or a RunError that says what exists."""
     if not (run_dir / "config.yaml").is_file():

@@ -115,7 +115,7 @@ def scored(result: dict, prediction: dict | None) -> dict:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from evertrain.launch.fork import ForkError, cooldown_length
+    from evertrain.launch.runs import RunError, cooldown_length
 
     obs = load_observations(Path(args.run))
     step = obs.last_step if args.step in (None, "latest") else parse_step(args.step)
@@ -125,7 +125,7 @@ def run_predict(args: argparse.Namespace) -> int:
         step += round(args.at_tokens / obs.tokens_per_step)
     try:
         cooldown_steps = cooldown_length(step, args.cooldown_steps, args.cooldown_fraction)
-    except ForkError as exc:
+    except RunError as exc:
         raise LossModelError(str(exc)) from None
     fit = fit_loss_model(obs)
     record = predict_cooldown(obs, fit, step, cooldown_steps, args.shape)
