@@ -307,6 +307,8 @@ def test_fork_on_two_ranks_is_the_same_computation(main_run, reference, tmp_path
         str(FORK_STEP),
         "--cooldown-steps",
         str(COOLDOWN),
+        "--shape",
+        "linear",
         "--engine",
         "fsdp",
         "--eval-batches",
