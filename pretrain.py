@@ -62,9 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "single", "deepspeed", "fsdp"),
         help="shorthand for engine.name=... (default: the config's engine.name)",
     )
-    parser.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
-    )  # passed by the deepspeed launcher; env has it too
+    # passed by the deepspeed launcher; env has it too
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--resume-step",
         type=int,
@@ -156,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:  # the trainer's rank 0 holds it; before anything is written
             lock = RunLock.acquire(run_dir)
         if args.resume_step is not None and lock is not None:  # rank 0, before the others can read
-            rewind(
-                run_dir / "checkpoints", args.resume_step, pinned=has_live_pins
-            )  # a dead reader's pins do not count
+            # a dead reader's pins do not count
+            rewind(run_dir / "checkpoints", args.resume_step, pinned=has_live_pins)
         stream = TokenStream(cfg.data.path, cfg.model.seq_len, cfg.train.seed)
         engine = engines.create(
             engine_config(run_dir, cfg), launcher=detect_launcher(os.environ, args.local_rank)
@@ -171,12 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except EvertrainError as exc:
         rank = int(os.environ.get("RANK", "0"))  # as rank_and_world() reads it, without importing torch
-        data = sys.modules.get(
-            "evertrain.pretrain.data.stream"
-        )  # a DataError comes only once it was imported
-        where = (
-            hint if data is not None and isinstance(exc, data.DataError) else ""
-        )  # which data the run trained on, if not this
+        # a DataError comes only once it was imported
+        data = sys.modules.get("evertrain.pretrain.data.stream")
+        # which data the run trained on, if not this
+        where = hint if data is not None and isinstance(exc, data.DataError) else ""
         print(f"pretrain.py: error: {exc}{where}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

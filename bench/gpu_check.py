@@ -491,16 +491,8 @@ def synchronize(device) -> None:
 
 # -- 4. host syncs per step, every engine -------------------------------------------------------------
 
-VALUE_READS = (
-    "item",
-    "tolist",
-    "__bool__",
-    "__float__",
-    "__int__",
-    "__index__",
-    "cpu",
-    "numpy",
-)  # + .to(cpu)
+# tensor methods that bring a value to the host (and .to(cpu), counted apart)
+VALUE_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 
 
 class SyncCounter:

@@ -98,9 +98,8 @@ def _adamw_kernel(
 
     lr = tl.load(lr_ptr)
     step = tl.load(step_ptr).to(tl.float32)
-    step_size = tl.div_rn(
-        lr, 1.0 - tl.exp2(step * tl.log2(beta1))
-    )  # beta^t as exp2(t log2 beta): no pow in tl
+    # beta^t as exp2(t log2 beta): no pow in tl
+    step_size = tl.div_rn(lr, 1.0 - tl.exp2(step * tl.log2(beta1)))
     bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * tl.log2(beta2)))
     decay = 1.0 - lr * tl.load(weight_decays + tensor)
     if HAS_GRAD_SCALE:
@@ -183,6 +182,7 @@ def adamw_triton(
         )
         if chunk_table.shape[0] == 0:
             continue  # only empty tensors (e.g. an FSDP2 rank's share of a small tensor)
+        # FMA, as torch's CUDA kernels; explicit, so Triton 3.9 does not warn
         _kernel()[(chunk_table.shape[0],)](
             tensor_table,
             wd_table,
@@ -202,7 +202,7 @@ def adamw_triton(
             CHUNK=chunk,
             BLOCK=block,
             enable_fp_fusion=True,
-        )  # FMA, as torch's CUDA kernels; explicit, so Triton 3.9 does not warn
+        )
 
 
 def _tables(tensors, weight_decays, chunk, device, cache, cache_key):

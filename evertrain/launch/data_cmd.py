@@ -48,9 +48,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         counts=counts,
         **reading(args),
     )
-    read = (
-        f"; read {counts.summary()}" if counts.documents or counts.empty or counts.bad else ""
-    )  # not for tokens only
+    # not for tokens only
+    read = f"; read {counts.summary()}" if counts.documents or counts.empty or counts.bad else ""
     print(f"prepared {describe(manifest)}{read}")
     return 0
 
@@ -71,9 +70,8 @@ def run_append(args: argparse.Namespace) -> int:
         counts=counts,
         **reading(args),
     )
-    read = (
-        f"; read {counts.summary()}" if counts.documents or counts.empty or counts.bad else ""
-    )  # not for .bin only
+    # not for .bin only
+    read = f"; read {counts.summary()}" if counts.documents or counts.empty or counts.bad else ""
     print(f"appended to {describe(manifest)}{read}")
     return 0
 

@@ -186,9 +186,10 @@ def run_hooks(hooks: EvalHooks, out: Path, final_dir: Path, cfg) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     tokenizer, bos_id, eos_id = tokenizer_from_manifest(cfg.data.path, out / "config.yaml")
+    # weights only, a shard at a time
     export_hf_checkpoint(
         final_dir, store.read_meta(final_dir), cfg.model, tokenizer, hf_dir, bos_id=bos_id, eos_id=eos_id
-    )  # weights only, a shard at a time
+    )
     evals: dict = {}
     for name, command, out_json in hook_commands(hooks, hf_dir, work):
         shown = command if isinstance(command, str) else shlex.join(command)

@@ -137,6 +137,7 @@ def fork_config(
     split over this world size, no periodic eval (one eval at the end), only its newest checkpoint."""
     base = out / "config.yaml" if (out / "config.yaml").is_file() else run_dir / "config.yaml"
     micro, accum = batch_split(global_windows, load_config(base).train.micro_batch_size, world_size)
+    # the weights come from the checkpoint, never from the HF start
     overrides = [
         f"train.max_steps={end_step}",
         f"train.micro_batch_size={micro}",
@@ -145,7 +146,7 @@ def fork_config(
         "checkpoint.keep_last=1",
         "checkpoint.keep_every=0",
         "model.init_from=null",
-    ]  # the weights come from the checkpoint, never from the HF start
+    ]
     if args.eval_batches is not None:
         overrides.append(f"eval.batches={args.eval_batches}")
     if args.engine is not None:
@@ -289,9 +290,8 @@ def cool_down(
             )
             if start is not None:
                 start = {**start, "data": stream.state_dict()}
-        val = load_val_batches(
-            cfg, engine
-        )  # before the cooldown: a missing val split fails now, not after it
+        # before the cooldown: a missing val split fails now, not after it
+        val = load_val_batches(cfg, engine)
         last = train(cfg, out, engine, stream, ckpt, start=start, final_dir=out / "final")  # see write_result
         if last < end_step:
             if engine.is_main:
@@ -419,9 +419,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="mark this cooldown final in result.json (the forker's stop rule launches it so; default: not final)",
     )
-    p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
-    )  # passed by the deepspeed launcher; env has it too
+    # passed by the deepspeed launcher; env has it too
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_fork)
 
 

@@ -550,9 +550,8 @@ class Forker:
 
     def launch(self) -> None:
         """Queued forks on free pool slots; queued averages one at a time beside the forker."""
-        queued = sorted(
-            self.jobs_with("queued"), key=lambda j: (not j.final, j.step)
-        )  # the final cooldown first
+        # the final cooldown first
+        queued = sorted(self.jobs_with("queued"), key=lambda j: (not j.final, j.step))
         if not any(job.kind == "average" for job in self.jobs_with("running")):
             for job in [job for job in queued if job.kind == "average"][:1]:
                 self.start(job, Slot(AVERAGE_SLOT))

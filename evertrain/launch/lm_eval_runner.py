@@ -21,12 +21,13 @@ from evertrain.errors import EvertrainError
 from evertrain.files import atomic_write_text
 
 DEFAULT_FILTER = "none"
+# bookkeeping lm_eval keeps beside the metrics
 NOT_METRICS = {
     "alias",
     "sample_len",
     "samples",
     "sample_count",
-}  # bookkeeping lm_eval keeps beside the metrics
+}
 
 
 class LMEvalError(EvertrainError, ValueError):

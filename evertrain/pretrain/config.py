@@ -316,9 +316,8 @@ def validate(cfg: Config) -> None:
             for v in value if isinstance(value, tuple) else (value,):
                 if isinstance(v, float) and not math.isfinite(v):
                     raise ConfigError(f"{section.name}.{f.name}: must be finite, got {v}")
-    vocab = (
-        [("model.vocab_size", m.vocab_size)] if m.vocab_size != AUTO else []
-    )  # auto: checked once resolved
+    # auto: checked once resolved
+    vocab = [("model.vocab_size", m.vocab_size)] if m.vocab_size != AUTO else []
     for key, value in [
         *vocab,
         ("model.d_model", m.d_model),

@@ -256,9 +256,8 @@ class ZeroReader(SliceReader):
             path = self.step_dir / f"{prefix}_{rank}_mp_rank_00_optim_states.pt"
             if path.is_file():
                 return path
-        return (
-            self.step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        )  # _load_mmap names it missing
+        # _load_mmap names it missing
+        return self.step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
     def _optim(self, rank: int) -> dict:
         return _load_mmap(self._optim_path(rank))["optimizer_state_dict"]

@@ -66,9 +66,8 @@ class BackgroundStager:
         """Called before the optimizer writes the state: order that write after the copy."""
         if self.cuda:
             if self.event is not None:
-                torch.cuda.current_stream(self.device).wait_event(
-                    self.event
-                )  # the device waits, not the host
+                # the device waits, not the host
+                torch.cuda.current_stream(self.device).wait_event(self.event)
                 self.event = None
         elif self.copy_done is not None:
             copy_done, self.copy_done = self.copy_done, None

@@ -41,6 +41,7 @@ from evertrain.pretrain.data.stream import DataError
 
 TEXT, JSONL, PARQUET, ARROW, TOKENS = "text", "jsonl", "parquet", "arrow", "tokens"
 ROWS = "rows"  # a piece of a Parquet or Arrow input: a batch of its text column
+# what a directory expands to
 SUFFIXES = {
     ".jsonl": JSONL,
     ".jsonl.gz": JSONL,
@@ -50,13 +51,12 @@ SUFFIXES = {
     ".bin": TOKENS,
     ".npy": TOKENS,
     ".txt": TEXT,
-}  # what a directory expands to
+}
 HF_STATE, HF_DICT = "state.json", "dataset_dict.json"
 ARROW_BATCH_ROWS = 1024  # rows read from a parquet file per step
 JSONL_BLOCK_BYTES = 1 << 20  # JSONL is read in blocks of whole lines of about this size
-MAX_RECORD_BYTES = (
-    64 << 20
-)  # a JSONL line longer than this is refused (decoding it would take ~50x in memory)
+# a JSONL line longer than this is refused (decoding it would take ~50x in memory)
+MAX_RECORD_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)

@@ -100,9 +100,8 @@ class MLflowSink:
             experiment.experiment_id if experiment else self.client.create_experiment(cfg.logging.project)
         )
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-        params = [
-            entities.Param(key, value[:500]) for key, value in _flat_config(cfg).items()
-        ]  # MLflow's limit
+        # MLflow's limit
+        params = [entities.Param(key, value[:500]) for key, value in _flat_config(cfg).items()]
         self.client.log_batch(self.run_id, params=params)
         id_file.write_text(self.run_id + "\n")
 

@@ -69,12 +69,10 @@ class Metrics:
         self.enabled = enabled
         if cfg is not None:
             check_installed(cfg)  # on every rank, before the main rank opens anything
-        skip = (
-            cfg is not None and cfg.train.on_nonfinite == "skip"
-        )  # then the console counts the skipped steps
-        self.console = Console(
-            enabled and progress, start_step, max_steps, skipped=skip
-        )  # banner, bar or lines
+        # then the console counts the skipped steps
+        skip = cfg is not None and cfg.train.on_nonfinite == "skip"
+        # banner, bar or lines
+        self.console = Console(enabled and progress, start_step, max_steps, skipped=skip)
         if not enabled:
             return
         run_dir = Path(run_dir)
