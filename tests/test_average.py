@@ -6,7 +6,10 @@ exports to Hugging Face format, and bad requests are one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,14 +111,14 @@ def test_rerun_reads_nothing(run, tmp_path, monkeypatch, capsys):
 def test_sources_are_pinned_while_read(run, tmp_path, monkeypatch):
     run_dir = copy_run(run, tmp_path)
     ckpts = run_dir / "checkpoints"
-    real_read, seen = average.read_weights, []
+    real_read, seen = average.open_weights, []
 
     def read_beside_retention(step_dir, *args):  # the live run commits a checkpoint mid-average
         apply_retention(ckpts, keep_last=1, keep_every=0)
         seen.append(sorted(p.name for p in ckpts.glob("step_*")))
         return real_read(step_dir, *args)
 
-    monkeypatch.setattr(average, "read_weights", read_beside_retention)
+    monkeypatch.setattr(average, "open_weights", read_beside_retention)
     average_checkpoints(run_dir, [10, 20])
     assert seen == [["step_000000010", "step_000000020", "step_000000030"]] * 2
     apply_retention(ckpts, keep_last=1, keep_every=0)  # released: now they may go
@@ -252,6 +255,64 @@ def test_tail_and_ema_weightings_weigh_the_newest_checkpoints_most(run, tmp_path
     assert json.loads((out / "result.json").read_text())["weighting"] == "tail"
     assert cli_main(["average", "--run", str(run_dir), "--last", "2", "--weighting", "ema:1.5"]) == 2
     assert "BETA must be in (0, 1)" in capsys.readouterr().err
+
+
+AVERAGE_AND_PEAK = """
+import re, sys
+from pathlib import Path
+from evertrain.launch.cli import main
+code = main(sys.argv[1:])
+print("peak_kib", re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+sys.exit(code)
+"""
+
+
+def average_peak_bytes(run_dir: Path) -> int:
+    """Peak RSS of `evertrain average --last 3` (read, evaluate, write) in a process of its own, with
+    a fixed mmap threshold so that freed buffers go back to the system (as test_export's export_peak_bytes)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", AVERAGE_AND_PEAK, "average", "--run", str(run_dir), "--last", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split("peak_kib")[1].split()[0]) * 1024
+
+
+def test_average_memory_is_bounded_by_one_copy_of_the_weights(tiny_data, tmp_path):
+    """A 116 MB model's last 3 checkpoints averaged and evaluated: the average's peak RSS over that of
+    the same average of a tiny model stays under 1.6x the weights (one copy, accumulated parameter by
+    parameter and evaluated in place; reading each checkpoint whole, or copying the sum into a model,
+    holds two copies or more)."""
+    from evertrain.pretrain.config import load_config
+    from evertrain.pretrain.model.transformer import Transformer
+
+    shape = ["model.n_layers=4", "model.d_model=768", "model.n_heads=12", "model.n_kv_heads=12"]
+    base = [
+        f"data.path={tiny_data}",
+        "model.vocab_size=512",
+        "model.seq_len=32",
+        "train.micro_batch_size=1",
+        "train.max_steps=3",
+        "eval.every_steps=0",
+        "eval.batches=1",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=3",
+        "train.device=cpu",
+        "engine.name=single",
+    ]
+    small, big = tmp_path / "small", tmp_path / "big"
+    assert pretrain_tiny(small, *base) == 0 and pretrain_tiny(big, *base, *shape) == 0
+    weights = Transformer(load_config(big / "config.yaml").model, init=False).num_params() * 4  # fp32 bytes
+    assert weights > 100e6
+    baseline, peak = average_peak_bytes(small), average_peak_bytes(big)
+    assert (big / "averages" / "avg_000000003_k3_1-2-3" / "final").is_dir()
+    assert peak - baseline < 1.6 * weights, (
+        f"average added {(peak - baseline) / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
+    )
 
 
 @pytest.mark.slow

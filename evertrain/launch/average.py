@@ -177,28 +177,19 @@ def make_average(
             leases.append(Lease(step_dir, f"average.{out.name}"[:128]))
         metas = {step: store.read_meta(step_dir) for step, step_dir in sources.items()}
         check_same_model(cfg, sources, metas)
-        total = None
-        uniform = weighting == "uniform"  # a plain sum, divided once: the 1-checkpoint average is exact
-        factors = checkpoint_weights(len(sources), weighting)
-        for (step, step_dir), factor in zip(sources.items(), factors):
-            weights = read_weights(step_dir, metas[step], cfg.checkpoint.verify)
-            if not uniform:
-                weights = {key: value.mul_(factor) for key, value in weights.items()}
-            if total is None:
-                total = weights
-            else:
-                if weights.keys() != total.keys():
-                    raise AverageError(
-                        f"{step_dir}: holds other parameters than {next(iter(sources.values()))}"
-                    )
-                for key, value in weights.items():
-                    total[key].add_(value)
+        readers = {
+            step: open_weights(step_dir, metas[step], cfg.checkpoint.verify)
+            for step, step_dir in sources.items()
+        }
+        average = accumulate(
+            sources, readers, checkpoint_weights(len(sources), weighting), weighting == "uniform"
+        )
     finally:
         for lease in leases:
             lease.release()
-    average = {key: value.div_(len(sources)) for key, value in total.items()} if uniform else total
     newest = metas[max(sources)]
     started = time.perf_counter()
+    # The model takes the averaged tensors themselves (no copy on CPU): they are written from there.
     scores = evaluate_weights(cfg, average, global_windows(cfg, newest))
     eval_s = time.perf_counter() - started
     result = {
@@ -241,26 +232,51 @@ def check_same_model(cfg, sources: dict[int, Path], metas: dict[int, dict]) -> N
             raise AverageError(f"mismatched configs: {exc}") from None
 
 
-def read_weights(step_dir: Path, meta: dict, verify: str) -> dict:
-    """The checkpoint's fp32 weights, {name: full CPU tensor}, every file checked against meta.json
-    first; no optimizer moments are read. A NaN/Inf weight is refused, naming the parameter."""
-    import torch
-
+def open_weights(step_dir: Path, meta: dict, verify: str):
+    """A reader of the checkpoint's fp32 weights (checkpoint/slices.py), every file checked against
+    meta.json first; nothing is read yet, and no optimizer moments ever are."""
     from evertrain.pretrain.checkpoint import dcp as _dcp  # noqa: F401  (silences DCP's no_dist warning)
-    from evertrain.pretrain.checkpoint.slices import WEIGHT, Slice, open_reader
+    from evertrain.pretrain.checkpoint.slices import open_reader
 
     store.verify_files(step_dir, meta, mode=verify)
-    reader = open_reader(step_dir, meta)
-    names = list(reader.shapes)
-    flat = reader.read([Slice(name, WEIGHT, 0, reader.shapes[name].numel()) for name in names])
-    weights = {name: t.view(reader.shapes[name]).float() for name, t in zip(names, flat)}
-    for name, tensor in weights.items():
-        if not torch.isfinite(tensor).all():
-            raise AverageError(
-                f"{step_dir}: parameter '{name}' has NaN/Inf weights; average only checkpoints "
-                "from before the divergence (--steps)"
-            )
-    return weights
+    return open_reader(step_dir, meta)
+
+
+def accumulate(sources: dict[int, Path], readers: dict, factors: list[float], uniform: bool) -> dict:
+    """{name: fp32 CPU tensor} the weighted sum of the checkpoints, parameter by parameter: one full
+    copy of the weights plus one parameter read at a time, however many checkpoints. `uniform`: a
+    plain sum divided once by K (the 1-checkpoint average is that checkpoint exactly). A NaN/Inf
+    weight is refused, naming the checkpoint and the parameter."""
+    import torch
+
+    from evertrain.pretrain.checkpoint.slices import WEIGHT, Slice
+
+    first = next(iter(sources))
+    names = list(readers[first].shapes)
+    for step, reader in readers.items():
+        if reader.shapes != readers[first].shapes:
+            raise AverageError(f"{sources[step]}: holds other parameters than {sources[first]}")
+    total = {}
+    for name in names:
+        shape = readers[first].shapes[name]
+        for (step, reader), factor in zip(readers.items(), factors):
+            (flat,) = reader.read([Slice(name, WEIGHT, 0, shape.numel())])
+            value = flat.view(shape).float()
+            if not torch.isfinite(value).all():
+                raise AverageError(
+                    f"{sources[step]}: parameter '{name}' has NaN/Inf weights; average only checkpoints "
+                    "from before the divergence (--steps)"
+                )
+            if not uniform:
+                value.mul_(factor)
+            if name not in total:
+                total[name] = value.contiguous()
+            else:
+                total[name].add_(value)
+            del flat, value
+        if uniform:
+            total[name].div_(len(sources))
+    return total
 
 
 def global_windows(cfg, meta: dict) -> int:
@@ -283,8 +299,16 @@ def evaluate_weights(cfg, weights: dict, batch_windows: int) -> dict:
     device = pick_device(cfg.train.device)
     with torch.device("meta"):
         model = Transformer(cfg.model, init=False)
-    model.to_empty(device=device)
-    model.init_weights(cfg.train.seed, source=weights)  # copies every parameter from `weights`
+    # The parameters become `weights`' own tensors (on CPU no copy is made: one copy of the model in
+    # memory, not two); only the derived rope buffers are allocated here.
+    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False, assign=True)
+    model.tie_weights()
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise AverageError(f"the checkpoints hold no parameter '{name}'")
+    model.rope_cos = torch.empty_like(model.rope_cos, device=device)
+    model.rope_sin = torch.empty_like(model.rope_sin, device=device)
+    model.init_buffers()
     engine = Engine(
         model=model, raw_model=model, optimizer=None, device=device, autocast_dtype=compute_dtype(cfg, device)
     )
