@@ -8,7 +8,9 @@ steps s_1 < ... < s_K (the newest K committed checkpoints with --last K, or --st
       - pins every source checkpoint (runs.Lease) while it is read, so retention keeps it;
       - reads only their fp32 weights (checkpoint/slices.py: any engine, any world size, no moments),
         refusing non-finite weights and checkpoints of another model shape than the run's;
-      - averages them elementwise in fp32: (w_1 + ... + w_K) / K;
+      - averages them elementwise in fp32: (w_1 + ... + w_K) / K, parameter by parameter across the K
+        checkpoints into one fp32 copy, which the evaluation uses as its model's parameters: memory
+        is about one copy of the weights plus the largest parameter, whatever K;
       - evaluates the average on the run's own val windows (eval.batches global batches of the global
         batch the newest source checkpoint trained with: the windows the run's evals and its forks
         score), in one process, with the run's compute dtype;
