@@ -93,9 +93,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block
     on_nonfinite: str = "stop"  # stop | skip: a NaN/Inf loss or gradient stops the run, or drops that update
     max_nonfinite_steps: int = 100  # with skip: this many non-finite steps in a row stop the run (exit 2)
-    collective_timeout_s: float = (
-        600.0  # seconds a rank waits for the others; then it exits naming the missing rank
-    )
+    collective_timeout_s: float = 600.0  # seconds a rank waits for the others, then names the missing rank
 
 
 @dataclass
