@@ -122,7 +122,7 @@ def load(root: Path, step: int, pretrain_args: list[str]) -> None:
     if pretrain_args:
         code = load_pretrain().main([*pretrain_args, "--run-dir", str(root / "fsdp")])
         assert code == 0, f"fsdp: pretrain.py exited {code}"
-    init_process_group(torch.device("cpu"))  # no-op: the group is up; end it once, at the very end
+    init_process_group(torch.device("cpu"), 600)  # no-op: the group is up; end it once, at the very end
     torch.distributed.destroy_process_group()
 
 

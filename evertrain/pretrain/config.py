@@ -93,6 +93,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block
     on_nonfinite: str = "stop"  # stop | skip: a NaN/Inf loss or gradient stops the run, or drops that update
     max_nonfinite_steps: int = 100  # with skip: this many non-finite steps in a row stop the run (exit 2)
+    collective_timeout_s: float = 600.0  # seconds a rank waits for the others, then names the missing rank
 
 
 @dataclass
@@ -392,6 +393,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.prefetch: must be >= 0 (0 reads in the training thread), got {cfg.data.prefetch}"
         )
+    if not cfg.train.collective_timeout_s > 0:
+        raise ConfigError(f"train.collective_timeout_s: must be > 0, got {cfg.train.collective_timeout_s}")
     if not c.stop_budget_s > 0:
         raise ConfigError(f"checkpoint.stop_budget_s: must be > 0, got {c.stop_budget_s}")
     if c.keep_last < 1:

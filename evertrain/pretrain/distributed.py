@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -227,14 +228,43 @@ def node_count(env: Mapping[str, str] = os.environ) -> int:
     return 1
 
 
-def init_process_group(device: torch.device) -> None:
-    """NCCL between GPUs, gloo between CPU processes; rendezvous from the launcher's env vars."""
+def init_process_group(device: torch.device, timeout_s: float) -> None:
+    """NCCL between GPUs, gloo between CPU processes; rendezvous from the launcher's env vars.
+    `timeout_s` (train.collective_timeout_s) bounds every collective: a rank that never arrives
+    (stopped, or killed without the launcher noticing) fails the others' wait instead of hanging them."""
     if dist.is_initialized():
         return
+    timeout = timedelta(seconds=timeout_s)
     if device.type == "cuda":
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def gloo_group(timeout_s: float) -> dist.ProcessGroup:
+    """A CPU group over all ranks whose collectives give up after `timeout_s` (new groups do not
+    inherit the default group's timeout)."""
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def collective_failed(exc: BaseException) -> bool:
+    """A collective that gave up: train.collective_timeout_s ran out, or a peer's connection closed."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))
+
+
+class MissingRankError(EvertrainError):
+    """Some rank did not reach a point where all ranks wait for each other."""
+
+
+def missing_ranks(message: str, rank: int, world_size: int) -> str | None:
+    """The ranks a failed monitored barrier names ("Ranks 1, 3 failed to pass monitoredBarrier" on
+    rank 0, "... send/recv from rank 0" on the others); with two ranks a closed connection can only
+    be the other one. None when the message names none."""
+    found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", message)
+    found = found or re.search(r"from rank (\d+)", message)
+    if found:
+        return found.group(1).strip().rstrip(",")
+    return str(1 - rank) if world_size == 2 else None
 
 
 class StopVote:
@@ -245,12 +275,16 @@ class StopVote:
     (gloo) group, and the following step reads that result: every rank reads the same value at the
     same step, so all stop together, one step after the first rank saw the signal. Reading a CPU
     tensor is no device sync. Alone, the flag is simply returned.
+
+    Its groups' collectives give up after `timeout_s`; `check_ranks` then names the rank that did not
+    arrive, on a second group of its own (the vote's may hold a vote that never completes).
     """
 
-    def __init__(self, world_size: int):
-        self.world_size = world_size
+    def __init__(self, world_size: int, timeout_s: float, rank: int = 0):
+        self.world_size, self.timeout_s, self.rank = world_size, timeout_s, rank
         self.pending: tuple[dist.Work, torch.Tensor] | None = None
-        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self.group = gloo_group(timeout_s) if world_size > 1 else None
+        self.roll_call = gloo_group(timeout_s) if world_size > 1 else None
 
     def __call__(self, stop_here: bool) -> bool:
         if self.world_size == 1:
@@ -265,8 +299,29 @@ class StopVote:
         self.pending = (work, votes)
         return agreed
 
+    def check_ranks(self, where: str, cause: BaseException | None = None) -> None:
+        """Wait (at most timeout_s) until every rank reaches this call; MissingRankError naming the
+        ranks that did not. With a `cause` (a collective that failed), return quietly when all came:
+        the caller re-raises the cause, which was not a missing rank."""
+        if self.world_size == 1:
+            return
+        try:
+            dist.monitored_barrier(
+                group=self.roll_call, timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True
+            )
+        except RuntimeError as failed:
+            ranks = missing_ranks(str(failed), self.rank, self.world_size)
+            who = f"rank(s) {ranks}" if ranks is not None else "a rank"
+            raise MissingRankError(
+                f"{who} did not reach {where} within train.collective_timeout_s="
+                f"{self.timeout_s:g}s (stopped, killed or stuck; a launcher that signals only some ranks "
+                f"leaves the others waiting)"
+            ) from cause or failed
+
     def close(self) -> None:
-        """Every rank issued the same votes, so the last one completes everywhere."""
+        """Every rank issued the same votes, so the last one completes everywhere (after all ranks
+        reached the end of the loop: one that never does is named, not waited for)."""
+        self.check_ranks("the end of training")
         if self.pending is not None:
             self.pending[0].wait()
             self.pending = None

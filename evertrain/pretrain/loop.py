@@ -22,7 +22,7 @@ from pathlib import Path
 
 from evertrain.pretrain.config import Config
 from evertrain.pretrain.data.prefetch import Prefetcher
-from evertrain.pretrain.distributed import StopVote
+from evertrain.pretrain.distributed import StopVote, collective_failed
 from evertrain.pretrain.engines.base import Engine
 from evertrain.pretrain.model.hardware import peak_tflops, use_tf32
 from evertrain.pretrain.model.transformer import flops_per_token, flops_per_token_torchtitan
@@ -72,7 +72,7 @@ def train(
         peak_tflops(engine.device, t.peak_tflops),
         flops_per_token_torchtitan(cfg.model),
     )
-    vote = StopVote(engine.world_size)
+    vote = StopVote(engine.world_size, t.collective_timeout_s, engine.rank)
     stop_file = StopFile(run_dir, ckpt_every if ckpt is not None else 0, engine.world_size)
     saved = None
     abandoned = False
@@ -141,6 +141,10 @@ def train(
             reason = f"stop request {stop_file.path}"
         if not abandoned:
             stop_file.consume(engine.is_main)  # the request was met at this checkpoint
+    except RuntimeError as failed:
+        if collective_failed(failed):  # timed out or lost a peer: name the rank that is missing
+            vote.check_ranks(f"step {step + 1}", failed)
+        raise
     finally:
         batches.close()
         metrics.close()

@@ -28,7 +28,6 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
@@ -44,6 +43,7 @@ from evertrain import torch_compat
 from evertrain.pretrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, first_line
 from evertrain.pretrain.checkpoint.staging import BackgroundStager
 from evertrain.pretrain.checkpoint.store import CheckpointError, HashingFile
+from evertrain.pretrain.distributed import gloo_group
 
 DCP_METADATA = ".metadata"
 # We pass no_dist=True on purpose (one process); DCP warns about it on every call.
@@ -53,12 +53,12 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 class DcpState:
     """Saves and loads one engine's model + optimizer state as a DCP checkpoint."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, timeout_s: float):
         self.engine = engine
         # FSDP2 state dicts (DTensors) come from the fully_shard'ed module; plain ones from our model
         self.module = engine.model if engine.name == "fsdp" else engine.raw_model
         self.distributed = engine.name == "fsdp" and engine.world_size > 1
-        self.group = dist.new_group(backend="gloo") if self.distributed else None
+        self.group = gloo_group(timeout_s) if self.distributed else None
         self.stager = BackgroundStager(engine.device, engine.optimizer)
 
     def _dcp_args(self) -> dict:

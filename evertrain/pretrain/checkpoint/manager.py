@@ -97,7 +97,7 @@ class CheckpointManager:
         else:
             from evertrain.pretrain.checkpoint.dcp import DcpState
 
-            self.state = DcpState(engine)
+            self.state = DcpState(engine, cfg.train.collective_timeout_s)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evertrain-ckpt")
         self._in_flight: Future | None = None
         self._cleaned = False

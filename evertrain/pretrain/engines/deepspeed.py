@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -176,7 +177,9 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         quiet_deepspeed()
-        deepspeed.init_distributed(verbose=False)  # nccl on GPU, gloo on CPU (ccl if oneCCL is installed)
+        # nccl on GPU, gloo on CPU (ccl if oneCCL is installed); a rank that never arrives fails the wait
+        timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+        deepspeed.init_distributed(verbose=False, timeout=timeout)
         config = deepspeed_config(cfg, world_size, bf16=compute_dtype(cfg, device) is not None)
         if cfg.engine.zero_stage == 3:
             if cfg.train.compile:

@@ -93,7 +93,7 @@ class FSDPEngine(Engine):
         require_launcher("fsdp")
         rank, local_rank, world_size = rank_and_world()
         device = pick_device(cfg.train.device, local_rank)
-        init_process_group(device)
+        init_process_group(device, cfg.train.collective_timeout_s)
         mesh = fsdp_mesh(device.type, world_size, cfg.engine.replicate)
         low_precision = compute_dtype(cfg, device)
         policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)

@@ -30,6 +30,7 @@ RESUMABLE = (
     "train.on_nonfinite",
     "train.device",
     "train.max_nonfinite_steps",
+    "train.collective_timeout_s",
     "data.path",
     "data.prefetch",
     "checkpoint.*",

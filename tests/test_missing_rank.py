@@ -1,0 +1,104 @@
+"""A rank that stops answering does not leave the others waiting forever.
+
+A real 2-rank torchrun of pretrain.py (FSDP2 on CPU, gloo) with train.collective_timeout_s=10: once it
+trains, rank 1 is SIGSTOPped (what a launcher that signals only some ranks, or a hung host, leaves),
+and rank 0 must fail on its own, with one line naming rank 1, instead of hanging in its next collective.
+"""
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, launcher, launcher_env, wait_for
+
+TIMEOUT_S = 10
+
+
+def rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with RANK=`rank` among `parent`'s children, once it exists."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+def trained_steps(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
+    return max((r["step"] for r in lines if r["kind"] == "train"), default=0)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_by_the_others_within_the_timeout(tiny_data, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "stderr"
+    cmd = [
+        *launcher("fsdp", 2),
+        "pretrain.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        f"data.path={tiny_data}",
+        "model.vocab_size=512",
+        "train.log_every=1",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=0",
+        f"train.collective_timeout_s={TIMEOUT_S}",
+        "--engine",
+        "fsdp",
+    ]
+    stopped = None
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_for(lambda: trained_steps(run_dir) >= 2, proc, log, "the run trained", timeout=300)
+        stopped = rank_pid(proc.pid, 1)
+        assert stopped is not None, "no torchrun worker with RANK=1"
+        os.kill(stopped, signal.SIGSTOP)
+        # rank 0 gives up on its collective after TIMEOUT_S and on the roll call after TIMEOUT_S more;
+        # the rest is slack for a loaded machine
+        wait_for(lambda: "did not reach" in log.read_text(), proc, log, "rank 0's error", timeout=180)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGKILL)  # torchrun's own SIGTERM waits while it is stopped
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    err = log.read_text()
+    assert proc.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("pretrain.py: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "rank(s) 1 did not reach step" in errors[0], errors[0]
+    assert f"train.collective_timeout_s={TIMEOUT_S}s" in errors[0]
+
+
+def test_the_missing_ranks_are_read_from_the_roll_calls_error():
+    from evertrain.pretrain.distributed import missing_ranks
+
+    rank0 = "[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 10000 ms"
+    assert missing_ranks(rank0, rank=0, world_size=4) == "1, 3"
+    other = "Rank 2 successfully reached monitoredBarrier, but received errors while waiting for send/recv from rank 0."
+    assert missing_ranks(other, rank=2, world_size=4) == "0"
+    closed = "[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:15558."
+    assert missing_ranks(closed, rank=0, world_size=2) == "1"  # the only other rank
+    assert missing_ranks(closed, rank=0, world_size=4) is None
+
+
+def test_collective_timeout_must_be_positive():
+    from evertrain.pretrain.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="train.collective_timeout_s: must be > 0"):
+        from_dict({"train": {"collective_timeout_s": 0}})
