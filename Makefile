@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 DATA := data/shakespeare
 
-.PHONY: setup demo test lint fmt data clean-runs gpu-check
+.PHONY: setup demo test lint fmt data data-sweep clean-runs gpu-check
 
 setup: $(VENV)/.installed corpus/.unpacked
 
@@ -31,6 +31,13 @@ data: $(DATA)/manifest.json
 $(DATA)/manifest.json: corpus/.unpacked
 	$(VENV)/bin/evertrain data prepare --input corpus/train/*.txt --val corpus/val/*.txt \
 		--out $(DATA) --vocab-size 4096
+
+# the horizon sweep's data (configs/sweep.yaml): the same corpus with a 512-piece vocabulary
+data-sweep: data/shakespeare512/manifest.json
+
+data/shakespeare512/manifest.json: corpus/.unpacked
+	$(VENV)/bin/evertrain data prepare --input corpus/train/*.txt --val corpus/val/*.txt \
+		--out data/shakespeare512 --vocab-size 512
 
 # scripts/demo.sh prepares its own data dir (data/demo) and prints its wall time at the end
 demo: setup

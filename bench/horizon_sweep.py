@@ -48,10 +48,11 @@ def read_records(run_dir: Path, kind: str, key: str) -> tuple[list[int], list[fl
 
 
 def style(row: dict) -> dict:
+    cooldown = row["cooldown"] or ""
     return {
         "color": COLORS[row["schedule"]],
-        "marker": MARKERS.get(row["cooldown"], "v"),
-        "ls": ":" if row["cooldown"] == "none" else "--" if row["cooldown"] == "average" else "-",
+        "marker": MARKERS.get(row["cooldown"], "P" if cooldown.startswith("predicted") else "v"),
+        "ls": ":" if cooldown == "none" else "--" if cooldown.startswith("average") else "-.",
     }
 
 
@@ -90,9 +91,10 @@ def plot(results: dict, out: Path, png: Path) -> None:
         for (schedule, cooldown), row in rows.items():
             if schedule != decay or cooldown in (None, "none"):
                 continue
-            losses = [row["cells"][str(t)]["mean"] for t in plan.horizons]
+            ts = [t for t in plan.horizons if str(t) in row["cells"]]
+            losses = [row["cells"][str(t)]["mean"] for t in ts]
             ax_loss.plot(
-                plan.horizons,
+                ts,
                 losses,
                 style(row)["marker"],
                 color=COLORS[decay],
@@ -101,16 +103,19 @@ def plot(results: dict, out: Path, png: Path) -> None:
             )
             end_losses += losses
     for row in results["rows"]:
-        cells = [row["cells"][str(t)] for t in plan.horizons]
+        ts = [t for t in plan.horizons if str(t) in row["cells"]]
+        cells = [row["cells"][str(t)] for t in ts]
         st = style(row)
         ax_t.errorbar(
-            plan.horizons,
+            ts,
             [c["mean"] for c in cells],
             yerr=[c["half_range"] for c in cells],
             capsize=3,
             label=row["label"],
             **st,
         )
+        if last not in row["cells"]:
+            continue
         by_lr = row["cells"][last]["by_lr"]
         ax_lr.errorbar(
             [e["lr"] for e in by_lr],
@@ -196,11 +201,14 @@ def generated_section(results: dict, command: str, png: Path, doc: Path) -> str:
             f"Cooldowns ({', '.join(plan['shapes'])}): {plan['cooldown_fraction']:g} x T steps forked at step "
             f"{1 - plan['cooldown_fraction']:g} x T, so they end at T with the cosine run's steps and tokens. "
             + (
-                f"Average: uniform over the open-ended run's {plan['average_last']} checkpoints evenly from "
-                f"{1 - plan['cooldown_fraction']:g} x T to T (no training). "
+                f"Averages ({', '.join(plan.get('average_weightings', ['uniform']))}): the open-ended run's "
+                f"{plan['average_last']} checkpoints evenly from {1 - plan['cooldown_fraction']:g} x T to T "
+                "(no training). "
                 if plan["average_last"]
                 else ""
             )
+            + "Predicted: the loss model fitted on what the open-ended run knew at the fork point (its "
+            "records to that step and the cooldowns that had ended), as `evertrain predict` there. "
             + f"Val loss on the same {cfg.eval.batches} x {cfg.train.micro_batch_size * cfg.train.grad_accum} windows "
             f"of the held-out plays everywhere (eval every {results['eval_every']} steps).",
             "",
@@ -224,6 +232,13 @@ def generated_section(results: dict, command: str, png: Path, doc: Path) -> str:
             "over every (LR, seed) of the grid, in nats of val loss at T (positive: the first is worse):",
             "",
             *markdown(*sweep_tables.paired_rows(results)),
+            "",
+            "Knowing a cooldown without running it, within each open-ended run over every (LR, seed) of the "
+            "grid: the loss model's prediction at the fork point against the cooldown's actual val loss, and "
+            "the fraction of the cooldown's gain each checkpoint average recovers, mean(no cooldown - "
+            "average) / mean(no cooldown - cooldown):",
+            "",
+            *markdown(*sweep_tables.estimate_rows(results)),
             "",
             f"Compute per cell for all {len(plan['horizons'])} horizons, in optimizer steps: cosine way "
             f"{' + '.join(map(str, plan['horizons']))} = **{c['cosine_steps']}**; fork way "

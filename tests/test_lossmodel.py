@@ -15,6 +15,7 @@ from evertrain.launch.lossmodel.areas import areas, branch_lrs
 from evertrain.launch.lossmodel.decision import Rule, evaluate
 from evertrain.launch.lossmodel.fit import NAMES, LossModelFit, fit_loss_model
 from evertrain.launch.lossmodel.observations import LossModelError, load_observations
+from evertrain.launch.lossmodel.predict import predict_cooldown
 from evertrain.pretrain.config import dump_yaml, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,46 @@ def test_predict_needs_val_losses_and_names_the_problem(tmp_path, capsys):
     assert "0 validation loss(es) to fit against" in capsys.readouterr().err
     with pytest.raises(LossModelError, match="not a run directory"):
         load_observations(tmp_path / "nothing")
+
+
+def test_an_eval_after_the_last_logged_train_window_is_fitted(tmp_path):
+    """train.log_every need not divide eval.every_steps: the newest eval may come after the newest train
+    record (the branch's areas once ended at the train record, and the fit crashed on the eval)."""
+    run_dir = synthetic_run(tmp_path / "run")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if not ('"train"' in line and json.loads(line)["step"] > 390)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    obs = load_observations(run_dir, until_step=400)
+    assert obs.last_step < 400 and obs.branches[0].val[-1][0] == 400
+    fit = fit_loss_model(obs, train_curves=True)
+    assert fit["alpha"] == pytest.approx(TRUE["alpha"], rel=1e-3)
+
+
+def test_a_run_that_never_annealed_predicts_no_cooldown(tmp_path, capsys):
+    """Constant LR, no cooldown finished: S2 = 0 at every point, so nothing constrains C. The fit pins it
+    to 0 and says so, and a cooldown's prediction is refused (an unconstrained C once predicted -31718)."""
+    run_dir = synthetic_run(
+        tmp_path / "run", forks=(), noise=0.01, overrides=["optim.decay=constant", "optim.warmup_steps=10"]
+    )
+    obs = load_observations(run_dir)
+    fit = fit_loss_model(obs)
+    assert not fit.annealing_seen and fit["C"] == 0.0 and fit.stderr("C") == 0.0
+    assert any("no annealing" in w for w in fit.warnings)
+    with pytest.raises(LossModelError, match="no annealing yet"):
+        predict_cooldown(obs, fit, 300, 60, "linear")
+    assert cli_main(["predict", "--run", str(run_dir), "--step", "300", "--cooldown-steps", "60"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "finish one cooldown first" in err
+    # one finished cooldown is annealing seen: C is fitted and cooldowns are predicted again
+    rerun = synthetic_run(
+        tmp_path / "rerun", forks=((200, 40),), overrides=["optim.decay=constant", "optim.warmup_steps=10"]
+    )
+    obs = load_observations(rerun)
+    fit = fit_loss_model(obs)
+    assert fit.annealing_seen and fit["C"] == pytest.approx(TRUE["C"], rel=0.05)
+    assert predict_cooldown(obs, fit, 300, 60, "linear")["predicted"] == pytest.approx(
+        true_val(rerun, 300, 60), abs=0.01
+    )
 
 
 def exact_fit() -> LossModelFit:

@@ -81,6 +81,7 @@ def test_grid_cells_and_averages():
         max_lrs=(1e-2, 2e-2),
         seeds=(7, 8),
         average_last=5,
+        average_weightings=("uniform", "tail"),
     )
     # averages: 5 checkpoints evenly over each cooldown window, so the run checkpoints every 10 steps
     assert plan.average_steps(200) == [160, 170, 180, 190, 200]
@@ -88,7 +89,7 @@ def test_grid_cells_and_averages():
     assert plan.checkpoint_every == 10
     assert [c.name for c in plan.cells()] == ["lr0.01_seed7", "lr0.02_seed7", "lr0.01_seed8", "lr0.02_seed8"]
     jobs = sweep_plan.jobs_of(plan)
-    assert len(jobs) == 4 * (1 + 3 + 3 + 3)
+    assert len(jobs) == 4 * (1 + 3 + 3 + 3 * 2)
     first = [job for job in jobs if job.name.startswith("lr0.02_seed8/")]
     main = next(job for job in first if job.name == "lr0.02_seed8/constant")
     assert {
@@ -99,17 +100,21 @@ def test_grid_cells_and_averages():
         "train.max_steps=800",
     } <= set(main.overrides)
     averages = [job for job in first if isinstance(job, sweep_plan.AverageJob)]
-    assert [a.steps for a in averages] == [
-        (160, 170, 180, 190, 200),
-        (320, 340, 360, 380, 400),
-        (640, 680, 720, 760, 800),
+    assert [(a.steps, a.weighting) for a in averages] == [
+        (steps, weighting)
+        for steps in ((160, 170, 180, 190, 200), (320, 340, 360, 380, 400), (640, 680, 720, 760, 800))
+        for weighting in ("uniform", "tail")
     ]
-    assert averages[0].command(plan, Path("/o"))[-4:] == [
+    assert averages[1].command(plan, Path("/o"))[-6:] == [
         "--run",
         "/o/lr0.02_seed8/constant",
         "--steps",
         "160,170,180,190,200",
+        "--weighting",
+        "tail",
     ]
+    assert averages[1].result_path(Path("/o")).parent.name == "avg_000000200_k5_160-170-180-190-200_tail"
+    assert len({a.name for a in averages}) == len(averages)
     assert not any(isinstance(job, sweep_plan.AverageJob) for job in sweep_plan.jobs_of(plan, averages=False))
 
 
@@ -234,6 +239,66 @@ def test_paired_differences_stay_within_one_run():
     assert len(header) == 4 and rows[1][2] == "+0.0600 / +0.1150 / +0.1500"
 
 
+def test_predictions_and_averages_are_scored_against_the_cooldown_within_each_run():
+    base = synthetic()
+    cooled = {(r["lr"], r["seed"], r["horizon"]): r["val_loss"] for r in base if r["cooldown"] == "1-sqrt"}
+    plain = {(r["lr"], r["seed"], r["horizon"]): r["val_loss"] for r in base if r["cooldown"] == "none"}
+    records = list(base)
+    for (lr, seed, t), loss in cooled.items():
+        # predicted 0.02 above every actual, with an interval of 0.03 except one run's (0.01: outside)
+        narrow = (lr, seed, t) == (2e-2, 1, 200)
+        records.append(
+            {
+                **record("constant", "predicted-1-sqrt", lr, seed, t, loss + 0.02),
+                "interval": 0.01 if narrow else 0.03,
+            }
+        )
+        # the tail-weighted average recovers half of each run's gain; the uniform one all of it
+        records.append(
+            record(
+                "constant",
+                "average-tail",
+                lr,
+                seed,
+                t,
+                plain[lr, seed, t] - 0.5 * (plain[lr, seed, t] - loss),
+            )
+        )
+        records.append(record("constant", "average", lr, seed, t, loss))
+    results = {
+        "plan": {
+            "schedules": ["constant"],
+            "horizons": [100, 200],
+            "shapes": ["1-sqrt"],
+            "average_weightings": ["uniform", "tail"],
+        },
+        "records": records,
+    }
+    header, rows = sweep_tables.estimate_rows(results)
+    assert header[3:] == [
+        "predicted - actual: min / mean / max",
+        "inside 95%",
+        "uniform average: gain recovered",
+        "tail average: gain recovered",
+    ]
+    # T=100, no cooldown - cooldown per (lr, seed): .20 .20 .065 .055 .20 .18 -> mean .15
+    assert rows[0] == ["constant", "100", "+0.1500", "+0.0200 / +0.0200 / +0.0200", "6 of 6", "100%", "50%"]
+    assert rows[1][4] == "5 of 6"
+
+    # a prediction the model could not make at one horizon leaves that cell out, not the row
+    kept = [r for r in records if not (r["cooldown"] == "predicted-1-sqrt" and r["horizon"] == 100)]
+    rows = sweep_results.aggregate(kept, average_last=5)
+    predicted = next(row for row in rows if row["cooldown"] == "predicted-1-sqrt")
+    assert list(predicted["cells"]) == ["200"]
+    assert predicted["label"] == "constant + 1-sqrt cooldown, predicted at the fork"
+    assert [row["label"] for row in rows if (row["cooldown"] or "").startswith("average")] == [
+        "constant, tail-weighted average of 5 ckpts",
+        "constant, average of 5 ckpts",
+    ]
+    header, table = sweep_tables.table_rows({"plan": results["plan"], "rows": rows})
+    assert next(r for r in table if r[0] == predicted["label"])[1] == "-"
+
+
 def test_one_seed_calls_nothing_and_one_lr_flags_no_edge():
     records = [r for r in synthetic() if r["seed"] == 1 and r["lr"] == 2e-2]
     rows = sweep_results.aggregate(records)
@@ -308,11 +373,14 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path, tiny_data):
     assert plan.average_last == 3 and plan.checkpoint_every == 1
     # first everything but the averages (the real sweep ran so before `evertrain average` existed) ...
     skipped = sweep_execute.run_sweep(plan, out, echo=lambda _: None, averages=False)
-    assert [row["cooldown"] for row in skipped["rows"]] == [None, "linear", "none", "linear", "none"]
+    assert [row["cooldown"] for row in skipped["rows"]] == [
+        *(None, "linear", "predicted-linear", "none"),
+        *("linear", "predicted-linear", "none"),
+    ]
     # ... then the same command adds them from the kept checkpoints, and the page
     messages = []
     sweep_execute.run_jobs(plan, out, sweep_plan.jobs_of(plan), echo=messages.append)
-    assert messages[0] == "sweep: 8 of 12 runs finished already"
+    assert messages[0] == "sweep: 8 of 16 runs finished already"
     assert all("average" in m for m in messages[1:])
     assert bench.main([*quick_args(out, tiny_data), "--doc", str(doc)]) == 0
 
@@ -321,14 +389,20 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path, tiny_data):
     assert labels == [
         "cosine (tuned to T)",
         "rsqrt + linear cooldown",
+        "rsqrt + linear cooldown, predicted at the fork",
         "rsqrt, average of 3 ckpts",
+        "rsqrt, EMA average of 3 ckpts",
         "rsqrt, no cooldown",
         "constant + linear cooldown",
+        "constant + linear cooldown, predicted at the fork",
         "constant, average of 3 ckpts",
+        "constant, EMA average of 3 ckpts",
         "constant, no cooldown",
     ]
     for row in results["rows"]:
-        assert set(row["cells"]) == {str(t) for t in HORIZONS}
+        # at T=10 the fork point (step 8) has too few losses past the warmup for the loss model
+        predicted = row["cooldown"] is not None and row["cooldown"].startswith("predicted")
+        assert set(row["cells"]) == ({"20"} if predicted else {str(t) for t in HORIZONS})
         assert all(0 < cell["mean"] < 10 and cell["half_range"] == 0 for cell in row["cells"].values())
     assert all(abs(cell["gap_pct"]) < 1e-9 for cell in results["rows"][0]["cells"].values())
     assert results["compute"]["cosine_steps"] == 10 + 20
@@ -374,12 +448,13 @@ def test_quick_sweep_end_to_end_and_resume(tmp_path, tiny_data):
     )
     assert "stale table" not in text and "| rsqrt + linear cooldown |" in text and "fewer" in text
     assert "| constant, average of 3 ckpts |" in text and "per parameter" in text
+    assert "| constant, EMA average of 3 ckpts |" in text and "ema average: gain recovered" in text
     assert (tmp_path / "docs" / "horizon_sweep.png").stat().st_size > 10_000
 
     # a rerun finds every run done and launches nothing
     messages = []
     sweep_execute.run_jobs(plan, out, sweep_plan.jobs_of(plan), echo=messages.append)
-    assert messages == ["sweep: 12 of 12 runs finished already"]
+    assert messages == ["sweep: 16 of 16 runs finished already"]
 
 
 def parse_sweep_args(argv: list[str]):

@@ -31,6 +31,7 @@ NAMES = ("L0", "A", "alpha", "C", "delta")
 LOWER = np.array([0.0, 1e-9, 0.01, 0.0, -np.inf])
 UPPER = np.array([np.inf, np.inf, 3.0, np.inf, np.inf])
 ALPHA_STARTS = (0.2, 0.5, 1.0)  # the fit is non-convex in alpha: the best of a few starts
+ANNEALING_SEEN = 1e-9  # a largest fitted S2 (peak-LR steps) below this: the curves hold no annealing
 VAL_ONLY_POINTS = 10  # from this many val losses on, fit them alone (docs/decisions.md: the train curve's
 # shape drifts from the val curve's, and biases the forecasts)
 
@@ -45,6 +46,7 @@ class LossModelFit:
     val_points: int
     warnings: list[str] = field(default_factory=list)
     train_curves: bool = True  # the train windows were fitted too (else val losses only, delta = 0)
+    annealing_seen: bool = True  # some fitted point had S2 > 0; else C is unknown (pinned to 0)
 
     def __getitem__(self, name: str) -> float:
         return float(self.params[NAMES.index(name)])
@@ -213,7 +215,17 @@ def fit_loss_model(obs: Observations, train_curves: bool | None = None) -> LossM
     s2 = float(np.sum(found.fun**2)) / dof
     cov = s2 * np.linalg.pinv(found.jac.T @ found.jac)
     warnings = []
-    if found.x[NAMES.index("C")] <= 1e-9:
+    annealing_seen = bool(d.s2.max() > ANNEALING_SEEN)
+    if not annealing_seen:
+        # C multiplies S2 = 0 at every point: no data constrain it, and the solver leaves it anywhere
+        # (a constant-LR run before its first cooldown once fitted C = 802 +- 0). Pin it to 0.
+        found.x[NAMES.index("C")] = 0.0
+        cov[NAMES.index("C"), :] = cov[:, NAMES.index("C")] = 0.0
+        warnings.append(
+            "no annealing in the curves yet (a constant LR and no finished cooldown): the gain of a "
+            "cooldown is unknown until one finishes"
+        )
+    elif found.x[NAMES.index("C")] <= 1e-9:
         warnings.append(
             "C = 0 (no annealing benefit fitted): the curves hold no annealing yet; finish a cooldown"
         )
@@ -228,6 +240,7 @@ def fit_loss_model(obs: Observations, train_curves: bool | None = None) -> LossM
         n_val,
         warnings,
         train_curves=train_curves,
+        annealing_seen=annealing_seen,
     )
 
 

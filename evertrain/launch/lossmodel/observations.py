@@ -79,9 +79,11 @@ def load_observations(
         raise LossModelError(f"--run {run_dir}: the main run has logged no train losses yet")
     last = train[-1]["step"]
     tokens_per_step = train[-1]["tokens"] / last
+    # an eval may come after the last logged train window (train.log_every does not divide its step)
+    newest = max(last, *(r["step"] for r in metrics if r.get("kind") == "eval"))
     main = Branch(
         "main",
-        areas(branch_lrs(optim, last), optim.max_lr),
+        areas(branch_lrs(optim, newest), optim.max_lr),
         train=[w for w in windows(train, 0) if w[0] > skip],
         val=[
             (r["step"], float(r["val_loss"]))

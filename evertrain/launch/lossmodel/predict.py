@@ -33,7 +33,13 @@ def predict_cooldown(
             f"a cooldown needs a step > 0 and > 0 steps, got step {step}, {cooldown_steps} steps"
         )
     end = step + cooldown_steps
-    value, half = fit.val_loss(obs.areas_of(end, (step, cooldown_steps, shape)), end)
+    branch = obs.areas_of(end, (step, cooldown_steps, shape))
+    if not fit.annealing_seen and branch.s2[end - 1] > 0:
+        raise LossModelError(
+            f"{obs.run_dir}: the curves hold no annealing yet (a constant LR and no finished cooldown), so "
+            "the gain of a cooldown cannot be predicted; finish one cooldown first"
+        )
+    value, half = fit.val_loss(branch, end)
     return {
         "from_step": step,
         "cooldown_steps": cooldown_steps,

@@ -16,6 +16,8 @@ from evertrain.launch.sweep.plan import (
     QUICK_AVERAGE_LAST,
     QUICK_HORIZONS,
     QUICK_OVERRIDES,
+    QUICK_WEIGHTINGS,
+    WEIGHTINGS,
     SweepError,
     SweepPlan,
 )
@@ -48,6 +50,7 @@ def plan_from_args(args: argparse.Namespace) -> SweepPlan:
         max_lrs=tuple(args.max_lrs or ()),
         seeds=seeds,
         average_last=average_last,
+        average_weightings=tuple(args.average_weightings or (QUICK_WEIGHTINGS if args.quick else WEIGHTINGS)),
     )
 
 
@@ -103,6 +106,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help=f"average K checkpoints evenly over the cooldown window [T - c, T], 0 = no averaging "
         f"row (default {FULL_AVERAGE_LAST}; --quick: {QUICK_AVERAGE_LAST})",
+    )
+    p.add_argument(
+        "--average-weightings",
+        nargs="+",
+        help=f"one averaging row per weighting ({'|'.join(WEIGHTINGS)}|ema:BETA; "
+        f"default {' '.join(WEIGHTINGS)}; --quick: {' '.join(QUICK_WEIGHTINGS)})",
     )
     p.add_argument(
         "--skip-averages",

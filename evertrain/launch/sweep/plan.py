@@ -8,8 +8,10 @@ For horizons T1 < T2 < ...: a cosine run to each T (optim.decay=cosine, optim.ho
 open-ended schedule (rsqrt, constant) one run to the last T with a checkpoint at every fork point;
 from it, per cooldown shape, a cooldown of c = F*T steps forked at step T - c, so that it ends at
 exactly step T (the cosine run's steps and tokens); the open-ended run's own val loss at T (no
-cooldown); and with --average-last K the uniform average of its K checkpoints evenly spread over the
-same window [T - c, T] (`evertrain average`, no training). All of that is one *cell*; the sweep runs
+cooldown); with --average-last K the averages of its K checkpoints evenly spread over the same window
+[T - c, T] (`evertrain average`, no training), one per --average-weightings (uniform, tail, ema); and
+the loss model's prediction of each cooldown, fitted on what the open-ended run knew at the fork point
+(results.py: computed when the table is made, no run). All of that is one *cell*; the sweep runs
 one cell per (max_lr, seed) of the grid (--max-lrs, --seeds) into OUT/lr<LR>_seed<S>/. Same model,
 data, warmup everywhere; every eval scores the same validation batches (same eval.batches and global
 batch, and the validation windows do not depend on the seed).
@@ -54,11 +56,12 @@ PRETRAIN = Path(__file__).resolve().parents[3] / "pretrain.py"
 OPEN_ENDED = ("rsqrt", "constant")
 
 FULL_CONFIG = "configs/sweep.yaml"
-FULL_HORIZONS = (200, 400, 800)
+FULL_HORIZONS = (300, 600, 1200)
 FULL_AVERAGE_LAST = 5  # checkpoints at 0.80, 0.85, 0.90, 0.95, 1.00 T: the cooldown's window
 # --quick checks the pipeline, not the science: a one-layer model and tens of steps
 QUICK_HORIZONS = (10, 20, 40)
 QUICK_AVERAGE_LAST = 3
+QUICK_WEIGHTINGS = ("uniform", "ema")
 QUICK_OVERRIDES = (
     "model.d_model=32",
     "model.n_layers=1",
@@ -72,7 +75,8 @@ QUICK_OVERRIDES = (
 )
 # the plan fields that only add runs (cells, open-ended runs, forks) and change none: they may grow
 # in one OUT, reusing what is done (the cosine runs serve every schedule and shape)
-GRID_FIELDS = ("max_lrs", "seeds", "schedules", "shapes")
+GRID_FIELDS = ("max_lrs", "seeds", "schedules", "shapes", "average_weightings")
+WEIGHTINGS = ("uniform", "tail", "ema")  # `evertrain average --weighting`: the free estimates compared
 
 
 class SweepError(EvertrainError, ValueError):
@@ -90,6 +94,7 @@ class SweepPlan:
     max_lrs: tuple[float, ...] = ()  # () = the config's optim.max_lr, one cell, no override
     seeds: tuple[int, ...] = ()  # () = the config's train.seed
     average_last: int = 0  # K checkpoints averaged over the cooldown window; 0 = no averaging row
+    average_weightings: tuple[str, ...] = ("uniform",)  # one averaging row per weighting
 
     def __post_init__(self):
         h = self.horizons
@@ -113,6 +118,11 @@ class SweepPlan:
             raise SweepError(f"--max-lrs: need distinct positive learning rates, got {list(self.max_lrs)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise SweepError(f"--seeds: the seeds must differ, got {list(self.seeds)}")
+        for weighting in self.average_weightings:
+            if weighting.partition(":")[0] not in WEIGHTINGS:
+                raise SweepError(f"--average-weightings: {weighting!r} is not one of {'|'.join(WEIGHTINGS)}")
+        if len(set(self.average_weightings)) != len(self.average_weightings):
+            raise SweepError(f"--average-weightings: listed twice in {list(self.average_weightings)}")
         if self.average_last:
             k = self.average_last
             for t in h:
@@ -266,15 +276,19 @@ class AverageJob:
 
     run: str
     steps: tuple[int, ...]
+    weighting: str = "uniform"
 
     @property
     def name(self) -> str:
-        return f"{self.run}_average_{self.steps[0]}-{self.steps[-1]}"
+        suffix = "" if self.weighting == "uniform" else f"_{self.weighting.replace(':', '')}"
+        return f"{self.run}_average_{self.steps[0]}-{self.steps[-1]}{suffix}"
 
     def result_path(self, out: Path) -> Path:
         from evertrain.launch.average import average_dir_name
 
-        return out / self.run / "averages" / average_dir_name(list(self.steps)) / "result.json"
+        return (
+            out / self.run / "averages" / average_dir_name(list(self.steps), self.weighting) / "result.json"
+        )
 
     def done(self, out: Path) -> bool:
         return self.result_path(out).is_file()
@@ -291,6 +305,8 @@ class AverageJob:
             str(out / self.run),
             "--steps",
             ",".join(map(str, self.steps)),
+            "--weighting",
+            self.weighting,
         ]
 
 
@@ -341,9 +357,10 @@ def cell_jobs(plan: SweepPlan, cell: Cell, averages: bool = True) -> list[TrainJ
     ]
     averaged = (
         [
-            AverageJob(f"{c}/{decay}", tuple(plan.average_steps(t)))
+            AverageJob(f"{c}/{decay}", tuple(plan.average_steps(t)), weighting)
             for t in plan.horizons
             for decay in plan.schedules
+            for weighting in plan.average_weightings
         ]
         if averages and plan.average_last
         else []

@@ -1,6 +1,14 @@
 """The sweep's numbers from its run dirs: each cell's val loss per row and horizon as flat records, the
 table (`aggregate`: per row and horizon the best max_lr by mean over seeds, the half range over seeds,
 the gap to cosine and the verdict), the regime (tokens per parameter, epochs) and the compute.
+
+Rows are keyed (schedule, cooldown): cooldown None = the cosine run, a shape = the forked cooldown,
+"none" = the open-ended run itself at T, "average" / "average-<weighting>" = an average of its
+checkpoints (uniform has no suffix), "predicted-<shape>" = the loss model's prediction of that cooldown
+made from what the open-ended run knew at the fork point: its records up to the fork step and the
+cooldowns that had ended by then (the same fit `evertrain predict` makes there). The prediction is
+computed here rather than read from the fork's prediction.json, which the fork wrote when it started:
+in a sweep that moment depends on which processes ran first.
 """
 
 from __future__ import annotations
@@ -24,30 +32,62 @@ def read_evals(run_dir: Path) -> dict[int, float]:
     return evals
 
 
+PREDICTED = "predicted-"
+
+
+def average_key(weighting: str) -> str:
+    return "average" if weighting == "uniform" else f"average-{weighting}"
+
+
+def weighting_of(cooldown: str) -> str:
+    return cooldown.partition("-")[2] or "uniform"
+
+
 def row_label(schedule: str, cooldown: str | None, average_last: int = 0) -> str:
     if cooldown is None:
         return "cosine (tuned to T)"
     if cooldown == "none":
         return f"{schedule}, no cooldown"
-    if cooldown == "average":
-        return f"{schedule}, average of {average_last} ckpts"
+    if cooldown.startswith("average"):
+        kind = {"uniform": "", "tail": "tail-weighted ", "ema": "EMA "}.get(weighting_of(cooldown), "")
+        if weighting_of(cooldown).startswith("ema:"):
+            kind = f"EMA ({weighting_of(cooldown)[4:]}) "
+        return f"{schedule}, {kind}average of {average_last} ckpts"
+    if cooldown.startswith(PREDICTED):
+        return f"{schedule} + {cooldown[len(PREDICTED) :]} cooldown, predicted at the fork"
     return f"{schedule} + {cooldown} cooldown"
 
 
 def row_keys(plan: SweepPlan, averages: bool = True) -> list[tuple[str, str | None]]:
-    """(schedule, cooldown) of every row in table order; cooldown None = cosine, "none" = the
-    open-ended run itself at T, "average" = the average of its checkpoints."""
+    """(schedule, cooldown) of every row in table order (module docstring)."""
     keys = [("cosine", None)]
     for decay in plan.schedules:
         keys += [(decay, shape) for shape in plan.shapes]
-        keys += [(decay, "average")] if averages and plan.average_last else []
+        keys += [(decay, PREDICTED + shape) for shape in plan.shapes]
+        if averages and plan.average_last:
+            keys += [(decay, average_key(w)) for w in plan.average_weightings]
         keys.append((decay, "none"))
     return keys
 
 
+def predicted_cooldown(run_dir: Path, step: int, cooldown_steps: int, shape: str) -> dict | None:
+    """The loss model's prediction of a cooldown, fitted on what `run_dir` knew at `step` ({predicted,
+    interval}); None when there is too little to fit yet."""
+    from evertrain.launch.lossmodel.fit import fit_loss_model
+    from evertrain.launch.lossmodel.observations import LossModelError, load_observations
+    from evertrain.launch.lossmodel.predict import predict_cooldown
+
+    try:
+        obs = load_observations(run_dir, until_step=step)
+        return predict_cooldown(obs, fit_loss_model(obs), step, cooldown_steps, shape)
+    except LossModelError:
+        return None
+
+
 def collect_cell(plan: SweepPlan, out: Path, cell: Cell, averages: bool = True) -> list[dict]:
     """One cell's val loss per row and horizon, as flat records {schedule, cooldown, lr, seed,
-    horizon, val_loss} (lr/seed as run: the config's when the cell has none)."""
+    horizon, val_loss} (lr/seed as run: the config's when the cell has none); a prediction's record
+    also has its 95% `interval`, and is left out where the model could not be fitted yet."""
     cfg = load_config(plan.config, (*plan.overrides, *cell.overrides))
     c = cell.name
 
@@ -57,31 +97,37 @@ def collect_cell(plan: SweepPlan, out: Path, cell: Cell, averages: bool = True) 
             raise SweepError(f"{out / c / run / 'metrics.jsonl'}: no eval at step {step}")
         return evals[step]
 
-    def loss(schedule: str, cooldown: str | None, t: int) -> float:
+    def loss(schedule: str, cooldown: str | None, t: int) -> dict | None:
         if cooldown is None:
-            return at(cosine_name(t), t)
+            return {"val_loss": at(cosine_name(t), t)}
         if cooldown == "none":
-            return at(schedule, t)
-        if cooldown == "average":
-            return json.loads(
-                AverageJob(f"{c}/{schedule}", tuple(plan.average_steps(t))).result_path(out).read_text()
-            )["val_loss"]
-        return read_result(
-            ForkJob(f"{c}/{schedule}", plan.fork_step(t), plan.cooldown_steps(t), cooldown).result_dir(out)
-        )["val_loss"]
+            return {"val_loss": at(schedule, t)}
+        if cooldown.startswith("average"):
+            job = AverageJob(f"{c}/{schedule}", tuple(plan.average_steps(t)), weighting_of(cooldown))
+            return {"val_loss": json.loads(job.result_path(out).read_text())["val_loss"]}
+        if cooldown.startswith(PREDICTED):
+            shape = cooldown[len(PREDICTED) :]
+            made = predicted_cooldown(out / c / schedule, plan.fork_step(t), plan.cooldown_steps(t), shape)
+            return made and {"val_loss": made["predicted"], "interval": made["interval"]}
+        fork = ForkJob(f"{c}/{schedule}", plan.fork_step(t), plan.cooldown_steps(t), cooldown)
+        return {"val_loss": read_result(fork.result_dir(out))["val_loss"]}
 
-    return [
-        {
-            "schedule": schedule,
-            "cooldown": cooldown,
-            "lr": cfg.optim.max_lr,
-            "seed": cfg.train.seed,
-            "horizon": t,
-            "val_loss": loss(schedule, cooldown, t),
-        }
-        for schedule, cooldown in row_keys(plan, averages)
-        for t in plan.horizons
-    ]
+    records = []
+    for schedule, cooldown in row_keys(plan, averages):
+        for t in plan.horizons:
+            value = loss(schedule, cooldown, t)
+            if value is not None:
+                records.append(
+                    {
+                        "schedule": schedule,
+                        "cooldown": cooldown,
+                        "lr": cfg.optim.max_lr,
+                        "seed": cfg.train.seed,
+                        "horizon": t,
+                        **value,
+                    }
+                )
+    return records
 
 
 def aggregate(records: list[dict], average_last: int = 0) -> list[dict]:
@@ -103,6 +149,8 @@ def aggregate(records: list[dict], average_last: int = 0) -> list[dict]:
                 for lr in lrs
                 if (schedule, cooldown, t, lr) in losses
             ]
+            if not by_lr:  # a prediction the model could not make yet
+                continue
             best = min(range(len(by_lr)), key=lambda i: by_lr[i][1])
             lr, mean, half = by_lr[best]
             edge = None

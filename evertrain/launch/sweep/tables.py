@@ -21,7 +21,10 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     for row in results["rows"]:
         cells = []
         for t in horizons:
-            cell = row["cells"][str(t)]
+            cell = row["cells"].get(str(t))
+            if cell is None:  # a prediction the loss model could not make yet
+                cells.append("-")
+                continue
             text = f"{cell['mean']:.4f} ±{cell['half_range']:.4f} @{lr_text(cell['lr'])}"
             text += f" (edge: {cell['edge']})" if cell["edge"] else ""
             text += f" ({cell['gap_pct']:+.2f}%)" if row["cooldown"] is not None else ""
@@ -40,7 +43,10 @@ def lr_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     for row in results["rows"]:
         cells = []
         for t in results["plan"]["horizons"]:
-            cell = row["cells"][str(t)]
+            cell = row["cells"].get(str(t))
+            if cell is None:
+                cells.append("-")
+                continue
             means = {entry["lr"]: entry["mean"] for entry in cell["by_lr"]}
             cells.append(
                 " / ".join(
@@ -96,6 +102,68 @@ def paired_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def estimate_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: how well the two ways of knowing a cooldown without running it did, within
+    each open-ended run (same LR and seed), over every (LR, seed) of the grid. The loss model: the
+    prediction made at the fork point minus the cooldown's actual val loss (min / mean / max) and how
+    many actuals fell inside their 95% intervals. Each average: the fraction of the cooldown's gain it
+    recovers, mean(no cooldown - average) / mean(no cooldown - cooldown) (1 = all of it), beside the
+    mean gain itself. The first cooldown shape stands for "cooldown"."""
+    plan = results["plan"]
+    shape = plan["shapes"][0]
+    by_key = {(r["schedule"], r["cooldown"], r["lr"], r["seed"], r["horizon"]): r for r in results["records"]}
+    weightings = [
+        w
+        for w in plan.get("average_weightings", ["uniform"])
+        if any(key[1] == ("average" if w == "uniform" else f"average-{w}") for key in by_key)
+    ]
+    header = [
+        "schedule",
+        "T",
+        "cooldown's gain (no cooldown - cooldown), mean",
+        "predicted - actual: min / mean / max",
+        "inside 95%",
+        *(f"{w} average: gain recovered" for w in weightings),
+    ]
+    rows = []
+    for decay in plan["schedules"]:
+        for t in plan["horizons"]:
+            runs = [key for key in by_key if key[:2] == (decay, shape) and key[4] == t]
+            gains = [by_key[(decay, "none", *k[2:])]["val_loss"] - by_key[k]["val_loss"] for k in runs]
+            errors, inside = [], 0
+            for k in runs:
+                made = by_key.get((decay, f"predicted-{shape}", *k[2:]))
+                if made is not None:
+                    errors.append(made["val_loss"] - by_key[k]["val_loss"])
+                    inside += abs(errors[-1]) <= made["interval"]
+            cells = [
+                decay,
+                str(t),
+                f"{sum(gains) / len(gains):+.4f}" if gains else "-",
+                f"{min(errors):+.4f} / {sum(errors) / len(errors):+.4f} / {max(errors):+.4f}"
+                if errors
+                else "-",
+                f"{inside} of {len(errors)}" if errors else "-",
+            ]
+            for w in weightings:
+                key = "average" if w == "uniform" else f"average-{w}"
+                recovered = [
+                    by_key[(decay, "none", *k[2:])]["val_loss"] - by_key[(decay, key, *k[2:])]["val_loss"]
+                    for k in runs
+                    if (decay, key, *k[2:]) in by_key
+                ]
+                gain = sum(gains) / len(gains) if gains else 0.0
+                cells.append(
+                    f"{100 * (sum(recovered) / len(recovered)) / gain:.0f}%"
+                    if recovered and len(recovered) == len(gains) and gain > 0
+                    else "- (no gain)"
+                    if recovered
+                    else "-"
+                )
+            rows.append(cells)
+    return header, rows
+
+
 def regime_lines(results: dict) -> list[str]:
     r = results["regime"]
     lines = [
@@ -126,6 +194,11 @@ def print_results(results: dict) -> None:
     console.print(table)
     header, rows = lr_table_rows(results)
     table = Table(*header, title="mean val loss at every max_lr of the grid (** = best)")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    header, rows = estimate_rows(results)
+    table = Table(*header, title="the loss model's prediction and the averages against the cooldown, per run")
     for row in rows:
         table.add_row(*row)
     console.print(table)
