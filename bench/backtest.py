@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"k={k}: no fit ({exc})")
             continue
         later = [f for f in forks if f[0] + f[1] > k]
-        preds = [(f, predict_cooldown(obs, fit, f[0], f[1], f[2])) for f in later]
+        try:
+            preds = [(f, predict_cooldown(obs, fit, f[0], f[1], f[2])) for f in later]
+        except LossModelError as exc:  # e.g. a constant-LR run before its first cooldown
+            print(f"k={k}: no prediction ({exc})")
+            continue
         errs = [f[3] - pr["predicted"] for f, pr in preds]
         ins = [abs(e) <= pr["interval"] for e, (_, pr) in zip(errs, preds)]
         errors += errs
