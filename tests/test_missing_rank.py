@@ -85,18 +85,6 @@ def test_a_stopped_rank_is_named_by_the_others_within_the_timeout(tiny_data, tmp
     assert f"train.collective_timeout_s={TIMEOUT_S}s" in errors[0]
 
 
-def test_the_missing_ranks_are_read_from_the_roll_calls_error():
-    from evertrain.pretrain.distributed import missing_ranks
-
-    rank0 = "[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 10000 ms"
-    assert missing_ranks(rank0, rank=0, world_size=4) == "1, 3"
-    other = "Rank 2 successfully reached monitoredBarrier, but received errors while waiting for send/recv from rank 0."
-    assert missing_ranks(other, rank=2, world_size=4) == "0"
-    closed = "[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:15558."
-    assert missing_ranks(closed, rank=0, world_size=2) == "1"  # the only other rank
-    assert missing_ranks(closed, rank=0, world_size=4) is None
-
-
 def test_collective_timeout_must_be_positive():
     from evertrain.pretrain.config import ConfigError, from_dict
 
