@@ -220,10 +220,11 @@ def aten_ops(names: list[str]) -> set:
 
 
 def default_store(timeout_s: float):
-    """The rendezvous store of the default process group (keys shared by all its ranks). The fallback
-    connects a client of its own to the env:// rendezvous (MASTER_ADDR:MASTER_PORT, where every
-    launcher evertrain supports rendezvouses) under the prefix init_process_group gives the default
-    group's store, so it reads and writes the same keys. `timeout_s` bounds the fallback's requests."""
+    """The store of the default process group (keys shared by all its ranks). The fallback connects
+    a client of its own to the env:// rendezvous (MASTER_ADDR:MASTER_PORT, where every launcher
+    evertrain supports rendezvouses) under the prefixes init_process_group gives the default group's
+    store ("default_pg", then the group's name), so it reads and writes the same keys. `timeout_s`
+    bounds the fallback's requests."""
     op = _private("torch.distributed.distributed_c10d", "_get_default_store")
     if op is not None:
         return op()
@@ -235,4 +236,4 @@ def default_store(timeout_s: float):
         is_master=False,
         timeout=timedelta(seconds=timeout_s),
     )
-    return dist.PrefixStore("default_pg", client)
+    return dist.PrefixStore(f"{dist.group.WORLD.group_name}/", dist.PrefixStore("default_pg", client))
