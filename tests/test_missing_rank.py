@@ -1,19 +1,21 @@
 """A rank that stops answering does not leave the others waiting forever.
 
-A real 2-rank torchrun of pretrain.py (FSDP2 on CPU, gloo) with train.collective_timeout_s=10: once it
-trains, rank 1 is SIGSTOPped (what a launcher that signals only some ranks, or a hung host, leaves),
-and rank 0 must fail on its own, with one line naming rank 1, instead of hanging in its next collective.
+A real 2-rank torchrun of pretrain.py (FSDP2 on CPU, gloo) with train.collective_timeout_s=10: rank 1
+is SIGSTOPped (what a launcher that signals only some ranks, or a hung host, leaves) once it trains,
+or as it starts to load the checkpoint it resumes from, and rank 0 must fail on its own, with one line
+naming rank 1 and the point, instead of hanging in its next collective.
 """
 
 import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launcher, launcher_env, wait_for
+from conftest import REPO, launcher, launcher_env, run_ok, wait_for
 
 TIMEOUT_S = 10
 
@@ -82,6 +84,69 @@ def test_a_stopped_rank_is_named_by_the_others_within_the_timeout(tiny_data, tmp
     errors = [line for line in err.splitlines() if line.startswith("pretrain.py: error:")]
     assert len(errors) == 1, err[-3000:]
     assert "rank(s) 1 did not reach step" in errors[0], errors[0]
+    assert f"train.collective_timeout_s={TIMEOUT_S}s" in errors[0]
+
+
+# Imported first thing by every Python process that has it on its path (site.py): torchrun's rank 1
+# stops itself as it enters the checkpoint load, as a signal from outside could land there.
+STOP_AT_LOAD = """
+import os, signal
+if os.environ.get("RANK") == "1" and "TORCHELASTIC_RUN_ID" in os.environ:
+    from evertrain.pretrain.checkpoint import manager
+    load = manager.CheckpointManager.load
+    def stopped_load(self, step_dir):
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return load(self, step_dir)
+    manager.CheckpointManager.load = stopped_load
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_at_the_checkpoint_load_is_named(tiny_data, tmp_path):
+    run_dir, log, hooks = tmp_path / "run", tmp_path / "stderr", tmp_path / "hooks"
+    args = [
+        "pretrain.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        f"data.path={tiny_data}",
+        "model.vocab_size=512",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=2",
+    ]
+    run_ok([sys.executable, *args, "train.max_steps=2"], timeout=300)  # one process: a checkpoint
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(STOP_AT_LOAD)
+    env = {**launcher_env(), "PYTHONPATH": f"{hooks}{os.pathsep}{REPO}"}
+    cmd = [
+        *launcher("fsdp", 2),
+        *args,
+        "train.max_steps=4",
+        f"train.collective_timeout_s={TIMEOUT_S}",
+        "--engine",
+        "fsdp",
+    ]
+    stopped = None
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        # rank 0 gives up on its collective after TIMEOUT_S and on the roll call after twice that
+        wait_for(lambda: "did not reach" in log.read_text(), proc, log, "rank 0's error", timeout=400)
+        stopped = rank_pid(proc.pid, 1)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGKILL)  # torchrun's own SIGTERM waits while it is stopped
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    err = log.read_text()
+    assert proc.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("pretrain.py: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "rank(s) 1 did not reach the load of checkpoint step_000000002" in errors[0], errors[0]
     assert f"train.collective_timeout_s={TIMEOUT_S}s" in errors[0]
 
 
