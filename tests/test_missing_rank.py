@@ -68,7 +68,7 @@ def test_a_stopped_rank_is_named_by_the_others_within_the_timeout(tiny_data, tmp
         stopped = rank_pid(proc.pid, 1)
         assert stopped is not None, "no torchrun worker with RANK=1"
         os.kill(stopped, signal.SIGSTOP)
-        # rank 0 gives up on its collective after TIMEOUT_S and on the roll call after TIMEOUT_S more;
+        # rank 0 gives up on its collective after TIMEOUT_S and on the roll call after twice that;
         # the rest is slack for a loaded machine
         wait_for(lambda: "did not reach" in log.read_text(), proc, log, "rank 0's error", timeout=180)
     finally:
