@@ -155,3 +155,31 @@ def test_collective_timeout_must_be_positive():
 
     with pytest.raises(ConfigError, match="train.collective_timeout_s: must be > 0"):
         from_dict({"train": {"collective_timeout_s": 0}})
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_an_error_while_closing_down_is_one_line_once(tiny_data, tmp_path, monkeypatch, capsys, trained):
+    """A rank found missing by the last wait at exit (the save in flight) exits 2 with one line: its
+    own when training ended well, none more when an error line was printed already."""
+    import pretrain
+    from evertrain.errors import EvertrainError
+    from evertrain.pretrain import loop
+    from evertrain.pretrain.checkpoint.manager import CheckpointManager
+    from evertrain.pretrain.distributed import MissingRankError
+
+    def train(*args, **kwargs):
+        if not trained:
+            raise EvertrainError("rank(s) 1 did not reach step 3")
+
+    def close(self):
+        raise MissingRankError("rank(s) 1 did not reach the write of checkpoint step 2")
+
+    monkeypatch.setattr(loop, "train", train)
+    monkeypatch.setattr(CheckpointManager, "close", close)
+    argv = ["--config", str(REPO / "configs/tiny.yaml"), "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main([*argv, f"data.path={tiny_data}", "model.vocab_size=512"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pretrain.py: error:")]
+    expected = "the write of checkpoint step 2" if trained else "did not reach step 3"
+    assert len(errors) == 1 and expected in errors[0], errors
