@@ -33,6 +33,8 @@ PREFIX = "evertrain/roll_call"
 
 
 class RollCall:
+    """The roll call of one process group's ranks; made once per process, passed where ranks wait."""
+
     def __init__(self, store: dist.Store | None, rank: int, world_size: int, timeout_s: float):
         self.store, self.rank, self.world_size, self.timeout_s = store, rank, world_size, timeout_s
         self.passes: dict[str, int] = {}  # point name -> how often this process reached it
@@ -46,9 +48,9 @@ class RollCall:
         return cls(store, dist.get_rank(), dist.get_world_size(), timeout_s)
 
     def check(self, where: str, cause: BaseException | None = None) -> None:
-        """Wait (at most timeout_s) until every rank reaches this call; MissingRankError naming the
-        ranks that did not. With a `cause` (a collective that failed), return quietly when all came:
-        the caller re-raises the cause, which was not a missing rank."""
+        """Wait (at most timeout_s; twice that with a `cause`) until every rank reaches this call;
+        MissingRankError naming the ranks that did not. With a `cause` (a collective that failed),
+        return quietly when all came: the caller re-raises the cause, which was not a missing rank."""
         point = self._point(where)
         if self.world_size > 1:
             self._call(point, where, cause)
