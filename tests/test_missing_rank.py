@@ -183,3 +183,50 @@ def test_an_error_while_closing_down_is_one_line_once(tiny_data, tmp_path, monke
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pretrain.py: error:")]
     expected = "the write of checkpoint step 2" if trained else "did not reach step 3"
     assert len(errors) == 1 and expected in errors[0], errors
+
+
+class FakeRollCall:
+    """Records the roll call a failed wait takes; `missing` names ranks that did not come."""
+
+    def __init__(self, missing: str | None):
+        self.missing, self.calls = missing, []
+
+    def guard(self, where):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def check(self, where, cause=None):
+        from evertrain.pretrain.distributed import MissingRankError
+
+        self.calls.append(where)
+        if self.missing is not None:
+            raise MissingRankError(f"rank(s) {self.missing} did not reach {where}")
+
+
+@pytest.mark.parametrize("missing", ["2", None])
+def test_a_checkpoint_write_whose_collective_failed_takes_the_roll_call(tmp_path, monkeypatch, missing):
+    """The writer thread's collectives (DCP's group) gave up: the wait for it names the missing rank,
+    or, when every rank came, says in one line that the write failed."""
+    from test_checkpoint import config, toy_engine
+
+    from evertrain.pretrain.checkpoint.manager import CheckpointError, CheckpointManager
+    from evertrain.pretrain.distributed import MissingRankError
+
+    engine = toy_engine()
+    engine.roll_call = FakeRollCall(missing)
+    ckpt = CheckpointManager(tmp_path, config(), engine)
+
+    def write_and_commit(*args):
+        raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 10000ms for recv")
+
+    monkeypatch.setattr(ckpt, "_write_and_commit", write_and_commit)
+    ckpt.save(3, {"tokens": 3, "data": {}})
+    expected = MissingRankError if missing else CheckpointError
+    with pytest.raises(expected) as error:
+        ckpt.wait()
+    assert engine.roll_call.calls == ["the write of checkpoint step 3"]
+    if missing is None:
+        assert "checkpoint write of step 3 failed ([gloo" in str(error.value)
+        assert "\n" not in str(error.value)
+    ckpt.close()

@@ -250,9 +250,14 @@ class CheckpointManager:
                 f"checkpoint is intact and stays LATEST"
             ) from None
         except RuntimeError as exc:  # the write's collectives (DCP's group) gave up: name who is missing
-            if collective_failed(exc):
-                self.engine.roll_call.check(f"the write of checkpoint step {self._in_flight_step}", exc)
-            raise
+            if not collective_failed(exc):
+                raise
+            step = self._in_flight_step
+            self.engine.roll_call.check(f"the write of checkpoint step {step}", exc)
+            raise CheckpointError(  # all ranks came: the collective failed for another reason
+                f"{self.dir}: checkpoint write of step {step} failed ({first_line(exc)}); the previous "
+                f"checkpoint is intact and stays LATEST"
+            ) from None
         finally:
             if not self.abandoned:
                 self._in_flight = None
