@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     engine = ckpt = lock = None
     hint = ""
+    returned = None  # 0 trained, 2 an error line was printed: how the try block ended, if it did
     try:
         overrides = list(args.overrides) + ([f"engine.name={args.engine}"] if args.engine else [])
         if args.config is None and args.run_dir is None:
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         # so a refused start does not leave a config that then refuses the corrected one
         started = (lambda: write_config(run_dir, cfg)) if engine.is_main else None
         train(cfg, run_dir, engine, stream, ckpt, started=started)
+        returned = 0
         return 0
     except EvertrainError as exc:
         rank = int(os.environ.get("RANK", "0"))  # as rank_and_world() reads it, without importing torch
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         # which data the run trained on, if not this
         where = hint if data is not None and isinstance(exc, data.DataError) else ""
         print(f"pretrain.py: error: {exc}{where}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
+        returned = 2
         return 2
     except KeyboardInterrupt:
         # during start-up (the loop itself turns signals into a clean stop): 130. A second Ctrl-C once
@@ -190,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             if not stop_committed(ckpt):
                 raise
+        except EvertrainError as exc:  # closing down: the last save failed, or a rank missing from it
+            if returned is None:
+                raise  # after an unexpected error: both tracebacks
+            if returned == 0:  # else the first error line said what went wrong (e.g. named that rank)
+                rank = int(os.environ.get("RANK", "0"))
+                print(f"pretrain.py: error: {exc}" + (f" (rank {rank})" if rank else ""), file=sys.stderr)
+            raise SystemExit(2) from None
         if ckpt is not None and ckpt.abandoned:
             # a stop abandoned a save (checkpoint.stop_budget_s): its writer thread may still be busy,
             # and a normal exit would join it, past the launcher's SIGKILL

@@ -12,6 +12,7 @@ checks the fallback against it.
     torch.distributed.checkpoint._traverse.set_element               -> set_element
     FileSystemReader._get_metadata_path                              -> dcp_metadata_path
     torch.ops.aten._scaled_dot_product_*  (op overloads by name)     -> aten_ops (absent ones left out)
+    torch.distributed.distributed_c10d._get_default_store            -> default_store
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -211,3 +214,26 @@ def aten_ops(names: list[str]) -> set:
         if packet is not None:
             found.add(packet.default)
     return found
+
+
+# -- process group -------------------------------------------------------------------------------------
+
+
+def default_store(timeout_s: float):
+    """The store of the default process group (keys shared by all its ranks). The fallback connects
+    a client of its own to the env:// rendezvous (MASTER_ADDR:MASTER_PORT, where every launcher
+    evertrain supports rendezvouses) under the prefixes init_process_group gives the default group's
+    store ("default_pg", then the group's name), so it reads and writes the same keys. `timeout_s`
+    bounds the fallback's requests."""
+    op = _private("torch.distributed.distributed_c10d", "_get_default_store")
+    if op is not None:
+        return op()
+    import torch.distributed as dist
+
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"{dist.group.WORLD.group_name}/", dist.PrefixStore("default_pg", client))

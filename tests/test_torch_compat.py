@@ -142,3 +142,36 @@ def test_local_shape_and_offset_without_dtensor_utils():
         assert proc.returncode == 0, proc.stderr[-3000:]
         for private, public in json.loads(proc.stdout.strip().splitlines()[-1]):
             assert public == private, (rank, private, public)
+
+
+STORE_CHILD = textwrap.dedent("""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+    from evertrain import torch_compat
+
+    dist.init_process_group("gloo", rank=0, world_size=1)  # env://, as every launcher evertrain supports
+    private = torch_compat.default_store(30)
+    private.set("from_private", "1")
+    del distributed_c10d._get_default_store  # hide it: the public fallback runs
+    public = torch_compat.default_store(30)
+    public.set("from_public", "2")
+    print(public.get("from_private").decode(), private.get("from_public").decode())
+    dist.destroy_process_group()
+""")
+
+
+def test_default_store_without_get_default_store():
+    """The fallback reaches the default group's own keys, both ways."""
+    from conftest import free_port
+
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", STORE_CHILD],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "MASTER_PORT": free_port(), "RANK": "0", "WORLD_SIZE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "1 2"

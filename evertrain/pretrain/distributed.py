@@ -253,18 +253,7 @@ def collective_failed(exc: BaseException) -> bool:
 
 
 class MissingRankError(EvertrainError):
-    """Some rank did not reach a point where all ranks wait for each other."""
-
-
-def missing_ranks(message: str, rank: int, world_size: int) -> str | None:
-    """The ranks a failed monitored barrier names ("Ranks 1, 3 failed to pass monitoredBarrier" on
-    rank 0, "... send/recv from rank 0" on the others); with two ranks a closed connection can only
-    be the other one. None when the message names none."""
-    found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", message)
-    found = found or re.search(r"from rank (\d+)", message)
-    if found:
-        return found.group(1).strip().rstrip(",")
-    return str(1 - rank) if world_size == 2 else None
+    """Some rank did not reach a point where all ranks wait for each other (roll_call.py names it)."""
 
 
 class StopVote:
@@ -276,15 +265,17 @@ class StopVote:
     same step, so all stop together, one step after the first rank saw the signal. Reading a CPU
     tensor is no device sync. Alone, the flag is simply returned.
 
-    Its groups' collectives give up after `timeout_s`; `check_ranks` then names the rank that did not
-    arrive, on a second group of its own (the vote's may hold a vote that never completes).
+    Its group's collectives give up after the roll call's timeout (train.collective_timeout_s);
+    `check_ranks` then names the ranks that did not arrive (roll_call.py: through the rendezvous
+    store, not the vote's group, which may hold a vote that never completes).
     """
 
-    def __init__(self, world_size: int, timeout_s: float, rank: int = 0):
-        self.world_size, self.timeout_s, self.rank = world_size, timeout_s, rank
+    def __init__(self, roll_call):
+        self.roll_call = roll_call  # roll_call.RollCall of the default group
+        self.world_size = roll_call.world_size
         self.pending: tuple[dist.Work, torch.Tensor] | None = None
-        self.group = gloo_group(timeout_s) if world_size > 1 else None
-        self.roll_call = gloo_group(timeout_s) if world_size > 1 else None
+        with roll_call.guard("the stop vote's start-up"):  # a new group: every rank connects
+            self.group = gloo_group(roll_call.timeout_s) if self.world_size > 1 else None
 
     def __call__(self, stop_here: bool) -> bool:
         if self.world_size == 1:
@@ -300,23 +291,10 @@ class StopVote:
         return agreed
 
     def check_ranks(self, where: str, cause: BaseException | None = None) -> None:
-        """Wait (at most timeout_s) until every rank reaches this call; MissingRankError naming the
+        """Wait (at most the timeout) until every rank reaches this call; MissingRankError naming the
         ranks that did not. With a `cause` (a collective that failed), return quietly when all came:
         the caller re-raises the cause, which was not a missing rank."""
-        if self.world_size == 1:
-            return
-        try:
-            dist.monitored_barrier(
-                group=self.roll_call, timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True
-            )
-        except RuntimeError as failed:
-            ranks = missing_ranks(str(failed), self.rank, self.world_size)
-            who = f"rank(s) {ranks}" if ranks is not None else "a rank"
-            raise MissingRankError(
-                f"{who} did not reach {where} within train.collective_timeout_s="
-                f"{self.timeout_s:g}s (stopped, killed or stuck; a launcher that signals only some ranks "
-                f"leaves the others waiting)"
-            ) from cause or failed
+        self.roll_call.check(where, cause)
 
     def close(self) -> None:
         """Every rank issued the same votes, so the last one completes everywhere (after all ranks

@@ -72,7 +72,7 @@ def train(
         peak_tflops(engine.device, t.peak_tflops),
         flops_per_token_torchtitan(cfg.model),
     )
-    vote = StopVote(engine.world_size, t.collective_timeout_s, engine.rank)
+    vote = StopVote(engine.roll_call)
     stop_file = StopFile(run_dir, ckpt_every if ckpt is not None else 0, engine.world_size)
     saved = None
     abandoned = False

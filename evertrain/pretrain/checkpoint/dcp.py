@@ -43,7 +43,7 @@ from evertrain import torch_compat
 from evertrain.pretrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, first_line
 from evertrain.pretrain.checkpoint.staging import BackgroundStager
 from evertrain.pretrain.checkpoint.store import CheckpointError, HashingFile
-from evertrain.pretrain.distributed import gloo_group
+from evertrain.pretrain.distributed import collective_failed, gloo_group
 
 DCP_METADATA = ".metadata"
 # We pass no_dist=True on purpose (one process); DCP warns about it on every call.
@@ -84,7 +84,7 @@ class DcpState:
             # DCP wraps every rank's error (a full disk's OSError included) in one multi-line
             # BaseException: hand the manager the OSError itself, which it reports in one line
             cause = wrapped_error(exc)
-            if isinstance(cause, OSError):
+            if isinstance(cause, OSError) or collective_failed(cause):  # the manager names a missing rank
                 raise cause from None
             raise CheckpointError(f"{tmp_dir}: checkpoint write failed: {first_line(exc)}") from None
         return digests

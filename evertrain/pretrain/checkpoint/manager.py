@@ -51,6 +51,7 @@ from evertrain.pretrain.checkpoint.retention import apply_retention, is_pinned, 
 from evertrain.pretrain.checkpoint.safe_load import first_line
 from evertrain.pretrain.checkpoint.store import CheckpointError, latest_checkpoint, read_meta
 from evertrain.pretrain.config import Config, config_hash, model_hash, model_shape, to_dict
+from evertrain.pretrain.distributed import collective_failed
 
 __all__ = [
     "CheckpointManager",
@@ -89,17 +90,19 @@ class CheckpointManager:
         self.cfg = cfg
         self.engine = engine
         self.dir = Path(run_dir) / "checkpoints"
-        self.nonce = shared_nonce(engine.world_size)  # names this process's temp dirs
-        if engine.name == "deepspeed":
-            from evertrain.pretrain.checkpoint.deepspeed import DeepSpeedState
+        with engine.roll_call.guard("the checkpoint manager's start-up"):  # a broadcast, a new group
+            self.nonce = shared_nonce(engine.world_size)  # names this process's temp dirs
+            if engine.name == "deepspeed":
+                from evertrain.pretrain.checkpoint.deepspeed import DeepSpeedState
 
-            self.state = DeepSpeedState(engine, self.dir, self.nonce)
-        else:
-            from evertrain.pretrain.checkpoint.dcp import DcpState
+                self.state = DeepSpeedState(engine, self.dir, self.nonce)
+            else:
+                from evertrain.pretrain.checkpoint.dcp import DcpState
 
-            self.state = DcpState(engine, cfg.train.collective_timeout_s)
+                self.state = DcpState(engine, cfg.train.collective_timeout_s)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evertrain-ckpt")
         self._in_flight: Future | None = None
+        self._in_flight_step = 0
         self._cleaned = False
         self.timings = SaveTimings()  # of the last save
         self.bytes_read = 0  # checkpoint bytes this rank read in its last slice-wise load
@@ -141,6 +144,7 @@ class CheckpointManager:
         self._in_flight = self._writer.submit(
             self._write_and_commit, tmp, copy, write, train_state, meta, self.timings
         )
+        self._in_flight_step = step
         if not self.cfg.checkpoint.async_save:
             self.wait()
         self.timings.blocked = time.perf_counter() - started
@@ -245,6 +249,15 @@ class CheckpointManager:
                 f"{where}: checkpoint write failed ({exc.strerror or exc}); the previous "
                 f"checkpoint is intact and stays LATEST"
             ) from None
+        except RuntimeError as exc:  # the write's collectives (DCP's group) gave up: name who is missing
+            if not collective_failed(exc):
+                raise
+            step = self._in_flight_step
+            self.engine.roll_call.check(f"the write of checkpoint step {step}", exc)
+            raise CheckpointError(  # all ranks came: the collective failed for another reason
+                f"{self.dir}: checkpoint write of step {step} failed ({first_line(exc)}); the previous "
+                f"checkpoint is intact and stays LATEST"
+            ) from None
         finally:
             if not self.abandoned:
                 self._in_flight = None
@@ -296,20 +309,22 @@ class CheckpointManager:
         step_dir = Path(step_dir)
         meta = store.read_meta(step_dir)
         check_model(step_dir, meta, self.cfg)
-        self._verify(step_dir, meta)
-        source, target = meta["engine"], self.engine.name
-        if source in DCP_ENGINES and target in DCP_ENGINES:
-            self.state.load(step_dir)
-        elif source == target == "deepspeed" and self._deepspeed_native(meta):
-            self.state.load(step_dir)
-        else:
-            from evertrain.pretrain.checkpoint.slices import open_reader
+        # every rank loads together (checks, DCP's or DeepSpeed's collectives): one that does not is named
+        with self.engine.roll_call.guard(f"the load of checkpoint {step_dir.name}"):
+            self._verify(step_dir, meta)
+            source, target = meta["engine"], self.engine.name
+            if source in DCP_ENGINES and target in DCP_ENGINES:
+                self.state.load(step_dir)
+            elif source == target == "deepspeed" and self._deepspeed_native(meta):
+                self.state.load(step_dir)
+            else:
+                from evertrain.pretrain.checkpoint.slices import open_reader
 
-            reader = open_reader(step_dir, meta)
-            self.state.load_slices(reader, source=step_dir)
-            self.bytes_read = reader.bytes_read
-        self._restore_train_state(step_dir, meta)
-        self.engine.barrier()
+                reader = open_reader(step_dir, meta)
+                self.state.load_slices(reader, source=step_dir)
+                self.bytes_read = reader.bytes_read
+            self._restore_train_state(step_dir, meta)
+            self.engine.barrier(f"the end of loading checkpoint {step_dir.name}")
         return {**meta["extra"], "step": meta["step"]}
 
     def _deepspeed_native(self, meta: dict) -> bool:

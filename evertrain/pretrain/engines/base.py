@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from evertrain.pretrain.config import Config, ConfigError
 from evertrain.pretrain.model.transformer import Transformer
+from evertrain.pretrain.roll_call import RollCall
 
 
 class Engine:
@@ -33,6 +34,7 @@ class Engine:
         rank: int = 0,
         world_size: int = 1,
         autocast_dtype: torch.dtype | None = None,
+        roll_call: RollCall | None = None,
     ):
         self.model = model  # what forward runs through (FSDP2: the fully_shard'ed module)
         self.raw_model = raw_model  # our Transformer
@@ -41,6 +43,8 @@ class Engine:
         self.rank = rank
         self.world_size = world_size
         self.autocast_dtype = autocast_dtype
+        # names the ranks missing from a failed wait (roll_call.py); alone, every roll call passes
+        self.roll_call = roll_call if roll_call is not None else RollCall(None, rank, 1, 0.0)
 
     @property
     def is_main(self) -> bool:
@@ -95,9 +99,11 @@ class Engine:
         largest, neg_smallest = t.tolist()
         return -neg_smallest, largest
 
-    def barrier(self) -> None:
+    def barrier(self, where: str = "a barrier") -> None:
+        """Wait for every rank; one that does not come within train.collective_timeout_s is named."""
         if self.world_size > 1:
-            dist.barrier()
+            with self.roll_call.guard(where):
+                dist.barrier()
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -29,6 +29,7 @@ from evertrain.pretrain.distributed import pick_device, pin_deepspeed_device, ra
 from evertrain.pretrain.engines.base import Engine, build_model, compute_dtype, initial_state
 from evertrain.pretrain.model.transformer import Transformer
 from evertrain.pretrain.optim import build_optimizer
+from evertrain.pretrain.roll_call import RollCall
 
 # Sections of a DeepSpeed config that would replace what evertrain owns.
 FORBIDDEN_SECTIONS = {
@@ -180,20 +181,22 @@ class DeepSpeedEngine(Engine):
         # nccl on GPU, gloo on CPU (ccl if oneCCL is installed); a rank that never arrives fails the wait
         timeout = timedelta(seconds=cfg.train.collective_timeout_s)
         deepspeed.init_distributed(verbose=False, timeout=timeout)
-        config = deepspeed_config(cfg, world_size, bf16=compute_dtype(cfg, device) is not None)
-        if cfg.engine.zero_stage == 3:
-            if cfg.train.compile:
-                # ZeRO-3 gathers weights in hooks on every Linear inside a block, which a compiled
-                # block would have to trace; DeepSpeed has its own compiler for that (deepcompile).
-                raise ConfigError(
-                    "train.compile: not supported with DeepSpeed ZeRO-3; use engine.name=fsdp "
-                    "or engine.zero_stage<=2"
-                )
-            model = build_partitioned(cfg, config, device, rank)
-        else:
-            model = build_model(cfg, device)
-        optimizer = build_optimizer(model, cfg.optim, schedule)
-        self.ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        roll_call = RollCall.for_default_group(cfg.train.collective_timeout_s)
+        with roll_call.guard("the engine's start-up"):
+            config = deepspeed_config(cfg, world_size, bf16=compute_dtype(cfg, device) is not None)
+            if cfg.engine.zero_stage == 3:
+                if cfg.train.compile:
+                    # ZeRO-3 gathers weights in hooks on every Linear inside a block, which a compiled
+                    # block would have to trace; DeepSpeed has its own compiler for that (deepcompile).
+                    raise ConfigError(
+                        "train.compile: not supported with DeepSpeed ZeRO-3; use engine.name=fsdp "
+                        "or engine.zero_stage<=2"
+                    )
+                model = build_partitioned(cfg, config, device, rank)
+            else:
+                model = build_model(cfg, device)
+            optimizer = build_optimizer(model, cfg.optim, schedule)
+            self.ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         undo_init_step(self.ds_engine.optimizer, optimizer)
         super().__init__(
             model=self.ds_engine.module,
@@ -202,6 +205,7 @@ class DeepSpeedEngine(Engine):
             device=device,
             rank=rank,
             world_size=world_size,
+            roll_call=roll_call,
         )
         # Without ZeRO or bf16, DeepSpeed clips with a helper that does not keep the norm: measure it
         # ourselves once the boundary backward has all-reduced the gradients.

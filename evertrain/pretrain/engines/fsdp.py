@@ -32,6 +32,7 @@ from evertrain.pretrain.distributed import init_process_group, pick_device, rank
 from evertrain.pretrain.engines.base import Engine, compute_dtype, initial_state, meta_model
 from evertrain.pretrain.model.transformer import Transformer
 from evertrain.pretrain.optim import build_optimizer
+from evertrain.pretrain.roll_call import RollCall
 
 
 def fsdp_mesh(device_type: str, world_size: int, replicate: int) -> DeviceMesh:
@@ -94,13 +95,21 @@ class FSDPEngine(Engine):
         rank, local_rank, world_size = rank_and_world()
         device = pick_device(cfg.train.device, local_rank)
         init_process_group(device, cfg.train.collective_timeout_s)
-        mesh = fsdp_mesh(device.type, world_size, cfg.engine.replicate)
-        low_precision = compute_dtype(cfg, device)
-        policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
-        model = build_sharded(cfg, mesh, device, policy)
-        optimizer = build_optimizer(model, cfg.optim, schedule)
+        roll_call = RollCall.for_default_group(cfg.train.collective_timeout_s)
+        with roll_call.guard("the engine's start-up"):
+            mesh = fsdp_mesh(device.type, world_size, cfg.engine.replicate)
+            low_precision = compute_dtype(cfg, device)
+            policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
+            model = build_sharded(cfg, mesh, device, policy)
+            optimizer = build_optimizer(model, cfg.optim, schedule)
         super().__init__(
-            model=model, raw_model=model, optimizer=optimizer, device=device, rank=rank, world_size=world_size
+            model=model,
+            raw_model=model,
+            optimizer=optimizer,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            roll_call=roll_call,
         )
         self.grad_clip = cfg.optim.grad_clip
         self.accumulate = resolve_accumulate(cfg, world_size, device_capacity(device))

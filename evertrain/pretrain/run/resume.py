@@ -24,7 +24,8 @@ def resume(engine: Engine, stream, ckpt, start: dict | None) -> tuple[int, int, 
     if extra is None:
         return 0, 0, 0
     stream.load_state_dict(extra["data"])
-    refresh_data(stream, engine)  # shards appended while the run was down
+    with engine.roll_call.guard("the data check after resuming"):
+        refresh_data(stream, engine)  # shards appended while the run was down
     return int(extra["step"]), int(extra["tokens"]), int(extra.get("nonfinite_steps") or 0)
 
 
