@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from evertrain.launch.cli import main as cli_main
-from evertrain.launch.lossmodel.areas import areas, branch_lrs
+from evertrain.launch.lossmodel.areas import DECAY, areas, branch_lrs
 from evertrain.launch.lossmodel.decision import Rule, evaluate
 from evertrain.launch.lossmodel.fit import NAMES, LossModelFit, fit_loss_model
 from evertrain.launch.lossmodel.observations import LossModelError, load_observations
@@ -33,9 +33,9 @@ def write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def train_rows(lrs, peak, first, last, noise, rng):
+def train_rows(lrs, peak, first, last, noise, rng, decay=DECAY):
     """Train records every LOG_EVERY steps of (first, last]: the law's mean over each window, plus noise."""
-    a = areas(lrs, peak)
+    a = areas(lrs, peak, decay)
     rows = []
     for end in range(first + LOG_EVERY, last + 1, LOG_EVERY):
         window = slice(end - LOG_EVERY, end)
@@ -54,16 +54,23 @@ def train_rows(lrs, peak, first, last, noise, rng):
 
 
 def synthetic_run(
-    run_dir: Path, last=400, forks=((100, 20), (200, 40), (300, 60)), noise=0.0, seed=0, overrides=()
+    run_dir: Path,
+    last=400,
+    forks=((100, 20), (200, 40), (300, 60)),
+    noise=0.0,
+    seed=0,
+    overrides=(),
+    decay=DECAY,
 ) -> Path:
-    """A main run (tiny config's schedule) to `last` and linear cooldowns whose losses follow TRUE."""
+    """A main run (tiny config's schedule) to `last` and linear cooldowns whose losses follow TRUE,
+    with annealing areas of momentum `decay`."""
     rng = np.random.default_rng(seed)
     cfg = load_config(REPO / "configs" / "tiny.yaml", list(overrides))
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     peak = cfg.optim.max_lr
     lrs = branch_lrs(cfg.optim, last)
-    a = areas(lrs, peak)
+    a = areas(lrs, peak, decay)
     evals = [
         {
             "kind": "eval",
@@ -73,12 +80,12 @@ def synthetic_run(
         }
         for s in range(50, last + 1, 50)
     ]
-    write_jsonl(run_dir / "metrics.jsonl", train_rows(lrs, peak, 0, last, noise, rng) + evals)
+    write_jsonl(run_dir / "metrics.jsonl", train_rows(lrs, peak, 0, last, noise, rng, decay) + evals)
     for step, c in forks:
         out = run_dir / "cooldowns" / f"from_{step:09d}_linear_{c}"
         branch = branch_lrs(cfg.optim, step + c, (step, c, "linear"))
-        write_jsonl(out / "metrics.jsonl", train_rows(branch, peak, step, step + c, noise, rng))
-        b = areas(branch, peak)
+        write_jsonl(out / "metrics.jsonl", train_rows(branch, peak, step, step + c, noise, rng, decay))
+        b = areas(branch, peak, decay)
         val = float(true_law(b.s1[-1], b.s2[-1])) + TRUE["delta"] + rng.normal(0.0, noise)
         (out / "result.json").write_text(
             json.dumps(
@@ -95,9 +102,9 @@ def synthetic_run(
     return run_dir
 
 
-def true_val(run_dir: Path, step: int, c: int) -> float:
+def true_val(run_dir: Path, step: int, c: int, decay=DECAY) -> float:
     cfg = load_config(run_dir / "config.yaml")
-    b = areas(branch_lrs(cfg.optim, step + c, (step, c, "linear")), cfg.optim.max_lr)
+    b = areas(branch_lrs(cfg.optim, step + c, (step, c, "linear")), cfg.optim.max_lr, decay)
     return float(true_law(b.s1[-1], b.s2[-1])) + TRUE["delta"]
 
 
@@ -151,6 +158,24 @@ def test_noisy_fit_predicts_an_unseen_cooldown_within_its_interval(tmp_path, cap
     assert f"{value:.4f} +- {half:.4f}" in capsys.readouterr().out
 
 
+def test_fit_finds_the_momentum_of_a_run_whose_annealing_acts_fast(tmp_path):
+    # lambda = 0.9: an LR drop's benefit arrives within ~10 steps (not 0.999's ~1000). A fit held to
+    # 0.999 puts the cooldowns' benefit on the wrong steps and misses the unseen cooldown by ~0.02.
+    TRUE["C"], saved = 0.03, TRUE["C"]
+    try:
+        run_dir = synthetic_run(tmp_path / "run", noise=0.002, seed=5, decay=0.9)
+        obs = load_observations(run_dir)
+        fit = fit_loss_model(obs, train_curves=True)
+        assert fit.decay == 0.9
+        assert fit["C"] == pytest.approx(TRUE["C"], rel=0.1)
+        unseen = predict_cooldown(obs, fit, 350, 70, "linear")
+        error = unseen["predicted"] - true_val(run_dir, 350, 70, decay=0.9)
+        assert abs(error) <= min(unseen["interval"], 0.01), unseen
+        assert unseen["fit"]["decay"] == 0.9  # prediction.json says which lambda it used
+    finally:
+        TRUE["C"] = saved
+
+
 def test_predict_needs_val_losses_and_names_the_problem(tmp_path, capsys):
     run_dir = synthetic_run(tmp_path / "run", forks=())
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -172,6 +197,16 @@ def test_an_eval_after_the_last_logged_train_window_is_fitted(tmp_path):
     assert obs.last_step < 400 and obs.branches[0].val[-1][0] == 400
     fit = fit_loss_model(obs, train_curves=True)
     assert fit["alpha"] == pytest.approx(TRUE["alpha"], rel=1e-3)
+
+
+def test_a_backtest_before_the_first_eval_names_the_missing_val_losses(tmp_path):
+    """bench/backtest.py reads the run as it was at each fork step, the first of which may come before
+    the first eval: no val loss is no fit, said in words (it once crashed on the empty list of evals)."""
+    run_dir = synthetic_run(tmp_path / "run")  # evals from step 50 on
+    obs = load_observations(run_dir, until_step=45)
+    assert obs.last_step == 45 and obs.branches[0].val == []
+    with pytest.raises(LossModelError, match="0 validation loss"):
+        fit_loss_model(obs)
 
 
 def test_a_run_that_never_annealed_predicts_no_cooldown(tmp_path, capsys):

@@ -10,6 +10,12 @@ From VAL_ONLY_POINTS val losses on, the train windows are left out (delta stays 
 train curve's shape may differ from the val curve's (a growing gap), and the backtest measured the
 forecasts better without it (docs/decisions.md).
 
+The momentum lambda of the annealing area is chosen from the run's own curves: the fit is made at
+each lambda of DECAYS and the one whose residuals are the most likely (the smallest
+n_train * log(scatter_train) + n_val * log(scatter_val), the Gaussian profile likelihood) is kept.
+Tissue et al.'s 0.999 is a delay of ~1000 steps, longer than a short run's cooldowns (or the whole
+run): fixed there, it forecast the demo run's cooldowns 0.06 .. 0.08 nats too low (docs/decisions.md).
+
 Uncertainty: cov = s^2 (J^T J)^-1 of the weighted residuals at the optimum (as scipy's curve_fit
 does), s^2 = SSE/(n - p). A predicted final val loss has the 95% interval
 t(n - p) * sqrt(g^T cov g + sigma_val^2), g = d(prediction)/d(parameters): the parameters' uncertainty
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, stats
 
-from evertrain.launch.lossmodel.areas import Areas
+from evertrain.launch.lossmodel.areas import DECAY, Areas
 from evertrain.launch.lossmodel.observations import LossModelError, Observations
 
 NAMES = ("L0", "A", "alpha", "C", "delta")
@@ -34,6 +40,7 @@ ALPHA_STARTS = (0.2, 0.5, 1.0)  # the fit is non-convex in alpha: the best of a 
 ANNEALING_SEEN = 1e-9  # a largest fitted S2 (peak-LR steps) below this: the curves hold no annealing
 VAL_ONLY_POINTS = 10  # from this many val losses on, fit them alone (docs/decisions.md: the train curve's
 # shape drifts from the val curve's, and biases the forecasts)
+DECAYS = (DECAY, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.5, 0.0)  # the lambdas tried; on a tie, the first
 
 
 @dataclass
@@ -47,6 +54,7 @@ class LossModelFit:
     warnings: list[str] = field(default_factory=list)
     train_curves: bool = True  # the train windows were fitted too (else val losses only, delta = 0)
     annealing_seen: bool = True  # some fitted point had S2 > 0; else C is unknown (pinned to 0)
+    decay: float = DECAY  # lambda of the annealing area (the most likely of DECAYS): predictions use it
 
     def __getitem__(self, name: str) -> float:
         return float(self.params[NAMES.index(name)])
@@ -91,12 +99,13 @@ class LossModelFit:
             return (
                 f"L_val = {self['L0']:.3f} + {self['A']:.3g} * S1^-{self['alpha']:.3f} - {self['C']:.3g} * S2 "
                 f"(+- {self.stderr('L0'):.2g}, {self.stderr('A'):.2g}, {self.stderr('alpha'):.2g}, "
-                f"{self.stderr('C'):.2g}; val losses only)"
+                f"{self.stderr('C'):.2g}; val losses only; lambda {self.decay:g})"
             )
         return (
             f"L = {self['L0']:.3f} + {self['A']:.3g} * S1^-{self['alpha']:.3f} - {self['C']:.3g} * S2 "
             f"(val +{self['delta']:.3f}; +- {self.stderr('L0'):.2g}, {self.stderr('A'):.2g}, "
-            f"{self.stderr('alpha'):.2g}, {self.stderr('C'):.2g}, {self.stderr('delta'):.2g})"
+            f"{self.stderr('alpha'):.2g}, {self.stderr('C'):.2g}, {self.stderr('delta'):.2g}; "
+            f"lambda {self.decay:g})"
         )
 
 
@@ -188,8 +197,20 @@ def solve(d: Design, weights: np.ndarray) -> optimize.OptimizeResult:
 
 
 def fit_loss_model(obs: Observations, train_curves: bool | None = None) -> LossModelFit:
-    """The fit of the loss model to `obs` (module docstring); needs 2 val losses. `train_curves`: fit
-    the train windows too (None: only while the run has fewer than VAL_ONLY_POINTS val losses)."""
+    """The fit of the loss model to `obs` (module docstring) at the most likely lambda of DECAYS;
+    needs 2 val losses. `train_curves`: fit the train windows too (None: only while the run has fewer
+    than VAL_ONLY_POINTS val losses)."""
+    best, best_score = None, math.inf
+    for decay in DECAYS:
+        fit, score = fit_at(obs.with_decay(decay), train_curves)
+        if score < best_score:
+            best, best_score = fit, score
+    return best
+
+
+def fit_at(obs: Observations, train_curves: bool | None) -> tuple[LossModelFit, float]:
+    """The fit at the observations' own lambda, and its score: minus the Gaussian log-likelihood of
+    its residuals up to a constant (each kind of point at its own scatter)."""
     d = design(obs)
     n_val = int(d.is_val.sum())
     if n_val < 2:
@@ -231,7 +252,7 @@ def fit_loss_model(obs: Observations, train_curves: bool | None = None) -> LossM
         )
     if found.x[NAMES.index("alpha")] in (LOWER[2], UPPER[2]):
         warnings.append(f"alpha at the edge of [{LOWER[2]}, {UPPER[2]}]: the curve is not a power law here")
-    return LossModelFit(
+    fit = LossModelFit(
         found.x,
         cov,
         sigma[0] if train_curves else math.nan,
@@ -241,7 +262,10 @@ def fit_loss_model(obs: Observations, train_curves: bool | None = None) -> LossM
         warnings,
         train_curves=train_curves,
         annealing_seen=annealing_seen,
+        decay=obs.decay,
     )
+    n_train = len(d.y) - n_val
+    return fit, n_train * math.log(sigma[0]) + n_val * math.log(sigma[1])
 
 
 def scatter(residuals: np.ndarray, is_val: np.ndarray) -> tuple[float, float]:
