@@ -176,6 +176,27 @@ def test_fit_finds_the_momentum_of_a_run_whose_annealing_acts_fast(tmp_path):
         TRUE["C"] = saved
 
 
+def test_the_interval_holds_every_plausible_lambdas_forecast(tmp_path):
+    # noisy curves leave several lambdas about as likely: the forecast keeps the most likely one's value
+    # and widens its interval to hold the others' intervals (their disagreement is uncertainty too)
+    obs = load_observations(synthetic_run(tmp_path / "run", noise=0.02, seed=4))
+    fit = fit_loss_model(obs)
+    assert fit.plausible and all(f.decay != fit.decay for f in fit.plausible)
+    cooldown = (obs.areas_of(420, (350, 70, "linear")), 420)
+    value, half = fit.val_loss(*cooldown)
+    own = fit.val_loss_at_own_decay(*cooldown)
+    assert value == own[0]
+    for other in fit.plausible:
+        v, h = other.val_loss_at_own_decay(*cooldown)
+        assert value - half <= v - h + 1e-12 and v + h <= value + half + 1e-12
+    assert half > own[1]  # here the other lambdas reach beyond the most likely one's own interval
+    now, on = (obs.areas_of(420, (350, 70, "linear")), 420), (obs.areas_of(480, (400, 80, "linear")), 480)
+    gain, band = fit.difference(now, on)
+    for other in fit.plausible:
+        g, b = other.difference_at_own_decay(now, on)
+        assert gain - band <= g - b + 1e-12 and g + b <= gain + band + 1e-12
+
+
 def test_predict_needs_val_losses_and_names_the_problem(tmp_path, capsys):
     run_dir = synthetic_run(tmp_path / "run", forks=())
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

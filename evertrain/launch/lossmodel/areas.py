@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import lfilter
 
-DECAY = 0.999  # lambda, the momentum of the annealing area (Tissue et al.'s value)
+DECAY = 0.999  # lambda, the momentum of the annealing area (Tissue et al.'s value; fit.py tries others)
 
 
 @dataclass(frozen=True)
@@ -45,3 +45,9 @@ def areas(lrs: np.ndarray, peak_lr: float, decay: float = DECAY) -> Areas:
     drops = np.maximum(np.diff(lr, prepend=lr[:1]) * -1.0, 0.0)
     momentum = lfilter([1.0], [1.0, -decay], drops)  # m_i = decay * m_{i-1} + drop_i
     return Areas(s1=np.cumsum(lr), s2=np.cumsum(momentum))
+
+
+def at_decay(a: Areas, decay: float) -> Areas:
+    """The same branch's areas with the annealing area at momentum `decay` (its LRs, in units of the
+    peak, are the steps of S1)."""
+    return areas(np.diff(a.s1, prepend=0.0), 1.0, decay)

@@ -52,8 +52,8 @@ def projected_gain(obs: Observations, fit: LossModelFit, rule: Rule, step: int) 
     """(gain in nats of training `rule.stride` more steps before cooling down, its 95% half-width)."""
     later = step + rule.stride
     c_now, c_later = cooldown_steps(rule, step), cooldown_steps(rule, later)
-    now = (obs.areas_of(step + c_now, (step, c_now, rule.shape), fit.decay), step + c_now)
-    on = (obs.areas_of(later + c_later, (later, c_later, rule.shape), fit.decay), later + c_later)
+    now = (obs.areas_of(step + c_now, (step, c_now, rule.shape)), step + c_now)
+    on = (obs.areas_of(later + c_later, (later, c_later, rule.shape)), later + c_later)
     return fit.difference(now, on)
 
 
@@ -78,7 +78,7 @@ def final_cooldown(obs: Observations, fit: LossModelFit | None, rule: Rule, step
             "note": note,
         }
     lengths = sorted({int(min(max(round(f * step), 1), cap)) for f in CANDIDATE_FRACTIONS})
-    branches = [(obs.areas_of(step + c, (step, c, rule.shape), fit.decay), step + c) for c in lengths]
+    branches = [(obs.areas_of(step + c, (step, c, rule.shape)), step + c) for c in lengths]
     losses = [fit.val_loss(a, end)[0] for a, end in branches]
     best = int(np.argmin(losses))
 

@@ -13,13 +13,16 @@ forecasts better without it (docs/decisions.md).
 The momentum lambda of the annealing area is chosen from the run's own curves: the fit is made at
 each lambda of DECAYS and the one whose residuals are the most likely (the smallest
 n_train * log(scatter_train) + n_val * log(scatter_val), the Gaussian profile likelihood) is kept.
-Tissue et al.'s 0.999 is a delay of ~1000 steps, longer than a short run's cooldowns (or the whole
+Tissue et al.'s 0.999 is a memory of ~1000 steps, longer than a short run's cooldowns (or the whole
 run): fixed there, it forecast the demo run's cooldowns 0.06 .. 0.08 nats too low (docs/decisions.md).
 
 Uncertainty: cov = s^2 (J^T J)^-1 of the weighted residuals at the optimum (as scipy's curve_fit
 does), s^2 = SSE/(n - p). A predicted final val loss has the 95% interval
 t(n - p) * sqrt(g^T cov g + sigma_val^2), g = d(prediction)/d(parameters): the parameters' uncertainty
 plus the val points' own scatter around the law, since an actual result scatters as they did.
+The lambdas whose fits are about as likely as the best (within the 95% point of chi2(1) in twice the
+log-likelihood) are kept as `plausible`: an interval (and the stop rule's band) is widened to hold
+their intervals too, so where the curves do not pin lambda down, the forecast says so.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, stats
 
-from evertrain.launch.lossmodel.areas import DECAY, Areas
+from evertrain.launch.lossmodel.areas import DECAY, Areas, at_decay
 from evertrain.launch.lossmodel.observations import LossModelError, Observations
 
 NAMES = ("L0", "A", "alpha", "C", "delta")
@@ -41,6 +44,7 @@ ANNEALING_SEEN = 1e-9  # a largest fitted S2 (peak-LR steps) below this: the cur
 VAL_ONLY_POINTS = 10  # from this many val losses on, fit them alone (docs/decisions.md: the train curve's
 # shape drifts from the val curve's, and biases the forecasts)
 DECAYS = (DECAY, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.5, 0.0)  # the lambdas tried; on a tie, the first
+DECAY_SET = float(stats.chi2.ppf(0.95, 1))  # lambdas within this of the best in 2 * log-likelihood: plausible
 
 
 @dataclass
@@ -54,7 +58,8 @@ class LossModelFit:
     warnings: list[str] = field(default_factory=list)
     train_curves: bool = True  # the train windows were fitted too (else val losses only, delta = 0)
     annealing_seen: bool = True  # some fitted point had S2 > 0; else C is unknown (pinned to 0)
-    decay: float = DECAY  # lambda of the annealing area (the most likely of DECAYS): predictions use it
+    decay: float = DECAY  # lambda of the annealing area (the most likely of DECAYS)
+    plausible: list[LossModelFit] = field(default_factory=list)  # the fits at the other plausible lambdas
 
     def __getitem__(self, name: str) -> float:
         return float(self.params[NAMES.index(name)])
@@ -77,7 +82,13 @@ class LossModelFit:
         return l0 + a * np.power(s1, -alpha) - c * np.asarray(s2)
 
     def val_loss(self, at: Areas, step: int) -> tuple[float, float]:
-        """(predicted val loss after `step` of a branch with areas `at`, 95% half-width)."""
+        """(predicted val loss after `step` of a branch with areas `at` (its S2 at any lambda), 95%
+        half-width: wide enough to hold the interval of every plausible lambda's fit too)."""
+        value, half = self.val_loss_at_own_decay(at, step)
+        return value, widened(value, half, [f.val_loss_at_own_decay(at, step) for f in self.plausible])
+
+    def val_loss_at_own_decay(self, at: Areas, step: int) -> tuple[float, float]:
+        at = at_decay(at, self.decay)
         s1, s2 = np.array([at.s1[step - 1]]), np.array([at.s2[step - 1]])
         g = gradient(self.params, s1, s2, val=np.ones(1))[0]
         value = float(self.law(s1, s2)[0] + self["delta"])
@@ -85,7 +96,13 @@ class LossModelFit:
 
     def difference(self, a: tuple[Areas, int], b: tuple[Areas, int]) -> tuple[float, float]:
         """(val loss at a - val loss at b, 95% half-width of that difference): the parameters'
-        uncertainty only, correlated between the two (the val scatter and delta cancel)."""
+        uncertainty only, correlated between the two (the val scatter and delta cancel), widened to
+        hold every plausible lambda's band."""
+        value, half = self.difference_at_own_decay(a, b)
+        return value, widened(value, half, [f.difference_at_own_decay(a, b) for f in self.plausible])
+
+    def difference_at_own_decay(self, a: tuple[Areas, int], b: tuple[Areas, int]) -> tuple[float, float]:
+        a, b = (at_decay(a[0], self.decay), a[1]), (at_decay(b[0], self.decay), b[1])
         ga, gb = (
             gradient(self.params, np.array([x.s1[s - 1]]), np.array([x.s2[s - 1]]), np.ones(1))[0]
             for x, s in (a, b)
@@ -107,6 +124,13 @@ class LossModelFit:
             f"{self.stderr('alpha'):.2g}, {self.stderr('C'):.2g}, {self.stderr('delta'):.2g}; "
             f"lambda {self.decay:g})"
         )
+
+
+def widened(value: float, half: float, others: list[tuple[float, float]]) -> float:
+    """The half-width around `value` that holds its own interval and every other (value, half-width)."""
+    low = min([value - half] + [v - h for v, h in others])
+    high = max([value + half] + [v + h for v, h in others])
+    return max(value - low, high - value)
 
 
 def gradient(params: np.ndarray, s1: np.ndarray, s2: np.ndarray, val: np.ndarray) -> np.ndarray:
@@ -200,11 +224,9 @@ def fit_loss_model(obs: Observations, train_curves: bool | None = None) -> LossM
     """The fit of the loss model to `obs` (module docstring) at the most likely lambda of DECAYS;
     needs 2 val losses. `train_curves`: fit the train windows too (None: only while the run has fewer
     than VAL_ONLY_POINTS val losses)."""
-    best, best_score = None, math.inf
-    for decay in DECAYS:
-        fit, score = fit_at(obs.with_decay(decay), train_curves)
-        if score < best_score:
-            best, best_score = fit, score
+    fits = [fit_at(obs.with_decay(decay), train_curves) for decay in DECAYS]
+    best, best_score = min(fits, key=lambda fit_score: fit_score[1])  # the first of equals
+    best.plausible = [fit for fit, score in fits if fit is not best and 2 * (score - best_score) <= DECAY_SET]
     return best
 
 

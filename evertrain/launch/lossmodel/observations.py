@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from evertrain.errors import EvertrainError
-from evertrain.launch.lossmodel.areas import DECAY, Areas, areas, branch_lrs
+from evertrain.launch.lossmodel.areas import DECAY, Areas, areas, at_decay, branch_lrs
 
 
 class LossModelError(EvertrainError, ValueError):
@@ -26,8 +26,7 @@ class LossModelError(EvertrainError, ValueError):
 @dataclass
 class Branch:
     name: str  # "main" or the cooldown's dir name
-    areas: Areas  # S1, S2 after every step 1..end of this branch (at Observations.decay)
-    lrs: np.ndarray  # the LR of every step 1..end: the areas at another decay
+    areas: Areas  # S1, S2 after every step 1..end of this branch (S2 at Observations.decay)
     train: list[tuple[int, int, float]] = field(default_factory=list)  # (first step, last step, mean loss)
     val: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
 
@@ -45,19 +44,12 @@ class Observations:
     def lrs(self, end_step: int, cooldown: tuple[int, int, str] | None = None) -> np.ndarray:
         return branch_lrs(self.optim, end_step, cooldown)
 
-    def areas_of(
-        self, end_step: int, cooldown: tuple[int, int, str] | None = None, decay: float | None = None
-    ) -> Areas:
-        """The areas of a branch (e.g. a cooldown that has not run) at `decay` (default: the
-        observations'); a prediction passes its fit's decay."""
-        return areas(self.lrs(end_step, cooldown), self.optim.max_lr, self.decay if decay is None else decay)
+    def areas_of(self, end_step: int, cooldown: tuple[int, int, str] | None = None) -> Areas:
+        return areas(self.lrs(end_step, cooldown), self.optim.max_lr, self.decay)
 
     def with_decay(self, decay: float) -> Observations:
         """The same observations with every branch's annealing area at momentum `decay`."""
-        branches = [
-            Branch(b.name, areas(b.lrs, self.optim.max_lr, decay), b.lrs, b.train, b.val)
-            for b in self.branches
-        ]
+        branches = [Branch(b.name, at_decay(b.areas, decay), b.train, b.val) for b in self.branches]
         return replace(self, branches=branches, decay=decay)
 
 
@@ -95,11 +87,9 @@ def load_observations(
     tokens_per_step = train[-1]["tokens"] / last
     # an eval may come after the last logged train window (train.log_every does not divide its step)
     newest = max([last] + [r["step"] for r in metrics if r.get("kind") == "eval"])
-    main_lrs = branch_lrs(optim, newest)
     main = Branch(
         "main",
-        areas(main_lrs, optim.max_lr),
-        main_lrs,
+        areas(branch_lrs(optim, newest), optim.max_lr),
         train=[w for w in windows(train, 0) if w[0] > skip],
         val=[
             (r["step"], float(r["val_loss"]))
@@ -118,12 +108,10 @@ def load_observations(
             continue
         curve = [r for r in read_jsonl(path.parent / "metrics.jsonl") if r.get("kind") == "train"]
         end = step + steps
-        lrs = branch_lrs(optim, end, (step, steps, shape))
         branches.append(
             Branch(
                 path.parent.name,
-                areas(lrs, optim.max_lr),
-                lrs,
+                areas(branch_lrs(optim, end, (step, steps, shape)), optim.max_lr),
                 train=windows(curve, step),
                 val=[(end, float(result["val_loss"]))],
             )

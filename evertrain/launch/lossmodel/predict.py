@@ -33,7 +33,7 @@ def predict_cooldown(
             f"a cooldown needs a step > 0 and > 0 steps, got step {step}, {cooldown_steps} steps"
         )
     end = step + cooldown_steps
-    branch = obs.areas_of(end, (step, cooldown_steps, shape), fit.decay)
+    branch = obs.areas_of(end, (step, cooldown_steps, shape))
     if not fit.annealing_seen and branch.s2[end - 1] > 0:
         raise LossModelError(
             f"{obs.run_dir}: the curves hold no annealing yet (a constant LR and no finished cooldown), so "
@@ -61,6 +61,7 @@ def fit_record(obs: Observations, fit: LossModelFit) -> dict:
         "stderr": {n: fit.stderr(n) for n in NAMES},
         "sigma_val": fit.sigma_val,
         "decay": fit.decay,
+        "plausible_decays": [f.decay for f in fit.plausible],
         "points": fit.points,
         "cooldowns": len(obs.branches) - 1,
         "main_step": obs.last_step,
