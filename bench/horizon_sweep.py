@@ -52,7 +52,13 @@ def style(row: dict) -> dict:
     return {
         "color": COLORS[row["schedule"]],
         "marker": MARKERS.get(row["cooldown"], "P" if cooldown.startswith("predicted") else "v"),
-        "ls": ":" if cooldown == "none" else "--" if cooldown.startswith("average") else "-.",
+        "ls": ":"
+        if cooldown == "none"
+        else "--"
+        if cooldown.startswith("average")
+        else "-."
+        if cooldown.startswith("predicted")
+        else "-",
     }
 
 
@@ -224,7 +230,8 @@ def generated_section(results: dict, command: str, png: Path, doc: Path) -> str:
             "",
             *markdown(*sweep_tables.table_rows(results)),
             "",
-            "Mean val loss at every max_lr of the grid, low to high (bold: the row's best):",
+            "Mean val loss at every max_lr of the grid, low to high (bold: the row's best; a prediction's bold "
+            "is its cooldown's LR):",
             "",
             *markdown(*sweep_tables.lr_table_rows(results)),
             "",

@@ -297,6 +297,19 @@ def test_predictions_and_averages_are_scored_against_the_cooldown_within_each_ru
     ]
     header, table = sweep_tables.table_rows({"plan": results["plan"], "rows": rows})
     assert next(r for r in table if r[0] == predicted["label"])[1] == "-"
+    # a prediction is reported at the LR its cooldown won (4e-2 at T=200), not at its own most
+    # optimistic forecast (here 1e-2's, made 0.5 nats lower)
+    optimistic = [
+        {**r, "val_loss": r["val_loss"] - 0.5}
+        if r["cooldown"] == "predicted-1-sqrt" and r["lr"] == 1e-2
+        else r
+        for r in records
+    ]
+    rows = sweep_results.aggregate(optimistic, average_last=5)
+    cooldown = next(row for row in rows if row["cooldown"] == "1-sqrt")["cells"]["200"]
+    predicted = next(row for row in rows if row["cooldown"] == "predicted-1-sqrt")["cells"]["200"]
+    assert cooldown["lr"] == predicted["lr"] == 4e-2 and predicted["edge"] is None
+    assert predicted["mean"] == pytest.approx(cooldown["mean"] + 0.02)
 
 
 def test_one_seed_calls_nothing_and_one_lr_flags_no_edge():
@@ -321,7 +334,8 @@ def test_table_shows_the_winning_lr_the_edge_and_every_lr():
         "(reference)",
     ]
     assert table[1][1] == "4.9100 ±0.0100 @4e-2 (edge: high) (-2.00%)"
-    assert [sweep_tables.lr_text(lr) for lr in (0.015, 0.03, 6e-2, 1e-3, 0.1)] == [
+    assert [sweep_tables.lr_text(lr) for lr in (0.00125, 0.015, 0.03, 6e-2, 1e-3, 0.1)] == [
+        "1.25e-3",
         "1.5e-2",
         "3e-2",
         "6e-2",

@@ -132,15 +132,16 @@ def collect_cell(plan: SweepPlan, out: Path, cell: Cell, averages: bool = True) 
 
 def aggregate(records: list[dict], average_last: int = 0) -> list[dict]:
     """The table from flat records: per row (schedule, cooldown, in order of first appearance) and
-    horizon, the LR with the lowest mean val loss over the seeds, and at it the mean, the half range
-    over seeds, the mean at every LR, an edge flag, the gap to cosine and the verdict."""
+    horizon, the LR with the lowest mean val loss over the seeds (a prediction: its cooldown's LR), and
+    at it the mean, the half range over seeds, the mean at every LR, an edge flag, the gap to cosine
+    and the verdict."""
     lrs = sorted({r["lr"] for r in records})
     horizons = sorted({r["horizon"] for r in records})
     keys = list(dict.fromkeys((r["schedule"], r["cooldown"]) for r in records))
     losses: dict = {}  # (schedule, cooldown, horizon, lr) -> [loss per seed]
     for r in records:
         losses.setdefault((r["schedule"], r["cooldown"], r["horizon"], r["lr"]), []).append(r["val_loss"])
-    rows = []
+    rows, chosen = [], {}  # chosen: (schedule, cooldown, horizon) -> the LR its cell reports
     for schedule, cooldown in keys:
         cells = {}
         for t in horizons:
@@ -151,12 +152,21 @@ def aggregate(records: list[dict], average_last: int = 0) -> list[dict]:
             ]
             if not by_lr:  # a prediction the model could not make yet
                 continue
-            best = min(range(len(by_lr)), key=lambda i: by_lr[i][1])
+            # a prediction is read at the LR its cooldown won: it forecasts those runs (its own lowest
+            # forecast would pick the model's most optimistic error, not a way of training)
+            is_prediction = cooldown is not None and cooldown.startswith(PREDICTED)
+            follows = chosen.get((schedule, cooldown[len(PREDICTED) :], t)) if is_prediction else None
+            if follows in {x[0] for x in by_lr}:
+                best = next(i for i, x in enumerate(by_lr) if x[0] == follows)
+            else:
+                follows = None
+                best = min(range(len(by_lr)), key=lambda i: by_lr[i][1])
             lr, mean, half = by_lr[best]
-            edge = None
-            if len(lrs) > 1 and lr == lrs[0]:
+            chosen[schedule, cooldown, t] = lr
+            edge = None  # a followed LR was not tuned: no edge to flag
+            if follows is None and len(lrs) > 1 and lr == lrs[0]:
                 edge = "low"
-            elif len(lrs) > 1 and lr == lrs[-1]:
+            elif follows is None and len(lrs) > 1 and lr == lrs[-1]:
                 edge = "high"
             cells[str(t)] = {
                 "lr": lr,

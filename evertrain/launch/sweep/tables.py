@@ -7,8 +7,9 @@ from __future__ import annotations
 
 
 def lr_text(lr: float) -> str:
-    """0.015 -> '1.5e-2', 0.03 -> '3e-2' (two significant digits: a grid's points stay distinct)."""
-    mantissa, exponent = f"{lr:.1e}".split("e")
+    """0.015 -> '1.5e-2', 0.03 -> '3e-2', 0.00125 -> '1.25e-3' (up to three significant digits:
+    a grid's points stay distinct)."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
