@@ -175,3 +175,41 @@ def test_default_store_without_get_default_store():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "1 2"
+
+
+ALLOW_LIST_CHILD = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import filesystem
+
+    dcp.save({"w": torch.ones(4)}, checkpoint_id=sys.argv[1])  # this torch's metadata pickle
+    del filesystem._StorageInfo, torch.serialization._get_layout  # a torch without them
+    from evertrain.pretrain.checkpoint import safe_load
+    from evertrain.pretrain.checkpoint.store import CheckpointError
+
+    assert not {k for k in safe_load._DCP_CLASSES if k[1] in ("_StorageInfo", "_get_layout")}
+    try:
+        safe_load.read_dcp_metadata(sys.argv[1] + "/.metadata")
+    except CheckpointError as exc:
+        print(exc)
+    else:
+        print("read")
+""")
+
+
+def test_metadata_allow_list_without_private_storage_names(tmp_path):
+    """The allow-list names torch's private `_StorageInfo` / `_get_layout` only where this torch has
+    them: without them safe_load still imports, and a metadata pickle that refers to one is refused in
+    one line naming it (not an AttributeError at import, not an unpickler that resolves a missing name)."""
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", ALLOW_LIST_CHILD, str(tmp_path / "ckpt")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert "refused: refers to torch." in line and ("_get_layout" in line or "_StorageInfo" in line), line
