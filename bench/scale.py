@@ -94,20 +94,7 @@ def construction(world: int) -> None:
 
 def block_saved_bytes(cfg, mode: str, tokens: int) -> int:
     """Bytes one block keeps for backward, measured (see tests/test_scale.py for the same method)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from evertrain.pretrain.model.transformer import _SAVE_OPS, Transformer
-
-    class Outputs(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in _SAVE_OPS:
-                for t in out if isinstance(out, tuple) else (out,):
-                    if isinstance(t, torch.Tensor):
-                        Outputs.total += t.untyped_storage().nbytes()
-            return out
+    from evertrain.pretrain.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg.model, init=False)
@@ -130,14 +117,34 @@ def block_saved_bytes(cfg, mode: str, tokens: int) -> int:
         return t
 
     x = torch.randn(1, tokens, cfg.model.d_model, requires_grad=True)
-    Outputs.total = 0
+    outputs = op_outputs_counter() if mode == "op" else None  # the dispatch mode only where needed
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if mode == "op":
-            with Outputs():
+        if outputs is not None:
+            with outputs:
                 block(x, cos, sin)
         else:
             block(x, cos, sin)
-    return sum(seen.values()) + Outputs.total
+    return sum(seen.values()) + (outputs.total if outputs is not None else 0)
+
+
+def op_outputs_counter():
+    """A dispatch mode adding up the bytes of the outputs op-level checkpointing saves (_SAVE_OPS)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from evertrain.pretrain.model.transformer import _SAVE_OPS
+
+    class Outputs(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in _SAVE_OPS:
+                for t in out if isinstance(out, tuple) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        self.total += t.untyped_storage().nbytes()
+            return out
+
+    return Outputs()
 
 
 def activations(tokens: int, op_level: bool = True) -> None:

@@ -311,3 +311,37 @@ def test_zero3_built_under_zero_init_trains_like_the_single_engine(tiny_data, tm
     a = [r["loss"] for r in records(tmp_path / "ds", "train")]
     b = [r["loss"] for r in records(tmp_path / "single", "train")]
     assert len(a) == len(b) == 2 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+
+
+def test_scale_bench_says_what_it_skips_on_a_torch_without_its_internals(monkeypatch, capsys):
+    """bench/scale.py leans on two torch internals (the fake process group, a dispatch mode): without
+    them it prints one line per measurement it cannot make and measures the rest, which need neither.
+    (torch's own lazy imports need TorchDispatchMode, so they run once before it is deleted.)"""
+    import importlib.util
+
+    from evertrain import torch_compat
+
+    spec = importlib.util.spec_from_file_location("scale_bench", REPO / "bench" / "scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    hidden = {"FakeStore", "TorchDispatchMode"}
+    real = torch_compat._private
+    monkeypatch.setattr(
+        torch_compat, "_private", lambda module, name: None if name in hidden else real(module, name)
+    )
+
+    def no_dispatch_mode():
+        raise AssertionError("the dispatch mode was used for a measurement that does not need it")
+
+    monkeypatch.setattr(bench, "op_outputs_counter", no_dispatch_mode, raising=False)
+    cfg = load_config(REPO / "configs" / "1b.yaml", ["model.seq_len=8"])
+    for mode in ("none", "full"):  # torch's own lazy imports happen once, while it still has the mode
+        bench.block_saved_bytes(cfg, mode, 8)
+    monkeypatch.delattr("torch.utils._python_dispatch.TorchDispatchMode")
+    monkeypatch.setattr(sys, "argv", ["scale.py", "--tokens", "8"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "(a) skipped: this torch has no fake process group" in out
+    assert "selective (op-level)  skipped: this torch has no" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("none ", "full "))]
+    assert [row[0] for row in rows] == ["none", "full"] and all(int(row[1]) > 0 for row in rows)
