@@ -41,6 +41,31 @@ def trained_steps(run_dir: Path) -> int:
     return max((r["step"] for r in lines if r["kind"] == "train"), default=0)
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """End the torchrun and its stopped rank 1 (torchrun's own SIGTERM waits while a worker is stopped)."""
+    try:
+        stopped = rank_pid(proc.pid, 1) if proc.poll() is None else None
+        if stopped is not None:
+            os.kill(stopped, signal.SIGKILL)
+    except OSError:  # torchrun (or the rank) exited meanwhile
+        pass
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def the_one_error_line(proc: subprocess.Popen, log: Path) -> str:
+    """The run failed with exactly one `pretrain.py: error:` line, which names the timeout."""
+    err = log.read_text()
+    assert proc.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("pretrain.py: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert f"train.collective_timeout_s={TIMEOUT_S}s" in errors[0]
+    return errors[0]
+
+
 @pytest.mark.slow
 def test_a_stopped_rank_is_named_by_the_others_within_the_timeout(tiny_data, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "stderr"
@@ -60,7 +85,6 @@ def test_a_stopped_rank_is_named_by_the_others_within_the_timeout(tiny_data, tmp
         "--engine",
         "fsdp",
     ]
-    stopped = None
     with open(log, "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
@@ -72,19 +96,9 @@ def test_a_stopped_rank_is_named_by_the_others_within_the_timeout(tiny_data, tmp
         # the rest is slack for a loaded machine
         wait_for(lambda: "did not reach" in log.read_text(), proc, log, "rank 0's error", timeout=180)
     finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGKILL)  # torchrun's own SIGTERM waits while it is stopped
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    err = log.read_text()
-    assert proc.returncode != 0
-    errors = [line for line in err.splitlines() if line.startswith("pretrain.py: error:")]
-    assert len(errors) == 1, err[-3000:]
-    assert "rank(s) 1 did not reach step" in errors[0], errors[0]
-    assert f"train.collective_timeout_s={TIMEOUT_S}s" in errors[0]
+        reap(proc)
+    error = the_one_error_line(proc, log)
+    assert "rank(s) 1 did not reach step" in error, error
 
 
 # Imported first thing by every Python process that has it on its path (site.py): torchrun's rank 1
@@ -127,27 +141,15 @@ def test_a_rank_stopped_at_the_checkpoint_load_is_named(tiny_data, tmp_path):
         "--engine",
         "fsdp",
     ]
-    stopped = None
     with open(log, "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         # rank 0 gives up on its collective after TIMEOUT_S and on the roll call after twice that
         wait_for(lambda: "did not reach" in log.read_text(), proc, log, "rank 0's error", timeout=400)
-        stopped = rank_pid(proc.pid, 1)
     finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGKILL)  # torchrun's own SIGTERM waits while it is stopped
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    err = log.read_text()
-    assert proc.returncode != 0
-    errors = [line for line in err.splitlines() if line.startswith("pretrain.py: error:")]
-    assert len(errors) == 1, err[-3000:]
-    assert "rank(s) 1 did not reach the load of checkpoint step_000000002" in errors[0], errors[0]
-    assert f"train.collective_timeout_s={TIMEOUT_S}s" in errors[0]
+        reap(proc)
+    error = the_one_error_line(proc, log)
+    assert "rank(s) 1 did not reach the load of checkpoint step_000000002" in error, error
 
 
 def test_collective_timeout_must_be_positive():
